@@ -1,0 +1,37 @@
+# Every target runs inside a project-local virtual environment, created when missing,
+# so a fresh machine (even one whose system Python refuses pip) needs nothing by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.gllm-installed
+# Keep torch's OpenMP pool from spinning on shared cores (see README, "Threads").
+export OMP_NUM_THREADS ?= 2
+export OMP_WAIT_POLICY ?= PASSIVE
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: test demo install fixtures clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch first, pinned to the CPU build this machine class carries: any other request
+# for torch pulls gigabytes of CUDA wheels.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+fixtures: $(STAMP)
+	$(PY) tools/make_test_models.py
+
+test: fixtures
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) examples/python/npc_scene.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

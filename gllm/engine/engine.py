@@ -1,0 +1,344 @@
+"""`LLMEngine`: the request lifecycle around one model, stepped on a background thread.
+
+Callers submit from any thread or event loop; the engine thread owns the scheduler, the KV
+cache and the model, and sends each request's events back through its sink. Nothing a caller
+does blocks on a model step, and nothing a request does (bad input, an exception in a step)
+stops the engine or loses another request: every request ends with exactly one final event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gllm.engine.model_runner import ModelRunner
+from gllm.engine.params import GeneratorParams
+from gllm.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
+from gllm.engine.sinks import AsyncSink, RequestHandle
+from gllm.kv import BlockManager, KVCache, num_blocks_for
+from gllm.model import ModelConfig, load_model, parse_dtype
+from gllm.sampling import SampleRow, Sampler, SamplingParams, StopChecker, TokenLogprobs
+from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from gllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("gllm.engine")
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
+
+
+def default_cpu_threads() -> int:
+    # Leave cores to the game: half of them, at most 8.
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@dataclass(eq=False)
+class _RequestState:
+    """Everything the engine tracks for one live request (engine thread only after submission)."""
+    request_id: str
+    seq: Sequence
+    params: SamplingParams
+    seed: int
+    stop: StopChecker
+    detok: IncrementalDetokenizer
+    sink: Any
+    submitted: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    sent_chars: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path, gen_params: GeneratorParams | None = None,
+                 device: str | None = None) -> None:
+        self.gen_params = gen = gen_params or GeneratorParams()
+        self.device = pick_device(device)
+        self.dtype = parse_dtype(("float32" if self.device.type == "cpu" else "bfloat16")
+                                 if gen.dtype == "auto" else gen.dtype)
+        self.cpu_threads = gen.cpu_threads or default_cpu_threads()
+        started = time.perf_counter()
+        self.model, self.model_config, folder = load_model(model, dtype=self.dtype, device=self.device,
+                                                           max_positions=gen.max_seq_len)
+        self.model_name = str(model)
+        self.tokenizer = Tokenizer.from_dir(folder)
+        self.load_seconds = time.perf_counter() - started
+        cfg: ModelConfig = self.model_config
+        if gen.max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len {gen.max_seq_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+
+        if gen.kv_cache_mb is None:
+            kv_tokens = gen.kv_cache_tokens or gen.max_batch_size * gen.max_seq_len
+            num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, tokens=kv_tokens)
+        else:
+            num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, memory_mb=gen.kv_cache_mb)
+        self.kv_cache = KVCache(cfg, num_blocks, gen.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens), self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.sampler = Sampler(cfg.vocab_size, self.device)
+
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._live_ids: set[str] = set()          # ids submitted and not yet finished (any thread)
+        self._ids_lock = threading.Lock()
+        self._states: dict[str, _RequestState] = {}  # engine thread only
+        self._by_seq: dict[int, _RequestState] = {}  # engine thread only
+        self._seq_ids = itertools.count()
+        self._closed = False
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- public API
+    async def enqueue_request(self, req: GenerationRequest) -> GenerationResult:
+        """Run one request to the end; cancelling the awaiting task cancels the request."""
+        async for event in self.stream(req):
+            if event.result is not None:
+                return event.result
+        raise RuntimeError("stream ended without a result")  # unreachable: the final event ends the stream
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Events as tokens are decoded; the last one carries the result. Leaving early cancels."""
+        sink = AsyncSink(asyncio.get_running_loop())
+        request_id = self._submit(req, sink)
+        finished = False
+        try:
+            while not finished:
+                event = await sink.events.get()
+                finished = event.result is not None
+                yield event
+        finally:
+            if not finished:
+                self.cancel(request_id)
+
+    def submit(self, req: GenerationRequest) -> RequestHandle:
+        """Non-blocking submission for threads and game loops: poll the handle each frame."""
+        handle = RequestHandle("")
+        handle.request_id = self._submit(req, handle)
+        return handle
+
+    def generate(self, requests: Iterable[GenerationRequest] | GenerationRequest,
+                 timeout: float | None = None) -> list[GenerationResult]:
+        """Synchronous batch form: submit all, wait for all, results in request order."""
+        if isinstance(requests, GenerationRequest):
+            requests = [requests]
+        handles = [self.submit(r) for r in requests]
+        return [h.result(timeout) for h in handles]
+
+    def cancel(self, request_id: str) -> None:
+        """End a request with finish_reason "cancelled" and free its blocks (no-op if already done)."""
+        self._inbox.put(("cancel", request_id))
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the engine's counters (read without locking: for monitoring)."""
+        prefix = self.block_manager.stats
+        return {
+            "kv_free_blocks": self.block_manager.num_free_blocks,
+            "kv_total_blocks": self.block_manager.num_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "prefix_cache_hits": prefix.hits,
+            "prefix_cache_misses": prefix.misses,
+            "steps": self.num_steps,
+        }
+
+    def tokenize_request(self, req: GenerationRequest) -> list[int]:
+        given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        if req.prompt is not None:
+            if not isinstance(req.prompt, str):
+                raise ValueError("prompt must be a string")
+            return self.tokenizer.encode(req.prompt)
+        if req.messages is not None:
+            return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)
+        ids = list(req.prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
+        return ids
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still running end with finish_reason "cancelled"."""
+        if not self._closed:
+            self._closed = True
+            self._inbox.put(("close", None))
+            self._thread.join()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- submission (caller's thread)
+    def _submit(self, req: GenerationRequest, sink: Any) -> str:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        params = req.sampling_params()
+        prompt_ids = self.tokenize_request(req)
+        gen = self.gen_params
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(prompt_ids) >= gen.max_seq_len:
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens; max_seq_len is {gen.max_seq_len} "
+                             f"(prompt + output), so the prompt must be shorter")
+        max_new = min(params.max_new_tokens, gen.max_seq_len - len(prompt_ids))
+        need_blocks = self.block_manager.blocks_needed(len(prompt_ids) + max_new)
+        if need_blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompt + max_new_tokens need {need_blocks} KV blocks; the cache holds "
+                             f"{self.block_manager.num_blocks} (raise kv_cache_tokens or lower max_new_tokens)")
+        if not isinstance(req.priority, int):
+            raise ValueError(f"priority must be an integer, got {req.priority!r}")
+        request_id = req.request_id if req.request_id is not None else uuid.uuid4().hex
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        with self._ids_lock:
+            if request_id in self._live_ids:
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            if len(self._live_ids) >= gen.max_waiting_requests + gen.max_batch_size:
+                raise ValueError(f"too many requests in flight (limit {gen.max_waiting_requests + gen.max_batch_size})")
+            self._live_ids.add(request_id)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        state = _RequestState(
+            request_id=request_id,
+            seq=Sequence(seq_id=next(self._seq_ids), token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
+                         priority=req.priority),
+            params=params,
+            seed=params.seed if params.seed is not None else secrets.randbits(64),
+            stop=StopChecker(stop_ids, params.stop, max_new),
+            detok=IncrementalDetokenizer(self.tokenizer),
+            sink=sink,
+            submitted=time.perf_counter(),
+        )
+        self._inbox.put(("add", state))
+        return request_id
+
+    # ----------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        torch.set_num_threads(self.cpu_threads)  # per thread under OpenMP: set it where the maths runs
+        while True:
+            block = not self.scheduler.has_work
+            if not self._drain_inbox(block):
+                break
+            if self.scheduler.has_work:
+                self._step()
+        for state in list(self._states.values()):
+            self._finish(state, "cancelled")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds and cancels; False once close was asked."""
+        while True:
+            try:
+                op, arg = self._inbox.get() if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if op == "close":
+                return False
+            if op == "add":
+                self._states[arg.request_id] = arg
+                self._by_seq[arg.seq.seq_id] = arg
+                self.scheduler.add(arg.seq)
+            elif op == "cancel" and arg in self._states:
+                self._finish(self._states[arg], "cancelled")
+
+    def _step(self) -> None:
+        out = self.scheduler.schedule_step()
+        if not out.scheduled:
+            return
+        self.num_steps += 1
+        states = [self._by_seq[s.seq.seq_id] for s in out.scheduled]
+        now = time.perf_counter()
+        for state in states:
+            state.first_scheduled = state.first_scheduled or now
+        try:
+            logits = self.runner.run(out)
+            self.scheduler.on_step_done(out)
+            samplers = [st for st, s in zip(states, out.scheduled) if s.samples]
+            rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.seq.token_ids[:st.seq.num_prompt_tokens],
+                              st.output_ids) for st in samplers]
+            sampled = self.sampler.sample(logits, rows) if rows else None
+        except Exception as exc:  # a failed step fails its requests, never the engine
+            log.exception("engine step failed: %s", out)
+            for state in states:
+                self._finish(state, "error", error=f"{type(exc).__name__}: {exc}")
+            return
+        if sampled is not None:
+            for state, token, lp in zip(samplers, sampled.token_ids, sampled.logprobs):
+                try:
+                    self._accept_token(state, token, lp)
+                except Exception as exc:
+                    log.exception("request %s failed", state.request_id)
+                    self._finish(state, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _accept_token(self, state: _RequestState, token: int, lp: TokenLogprobs | None) -> None:
+        now = time.perf_counter()
+        state.first_token = state.first_token or now
+        state.output_ids.append(token)
+        state.seq.token_ids.append(token)
+        if lp is not None:
+            state.logprobs.append(lp)
+        verdict = state.stop.check_token(token, len(state.output_ids))
+        stop_token = verdict.finished and verdict.finish_reason == "stop"
+        new_text = "" if stop_token else state.detok.add([token])
+        text = state.detok.text
+        cut = state.stop.find_stop_string(text, len(new_text))
+        if cut is not None:
+            self._finish(state, "stop", text=text[:cut], new_tokens=[token], new_logprobs=lp)
+        elif verdict.finished:
+            self._finish(state, verdict.finish_reason, text=text + state.detok.finish(), new_tokens=[token],
+                         new_logprobs=lp)
+        else:
+            safe = state.stop.safe_length(text)
+            delta, state.sent_chars = text[state.sent_chars:safe], max(state.sent_chars, safe)
+            state.sink.put(StreamEvent(state.request_id, delta, [token], None if lp is None else [lp]))
+
+    def _finish(self, state: _RequestState, reason: str, *, text: str | None = None,
+                new_tokens: list[int] | None = None, new_logprobs: TokenLogprobs | None = None,
+                error: str | None = None) -> None:
+        """End a request exactly once: free its blocks and send its final event."""
+        if self._states.pop(state.request_id, None) is None:
+            return
+        del self._by_seq[state.seq.seq_id]
+        self.scheduler.finish(state.seq)
+        with self._ids_lock:
+            self._live_ids.discard(state.request_id)
+        if text is None:
+            text = state.detok.text[: state.stop.safe_length(state.detok.text)]
+        now = time.perf_counter()
+        ms = lambda t: None if t is None else (t - state.submitted) * 1000.0  # noqa: E731
+        result = GenerationResult(
+            request_id=state.request_id, text=text, tokens=list(state.output_ids), finish_reason=reason,
+            usage=Usage(state.seq.num_prompt_tokens, len(state.output_ids), state.seq.num_cached_tokens),
+            timings=Timings(queued_ms=ms(state.first_scheduled) or 0.0, ttft_ms=ms(state.first_token),
+                            total_ms=ms(now)),
+            logprobs=list(state.logprobs) if state.params.logprobs is not None else None,
+            num_preemptions=state.seq.num_preemptions, error=error)
+        delta = text[state.sent_chars:]
+        state.sink.put(StreamEvent(state.request_id, delta, new_tokens or [],
+                                   None if new_logprobs is None else [new_logprobs], result=result))

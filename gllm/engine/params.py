@@ -1,0 +1,33 @@
+"""`GeneratorParams`: how the engine is sized — batch, sequence length, KV cache, step budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    block_size: int = 16               # tokens per KV block
+    max_batch_size: int = 8            # sequences decoding at once
+    max_seq_len: int = 2048            # prompt + output tokens of one request
+    max_step_tokens: int = 512         # tokens computed per engine step (prefill is chunked to fit)
+    kv_cache_tokens: int | None = None  # KV capacity in tokens; default max_batch_size * max_seq_len
+    kv_cache_mb: float | None = None   # or a memory budget for the KV cache, in MiB
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"                # "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16"
+    cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
+    max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_batch_size", "max_seq_len", "max_step_tokens", "max_waiting_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_cache_tokens is not None and self.kv_cache_mb is not None:
+            raise ValueError("give kv_cache_tokens or kv_cache_mb, not both")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}")
+        if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
+            raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")

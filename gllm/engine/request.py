@@ -1,0 +1,83 @@
+"""What callers hand the engine and what they get back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from gllm.sampling import SamplingParams, TokenLogprobs
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | None = None                       # raw text (BOS added by the tokenizer)
+    messages: list[dict[str, Any]] | None = None    # or a chat, rendered with the model's template
+    prompt_token_ids: list[int] | None = None       # or token ids as they are
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: int | None = None
+    stop: list[str] | tuple[str, ...] = ()
+    stop_token_ids: list[int] | tuple[int, ...] = ()
+    ignore_eos: bool = False
+    priority: int = 0                               # higher is served first and preempted last
+    request_id: str | None = None                   # default: a fresh unique id
+    logits_processor: Callable[[list[int], Any], Any] | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        if isinstance(self.stop, str):
+            raise ValueError("stop must be a list of strings, not a single string")
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            seed=self.seed, logprobs=self.logprobs, stop=tuple(self.stop),
+            stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
+            logits_processor=self.logits_processor)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0          # prompt tokens served by the prefix cache
+
+
+@dataclass
+class Timings:
+    queued_ms: float                # submission to first scheduled step
+    ttft_ms: float | None           # submission to first token
+    total_ms: float
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str
+    tokens: list[int]
+    finish_reason: str              # "stop", "length", "cancelled" or "error"
+    usage: Usage
+    timings: Timings
+    logprobs: list[TokenLogprobs] | None = None
+    num_preemptions: int = 0
+    error: str | None = None        # set when finish_reason == "error"
+
+
+@dataclass
+class StreamEvent:
+    """New output of one request since its previous event; the last one carries the result."""
+    request_id: str
+    text: str                                    # new text (never splits a character or leaks a stop string)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    result: GenerationResult | None = None       # set on the final event
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None

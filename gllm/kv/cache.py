@@ -1,0 +1,40 @@
+"""The KV cache tensors: one K and one V block pool per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from gllm.model.config import ModelConfig
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
+
+
+def num_blocks_for(cfg: ModelConfig, dtype: torch.dtype, block_size: int, *, tokens: int | None = None,
+                   memory_mb: float | None = None) -> int:
+    """Blocks from a token capacity or a memory budget (exactly one of them)."""
+    if (tokens is None) == (memory_mb is None):
+        raise ValueError("size the KV cache with exactly one of kv_cache_tokens / kv_cache_mb")
+    if tokens is None:
+        tokens = int(memory_mb * 2**20) // kv_bytes_per_token(cfg, dtype)
+    blocks = tokens // block_size
+    if blocks < 1:
+        raise ValueError(f"KV cache of {tokens} tokens holds no block of {block_size} tokens")
+    return blocks
+
+
+class KVCache:
+    """Per-layer paged pools shaped [num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(cfg.num_hidden_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)

@@ -1,0 +1,32 @@
+"""`ForwardBatch`: what one model step reads — a flat token batch plus the paged-KV addressing.
+
+The model never sees requests: the engine flattens every scheduled sequence (prefill chunks and
+single decode tokens alike) into these tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor      # [T] int64, the tokens of all sequences, back to back
+    positions: torch.Tensor      # [T] int64, each token's absolute position in its sequence
+    slot_mapping: torch.Tensor   # [T] int64, KV slot (block * block_size + offset) each token writes
+    query_lens: torch.Tensor     # [B] int64, tokens of each sequence in this batch
+    context_lens: torch.Tensor   # [B] int64, KV length of each sequence after this step
+    block_tables: torch.Tensor   # [B, max_blocks] int64, physical blocks of each sequence (padded with 0)
+    logits_indices: torch.Tensor  # [N] int64, rows of the flat batch whose next-token logits are wanted
+    query_lens_host: list[int]   # the same lengths on the host, so attention can group without a sync
+    context_lens_host: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_host)

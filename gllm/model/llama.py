@@ -1,0 +1,155 @@
+"""The Llama 3.x forward pass over a flat batch, reading and writing K/V through block tables."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gllm.model.batch import ForwardBatch
+from gllm.model.config import ModelConfig
+from gllm.model.rope import RotaryEmbedding
+from gllm.ops import paged_attention, write_kv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, as the reference does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # q, k and v projections fused into one matmul; the loader fills the three slices.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
+        q, k = rope(batch.positions, q, k)
+        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, batch, self.scale)
+        return self.o_proj(out.reshape(-1, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, rope, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# HF checkpoint names of the projections that live inside a fused parameter: (fused name, slice index).
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Run one step; returns float32 logits [N, vocab] for `batch.logits_indices`."""
+        x = self.embed_tokens(batch.input_ids)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, batch, self.rope, k_cache, v_cache)
+        x = self.norm(x[batch.logits_indices])
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+        params = dict(self.named_parameters())
+        cfg = self.cfg
+        split_sizes = {"self_attn.qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
+                       "mlp.gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied checkpoints sometimes carry a copy
+            target, part = name, None
+            for hf_part, (fused, index) in _FUSED.items():
+                if f".{hf_part}." in name:
+                    target, part = name.replace(hf_part, fused), index
+                    break
+            if target not in params:
+                raise ValueError(f"unexpected tensor {hf_name!r} in checkpoint")
+            param = params[target]
+            if part is not None:
+                sizes = split_sizes[target.split(".", 2)[2].rsplit(".", 1)[0]]
+                param = param.narrow(0, sum(sizes[:part]), sizes[part])
+                loaded.add(f"{target}#{part}")
+            else:
+                loaded.add(target)
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor)
+        missing = [n for n in self._expected_names() if n not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _expected_names(self) -> list[str]:
+        names = []
+        for name, _ in self.named_parameters():
+            fused = name.split(".", 2)[2].rsplit(".", 1)[0] if name.startswith("layers.") else ""
+            if fused == "self_attn.qkv_proj":
+                names += [f"{name}#{i}" for i in range(3)]
+            elif fused == "mlp.gate_up_proj":
+                names += [f"{name}#{i}" for i in range(2)]
+            else:
+                names.append(name)
+        return names

@@ -1,0 +1,63 @@
+"""Plain-PyTorch paged attention: runs on CPU and GPU, mixed prefill chunks and decodes in one call."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gllm.model.batch import ForwardBatch
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's K/V ([T, Hkv, D]) into their slots of the block pool ([blocks, block_size, Hkv, D])."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached context.
+
+    q: [T, Hq, D], flat and sequence-contiguous; the cache already holds this step's K/V.
+    Decodes (one query each) share one padded SDPA call; each prefill chunk gets its own, so a
+    long chunk never pads every decode up to its length.
+    """
+    out = torch.empty_like(q)
+    starts, start = [], 0
+    for n in batch.query_lens_host:
+        starts.append(start)
+        start += n
+    decodes = [i for i, n in enumerate(batch.query_lens_host) if n == 1]
+    groups = [decodes] if decodes else []
+    groups += [[i] for i, n in enumerate(batch.query_lens_host) if n > 1]
+    for seqs in groups:
+        rows = torch.cat([torch.arange(starts[i], starts[i] + batch.query_lens_host[i]) for i in seqs])
+        rows = rows.to(q.device)
+        out[rows] = _attend(q, k_cache, v_cache, batch, seqs, rows, scale)
+    return out
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+            seqs: list[int], rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention for sequences that all have the same query length (1, or a single prefill)."""
+    n, q_len = len(seqs), batch.query_lens_host[seqs[0]]
+    ctx_lens = [batch.context_lens_host[i] for i in seqs]
+    max_ctx, block_size = max(ctx_lens), k_cache.shape[1]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    seq_index = torch.tensor(seqs, device=q.device)
+    tables = batch.block_tables[seq_index, : (max_ctx + block_size - 1) // block_size]
+    keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)        # [n, Hkv, ctx, D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)
+    queries = q[rows].view(n, q_len, num_heads, head_dim).transpose(1, 2)    # [n, Hq, q_len, D]
+    if n == 1 and ctx_lens[0] == q_len:
+        mask, causal = None, True          # a whole prompt: plain causal attention
+    else:
+        # Query i sits at position ctx - q_len + i and sees keys 0..that position.
+        ctx = torch.tensor(ctx_lens, device=q.device)
+        q_pos = (ctx - q_len)[:, None] + torch.arange(q_len, device=q.device)[None, :]
+        mask = torch.arange(max_ctx, device=q.device)[None, None, :] <= q_pos[:, :, None]
+        mask, causal = mask[:, None], False
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=keys.shape[1] != num_heads)
+    return out.transpose(1, 2).reshape(n * q_len, num_heads, head_dim)

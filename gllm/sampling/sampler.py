@@ -1,0 +1,129 @@
+"""`Sampler`: picks the next token for every row of a batch at once.
+
+Order per row: logprobs from the raw distribution; per-request logits processor (seam for
+constrained decoding); penalties; temperature (0 = greedy argmax); top-k; top-p; min-p; then
+an exponential race (argmax of p / E, E ~ Exp(1) from seeded noise), which samples exactly
+from the filtered distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gllm.sampling.noise import NoiseTable, row_key
+from gllm.sampling.params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs to know about one row."""
+    params: SamplingParams
+    seed: int                     # the request's seed (drawn by the engine if the request gave none)
+    step: int                     # how many tokens this request sampled before
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the N most likely tokens, most likely first
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device | str) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.noise = NoiseTable(vocab_size, device)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
+        """logits: [B, V] float32, one row per entry of `rows`."""
+        logits = logits[:, : self.vocab_size]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        logits = self._apply_processors(logits, rows)
+        if any(r.params.has_penalties for r in rows):
+            logits = self._apply_penalties(logits, rows)
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+        if sampled_rows:
+            index = torch.tensor(sampled_rows, device=self.device)
+            sub_rows = [rows[i] for i in sampled_rows]
+            tokens[index] = self._sample_random(logits[index], sub_rows)
+        token_list = tokens.tolist()
+        return SampleOutput(token_list, self._logprobs(raw_logprobs, tokens, token_list, rows))
+
+    def _apply_processors(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        if all(r.params.logits_processor is None for r in rows):
+            return logits
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            if r.params.logits_processor is not None:
+                logits[i] = r.params.logits_processor(r.prompt_ids + r.output_ids, logits[i])
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        batch, vocab = logits.shape
+        output_counts = torch.zeros(batch, vocab, device=self.device)
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=self.device)
+        for i, r in enumerate(rows):
+            if r.output_ids:
+                out_ids = torch.tensor(r.output_ids, device=self.device)
+                output_counts[i].index_add_(0, out_ids, torch.ones(len(r.output_ids), device=self.device))
+            if r.params.repetition_penalty != 1:
+                seen[i, torch.tensor(r.prompt_ids + r.output_ids, dtype=torch.long, device=self.device)] = True
+        rep = self._column([r.params.repetition_penalty for r in rows])
+        presence = self._column([r.params.presence_penalty for r in rows])
+        frequency = self._column([r.params.frequency_penalty for r in rows])
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+        return logits - frequency * output_counts - presence * (output_counts > 0)
+
+    def _sample_random(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        logits = logits / self._column([r.params.temperature for r in rows])
+        if any(r.params.top_k > 0 or r.params.top_p < 1 for r in rows):
+            sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+            k = self._column([r.params.top_k or vocab for r in rows], dtype=torch.long)
+            drop = torch.arange(vocab, device=self.device)[None, :] >= k
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            probs = sorted_logits.softmax(dim=-1)
+            # Keep the smallest head whose mass reaches top_p (the first token always stays).
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop = mass_before > self._column([r.params.top_p for r in rows])
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+        if any(r.params.min_p > 0 for r in rows):
+            probs = logits.softmax(dim=-1)
+            floor = self._column([r.params.min_p for r in rows]) * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < floor, float("-inf"))
+        keys = torch.tensor([row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=self.device)
+        exponential = self.noise.exponential(keys)
+        return (logits - exponential.log()).argmax(dim=-1)
+
+    def _logprobs(self, raw: torch.Tensor | None, tokens: torch.Tensor, token_list: list[int],
+                  rows: list[SampleRow]) -> list[TokenLogprobs | None]:
+        if raw is None:
+            return [None] * len(rows)
+        chosen = raw.gather(1, tokens[:, None])[:, 0].tolist()
+        max_n = max(r.params.logprobs or 0 for r in rows)
+        top_vals, top_ids = (raw.topk(max_n, dim=-1) if max_n else (raw[:, :0], tokens[:, None][:, :0]))
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        result: list[TokenLogprobs | None] = []
+        for i, r in enumerate(rows):
+            n = r.params.logprobs
+            result.append(None if n is None else
+                          TokenLogprobs(token_list[i], chosen[i], list(zip(top_ids[i][:n], top_vals[i][:n]))))
+        return result
+
+    def _column(self, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)[:, None]

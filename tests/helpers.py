@@ -1,0 +1,58 @@
+"""Test helpers shared by several test modules: the transformers reference and a direct model stepper."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from gllm.kv import BlockManager, BlockTable, KVCache
+from gllm.model import ForwardBatch, LlamaForCausalLM
+
+
+@lru_cache(maxsize=4)
+def hf_model(folder: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def hf_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    model = hf_model(folder)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, top_k=None, top_p=None, temperature=None)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(folder)(torch.tensor([ids])).logits[0].float()
+
+
+class Stepper:
+    """Drives one sequence through a gllm model with a real paged cache, chunk by chunk."""
+
+    def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int = 64) -> None:
+        cfg = model.cfg
+        self.model, self.block_size = model, block_size
+        self.cache = KVCache(cfg, num_blocks, block_size, next(model.parameters()).dtype, "cpu")
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        # Scatter the sequence over non-contiguous blocks so the block table really matters.
+        self.blocks._free_plain.rotate(num_blocks // 3)
+        self.table = BlockTable()
+        self.length = 0
+
+    def feed(self, token_ids: list[int]) -> torch.Tensor:
+        """Compute the next tokens; returns logits for every one of them."""
+        start, n, bs = self.length, len(token_ids), self.block_size
+        assert self.blocks.grow(self.table, start + n)
+        blocks = self.table.block_ids
+        batch = ForwardBatch(
+            input_ids=torch.tensor(token_ids), positions=torch.arange(start, start + n),
+            slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, start + n)]),
+            query_lens=torch.tensor([n]), context_lens=torch.tensor([start + n]),
+            block_tables=torch.tensor([blocks]), logits_indices=torch.arange(n),
+            query_lens_host=[n], context_lens_host=[start + n])
+        self.length += n
+        return self.model(batch, self.cache.layers)

@@ -1,0 +1,95 @@
+"""gllm.model against transformers: config forms, loading, logits of prefill and every decode step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gllm.model import ModelConfig, load_hf_folder
+from gllm.model.rope import rope_inv_freq
+from helpers import Stepper, hf_greedy, hf_logits, hf_model
+
+PROMPT = [128000, 9906, 1070, 11, 1268, 527, 499, 3815, 3432, 30, 358, 1097, 7060, 13, 578, 4062, 14198, 39935,
+          35308, 927, 279, 16053, 5679, 13]
+
+
+@pytest.fixture(scope="module", params=["llama32", "llama31"])
+def model_dir(request, llama32_dir, llama31_dir):
+    return {"llama32": llama32_dir, "llama31": llama31_dir}[request.param]
+
+
+def load(folder, dtype="float32"):
+    return load_hf_folder(folder, dtype=dtype, device="cpu", max_positions=1024)
+
+
+def test_config_reads_both_rope_forms(llama32_dir, llama31_dir):
+    new_form = json.loads((llama32_dir / "config.json").read_text())
+    old_form = json.loads((llama31_dir / "config.json").read_text())
+    assert "rope_parameters" in new_form and "rope_scaling" in old_form   # the fixtures cover both
+    for cfg in (ModelConfig.from_hf_dict(new_form), ModelConfig.from_hf_dict(old_form)):
+        assert cfg.rope.rope_type == "llama3" and cfg.rope.theta == 500000.0
+    assert ModelConfig.from_hf_dict(new_form).rope.factor == 32.0
+    assert ModelConfig.from_hf_dict(old_form).rope.factor == 8.0
+    assert ModelConfig.from_hf_dict(new_form).tie_word_embeddings
+    assert not ModelConfig.from_hf_dict(old_form).tie_word_embeddings
+
+
+def test_llama3_inv_freq_matches_transformers(model_dir):
+    ref = hf_model(model_dir).model.rotary_emb.inv_freq
+    cfg = ModelConfig.from_json(model_dir / "config.json")
+    assert torch.allclose(rope_inv_freq(cfg.rope, cfg.head_dim), ref.float(), rtol=0, atol=1e-12)
+
+
+def test_prefill_and_decode_logits_match_transformers(model_dir):
+    """Prefill the prompt, then decode 32 greedy tokens one at a time: every logit row within 1e-4."""
+    model, _ = load(model_dir)
+    continuation = hf_greedy(model_dir, PROMPT, 32)
+    reference = hf_logits(model_dir, PROMPT + continuation)
+    for block_size in (1, 16, 7):
+        stepper = Stepper(model, block_size)
+        got = [stepper.feed(PROMPT)]
+        got += [stepper.feed([t]) for t in continuation]
+        got = torch.cat(got)
+        assert (got - reference).abs().max().item() <= 1e-4, block_size
+        assert got[len(PROMPT) - 1:].argmax(-1)[:-1].tolist() == continuation
+
+
+def test_chunked_prefill_matches_whole_prefill(llama31_dir):
+    model, _ = load(llama31_dir)
+    reference = hf_logits(llama31_dir, PROMPT)
+    stepper = Stepper(model, 7)
+    got = torch.cat([stepper.feed(PROMPT[:5]), stepper.feed(PROMPT[5:13]), stepper.feed(PROMPT[13:])])
+    assert (got - reference).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_has_index(llama31_dir):
+    assert (llama31_dir / "model.safetensors.index.json").exists()
+    assert len(list(llama31_dir.glob("*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_and_agrees(llama32_dir, dtype):
+    model, _ = load(llama32_dir, dtype)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    logits = Stepper(model, 16).feed(PROMPT)
+    reference = hf_logits(llama32_dir, PROMPT)
+    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert agree >= 0.9
+
+
+def test_missing_shard_and_bad_architecture_are_clear(tmp_path, llama31_dir):
+    folder = tmp_path / "m"
+    shutil.copytree(llama31_dir, folder)
+    next(folder.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002"):
+        load(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["MistralForCausalLM"], "mistral"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="MistralForCausalLM"):
+        load(folder)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load(tmp_path)

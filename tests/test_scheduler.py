@@ -1,0 +1,107 @@
+"""gllm.scheduler: continuous batching, chunked prefill budget, batch limit, priorities, preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from gllm.kv import BlockManager
+from gllm.scheduler import Scheduler, SchedulerConfig, Sequence, SequenceStatus
+
+
+def make(num_blocks=64, block_size=4, batch=4, step_tokens=16, caching=True) -> Scheduler:
+    return Scheduler(SchedulerConfig(batch, step_tokens), BlockManager(num_blocks, block_size, caching))
+
+
+def seq(seq_id: int, n: int, priority: int = 0) -> Sequence:
+    return Sequence(seq_id, [1000 * seq_id + i for i in range(n)], n, priority=priority)
+
+
+def run_step(s: Scheduler, new_token: int = 7):
+    """One step as the engine does it: schedule, mark computed, append a token to each sampler."""
+    out = s.schedule_step()
+    samplers = [x.seq for x in out.scheduled if x.samples]
+    s.on_step_done(out)
+    for q in samplers:
+        q.token_ids.append(new_token)
+    return out
+
+
+def test_chunked_prefill_never_stalls_decodes():
+    s = make(step_tokens=8)
+    a = seq(1, 3)
+    s.add(a)
+    run_step(s)                                  # a prefilled, now decoding
+    b = seq(2, 30)
+    s.add(b)
+    for _ in range(4):
+        out = run_step(s)
+        by_seq = {x.seq.seq_id: x.num_tokens for x in out.scheduled}
+        assert by_seq[1] == 1                    # the decode runs every step
+        assert out.num_tokens <= 8
+    assert b.num_computed_tokens == 7 * 4         # b advances in chunks of what is left
+    assert [x.seq.seq_id for x in s.schedule_step().scheduled][0] == 1   # decodes come first
+
+
+def test_max_batch_size_and_joining_leaving():
+    s = make(batch=2)
+    seqs = [seq(i, 3) for i in range(1, 5)]
+    for q in seqs:
+        s.add(q)
+    out = run_step(s)
+    assert {x.seq.seq_id for x in out.scheduled} == {1, 2}
+    s.finish(seqs[0])                            # one leaves, the next joins at the following step
+    out = run_step(s)
+    assert {x.seq.seq_id for x in out.scheduled} == {2, 3}
+    assert seqs[0].status == SequenceStatus.FINISHED
+
+
+def test_priority_admits_first_and_preempts_lower_when_full():
+    s = make(batch=2)
+    low1, low2, high = seq(1, 3), seq(2, 3), seq(3, 3, priority=5)
+    s.add(low1)
+    s.add(low2)
+    run_step(s)
+    s.add(high)
+    out = run_step(s)
+    assert high.status == SequenceStatus.RUNNING
+    assert low2 in out.preempted and low2.status == SequenceStatus.WAITING   # newest of the lowest goes
+    assert low2.num_computed_tokens == 0 and low2.num_preemptions == 1
+    s.finish(high)
+    out = run_step(s)
+    assert low2.status == SequenceStatus.RUNNING                           # and comes back later
+
+
+def test_preemption_when_blocks_run_out_frees_and_restarts():
+    s = make(num_blocks=4, block_size=4, batch=4, step_tokens=64, caching=False)
+    a, b = seq(1, 7), seq(2, 7)
+    s.add(a)
+    s.add(b)
+    run_step(s)                                   # 2 blocks each, all 4 used
+    run_step(s)                                   # position 7 still fits
+    assert s.blocks.num_free_blocks == 0
+    out = run_step(s)                             # a's position 8 needs a third block: b (newer) is preempted
+    assert b in out.preempted and a in [x.seq for x in out.scheduled]
+    assert b.block_table.block_ids == [] and b.num_computed_tokens == 0
+    s.finish(a)
+    assert s.blocks.num_free_blocks == 4
+    out = run_step(s)
+    assert b.status == SequenceStatus.RUNNING and out.scheduled[0].num_tokens == 9   # prompt + 2 outputs again
+
+
+def test_preempted_sequence_reuses_its_prefix_cache():
+    s = make(num_blocks=4, block_size=4, step_tokens=64)
+    a, b = seq(1, 7), seq(2, 7)
+    s.add(a)
+    s.add(b)
+    for _ in range(3):
+        run_step(s)                               # the third preempts b; a evicts b's tail block only
+    s.finish(a)
+    out = run_step(s)
+    assert b.num_cached_tokens == 4 and out.scheduled[0].num_tokens == 5
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        SchedulerConfig(max_batch_size=8, max_step_tokens=4)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        SchedulerConfig(max_batch_size=0)
