@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gllm.kv import BlockManager
-from gllm.scheduler import Scheduler, SchedulerConfig, Sequence, SequenceStatus
+from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceStatus
 
 
 def make(num_blocks=64, block_size=4, batch=4, step_tokens=16, caching=True) -> Scheduler:
@@ -105,3 +105,47 @@ def test_config_validation():
         SchedulerConfig(max_batch_size=8, max_step_tokens=4)
     with pytest.raises(ValueError, match="max_batch_size"):
         SchedulerConfig(max_batch_size=0)
+
+
+def test_requests_admitted_together_share_a_prefix_computed_in_that_step():
+    s = make(block_size=4, step_tokens=64)
+    lore = list(range(500, 512))                           # three full blocks
+    a = Sequence(1, lore + [1, 2], 14)
+    b = Sequence(2, lore + [3, 4, 5], 15)
+    s.add(a)
+    s.add(b)
+    out = s.schedule_step()
+    assert [x.num_tokens for x in out.scheduled] == [14, 3]     # b computes only its own suffix
+    assert b.block_table.block_ids[:3] == a.block_table.block_ids[:3]
+
+
+def test_sequence_whose_fresh_blocks_are_shared_is_not_preempted_in_that_step():
+    s = make(num_blocks=8, block_size=4, batch=2, step_tokens=64)
+    lore = list(range(500, 512))
+    a = Sequence(1, lore + [1], 13, priority=0)
+    b = Sequence(2, lore + [2], 13, priority=0)
+    s.add(a)
+    s.add(b)
+    high = Sequence(3, [7, 8, 9], 3, priority=9)
+    s.add(high)
+    out = s.schedule_step()                                # batch of 2: high and a admitted first
+    ids = {x.seq.seq_id for x in out.scheduled}
+    assert 3 in ids
+    # Whatever was preempted, no scheduled sequence reads a block another sequence will not write.
+    scheduled = [x.seq for x in out.scheduled]
+    for x in scheduled:
+        for block_id in x.block_table.block_ids:
+            assert s.blocks.blocks[block_id].ref_count >= 1
+
+
+def test_preempting_a_scheduled_sequence_withdraws_its_fresh_blocks():
+    s = make(num_blocks=6, block_size=4, batch=4, step_tokens=64)
+    low = Sequence(1, list(range(100, 108)), 8, priority=0)
+    s.add(low)
+    s.schedule_step()                                      # (this step is dropped: low stays uncomputed
+    s.on_step_done(SchedulerOutput())                      #  and is scheduled, publishing, again below)
+    high = Sequence(2, list(range(200, 220)), 20, priority=5)
+    s.add(high)
+    out = s.schedule_step()                                # high needs 5 blocks: low, scheduled, is preempted
+    assert low in out.preempted and [x.seq for x in out.scheduled] == [high]
+    assert s.blocks.match_prefix(low.token_ids) == []      # nothing low published survives unwritten

@@ -286,7 +286,7 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its requests, never the engine
             log.exception("engine step failed: %s", out)
             for state in states:
-                self._finish(state, "error", error=f"{type(exc).__name__}: {exc}")
+                self._finish(state, "error", error=f"{type(exc).__name__}: {exc}", failed_step=True)
             return
         if sampled is not None:
             for state, token, lp in zip(samplers, sampled.token_ids, sampled.logprobs):
@@ -320,12 +320,12 @@ class LLMEngine:
 
     def _finish(self, state: _RequestState, reason: str, *, text: str | None = None,
                 new_tokens: list[int] | None = None, new_logprobs: TokenLogprobs | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, failed_step: bool = False) -> None:
         """End a request exactly once: free its blocks and send its final event."""
         if self._states.pop(state.request_id, None) is None:
             return
         del self._by_seq[state.seq.seq_id]
-        self.scheduler.finish(state.seq)
+        self.scheduler.finish(state.seq, failed=failed_step)
         with self._ids_lock:
             self._live_ids.discard(state.request_id)
         if text is None:

@@ -109,7 +109,7 @@ class BlockManager:
         return True
 
     def register_computed(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
-        """Publish the full blocks whose KV is now computed so later prompts can reuse them."""
+        """Publish the full blocks among the first `num_computed` tokens so later prompts can reuse them."""
         if not self.enable_prefix_caching:
             return
         while (table.num_hashed + 1) * self.block_size <= num_computed:
@@ -123,12 +123,18 @@ class BlockManager:
             table.last_hash = h
             table.num_hashed += 1
 
-    def free(self, table: BlockTable) -> None:
-        """Drop the table's references; the tail goes first so a prefix outlives its suffixes in the LRU."""
+    def free(self, table: BlockTable, uncache: bool = False) -> None:
+        """Drop the table's references; the tail goes first so a prefix outlives its suffixes in the LRU.
+
+        `uncache` also withdraws the table's blocks from the prefix cache (their contents are suspect).
+        """
         for block_id in reversed(table.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if uncache and block.hash is not None:
+                del self._hash_to_block[block.hash]
+                block.hash, block.token_ids = None, ()
             if block.ref_count == 0:
                 if block.hash is not None:
                     self._free_cached[block_id] = None

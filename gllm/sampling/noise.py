@@ -51,5 +51,6 @@ class NoiseTable:
     def exponential(self, keys: torch.Tensor) -> torch.Tensor:
         """[B] int64 keys -> [B, V] float32 Exp(1) draws."""
         h = fmix32(self.token_hash[None, :] ^ keys[:, None])
-        uniform = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))   # in (0, 1)
+        # 23 bits so that k + 0.5 is exact in float32: uniform stays strictly inside (0, 1).
+        uniform = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
         return -torch.log(uniform)

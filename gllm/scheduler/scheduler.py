@@ -56,6 +56,10 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._arrivals = count()
+        # Per step: blocks published this step (id -> owner) and owners whose fresh blocks another
+        # sequence already shares, which therefore must compute this step and cannot be preempted.
+        self._published: dict[int, Sequence] = {}
+        self._pinned: set[int] = set()
 
     @property
     def has_work(self) -> bool:
@@ -66,17 +70,22 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (done, cancelled or failed) and free its blocks."""
+    def finish(self, seq: Sequence, failed: bool = False) -> None:
+        """Remove a sequence (done, cancelled or failed) and free its blocks.
+
+        A sequence whose step failed may hold blocks published but never written: they leave the cache.
+        """
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_table)
+        self.blocks.free(seq.block_table, uncache=failed)
         seq.status = SequenceStatus.FINISHED
 
     def schedule_step(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._published.clear()
+        self._pinned.clear()
         # Decodes first, then prefills in progress; most important first within each.
         queue = sorted(self.running, key=lambda s: (s.is_prefilling, s.rank()))
         while queue and self._budget_left(out) > 0:
@@ -88,9 +97,19 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq(seq, n))
+                self._schedule(seq, n, out)
         self._admit(out)
         return out
+
+    def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
+        out.scheduled.append(ScheduledSeq(seq, n))
+        # Publish the blocks this step fills now, not after it: every layer writes all new K/V
+        # before any attention reads, so a request admitted later in this same step can share them.
+        table = seq.block_table
+        already = table.num_hashed
+        self.blocks.register_computed(table, seq.token_ids, seq.num_computed_tokens + n)
+        for block_id in table.block_ids[already:table.num_hashed]:
+            self._published[block_id] = seq
 
     def _budget_left(self, out: SchedulerOutput) -> int:
         return self.config.max_step_tokens - out.num_tokens
@@ -109,11 +128,14 @@ class Scheduler:
                     break
                 continue
             cached, n = admitted
+            for block_id in seq.block_table.block_ids[: cached // self.blocks.block_size]:
+                if block_id in self._published:
+                    self._pinned.add(self._published[block_id].seq_id)
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens = cached
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
+            self._schedule(seq, n, out)
 
     def _pick_victim(self, seq: Sequence, queue: list[Sequence], out: SchedulerOutput) -> Sequence:
         """The least important of the unscheduled and scheduled others if it ranks below `seq`, else `seq`."""
@@ -123,7 +145,8 @@ class Scheduler:
 
     def _preempt_lower(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Make room for waiting `seq` by preempting a running sequence of strictly lower priority."""
-        victim = max(self.running, key=Sequence.rank, default=None)
+        candidates = [s for s in self.running if s.seq_id not in self._pinned]
+        victim = max(candidates, key=Sequence.rank, default=None)
         if victim is None or victim.priority >= seq.priority:
             return False
         self._preempt(victim, [], out)
@@ -132,9 +155,11 @@ class Scheduler:
     def _preempt(self, victim: Sequence, queue: list[Sequence], out: SchedulerOutput) -> None:
         if victim in queue:
             queue.remove(victim)
+        was_scheduled = any(s.seq is victim for s in out.scheduled)
         out.scheduled = [s for s in out.scheduled if s.seq is not victim]
         self.running.remove(victim)
-        self.blocks.free(victim.block_table)
+        # A victim unscheduled mid-step published blocks it will not write now: withdraw them.
+        self.blocks.free(victim.block_table, uncache=was_scheduled)
         victim.num_computed_tokens = victim.num_cached_tokens = 0
         victim.num_preemptions += 1
         victim.status = SequenceStatus.WAITING
@@ -142,7 +167,6 @@ class Scheduler:
         out.preempted.append(victim)
 
     def on_step_done(self, out: SchedulerOutput) -> None:
-        """Advance each scheduled sequence past the tokens just computed and publish its full blocks."""
+        """Advance each scheduled sequence past the tokens just computed."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
-            self.blocks.register_computed(s.seq.block_table, s.seq.token_ids, s.seq.num_computed_tokens)

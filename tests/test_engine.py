@@ -1,0 +1,265 @@
+"""gllm.engine end to end on the tiny fixture models, against transformers and against itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+from helpers import hf_greedy, hf_logits
+
+PROMPTS = [
+    "Hello there, how are you doing today?",
+    "The blacksmith looked up from the anvil and said",
+    "a",
+    "Once upon a time in a land far away, there lived a dragon who loved to read books about knights.",
+    "1, 2, 3, 4, 5,",
+    "Guard: Halt! Who goes there?\nPlayer:",
+    "🐉 火龙 says:",
+    "The quick brown fox jumps over the lazy dog. " * 4,
+]
+
+
+def engine(folder, **kw) -> LLMEngine:
+    params = dict(block_size=16, max_batch_size=8, max_seq_len=512, cpu_threads=2)
+    params.update(kw)
+    return LLMEngine(folder, GeneratorParams(**params), device="cpu")
+
+
+def greedy(prompt, n=32, **kw) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, max_new_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+def wait_steps(eng: LLMEngine, n: int) -> None:
+    target = eng.num_steps + n
+    while eng.num_steps < target:
+        time.sleep(0.001)
+
+
+@pytest.fixture(scope="module")
+def eng32(llama32_dir):
+    with engine(llama32_dir) as e:
+        yield e
+
+
+@pytest.mark.parametrize("model", ["llama32", "llama31"])
+@pytest.mark.parametrize("block_size", [1, 16, 7])
+def test_greedy_matches_transformers(model, block_size, llama32_dir, llama31_dir):
+    folder = {"llama32": llama32_dir, "llama31": llama31_dir}[model]
+    prompts = PROMPTS[:3]
+    with engine(folder, block_size=block_size) as eng:
+        results = eng.generate([greedy(p) for p in prompts])
+        for prompt, result in zip(prompts, results):
+            ids = eng.tokenizer.encode(prompt)
+            assert result.tokens == hf_greedy(folder, ids, 32)
+            assert result.finish_reason == "length" and result.usage.completion_tokens == 32
+            assert result.text == eng.tokenizer.decode(result.tokens)
+
+
+def test_staggered_batch_equals_each_request_alone(llama31_dir):
+    # A small step budget so long prompts are chunked and mixed with running decodes.
+    with engine(llama31_dir, max_step_tokens=24, block_size=8) as eng:
+        alone = [eng.generate([greedy(p, n=20 + 3 * i)])[0].tokens for i, p in enumerate(PROMPTS)]
+        handles = []
+        for i, p in enumerate(PROMPTS):
+            handles.append(eng.submit(greedy(p, n=20 + 3 * i)))
+            wait_steps(eng, 1 + i % 3)
+        together = [h.result(timeout=60).tokens for h in handles]
+        assert together == alone
+        assert len({tuple(t) for t in alone}) == len(PROMPTS)    # the fixture really distinguishes prompts
+        assert eng.stats()["kv_free_blocks"] == eng.stats()["kv_total_blocks"]
+
+
+def test_prefix_caching_hits_and_same_output(llama32_dir):
+    lore = ("World lore: the kingdom of Eldmoor sits between two rivers. Dragons sleep in the northern "
+            "mountains and the guild of smiths forges their scales into armour. ")
+    first, second = lore + "Guard, what do you see?", lore + "Smith, what are you making today?"
+    with engine(llama32_dir, block_size=8) as cached:
+        assert len(cached.tokenizer.encode(lore)) >= 3 * 8
+        cached.generate([greedy(first)])
+        before = cached.stats()["prefix_cache_hits"]
+        hit = cached.generate([greedy(second)])[0]
+        assert cached.stats()["prefix_cache_hits"] - before >= 3
+        assert hit.usage.cached_tokens >= 24
+    with engine(llama32_dir, block_size=8, enable_prefix_caching=False) as plain:
+        miss = plain.generate([greedy(second)])[0]
+        assert plain.stats()["prefix_cache_hits"] == 0 and miss.usage.cached_tokens == 0
+    assert hit.tokens == miss.tokens
+
+
+def test_preemption_keeps_greedy_output_and_frees_every_block(llama31_dir):
+    requests = [greedy(p, n=40) for p in PROMPTS[:6]]
+    with engine(llama31_dir, block_size=4) as big:
+        expected = [r.tokens for r in big.generate(requests)]
+    # 32 blocks of 4 tokens: the six requests need ~90 blocks at their longest.
+    with engine(llama31_dir, block_size=4, kv_cache_tokens=128) as small:
+        results = small.generate([greedy(p, n=40) for p in PROMPTS[:6]])
+        assert [r.tokens for r in results] == expected
+        assert sum(r.num_preemptions for r in results) > 0
+        stats = small.stats()
+        assert stats["kv_free_blocks"] == stats["kv_total_blocks"] == 32
+        assert stats["running"] == stats["waiting"] == 0
+
+
+def test_seed_reproducible_alone_and_in_a_busy_batch(eng32):
+    def sampled(seed):
+        return GenerationRequest(prompt=PROMPTS[1], max_new_tokens=24, temperature=1.3, top_p=0.95,
+                                 seed=seed, ignore_eos=True)
+    alone = eng32.generate([sampled(11)])[0].text
+    busy = [GenerationRequest(prompt=p, max_new_tokens=30, temperature=0.9, ignore_eos=True) for p in PROMPTS]
+    results = eng32.generate(busy[:4] + [sampled(11)] + busy[4:])
+    assert results[4].text == alone
+    others = {eng32.generate([sampled(s)])[0].text for s in (12, 13, 14)}
+    assert alone not in others and len(others) > 1
+
+
+def test_logprobs_match_transformers_log_softmax(eng32, llama32_dir):
+    for req in (greedy(PROMPTS[0], n=12, logprobs=5),
+                GenerationRequest(prompt=PROMPTS[1], max_new_tokens=12, temperature=1.0, seed=3, logprobs=3,
+                                  ignore_eos=True)):
+        result = eng32.generate([req])[0]
+        ids = eng32.tokenizer.encode(req.prompt)
+        ref = torch.log_softmax(hf_logits(llama32_dir, ids + result.tokens), dim=-1)[len(ids) - 1:-1]
+        assert len(result.logprobs) == 12
+        for step, lp in enumerate(result.logprobs):
+            assert lp.token_id == result.tokens[step]
+            assert abs(lp.logprob - ref[step, lp.token_id].item()) < 1e-4
+            top_ids = [t for t, _ in lp.top]
+            assert len(top_ids) == req.logprobs
+            assert top_ids == ref[step].topk(req.logprobs).indices.tolist()
+            values = [v for _, v in lp.top]
+            assert values == sorted(values, reverse=True)
+
+
+def test_eos_token_ends_with_stop(eng32):
+    assert {128001, 128009} <= eng32.eos_token_ids
+    eot = 128009
+
+    def force_eot_at_step_3(token_ids, logits):
+        if len(token_ids) - prompt_len == 3:
+            logits = logits.clone()
+            logits[eot] = logits.max() + 10
+        return logits
+
+    prompt_len = len(eng32.tokenizer.encode(PROMPTS[0]))
+    req = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=20, temperature=0, logits_processor=force_eot_at_step_3)
+    result = eng32.generate([req])[0]
+    assert result.finish_reason == "stop" and result.tokens[-1] == eot and len(result.tokens) == 4
+    assert "<|eot_id|>" not in result.text
+    ignored = eng32.generate([GenerationRequest(prompt=PROMPTS[0], max_new_tokens=6, temperature=0, ignore_eos=True,
+                                                logits_processor=force_eot_at_step_3)])[0]
+    assert ignored.finish_reason == "length" and len(ignored.tokens) == 6
+
+
+def test_stop_strings_are_excluded_and_never_streamed(eng32):
+    full = eng32.generate([greedy(PROMPTS[3], n=40)])[0].text
+    stop = full[12:16]
+    assert len(stop.strip()) > 0
+    events = []
+
+    async def collect():
+        async for event in eng32.stream(greedy(PROMPTS[3], n=40, stop=[stop, "never-there"])):
+            events.append(event)
+
+    asyncio.run(collect())
+    result = events[-1].result
+    assert result.finish_reason == "stop"
+    assert result.text == full[:full.index(stop)]
+    streamed = "".join(e.text for e in events)
+    assert streamed == result.text and stop not in streamed
+    assert all(e.result is None for e in events[:-1])
+
+
+def test_max_new_tokens_and_max_seq_len_give_length(eng32):
+    result = eng32.generate([greedy(PROMPTS[0], n=5)])[0]
+    assert result.finish_reason == "length" and len(result.tokens) == 5
+    prompt_len = len(eng32.tokenizer.encode(PROMPTS[7]))
+    clipped = eng32.generate([greedy(PROMPTS[7], n=10_000)])[0]     # clipped by max_seq_len = 512
+    assert clipped.finish_reason == "length" and prompt_len + len(clipped.tokens) == 512
+
+
+def test_cancel_frees_blocks_and_leaves_others_untouched(eng32):
+    expected = eng32.generate([greedy(p, n=30) for p in PROMPTS[:3]])
+    victim = eng32.submit(greedy(PROMPTS[4], n=400))
+    others = [eng32.submit(greedy(p, n=30)) for p in PROMPTS[:3]]
+    while not victim.poll():
+        time.sleep(0.001)
+    eng32.cancel(victim.request_id)
+    cancelled = victim.result(timeout=30)
+    assert cancelled.finish_reason == "cancelled" and 0 < len(cancelled.tokens) < 400
+    assert [h.result(timeout=60).tokens for h in others] == [r.tokens for r in expected]
+    stats = eng32.stats()
+    assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
+    eng32.cancel(victim.request_id)                 # cancelling a finished request is harmless
+
+
+def test_leaving_a_stream_early_cancels_the_request(eng32):
+    async def take_two():
+        got = []
+        async for event in eng32.stream(greedy(PROMPTS[0], n=300)):
+            got.append(event)
+            if len(got) == 2:
+                break
+        return got
+
+    assert len(asyncio.run(take_two())) == 2
+    deadline = time.time() + 10
+    while eng32.stats()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert eng32.stats()["kv_free_blocks"] == eng32.stats()["kv_total_blocks"]
+
+
+def test_enqueue_request_with_messages(eng32):
+    messages = [{"role": "system", "content": "You are a grumpy innkeeper."},
+                {"role": "user", "content": "Got any rooms?"}]
+
+    async def main():
+        return await asyncio.gather(*(eng32.enqueue_request(GenerationRequest(
+            messages=messages, max_new_tokens=8, temperature=0, ignore_eos=True)) for _ in range(3)))
+
+    results = asyncio.run(main())
+    ids = eng32.tokenizer.encode_chat(messages)
+    assert results[0].usage.prompt_tokens == len(ids)
+    assert all(r.tokens == results[0].tokens for r in results)
+    assert results[0].timings.ttft_ms is not None and results[0].timings.total_ms >= results[0].timings.ttft_ms
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(prompt="hello " * 600), "max_seq_len"),
+    (dict(prompt="hi", max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt="hi", top_p=0.0), "top_p"),
+    (dict(prompt="hi", top_p=1.01), "top_p"),
+    (dict(prompt="hi", temperature=-1.0), "temperature"),
+    (dict(prompt="hi", top_k=-1), "top_k"),
+    (dict(), "prompt"),
+    (dict(prompt="hi", messages=[{"role": "user", "content": "x"}]), "prompt"),
+    (dict(messages=[{"role": "user", "content": 5}]), "content"),
+    (dict(prompt_token_ids=[1, 10**9]), "prompt_token_ids"),
+    (dict(prompt="hi", stop="END"), "stop"),
+])
+def test_bad_input_is_rejected_and_engine_keeps_serving(eng32, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        eng32.generate([GenerationRequest(**kwargs)])
+    with pytest.raises(ValueError, match=field):
+        asyncio.run(eng32.enqueue_request(GenerationRequest(**kwargs)))
+    assert eng32.generate([greedy("still alive?", n=3)])[0].finish_reason == "length"
+
+
+def test_duplicate_request_id_is_rejected(eng32):
+    first = eng32.submit(greedy(PROMPTS[0], n=50, request_id="npc-1"))
+    with pytest.raises(ValueError, match="request_id"):
+        eng32.submit(greedy(PROMPTS[1], n=5, request_id="npc-1"))
+    assert first.result(timeout=30).finish_reason == "length"
+    assert eng32.generate([greedy(PROMPTS[1], n=3, request_id="npc-1")])[0].request_id == "npc-1"
+
+
+def test_close_cancels_pending_and_refuses_new(llama32_dir):
+    eng = engine(llama32_dir)
+    handle = eng.submit(greedy(PROMPTS[0], n=500))
+    eng.close()
+    assert handle.result(timeout=10).finish_reason in ("cancelled", "length")
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit(greedy("x"))
