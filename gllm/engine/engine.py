@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,11 @@ def pick_device(device: str | None) -> torch.device:
 def default_cpu_threads() -> int:
     # Leave cores to the game: half of them, at most 8.
     return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+class _CallbackSink:
+    def __init__(self, on_event: Callable[[StreamEvent], None]) -> None:
+        self.put = on_event
 
 
 @dataclass(eq=False)
@@ -140,6 +145,11 @@ class LLMEngine:
         handle = RequestHandle("")
         handle.request_id = self._submit(req, handle)
         return handle
+
+    def add_request(self, req: GenerationRequest, on_event: Callable[[StreamEvent], None]) -> str:
+        """Low-level submission for front ends: `on_event` runs on the engine thread for each event
+        (the last one carries the result) and must return at once. Returns the request id."""
+        return self._submit(req, _CallbackSink(on_event))
 
     def generate(self, requests: Iterable[GenerationRequest] | GenerationRequest,
                  timeout: float | None = None) -> list[GenerationResult]:
@@ -316,7 +326,8 @@ class LLMEngine:
         else:
             safe = state.stop.safe_length(text)
             delta, state.sent_chars = text[state.sent_chars:safe], max(state.sent_chars, safe)
-            state.sink.put(StreamEvent(state.request_id, delta, [token], None if lp is None else [lp]))
+            self._deliver(state, StreamEvent(state.request_id, delta, [token], None if lp is None else [lp],
+                                             step=self.num_steps))
 
     def _finish(self, state: _RequestState, reason: str, *, text: str | None = None,
                 new_tokens: list[int] | None = None, new_logprobs: TokenLogprobs | None = None,
@@ -340,5 +351,12 @@ class LLMEngine:
             logprobs=list(state.logprobs) if state.params.logprobs is not None else None,
             num_preemptions=state.seq.num_preemptions, error=error)
         delta = text[state.sent_chars:]
-        state.sink.put(StreamEvent(state.request_id, delta, new_tokens or [],
-                                   None if new_logprobs is None else [new_logprobs], result=result))
+        self._deliver(state, StreamEvent(state.request_id, delta, new_tokens or [],
+                                         None if new_logprobs is None else [new_logprobs], result=result,
+                                         step=self.num_steps))
+
+    def _deliver(self, state: _RequestState, event: StreamEvent) -> None:
+        try:
+            state.sink.put(event)
+        except Exception:  # a listener's failure is its own; the engine goes on
+            log.exception("delivering an event of request %s failed", state.request_id)

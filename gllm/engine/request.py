@@ -77,6 +77,7 @@ class StreamEvent:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
     result: GenerationResult | None = None       # set on the final event
+    step: int = 0                                # the engine step that produced it (0: outside a step)
 
     @property
     def finished(self) -> bool:
