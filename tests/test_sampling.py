@@ -142,3 +142,14 @@ def test_stop_checker():
     assert stop.safe_length("hello\n") == 5
     assert stop.safe_length("hello") == 5
     assert StopChecker(set(), (), 5).safe_length("abc") == 3
+
+
+def test_race_over_contenders_equals_race_over_whole_vocabulary(sampler):
+    from gllm.sampling.noise import row_key
+    logits = torch.stack([logits_row(i) * 8 for i in range(6)])    # wide spread: many non-contenders
+    params = SamplingParams(temperature=1.0)
+    for step in range(20):
+        got = sampler.sample(logits, [SampleRow(params, 77 + i, step, [1], []) for i in range(6)]).token_ids
+        keys = torch.tensor([row_key(77 + i, step) for i in range(6)])
+        full = (logits - sampler.noise.exponential(keys).log()).argmax(-1).tolist()
+        assert got == full

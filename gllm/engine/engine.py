@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 
+from gllm.engine.loading import load
 from gllm.engine.model_runner import ModelRunner
 from gllm.engine.params import GeneratorParams
 from gllm.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
 from gllm.engine.sinks import AsyncSink, RequestHandle
 from gllm.kv import BlockManager, KVCache, num_blocks_for
-from gllm.model import ModelConfig, load_model, parse_dtype
+from gllm.model import ModelConfig, parse_dtype
 from gllm.sampling import SampleRow, Sampler, SamplingParams, StopChecker, TokenLogprobs
 from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
-from gllm.tokenizer import IncrementalDetokenizer, Tokenizer
+from gllm.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("gllm.engine")
 
@@ -77,19 +78,17 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, model: str | Path, gen_params: GeneratorParams | None = None,
-                 device: str | None = None) -> None:
+    def __init__(self, model: str | Path | None = None, gen_params: GeneratorParams | None = None,
+                 device: str | None = None, quiet: bool = True) -> None:
         self.gen_params = gen = gen_params or GeneratorParams()
         self.device = pick_device(device)
         self.dtype = parse_dtype(("float32" if self.device.type == "cpu" else "bfloat16")
                                  if gen.dtype == "auto" else gen.dtype)
         self.cpu_threads = gen.cpu_threads or default_cpu_threads()
-        started = time.perf_counter()
-        self.model, self.model_config, folder = load_model(model, dtype=self.dtype, device=self.device,
-                                                           max_positions=gen.max_seq_len)
-        self.model_name = str(model)
-        self.tokenizer = Tokenizer.from_dir(folder)
-        self.load_seconds = time.perf_counter() - started
+        loaded = load(model, dtype=self.dtype, device=self.device, max_positions=gen.max_seq_len, quiet=quiet)
+        self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.model_name, self.model_source = loaded.source.name, loaded.source
+        self.load_seconds, self.loaded_warm = loaded.load_seconds, loaded.warm
         cfg: ModelConfig = self.model_config
         if gen.max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len {gen.max_seq_len} exceeds the model's max_position_embeddings "

@@ -100,6 +100,26 @@ class ModelConfig:
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         )
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A transformers-style config.json dict (rope in the `rope_scaling` + `rope_theta` form)."""
+        rope = self.rope
+        rope_scaling = None if rope.rope_type == "default" else {
+            "rope_type": rope.rope_type, "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings}
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias, "rope_theta": rope.theta, "rope_scaling": rope_scaling,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
+            "torch_dtype": self.torch_dtype,
+        }
+
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         return cls.from_hf_dict(json.loads(Path(path).read_text()))

@@ -142,6 +142,23 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters under their HF checkpoint names, fused projections split back (the inverse of
+        `load_weights`)."""
+        cfg = self.cfg
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            if ".qkv_proj." in name:
+                parts = param.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+                    out["model." + name.replace("qkv_proj", proj)] = part
+            elif ".gate_up_proj." in name:
+                for proj, part in zip(("gate_proj", "up_proj"), param.split(cfg.intermediate_size)):
+                    out["model." + name.replace("gate_up_proj", proj)] = part
+            else:
+                out[name if name.startswith("lm_head") else "model." + name] = param
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
     def _expected_names(self) -> list[str]:
         names = []
         for name, _ in self.named_parameters():

@@ -77,15 +77,3 @@ def _with_eos(cfg: ModelConfig, extra: tuple[int, ...]) -> ModelConfig:
     merged = tuple(dict.fromkeys(cfg.eos_token_ids + extra))
     return replace(cfg, eos_token_ids=merged)
 
-
-def load_model(source: str | Path, *, dtype: str | torch.dtype, device: str | torch.device,
-               max_positions: int) -> tuple[LlamaForCausalLM, ModelConfig, Path]:
-    """Load from a model source; today a HF-format folder. Returns (model, config, folder)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        model, cfg = load_hf_folder(path, dtype=dtype, device=device, max_positions=max_positions)
-        return model, cfg, path
-    if path.exists():
-        raise ValueError(f"model {str(source)!r} is a file; gllm loads a HF-format model folder "
-                         f"(config.json + *.safetensors + tokenizer.json)")
-    raise FileNotFoundError(f"model {str(source)!r} not found: pass a HF-format model folder")

@@ -50,7 +50,19 @@ class NoiseTable:
 
     def exponential(self, keys: torch.Tensor) -> torch.Tensor:
         """[B] int64 keys -> [B, V] float32 Exp(1) draws."""
-        h = fmix32(self.token_hash[None, :] ^ keys[:, None])
-        # 23 bits so that k + 0.5 is exact in float32: uniform stays strictly inside (0, 1).
-        uniform = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
-        return -torch.log(uniform)
+        return _exponential(fmix32(self.token_hash[None, :] ^ keys[:, None]))
+
+    def exponential_at(self, keys: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The same draws as `exponential(keys)[rows, token_ids]`, computed only there."""
+        return _exponential(fmix32(self.token_hash[token_ids] ^ keys[rows]))
+
+
+def _exponential(h: torch.Tensor) -> torch.Tensor:
+    # 23 bits so that k + 0.5 is exact in float32: uniform stays strictly inside (0, 1).
+    uniform = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    return -torch.log(uniform)
+
+
+# log(E) for E = -log(u), u in [2**-24, 1 - 2**-24], lies in about [-16.6, 2.8]: a token whose
+# logit trails the row's best by more than this can never win the race argmax(logit - log E).
+RACE_MARGIN = 20.0

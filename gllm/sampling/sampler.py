@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gllm.sampling.noise import NoiseTable, row_key
+from gllm.sampling.noise import RACE_MARGIN, NoiseTable, row_key
 from gllm.sampling.params import SamplingParams
 
 
@@ -107,8 +107,13 @@ class Sampler:
             floor = self._column([r.params.min_p for r in rows]) * probs.max(dim=-1, keepdim=True).values
             logits = logits.masked_fill(probs < floor, float("-inf"))
         keys = torch.tensor([row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=self.device)
-        exponential = self.noise.exponential(keys)
-        return (logits - exponential.log()).argmax(dim=-1)
+        # Noise only where a token can still win; the result equals the race over the whole vocabulary.
+        contenders = logits >= logits.max(dim=-1, keepdim=True).values - RACE_MARGIN
+        row_idx, token_idx = contenders.nonzero(as_tuple=True)
+        scores = torch.full_like(logits, float("-inf"))
+        scores[row_idx, token_idx] = logits[row_idx, token_idx] - self.noise.exponential_at(
+            keys, row_idx, token_idx).log()
+        return scores.argmax(dim=-1)
 
     def _logprobs(self, raw: torch.Tensor | None, tokens: torch.Tensor, token_list: list[int],
                   rows: list[SampleRow]) -> list[TokenLogprobs | None]:
