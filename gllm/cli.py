@@ -1,0 +1,205 @@
+"""`gllm` command line: chat, generate, models, fetch, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from typing import Sequence
+
+from gllm.model.registry import DEFAULT_MODEL, KNOWN_MODELS, cached_gguf_path, fetch_known_model, gllm_home
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (exit code 2), not usage plus error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"gllm: error: {message}\n")
+
+
+def _bounded(kind: type, name: str, low: float | None = None, high: float | None = None,
+             low_open: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {kind.__name__}, got {text!r}") from None
+        if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {text}")
+        return value
+    return parse
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"known name, HF folder, .gguf or HF cache id (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -> None:
+    p.add_argument("--temperature", type=_bounded(float, "--temperature", 0.0), default=default_temperature)
+    p.add_argument("--top-k", type=_bounded(int, "--top-k", 0), default=0)
+    p.add_argument("--top-p", type=_bounded(float, "--top-p", 0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--min-p", type=_bounded(float, "--min-p", 0.0, 1.0), default=0.0)
+    p.add_argument("--seed", type=_bounded(int, "--seed", 0), default=None)
+    p.add_argument("--max-tokens", type=_bounded(int, "--max-tokens", 1), default=256)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gllm", description="Local LLM runtime for game NPCs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    chat = sub.add_parser("chat", help="interactive streaming chat")
+    _add_model_flags(chat)
+    _add_sampling_flags(chat, 0.7)
+    chat.add_argument("--system", "--persona", dest="system", default=None, help="system prompt / NPC persona")
+
+    gen = sub.add_parser("generate", help="one completion of a prompt")
+    gen.add_argument("prompt")
+    _add_model_flags(gen)
+    _add_sampling_flags(gen, 0.7)
+    gen.add_argument("--system", default=None, help="system prompt (the prompt becomes a chat message)")
+    gen.add_argument("--raw", action="store_true", help="complete the raw text, no chat template")
+    gen.add_argument("--logprobs", type=_bounded(int, "--logprobs", 0, 20), default=None)
+    gen.add_argument("--json", action="store_true", help="print text, tokens, logprobs, usage, timings as JSON")
+
+    sub.add_parser("models", help="known and cached models")
+    fetch = sub.add_parser("fetch", help="download the default (or a known) model into the cache")
+    fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
+    fetch.add_argument("--quiet", action="store_true")
+
+    try:
+        from gllm.bridge import cli as bridge_cli
+    except ImportError:
+        bridge_cli = None
+    if bridge_cli is not None:
+        serve = sub.add_parser("serve", help="serve the engine to game clients over ZeroMQ")
+        bridge_cli.add_arguments(serve)
+        serve.set_defaults(run=bridge_cli.run)
+    return parser
+
+
+def _engine(args: argparse.Namespace):
+    from gllm.engine import LLMEngine
+    engine = LLMEngine(args.model, device=args.device, quiet=args.quiet)
+    if not args.quiet:
+        how = "from the converted cache" if engine.loaded_warm else "cold"
+        print(f"gllm: {engine.model_name} on {engine.device} ({how}, {engine.load_seconds:.2f} s)", file=sys.stderr)
+    return engine
+
+
+def _request(args: argparse.Namespace, **fields):
+    from gllm.engine import GenerationRequest
+    return GenerationRequest(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, min_p=args.min_p, seed=args.seed, **fields)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        if args.raw:
+            fields = {"prompt": args.prompt}
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            fields = {"messages": messages + [{"role": "user", "content": args.prompt}]}
+        req = _request(args, logprobs=args.logprobs, **fields)
+        if args.json:
+            result = engine.generate([req])[0]
+            out = {
+                "text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
+                "usage": asdict(result.usage), "timings": asdict(result.timings),
+                "logprobs": None if result.logprobs is None else [
+                    {"token_id": lp.token_id, "token": engine.tokenizer.decode([lp.token_id], skip_special_tokens=False),
+                     "logprob": lp.logprob, "top": [{"token_id": t, "logprob": v} for t, v in lp.top]}
+                    for lp in result.logprobs],
+            }
+            print(json.dumps(out, ensure_ascii=False))
+        else:
+            handle = engine.submit(req)
+            while not handle.done:
+                for event in handle.poll():
+                    print(event.text, end="", flush=True)
+                if not handle.done:
+                    import time
+                    time.sleep(0.005)
+            print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    history: list[dict[str, str]] = []
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    print("gllm chat — /reset clears the conversation, /quit or Ctrl-D leaves, Ctrl-C stops a reply.",
+          file=sys.stderr)
+
+    async def reply(messages: list[dict[str, str]]) -> str:
+        text = ""
+        async for event in engine.stream(_request(args, messages=messages)):
+            print(event.text, end="", flush=True)
+            text += event.text
+        return text
+
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                continue
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                history.clear()
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                text = asyncio.run(reply(system + history))
+                history.append({"role": "assistant", "content": text})
+                print()
+            except KeyboardInterrupt:  # leaving the stream cancels the request and frees its blocks
+                history.pop()
+                print("\n(reply cancelled)", file=sys.stderr)
+    finally:
+        engine.close()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    print(f"cache: {gllm_home()}")
+    for name, model in KNOWN_MODELS.items():
+        path = cached_gguf_path(name)
+        state = "cached" if path.exists() else "not fetched"
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"  {name}{default}: {model.description} [{state}]")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    path = fetch_known_model(args.name, quiet=args.quiet)
+    if not args.quiet:
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "fetch": cmd_fetch}
+    run = getattr(args, "run", None) or commands[args.command]
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"gllm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
