@@ -263,3 +263,26 @@ def test_close_cancels_pending_and_refuses_new(llama32_dir):
     assert handle.result(timeout=10).finish_reason in ("cancelled", "length")
     with pytest.raises(RuntimeError, match="closed"):
         eng.submit(greedy("x"))
+
+
+def test_failing_logits_processor_fails_only_its_request(eng32):
+    def broken(token_ids, logits):
+        raise RuntimeError("boom")
+
+    expected = eng32.generate([greedy(p, n=10) for p in PROMPTS[:2]])
+    results = eng32.generate([greedy(PROMPTS[0], n=10), greedy(PROMPTS[1], n=10, logits_processor=broken),
+                              greedy(PROMPTS[1], n=10)])
+    assert results[1].finish_reason == "error" and "boom" in results[1].error
+    assert [results[0].tokens, results[2].tokens] == [r.tokens for r in expected]
+    stats = eng32.stats()
+    assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
+
+
+def test_step_listener_sees_every_step(llama32_dir):
+    with engine(llama32_dir) as eng:
+        infos = []
+        eng.add_step_listener(infos.append)
+        eng.generate([greedy(PROMPTS[0], n=6), greedy(PROMPTS[1], n=4)])
+        assert [i.step for i in infos] == list(range(1, len(infos) + 1))
+        assert infos[0].num_tokens > 2 and infos[-1].num_decodes == 1 and all(i.seconds > 0 for i in infos)
+        assert infos[-1].running == 0 and infos[-1].kv_free_blocks == eng.stats()["kv_total_blocks"]

@@ -2,8 +2,8 @@
 
 from gllm.engine.engine import LLMEngine
 from gllm.engine.params import GeneratorParams
-from gllm.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
+from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings, Usage
 from gllm.engine.sinks import RequestHandle
 
-__all__ = ["GenerationRequest", "GenerationResult", "GeneratorParams", "LLMEngine", "RequestHandle", "StreamEvent",
+__all__ = ["GenerationRequest", "GenerationResult", "GeneratorParams", "LLMEngine", "RequestHandle", "StepInfo", "StreamEvent",
            "Timings", "Usage"]

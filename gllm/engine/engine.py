@@ -27,7 +27,7 @@ import torch
 from gllm.engine.loading import load
 from gllm.engine.model_runner import ModelRunner
 from gllm.engine.params import GeneratorParams
-from gllm.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings, Usage
+from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings, Usage
 from gllm.engine.sinks import AsyncSink, RequestHandle
 from gllm.kv import BlockManager, KVCache, num_blocks_for
 from gllm.model import ModelConfig, parse_dtype
@@ -113,6 +113,7 @@ class LLMEngine:
         self._by_seq: dict[int, _RequestState] = {}  # engine thread only
         self._seq_ids = itertools.count()
         self._closed = False
+        self._step_listeners: list[Callable[[StepInfo], None]] = []
         self.num_steps = 0
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
@@ -157,6 +158,10 @@ class LLMEngine:
             requests = [requests]
         handles = [self.submit(r) for r in requests]
         return [h.result(timeout) for h in handles]
+
+    def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
+        """Call `listener(StepInfo)` on the engine thread after every step; it must return at once."""
+        self._step_listeners.append(listener)
 
     def cancel(self, request_id: str) -> None:
         """End a request with finish_reason "cancelled" and free its blocks (no-op if already done)."""
@@ -277,10 +282,26 @@ class LLMEngine:
                 self._finish(self._states[arg], "cancelled")
 
     def _step(self) -> None:
+        started = time.perf_counter()
         out = self.scheduler.schedule_step()
         if not out.scheduled:
             return
         self.num_steps += 1
+        try:
+            self._run_step(out)
+        finally:
+            info = StepInfo(step=self.num_steps, seconds=time.perf_counter() - started, num_tokens=out.num_tokens,
+                            num_seqs=len(out.scheduled),
+                            num_decodes=sum(1 for s in out.scheduled if s.num_tokens == 1 and s.samples),
+                            num_preempted=len(out.preempted), running=len(self.scheduler.running),
+                            waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks)
+            for listener in self._step_listeners:
+                try:
+                    listener(info)
+                except Exception:
+                    log.exception("step listener failed")
+
+    def _run_step(self, out: SchedulerOutput) -> None:
         states = [self._by_seq[s.seq.seq_id] for s in out.scheduled]
         now = time.perf_counter()
         for state in states:
@@ -293,12 +314,16 @@ class LLMEngine:
                               st.output_ids) for st in samplers]
             sampled = self.sampler.sample(logits, rows) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
-            log.exception("engine step failed: %s", out)
+            log.exception("engine step %d failed (%d sequences, %d tokens)", self.num_steps, len(out.scheduled),
+                          out.num_tokens)
             for state in states:
                 self._finish(state, "error", error=f"{type(exc).__name__}: {exc}", failed_step=True)
             return
         if sampled is not None:
-            for state, token, lp in zip(samplers, sampled.token_ids, sampled.logprobs):
+            for state, token, lp, error in zip(samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
+                if error is not None:
+                    self._finish(state, "error", error=error)
+                    continue
                 try:
                     self._accept_token(state, token, lp)
                 except Exception as exc:

@@ -82,3 +82,17 @@ class StreamEvent:
     @property
     def finished(self) -> bool:
         return self.result is not None
+
+
+@dataclass
+class StepInfo:
+    """What one engine step did (for metrics and dashboards)."""
+    step: int
+    seconds: float                  # wall time of the step: schedule, forward, sample, deliver
+    num_tokens: int                 # tokens computed (prefill chunks + decodes)
+    num_seqs: int                   # sequences in the batch
+    num_decodes: int                # of which were single-token decodes
+    num_preempted: int
+    running: int                    # after the step
+    waiting: int
+    kv_free_blocks: int

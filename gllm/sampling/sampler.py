@@ -37,6 +37,7 @@ class TokenLogprobs:
 class SampleOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    errors: list[str | None]      # per row: why its logits processor failed (that row's token is void)
 
 
 class Sampler:
@@ -50,7 +51,7 @@ class Sampler:
         """logits: [B, V] float32, one row per entry of `rows`."""
         logits = logits[:, : self.vocab_size]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
-        logits = self._apply_processors(logits, rows)
+        logits, errors = self._apply_processors(logits, rows)
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits, rows)
         tokens = logits.argmax(dim=-1)
@@ -60,16 +61,20 @@ class Sampler:
             sub_rows = [rows[i] for i in sampled_rows]
             tokens[index] = self._sample_random(logits[index], sub_rows)
         token_list = tokens.tolist()
-        return SampleOutput(token_list, self._logprobs(raw_logprobs, tokens, token_list, rows))
+        return SampleOutput(token_list, self._logprobs(raw_logprobs, tokens, token_list, rows), errors)
 
-    def _apply_processors(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    def _apply_processors(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, list[str | None]]:
+        errors: list[str | None] = [None] * len(rows)
         if all(r.params.logits_processor is None for r in rows):
-            return logits
+            return logits, errors
         logits = logits.clone()
         for i, r in enumerate(rows):
             if r.params.logits_processor is not None:
-                logits[i] = r.params.logits_processor(r.prompt_ids + r.output_ids, logits[i])
-        return logits
+                try:  # user code: its failure voids its own row, not the batch
+                    logits[i] = r.params.logits_processor(r.prompt_ids + r.output_ids, logits[i])
+                except Exception as exc:
+                    errors[i] = f"logits_processor failed: {type(exc).__name__}: {exc}"
+        return logits, errors
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         batch, vocab = logits.shape
