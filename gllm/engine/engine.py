@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gllm.engine.loading import load
+from gllm.engine.loading import LoadedModel, load
 from gllm.engine.model_runner import ModelRunner
 from gllm.engine.params import GeneratorParams
 from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings, Usage
@@ -47,6 +47,24 @@ def pick_device(device: str | None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return dev
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.warning("Triton is not installed: the GPU runs the plain PyTorch path (no CUDA graphs, slower decode)")
+        return False
+    return True
+
+
+def _decode_kernel_supports(block_size: int, head_dim: int) -> bool:
+    from gllm.ops.triton_attention import supports
+    if not supports(block_size, head_dim):
+        log.warning("block_size %d / head_dim %d: not powers of 2, so decode runs without the Triton kernel "
+                    "and CUDA graphs", block_size, head_dim)
+        return False
+    return True
 
 
 def default_cpu_threads() -> int:
@@ -78,14 +96,15 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, model: str | Path | None = None, gen_params: GeneratorParams | None = None,
+    def __init__(self, model: str | Path | LoadedModel | None = None, gen_params: GeneratorParams | None = None,
                  device: str | None = None, quiet: bool = True) -> None:
         self.gen_params = gen = gen_params or GeneratorParams()
         self.device = pick_device(device)
         self.dtype = parse_dtype(("float32" if self.device.type == "cpu" else "bfloat16")
                                  if gen.dtype == "auto" else gen.dtype)
         self.cpu_threads = gen.cpu_threads or default_cpu_threads()
-        loaded = load(model, dtype=self.dtype, device=self.device, max_positions=gen.max_seq_len, quiet=quiet)
+        loaded = model if isinstance(model, LoadedModel) else load(
+            model, dtype=self.dtype, device=self.device, max_positions=gen.max_seq_len, quiet=quiet)
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.model_name, self.model_source = loaded.source.name, loaded.source
         self.load_seconds, self.loaded_warm = loaded.load_seconds, loaded.warm
@@ -100,10 +119,21 @@ class LLMEngine:
             num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, tokens=kv_tokens)
         else:
             num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, memory_mb=gen.kv_cache_mb)
-        self.kv_cache = KVCache(cfg, num_blocks, gen.block_size, self.dtype, self.device)
+        use_triton = (self.device.type == "cuda" and _triton_available()
+                      and _decode_kernel_supports(gen.block_size, cfg.head_dim))
+        use_graphs = use_triton and gen.cuda_graphs
+        if use_triton:
+            self.model.use_fused_kernels()
+        # The fast path keeps one extra block as the scratch target of padded graph rows.
+        self.kv_cache = KVCache(cfg, num_blocks + int(use_graphs), gen.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens), self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        graph_decoder = None
+        if use_graphs:
+            from gllm.engine.cuda_graphs import CudaGraphDecoder
+            graph_decoder = CudaGraphDecoder(self.model, self.kv_cache, gen.max_batch_size,
+                                             self.block_manager.blocks_needed(gen.max_seq_len), num_blocks, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graph_decoder, use_triton)
         self.sampler = Sampler(cfg.vocab_size, self.device)
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from gllm.kv import KVCache
 from gllm.model import ForwardBatch, LlamaForCausalLM
 from gllm.scheduler import SchedulerOutput
 
+if TYPE_CHECKING:
+    from gllm.engine.cuda_graphs import CudaGraphDecoder
+
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device,
+                 graph_decoder: "CudaGraphDecoder | None" = None, use_triton: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
+        self.graph_decoder = graph_decoder
+        self.use_triton = use_triton
 
     def build_batch(self, out: SchedulerOutput) -> ForwardBatch:
         input_ids: list[int] = []
@@ -44,8 +52,15 @@ class ModelRunner:
         return ForwardBatch(
             input_ids=tensor(input_ids), positions=tensor(positions), slot_mapping=tensor(slots),
             query_lens=tensor(query_lens), context_lens=tensor(context_lens), block_tables=tensor(tables),
-            logits_indices=tensor(logits_indices), query_lens_host=query_lens, context_lens_host=context_lens)
+            logits_indices=tensor(logits_indices), query_lens_host=query_lens, context_lens_host=context_lens,
+            use_triton=self.use_triton)
 
     def run(self, out: SchedulerOutput) -> torch.Tensor:
         """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order."""
+        decoder = self.graph_decoder
+        if decoder is not None and decoder.padded_size(len(out.scheduled)) is not None \
+                and all(s.num_tokens == 1 and s.samples for s in out.scheduled):
+            seqs = [s.seq for s in out.scheduled]
+            return decoder.run([q.token_ids[-1] for q in seqs], [len(q.token_ids) - 1 for q in seqs],
+                               [q.block_table.block_ids for q in seqs])
         return self.model(self.build_batch(out), self.kv_cache.layers)

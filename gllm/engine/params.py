@@ -17,6 +17,7 @@ class GeneratorParams:
     dtype: str = "auto"                # "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
+    cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len", "max_step_tokens", "max_waiting_requests"):

@@ -7,6 +7,7 @@ single decode tokens alike) into these tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +23,12 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [N] int64, rows of the flat batch whose next-token logits are wanted
     query_lens_host: list[int]   # the same lengths on the host, so attention can group without a sync
     context_lens_host: list[int]
+    # Set for decode-only batches on the GPU fast path: one token per sequence, attention by the
+    # Triton paged-decode kernel reading int32 tables (shapes fixed by the batch size: graph-capturable).
+    use_triton: bool = False     # GPU eager steps: Triton prefill/decode kernels instead of SDPA
+    decode_kernel: Any = None    # a DecodeAttentionWorkspace
+    block_tables_i32: torch.Tensor | None = None
+    context_lens_i32: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

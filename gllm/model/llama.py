@@ -11,7 +11,7 @@ from torch import nn
 from gllm.model.batch import ForwardBatch
 from gllm.model.config import ModelConfig
 from gllm.model.rope import RotaryEmbedding
-from gllm.ops import paged_attention, write_kv
+from gllm.ops import paged_attention, triton_fused, write_kv
 
 
 class RMSNorm(nn.Module):
@@ -19,8 +19,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = False   # set by LlamaForCausalLM.use_fused_kernels()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given `residual`, (norm(x + residual), x + residual)."""
+        if self.fused:
+            if residual is None:
+                return triton_fused.rms_norm(x, self.weight, self.eps)
+            return triton_fused.rms_norm(x, self.weight, self.eps, residual), residual   # residual updated in place
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the input dtype, as the reference does.
         dtype = x.dtype
         x32 = x.float()
@@ -36,6 +48,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = cfg.head_dim ** -0.5
+        self.fused = False
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -44,8 +57,12 @@ class Attention(nn.Module):
         q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_key_value_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
-        q, k = rope(batch.positions, q, k)
-        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+        if self.fused:   # RoPE on q in place, rotated k and v straight into their cache slots
+            triton_fused.rope_and_write_kv(q, k, v, rope.cos, rope.sin, batch.positions, batch.slot_mapping,
+                                           k_cache, v_cache)
+        else:
+            q, k = rope(batch.positions, q, k)
+            write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, batch, self.scale)
         return self.o_proj(out.reshape(-1, cfg.q_size))
 
@@ -56,9 +73,13 @@ class MLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            return self.down_proj(triton_fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -70,10 +91,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, rope: RotaryEmbedding,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes and returns the pair (this sublayer's output, the residual stream before adding it)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, rope, k_cache, v_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 # HF checkpoint names of the projections that live inside a fused parameter: (fused name, slice index).
@@ -96,15 +123,22 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: torch.compile cannot trace through inference tensors
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for `batch.logits_indices`."""
-        x = self.embed_tokens(batch.input_ids)
+        x, residual = self.embed_tokens(batch.input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, batch, self.rope, k_cache, v_cache)
-        x = self.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache)
+        rows = batch.logits_indices
+        x, _ = self.norm(x[rows], residual[rows])
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight).float()
+
+    def use_fused_kernels(self) -> None:
+        """Switch norms, RoPE + KV writes and SiLU·mul to the fused Triton kernels (CUDA only)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""

@@ -6,4 +6,9 @@ runs everywhere.
 
 from gllm.ops.attention import paged_attention, write_kv
 
-__all__ = ["paged_attention", "write_kv"]
+try:  # Triton is optional: without it (CPU-only installs) the model keeps the plain PyTorch path.
+    from gllm.ops import triton_fused
+except ImportError:
+    triton_fused = None  # type: ignore[assignment]
+
+__all__ = ["paged_attention", "triton_fused", "write_kv"]

@@ -23,6 +23,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Decodes (one query each) share one padded SDPA call; each prefill chunk gets its own, so a
     long chunk never pads every decode up to its length.
     """
+    if batch.decode_kernel is not None:
+        from gllm.ops.triton_attention import paged_decode_attention
+        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables_i32, batch.context_lens_i32, scale,
+                                      batch.decode_kernel)
+    if batch.use_triton:
+        return _triton_attention(q, k_cache, v_cache, batch, scale)
     out = torch.empty_like(q)
     starts, start = [], 0
     for n in batch.query_lens_host:
@@ -35,6 +41,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         rows = torch.cat([torch.arange(starts[i], starts[i] + batch.query_lens_host[i]) for i in seqs])
         rows = rows.to(q.device)
         out[rows] = _attend(q, k_cache, v_cache, batch, seqs, rows, scale)
+    return out
+
+
+def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                      scale: float) -> torch.Tensor:
+    """A mixed eager step on the GPU: prefill chunks through the prefill kernel, decodes through the decode kernel."""
+    from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits, paged_decode_attention
+    from gllm.ops.triton_prefill import paged_prefill_attention
+    out = torch.empty_like(q)
+    starts, start = [], 0
+    for n in batch.query_lens_host:
+        starts.append(start)
+        start += n
+    decodes = [i for i, n in enumerate(batch.query_lens_host) if n == 1]
+    prefills = [i for i, n in enumerate(batch.query_lens_host) if n > 1]
+    if prefills:
+        paged_prefill_attention(q, k_cache, v_cache, out, batch.block_tables, prefills, starts,
+                                batch.query_lens_host, batch.context_lens_host, scale)
+    if decodes:
+        device = q.device
+        seqs = torch.tensor(decodes).to(device, non_blocking=True)
+        rows = torch.tensor([starts[i] for i in decodes]).to(device, non_blocking=True)
+        workspace = DecodeAttentionWorkspace(len(decodes), q.shape[1], q.shape[2],
+                                             decode_splits(len(decodes), k_cache.shape[2], device), device)
+        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, batch.block_tables[seqs].to(torch.int32),
+                                           batch.context_lens[seqs].to(torch.int32), scale, workspace)
     return out
 
 

@@ -43,10 +43,19 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_tokens: int = 0           # sum of scheduled num_tokens, kept as they are added and removed
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+    def add(self, item: ScheduledSeq) -> None:
+        self.scheduled.append(item)
+        self.num_tokens += item.num_tokens
+
+    def remove(self, seq: Sequence) -> bool:
+        for i, item in enumerate(self.scheduled):
+            if item.seq is seq:
+                self.num_tokens -= item.num_tokens
+                del self.scheduled[i]
+                return True
+        return False
 
 
 class Scheduler:
@@ -102,7 +111,7 @@ class Scheduler:
         return out
 
     def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
-        out.scheduled.append(ScheduledSeq(seq, n))
+        out.add(ScheduledSeq(seq, n))
         # Publish the blocks this step fills now, not after it: every layer writes all new K/V
         # before any attention reads, so a request admitted later in this same step can share them.
         table = seq.block_table
@@ -155,8 +164,7 @@ class Scheduler:
     def _preempt(self, victim: Sequence, queue: list[Sequence], out: SchedulerOutput) -> None:
         if victim in queue:
             queue.remove(victim)
-        was_scheduled = any(s.seq is victim for s in out.scheduled)
-        out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+        was_scheduled = out.remove(victim)
         self.running.remove(victim)
         # A victim unscheduled mid-step published blocks it will not write now: withdraw them.
         self.blocks.free(victim.block_table, uncache=was_scheduled)

@@ -34,8 +34,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0   # start of the decode window
         self._read_offset = 0     # ids before this are already in the emitted text
         self._prefix_text = ""    # decode(ids[prefix_offset:read_offset])
-        self._pieces: list[str] = []
-        self._text_cache: str | None = ""
+        self._text = ""
         self._finished = False
 
     @property
@@ -45,9 +44,7 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """All text emitted so far."""
-        if self._text_cache is None:
-            self._text_cache = "".join(self._pieces)
-        return self._text_cache
+        return self._text
 
     def add(self, token_ids: Iterable[int]) -> str:
         """Take the next generated ids (one or a chunk); return the text they complete, maybe ""."""
@@ -91,7 +88,5 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
 
     def _emit(self, delta: str) -> str:
-        if delta:
-            self._pieces.append(delta)
-            self._text_cache = None
+        self._text += delta   # one C-level copy of at most a few KB: cheap next to a model step
         return delta

@@ -1,0 +1,382 @@
+"""Load a Llama 3.x model from a GGUF file (llama.cpp's format), dequantizing every tensor on load.
+
+The file is read with the `gguf` package (llama.cpp's own Python reader). Its `llama.*` metadata
+becomes a HF-style config dict and then a `ModelConfig`; its tensors are dequantized one at a time
+to float32 (`gguf.quants.dequantize`: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants,
+the IQ types...), renamed to HF checkpoint names, and streamed into `build_model`.
+
+Two things llama.cpp's converter does to a HF checkpoint are undone here:
+- the rows of `attn_q`/`attn_k` are permuted so that RoPE rotates interleaved pairs (GPT-J style);
+  HF's Llama rotates halves, so each head's rows are put back in HF order;
+- Llama 3.1+'s `llama3` RoPE scaling is not stored as parameters but as a `rope_freqs.weight`
+  tensor of per-frequency divisors; the parameters are recovered from it and checked against it.
+The tokenizer lives in the same file's metadata: see `gllm.tokenizer.gguf_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from gllm.model.config import ModelConfig, RopeConfig
+from gllm.model.llama import LlamaForCausalLM
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+
+# GGUF tensor name (without the ".weight"/".bias" suffix) -> HF checkpoint name.
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Tensors llama.cpp writes that carry no weights of their own (rope_freqs is read into the config).
+_SKIPPED = {"rope_freqs.weight"}
+# llama.cpp's stock Llama 3.x rope scaling (the factor is read from the file; these are the rest).
+_LLAMA3_DEFAULTS = (1.0, 4.0, 8192)
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """What a GGUF file says besides its tensors: every metadata key/value (arrays as lists) and
+    each tensor's name, GGML type and shape (HF order, outermost dimension first)."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    @property
+    def name(self) -> str | None:
+        return self.metadata.get("general.name")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def type_counts(self) -> dict[str, int]:
+        """How many tensors of each GGML type, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}."""
+        return dict(Counter(self.tensor_types.values()))
+
+    def __repr__(self) -> str:
+        return (f"GGUFFile({str(self.path)!r}, architecture={self.architecture!r}, name={self.name!r}, "
+                f"tensors={self.type_counts()})")
+
+
+def open_gguf(path: str | Path):
+    """A `gguf.GGUFReader` over ``path``; errors name the file and say what is wrong with it."""
+    from gguf import GGUFReader
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} not found")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a GGUF file")
+
+    class _Reader(GGUFReader):
+        # GGUFReader parses the header through numpy.memmap slices, and every memmap slice pays
+        # for a Python-level __array_finalize__: ~100k of them for a 49k-token vocabulary. A plain
+        # ndarray view of the same mapping reads identically, about 3x faster.
+        @property
+        def data(self):
+            return self._gllm_data
+
+        @data.setter
+        def data(self, value):
+            self._gllm_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    try:
+        reader = _Reader(path)
+    except Exception as exc:  # the reader raises bare ValueError/IndexError/KeyError on bad bytes
+        size = path.stat().st_size
+        raise ValueError(f"{str(path)!r} is not a valid GGUF file (truncated?) ({size} bytes): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    file_size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > file_size:
+            raise ValueError(f"{str(path)!r} is not a valid GGUF file (truncated?): tensor {t.name!r} "
+                             f"ends at byte {t.data_offset + t.n_bytes}, the file has {file_size}")
+    return reader
+
+
+def gguf_file_from_reader(reader, path: str | Path) -> GGUFFile:
+    metadata = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue  # version / counts: the container's, not the model's
+        try:
+            metadata[key] = fld.contents()
+        except Exception as exc:
+            raise ValueError(f"{str(path)!r} is not a valid GGUF file (truncated?): "
+                             f"cannot read metadata key {key!r}: {exc}") from exc
+    return GGUFFile(
+        path=Path(path),
+        metadata=metadata,
+        tensor_types={t.name: t.tensor_type.name for t in reader.tensors},
+        tensor_shapes={t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors},
+    )
+
+
+def read_gguf_metadata(path: str | Path) -> GGUFFile:
+    """Metadata and tensor list of a GGUF file, without reading any tensor data."""
+    return gguf_file_from_reader(open_gguf(path), path)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def gguf_to_hf_config(info: GGUFFile, rope_freqs: np.ndarray | None = None) -> dict[str, Any]:
+    """A transformers-style config dict for a `llama`-architecture GGUF file.
+
+    ``rope_freqs`` is the file's `rope_freqs.weight` tensor, if it has one (Llama 3.1+)."""
+    arch = info.architecture
+    where = str(info.path)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(f"{where!r}: GGUF architecture {arch!r} is not supported; gllm runs Llama 3.x "
+                         f"models (general.architecture 'llama')")
+    md = info.metadata
+
+    def key(name: str, default: Any = ..., kind: type = int) -> Any:
+        value = md.get(f"{arch}.{name}")
+        if value is None:
+            if default is ...:
+                raise ValueError(f"{where!r}: GGUF metadata lacks {arch}.{name}")
+            return default
+        return [kind(v) for v in value] if isinstance(value, list) else kind(value)
+
+    if key("expert_count", 0):
+        raise ValueError(f"{where!r}: mixture-of-experts GGUF models ({arch}.expert_count="
+                         f"{key('expert_count')}) are not supported")
+    hidden = key("embedding_length")
+    heads = key("attention.head_count")
+    kv_heads = key("attention.head_count_kv", heads)
+    for what, value in (("attention.head_count", heads), ("attention.head_count_kv", kv_heads)):
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise ValueError(f"{where!r}: per-layer {arch}.{what} {value} is not supported")
+    heads = heads[0] if isinstance(heads, list) else heads
+    kv_heads = kv_heads[0] if isinstance(kv_heads, list) else kv_heads
+    head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or hidden // heads
+    value_dim = key("attention.value_length", head_dim)
+    rot_dim = key("rope.dimension_count", head_dim)
+    if value_dim != head_dim:
+        raise ValueError(f"{where!r}: key length {head_dim} != value length {value_dim} is not supported")
+    if rot_dim != head_dim:
+        raise ValueError(f"{where!r}: partial rotary embeddings ({arch}.rope.dimension_count={rot_dim}, "
+                         f"head dim {head_dim}) are not supported")
+
+    tokens = md.get("tokenizer.ggml.tokens")
+    embd_rows = info.tensor_shapes.get("token_embd.weight", (None,))[0]
+    vocab = key("vocab_size", None) or (len(tokens) if tokens else None) or embd_rows
+    if vocab is None:
+        raise ValueError(f"{where!r}: cannot tell the vocabulary size ({arch}.vocab_size, "
+                         f"tokenizer.ggml.tokens and token_embd.weight are all missing)")
+    if embd_rows is not None and embd_rows != vocab:
+        raise ValueError(f"{where!r}: token_embd.weight has {embd_rows} rows but the vocabulary has {vocab} "
+                         f"tokens")
+
+    theta = key("rope.freq_base", 10000.0, float)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    scaling = md.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"{where!r}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) is not supported; "
+                         f"gllm supports none and Llama 3's (rope_freqs.weight)")
+    if rope_freqs is not None:
+        original = key("rope.scaling.original_context_length", _LLAMA3_DEFAULTS[2])
+        rope = llama3_rope_from_freq_factors(rope_freqs, theta, head_dim, original, where)
+
+    eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                           "tokenizer.ggml.eom_token_id") if md.get(k) is not None]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5, float),
+        "max_position_embeddings": key("context_length", 8192),
+        "tie_word_embeddings": "output.weight" not in info.tensor_types,
+        "attention_bias": "blk.0.attn_q.bias" in info.tensor_types,
+        "mlp_bias": "blk.0.ffn_gate.bias" in info.tensor_types,
+        "rope_parameters": rope,
+        "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": list(dict.fromkeys(int(i) for i in eos)),
+        "torch_dtype": "float32",
+    }
+
+
+def llama3_rope_from_freq_factors(factors: np.ndarray, theta: float, head_dim: int, original_context: int,
+                                  where: str = "GGUF") -> dict[str, Any]:
+    """Llama 3's RoPE scaling parameters from the per-frequency divisors llama.cpp stores.
+
+    llama.cpp's converter turns (factor, low_freq_factor, high_freq_factor, original context) into
+    one divisor per rotary frequency: 1 for short wavelengths, `factor` for long ones, a smooth blend
+    between. That curve fixes `factor` (the largest divisor) and, given the original context, the
+    low/high factors up to the blend band. Llama 3.1/3.2/3.3 all use low=1, high=4, context 8192;
+    anything else is fitted from the blended frequencies. The result is checked against every
+    stored divisor, so a file that is not Llama 3 scaling gets an error, not a wrong model."""
+    f = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if f.shape[0] != head_dim // 2:
+        raise ValueError(f"{where!r}: rope_freqs.weight has {f.shape[0]} entries, expected head_dim/2 = "
+                         f"{head_dim // 2}")
+    if np.allclose(f, 1.0, rtol=0, atol=1e-6):
+        return {"rope_type": "default", "rope_theta": theta}
+    from gllm.model.rope import rope_inv_freq
+
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    target = inv / f
+    factor = float(f.max())
+    candidates = [(_LLAMA3_DEFAULTS[0], _LLAMA3_DEFAULTS[1], int(original_context))]
+    blended = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if blended.sum() >= 2 and factor > 1:
+        # 1/f = 1/factor + s (1 - 1/factor), s = (context / wavelength - low) / (high - low)
+        s = (1 / f[blended] - 1 / factor) / (1 - 1 / factor)
+        x = original_context * inv[blended] / (2 * math.pi)
+        slope, intercept = np.polyfit(x, s, 1)
+        if slope > 0:
+            low = -intercept / slope
+            candidates.append((round(float(low), 6), round(float(low + 1 / slope), 6), int(original_context)))
+    for low, high, context in candidates:
+        rope = RopeConfig(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low,
+                          high_freq_factor=high, original_max_position_embeddings=context)
+        got = rope_inv_freq(rope, head_dim).double().numpy()
+        if np.allclose(got, target, rtol=1e-4, atol=0):
+            return {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": context}
+    raise ValueError(f"{where!r}: rope_freqs.weight {np.round(f, 4).tolist()} does not follow Llama 3's "
+                     f"RoPE frequency scaling; this RoPE scaling is not supported")
+
+
+# --- tensors --------------------------------------------------------------------------------------
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF checkpoint name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`);
+    None for tensors that are not weights (rope_freqs)."""
+    if gguf_name in _SKIPPED:
+        return None
+    base, dot, suffix = gguf_name.rpartition(".")
+    if not dot or suffix not in ("weight", "bias"):
+        raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a llama model")
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf's `LlamaModel.permute`).
+
+    The converter views each head's rows as (2, head_dim/2) -- HF's two rotate-half halves -- and
+    transposes them to (head_dim/2, 2), interleaving the halves so GGML's RoPE can rotate adjacent
+    pairs. Viewing the stored rows as (head_dim/2, 2) and transposing back restores HF's order."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot un-permute {rows} rows over {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(tensor, where: str = "GGUF") -> np.ndarray:
+    """A GGUF reader tensor as float32 in HF layout (outermost dimension first)."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    try:
+        w = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise ValueError(f"{where!r}: tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, "
+                         f"which gguf cannot dequantize (unsupported tensor type)") from None
+    except Exception as exc:
+        raise ValueError(f"{where!r}: cannot dequantize tensor {tensor.name!r} "
+                         f"({tensor.tensor_type.name}): {type(exc).__name__}: {exc}") from exc
+    return np.asarray(w, dtype=np.float32).reshape(shape)
+
+
+def iter_gguf_weights(reader, cfg: ModelConfig, where: str = "GGUF") -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named float32 tensors from a GGUF reader, one dequantized tensor alive at a time."""
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        w = dequantize_tensor(tensor, where)
+        if tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
+            w = unpermute_qk(w, cfg.num_attention_heads)
+        elif tensor.name.startswith("blk.") and ".attn_k." in tensor.name:
+            w = unpermute_qk(w, cfg.num_key_value_heads)
+        if not w.flags.writeable or not w.flags.c_contiguous:
+            w = np.array(w, dtype=np.float32, order="C")  # F32 tensors are views of the file
+        yield name, torch.from_numpy(w)
+
+
+def _check_tensor_types(reader, where: str) -> None:
+    """Refuse a file with a tensor type gguf cannot dequantize before allocating the model."""
+    import gguf.quants
+    from gguf.constants import GGMLQuantizationType as Q
+
+    traits = getattr(gguf.quants, "_type_traits", None)  # private; without it dequantize() still raises
+    if traits is None:
+        return
+    for t in reader.tensors:
+        if t.tensor_type not in (Q.F32, Q.F16) and t.tensor_type not in traits:
+            raise ValueError(f"{where!r}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which gguf "
+                             f"cannot dequantize (unsupported tensor type)")
+
+
+def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch.device, max_positions: int,
+              weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+              ) -> tuple[LlamaForCausalLM, ModelConfig, GGUFFile]:
+    """Load a `llama`-architecture GGUF file into a gllm model.
+
+    Returns (model, config, file info). Every tensor is dequantized to float32, put in HF layout and
+    copied into the model in ``dtype`` on ``device``; ``weight_transform(hf_name, tensor)`` (the
+    loader's quantization hook) sees each one first. The tokenizer comes from
+    `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the returned file info to
+    avoid parsing the file twice).
+    """
+    from gllm.model.loader import build_model  # loader may route .gguf paths here: import late
+
+    reader = open_gguf(path)
+    info = gguf_file_from_reader(reader, Path(path).expanduser())
+    where = str(info.path)
+    rope_freqs = None
+    by_name = {t.name: t for t in reader.tensors}
+    if info.architecture in SUPPORTED_GGUF_ARCHITECTURES and "rope_freqs.weight" in by_name:
+        rope_freqs = dequantize_tensor(by_name["rope_freqs.weight"], where)
+    cfg = ModelConfig.from_hf_dict(gguf_to_hf_config(info, rope_freqs))
+    _check_tensor_types(reader, where)
+    for name in info.tensor_types:
+        hf_tensor_name(name)  # fail on a foreign tensor before allocating the model
+    weights = iter_gguf_weights(reader, cfg, where)
+    if weight_transform is not None:
+        weights = ((name, weight_transform(name, t)) for name, t in weights)
+    try:
+        model = build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions)
+    except ValueError as exc:
+        raise ValueError(f"{where!r}: {exc}") from exc
+    return model, cfg, info

@@ -1,0 +1,95 @@
+"""Triton paged attention for prefill chunks: many query tokens per sequence, K/V through block tables.
+
+One program computes a tile of BLOCK_M query rows of one sequence for one head, streaming the
+sequence's keys (cached prefix and this chunk alike) block by block with an online softmax, up to
+the tile's causal bound. Query row i of a chunk sits at absolute position (context - chunk + i).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr,
+    tile_seq_ptr, tile_row_ptr, q_start_ptr, q_len_ptr, ctx_len_ptr,
+    scale,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
+    stride_kc_block, stride_kc_tok, stride_kc_head, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq = tl.load(tile_seq_ptr + tile)
+    row0 = tl.load(tile_row_ptr + tile)
+    q_start = tl.load(q_start_ptr + seq)
+    q_len = tl.load(q_len_ptr + seq)
+    ctx = tl.load(ctx_len_ptr + seq)
+    prefix = ctx - q_len
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    tokens_q = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + tokens_q[:, None] * stride_q_t + head * stride_q_h + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_pos = prefix + rows
+    end = tl.minimum(ctx, prefix + row0 + BLOCK_M)      # keys past the tile's last row are never visible
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for n0 in range(0, end, BLOCK_N):
+        tok = n0 + offs
+        tok_ok = tok < end
+        block = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_ok, other=0)
+        kv_off = block.to(tl.int64) * stride_kc_block + (tok % BLOCK_SIZE) * stride_kc_tok + kv_head * stride_kc_head
+        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale).to(tl.float32)
+        visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(out_ptr + tokens_q[:, None] * stride_o_t + head * stride_o_h + dims[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                            block_tables: torch.Tensor, seqs: list[int], query_starts: list[int],
+                            query_lens: list[int], context_lens: list[int], scale: float) -> None:
+    """Attention for the sequences `seqs` (indices into the batch) whose queries start at flat row
+    `query_starts[i]`; writes their rows of `out` ([T, Hq, D]). Host lists: no device sync."""
+    device = q.device
+    tile_seq, tile_row = [], []
+    for i in seqs:
+        for row in range(0, query_lens[i], BLOCK_M):
+            tile_seq.append(i)
+            tile_row.append(row)
+    meta = torch.tensor([tile_seq, tile_row], dtype=torch.int32).to(device, non_blocking=True)
+    per_seq = torch.tensor([query_starts, query_lens, context_lens], dtype=torch.int32).to(device, non_blocking=True)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _prefill_kernel[(len(tile_seq), num_heads)](
+        q, k_cache, v_cache, out, block_tables,
+        meta[0], meta[1], per_seq[0], per_seq[1], per_seq[2],
+        scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )

@@ -1,0 +1,51 @@
+"""The `gllm` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def gllm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "gllm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_generate_json_on_the_default_model(smollm2_gguf):
+    proc = gllm("generate", "--json", "--quiet", "--temperature", "0", "--max-tokens", "12", "--logprobs", "2",
+                "What colour is the sky?")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"text", "tokens", "logprobs", "usage", "timings", "finish_reason"}
+    assert len(out["tokens"]) == out["usage"]["completion_tokens"] <= 12
+    assert out["usage"]["prompt_tokens"] > 5 and out["text"].strip()
+    assert len(out["logprobs"]) == len(out["tokens"]) and len(out["logprobs"][0]["top"]) == 2
+    assert out["timings"]["ttft_ms"] > 0
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--max-tokens", "zero"], "--max-tokens"),
+    (["--top-k", "-3"], "--top-k"),
+])
+def test_bad_flag_value_is_one_line_and_exit_2(flags, needle):
+    proc = gllm("generate", *flags, "hello")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    proc = gllm("generate", "--model", str(tmp_path / "nope.gguf"), "hello")
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_models_lists_the_default():
+    proc = gllm("models")
+    assert proc.returncode == 0 and "smollm2-135m-instruct (default)" in proc.stdout

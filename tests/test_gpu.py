@@ -1,0 +1,181 @@
+"""The GPU fast path: Triton paged decode attention, CUDA-graph decode, bf16 agreement.
+
+Skipped without CUDA (CI has none); `tools/gpu_check.sh` runs this file, the engine tests on
+CUDA and the benchmarks on a GPU machine in one go.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+from helpers import hf_greedy, hf_logits
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the GPU fast path is tested by tools/gpu_check.sh on a GPU machine",
+                allow_module_level=True)
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+from gllm.ops.triton_attention import DecodeAttentionWorkspace, paged_decode_attention  # noqa: E402
+
+PROMPT = "The blacksmith looked up from the anvil and said"
+
+
+def reference_attention(q, k_cache, v_cache, tables, ctx_lens, scale):
+    out = []
+    for b in range(q.shape[0]):
+        n = int(ctx_lens[b])
+        blocks = tables[b, : (n + k_cache.shape[1] - 1) // k_cache.shape[1]].long()
+        k = k_cache[blocks].flatten(0, 1)[:n].double()            # [n, Hkv, D]
+        v = v_cache[blocks].flatten(0, 1)[:n].double()
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("hd,nhd->hn", q[b].double(), k) * scale
+        out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim", [(16, 32, 8, 64), (16, 24, 8, 128), (1, 4, 2, 16),
+                                                                 (32, 9, 3, 64)])
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_triton_decode_attention_matches_reference(dtype, block_size, heads, kv_heads, head_dim, splits):
+    torch.manual_seed(block_size * heads + splits)
+    batch, width = 5, 80 // block_size + 8
+    num_blocks = batch * width + 7
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
+    ctx = torch.tensor([1, 7, 64, 33, 80 if block_size > 1 else 40], dtype=torch.int32, device="cuda")
+    tables = torch.randperm(num_blocks, device="cuda")[: batch * width].view(batch, width).to(torch.int32)
+    ws = DecodeAttentionWorkspace(batch, heads, head_dim, splits, torch.device("cuda"))
+    scale = head_dim ** -0.5
+    got = paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, ws).double()
+    ref = reference_attention(q, k_cache, v_cache, tables, ctx, scale)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+
+
+def cuda_engine(folder, **kw) -> LLMEngine:
+    params = dict(block_size=16, max_batch_size=8, max_seq_len=512, dtype="float32")
+    params.update(kw)
+    return LLMEngine(folder, GeneratorParams(**params), device="cuda")
+
+
+def test_graph_and_eager_paths_give_identical_tokens_and_match_transformers(llama32_dir, llama31_dir):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for folder in (llama32_dir, llama31_dir):
+        reqs = [GenerationRequest(prompt=PROMPT * (i + 1), max_new_tokens=32, temperature=0, ignore_eos=True)
+                for i in range(3)]
+        with cuda_engine(folder) as graphed, cuda_engine(folder, cuda_graphs=False) as eager:
+            assert graphed.runner.graph_decoder is not None and eager.runner.graph_decoder is None
+            a = graphed.generate(reqs)
+            b = eager.generate(reqs)
+            assert [r.tokens for r in a] == [r.tokens for r in b]
+            for req, r in zip(reqs, a):
+                assert r.tokens == hf_greedy(folder, graphed.tokenizer.encode(req.prompt), 32)
+
+
+def test_float32_logits_match_transformers_on_cuda(llama31_dir):
+    """Logprobs of the chosen tokens are log_softmax of the logits: compare them within 1e-3."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with cuda_engine(llama31_dir) as eng:
+        r = eng.generate([GenerationRequest(prompt=PROMPT, max_new_tokens=24, temperature=0, logprobs=5,
+                                            ignore_eos=True)])[0]
+        ids = eng.tokenizer.encode(PROMPT)
+    ref = torch.log_softmax(hf_logits(llama31_dir, ids + r.tokens), -1)[len(ids) - 1:-1]
+    for step, lp in enumerate(r.logprobs):
+        assert abs(lp.logprob - ref[step, lp.token_id].item()) < 1e-3
+        for token, value in lp.top:
+            assert abs(value - ref[step, token].item()) < 1e-3
+
+
+def test_bf16_teacher_forced_top1_agreement(llama32_dir):
+    """Feed transformers-bf16's own greedy continuation to gllm-bf16: top-1 agrees on >= 99% of 256 steps."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(llama32_dir, dtype=torch.bfloat16).cuda().eval()
+    with cuda_engine(llama32_dir, dtype="bfloat16") as eng:
+        ids = eng.tokenizer.encode(PROMPT)
+        with torch.no_grad():
+            seq = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=256, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0].tolist()
+            hf_top = hf(torch.tensor([seq], device="cuda")).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+        # gllm computes logits for every continuation position by decoding the same tokens one by one.
+        ours = []
+
+        def record(token_ids, logits):
+            ours.append(int(logits.argmax()))
+            forced = torch.full_like(logits, float("-inf"))
+            forced[seq[len(token_ids)]] = 0.0
+            return forced
+
+        eng.generate([GenerationRequest(prompt_token_ids=ids, max_new_tokens=256, temperature=0,
+                                        logits_processor=record, ignore_eos=True)])
+    agree = sum(a == b for a, b in zip(ours, hf_top)) / len(hf_top)
+    assert len(ours) == 256 and agree >= 0.99, agree
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_the_torch_path(dtype):
+    from gllm.model.config import RopeConfig
+    from gllm.model.llama import RMSNorm
+    from gllm.model.rope import RotaryEmbedding
+    from gllm.ops import triton_fused, write_kv
+    torch.manual_seed(0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    x = torch.randn(37, 576, device="cuda", dtype=dtype)
+    res = torch.randn_like(x)
+    norm = RMSNorm(576, 1e-5).cuda().to(dtype)
+    norm.weight.data.normal_()
+    want_out, want_res = norm(x, res.clone())
+    got_res = res.clone()
+    got_out = triton_fused.rms_norm(x, norm.weight, 1e-5, got_res)
+    torch.testing.assert_close(got_res, want_res, rtol=0, atol=0)          # the sum is rounded identically
+    torch.testing.assert_close(got_out, want_out, **tol)
+    torch.testing.assert_close(triton_fused.rms_norm(x, norm.weight, 1e-5), norm(x), **tol)
+
+    gate_up = torch.randn(37, 2 * 1536, device="cuda", dtype=dtype)
+    gate, up = gate_up.split(1536, -1)
+    torch.testing.assert_close(triton_fused.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, **tol)
+
+    rope = RotaryEmbedding(RopeConfig(theta=500000.0, rope_type="llama3", factor=32.0), 64, 4096).cuda()
+    qkv = torch.randn(37, (9 + 2 * 3) * 64, device="cuda", dtype=dtype)
+    q, k, v = qkv.split([9 * 64, 3 * 64, 3 * 64], -1)
+    q, k, v = q.view(37, 9, 64), k.view(37, 3, 64), v.view(37, 3, 64)
+    positions = torch.randint(0, 4000, (37,), device="cuda")
+    slots = torch.randperm(20 * 16, device="cuda")[:37]
+    caches = [torch.zeros(20, 16, 3, 64, device="cuda", dtype=dtype) for _ in range(4)]
+    want_q, want_k = rope(positions, q, k)
+    write_kv(caches[0], caches[1], want_k, v, slots)
+    q_inplace = q.clone()
+    triton_fused.rope_and_write_kv(q_inplace, k, v, rope.cos, rope.sin, positions, slots, caches[2], caches[3])
+    torch.testing.assert_close(q_inplace, want_q, **tol)
+    torch.testing.assert_close(caches[2], caches[0], **tol)
+    torch.testing.assert_close(caches[3], caches[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_mixed_prefill_and_decode_attention_matches_torch_path(dtype):
+    """One eager step holding a fresh prompt, a chunk over a cached prefix and two decodes."""
+    from gllm.model import ForwardBatch
+    from gllm.ops.attention import paged_attention
+    torch.manual_seed(1)
+    heads, kv_heads, dim, bs = 8, 2, 64, 16
+    k_cache = torch.randn(64, bs, kv_heads, dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    q_lens, ctx_lens = [100, 37, 1, 1], [100, 170, 55, 9]
+    tables = torch.randperm(64, device="cuda")[: 4 * 12].view(4, 12)
+    q = torch.randn(sum(q_lens), heads, dim, device="cuda", dtype=dtype)
+
+    def batch(use_triton):
+        t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+        return ForwardBatch(input_ids=t([0] * sum(q_lens)), positions=t([0] * sum(q_lens)),
+                            slot_mapping=t([0] * sum(q_lens)), query_lens=t(q_lens), context_lens=t(ctx_lens),
+                            block_tables=tables, logits_indices=t([0]), query_lens_host=q_lens,
+                            context_lens_host=ctx_lens, use_triton=use_triton)
+
+    want = paged_attention(q.double(), k_cache.double(), v_cache.double(), batch(False), dim ** -0.5)
+    got = paged_attention(q, k_cache, v_cache, batch(True), dim ** -0.5).double()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One go on a GPU machine: the GPU tests, the engine tests on CUDA, then the benchmarks.
+# Needs the Llama 3 tokenizer folder in $GLLM_TEST_HOME/tokenizer-llama3 (the fixtures' models
+# are rebuilt there with transformers; no npm needed when the tokenizer is present).
+#   GLLM_TEST_HOME=.fixtures bash tools/gpu_check.sh [bench args...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/gllm-gpu}"; mkdir -p "$OUT"
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+python3 tools/make_test_models.py
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
+GLLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_engine.py 2>&1 | tee "$OUT/test_engine_cuda.log"
+python3 tools/bench_gpu.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"

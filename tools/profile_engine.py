@@ -1,0 +1,74 @@
+"""Profile the engine's own loop (host side) on the GPU: cProfile of steps run in the main thread.
+
+    python tools/profile_engine.py --tokenizer DIR [--requests 64] [--shape 1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import make_engine, model_config, random_ids  # noqa: E402
+
+from gllm.engine import GenerationRequest  # noqa: E402
+from gllm.tokenizer import Tokenizer  # noqa: E402
+
+
+class NullSink:
+    def put(self, event) -> None:
+        pass
+
+
+def drive(engine, reqs, profile: bool, label: str) -> None:
+    for r in reqs:
+        engine._submit(r, NullSink())
+    engine._drain_inbox(False)
+    times = []
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    while engine.scheduler.has_work:
+        t = time.perf_counter()
+        engine._step()
+        times.append((time.perf_counter() - t) * 1000)
+    torch.cuda.synchronize()
+    if prof:
+        prof.disable()
+    print(f"{label}: {len(times)} steps, total {sum(times):.0f} ms, median step {statistics.median(times):.2f} ms, "
+          f"max {max(times):.1f} ms")
+    if prof:
+        pstats.Stats(prof).sort_stats("cumtime").print_stats(28)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--shape", default="1b")
+    parser.add_argument("--requests", type=int, default=64)
+    args = parser.parse_args()
+    engine = make_engine(model_config(args.shape), Tokenizer.from_dir(args.tokenizer), max_batch_size=256,
+                         max_seq_len=2304, max_step_tokens=4096, kv_cache_tokens=256 * 2304)
+    engine._inbox.put(("close", None))
+    engine._thread.join()          # run the loop here, in the profiled thread
+    engine._closed = False
+    rng = random.Random(0)
+    prompt = random_ids(rng, 1024)
+    drive(engine, [GenerationRequest(prompt_token_ids=prompt, max_new_tokens=2)], False, "warm-up")
+    drive(engine, [GenerationRequest(prompt_token_ids=random_ids(rng, 1024), max_new_tokens=1)], True, "prefill 1024")
+    reqs = [GenerationRequest(prompt_token_ids=random_ids(rng, rng.randint(100, 1024)),
+                              max_new_tokens=rng.randint(100, 400), temperature=0, ignore_eos=True)
+            for _ in range(args.requests)]
+    drive(engine, reqs, True, f"{args.requests} requests")
+
+
+if __name__ == "__main__":
+    main()
