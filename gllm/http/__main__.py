@@ -1,0 +1,7 @@
+"""`python -m gllm.http --model PATH --http 127.0.0.1:8080`: run the OpenAI-compatible server."""
+
+import sys
+
+from gllm.http.cli import main
+
+sys.exit(main())

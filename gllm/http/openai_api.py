@@ -1,0 +1,463 @@
+"""OpenAI's chat-completions and completions wire formats: request bodies in, JSON and SSE chunks out.
+
+Pure functions and small classes, no I/O: `parse_chat` / `parse_completion` turn a decoded JSON body
+into a `GenerationRequest` (raising `ApiError` 400 with the offending ``param``), and the
+``*_response`` / ``*_chunk`` functions build what the client reads back.
+
+Fields the engine cannot honour are refused with a clear 400 rather than silently ignored (``n`` other
+than 1, ``tools``, ``logit_bias``, JSON ``response_format``, ``echo``, ``suffix``, ``best_of``); fields that
+change nothing here (``user``, ``metadata``, ``store``, ``service_tier``, ...) are accepted and ignored,
+as are unknown ones, since SDKs send their ``extra_body`` as top-level fields. gllm's own extras:
+``top_k``, ``min_p``, ``priority``, ``repetition_penalty``, ``ignore_eos``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from gllm.engine.errors import EngineBusy, RequestTooLong
+from gllm.engine.request import GenerationRequest, GenerationResult
+from gllm.http.errors import ApiError, bad_request
+
+MAX_TOP_LOGPROBS = 20
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "ipython"}
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+_MISSING = object()
+
+
+@dataclass
+class ParsedRequest:
+    kind: str                     # "chat" or "completion"
+    request: GenerationRequest
+    model: str                    # the model name echoed back
+    stream: bool
+    include_usage: bool
+    logprobs: bool                # return logprobs at all
+    preview: str                  # a short form of the prompt for the dashboard
+
+
+# ----------------------------------------------------------------------------------------- field checks
+def _get(body: dict[str, Any], name: str) -> Any:
+    value = body.get(name, _MISSING)
+    return _MISSING if value is None else value
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> float:
+    value = _get(body, name)
+    if value is _MISSING:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad_request(f"{name} must be a number, got {value!r}", param=name)
+    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        low = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        high = "" if hi is None else f"<= {hi}"
+        raise bad_request(f"{name} must be {' and '.join(x for x in (low, high) if x)}, got {value!r}", param=name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, default: Any, lo: int | None = None, hi: int | None = None) -> Any:
+    value = _get(body, name)
+    if value is _MISSING:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{name} must be an integer, got {value!r}", param=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        low = "" if lo is None else f">= {lo}"
+        high = "" if hi is None else f"<= {hi}"
+        raise bad_request(f"{name} must be {' and '.join(x for x in (low, high) if x)}, got {value}", param=name)
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = _get(body, name)
+    if value is _MISSING:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false, got {value!r}", param=name)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    value = _get(body, "stop")
+    if value is _MISSING:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad_request("stop must be a string or a list of strings", param="stop")
+    return value
+
+
+def _refuse_unsupported(body: dict[str, Any], kind: str) -> None:
+    n = _integer(body, "n", 1)
+    if n != 1:
+        raise bad_request(f"n must be 1, got {n}: gllm returns one choice per request (send several requests, "
+                          f"with different seeds, for several answers)", param="n")
+    if kind == "completion":
+        best_of = _integer(body, "best_of", 1)
+        if best_of != 1:
+            raise bad_request(f"best_of must be 1, got {best_of}", param="best_of")
+        if _boolean(body, "echo"):
+            raise bad_request("echo is not supported", param="echo")
+        if _get(body, "suffix") not in (_MISSING, ""):
+            raise bad_request("suffix is not supported", param="suffix")
+    if _get(body, "logit_bias") not in (_MISSING, {}):
+        raise bad_request("logit_bias is not supported", param="logit_bias")
+    if _get(body, "tools") not in (_MISSING, []) or _get(body, "functions") not in (_MISSING, []):
+        raise bad_request("tools and function calling are not supported yet", param="tools")
+    fmt = _get(body, "response_format")
+    if fmt is not _MISSING:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text",):
+            raise bad_request("response_format: only {\"type\": \"text\"} is supported yet", param="response_format")
+    for name in ("audio", "prediction"):
+        if _get(body, name) is not _MISSING:
+            raise bad_request(f"{name} is not supported", param=name)
+    if _get(body, "modalities") not in (_MISSING, ["text"]):
+        raise bad_request("modalities: only [\"text\"] is supported", param="modalities")
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    if _get(body, "max_completion_tokens") is not _MISSING:
+        return _integer(body, "max_completion_tokens", default, lo=1)
+    return _integer(body, "max_tokens", default, lo=1)
+
+
+def _sampling_fields(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
+    seed = _integer(body, "seed", None)
+    stream_options = _get(body, "stream_options")
+    if stream_options is not _MISSING and not isinstance(stream_options, dict):
+        raise bad_request("stream_options must be an object", param="stream_options")
+    return {
+        "max_new_tokens": _max_tokens(body, default_max_tokens),
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        "top_k": _integer(body, "top_k", 0, lo=0),
+        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, None, lo_open=True),
+        "seed": None if seed is None else seed % 2**64,   # OpenAI takes any 64-bit integer
+        "stop": _stop(body),
+        "priority": _integer(body, "priority", 0),
+        "ignore_eos": _boolean(body, "ignore_eos"),
+    }
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _boolean(body, "stream")
+    options = _get(body, "stream_options")
+    include_usage = False
+    if isinstance(options, dict) and options.get("include_usage") is not None:
+        include_usage = options["include_usage"]
+        if not isinstance(include_usage, bool):
+            raise bad_request("stream_options.include_usage must be true or false", param="stream_options")
+    return stream, include_usage
+
+
+def _text_content(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(f"{where}: only text content parts are supported, got {kind!r}", param="messages")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request(f"{where}: a text part needs a string 'text'", param="messages")
+            parts.append(text)
+        return "".join(parts)
+    raise bad_request(f"{where}: content must be a string or a list of text parts", param="messages")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = _get(body, "messages")
+    if messages is _MISSING:
+        raise bad_request("messages is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object with role and content", param="messages")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}", param="messages")
+        if m.get("tool_calls"):
+            raise bad_request(f"{where}: tool_calls are not supported yet", param="messages")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _text_content(m.get("content"), where)})
+    return out
+
+
+def _preview(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_body(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def requested_model(body: dict[str, Any]) -> str | None:
+    model = _get(body, "model")
+    if model is _MISSING:
+        return None
+    if not isinstance(model, str):
+        raise bad_request("model must be a string", param="model")
+    return model
+
+
+def parse_chat(body: dict[str, Any], model: str, request_id: str, default_max_tokens: int) -> ParsedRequest:
+    _refuse_unsupported(body, "chat")
+    messages = _messages(body)
+    fields = _sampling_fields(body, default_max_tokens)
+    stream, include_usage = _stream_flags(body)
+    want_logprobs = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+    if top and not want_logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    req = GenerationRequest(messages=messages, logprobs=(top or 0) if want_logprobs else None,
+                            request_id=request_id, **fields)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+    return ParsedRequest("chat", req, model, stream, include_usage, want_logprobs, _preview(last_user))
+
+
+def parse_completion(body: dict[str, Any], model: str, request_id: str, default_max_tokens: int) -> ParsedRequest:
+    _refuse_unsupported(body, "completion")
+    prompt = _get(body, "prompt")
+    if prompt is _MISSING:
+        raise bad_request("prompt is required", param="prompt")
+    prompt_ids = None
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]                                     # a batch of one
+    if isinstance(prompt, list):
+        if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            prompt_ids, prompt = prompt, None
+        else:
+            raise bad_request("prompt must be a string, a list of token ids, or a list holding one of those "
+                              "(gllm takes one prompt per request)", param="prompt")
+    elif not isinstance(prompt, str):
+        raise bad_request("prompt must be a string or a list of token ids", param="prompt")
+    elif not prompt:
+        raise bad_request("prompt must not be empty", param="prompt")
+    fields = _sampling_fields(body, default_max_tokens)
+    stream, include_usage = _stream_flags(body)
+    logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+    req = GenerationRequest(prompt=prompt, prompt_token_ids=prompt_ids, logprobs=logprobs, request_id=request_id,
+                            **fields)
+    preview = _preview(prompt) if prompt is not None else f"[{len(prompt_ids)} token ids]"
+    return ParsedRequest("completion", req, model, stream, include_usage, logprobs is not None, preview)
+
+
+# ----------------------------------------------------------------------------------------- engine errors
+_ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt", "request_id": None}
+
+
+def engine_error(exc: Exception, kind: str) -> ApiError:
+    """Map what `LLMEngine.add_request` raised to an HTTP error."""
+    message = str(exc)
+    if isinstance(exc, RuntimeError):                           # the engine is closed
+        return ApiError(503, f"the engine is not accepting requests: {message}", code="unavailable")
+    if isinstance(exc, EngineBusy):
+        return ApiError(503, f"the server is overloaded: {message}; retry later", code="overloaded",
+                        headers={"Retry-After": "1"})
+    if isinstance(exc, RequestTooLong):
+        return bad_request(message, param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+    first = message.split(" ", 1)[0]
+    param = _ENGINE_PARAMS.get(first, first if first.isidentifier() and first.islower() else None)
+    if param == "logprobs" and kind == "chat":
+        param = "top_logprobs"
+    return bad_request(message, param=param)
+
+
+# ----------------------------------------------------------------------------------------- token text
+def _make_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: the byte each character of a token piece stands for."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+BYTE_DECODER = _make_byte_decoder()   # a constant table
+
+
+class TokenText:
+    """A token id's text and raw bytes for logprobs, cached (bounded)."""
+
+    def __init__(self, tokenizer: Any, capacity: int = 65536) -> None:
+        self.tokenizer = tokenizer
+        self.capacity = capacity
+        self._cache: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        raw = None
+        piece = self.tokenizer.id_to_token(token_id) if hasattr(self.tokenizer, "id_to_token") else None
+        decoder = BYTE_DECODER
+        if piece and text and "\ufffd" in text and all(ch in decoder for ch in piece):
+            raw = [decoder[ch] for ch in piece]                 # a partial UTF-8 character: its real bytes
+        entry = (text, raw if raw is not None else list(text.encode("utf-8")))
+        self._cache[token_id] = entry
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return entry
+
+
+def _lp(value: float) -> float:
+    """A logprob JSON can carry: -inf (a token the model rules out) becomes -9999.0, as OpenAI writes it."""
+    return value if math.isfinite(value) else -9999.0
+
+
+def chat_logprobs(lps: list[Any] | None, token_text: TokenText) -> dict[str, Any] | None:
+    if lps is None:
+        return None
+    content = []
+    for lp in lps:
+        text, raw = token_text(lp.token_id)
+        top = []
+        for tid, value in lp.top:
+            t_text, t_raw = token_text(tid)
+            top.append({"token": t_text, "logprob": _lp(value), "bytes": t_raw})
+        content.append({"token": text, "logprob": _lp(lp.logprob), "bytes": raw, "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(lps: list[Any] | None, token_text: TokenText, offset: int) -> tuple[dict[str, Any] | None, int]:
+    """The legacy completions logprobs object; returns it with the text offset after its tokens."""
+    if lps is None:
+        return None, offset
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in lps:
+        text, _ = token_text(lp.token_id)
+        tokens.append(text)
+        values.append(_lp(lp.logprob))
+        tops.append({token_text(tid)[0]: _lp(value) for tid, value in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+# ----------------------------------------------------------------------------------------- responses
+def usage(result: GenerationResult) -> dict[str, Any]:
+    u = result.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def timings(result: GenerationResult) -> dict[str, Any]:
+    t = result.timings
+    return {"queued_ms": t.queued_ms, "ttft_ms": t.ttft_ms, "total_ms": t.total_ms}
+
+
+def finish_reason(result: GenerationResult) -> str:
+    return FINISH_REASONS.get(result.finish_reason, result.finish_reason)
+
+
+def _envelope(parsed: ParsedRequest, request_id: str, created: int, obj: str) -> dict[str, Any]:
+    return {"id": request_id, "object": obj, "created": created, "model": parsed.model,
+            "system_fingerprint": None}
+
+
+def chat_response(parsed: ParsedRequest, result: GenerationResult, created: int, token_text: TokenText) -> dict:
+    out = _envelope(parsed, result.request_id, created, "chat.completion")
+    out["choices"] = [{
+        "index": 0,
+        "message": {"role": "assistant", "content": result.text, "refusal": None},
+        "logprobs": chat_logprobs(result.logprobs, token_text) if parsed.logprobs else None,
+        "finish_reason": finish_reason(result),
+    }]
+    out["usage"] = usage(result)
+    out["gllm"] = {"timings": timings(result), "num_preemptions": result.num_preemptions}
+    return out
+
+
+def completion_response(parsed: ParsedRequest, result: GenerationResult, created: int, token_text: TokenText) -> dict:
+    out = _envelope(parsed, result.request_id, created, "text_completion")
+    lp = completion_logprobs(result.logprobs, token_text, 0)[0] if parsed.logprobs else None
+    out["choices"] = [{"index": 0, "text": result.text, "logprobs": lp, "finish_reason": finish_reason(result)}]
+    out["usage"] = usage(result)
+    out["gllm"] = {"timings": timings(result), "num_preemptions": result.num_preemptions}
+    return out
+
+
+class ChunkWriter:
+    """Turns a request's stream events into the SSE chunks of its endpoint."""
+
+    def __init__(self, parsed: ParsedRequest, request_id: str, token_text: TokenText,
+                 created: int | None = None) -> None:
+        self.parsed = parsed
+        self.request_id = request_id
+        self.token_text = token_text
+        self.created = created if created is not None else int(time.time())
+        self.offset = 0
+        self.chat = parsed.kind == "chat"
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out = _envelope(self.parsed, self.request_id, self.created,
+                        "chat.completion.chunk" if self.chat else "text_completion")
+        out["choices"] = choices
+        if self.parsed.include_usage:
+            out["usage"] = None
+        return out
+
+    def first(self) -> dict[str, Any] | None:
+        """The chat stream opens with the assistant role (completions have no opening chunk)."""
+        if not self.chat:
+            return None
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def delta(self, text: str, lps: list[Any] | None, finish: str | None = None) -> dict[str, Any] | None:
+        """A chunk for new text/logprobs (None when there is nothing to say)."""
+        want_lp = self.parsed.logprobs and lps
+        if not text and not want_lp and finish is None:
+            return None
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text} if text or want_lp else {},
+                      "logprobs": chat_logprobs(lps, self.token_text) if want_lp else None,
+                      "finish_reason": finish}
+        else:
+            lp = None
+            if want_lp:
+                lp, self.offset = completion_logprobs(lps, self.token_text, self.offset)
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        return self._chunk([choice])
+
+    def final(self, result: GenerationResult) -> list[dict[str, Any]]:
+        out = []
+        if self.chat:
+            out.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                     "finish_reason": finish_reason(result)}]))
+        else:
+            out.append(self._chunk([{"index": 0, "text": "", "logprobs": None,
+                                     "finish_reason": finish_reason(result)}]))
+        if self.parsed.include_usage:
+            last = self._chunk([])
+            last["usage"] = usage(result)
+            last["gllm"] = {"timings": timings(result)}
+            out.append(last)
+        return out
