@@ -72,14 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     fetch.add_argument("--quiet", action="store_true")
 
-    try:
-        from gllm.bridge import cli as bridge_cli
-    except ImportError:
-        bridge_cli = None
-    if bridge_cli is not None:
-        serve = sub.add_parser("serve", help="serve the engine to game clients over ZeroMQ")
-        bridge_cli.add_arguments(serve)
-        serve.set_defaults(run=bridge_cli.run)
+    from gllm import serve as serve_cmd
+    serve = sub.add_parser("serve", help="serve the engine over ZeroMQ (--zmq) and/or OpenAI-style HTTP (--http)")
+    serve_cmd.add_arguments(serve)
+    serve.set_defaults(run=serve_cmd.run)
     return parser
 
 

@@ -14,11 +14,7 @@ metrics)` builds the `HttpFrontEnd` without loading anything.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,40 +128,9 @@ def front_end_from_args(args: argparse.Namespace, engine: Any, metrics: Any = No
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        check_args(args)                        # refuse a bad configuration before loading anything
-        params = engine_params(args)
-    except (ValueError, OSError) as exc:
-        print(f"gllm http: error: {exc}", file=sys.stderr)
-        return 2
-
-    from gllm.engine import LLMEngine
-    try:
-        engine = LLMEngine(args.model, params, device=args.device)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"gllm http: error: {exc}", file=sys.stderr)
-        return 1
-    try:
-        front = front_end_from_args(args, engine)
-        try:
-            url = front.start()
-        except (OSError, RuntimeError) as exc:
-            print(f"gllm http: error: cannot listen on {args.http}: {exc}", file=sys.stderr)
-            return 1
-        stop = threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-        print(f"{READY_PREFIX}{url}", flush=True)
-        while not stop.wait(0.5):
-            if front.wait(0):                   # the server thread ended by itself
-                break
-        front.stop()
-    finally:
-        engine.close()
-    return 0
+    """Serve HTTP alone (the same runner as `gllm serve`, without --zmq)."""
+    from gllm.serve import run as serve
+    return serve(args)
 
 
 def main(argv: list[str] | None = None) -> int:

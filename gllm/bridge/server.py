@@ -1,0 +1,628 @@
+"""`BridgeServer`: one engine behind a ZeroMQ ROUTER socket, for any number of DEALER clients.
+
+Threads:
+- the I/O thread (whoever calls `serve_forever`) owns the ROUTER socket and every client's state.
+  It never calls into the engine except `stats()`, which only reads counters.
+- the submit thread calls `engine.add_request` / `engine.cancel` in arrival order (tokenizing a
+  long prompt takes milliseconds; the I/O loop does not wait for it).
+- the engine thread runs `on_event` callbacks, which only append to a queue and wake the I/O
+  thread through a socket pair.
+
+Coalescing: events of one engine step are gathered per client and sent as one ``tokens`` message
+once the step is over. With an engine that has step listeners (`LLMEngine.add_step_listener`), the
+end of each step wakes the I/O thread once, and every client's events of that step go out together.
+Without them, a client's step is over when every request it has in flight has reported for it or
+the engine has started a later step; the engine thread then wakes the I/O thread once per client
+step, and the I/O loop ticks every millisecond while requests are in flight. Either way the engine
+thread does not wake the I/O thread for every event: the two share the GIL, and a wake per event
+makes them ping-pong through every step. `MAX_HOLD_S` bounds how long events can wait in any case.
+
+Backpressure: each client's messages go through its ZeroMQ pipe (``SNDHWM``) and then a bounded
+backlog; a client whose backlog overflows is not reading and is dropped, its requests cancelled.
+Liveness: a client silent for longer than the lease is dropped the same way. Sends use
+``ROUTER_MANDATORY``, so a client whose connection is gone is noticed at the next send.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import ipaddress
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+
+from gllm import __version__
+from gllm.bridge import protocol as P
+
+log = logging.getLogger("gllm.bridge")
+
+MAX_HOLD_S = 0.05            # longest a step's tokens wait for the step to be known complete
+LEASE_CHECK_S = 0.05
+RECV_BATCH = 256             # inbound messages handled before looking at engine events again
+
+
+@dataclass
+class ServerConfig:
+    address: str = "tcp://127.0.0.1:5555"
+    token: str | None = None                # shared secret required in hello.token
+    insecure: bool = False                  # allow a non-loopback bind with neither token nor CURVE
+    lease_s: float = 5.0                    # a client silent this long is dropped, its requests cancelled
+    max_inflight: int = 16                  # generate requests in flight per client
+    max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES
+    max_clients: int = 256                  # sessions at once
+    max_send_queue: int = 1024              # messages backlogged per client beyond ZeroMQ's SNDHWM
+    sndhwm: int = 1000                      # ZeroMQ per-client pipe, in messages
+    heartbeat_ms: int = 1000                # ZMTP PING interval (0: off); timeout is the lease
+    curve_secret_key: bytes | None = None   # z85 server secret key: CURVE encryption
+    curve_clients: frozenset[bytes] | None = None  # z85 client public keys allowed (None: any, with CURVE)
+    sndbuf: int = 0                         # SO_SNDBUF for client connections (0: the OS default)
+
+    def validate(self) -> None:
+        for name in ("max_inflight", "max_message_bytes", "max_clients", "max_send_queue", "sndhwm"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {self.lease_s!r}")
+        if self.token is not None and not 0 < len(self.token.encode()) <= P.MAX_TOKEN_BYTES:
+            raise ValueError(f"token must be 1 to {P.MAX_TOKEN_BYTES} bytes")
+        if self.curve_clients is not None and self.curve_secret_key is None:
+            raise ValueError("curve_clients needs curve_secret_key")
+        if self.authenticated or self.insecure or is_local_address(self.address):
+            return
+        raise ValueError(f"refusing to listen on {self.address}, which is not loopback, without authentication: "
+                         f"give --token (or CURVE keys with an allowed-clients list), or --insecure to accept "
+                         f"anyone who can reach it")
+
+    @property
+    def authenticated(self) -> bool:
+        return self.token is not None or (self.curve_secret_key is not None and self.curve_clients is not None)
+
+
+def is_local_address(address: str) -> bool:
+    """True for endpoints only this machine can reach: loopback TCP, ipc://, inproc://."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    if ";" in rest:                       # tcp://source;dest: judge the address bound, the part after ';'
+        rest = rest.split(";", 1)[1]
+    host = urlsplit("//" + rest).hostname
+    if host is None:
+        return False
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False                      # '*', an interface name, a host name: not provably loopback
+
+
+@dataclass(eq=False)
+class _Client:
+    ident: bytes
+    serial: int
+    name: str
+    last_seen: float
+    live: dict[str, str] = field(default_factory=dict)       # client id -> engine id
+    pending_step: int | None = None
+    pending_items: list[dict[str, Any]] = field(default_factory=list)
+    reported: set[str] = field(default_factory=set)
+    pending_after: list[bytes] = field(default_factory=list)  # done messages, sent after the step's tokens
+    hold_since: float = 0.0
+    backlog: collections.deque[bytes] = field(default_factory=collections.deque)
+    closed: bool = False
+    frame_ms: float | None = None
+    target_ms: float | None = None
+    # Engine-side view, for waking the I/O thread once per client step rather than once per event:
+    # `in_engine` is written by the submit thread (before add_request) and the engine thread (at the end);
+    # `eng_step` / `eng_reported` by the engine thread only.
+    in_engine: set[str] = field(default_factory=set)
+    eng_step: int = -1
+    eng_reported: set[str] = field(default_factory=set)
+
+
+class BridgeServer:
+    def __init__(self, engine: Any, config: ServerConfig | None = None, *,
+                 context: zmq.Context | None = None, model_name: str | None = None,
+                 on_clients_changed: Callable[[int], None] | None = None) -> None:
+        self.engine = engine
+        self._on_clients_changed = on_clients_changed   # e.g. the HTTP front end's sessions gauge (I/O thread)
+        self.config = config = config or ServerConfig()
+        config.validate()
+        self.model_name = model_name or _short_model_name(getattr(engine, "model_name", "model"))
+        self.ctx = context or zmq.Context.instance()
+        self.endpoint: str | None = None
+        self.clients: dict[bytes, _Client] = {}
+        self._ended: collections.OrderedDict[bytes, str] = collections.OrderedDict()  # ident -> why
+        self._serials = itertools.count(1)
+        self._events: collections.deque[tuple] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_flag = False
+        self._stop = False
+        self._submit_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._submitter: threading.Thread | None = None
+        self._auth = None
+        self.router: zmq.Socket | None = None
+        self.counters = collections.Counter()
+        # The last step the engine has finished delivering (written by the engine thread's step listener).
+        self._completed_step = int(getattr(engine, "num_steps", 0))
+        self._holding = False   # some client has events waiting for their step to end (set by the I/O thread)
+        self._step_hook = callable(getattr(engine, "add_step_listener", None))
+        if self._step_hook:
+            engine.add_step_listener(self._on_step_end)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def bind(self) -> str:
+        cfg = self.config
+        r = self.ctx.socket(zmq.ROUTER)
+        r.setsockopt(zmq.LINGER, 0)
+        r.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        r.setsockopt(zmq.SNDHWM, cfg.sndhwm)
+        r.setsockopt(zmq.RCVHWM, 1000)
+        r.setsockopt(zmq.MAXMSGSIZE, 4 * cfg.max_message_bytes + 1024)  # beyond this libzmq cuts the connection
+        if cfg.sndbuf:
+            r.setsockopt(zmq.SNDBUF, cfg.sndbuf)
+        if cfg.heartbeat_ms > 0:
+            r.setsockopt(zmq.HEARTBEAT_IVL, cfg.heartbeat_ms)
+            r.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(int(cfg.lease_s * 1000), cfg.heartbeat_ms))
+        if cfg.curve_secret_key is not None:
+            self._start_curve(r)
+        r.bind(cfg.address)
+        self.router = r
+        self.endpoint = r.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def _start_curve(self, r: zmq.Socket) -> None:
+        cfg = self.config
+        if not zmq.has("curve"):
+            raise RuntimeError("this libzmq was built without CURVE")
+        if cfg.curve_clients is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+            allowed = cfg.curve_clients
+
+            class _Keys:
+                def callback(self, domain: str, key: bytes) -> bool:   # key: the client's z85 public key
+                    return key in allowed
+
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=_Keys())
+        r.curve_secretkey = cfg.curve_secret_key
+        r.curve_server = True
+
+    def serve_forever(self, ready: Callable[[str], None] | None = None) -> None:
+        """Run the I/O loop on this thread until `stop()`."""
+        if self.router is None:
+            self.bind()
+        self._submitter = threading.Thread(target=self._submit_loop, name="gllm-bridge-submit", daemon=True)
+        self._submitter.start()
+        if ready is not None:
+            ready(self.endpoint)
+        try:
+            self._loop()
+        finally:
+            for c in list(self.clients.values()):
+                self._end_client(c, "server stopping")
+            self._submit_q.put(None)
+            self._submitter.join(timeout=5)
+            self.router.close(0)
+            self.router = None
+            if self._auth is not None:
+                self._auth.stop()
+            self._wake_r.close()
+            self._wake_w.close()
+            if self._step_hook and hasattr(self.engine, "remove_step_listener"):
+                self.engine.remove_step_listener(self._on_step_end)
+
+    def _clients_changed(self) -> None:
+        if self._on_clients_changed is not None:
+            self._on_clients_changed(len(self.clients))
+
+    def start(self) -> threading.Thread:
+        """Serve on a background thread (tests, embedding); returns once bound."""
+        self.bind()
+        t = threading.Thread(target=self.serve_forever, name="gllm-bridge-io", daemon=True)
+        t.start()
+        self._thread = t
+        return t
+
+    def stop(self) -> None:
+        """Ask the I/O loop to end (thread-safe); with `start()`, also waits for it."""
+        self._stop = True
+        self._wake()
+        t = getattr(self, "_thread", None)
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
+
+    # ------------------------------------------------------------------------------ cross-thread
+    def _post(self, item: tuple) -> None:
+        self._events.append(item)
+        if not self._wake_flag:
+            self._wake_flag = True
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: a wake is already pending (or we are shutting down)
+
+    def _on_engine_event(self, c: _Client, cid: str, ev: Any) -> None:
+        """On the engine thread: queue the event; wake the I/O thread only once this client's step is complete
+        (every request it has in the engine reported), so a step costs one wake per client, not one per event.
+        Anything else is picked up by the I/O loop's 1 ms tick while requests are in flight."""
+        self._events.append(("ev", c, cid, ev))
+        if self._step_hook:
+            # the step's end wakes the I/O thread; an event from outside a step (a request cancelled between
+            # steps carries the number of the step before) has no step end coming, so it wakes now
+            if ev.step <= self._completed_step and not self._wake_flag:
+                self._wake_flag = True
+                self._wake()
+            return
+        if ev.step != c.eng_step:
+            c.eng_step, c.eng_reported = ev.step, set()
+        c.eng_reported.add(cid)
+        if ev.result is not None:
+            c.in_engine.discard(cid)
+        if c.in_engine <= c.eng_reported and not self._wake_flag:
+            self._wake_flag = True
+            self._wake()
+
+    def _on_step_end(self, info: Any) -> None:
+        """Engine thread, after every step's events were handed over: wake the I/O thread once, and if it has
+        anything to send, yield the GIL so that it runs now rather than when the next step's Python code lets
+        go of the GIL (hundreds of microseconds later, measured). Costs the engine tens of microseconds a step."""
+        self._completed_step = info.step
+        if not (self._events or self._holding):
+            return   # nothing of ours in this step (the I/O loop's tick covers a race with `_holding`)
+        if not self._wake_flag:
+            self._wake_flag = True
+            self._wake()
+        if self._events:
+            time.sleep(0)
+
+    def _submit_loop(self) -> None:
+        while True:
+            job = self._submit_q.get()
+            if job is None:
+                return
+            if job[0] == "cancel":
+                try:
+                    self.engine.cancel(job[1])
+                except Exception:
+                    log.exception("cancel %s failed", job[1])
+                continue
+            _, client, cid, req = job
+            if client.closed:
+                continue  # dropped while queued: never started
+            callback = (lambda ev, c=client, i=cid: self._on_engine_event(c, i, ev))
+            client.in_engine.add(cid)
+            try:
+                self.engine.add_request(req, callback)
+            except ValueError as exc:
+                client.in_engine.discard(cid)
+                msg = str(exc)
+                code = (P.TOO_LONG if ("max_seq_len" in msg or "KV blocks" in msg)
+                        else P.BUSY if "too many requests" in msg else P.BAD_REQUEST)
+                self._post(("rej", client, cid, code, msg))
+            except Exception as exc:
+                client.in_engine.discard(cid)
+                log.exception("add_request failed")
+                self._post(("rej", client, cid, P.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            if client.closed:  # dropped while we were submitting: make sure it does not run
+                self.engine.cancel(req.request_id)
+
+    # ------------------------------------------------------------------------------ I/O loop
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        router = self.router
+        next_lease_check = time.monotonic() + LEASE_CHECK_S
+        while not self._stop:
+            if self._step_hook:   # step ends wake us; the tick is only a safety net for held events
+                busy = self._holding = any(c.pending_step is not None for c in self.clients.values())
+            else:
+                busy = any(c.live or c.pending_step is not None for c in self.clients.values())
+            backlogged = any(c.backlog for c in self.clients.values())
+            timeout = 1 if busy else 2 if backlogged else int(LEASE_CHECK_S * 1000)
+            ready = dict(poller.poll(timeout))
+            if self._stop:
+                break
+            if router in ready:
+                for _ in range(RECV_BATCH):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+            if self._wake_r.fileno() in ready:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            self._wake_flag = False
+            self._drain_events()
+            now = time.monotonic()
+            self._flush_ready(now)
+            if backlogged:
+                for c in list(self.clients.values()):
+                    if c.backlog:
+                        self._pump(c)
+            if now >= next_lease_check:
+                next_lease_check = now + LEASE_CHECK_S
+                self._check_leases(now)
+
+    # ------------------------------------------------------------------------------ inbound
+    def _on_message(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        client = self.clients.get(ident)
+        now = time.monotonic()
+        if client is not None:
+            client.last_seen = now
+        self.counters["received"] += 1
+        if len(frames) != 2:
+            self._reply(ident, client, P.error(None, P.BAD_REQUEST,
+                                               f"a message must be exactly one frame, got {len(frames) - 1}"))
+            return
+        raw = frames[1]
+        try:
+            msg = P.decode(raw, self.config.max_message_bytes)
+        except P.ProtocolError as exc:
+            self._reply(ident, client, exc.to_message())
+            return
+        try:
+            parsed = P.validate_client_message(msg)
+        except P.ProtocolError as exc:
+            if exc.request_id is not None and client is not None and exc.request_id in client.live:
+                exc = P.ProtocolError(P.DUPLICATE_ID, f"id {exc.request_id!r} is already in flight; "
+                                      f"this message was ignored", exc.request_id)
+            self._reply(ident, client, exc.to_message())
+            return
+        except Exception as exc:  # a validator bug must not take the server down
+            log.exception("validating a message failed")
+            self._reply(ident, client, P.error(P.readable_id(msg), P.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            return
+        try:
+            self._dispatch(ident, client, parsed, now)
+        except Exception as exc:
+            log.exception("handling %s failed", type(parsed).__name__)
+            rid = parsed.id if isinstance(parsed, P.Generate) else None
+            self._reply(ident, self.clients.get(ident), P.error(rid, P.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+    def _dispatch(self, ident: bytes, client: _Client | None, m: P.ClientMessage, now: float) -> None:
+        if isinstance(m, P.Hello):
+            self._on_hello(ident, client, m, now)
+            return
+        if client is None:
+            why = self._ended.get(ident)
+            text = f"session ended ({why}); send hello" if why else "send hello first"
+            self._reply(ident, None, P.error(m.id if isinstance(m, P.Generate) else None, P.NO_SESSION, text))
+            return
+        if isinstance(m, P.Generate):
+            self._on_generate(client, m)
+        elif isinstance(m, P.Cancel):
+            engine_id = client.live.get(m.id)
+            if engine_id is not None:  # an id not in flight is ignored: it may have just finished
+                self._submit_q.put(("cancel", engine_id))
+        elif isinstance(m, P.Ping):
+            self._send(client, P.encode(P.pong(m.t)))
+        elif isinstance(m, P.Frame):
+            client.frame_ms, client.target_ms = m.ms, m.target_ms
+        elif isinstance(m, P.Stats):
+            values = dict(self.engine.stats())
+            values["clients"] = len(self.clients)
+            values["inflight"] = len(client.live)
+            self._send(client, P.encode(P.stats(values)))
+
+    def _on_hello(self, ident: bytes, client: _Client | None, m: P.Hello, now: float) -> None:
+        token = self.config.token
+        if token is not None and (m.token is None or not hmac.compare_digest(m.token.encode(), token.encode())):
+            if client is not None:
+                self._end_client(client, "unauthorized hello")
+            self._reply(ident, None, P.error(None, P.UNAUTHORIZED, "missing or wrong token"))
+            return
+        if client is None:
+            if len(self.clients) >= self.config.max_clients:
+                self._reply(ident, None, P.error(None, P.BUSY, f"too many clients ({self.config.max_clients})"))
+                return
+            client = _Client(ident=ident, serial=next(self._serials), name=m.client, last_seen=now)
+            self.clients[ident] = client
+            self._clients_changed()
+            self._ended.pop(ident, None)
+        client.name = m.client
+        eng = self.engine
+        self._send(client, P.encode(P.welcome(
+            self.model_name, int(eng.gen_params.max_seq_len), f"gllm/{__version__}",
+            lease_ms=int(self.config.lease_s * 1000), max_inflight=self.config.max_inflight,
+            max_message_bytes=self.config.max_message_bytes, v=min(m.v, P.PROTOCOL_VERSION))))
+
+    def _on_generate(self, client: _Client, g: P.Generate) -> None:
+        if g.id in client.live:
+            self._send(client, P.encode(P.error(g.id, P.DUPLICATE_ID,
+                                                f"id {g.id!r} is already in flight; this message was ignored")))
+            return
+        if len(client.live) >= self.config.max_inflight:
+            self._send(client, P.encode(P.error(g.id, P.BUSY, f"this client already has {len(client.live)} "
+                                                f"requests in flight (max_inflight {self.config.max_inflight})")))
+            return
+        from gllm.engine.request import GenerationRequest  # here, so that config checks need no torch
+        engine_id = f"{client.serial:x}/{g.id}"
+        req = GenerationRequest(
+            prompt=g.prompt, messages=g.messages, max_new_tokens=g.max_tokens, temperature=g.temperature,
+            top_k=g.top_k, top_p=g.top_p, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
+            presence_penalty=g.presence_penalty, frequency_penalty=g.frequency_penalty, seed=g.seed,
+            logprobs=g.logprobs, stop=list(g.stop), ignore_eos=g.ignore_eos, priority=g.priority,
+            request_id=engine_id)
+        client.live[g.id] = engine_id
+        self.counters["generate"] += 1
+        self._submit_q.put(("add", client, g.id, req))
+
+    # ------------------------------------------------------------------------------ engine events
+    def _drain_events(self) -> None:
+        events = self._events
+        while events:
+            item = events.popleft()
+            client: _Client = item[1]
+            if client.closed:
+                continue
+            if item[0] == "rej":
+                _, _, cid, code, message = item
+                client.live.pop(cid, None)
+                self._send(client, P.encode(P.error(cid, code, message)))
+            else:
+                self._on_event(client, item[2], item[3])
+
+    def _on_event(self, c: _Client, cid: str, ev: Any) -> None:
+        step = ev.step
+        has_item = bool(ev.text) or bool(ev.token_ids)
+        if has_item:
+            if c.pending_step is not None and c.pending_step != step:
+                self._flush(c)
+            if c.pending_step is None:
+                c.pending_step, c.hold_since = step, time.monotonic()
+            lps = None
+            if ev.logprobs is not None:
+                lps = [P.logprob_entry(lp.token_id, lp.logprob, lp.top) for lp in ev.logprobs if lp is not None]
+            c.pending_items.append(P.token_item(cid, ev.text, len(ev.token_ids), lps))
+            c.reported.add(cid)
+        elif c.pending_step == step:
+            c.reported.add(cid)
+        if ev.result is not None:
+            c.live.pop(cid, None)
+            r = ev.result
+            payload = P.encode(P.done(cid, r.finish_reason, r.text, r.usage.prompt_tokens, r.usage.completion_tokens,
+                                      r.timings.ttft_ms, r.timings.total_ms, error=r.error,
+                                      cached_tokens=getattr(r.usage, "cached_tokens", 0)))
+            if c.pending_step is None:
+                self._send(c, payload)
+            else:
+                c.pending_after.append(payload)
+
+    def _flush_ready(self, now: float) -> None:
+        engine_step = getattr(self.engine, "num_steps", None)
+        completed = self._completed_step if self._step_hook else -1
+        for c in list(self.clients.values()):
+            if c.pending_step is None:
+                continue
+            if c.pending_step <= completed or all(cid in c.reported for cid in c.live):
+                self._flush(c)
+            elif engine_step is not None and engine_step > c.pending_step:
+                self.counters["flush_next_step"] += 1
+                self._flush(c)
+            elif now - c.hold_since > MAX_HOLD_S:
+                self.counters["flush_hold_timeout"] += 1
+                log.debug("client %s: step %s still incomplete after %.0f ms; sending what it has",
+                          c.ident.hex(), c.pending_step, MAX_HOLD_S * 1000)
+                self._flush(c)
+
+    def _flush(self, c: _Client) -> None:
+        if c.pending_items:
+            self._send(c, P.encode(P.tokens(c.pending_step, c.pending_items)))
+            self.counters["tokens_messages"] += 1
+        after = c.pending_after
+        c.pending_step, c.pending_items, c.reported, c.pending_after = None, [], set(), []
+        for payload in after:
+            if c.closed:
+                break
+            self._send(c, payload)
+
+    # ------------------------------------------------------------------------------ outbound
+    def _reply(self, ident: bytes, client: _Client | None, msg: dict[str, Any]) -> None:
+        self.counters["errors" if msg.get("op") == "error" else "replies"] += 1
+        payload = P.encode(msg)
+        if client is not None:
+            self._send(client, payload)
+            return
+        try:  # no session: best effort, never queued
+            self.router.send_multipart([ident, payload], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _send(self, c: _Client, payload: bytes) -> None:
+        if c.closed:
+            return
+        if c.backlog:
+            c.backlog.append(payload)
+            if len(c.backlog) > self.config.max_send_queue:
+                self._end_client(c, "not reading: send queue full")
+            return
+        try:
+            self.router.send_multipart([c.ident, payload], zmq.NOBLOCK)
+            self.counters["sent"] += 1
+        except zmq.Again:
+            c.backlog.append(payload)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._end_client(c, "disconnected")
+            else:
+                log.warning("send to client %s failed: %s", c.name, exc)
+
+    def _pump(self, c: _Client) -> None:
+        while c.backlog and not c.closed:
+            try:
+                self.router.send_multipart([c.ident, c.backlog[0]], zmq.NOBLOCK)
+                self.counters["sent"] += 1
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._end_client(c, "disconnected")
+                return
+            c.backlog.popleft()
+
+    # ------------------------------------------------------------------------------ session end
+    def _check_leases(self, now: float) -> None:
+        lease = self.config.lease_s
+        for c in list(self.clients.values()):
+            if now - c.last_seen > lease:
+                self._end_client(c, f"lease expired: silent for more than {lease:g} s")
+
+    def _end_client(self, c: _Client, why: str) -> None:
+        """Forget a client: cancel everything it has in flight and drop what it has not read."""
+        if c.closed:
+            return
+        c.closed = True
+        self.counters["dropped"] += 1
+        log.info("client %s (%s) ended: %s; cancelling %d requests", c.ident.hex(), c.name, why, len(c.live))
+        for engine_id in c.live.values():
+            self._submit_q.put(("cancel", engine_id))
+        c.live.clear()
+        c.backlog.clear()
+        c.pending_items, c.pending_after, c.pending_step = [], [], None
+        self.clients.pop(c.ident, None)
+        self._clients_changed()
+        self._ended[c.ident] = why
+        while len(self._ended) > 4096:
+            self._ended.popitem(last=False)
+
+    def client_frames(self) -> list[dict[str, Any]]:
+        """The last `frame` report of each client (for the frame-budget work; read it on the I/O thread)."""
+        return [{"client": c.name, "session": c.serial, "ms": c.frame_ms, "target_ms": c.target_ms}
+                for c in self.clients.values() if c.frame_ms is not None]
+
+
+def _short_model_name(name: Any) -> str:
+    """What clients see as the model: a known name or HF id as given; a local path by its last part only."""
+    from pathlib import Path
+    text = str(name)
+    try:
+        if Path(text).expanduser().exists():
+            return Path(text).expanduser().resolve().name or text
+    except OSError:
+        pass
+    return text
