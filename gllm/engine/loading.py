@@ -109,12 +109,13 @@ def load(model: str | Path | None, *, dtype: torch.dtype, device: torch.device, 
             from gllm.tokenizer.gguf_tokenizer import tokenizer_from_gguf
             tokenizer = tokenizer_from_gguf(source.path)
             # Dequantize in float32 once, save, then load the saved copy like any warm start.
-            gguf_model, cfg, _ = load_gguf(source.path, dtype=torch.float32, device="cpu", max_positions=max_positions)
+            gguf_model, cfg, _ = load_gguf(source.path, dtype=torch.float32, device="cpu", max_positions=max_positions,
+                                           progress=not quiet)
             save_converted(folder, gguf_model, cfg, tokenizer, source)
             del gguf_model
     else:
         folder = source.path
-    net, cfg = load_hf_folder(folder, dtype=dtype, device=device, max_positions=max_positions)
+    net, cfg = load_hf_folder(folder, dtype=dtype, device=device, max_positions=max_positions, progress=not quiet)
     tokenizer = Tokenizer.from_dir(folder)
     return LoadedModel(net, cfg, tokenizer, source, time.perf_counter() - started, warm)
 

@@ -349,8 +349,8 @@ def _check_tensor_types(reader, where: str) -> None:
 
 
 def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch.device, max_positions: int,
-              weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
-              ) -> tuple[LlamaForCausalLM, ModelConfig, GGUFFile]:
+              weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+              progress: bool = False) -> tuple[LlamaForCausalLM, ModelConfig, GGUFFile]:
     """Load a `llama`-architecture GGUF file into a gllm model.
 
     Returns (model, config, file info). Every tensor is dequantized to float32, put in HF layout and
@@ -359,7 +359,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the returned file info to
     avoid parsing the file twice).
     """
-    from gllm.model.loader import build_model  # loader may route .gguf paths here: import late
+    from gllm.model.loader import build_model, with_progress  # loader may route .gguf paths here: import late
 
     reader = open_gguf(path)
     info = gguf_file_from_reader(reader, Path(path).expanduser())
@@ -372,7 +372,8 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     _check_tensor_types(reader, where)
     for name in info.tensor_types:
         hf_tensor_name(name)  # fail on a foreign tensor before allocating the model
-    weights = iter_gguf_weights(reader, cfg, where)
+    weights = with_progress(iter_gguf_weights(reader, cfg, where), len(info.tensor_types), "dequantizing GGUF",
+                            progress)
     if weight_transform is not None:
         weights = ((name, weight_transform(name, t)) for name, t in weights)
     try:

