@@ -294,3 +294,13 @@ def test_step_listener_sees_every_step(llama32_dir):
         assert [i.step for i in infos] == list(range(1, len(infos) + 1))
         assert infos[0].num_tokens > 2 and infos[-1].num_decodes == 1 and all(i.seconds > 0 for i in infos)
         assert infos[-1].running == 0 and infos[-1].kv_free_blocks == eng.stats()["kv_total_blocks"]
+
+
+def test_gpu_memory_budget_sizes_the_kv_pool(llama32_dir):
+    """The budget is for everything: a bigger budget buys KV blocks, a budget below the weights is refused."""
+    with engine(llama32_dir, gpu_memory_mb=700) as small, engine(llama32_dir, gpu_memory_mb=900) as big:
+        assert big.block_manager.num_blocks > small.block_manager.num_blocks > 0
+        extra_mb = (big.block_manager.num_blocks - small.block_manager.num_blocks) * 16 * 2 * 2 * 2 * 16 * 4 / 2**20
+        assert extra_mb == pytest.approx(200, abs=1)
+    with pytest.raises(ValueError, match="gpu_memory_mb"):
+        engine(llama32_dir, gpu_memory_mb=10)

@@ -84,6 +84,7 @@ def copy_bandwidth() -> float:
 
 def make_engine(cfg: ModelConfig, tokenizer: Tokenizer, **params) -> LLMEngine:
     gen = GeneratorParams(dtype="bfloat16", **params)
+    torch.cuda.empty_cache()
     model = random_model(cfg, gen.max_seq_len)
     loaded = LoadedModel(model, cfg, tokenizer, ModelSource("random", Path("."), "random"), 0.0, False)
     return LLMEngine(loaded, gen, device="cuda")
@@ -167,8 +168,11 @@ def main() -> None:
         floor_ms = weight_bytes / bandwidth * 1000
         row = {"params": cfg.num_parameters(), "weight_bytes": weight_bytes, "floor_ms": floor_ms}
         torch.cuda.reset_peak_memory_stats()
+        budget_mb = 0.85 * torch.cuda.get_device_properties(0).total_memory / 2**20
         engine = make_engine(cfg, tokenizer, max_batch_size=256, max_seq_len=2304, max_step_tokens=4096,
-                             kv_cache_tokens=256 * 2304 if shape != "8b" else 160 * 2304)
+                             gpu_memory_mb=budget_mb)
+        row["gpu_memory_budget_GiB"] = budget_mb / 1024
+        row["kv_pool_tokens"] = engine.block_manager.num_blocks * engine.gen_params.block_size
         ms = bench_decode(engine, rng)
         row.update(decode_ms_per_token=ms, decode_tokens_per_s=1000 / ms, floor_fraction=floor_ms / ms)
         print(f"[{shape}] batch-1 decode {ms:.3f} ms/token = {1000 / ms:.0f} tok/s; floor {floor_ms:.3f} ms "
@@ -196,7 +200,8 @@ def main() -> None:
         print(f"{shape} | {r['decode_tokens_per_s']:.0f} | {r['decode_ms_per_token']:.3f} | {r['floor_ms']:.3f} | "
               f"{100 * r['floor_fraction']:.0f}% | {r['ttft']['cold_ms']:.1f}/{r['ttft']['cached_prefix_ms']:.1f} | "
               f"{r.get('throughput', {}).get('tokens_per_s', 0):.0f} | {r.get('transformers_b1_tokens_per_s', 0):.0f} | "
-              f"{r.get('transformers_b128_tokens_per_s', 0):.0f} | {r['peak_vram_GiB']:.1f}")
+              f"{r.get('transformers_b128_tokens_per_s', 0):.0f} | {r['peak_vram_GiB']:.1f} of "
+              f"{r['gpu_memory_budget_GiB']:.1f}")
 
 
 if __name__ == "__main__":

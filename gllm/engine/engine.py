@@ -115,7 +115,9 @@ class LLMEngine:
                              f"{cfg.max_position_embeddings}")
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
 
-        if gen.kv_cache_mb is None:
+        if gen.gpu_memory_mb is not None:
+            num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, memory_mb=self._kv_mb_within_budget())
+        elif gen.kv_cache_mb is None:
             kv_tokens = gen.kv_cache_tokens or gen.max_batch_size * gen.max_seq_len
             num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, tokens=kv_tokens)
         else:
@@ -148,6 +150,22 @@ class LLMEngine:
         self.num_steps = 0
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
+
+    def _kv_mb_within_budget(self) -> float:
+        """What `gpu_memory_mb` leaves for the KV pool after the weights and a step's activations."""
+        gen, cfg = self.gen_params, self.model_config
+        weights = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
+        element = torch.empty((), dtype=self.dtype).element_size()
+        # Widest step: every token's hidden states, fused qkv and gate/up outputs (a few alive at once),
+        # plus float32 logits and sampler copies for each sequence that samples, plus allocator slack.
+        per_token = (4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size) * element
+        activations = gen.max_step_tokens * per_token + gen.max_batch_size * cfg.vocab_size * 4 * 6
+        reserve = activations + 512 * 2**20
+        left = gen.gpu_memory_mb * 2**20 - weights - reserve
+        if left <= 0:
+            raise ValueError(f"gpu_memory_mb {gen.gpu_memory_mb:.0f} is too small: weights take "
+                             f"{weights / 2**20:.0f} MiB and a step's activations about {reserve / 2**20:.0f} MiB")
+        return left / 2**20
 
     # ----------------------------------------------------------------- public API
     async def enqueue_request(self, req: GenerationRequest) -> GenerationResult:

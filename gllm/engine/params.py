@@ -13,6 +13,7 @@ class GeneratorParams:
     max_step_tokens: int = 512         # tokens computed per engine step (prefill is chunked to fit)
     kv_cache_tokens: int | None = None  # KV capacity in tokens; default max_batch_size * max_seq_len
     kv_cache_mb: float | None = None   # or a memory budget for the KV cache, in MiB
+    gpu_memory_mb: float | None = None  # or a budget for everything on the GPU (weights + activations + KV)
     enable_prefix_caching: bool = True
     dtype: str = "auto"                # "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
@@ -24,8 +25,10 @@ class GeneratorParams:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.kv_cache_tokens is not None and self.kv_cache_mb is not None:
-            raise ValueError("give kv_cache_tokens or kv_cache_mb, not both")
+        if sum(x is not None for x in (self.kv_cache_tokens, self.kv_cache_mb, self.gpu_memory_mb)) > 1:
+            raise ValueError("give at most one of kv_cache_tokens, kv_cache_mb, gpu_memory_mb")
+        if self.gpu_memory_mb is not None and not self.gpu_memory_mb > 0:
+            raise ValueError(f"gpu_memory_mb must be > 0, got {self.gpu_memory_mb!r}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}")
         if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
