@@ -27,6 +27,8 @@ class ForwardBatch:
     # Triton paged-decode kernel reading int32 tables (shapes fixed by the batch size: graph-capturable).
     use_triton: bool = False     # GPU eager steps: Triton prefill/decode kernels instead of SDPA
     decode_kernel: Any = None    # a DecodeAttentionWorkspace
+    # Per-step attention metadata that every layer shares: built by the first layer, reused by the rest.
+    attention_plan: Any = None
     block_tables_i32: torch.Tensor | None = None
     context_lens_i32: torch.Tensor | None = None
 

@@ -47,27 +47,43 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
                       scale: float) -> torch.Tensor:
     """A mixed eager step on the GPU: prefill chunks through the prefill kernel, decodes through the decode kernel."""
-    from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits, paged_decode_attention
+    from gllm.ops.triton_attention import paged_decode_attention
     from gllm.ops.triton_prefill import paged_prefill_attention
+    if batch.attention_plan is None:
+        batch.attention_plan = _TritonPlan(batch, q, k_cache)
+    plan = batch.attention_plan
     out = torch.empty_like(q)
-    starts, start = [], 0
-    for n in batch.query_lens_host:
-        starts.append(start)
-        start += n
-    decodes = [i for i, n in enumerate(batch.query_lens_host) if n == 1]
-    prefills = [i for i, n in enumerate(batch.query_lens_host) if n > 1]
-    if prefills:
-        paged_prefill_attention(q, k_cache, v_cache, out, batch.block_tables, prefills, starts,
-                                batch.query_lens_host, batch.context_lens_host, scale)
-    if decodes:
-        device = q.device
-        seqs = torch.tensor(decodes).to(device, non_blocking=True)
-        rows = torch.tensor([starts[i] for i in decodes]).to(device, non_blocking=True)
-        workspace = DecodeAttentionWorkspace(len(decodes), q.shape[1], q.shape[2],
-                                             decode_splits(len(decodes), k_cache.shape[2], device), device)
-        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, batch.block_tables[seqs].to(torch.int32),
-                                           batch.context_lens[seqs].to(torch.int32), scale, workspace)
+    if plan.prefill is not None:
+        paged_prefill_attention(q, k_cache, v_cache, out, batch.block_tables, plan.prefill, scale)
+    if plan.decode_rows is not None:
+        out[plan.decode_rows] = paged_decode_attention(q[plan.decode_rows], k_cache, v_cache, plan.decode_tables,
+                                                       plan.decode_ctx, scale, plan.workspace)
     return out
+
+
+class _TritonPlan:
+    """What the kernels need to know about one step's sequences, on the device once for all layers."""
+
+    def __init__(self, batch: ForwardBatch, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+        from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
+        from gllm.ops.triton_prefill import PrefillPlan
+        starts, start = [], 0
+        for n in batch.query_lens_host:
+            starts.append(start)
+            start += n
+        decodes = [i for i, n in enumerate(batch.query_lens_host) if n == 1]
+        prefills = [i for i, n in enumerate(batch.query_lens_host) if n > 1]
+        device = q.device
+        self.prefill = PrefillPlan(prefills, starts, batch.query_lens_host, batch.context_lens_host, device) \
+            if prefills else None
+        self.decode_rows = None
+        if decodes:
+            seqs = torch.tensor(decodes).to(device, non_blocking=True)
+            self.decode_rows = torch.tensor([starts[i] for i in decodes]).to(device, non_blocking=True)
+            self.decode_tables = batch.block_tables[seqs].to(torch.int32)
+            self.decode_ctx = batch.context_lens[seqs].to(torch.int32)
+            self.workspace = DecodeAttentionWorkspace(len(decodes), q.shape[1], q.shape[2],
+                                                      decode_splits(len(decodes), k_cache.shape[2], device), device)
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,

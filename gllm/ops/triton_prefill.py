@@ -69,23 +69,29 @@ def _prefill_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+class PrefillPlan:
+    """The tiles of one step's prefill chunks, on the device (built once per step, used by every layer)."""
+
+    def __init__(self, seqs: list[int], query_starts: list[int], query_lens: list[int], context_lens: list[int],
+                 device: torch.device) -> None:
+        tile_seq, tile_row = [], []
+        for i in seqs:
+            for row in range(0, query_lens[i], BLOCK_M):
+                tile_seq.append(i)
+                tile_row.append(row)
+        self.num_tiles = len(tile_seq)
+        self.tiles = torch.tensor([tile_seq, tile_row], dtype=torch.int32).to(device, non_blocking=True)
+        self.per_seq = torch.tensor([query_starts, query_lens, context_lens], dtype=torch.int32).to(
+            device, non_blocking=True)
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                            block_tables: torch.Tensor, seqs: list[int], query_starts: list[int],
-                            query_lens: list[int], context_lens: list[int], scale: float) -> None:
-    """Attention for the sequences `seqs` (indices into the batch) whose queries start at flat row
-    `query_starts[i]`; writes their rows of `out` ([T, Hq, D]). Host lists: no device sync."""
-    device = q.device
-    tile_seq, tile_row = [], []
-    for i in seqs:
-        for row in range(0, query_lens[i], BLOCK_M):
-            tile_seq.append(i)
-            tile_row.append(row)
-    meta = torch.tensor([tile_seq, tile_row], dtype=torch.int32).to(device, non_blocking=True)
-    per_seq = torch.tensor([query_starts, query_lens, context_lens], dtype=torch.int32).to(device, non_blocking=True)
+                            block_tables: torch.Tensor, plan: PrefillPlan, scale: float) -> None:
+    """Attention for the plan's prefill chunks; writes their rows of `out` ([T, Hq, D])."""
     num_heads, head_dim = q.shape[1], q.shape[2]
-    _prefill_kernel[(len(tile_seq), num_heads)](
+    _prefill_kernel[(plan.num_tiles, num_heads)](
         q, k_cache, v_cache, out, block_tables,
-        meta[0], meta[1], per_seq[0], per_seq[1], per_seq[2],
+        plan.tiles[0], plan.tiles[1], plan.per_seq[0], plan.per_seq[1], plan.per_seq[2],
         scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
