@@ -9,6 +9,7 @@ stops the engine or loses another request: every request ends with exactly one f
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import logging
 import os
@@ -51,9 +52,7 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         log.warning("Triton is not installed: the GPU runs the plain PyTorch path (no CUDA graphs, slower decode)")
         return False
     return True

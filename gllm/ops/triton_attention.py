@@ -17,6 +17,23 @@ import triton.language as tl
 
 
 @triton.jit
+def attend_block(q, k_cache_ptr, v_cache_ptr, kv_off, dims, tok_ok, visible, m_i, l_i, acc, scale,
+                 DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a block of keys: load K/V at `kv_off`, fold them into (m_i, l_i, acc).
+    Shared by the decode and prefill kernels; `visible` masks the scores (context end, causality)."""
+    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale).to(tl.float32)
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
@@ -58,16 +75,8 @@ def _decode_partial_kernel(
         block = tl.load(block_tables_ptr + seq * stride_bt_b + token // BLOCK_SIZE, mask=tok_ok, other=0)
         kv_off = block.to(tl.int64) * stride_kc_block + (token % BLOCK_SIZE) * stride_kc_tok \
             + kv_head * stride_kc_head
-        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale).to(tl.float32)
-        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(q, k_cache_ptr, v_cache_ptr, kv_off, dims, tok_ok, tok_ok[None, :],
+                                     m_i, l_i, acc, scale, DOT_PRECISION)
 
     out_off = seq * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + dims[None, :]
     tl.store(part_out_ptr + out_off, acc, mask=row_ok[:, None])

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gllm.ops.triton_attention import attend_block
+
 BLOCK_M = 64
 BLOCK_N = 64
 
@@ -53,17 +55,9 @@ def _prefill_kernel(
         tok_ok = tok < end
         block = tl.load(block_tables_ptr + seq * stride_bt + tok // BLOCK_SIZE, mask=tok_ok, other=0)
         kv_off = block.to(tl.int64) * stride_kc_block + (tok % BLOCK_SIZE) * stride_kc_tok + kv_head * stride_kc_head
-        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale).to(tl.float32)
         visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(q, k_cache_ptr, v_cache_ptr, kv_off, dims, tok_ok, visible,
+                                     m_i, l_i, acc, scale, DOT_PRECISION)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + tokens_q[:, None] * stride_o_t + head * stride_o_h + dims[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
