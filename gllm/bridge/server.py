@@ -43,6 +43,7 @@ import zmq
 
 from gllm import __version__
 from gllm.bridge import protocol as P
+from gllm.engine.errors import EngineBusy, RequestTooLong
 
 log = logging.getLogger("gllm.bridge")
 
@@ -284,7 +285,8 @@ class BridgeServer:
     def _on_step_end(self, info: Any) -> None:
         """Engine thread, after every step's events were handed over: wake the I/O thread once, and if it has
         anything to send, yield the GIL so that it runs now rather than when the next step's Python code lets
-        go of the GIL (hundreds of microseconds later, measured). Costs the engine tens of microseconds a step."""
+        go of the GIL (hundreds of microseconds later, measured). Costs the engine tens of microseconds a step.
+        (Waiting for the flush instead, up to 2 ms, was tried: p50 better, p99 noisier, fake-engine p99 worse.)"""
         self._completed_step = info.step
         if not (self._events or self._holding):
             return   # nothing of ours in this step (the I/O loop's tick covers a race with `_holding`)
@@ -314,10 +316,9 @@ class BridgeServer:
                 self.engine.add_request(req, callback)
             except ValueError as exc:
                 client.in_engine.discard(cid)
-                msg = str(exc)
-                code = (P.TOO_LONG if ("max_seq_len" in msg or "KV blocks" in msg)
-                        else P.BUSY if "too many requests" in msg else P.BAD_REQUEST)
-                self._post(("rej", client, cid, code, msg))
+                code = (P.TOO_LONG if isinstance(exc, RequestTooLong) else P.BUSY if isinstance(exc, EngineBusy)
+                        else P.BAD_REQUEST)
+                self._post(("rej", client, cid, code, str(exc)))
             except Exception as exc:
                 client.in_engine.discard(cid)
                 log.exception("add_request failed")
