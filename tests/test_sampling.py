@@ -144,12 +144,21 @@ def test_stop_checker():
     assert StopChecker(set(), (), 5).safe_length("abc") == 3
 
 
-def test_race_over_contenders_equals_race_over_whole_vocabulary(sampler):
+@pytest.mark.parametrize("filters", [{}, {"top_k": 20}, {"min_p": 0.001}])
+def test_race_over_contenders_equals_race_over_whole_vocabulary(sampler, filters):
     from gllm.sampling.noise import row_key
     logits = torch.stack([logits_row(i) * 8 for i in range(6)])    # wide spread: many non-contenders
-    params = SamplingParams(temperature=1.0)
+    temps = [1.0, 0.7, 1.5, 0.3, 2.0, 1.0]
     for step in range(20):
-        got = sampler.sample(logits, [SampleRow(params, 77 + i, step, [1], []) for i in range(6)]).token_ids
+        rows = [SampleRow(SamplingParams(temperature=temps[i], **filters), 77 + i, step, [1], []) for i in range(6)]
+        got = sampler.sample(logits, rows).token_ids
         keys = torch.tensor([row_key(77 + i, step) for i in range(6)])
-        full = (logits - sampler.noise.exponential(keys).log()).argmax(-1).tolist()
+        scaled = logits / torch.tensor(temps)[:, None]
+        if filters.get("top_k"):
+            kth = scaled.topk(filters["top_k"], dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if filters.get("min_p"):
+            probs = scaled.softmax(-1)
+            scaled = scaled.masked_fill(probs < filters["min_p"] * probs.max(-1, keepdim=True).values, float("-inf"))
+        full = (scaled - sampler.noise.exponential(keys).log()).argmax(-1).tolist()
         assert got == full

@@ -54,12 +54,15 @@ class Sampler:
         logits, errors = self._apply_processors(logits, rows)
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits, rows)
-        tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if sampled_rows:
+        if not sampled_rows:
+            tokens = logits.argmax(dim=-1)
+        elif len(sampled_rows) == len(rows):      # no greedy row: no argmax pass, no row copies
+            tokens = self._sample_random(logits, rows)
+        else:
+            tokens = logits.argmax(dim=-1)
             index = torch.tensor(sampled_rows, device=self.device)
-            sub_rows = [rows[i] for i in sampled_rows]
-            tokens[index] = self._sample_random(logits[index], sub_rows)
+            tokens[index] = self._sample_random(logits[index], [rows[i] for i in sampled_rows])
         token_list = tokens.tolist()
         return SampleOutput(token_list, self._logprobs(raw_logprobs, tokens, token_list, rows), errors)
 
@@ -95,7 +98,15 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         vocab = logits.shape[1]
-        logits = logits / self._column([r.params.temperature for r in rows])
+        temperature = self._column([r.params.temperature for r in rows])
+        keys = torch.tensor([row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=self.device)
+        filtered = any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows)
+        if not filtered and not logits.is_cuda:
+            # Plain temperature on the CPU: logit/T wins only if logit >= max - MARGIN*T, so the race runs
+            # over those contenders alone, on the unscaled logits (no full-vocabulary copy).
+            contenders = logits >= logits.max(dim=-1, keepdim=True).values - RACE_MARGIN * temperature
+            return self._race(logits, temperature, keys, contenders)
+        logits = logits / temperature
         if any(r.params.top_k > 0 or r.params.top_p < 1 for r in rows):
             sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
             k = self._column([r.params.top_k or vocab for r in rows], dtype=torch.long)
@@ -111,14 +122,23 @@ class Sampler:
             probs = logits.softmax(dim=-1)
             floor = self._column([r.params.min_p for r in rows]) * probs.max(dim=-1, keepdim=True).values
             logits = logits.masked_fill(probs < floor, float("-inf"))
-        keys = torch.tensor([row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=self.device)
-        # Noise only where a token can still win; the result equals the race over the whole vocabulary.
+        if logits.is_cuda:   # the whole vocabulary: no data-dependent shapes, so no host sync before the sample
+            return (logits - self.noise.exponential(keys).log()).argmax(dim=-1)
         contenders = logits >= logits.max(dim=-1, keepdim=True).values - RACE_MARGIN
+        return self._race(logits, torch.ones_like(temperature), keys, contenders)
+
+    def _race(self, logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
+              contenders: torch.Tensor) -> torch.Tensor:
+        """argmax over each row's contenders of logit/T - log(E); the same winner as the whole-vocabulary race
+        (ties, vanishingly rare, go to the smallest token id)."""
         row_idx, token_idx = contenders.nonzero(as_tuple=True)
-        scores = torch.full_like(logits, float("-inf"))
-        scores[row_idx, token_idx] = logits[row_idx, token_idx] - self.noise.exponential_at(
-            keys, row_idx, token_idx).log()
-        return scores.argmax(dim=-1)
+        scores = logits[row_idx, token_idx] / temperature[row_idx, 0] \
+            - self.noise.exponential_at(keys, row_idx, token_idx).log()
+        batch = logits.shape[0]
+        best = torch.full((batch,), float("-inf"), device=logits.device).scatter_reduce(0, row_idx, scores, "amax")
+        winners = scores == best[row_idx]
+        return torch.full((batch,), logits.shape[1], dtype=torch.long, device=logits.device).scatter_reduce(
+            0, row_idx[winners], token_idx[winners], "amin")
 
     def _logprobs(self, raw: torch.Tensor | None, tokens: torch.Tensor, token_list: list[int],
                   rows: list[SampleRow]) -> list[TokenLogprobs | None]:
