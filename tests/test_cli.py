@@ -49,3 +49,47 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_models_lists_the_default():
     proc = gllm("models")
     assert proc.returncode == 0 and "smollm2-135m-instruct (default)" in proc.stdout
+
+
+def test_chat_ctrl_c_cancels_the_reply_not_the_program(llama32_dir):
+    """Drive `gllm chat` through a pseudo-terminal: Ctrl-C mid-reply cancels it, the next line still works."""
+    import pty
+    import select
+    import signal
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the real CLI on the tiny model, a reply long enough to interrupt
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "gllm.cli", "chat", "--quiet", "--model", str(llama32_dir),
+                                  "--max-tokens", "4000", "--temperature", "0"])
+    output = b""
+
+    def read_until(needle: bytes, start: int = 0, timeout: float = 120) -> bool:
+        nonlocal output
+        deadline = time.time() + timeout
+        while needle not in output[start:] and time.time() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:
+                    return False
+        return needle in output[start:]
+
+    try:
+        assert read_until(b"you> ")
+        os.write(fd, b"Tell me a very long story\n")
+        time.sleep(1.0)                                  # the reply is streaming now
+        mark = len(output)
+        os.kill(pid, signal.SIGINT)
+        assert read_until(b"(reply cancelled)", mark)
+        assert read_until(b"you> ", output.index(b"(reply cancelled)"))   # back at the prompt, still running
+        os.write(fd, b"/quit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
