@@ -88,6 +88,7 @@ class _RequestState:
     detok: IncrementalDetokenizer
     sink: Any
     submitted: float
+    prompt_ids: list[int] = field(default_factory=list)   # kept once: the sampler reads it every step
     first_scheduled: float | None = None
     first_token: float | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -303,6 +304,7 @@ class LLMEngine:
             detok=IncrementalDetokenizer(self.tokenizer),
             sink=sink,
             submitted=time.perf_counter(),
+            prompt_ids=prompt_ids,
         )
         self._inbox.put(("add", state))
         return request_id
@@ -365,8 +367,7 @@ class LLMEngine:
             logits = self.runner.run(out)
             self.scheduler.on_step_done(out)
             samplers = [st for st, s in zip(states, out.scheduled) if s.samples]
-            rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.seq.token_ids[:st.seq.num_prompt_tokens],
-                              st.output_ids) for st in samplers]
+            rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids) for st in samplers]
             sampled = self.sampler.sample(logits, rows) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
             log.exception("engine step %d failed (%d sequences, %d tokens)", self.num_steps, len(out.scheduled),
