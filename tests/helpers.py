@@ -51,7 +51,7 @@ class Stepper:
         batch = ForwardBatch(
             input_ids=torch.tensor(token_ids), positions=torch.arange(start, start + n),
             slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, start + n)]),
-            query_lens=torch.tensor([n]), context_lens=torch.tensor([start + n]),
+            context_lens=torch.tensor([start + n]),
             block_tables=torch.tensor([blocks]), logits_indices=torch.arange(n),
             query_lens_host=[n], context_lens_host=[start + n])
         self.length += n

@@ -171,7 +171,7 @@ def test_triton_mixed_prefill_and_decode_attention_matches_torch_path(dtype):
     def batch(use_triton):
         t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
         return ForwardBatch(input_ids=t([0] * sum(q_lens)), positions=t([0] * sum(q_lens)),
-                            slot_mapping=t([0] * sum(q_lens)), query_lens=t(q_lens), context_lens=t(ctx_lens),
+                            slot_mapping=t([0] * sum(q_lens)), context_lens=t(ctx_lens),
                             block_tables=tables, logits_indices=t([0]), query_lens_host=q_lens,
                             context_lens_host=ctx_lens, use_triton=use_triton)
 

@@ -46,10 +46,9 @@ class CudaGraphDecoder:
     def _batch(self, b: int) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self.input_ids[:b], positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
-            query_lens=self.rows[:b], context_lens=self.rows[:b], block_tables=self.block_tables[:b],
+            context_lens=self.context_lens[:b], block_tables=self.block_tables[:b],
             logits_indices=self.rows[:b], query_lens_host=[1] * b, context_lens_host=[1] * b,
-            decode_kernel=self.workspaces[b], block_tables_i32=self.block_tables[:b],
-            context_lens_i32=self.context_lens[:b])
+            decode_kernel=self.workspaces[b])
 
     def _capture_all(self) -> None:
         self._fill_padding(0)

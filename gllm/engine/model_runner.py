@@ -51,7 +51,7 @@ class ModelRunner:
 
         return ForwardBatch(
             input_ids=tensor(input_ids), positions=tensor(positions), slot_mapping=tensor(slots),
-            query_lens=tensor(query_lens), context_lens=tensor(context_lens), block_tables=tensor(tables),
+            context_lens=tensor(context_lens), block_tables=tensor(tables),
             logits_indices=tensor(logits_indices), query_lens_host=query_lens, context_lens_host=context_lens,
             use_triton=self.use_triton)
 

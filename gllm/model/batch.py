@@ -17,20 +17,17 @@ class ForwardBatch:
     input_ids: torch.Tensor      # [T] int64, the tokens of all sequences, back to back
     positions: torch.Tensor      # [T] int64, each token's absolute position in its sequence
     slot_mapping: torch.Tensor   # [T] int64, KV slot (block * block_size + offset) each token writes
-    query_lens: torch.Tensor     # [B] int64, tokens of each sequence in this batch
-    context_lens: torch.Tensor   # [B] int64, KV length of each sequence after this step
-    block_tables: torch.Tensor   # [B, max_blocks] int64, physical blocks of each sequence (padded with 0)
+    context_lens: torch.Tensor   # [B] int32/int64, KV length of each sequence after this step
+    block_tables: torch.Tensor   # [B, max_blocks] int32/int64, physical blocks of each sequence (padded with 0)
     logits_indices: torch.Tensor  # [N] int64, rows of the flat batch whose next-token logits are wanted
     query_lens_host: list[int]   # the same lengths on the host, so attention can group without a sync
     context_lens_host: list[int]
-    # Set for decode-only batches on the GPU fast path: one token per sequence, attention by the
-    # Triton paged-decode kernel reading int32 tables (shapes fixed by the batch size: graph-capturable).
     use_triton: bool = False     # GPU eager steps: Triton prefill/decode kernels instead of SDPA
-    decode_kernel: Any = None    # a DecodeAttentionWorkspace
+    # Set for decode-only batches on the GPU fast path (one token per sequence; shapes fixed by the batch
+    # size, so the step can be captured in a CUDA graph): the Triton decode kernel's workspace.
+    decode_kernel: Any = None
     # Per-step attention metadata that every layer shares: built by the first layer, reused by the rest.
     attention_plan: Any = None
-    block_tables_i32: torch.Tensor | None = None
-    context_lens_i32: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

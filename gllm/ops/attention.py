@@ -25,7 +25,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     if batch.decode_kernel is not None:
         from gllm.ops.triton_attention import paged_decode_attention
-        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables_i32, batch.context_lens_i32, scale,
+        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
                                       batch.decode_kernel)
     if batch.use_triton:
         return _triton_attention(q, k_cache, v_cache, batch, scale)
