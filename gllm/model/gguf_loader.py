@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from gguf import GGUFReader
 
 from gllm.model.config import ModelConfig, RopeConfig
 from gllm.model.llama import LlamaForCausalLM
@@ -82,30 +83,33 @@ class GGUFFile:
                 f"tensors={self.type_counts()})")
 
 
+class FastGGUFReader(GGUFReader):
+    """`gguf.GGUFReader` over a plain ndarray view of its memory map.
+
+    GGUFReader parses the header through numpy.memmap slices, and every memmap slice pays for a
+    Python-level __array_finalize__: ~100k of them for a 49k-token vocabulary. A plain ndarray view
+    of the same mapping reads identically, about 3x faster.
+    """
+
+    @property
+    def data(self):
+        return self._gllm_data
+
+    @data.setter
+    def data(self, value):
+        self._gllm_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+
 def open_gguf(path: str | Path):
     """A `gguf.GGUFReader` over ``path``; errors name the file and say what is wrong with it."""
-    from gguf import GGUFReader
-
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"GGUF file {str(path)!r} not found")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder, not a GGUF file")
 
-    class _Reader(GGUFReader):
-        # GGUFReader parses the header through numpy.memmap slices, and every memmap slice pays
-        # for a Python-level __array_finalize__: ~100k of them for a 49k-token vocabulary. A plain
-        # ndarray view of the same mapping reads identically, about 3x faster.
-        @property
-        def data(self):
-            return self._gllm_data
-
-        @data.setter
-        def data(self, value):
-            self._gllm_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
-
     try:
-        reader = _Reader(path)
+        reader = FastGGUFReader(path)
     except Exception as exc:  # the reader raises bare ValueError/IndexError/KeyError on bad bytes
         size = path.stat().st_size
         raise ValueError(f"{str(path)!r} is not a valid GGUF file (truncated?) ({size} bytes): "
