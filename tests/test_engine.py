@@ -30,8 +30,21 @@ DEVICE = os.environ.get("GLLM_TEST_DEVICE", "cpu")
 LOGIT_TOLERANCE = 1e-4 if DEVICE == "cpu" else 1e-3
 
 
+# Every test runs twice: steps in lock-step, and overlapped (step N's text is processed while step N+1 runs,
+# the default on CUDA). The module-scoped fixture below sets which one `engine()` builds.
+MODE = {"overlap_steps": False}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["lockstep", "overlap"], autouse=True)
+def overlap_mode(request):
+    MODE["overlap_steps"] = request.param
+    yield request.param
+    MODE["overlap_steps"] = False
+
+
 def engine(folder, **kw) -> LLMEngine:
-    params = dict(block_size=16, max_batch_size=8, max_seq_len=512, cpu_threads=2, dtype="float32")
+    params = dict(block_size=16, max_batch_size=8, max_seq_len=512, cpu_threads=2, dtype="float32",
+                  overlap_steps=MODE["overlap_steps"])
     params.update(kw)
     return LLMEngine(folder, GeneratorParams(**params), device=DEVICE)
 
@@ -47,7 +60,7 @@ def wait_steps(eng: LLMEngine, n: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def eng32(llama32_dir):
+def eng32(llama32_dir, overlap_mode):
     with engine(llama32_dir) as e:
         yield e
 
@@ -162,7 +175,8 @@ def test_eos_token_ends_with_stop(eng32):
 
 
 def test_stop_strings_are_excluded_and_never_streamed(eng32):
-    full = eng32.generate([greedy(PROMPTS[3], n=40)])[0].text
+    full_result = eng32.generate([greedy(PROMPTS[3], n=40)])[0]
+    full = full_result.text
     stop = full[12:16]
     assert len(stop.strip()) > 0
     events = []
@@ -177,6 +191,11 @@ def test_stop_strings_are_excluded_and_never_streamed(eng32):
     assert result.text == full[:full.index(stop)]
     streamed = "".join(e.text for e in events)
     assert streamed == result.text and stop not in streamed
+    # The tokens end with the one that completed the stop string (overlapped steps compute one more: dropped).
+    assert result.tokens == full_result.tokens[:len(result.tokens)]
+    assert stop in eng32.tokenizer.decode(result.tokens)
+    assert stop not in eng32.tokenizer.decode(result.tokens[:-1])
+    assert [t for e in events for t in e.token_ids] == result.tokens
     assert all(e.result is None for e in events[:-1])
 
 
@@ -304,3 +323,30 @@ def test_gpu_memory_budget_sizes_the_kv_pool(llama32_dir):
         assert extra_mb == pytest.approx(200, abs=1)
     with pytest.raises(ValueError, match="gpu_memory_mb"):
         engine(llama32_dir, gpu_memory_mb=10)
+
+
+def test_overlapped_steps_queue_ahead_and_change_nothing(llama32_dir, overlap_mode):
+    """Steps queued ahead (inputs from the device-side tokens) give exactly the lock-step results."""
+    if overlap_mode:
+        pytest.skip("compares both modes itself; once is enough")
+    reqs = lambda: [  # noqa: E731
+        greedy(PROMPTS[0], n=24),
+        GenerationRequest(prompt=PROMPTS[1], max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.9, seed=7,
+                          ignore_eos=True, logprobs=3),
+        GenerationRequest(prompt=PROMPTS[3], max_new_tokens=17, temperature=1.2, seed=3, ignore_eos=True),
+        greedy(PROMPTS[5], n=40, stop=["e", "\n"]),
+        greedy(PROMPTS[6], n=3),
+    ]
+    results = {}
+    for overlap in (False, True):
+        with engine(llama32_dir, overlap_steps=overlap) as eng:
+            results[overlap] = eng.generate(reqs())
+            ahead = eng.num_steps_ahead
+            assert eng.stats()["kv_free_blocks"] == eng.stats()["kv_total_blocks"]
+        assert (ahead > 0) == overlap
+    for a, b in zip(results[False], results[True]):
+        assert (a.tokens, a.text, a.finish_reason) == (b.tokens, b.text, b.finish_reason)
+        assert (a.logprobs is None) == (b.logprobs is None)
+        if a.logprobs:
+            assert [(x.token_id, x.logprob, x.top) for x in a.logprobs] == [(x.token_id, x.logprob, x.top)
+                                                                            for x in b.logprobs]

@@ -149,3 +149,48 @@ def test_preempting_a_scheduled_sequence_withdraws_its_fresh_blocks():
     out = s.schedule_step()                                # high needs 5 blocks: low, scheduled, is preempted
     assert low in out.preempted and [x.seq for x in out.scheduled] == [high]
     assert s.blocks.match_prefix(low.token_ids) == []      # nothing low published survives unwritten
+
+
+def test_schedule_ahead_only_when_schedule_step_would_pick_the_same_decodes():
+    s = make(num_blocks=8, block_size=4, batch=2)
+    a, b = seq(1, 3), seq(2, 3)
+    s.add(a)
+    s.add(b)
+    out = s.schedule_step()                      # both prefilled: their first tokens are being sampled
+    s.on_step_done(out)
+    batch = [a, b]
+    ahead = s.schedule_ahead(batch, batch)
+    assert [x.seq for x in ahead.scheduled] == batch and all(x.samples and x.num_tokens == 1 for x in ahead.scheduled)
+    assert a.num_computed_tokens == 3            # nothing counted before the sampled tokens are in
+    for q, t in ((a, 11), (b, 12)):
+        q.token_ids.append(t)
+    s.commit_ahead(ahead)
+    assert a.num_computed_tokens == 4 and b.num_computed_tokens == 4
+    assert a.block_table.num_hashed == 1        # its first block (tokens 0-3) is full and published
+    # A request waiting for room it could get: no step ahead (schedule_step must admit it first).
+    c = seq(3, 2)
+    s.add(c)
+    assert s.schedule_ahead(batch, [a]) is None
+    # The batch is full and the waiting one outranks nobody: the same decodes, ahead.
+    assert s.schedule_ahead(batch, batch) is not None
+    # A waiting request of higher priority would preempt: no step ahead.
+    s.add(seq(4, 2, priority=5))
+    assert s.schedule_ahead(batch, batch) is None
+
+
+def test_schedule_ahead_refuses_when_blocks_are_short_or_a_prefill_runs():
+    s = make(num_blocks=2, block_size=4, batch=2)
+    a = seq(1, 4)
+    s.add(a)
+    s.on_step_done(s.schedule_step())           # 4 tokens: one full block; the next token needs a second
+    a.token_ids.append(5)
+    s.on_step_done(s.schedule_step())
+    b = seq(2, 3)
+    s.add(b)
+    assert s.schedule_ahead([a], [a]) is None    # b waits with room to be admitted
+    s2 = make(num_blocks=1, block_size=4, batch=1)
+    c = seq(1, 4)
+    s2.add(c)
+    s2.on_step_done(s2.schedule_step())
+    assert s2.schedule_ahead([c], [c]) is None   # its next token needs a block there is not
+    assert len(c.block_table.block_ids) == 1

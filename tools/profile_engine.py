@@ -36,10 +36,11 @@ def drive(engine, reqs, profile: bool, label: str) -> None:
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
-    while engine.scheduler.has_work:
+    while engine.scheduler.has_work or engine._inflight is not None:
         t = time.perf_counter()
         engine._step()
         times.append((time.perf_counter() - t) * 1000)
+    engine._flush_deferred()
     torch.cuda.synchronize()
     if prof:
         prof.disable()
@@ -47,6 +48,7 @@ def drive(engine, reqs, profile: bool, label: str) -> None:
           f"max {max(times):.1f} ms")
     if prof:
         pstats.Stats(prof).sort_stats("cumtime").print_stats(28)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def main() -> None:
@@ -68,6 +70,8 @@ def main() -> None:
                               max_new_tokens=rng.randint(100, 400), temperature=0, ignore_eos=True)
             for _ in range(args.requests)]
     drive(engine, reqs, True, f"{args.requests} requests")
+    one = [GenerationRequest(prompt_token_ids=random_ids(rng, 200), max_new_tokens=300, temperature=0, ignore_eos=True)]
+    drive(engine, one, True, "1 request, 300 tokens")
 
 
 if __name__ == "__main__":

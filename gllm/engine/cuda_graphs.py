@@ -3,7 +3,10 @@
 A decode step of a small model is hundreds of tiny kernel launches; replaying a captured graph
 turns them into one. Inputs live in static buffers that each step fills with one non-blocking
 copy from pinned memory; a batch is padded up to the next captured size, the padding rows
-writing their K/V into a scratch block nobody reads.
+writing their K/V into a scratch block nobody reads. `run_ahead` takes the input tokens from the
+previous step's sampled ids on the device, so a step can be queued before those ids reach the host.
+The pinned staging buffers alternate between two sets: a step may be filled while the copies of the
+one before it are still queued.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ class CudaGraphDecoder:
         self.block_tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
         self.rows = torch.arange(top, dtype=torch.int64, device=device)
-        # Host staging in pinned memory: one asynchronous copy per buffer per step.
-        self._host = {name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
-                      for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens")}
+        self.gather_rows = torch.zeros(top, dtype=torch.int64, device=device)   # run_ahead: previous row of each
+        # Host staging in pinned memory: one asynchronous copy per buffer per step, two sets used in turn.
+        self._staging = [{name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
+                          for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
+                                       "gather_rows")} for _ in range(2)]
+        self._turn = 0
         self.workspaces = {b: DecodeAttentionWorkspace(b, cfg.num_attention_heads, cfg.head_dim,
                                                        decode_splits(b, cfg.num_key_value_heads, device), device)
                            for b in sizes}
@@ -65,18 +71,22 @@ class CudaGraphDecoder:
                 self.outputs[b] = self.model(batch, self.kv_cache.layers)
             pool = graph.pool()
             self.graphs[b] = graph
+        for graph in self.graphs.values():   # a graph's first launch uploads it: do that now, not in a step
+            graph.replay()                   # (every row is padding: writes go to the scratch block)
         torch.cuda.synchronize(self.device)
 
     def _fill_padding(self, start: int) -> None:
         scratch_slot = self.scratch_block * self.block_size
-        host = self._host
-        host["input_ids"][start:] = 0
-        host["positions"][start:] = 0
-        host["slot_mapping"][start:] = scratch_slot
-        host["block_tables"][start:] = self.scratch_block
-        host["context_lens"][start:] = 1
-        for name, buf in host.items():
+        for host in self._staging:
+            host["input_ids"][start:] = 0
+            host["positions"][start:] = 0
+            host["slot_mapping"][start:] = scratch_slot
+            host["block_tables"][start:] = self.scratch_block
+            host["context_lens"][start:] = 1
+            host["gather_rows"][start:] = 0
+        for name, buf in self._staging[0].items():
             getattr(self, name).copy_(buf, non_blocking=True)
+        torch.cuda.synchronize(self.device)
 
     def padded_size(self, batch: int) -> int | None:
         for b in self.batch_sizes:
@@ -86,22 +96,45 @@ class CudaGraphDecoder:
 
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """One decode token per sequence; returns float32 logits [len(token_ids), vocab]."""
+        host, b = self._stage(positions, block_tables)
         n = len(token_ids)
+        ids = host["input_ids"].numpy()
+        ids[:n] = token_ids
+        ids[n:b] = 0
+        self.input_ids[:b].copy_(host["input_ids"][:b], non_blocking=True)
+        return self._replay(host, n, b)
+
+    def run_ahead(self, previous_tokens: torch.Tensor, rows: list[int], positions: list[int],
+                  block_tables: list[list[int]]) -> torch.Tensor:
+        """Like `run`, with the input token of sequence i being `previous_tokens[rows[i]]` (on the device)."""
+        host, b = self._stage(positions, block_tables)
+        n = len(rows)
+        host["gather_rows"].numpy()[:n] = rows
+        self.gather_rows[:n].copy_(host["gather_rows"][:n], non_blocking=True)
+        torch.index_select(previous_tokens, 0, self.gather_rows[:n], out=self.input_ids[:n])
+        return self._replay(host, n, b)
+
+    def _stage(self, positions: list[int], block_tables: list[list[int]]) -> tuple[dict[str, torch.Tensor], int]:
+        n = len(positions)
         b = self.padded_size(n)
         assert b is not None, f"batch {n} exceeds the largest captured graph"
+        host = self._staging[self._turn]
+        self._turn ^= 1
         bs = self.block_size
-        ids, pos, slots, ctx, table = (self._host[k].numpy() for k in
-                                       ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables"))
-        ids[:n] = token_ids
+        pos, slots, ctx, table = (host[k].numpy() for k in ("positions", "slot_mapping", "context_lens",
+                                                           "block_tables"))
         pos[:n] = positions
         ctx[:n] = pos[:n] + 1
         for i, (blocks, p) in enumerate(zip(block_tables, positions)):
             table[i, :len(blocks)] = blocks
             slots[i] = blocks[p // bs] * bs + p % bs
         # Padding rows of this size class: harmless writes into the scratch block.
-        ids[n:b], pos[n:b], slots[n:b], ctx[n:b] = 0, 0, self.scratch_block * bs, 1
+        pos[n:b], slots[n:b], ctx[n:b] = 0, self.scratch_block * bs, 1
         table[n:b] = self.scratch_block
-        for name in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables"):
-            getattr(self, name)[:b].copy_(self._host[name][:b], non_blocking=True)
+        return host, b
+
+    def _replay(self, host: dict[str, torch.Tensor], n: int, b: int) -> torch.Tensor:
+        for name in ("positions", "slot_mapping", "context_lens", "block_tables"):
+            getattr(self, name)[:b].copy_(host[name][:b], non_blocking=True)
         self.graphs[b].replay()
         return self.outputs[b][:n]

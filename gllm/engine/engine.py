@@ -33,7 +33,7 @@ from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, S
 from gllm.engine.sinks import AsyncSink, RequestHandle
 from gllm.kv import BlockManager, KVCache, num_blocks_for
 from gllm.model import ModelConfig, parse_dtype
-from gllm.sampling import SampleRow, Sampler, SamplingParams, StopChecker, TokenLogprobs
+from gllm.sampling import PendingSample, SampleRow, Sampler, SamplingParams, StopChecker, StopResult, TokenLogprobs
 from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from gllm.tokenizer import IncrementalDetokenizer
 
@@ -94,6 +94,25 @@ class _RequestState:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     sent_chars: int = 0
+    # A token accepted by id whose text is not processed yet (overlapped steps): (token, logprobs, step).
+    pending: tuple[int, TokenLogprobs | None, int] | None = None
+    last_step: int = 0          # the step that produced its last token (its final event's step)
+
+
+@dataclass(eq=False)
+class _LaunchedStep:
+    """A step queued on the device whose sampled tokens are not yet on the host."""
+    out: SchedulerOutput
+    states: list[_RequestState]
+    samplers: list[_RequestState]
+    sample: PendingSample | None
+    started: float
+    step: int = 0
+    ahead: bool = False        # queued by `_launch_ahead` (inputs from the previous step's device tokens)
+    decode: bool = False       # every sequence decodes one token: the kind of step a step can be queued after
+
+
+_NOT_FINISHED = StopResult(False)
 
 
 class LLMEngine:
@@ -138,6 +157,10 @@ class LLMEngine:
                                              self.block_manager.blocks_needed(gen.max_seq_len), num_blocks, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graph_decoder, use_triton)
         self.sampler = Sampler(cfg.vocab_size, self.device)
+        # Overlap: step N's text work (detokenizing, stop strings, events) runs while step N+1 computes.
+        self.overlap_steps = self.device.type == "cuda" if gen.overlap_steps is None else gen.overlap_steps
+        self._deferred: tuple[StepInfo, list[_RequestState]] | None = None   # engine thread only
+        self._inflight: _LaunchedStep | None = None   # a step queued ahead, whose tokens are not collected yet
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._live_ids: set[str] = set()          # ids submitted and not yet finished (any thread)
@@ -148,6 +171,7 @@ class LLMEngine:
         self._closed = False
         self._step_listeners: list[Callable[[StepInfo], None]] = []
         self.num_steps = 0
+        self.num_steps_ahead = 0     # of those, steps queued before the previous step's tokens were on the host
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
 
@@ -313,11 +337,17 @@ class LLMEngine:
     def _run(self) -> None:
         torch.set_num_threads(self.cpu_threads)  # per thread under OpenMP: set it where the maths runs
         while True:
-            block = not self.scheduler.has_work
+            block = not self.scheduler.has_work and self._deferred is None and self._inflight is None
             if not self._drain_inbox(block):
                 break
-            if self.scheduler.has_work:
+            if self.scheduler.has_work or self._inflight is not None:
                 self._step()
+            else:
+                self._flush_deferred()
+        if self._inflight is not None:
+            self._collect(self._inflight)
+            self._inflight = None
+        self._flush_deferred()
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
 
@@ -339,61 +369,156 @@ class LLMEngine:
                 self._finish(self._states[arg], "cancelled")
 
     def _step(self) -> None:
+        """One engine step. With `overlap_steps`, the previous step's text work runs after this step is queued
+        on the GPU and before its tokens are waited for; and in steady decoding the next step is queued before
+        this one's tokens reach the host (its inputs are the sampled ids on the device), so the GPU does not
+        wait for the host between steps. Token ids, stop tokens and lengths are always applied before a
+        step is chosen from them, so batches and results are the same as in lock-step."""
         started = time.perf_counter()
-        out = self.scheduler.schedule_step()
-        if not out.scheduled:
-            return
-        self.num_steps += 1
-        try:
-            self._run_step(out)
-        finally:
-            info = StepInfo(step=self.num_steps, seconds=time.perf_counter() - started, num_tokens=out.num_tokens,
-                            num_seqs=len(out.scheduled),
-                            num_decodes=sum(1 for s in out.scheduled if s.num_tokens == 1 and s.samples),
-                            num_preempted=len(out.preempted), running=len(self.scheduler.running),
-                            waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks)
-            for listener in self._step_listeners:
-                try:
-                    listener(info)
-                except Exception:
-                    log.exception("step listener failed")
+        launched, self._inflight = self._inflight, None
+        if launched is None:
+            out = self.scheduler.schedule_step()
+            if not out.scheduled:
+                self._flush_deferred()
+                return
+            launched = self._launch(out, started)
+        ahead = self._launch_ahead(launched) if self.overlap_steps else None
+        self._flush_deferred()
+        self._collect(launched)
+        if ahead is not None:
+            self.scheduler.commit_ahead(ahead.out)
+            self._inflight = ahead
+        elif not (self.overlap_steps and self.scheduler.has_work):
+            self._flush_deferred()   # no next step to hide it behind
 
-    def _run_step(self, out: SchedulerOutput) -> None:
+    def _launch(self, out: SchedulerOutput, started: float) -> _LaunchedStep:
+        self.num_steps += 1
         states = [self._by_seq[s.seq.seq_id] for s in out.scheduled]
         now = time.perf_counter()
         for state in states:
             state.first_scheduled = state.first_scheduled or now
+        samplers = [st for st, s in zip(states, out.scheduled) if s.samples]
+        launched = _LaunchedStep(out, states, samplers, None, started, step=self.num_steps,
+                                 decode=all(s.num_tokens == 1 and s.samples for s in out.scheduled))
         try:
             logits = self.runner.run(out)
             self.scheduler.on_step_done(out)
-            samplers = [st for st, s in zip(states, out.scheduled) if s.samples]
             rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids) for st in samplers]
-            sampled = self.sampler.sample(logits, rows) if rows else None
+            launched.sample = self.sampler.launch(logits, rows) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
-            log.exception("engine step %d failed (%d sequences, %d tokens)", self.num_steps, len(out.scheduled),
-                          out.num_tokens)
-            for state in states:
-                self._finish(state, "error", error=f"{type(exc).__name__}: {exc}", failed_step=True)
-            return
+            self._fail_step(launched, exc)
+        return launched
+
+    def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
+        """Queue the decode step after `launched` before its tokens are known, when the scheduler would choose
+        it anyway (see `Scheduler.schedule_ahead`) and no request needs its token history on the host."""
+        if not launched.decode or launched.sample is None or launched.sample.device_tokens is None:
+            return None
+        states = [st for st in launched.samplers if self._states.get(st.request_id) is st]
+        if any(st.params.has_penalties or st.params.logits_processor is not None for st in states):
+            return None
+        rows = [i for i, st in enumerate(launched.samplers)
+                if len(st.output_ids) + 1 < st.stop.max_new_tokens and self._states.get(st.request_id) is st]
+        out = self.scheduler.schedule_ahead([st.seq for st in states], [launched.samplers[i].seq for i in rows])
+        if out is None:
+            return None
+        self.num_steps += 1
+        self.num_steps_ahead += 1
+        keep = [launched.samplers[i] for i in rows]
+        ahead = _LaunchedStep(out, keep, keep, None, time.perf_counter(), step=self.num_steps, ahead=True,
+                              decode=True)
+        try:
+            logits = self.runner.run_ahead(out, launched.sample.device_tokens, rows)
+            # Each row's token count is one more than now: the token being sampled is not appended yet.
+            sample_rows = [SampleRow(st.params, st.seed, len(st.output_ids) + 1, st.prompt_ids, st.output_ids)
+                           for st in keep]
+            ahead.sample = self.sampler.launch(logits, sample_rows)
+        except Exception as exc:
+            self._fail_step(ahead, exc)
+        return ahead
+
+    def _fail_step(self, launched: _LaunchedStep, exc: Exception) -> None:
+        log.exception("engine step %d failed (%d sequences, %d tokens)", self.num_steps, len(launched.out.scheduled),
+                      launched.out.num_tokens)
+        for state in launched.states:
+            self._finish(state, "error", error=f"{type(exc).__name__}: {exc}", failed_step=True)
+        launched.samplers, launched.sample = [], None
+
+    def _collect(self, launched: _LaunchedStep) -> None:
+        """Wait for the step's tokens and apply them by id; their text waits in `_deferred` when overlapping."""
+        out = launched.out
+        step = launched.step
+        deferred: list[_RequestState] = []
+        try:
+            sampled = launched.sample.result() if launched.sample is not None else None
+        except Exception as exc:
+            self._fail_step(launched, exc)
+            sampled = None
         if sampled is not None:
-            for state, token, lp, error in zip(samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
+            for state, token, lp, error in zip(launched.samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
+                if self._states.get(state.request_id) is not state:
+                    continue   # finished while this step ran (a stop string found late, a cancel): token void
                 if error is not None:
                     self._finish(state, "error", error=error)
                     continue
                 try:
-                    self._accept_token(state, token, lp)
+                    if self._accept_token(state, token, lp, step):
+                        deferred.append(state)
                 except Exception as exc:
                     log.exception("request %s failed", state.request_id)
                     self._finish(state, "error", error=f"{type(exc).__name__}: {exc}")
+        info = StepInfo(step=step, seconds=time.perf_counter() - launched.started, num_tokens=out.num_tokens,
+                        num_seqs=len(out.scheduled),
+                        num_decodes=sum(1 for s in out.scheduled if s.num_tokens == 1 and s.samples),
+                        num_preempted=len(out.preempted), running=len(self.scheduler.running),
+                        waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks)
+        self._deferred = (info, deferred)
 
-    def _accept_token(self, state: _RequestState, token: int, lp: TokenLogprobs | None) -> None:
+    def _flush_deferred(self) -> None:
+        """Process the text of the last collected step, then tell the step listeners it is over."""
+        if self._deferred is None:
+            return
+        info, states = self._deferred
+        self._deferred = None
+        for state in states:
+            self._catch_up(state)
+        for listener in self._step_listeners:
+            try:
+                listener(info)
+            except Exception:
+                log.exception("step listener failed")
+
+    def _catch_up(self, state: _RequestState) -> bool:
+        """Process a live request's pending token text; True if that finished it (a stop string)."""
+        if state.pending is None or self._states.get(state.request_id) is not state:
+            return False
+        token, lp, step = state.pending
+        state.pending = None
+        try:
+            self._accept_text(state, token, lp, _NOT_FINISHED, step)
+        except Exception as exc:
+            log.exception("request %s failed", state.request_id)
+            self._finish(state, "error", error=f"{type(exc).__name__}: {exc}")
+        return self._states.get(state.request_id) is not state
+
+    def _accept_token(self, state: _RequestState, token: int, lp: TokenLogprobs | None, step: int) -> bool:
+        """Apply a sampled token; True if its text is left for `_flush_deferred` (overlapping, not finished)."""
         now = time.perf_counter()
         state.first_token = state.first_token or now
+        state.last_step = step
         state.output_ids.append(token)
         state.seq.token_ids.append(token)
         if lp is not None:
             state.logprobs.append(lp)
         verdict = state.stop.check_token(token, len(state.output_ids))
+        if self.overlap_steps and not verdict.finished:
+            state.pending = (token, lp, step)
+            return True
+        self._accept_text(state, token, lp, verdict, step)
+        return False
+
+    def _accept_text(self, state: _RequestState, token: int, lp: TokenLogprobs | None, verdict: StopResult,
+                     step: int) -> None:
         stop_token = verdict.finished and verdict.finish_reason == "stop"
         new_text = "" if stop_token else state.detok.add([token])
         text = state.detok.text
@@ -407,14 +532,17 @@ class LLMEngine:
             safe = state.stop.safe_length(text)
             delta, state.sent_chars = text[state.sent_chars:safe], max(state.sent_chars, safe)
             self._deliver(state, StreamEvent(state.request_id, delta, [token], None if lp is None else [lp],
-                                             step=self.num_steps))
+                                             step=step))
 
     def _finish(self, state: _RequestState, reason: str, *, text: str | None = None,
                 new_tokens: list[int] | None = None, new_logprobs: TokenLogprobs | None = None,
                 error: str | None = None, failed_step: bool = False) -> None:
         """End a request exactly once: free its blocks and send its final event."""
-        if self._states.pop(state.request_id, None) is None:
+        if self._catch_up(state):
+            return   # its pending token's text completed a stop string: it ended there
+        if self._states.get(state.request_id) is not state:
             return
+        del self._states[state.request_id]
         del self._by_seq[state.seq.seq_id]
         self.scheduler.finish(state.seq, failed=failed_step)
         with self._ids_lock:
@@ -433,7 +561,7 @@ class LLMEngine:
         delta = text[state.sent_chars:]
         self._deliver(state, StreamEvent(state.request_id, delta, new_tokens or [],
                                          None if new_logprobs is None else [new_logprobs], result=result,
-                                         step=self.num_steps))
+                                         step=state.last_step or self.num_steps))
 
     def _deliver(self, state: _RequestState, event: StreamEvent) -> None:
         try:

@@ -24,7 +24,9 @@ class ModelRunner:
         self.graph_decoder = graph_decoder
         self.use_triton = use_triton
 
-    def build_batch(self, out: SchedulerOutput) -> ForwardBatch:
+    def build_batch(self, out: SchedulerOutput, ahead_positions: list[int] | None = None) -> ForwardBatch:
+        """The flat batch of `out`; with `ahead_positions`, one decode per sequence at those positions and
+        input ids left as placeholders (the caller puts the device-side tokens in)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -35,7 +37,11 @@ class ModelRunner:
         for s in out.scheduled:
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
             blocks = seq.block_table.block_ids
-            input_ids += seq.token_ids[start:start + n]
+            if ahead_positions is None:
+                input_ids += seq.token_ids[start:start + n]
+            else:
+                start = ahead_positions[len(query_lens)]
+                input_ids.append(0)
             positions += range(start, start + n)
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             query_lens.append(n)
@@ -55,12 +61,28 @@ class ModelRunner:
             logits_indices=tensor(logits_indices), query_lens_host=query_lens, context_lens_host=context_lens,
             use_triton=self.use_triton)
 
+    def uses_graph(self, out: SchedulerOutput) -> bool:
+        """Whether `run(out)` replays a CUDA graph (every sequence decodes one token, in a captured size)."""
+        decoder = self.graph_decoder
+        return (decoder is not None and decoder.padded_size(len(out.scheduled)) is not None
+                and all(s.num_tokens == 1 and s.samples for s in out.scheduled))
+
     def run(self, out: SchedulerOutput) -> torch.Tensor:
         """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order."""
-        decoder = self.graph_decoder
-        if decoder is not None and decoder.padded_size(len(out.scheduled)) is not None \
-                and all(s.num_tokens == 1 and s.samples for s in out.scheduled):
+        if self.uses_graph(out):
             seqs = [s.seq for s in out.scheduled]
-            return decoder.run([q.token_ids[-1] for q in seqs], [len(q.token_ids) - 1 for q in seqs],
-                               [q.block_table.block_ids for q in seqs])
+            return self.graph_decoder.run([q.token_ids[-1] for q in seqs], [len(q.token_ids) - 1 for q in seqs],
+                                          [q.block_table.block_ids for q in seqs])
         return self.model(self.build_batch(out), self.kv_cache.layers)
+
+    def run_ahead(self, out: SchedulerOutput, previous_tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """A decode step queued before its input tokens reach the host: sequence i's input is
+        `previous_tokens[rows[i]]` and its position `num_computed_tokens` (see `Scheduler.schedule_ahead`)."""
+        seqs = [s.seq for s in out.scheduled]
+        positions = [q.num_computed_tokens for q in seqs]
+        if self.uses_graph(out):
+            return self.graph_decoder.run_ahead(previous_tokens, rows, positions,
+                                                [q.block_table.block_ids for q in seqs])
+        batch = self.build_batch(out, positions)
+        batch.input_ids = previous_tokens[torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)]
+        return self.model(batch, self.kv_cache.layers)

@@ -19,6 +19,7 @@ class GeneratorParams:
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
+    overlap_steps: bool | None = None  # detokenize/deliver step N while step N+1 runs; None: on for CUDA
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len", "max_step_tokens", "max_waiting_requests"):

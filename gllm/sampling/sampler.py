@@ -40,15 +40,49 @@ class SampleOutput:
     errors: list[str | None]      # per row: why its logits processor failed (that row's token is void)
 
 
+@dataclass
+class PendingSample:
+    """A sample whose tokens (and logprobs) are still on their way to the host; `result()` waits for them.
+
+    Lets the engine queue the next step's work on the GPU before it needs this step's tokens."""
+    rows: list[SampleRow]
+    errors: list[str | None]
+    tokens: torch.Tensor                       # [B] int64, host (pinned on CUDA)
+    chosen: torch.Tensor | None = None         # [B] float32 logprob of each token (host)
+    top_vals: torch.Tensor | None = None       # [B, N] (host)
+    top_ids: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None       # recorded after the copies (None on the CPU: already there)
+    device_tokens: torch.Tensor | None = None  # [B] the tokens where they were sampled (input of a step ahead)
+
+    def result(self) -> SampleOutput:
+        if self.done is not None:
+            self.done.synchronize()
+        token_list = self.tokens.tolist()
+        if self.chosen is None:
+            return SampleOutput(token_list, [None] * len(self.rows), self.errors)
+        chosen, top_vals, top_ids = self.chosen.tolist(), self.top_vals.tolist(), self.top_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = []
+        for i, r in enumerate(self.rows):
+            n = r.params.logprobs
+            logprobs.append(None if n is None else
+                            TokenLogprobs(token_list[i], chosen[i], list(zip(top_ids[i][:n], top_vals[i][:n]))))
+        return SampleOutput(token_list, logprobs, self.errors)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device | str) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.noise = NoiseTable(vocab_size, device)
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
         """logits: [B, V] float32, one row per entry of `rows`."""
+        return self.launch(logits, rows).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, rows: list[SampleRow]) -> PendingSample:
+        """Queue the sampling of `logits` and the copy of its results to the host; does not wait for the GPU
+        (unless a logits processor does)."""
         logits = logits[:, : self.vocab_size]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
         logits, errors = self._apply_processors(logits, rows)
@@ -63,8 +97,24 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
             index = torch.tensor(sampled_rows, device=self.device)
             tokens[index] = self._sample_random(logits[index], [rows[i] for i in sampled_rows])
-        token_list = tokens.tolist()
-        return SampleOutput(token_list, self._logprobs(raw_logprobs, tokens, token_list, rows), errors)
+        pending = PendingSample(rows, errors, self._to_host(tokens), device_tokens=tokens)
+        if raw_logprobs is not None:
+            pending.chosen = self._to_host(raw_logprobs.gather(1, tokens[:, None])[:, 0])
+            max_n = max(r.params.logprobs or 0 for r in rows)
+            top_vals, top_ids = (raw_logprobs.topk(max_n, dim=-1) if max_n
+                                 else (raw_logprobs[:, :0], tokens[:, None][:, :0]))
+            pending.top_vals, pending.top_ids = self._to_host(top_vals), self._to_host(top_ids)
+        if tokens.is_cuda:
+            pending.done = torch.cuda.Event()
+            pending.done.record()
+        return pending
+
+    @staticmethod
+    def _to_host(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
 
     def _apply_processors(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, list[str | None]]:
         errors: list[str | None] = [None] * len(rows)
@@ -139,21 +189,6 @@ class Sampler:
         winners = scores == best[row_idx]
         return torch.full((batch,), logits.shape[1], dtype=torch.long, device=logits.device).scatter_reduce(
             0, row_idx[winners], token_idx[winners], "amin")
-
-    def _logprobs(self, raw: torch.Tensor | None, tokens: torch.Tensor, token_list: list[int],
-                  rows: list[SampleRow]) -> list[TokenLogprobs | None]:
-        if raw is None:
-            return [None] * len(rows)
-        chosen = raw.gather(1, tokens[:, None])[:, 0].tolist()
-        max_n = max(r.params.logprobs or 0 for r in rows)
-        top_vals, top_ids = (raw.topk(max_n, dim=-1) if max_n else (raw[:, :0], tokens[:, None][:, :0]))
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        result: list[TokenLogprobs | None] = []
-        for i, r in enumerate(rows):
-            n = r.params.logprobs
-            result.append(None if n is None else
-                          TokenLogprobs(token_list[i], chosen[i], list(zip(top_ids[i][:n], top_vals[i][:n]))))
-        return result
 
     def _column(self, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)[:, None]

@@ -178,3 +178,33 @@ class Scheduler:
         """Advance each scheduled sequence past the tokens just computed."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
+
+    def schedule_ahead(self, batch: list[Sequence], keep: list[Sequence]) -> SchedulerOutput | None:
+        """The next step, chosen while the tokens of the step just queued (`batch`, all decoding) are still
+        being sampled: one decode for each of `keep` (those of `batch` not about to hit their length limit),
+        at position `num_computed_tokens`, where that sampled token goes. Only when it is the step
+        `schedule_step` would pick once those tokens are known — every running sequence is in `batch`, none
+        waiting could be admitted or preempt — and blocks are free; None otherwise. Call `commit_ahead`
+        once the previous step's tokens are appended."""
+        if len(batch) != len(self.running) or not keep or len(keep) > self.config.max_step_tokens:
+            return None
+        if self.waiting and (len(keep) < self.config.max_batch_size
+                             or max(w.priority for w in self.waiting) > min(s.priority for s in keep)):
+            return None
+        for seq in keep:
+            if not self.blocks.grow(seq.block_table, seq.num_computed_tokens + 1):
+                return None      # blocks are short: let schedule_step decide (it may preempt)
+        out = SchedulerOutput()
+        for seq in keep:
+            item = ScheduledSeq(seq, 1)
+            item.samples = True  # its input token is the one being sampled now
+            out.add(item)
+        return out
+
+    def commit_ahead(self, out: SchedulerOutput) -> None:
+        """Account a `schedule_ahead` step once its input tokens are in the sequences: advance and publish."""
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.status == SequenceStatus.RUNNING:
+                seq.num_computed_tokens += 1
+                self.blocks.register_computed(seq.block_table, seq.token_ids, seq.num_computed_tokens)
