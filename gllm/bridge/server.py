@@ -166,7 +166,6 @@ class BridgeServer:
         self.counters = collections.Counter()
         # The last step the engine has finished delivering (written by the engine thread's step listener).
         self._completed_step = int(getattr(engine, "num_steps", 0))
-        self._holding = False   # some client has events waiting for their step to end (set by the I/O thread)
         self._step_hook = callable(getattr(engine, "add_step_listener", None))
         if self._step_hook:
             engine.add_step_listener(self._on_step_end)
@@ -294,13 +293,15 @@ class BridgeServer:
         """Engine thread, after every step's events were handed over: send them now if the I/O thread is not
         using the socket; otherwise wake it to do so. Never waits (the engine does not wait on clients)."""
         self._completed_step = info.step
-        if not (self._events or self._holding):
-            return   # nothing of ours in this step (the I/O loop's tick covers a race with `_holding`)
         if not self._lock.acquire(blocking=False):
-            self._wake_now()
+            self._wake_now()     # it will see `_completed_step` when it next flushes
             return
         try:
             if self.router is None:
+                return
+            # Events of this step may already sit in a client's pending items (the I/O thread drained them
+            # mid-step): look at those too, not only at the queue.
+            if not (self._events or any(c.pending_step is not None for c in self.clients.values())):
                 return
             self._drain_events()
             self._flush_ready(time.monotonic())
@@ -393,7 +394,7 @@ class BridgeServer:
                     next_lease_check = now + LEASE_CHECK_S
                     self._check_leases(now)
                 if self._step_hook:   # step ends send or wake; the tick is only a safety net for held events
-                    busy = self._holding = any(c.pending_step is not None for c in self.clients.values())
+                    busy = any(c.pending_step is not None for c in self.clients.values())
                 else:
                     busy = any(c.live or c.pending_step is not None for c in self.clients.values())
                 # last touch of the socket before sleeping on its edge-triggered fd: is input already waiting?
