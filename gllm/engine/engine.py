@@ -108,7 +108,6 @@ class _LaunchedStep:
     sample: PendingSample | None
     started: float
     step: int = 0
-    ahead: bool = False        # queued by `_launch_ahead` (inputs from the previous step's device tokens)
     decode: bool = False       # every sequence decodes one token: the kind of step a step can be queued after
 
 
@@ -425,7 +424,7 @@ class LLMEngine:
         self.num_steps += 1
         self.num_steps_ahead += 1
         keep = [launched.samplers[i] for i in rows]
-        ahead = _LaunchedStep(out, keep, keep, None, time.perf_counter(), step=self.num_steps, ahead=True,
+        ahead = _LaunchedStep(out, keep, keep, None, time.perf_counter(), step=self.num_steps,
                               decode=True)
         try:
             logits = self.runner.run_ahead(out, launched.sample.device_tokens, rows)
