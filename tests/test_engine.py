@@ -348,5 +348,9 @@ def test_overlapped_steps_queue_ahead_and_change_nothing(llama32_dir, overlap_mo
         assert (a.tokens, a.text, a.finish_reason) == (b.tokens, b.text, b.finish_reason)
         assert (a.logprobs is None) == (b.logprobs is None)
         if a.logprobs:
-            assert [(x.token_id, x.logprob, x.top) for x in a.logprobs] == [(x.token_id, x.logprob, x.top)
-                                                                            for x in b.logprobs]
+            # Ids exactly; values to float noise: requests reaching the engine thread one by one may batch
+            # differently in the two runs, and a matmul's rounding depends on its batch.
+            assert [(x.token_id, [t for t, _ in x.top]) for x in a.logprobs] == \
+                [(x.token_id, [t for t, _ in x.top]) for x in b.logprobs]
+            flat = lambda r: [v for x in r.logprobs for v in [x.logprob] + [p for _, p in x.top]]  # noqa: E731
+            assert flat(a) == pytest.approx(flat(b), abs=1e-5)

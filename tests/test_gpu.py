@@ -179,3 +179,64 @@ def test_triton_mixed_prefill_and_decode_attention_matches_torch_path(dtype):
     got = paged_attention(q, k_cache, v_cache, batch(True), dim ** -0.5).double()
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_split_over_keys_matches_reference(dtype):
+    """Short chunks over long cached prefixes split each tile's keys over programs; every split count gives
+    the reference, including splits that some rows cannot see (all their keys lie past the row's position)."""
+    import dataclasses
+    from gllm.model import ForwardBatch
+    from gllm.ops.attention import paged_attention
+    from gllm.ops.triton_prefill import PrefillPlan, prefill_partials
+    torch.manual_seed(2)
+    heads, kv_heads, dim, bs = 8, 2, 64, 16
+    k_cache = torch.randn(200, bs, kv_heads, dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    q_lens, ctx_lens = [20, 5, 70], [900, 300, 70]
+    tables = torch.randperm(200, device="cuda")[: 3 * 60].view(3, 60).to(torch.int32)
+    q = torch.randn(sum(q_lens), heads, dim, device="cuda", dtype=dtype)
+    t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+    batch = ForwardBatch(input_ids=t([0] * sum(q_lens)), positions=t([0] * sum(q_lens)),
+                         slot_mapping=t([0] * sum(q_lens)), context_lens=t(ctx_lens), block_tables=tables,
+                         logits_indices=t([0]), query_lens_host=q_lens, context_lens_host=ctx_lens)
+    want = paged_attention(q.double(), k_cache.double(), v_cache.double(), batch, dim ** -0.5)
+    plan = PrefillPlan.build([0, 1, 2], [0, 20, 25], q_lens, ctx_lens, heads, dim, torch.device("cuda"))
+    assert plan.num_splits > 1    # 4 tiles x 8 heads over 900 keys: the GPU wants more programs
+    for splits in (1, 2, 4, 8):
+        batch.prefill_plan = dataclasses.replace(plan, num_splits=splits, partials=prefill_partials(
+            plan.num_tiles, heads, dim, splits, torch.device("cuda")))
+        got = paged_attention(q, k_cache, v_cache, batch, dim ** -0.5).double()
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < (1e-5 if dtype == torch.float32 else 1e-2), (splits, rel)
+
+
+def test_prefill_graphs_give_the_eager_tokens_for_chunked_cached_and_batched_prompts(llama32_dir):
+    """Prefill-only steps replay captured graphs (padded token counts, several chunks, cached prefixes, later
+    chunks of a long prompt); tokens and logprobs equal the all-eager engine's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    story = " ".join([PROMPT] * 12)
+    first = [GenerationRequest(prompt=story + f" and then {w}", max_new_tokens=8, temperature=0, ignore_eos=True,
+                               logprobs=2) for w in ("left", "stayed", "sang")]
+    again = [GenerationRequest(prompt=story + f" until {w}", max_new_tokens=8, temperature=0, ignore_eos=True,
+                               logprobs=2) for w in ("dawn", "noon")]
+    with cuda_engine(llama32_dir, max_step_tokens=96) as graphed, \
+            cuda_engine(llama32_dir, max_step_tokens=96, cuda_graphs=False) as eager:
+        prefill = graphed.runner.prefill_graphs
+        assert prefill is not None and eager.runner.prefill_graphs is None
+        assert prefill.token_sizes == [32, 64, 96]
+        results, replays = {}, []
+        for name, eng in (("graphed", graphed), ("eager", eager)):
+            a = eng.generate(first)       # 3 x ~125 tokens in 96-token steps: the first two steps are prefill-only
+            replays.append(prefill.num_replays)
+            b = eng.generate(again)       # both prompts' uncached tails in one prefill-only step
+            replays.append(prefill.num_replays)
+            assert all(r.usage.cached_tokens > 0 for r in b)
+            results[name] = [(r.tokens, [lp.logprob for lp in r.logprobs]) for r in a + b]
+        assert replays[0] >= 2 and replays[1] > replays[0] and replays[2] == replays[3] == replays[1]
+        for (tokens_g, lps_g), (tokens_e, lps_e) in zip(results["graphed"], results["eager"]):
+            assert tokens_g == tokens_e
+            assert lps_g == pytest.approx(lps_e, abs=1e-4)
+    with cuda_engine(llama32_dir, prefill_graph_tokens=0) as no_prefill_graphs:
+        assert no_prefill_graphs.runner.prefill_graphs is None
+        assert no_prefill_graphs.runner.graph_decoder is not None

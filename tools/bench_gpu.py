@@ -109,9 +109,10 @@ def bench_throughput(engine: LLMEngine, rng: random.Random, num_requests: int = 
     reqs = [GenerationRequest(prompt_token_ids=random_ids(rng, rng.randint(100, 1024)),
                               max_new_tokens=rng.randint(100, 1024), temperature=0, ignore_eos=True)
             for _ in range(num_requests)]
-    # Warm-up with the same mix (Triton compiles each kernel variant once per machine: keep that out of the timing).
-    engine.generate([GenerationRequest(prompt_token_ids=random_ids(rng, rng.randint(100, 1024)), max_new_tokens=16,
-                                       ignore_eos=True) for _ in range(64)])
+    # Warm-up with the same mix, shorter (Triton compiles each kernel variant once per machine — prefill key
+    # splits, batch shapes — keep that out of the timing).
+    engine.generate([GenerationRequest(prompt_token_ids=random_ids(rng, rng.randint(100, 1024)),
+                                       max_new_tokens=rng.randint(1, 48), ignore_eos=True) for _ in range(num_requests)])
     start = time.perf_counter()
     results = engine.generate(reqs)
     seconds = time.perf_counter() - start
@@ -121,7 +122,7 @@ def bench_throughput(engine: LLMEngine, rng: random.Random, num_requests: int = 
 
 
 def bench_ttft(engine: LLMEngine, rng: random.Random, repeats: int = 7) -> dict:
-    cold, cached = [], []
+    cold, cached, queued = [], [], []
     for _ in range(repeats):
         prefix = random_ids(rng, 900)
         first = engine.generate([GenerationRequest(prompt_token_ids=prefix + random_ids(rng, 124), max_new_tokens=1)])
@@ -129,7 +130,9 @@ def bench_ttft(engine: LLMEngine, rng: random.Random, repeats: int = 7) -> dict:
         again = engine.generate([GenerationRequest(prompt_token_ids=prefix + random_ids(rng, 124), max_new_tokens=1)])
         assert again[0].usage.cached_tokens >= 880
         cached.append(again[0].timings.ttft_ms)
-    return {"cold_ms": statistics.median(cold[1:]), "cached_prefix_ms": statistics.median(cached[1:])}
+        queued.append(again[0].timings.queued_ms)
+    return {"cold_ms": statistics.median(cold[1:]), "cached_prefix_ms": statistics.median(cached[1:]),
+            "cached_prefix_queued_ms": statistics.median(queued[1:])}
 
 
 def bench_transformers(cfg: ModelConfig, batch: int, new_tokens: int = 64) -> float:
@@ -183,7 +186,8 @@ def main() -> None:
               f"({1000 / floor_ms:.0f} tok/s): {100 * floor_ms / ms:.0f}% of the floor", flush=True)
         row["ttft"] = bench_ttft(engine, rng)
         print(f"[{shape}] TTFT 1024 tokens: cold {row['ttft']['cold_ms']:.2f} ms, "
-              f"900 cached {row['ttft']['cached_prefix_ms']:.2f} ms", flush=True)
+              f"900 cached {row['ttft']['cached_prefix_ms']:.2f} ms (of which queued "
+              f"{row['ttft']['cached_prefix_queued_ms']:.2f})", flush=True)
         if not args.skip_throughput:
             row["throughput"] = bench_throughput(engine, rng)
             print(f"[{shape}] throughput 256 req: {row['throughput']['tokens_per_s']:.0f} output tok/s "

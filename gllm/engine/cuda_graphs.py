@@ -71,6 +71,7 @@ class CudaGraphDecoder:
                 self.outputs[b] = self.model(batch, self.kv_cache.layers)
             pool = graph.pool()
             self.graphs[b] = graph
+        self.pool = pool   # the prefill graphs share it: steps never run concurrently
         for graph in self.graphs.values():   # a graph's first launch uploads it: do that now, not in a step
             graph.replay()                   # (every row is padding: writes go to the scratch block)
         torch.cuda.synchronize(self.device)

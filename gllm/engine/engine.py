@@ -149,12 +149,18 @@ class LLMEngine:
         self.kv_cache = KVCache(cfg, num_blocks + int(use_graphs), gen.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens), self.block_manager)
-        graph_decoder = None
+        graph_decoder = prefill_graphs = None
         if use_graphs:
             from gllm.engine.cuda_graphs import CudaGraphDecoder
-            graph_decoder = CudaGraphDecoder(self.model, self.kv_cache, gen.max_batch_size,
-                                             self.block_manager.blocks_needed(gen.max_seq_len), num_blocks, self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graph_decoder, use_triton)
+            from gllm.engine.prefill_graphs import CudaGraphPrefill
+            max_blocks = self.block_manager.blocks_needed(gen.max_seq_len)
+            graph_decoder = CudaGraphDecoder(self.model, self.kv_cache, gen.max_batch_size, max_blocks, num_blocks,
+                                             self.device)
+            if gen.prefill_graph_tokens:
+                prefill_graphs = CudaGraphPrefill(self.model, self.kv_cache, min(gen.max_step_tokens,
+                                                  gen.prefill_graph_tokens), gen.max_batch_size, max_blocks,
+                                                  num_blocks, self.device, pool=graph_decoder.pool)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graph_decoder, use_triton, prefill_graphs)
         self.sampler = Sampler(cfg.vocab_size, self.device)
         # Overlap: step N's text work (detokenizing, stop strings, events) runs while step N+1 computes.
         self.overlap_steps = self.device.type == "cuda" if gen.overlap_steps is None else gen.overlap_steps
@@ -183,6 +189,8 @@ class LLMEngine:
         # plus float32 logits and sampler copies for each sequence that samples, plus allocator slack.
         per_token = (4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size) * element
         activations = gen.max_step_tokens * per_token + gen.max_batch_size * cfg.vocab_size * 4 * 6
+        if self.device.type == "cuda" and gen.cuda_graphs:   # the prefill graphs keep their activations
+            activations += min(gen.max_step_tokens, gen.prefill_graph_tokens) * per_token
         reserve = activations + 512 * 2**20
         left = gen.gpu_memory_mb * 2**20 - weights - reserve
         if left <= 0:

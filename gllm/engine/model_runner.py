@@ -8,20 +8,24 @@ import torch
 
 from gllm.kv import KVCache
 from gllm.model import ForwardBatch, LlamaForCausalLM
+from gllm.transfer import to_device
 from gllm.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
     from gllm.engine.cuda_graphs import CudaGraphDecoder
+    from gllm.engine.prefill_graphs import CudaGraphPrefill
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device,
-                 graph_decoder: "CudaGraphDecoder | None" = None, use_triton: bool = False) -> None:
+                 graph_decoder: "CudaGraphDecoder | None" = None, use_triton: bool = False,
+                 prefill_graphs: "CudaGraphPrefill | None" = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
         self.graph_decoder = graph_decoder
+        self.prefill_graphs = prefill_graphs
         self.use_triton = use_triton
 
     def build_batch(self, out: SchedulerOutput, ahead_positions: list[int] | None = None) -> ForwardBatch:
@@ -53,7 +57,7 @@ class ModelRunner:
                   for s in out.scheduled]
 
         def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+            return to_device(values, torch.int64, self.device)
 
         return ForwardBatch(
             input_ids=tensor(input_ids), positions=tensor(positions), slot_mapping=tensor(slots),
@@ -73,6 +77,14 @@ class ModelRunner:
             seqs = [s.seq for s in out.scheduled]
             return self.graph_decoder.run([q.token_ids[-1] for q in seqs], [len(q.token_ids) - 1 for q in seqs],
                                           [q.block_table.block_ids for q in seqs])
+        graphs = self.prefill_graphs
+        if graphs is not None and len(out.scheduled) <= graphs.max_seqs:
+            from gllm.engine.prefill_graphs import PrefillChunk
+            chunks = [PrefillChunk(s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_tokens],
+                                   s.seq.num_computed_tokens, s.seq.block_table.block_ids, s.samples)
+                      for s in out.scheduled]
+            if graphs.padded_size(chunks) is not None:
+                return graphs.run(chunks)
         return self.model(self.build_batch(out), self.kv_cache.layers)
 
     def run_ahead(self, out: SchedulerOutput, previous_tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -84,5 +96,5 @@ class ModelRunner:
             return self.graph_decoder.run_ahead(previous_tokens, rows, positions,
                                                 [q.block_table.block_ids for q in seqs])
         batch = self.build_batch(out, positions)
-        batch.input_ids = previous_tokens[torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)]
+        batch.input_ids = previous_tokens[to_device(rows, torch.int64, self.device)]
         return self.model(batch, self.kv_cache.layers)

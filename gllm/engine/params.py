@@ -19,6 +19,7 @@ class GeneratorParams:
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
+    prefill_graph_tokens: int = 2048   # and prefill-only steps up to this many tokens (0: prefill stays eager)
     overlap_steps: bool | None = None  # detokenize/deliver step N while step N+1 runs; None: on for CUDA
 
     def __post_init__(self) -> None:
@@ -34,5 +35,7 @@ class GeneratorParams:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}")
         if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb!r}")
+        if not isinstance(self.prefill_graph_tokens, int) or self.prefill_graph_tokens < 0:
+            raise ValueError(f"prefill_graph_tokens must be an integer >= 0, got {self.prefill_graph_tokens!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")

@@ -26,6 +26,8 @@ class ForwardBatch:
     # Set for decode-only batches on the GPU fast path (one token per sequence; shapes fixed by the batch
     # size, so the step can be captured in a CUDA graph): the Triton decode kernel's workspace.
     decode_kernel: Any = None
+    # Set for prefill-only batches replayed from a CUDA graph: their Triton prefill plan, in static buffers.
+    prefill_plan: Any = None
     # Per-step attention metadata that every layer shares: built by the first layer, reused by the rest.
     attention_plan: Any = None
 

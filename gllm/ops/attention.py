@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gllm.model.batch import ForwardBatch
+from gllm.transfer import to_device
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -27,6 +28,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         from gllm.ops.triton_attention import paged_decode_attention
         return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
                                       batch.decode_kernel)
+    if batch.prefill_plan is not None:
+        from gllm.ops.triton_prefill import paged_prefill_attention
+        out = torch.empty_like(q)
+        paged_prefill_attention(q, k_cache, v_cache, out, batch.block_tables, batch.prefill_plan, scale)
+        return out
     if batch.use_triton:
         return _triton_attention(q, k_cache, v_cache, batch, scale)
     out = torch.empty_like(q)
@@ -74,12 +80,12 @@ class _TritonPlan:
         decodes = [i for i, n in enumerate(batch.query_lens_host) if n == 1]
         prefills = [i for i, n in enumerate(batch.query_lens_host) if n > 1]
         device = q.device
-        self.prefill = PrefillPlan(prefills, starts, batch.query_lens_host, batch.context_lens_host, device) \
-            if prefills else None
+        self.prefill = PrefillPlan.build(prefills, starts, batch.query_lens_host, batch.context_lens_host,
+                                          q.shape[1], q.shape[2], device) if prefills else None
         self.decode_rows = None
         if decodes:
-            seqs = torch.tensor(decodes).to(device, non_blocking=True)
-            self.decode_rows = torch.tensor([starts[i] for i in decodes]).to(device, non_blocking=True)
+            seqs = to_device(decodes, torch.int64, device)
+            self.decode_rows = to_device([starts[i] for i in decodes], torch.int64, device)
             self.decode_tables = batch.block_tables[seqs].to(torch.int32)
             self.decode_ctx = batch.context_lens[seqs].to(torch.int32)
             self.workspace = DecodeAttentionWorkspace(len(decodes), q.shape[1], q.shape[2],
@@ -93,7 +99,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch
     ctx_lens = [batch.context_lens_host[i] for i in seqs]
     max_ctx, block_size = max(ctx_lens), k_cache.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
-    seq_index = torch.tensor(seqs, device=q.device)
+    seq_index = to_device(seqs, torch.int64, q.device)
     tables = batch.block_tables[seq_index, : (max_ctx + block_size - 1) // block_size]
     keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)        # [n, Hkv, ctx, D]
     values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)
@@ -102,7 +108,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch
         mask, causal = None, True          # a whole prompt: plain causal attention
     else:
         # Query i sits at position ctx - q_len + i and sees keys 0..that position.
-        ctx = torch.tensor(ctx_lens, device=q.device)
+        ctx = to_device(ctx_lens, torch.int64, q.device)
         q_pos = (ctx - q_len)[:, None] + torch.arange(q_len, device=q.device)[None, :]
         mask = torch.arange(max_ctx, device=q.device)[None, None, :] <= q_pos[:, :, None]
         mask, causal = mask[:, None], False

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gllm.transfer import to_device
 from gllm.sampling.noise import RACE_MARGIN, NoiseTable, row_key
 from gllm.sampling.params import SamplingParams
 
@@ -95,7 +96,7 @@ class Sampler:
             tokens = self._sample_random(logits, rows)
         else:
             tokens = logits.argmax(dim=-1)
-            index = torch.tensor(sampled_rows, device=self.device)
+            index = to_device(sampled_rows, torch.int64, self.device)
             tokens[index] = self._sample_random(logits[index], [rows[i] for i in sampled_rows])
         pending = PendingSample(rows, errors, self._to_host(tokens), device_tokens=tokens)
         if raw_logprobs is not None:
@@ -135,10 +136,10 @@ class Sampler:
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=self.device)
         for i, r in enumerate(rows):
             if r.output_ids:
-                out_ids = torch.tensor(r.output_ids, device=self.device)
+                out_ids = to_device(r.output_ids, torch.int64, self.device)
                 output_counts[i].index_add_(0, out_ids, torch.ones(len(r.output_ids), device=self.device))
             if r.params.repetition_penalty != 1:
-                seen[i, torch.tensor(r.prompt_ids + r.output_ids, dtype=torch.long, device=self.device)] = True
+                seen[i, to_device(r.prompt_ids + r.output_ids, torch.int64, self.device)] = True
         rep = self._column([r.params.repetition_penalty for r in rows])
         presence = self._column([r.params.presence_penalty for r in rows])
         frequency = self._column([r.params.frequency_penalty for r in rows])
@@ -149,7 +150,7 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         vocab = logits.shape[1]
         temperature = self._column([r.params.temperature for r in rows])
-        keys = torch.tensor([row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=self.device)
+        keys = to_device([row_key(r.seed, r.step) for r in rows], torch.int64, self.device)
         filtered = any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows)
         if not filtered and not logits.is_cuda:
             # Plain temperature on the CPU: logit/T wins only if logit >= max - MARGIN*T, so the race runs
@@ -191,4 +192,4 @@ class Sampler:
             0, row_idx[winners], token_idx[winners], "amin")
 
     def _column(self, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)[:, None]
+        return to_device(values, dtype, self.device)[:, None]
