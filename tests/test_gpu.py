@@ -224,7 +224,7 @@ def test_prefill_graphs_give_the_eager_tokens_for_chunked_cached_and_batched_pro
             cuda_engine(llama32_dir, max_step_tokens=96, cuda_graphs=False) as eager:
         prefill = graphed.runner.prefill_graphs
         assert prefill is not None and eager.runner.prefill_graphs is None
-        assert prefill.token_sizes == [32, 64, 96]
+        assert prefill.token_sizes == [16, 32, 64, 96]
         results, replays = {}, []
         for name, eng in (("graphed", graphed), ("eager", eager)):
             a = eng.generate(first)       # 3 x ~125 tokens in 96-token steps: the first two steps are prefill-only

@@ -95,8 +95,11 @@ class Child:
 
 
 # ------------------------------------------------------------------------------------------ clients
-def run_clients(endpoint: str, n_clients: int, per_client: int, rounds: int, gen: dict) -> dict:
-    """n_clients DEALERs on one poller; each round every client starts `per_client` requests and waits."""
+def run_clients(endpoint: str, n_clients: int, per_client: int, rounds: int, gen: dict, spin: bool = False) -> dict:
+    """n_clients DEALERs on one poller; each round every client starts `per_client` requests and waits.
+    With `spin`, the clients never sleep in poll: they check every socket in a loop, as a game that polls
+    each frame finds a message already there (the time is when it could first be read, without the wake-up
+    of a sleeping thread)."""
     ctx = zmq.Context()
     socks = []
     for _ in range(n_clients):
@@ -120,7 +123,7 @@ def run_clients(endpoint: str, n_clients: int, per_client: int, rounds: int, gen
                 s.send(P.encode(P.generate(f"c{c}r{rnd}q{j}", prompt=f"Client {c} request {j} round {rnd}:", **gen)))
         pending = n_clients * per_client
         while pending:
-            for s, _ in poller.poll(1000):
+            for s, _ in ([(s, 0) for s in socks] if spin else poller.poll(1000)):
                 while True:
                     try:
                         raw = s.recv(zmq.NOBLOCK)
@@ -148,11 +151,30 @@ def run_clients(endpoint: str, n_clients: int, per_client: int, rounds: int, gen
 
 
 def in_process(model: str, args: argparse.Namespace, n_requests: int, rounds: int, gen: dict) -> list[float]:
-    """Delivery latency through the in-process asyncio path, same load, in ms."""
+    """Delivery latency through the in-process asyncio path (or, with --spin, a consumer that checks a
+    queue in a loop), same load, in ms."""
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
     engine = LLMEngine(model, GeneratorParams(max_batch_size=args.batch, max_seq_len=args.max_seq_len,
                                               cpu_threads=args.cpu_threads), device=args.device)
     lat: list[float] = []
+    if args.spin:
+        import collections
+        inbox: collections.deque = collections.deque()
+        for rnd in range(rounds):
+            for j in range(n_requests):
+                req = GenerationRequest(prompt=f"Client {j} request 0 round {rnd}:", max_new_tokens=gen["max_tokens"],
+                                        temperature=gen["temperature"], ignore_eos=True)
+                engine.add_request(req, lambda ev: inbox.append((ev, time.perf_counter_ns())))
+            left = n_requests
+            while left:
+                if not inbox:
+                    time.sleep(0)   # let the engine thread have the GIL; no sleeping until woken
+                    continue
+                ev, t = inbox.popleft()
+                lat.append((time.perf_counter_ns() - t) / 1e6)
+                left -= ev.result is not None
+        engine.close()
+        return lat
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -179,10 +201,11 @@ def pct(xs: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
 
 
-def latency(child_argv: list[str], n_clients: int, per_client: int, rounds: int, gen: dict) -> dict:
+def latency(child_argv: list[str], n_clients: int, per_client: int, rounds: int, gen: dict,
+            spin: bool = False) -> dict:
     child = Child(child_argv)
     try:
-        run = run_clients(child.endpoint, n_clients, per_client, rounds, gen)
+        run = run_clients(child.endpoint, n_clients, per_client, rounds, gen, spin)
     finally:
         emits = child.stop()
     lat = [(t - emits[(rid, step)]) / 1e6 for rid, step, t in run["received"] if (rid, step) in emits]
@@ -199,6 +222,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16, help="clients of the throughput runs")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request of the real-model runs")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--spin", action="store_true",
+                    help="latency runs: consumers check for messages in a loop instead of sleeping until one comes")
     ap.add_argument("--out", default="out/bench_bridge.json", help="JSON results (default out/bench_bridge.json)")
     ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--emit-log", help=argparse.SUPPRESS)
@@ -217,11 +242,11 @@ def main() -> int:
     gen = {"max_tokens": args.tokens, "temperature": 0.0, "ignore_eos": True}
     rows, out = [], {"model": model, "device": args.device, "cpu_threads": args.cpu_threads,
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-                     "zmq": zmq.zmq_version(), "runs": {}}
+                     "zmq": zmq.zmq_version(), "consumers": "spin" if args.spin else "sleep", "runs": {}}
 
     # 1. latency at a batch of 8: 4 clients x 2 requests, vs the same 8 requests in-process
     inproc = pct(in_process(model, args, 8, args.rounds, gen))
-    bridge = latency(common + ["--batch", "8"], 4, 2, args.rounds, gen)
+    bridge = latency(common + ["--batch", "8"], 4, 2, args.rounds, gen, args.spin)
     out["runs"]["latency_model"] = {"in_process": inproc, "bridge": bridge["latency"],
                                     "added_p50_ms": bridge["latency"]["p50_ms"] - inproc["p50_ms"],
                                     "added_p99_ms": bridge["latency"]["p99_ms"] - inproc["p99_ms"]}
@@ -230,7 +255,7 @@ def main() -> int:
 
     # 2. latency with a fake engine stepping every 5 ms (no model maths competing for the cores)
     fake = latency(["--fake", "--fake-step-s", "0.005", "--batch", "64"], 4, 2, args.rounds,
-                   {"max_tokens": 200, "temperature": 0.0})
+                   {"max_tokens": 200, "temperature": 0.0}, args.spin)
     out["runs"]["latency_fake_5ms"] = {"bridge": fake["latency"]}
     rows.append(("bridge delivery, fake engine 5 ms steps, 4x2", fake["latency"], fake))
 
@@ -245,7 +270,8 @@ def main() -> int:
                             "items_per_s": run["items"] / run["seconds"], "latency": run["latency"]}
         rows.append((label, run["latency"], run))
 
-    print(f"\nbridge benchmark — {out['machine']}, libzmq {out['zmq']}, model {Path(model).name} on {args.device}\n")
+    print(f"\nbridge benchmark — {out['machine']}, libzmq {out['zmq']}, model {Path(model).name} on {args.device}, "
+          f"consumers {out['consumers']}\n")
     print(f"{'run':48} {'deliveries':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'msgs/s':>9} {'items/s':>9}")
     for label, lat, run in rows:
         rate = (f"{run['messages'] / run['seconds']:9.0f} {run['items'] / run['seconds']:9.0f}" if run

@@ -11,7 +11,7 @@ from torch import nn
 from gllm.model.batch import ForwardBatch
 from gllm.model.config import ModelConfig
 from gllm.model.rope import RotaryEmbedding
-from gllm.ops import paged_attention, triton_fused, write_kv
+from gllm.ops import paged_attention, triton_fused, triton_gemv, write_kv
 
 
 class RMSNorm(nn.Module):
@@ -52,8 +52,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.attend(self.qkv_proj(x), batch, rope, k_cache, v_cache))
+
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
+               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """From the fused q/k/v projection to the attention output [T, q_size] (before o_proj)."""
         cfg = self.cfg
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_key_value_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
@@ -63,8 +68,7 @@ class Attention(nn.Module):
         else:
             q, k = rope(batch.positions, q, k)
             write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, batch, self.scale)
-        return self.o_proj(out.reshape(-1, cfg.q_size))
+        return paged_attention(q, k_cache, v_cache, batch, self.scale).reshape(-1, cfg.q_size)
 
 
 class MLP(nn.Module):
@@ -102,6 +106,18 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def forward_streamed(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """The same layer for a few rows (decode): four weight-streaming kernels with the norms folded in
+        before and SiLU·mul and the residual adds after; `h` is the residual stream, updated in place."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = triton_gemv.linear(h, attn.qkv_proj.weight, norm_weight=self.input_layernorm.weight,
+                                 eps=self.input_layernorm.eps)
+        triton_gemv.linear(attn.attend(qkv, batch, rope, k_cache, v_cache), attn.o_proj.weight, residual=h)
+        act = triton_gemv.linear(h, mlp.gate_up_proj.weight, norm_weight=self.post_attention_layernorm.weight,
+                                 eps=self.post_attention_layernorm.eps, silu_mul=True)
+        return triton_gemv.linear(act, mlp.down_proj.weight, residual=h)
+
 
 # HF checkpoint names of the projections that live inside a fused parameter: (fused name, slice index).
 _FUSED = {
@@ -122,23 +138,34 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
+        self.streamed_rows = 0   # steps of at most this many tokens take forward_streamed (set on CUDA)
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace through inference tensors
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for `batch.logits_indices`."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.streamed_rows and batch.num_tokens <= self.streamed_rows:
+            # Decode-sized: bound by reading the weights, which the streamed kernels read once per step.
+            h = self.embed_tokens(batch.input_ids)
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                h = layer.forward_streamed(h, batch, self.rope, k_cache, v_cache)
+            return triton_gemv.linear(h[batch.logits_indices], weight, norm_weight=self.norm.weight,
+                                      eps=self.norm.eps, out_dtype=torch.float32)
         x, residual = self.embed_tokens(batch.input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache)
         rows = batch.logits_indices
         x, _ = self.norm(x[rows], residual[rows])
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight).float()
 
-    def use_fused_kernels(self) -> None:
-        """Switch norms, RoPE + KV writes and SiLU·mul to the fused Triton kernels (CUDA only)."""
+    def use_fused_kernels(self, streamed_rows: int | None = None) -> None:
+        """Switch norms, RoPE + KV writes and SiLU·mul to the fused Triton kernels (CUDA only), and steps of at
+        most `streamed_rows` tokens (default `triton_gemv.MAX_ROWS`) to the weight-streaming kernels."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = True
+        if triton_gemv is not None and not (self.cfg.attention_bias or self.cfg.mlp_bias):
+            self.streamed_rows = triton_gemv.MAX_ROWS if streamed_rows is None else streamed_rows
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""
