@@ -11,6 +11,8 @@ one before it are still queued.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gllm.kv import KVCache
@@ -45,8 +47,6 @@ class CudaGraphDecoder:
         self.workspaces = {b: DecodeAttentionWorkspace(b, cfg.num_attention_heads, cfg.head_dim,
                                                        decode_splits(b, cfg.num_key_value_heads, device), device)
                            for b in sizes}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         self._capture_all()
 
     def _batch(self, b: int) -> ForwardBatch:
@@ -58,23 +58,9 @@ class CudaGraphDecoder:
 
     def _capture_all(self) -> None:
         self._fill_padding(0)
-        pool = None
-        stream = torch.cuda.Stream(self.device)
-        for b in reversed(self.batch_sizes):   # largest first, so smaller graphs reuse its pool
-            batch = self._batch(b)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.model(batch, self.kv_cache.layers)     # warm-up: compile kernels, pick algorithms
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[b] = self.model(batch, self.kv_cache.layers)
-            pool = graph.pool()
-            self.graphs[b] = graph
-        self.pool = pool   # the prefill graphs share it: steps never run concurrently
-        for graph in self.graphs.values():   # a graph's first launch uploads it: do that now, not in a step
-            graph.replay()                   # (every row is padding: writes go to the scratch block)
-        torch.cuda.synchronize(self.device)
+        # The prefill graphs share the pool: steps never run concurrently.
+        self.graphs, self.outputs, self.pool = capture_graphs(self.model, self.kv_cache, self.batch_sizes, self._batch,
+                                                              self.device)
 
     def _fill_padding(self, start: int) -> None:
         scratch_slot = self.scratch_block * self.block_size
@@ -139,3 +125,28 @@ class CudaGraphDecoder:
             getattr(self, name)[:b].copy_(host[name][:b], non_blocking=True)
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+def capture_graphs(model: LlamaForCausalLM, kv_cache: KVCache, sizes: list[int],
+                   make_batch: Callable[[int], ForwardBatch], device: torch.device, pool: tuple | None = None
+                   ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor], tuple]:
+    """Capture one model step per size (the batch from `make_batch(size)`, reading static buffers) into
+    graphs sharing one memory pool; returns the graphs, their output logits, and the pool."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    stream = torch.cuda.Stream(device)
+    for size in sorted(sizes, reverse=True):   # largest first, so smaller graphs reuse its memory
+        batch = make_batch(size)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            model(batch, kv_cache.layers)     # warm-up: compile kernels, pick algorithms
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            outputs[size] = model(batch, kv_cache.layers)
+        pool = graph.pool()
+        graphs[size] = graph
+    for graph in graphs.values():   # a graph's first launch uploads it: do that now, not in a step
+        graph.replay()              # (inputs are all padding: writes go to the scratch block)
+    torch.cuda.synchronize(device)
+    return graphs, outputs, pool

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gllm.engine.cuda_graphs import capture_graphs
 from gllm.kv import KVCache
 from gllm.model import ForwardBatch, LlamaForCausalLM
 from gllm.ops.triton_prefill import BLOCK_M, PrefillPlan, max_tiles, prefill_partials, prefill_splits, tile_rows
@@ -61,8 +62,6 @@ class CudaGraphPrefill:
         self._turn = 0
         self.num_replays = 0
         self.plans: dict[int, PrefillPlan] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         self._capture_all(pool)
 
     def _batch(self, tokens: int) -> ForwardBatch:
@@ -87,22 +86,8 @@ class CudaGraphPrefill:
         self._clear(host, 0, self.token_sizes[-1], 0)
         self._upload(host, self.token_sizes[-1])
         torch.cuda.synchronize(self.device)
-        stream = torch.cuda.Stream(self.device)
-        for tokens in reversed(self.token_sizes):   # largest first, so smaller graphs reuse its memory
-            batch = self._batch(tokens)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.model(batch, self.kv_cache.layers)    # warm-up: compile kernels, pick algorithms
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[tokens] = self.model(batch, self.kv_cache.layers)
-            pool = graph.pool()
-            self.graphs[tokens] = graph
-        for graph in self.graphs.values():   # upload each graph now rather than inside a step (all padding)
-            graph.replay()
-        torch.cuda.synchronize(self.device)
-        self.pool = pool
+        self.graphs, self.outputs, self.pool = capture_graphs(self.model, self.kv_cache, self.token_sizes,
+                                                              self._batch, self.device, pool)
 
     def padded_size(self, chunks: list[PrefillChunk]) -> int | None:
         """The captured token count this step replays at, or None when it must run eagerly."""
