@@ -77,6 +77,23 @@ def test_graph_and_eager_paths_give_identical_tokens_and_match_transformers(llam
                 assert r.tokens == hf_greedy(folder, graphed.tokenizer.encode(req.prompt), 32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs compute capability 9.0+")
+def test_dependent_launch_gives_the_same_tokens_and_logprobs(llama32_dir):
+    """Decode kernels that start before the previous one ends (PDL) wait for it before reading: batches of 1, 3
+    (FMA kernels) and 6 (tensor-core kernels), graphed and eager, give the bits of ordinary launches."""
+    for graphs in (True, False):
+        with cuda_engine(llama32_dir, dtype="bfloat16", cuda_graphs=graphs) as pdl, \
+                cuda_engine(llama32_dir, dtype="bfloat16", cuda_graphs=graphs, dependent_launch=False) as plain:
+            assert pdl.model.dependent_launch and not plain.model.dependent_launch
+            for n in (1, 3, 6):
+                reqs = [GenerationRequest(prompt=PROMPT * (i + 1), max_new_tokens=24, temperature=0, logprobs=2,
+                                          ignore_eos=True) for i in range(n)]
+                for a, b in zip(pdl.generate(reqs), plain.generate(reqs)):
+                    assert a.tokens == b.tokens
+                    assert [(lp.logprob, lp.top) for lp in a.logprobs] == [(lp.logprob, lp.top) for lp in b.logprobs]
+
+
 def test_float32_logits_match_transformers_on_cuda(llama31_dir):
     """Logprobs of the chosen tokens are log_softmax of the logits: compare them within 1e-3."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -240,3 +257,17 @@ def test_prefill_graphs_give_the_eager_tokens_for_chunked_cached_and_batched_pro
     with cuda_engine(llama32_dir, prefill_graph_tokens=0) as no_prefill_graphs:
         assert no_prefill_graphs.runner.prefill_graphs is None
         assert no_prefill_graphs.runner.graph_decoder is not None
+
+
+def test_triton_argmax_matches_torch_with_ties_and_masked_rows():
+    from gllm.sampling.triton_argmax import argmax
+    torch.manual_seed(0)
+    for rows, vocab in ((1, 128256), (3, 1000), (70, 4096 * 3 + 17)):
+        logits = torch.randn(rows, vocab + 5, device="cuda")[:, :vocab]   # a padded view, as the sampler passes
+        logits[0, [7, vocab - 1]] = 1e4                                     # a tie: the smaller index wins
+        if rows > 2:
+            logits[1] = float("-inf")                                      # a fully masked row gives 0
+            logits[2, vocab - 3:] = 50.0                                   # a tie at the far end
+        got = argmax(logits)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, logits.argmax(dim=-1)), (rows, vocab)

@@ -137,6 +137,75 @@ def test_gemv_explicit_configs(m, config):
         assert_near(got, reference(option, x, w, norm_w, residual), torch.float16, f"{option} {config}")
 
 
+def rope_tables(positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(positions).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = t.shape[-1] // 2
+    return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("heads", [(4, 2, 16), (8, 2, 64), (3, 1, 32)], ids=["4q2kv16", "8q2kv64", "3q1kv32"])
+def test_gemv_rope_epilogue(heads, m, dtype):
+    """The q/k/v projection with RoPE and the cache writes in its epilogue, against the unfused chain
+    (projection, then triton_fused.rope_and_write_kv) and a float64 reference."""
+    num_q, num_kv, head_dim = heads
+    k_dim = 200
+    n = (num_q + 2 * num_kv) * head_dim
+    x, w, norm_w, _ = make_inputs(m, n, k_dim, dtype, seed=n + m)
+    gen = torch.Generator().manual_seed(m)
+    cos, sin = rope_tables(64, head_dim)
+    positions = torch.randint(0, 64, (m,), generator=gen).to(DEVICE)
+    slots = torch.randperm(40, generator=gen)[:m].to(DEVICE)
+    sentinel = torch.full((40, num_kv, head_dim), 7.0, dtype=dtype, device=DEVICE)
+    k_cache, v_cache = sentinel.clone(), sentinel.clone()
+    rope = triton_gemv.RopeKV(cos, sin, positions, slots, k_cache, v_cache, num_q, num_kv, head_dim)
+    q = triton_gemv.linear(x, w, norm_weight=norm_w, eps=EPS, rope=rope)
+    assert q.shape == (m, num_q * head_dim) and q.dtype == dtype
+
+    y = reference("norm", x, w, norm_w, norm_w)
+    rq, rk, rv = y.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
+    c, s = cos[positions][:, None].double(), sin[positions][:, None].double()
+    rq = rotate(rq.reshape(m, num_q, head_dim), c, s)
+    rk = rotate(rk.reshape(m, num_kv, head_dim), c, s)
+    assert_near(q.view(m, num_q, head_dim), rq, dtype, "q vs float64 reference")
+    assert_near(k_cache[slots], rk, dtype, "k vs float64 reference")
+    assert_near(v_cache[slots], rv.reshape(m, num_kv, head_dim), dtype, "v vs float64 reference")
+    others = torch.ones(40, dtype=torch.bool)
+    others[slots.cpu()] = False
+    assert torch.equal(k_cache[others.to(DEVICE)], sentinel[others.to(DEVICE)]), "wrote outside its slots"
+    assert torch.equal(v_cache[others.to(DEVICE)], sentinel[others.to(DEVICE)]), "wrote outside its slots"
+
+    qkv = triton_gemv.linear(x, w, norm_weight=norm_w, eps=EPS)
+    uq, uk, uv = (t.reshape(m, -1, head_dim) for t in qkv.split([num_q * head_dim, num_kv * head_dim,
+                                                                   num_kv * head_dim], dim=-1))
+    uq = uq.clone()
+    k2, v2 = sentinel.clone(), sentinel.clone()
+    triton_fused.rope_and_write_kv(uq, uk, uv, cos, sin, positions, slots, k2, v2)
+    assert_near(q.view(m, num_q, head_dim), uq.double(), dtype, "q vs unfused")
+    assert_near(k_cache, k2.double(), dtype, "k vs unfused")
+    assert_near(v_cache, v2.double(), dtype, "v vs unfused")
+
+
+def test_gemv_rope_rejects_bad_arguments():
+    x, w, _, _ = make_inputs(2, 128, 64, torch.float16, seed=1)
+    cos, sin = rope_tables(8, 16)
+    cache = torch.zeros(4, 2, 16, dtype=torch.float16, device=DEVICE)
+    ids = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="rows"):       # 128 rows != (4 + 2 * 3) * 16
+        triton_gemv.linear(x, w, rope=triton_gemv.RopeKV(cos, sin, ids, ids, cache, cache, 4, 3, 16))
+    with pytest.raises(ValueError, match="caches"):
+        triton_gemv.linear(x, w, rope=triton_gemv.RopeKV(cos, sin, ids, ids, cache[:, :1], cache, 4, 2, 16))
+    with pytest.raises(ValueError, match="entries"):
+        triton_gemv.linear(x, w, rope=triton_gemv.RopeKV(cos, sin, ids[:1], ids, cache, cache, 4, 2, 16))
+
+
 def test_gemv_edges():
     x, w, _, _ = make_inputs(1, 64, 64, torch.bfloat16, seed=0)
     assert triton_gemv.linear(x[:0], w).shape == (0, 64)
@@ -188,3 +257,43 @@ def test_gemv_captures_in_cuda_graph():
     residual.copy_(torch.randn_like(start))
     graph.replay()
     assert not torch.equal(logits, expected)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs compute capability 9.0+")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_dependent_launch_keeps_order(rows):
+    """Eight layers of in-place residual updates launched with PDL, eagerly and from a CUDA graph, give the
+    same bits as ordinary launches: each kernel waits for the one before it reads anything it wrote."""
+    torch.manual_seed(1)
+    hidden, inter, dtype, layers = 512, 2048, torch.bfloat16, 8
+    weights = [(torch.randn(hidden, hidden, device="cuda", dtype=dtype) / hidden ** 0.5,
+                torch.randn(2 * inter, hidden, device="cuda", dtype=dtype) / hidden ** 0.5,
+                torch.randn(hidden, inter, device="cuda", dtype=dtype) / inter ** 0.5) for _ in range(layers)]
+    norm = torch.ones(hidden, device="cuda", dtype=dtype)
+    residual = torch.empty(rows, hidden, device="cuda", dtype=dtype)
+    start = torch.randn(rows, hidden, device="cuda", dtype=dtype)
+
+    def chain(pdl: bool) -> torch.Tensor:
+        for w_o, w_gu, w_down in weights:
+            a = triton_gemv.linear(residual, w_o, norm_weight=norm, eps=EPS, dependent_launch=pdl)
+            triton_gemv.linear(a, w_o, residual=residual, dependent_launch=pdl)
+            h = triton_gemv.linear(residual, w_gu, norm_weight=norm, eps=EPS, silu_mul=True, dependent_launch=pdl)
+            triton_gemv.linear(h, w_down, residual=residual, dependent_launch=pdl)
+        return triton_gemv.linear(residual, w_o, out_dtype=torch.float32, dependent_launch=pdl)
+
+    residual.copy_(start)
+    expected = chain(False).clone()
+    residual.copy_(start)
+    assert torch.equal(chain(True), expected)
+    graph = torch.cuda.CUDAGraph()
+    residual.copy_(start)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        logits = chain(True)
+    for _ in range(3):
+        residual.copy_(start)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(logits, expected)
+

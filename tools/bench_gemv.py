@@ -121,7 +121,7 @@ def run_shapes(rows: list[int], bandwidth: float, results: dict) -> None:
                                           max_rel_err=err))
 
 
-def run_chain(model: str, m: int, bandwidth: float, results: dict) -> None:
+def run_chain(model: str, m: int, bandwidth: float, results: dict, variants: list | None = None) -> None:
     """One decode step's matmuls, norms and residual adds (no attention: o_proj reads the q slice)."""
     hidden, inter, qkv_n, layers = MODELS[model]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -148,14 +148,26 @@ def run_chain(model: str, m: int, bandwidth: float, results: dict) -> None:
             x = F.linear(triton_fused.silu_and_mul(F.linear(h, lw["gu"])), lw["down"])
         return F.linear(triton_fused.rms_norm(x, final_norm, EPS, res), lm_head).float()
 
-    def fused() -> torch.Tensor:
+    def fused(pdl: bool = False, configs: dict | None = None) -> torch.Tensor:
+        """`configs`: launch shapes by projection name (default_config for the others)."""
+        cfg = dict(configs or {})
+        kw = dict(dependent_launch=pdl)
         residual.copy_(start)
         for lw in per_layer:
-            qkv = triton_gemv.linear(residual, lw["qkv"], norm_weight=lw["n1"], eps=EPS)
-            triton_gemv.linear(qkv[:, :hidden], lw["o"], residual=residual)
-            h = triton_gemv.linear(residual, lw["gu"], norm_weight=lw["n2"], eps=EPS, silu_mul=True)
-            triton_gemv.linear(h, lw["down"], residual=residual)
-        return triton_gemv.linear(residual, lm_head, norm_weight=final_norm, eps=EPS, out_dtype=torch.float32)
+            qkv = triton_gemv.linear(residual, lw["qkv"], norm_weight=lw["n1"], eps=EPS, config=cfg.get("qkv"), **kw)
+            triton_gemv.linear(qkv[:, :hidden], lw["o"], residual=residual, config=cfg.get("o"), **kw)
+            h = triton_gemv.linear(residual, lw["gu"], norm_weight=lw["n2"], eps=EPS, silu_mul=True,
+                                   config=cfg.get("gate_up"), **kw)
+            triton_gemv.linear(h, lw["down"], residual=residual, config=cfg.get("down"), **kw)
+        return triton_gemv.linear(residual, lm_head, norm_weight=final_norm, eps=EPS, out_dtype=torch.float32,
+                                  config=cfg.get("lm_head"), **kw)
+
+    if variants:   # launch-shape experiments: each variant's chain time, nothing else
+        for label, pdl, configs in variants:
+            t = graph_time(lambda i: fused(pdl, configs), calls=1, replays=20)
+            print(f"  {label:40s} {t * 1e3:.3f} ms  ({weight_bytes / bandwidth / t:.0%} of floor speed)", flush=True)
+            results["chain"].append(dict(model=model, m=m, variant=label, fused_s=t))
+        return
 
     def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * weight.float()
@@ -267,6 +279,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,16", help="comma-separated row counts M (<= 16)")
     parser.add_argument("--sweep", action="store_true", help="time candidate configs instead")
     parser.add_argument("--sweep-budget", type=float, default=480.0, help="seconds the sweep may take")
+    parser.add_argument("--chain-variants", action="store_true",
+                        help="time the 1B chain with and without dependent launch, under a few launch shapes")
     parser.add_argument("--out", help="write all numbers here as JSON")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -277,6 +291,21 @@ def main() -> None:
     results: dict = dict(device=torch.cuda.get_device_name(), copy_bandwidth=bandwidth, shapes=[], chain=[], sweep=[])
     if args.sweep:
         run_sweep(rows, bandwidth, results, args.sweep_budget)
+    elif args.chain_variants:
+        pdl = torch.cuda.get_device_capability()[0] >= 9
+        G = GemvConfig
+        variants = [("default", False, None), ("default + PDL", pdl, None)]
+        for label, configs in [
+                ("K=2048 in one step", dict(qkv=G(4, 2048, 4, 1), o=G(4, 2048, 4, 1), gate_up=G(2, 2048, 4, 1),
+                                            lm_head=G(4, 2048, 4, 1))),
+                ("K=2048 in one step, 8 warps", dict(qkv=G(4, 2048, 8, 1), o=G(4, 2048, 8, 1),
+                                                     gate_up=G(2, 2048, 8, 1), lm_head=G(4, 2048, 8, 1))),
+                ("down 2 columns", dict(down=G(2, 1024, 4, 1))),
+                ("down 2048-wide steps", dict(down=G(4, 2048, 4, 1))),
+                ("o 2 columns", dict(o=G(2, 1024, 4, 1))),
+                ("qkv 2 columns", dict(qkv=G(2, 1024, 4, 1)))]:
+            variants += [(label, False, configs), (label + " + PDL", pdl, configs)]
+        run_chain("1b", 1, bandwidth, results, variants)
     else:
         run_shapes(rows, bandwidth, results)
         run_chain("1b", 1, bandwidth, results)

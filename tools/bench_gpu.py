@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_gpu.json")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--no-dependent-launch", action="store_true",
+                        help="decode kernels without programmatic dependent launch (to measure what it gives)")
     parser.add_argument("--kv-tokens", type=int, default=None,
                         help="fixed KV pool in tokens instead of 85%% of the card's memory")
     args = parser.parse_args()
@@ -177,6 +179,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         budget_mb = 0.85 * torch.cuda.get_device_properties(0).total_memory / 2**20
         sizing = {"kv_cache_tokens": args.kv_tokens} if args.kv_tokens else {"gpu_memory_mb": budget_mb}
+        if args.no_dependent_launch:
+            sizing["dependent_launch"] = False
         engine = make_engine(cfg, tokenizer, max_batch_size=256, max_seq_len=2304, max_step_tokens=4096, **sizing)
         row["gpu_memory_budget_GiB"] = budget_mb / 1024
         row["kv_pool_tokens"] = engine.block_manager.num_blocks * engine.gen_params.block_size

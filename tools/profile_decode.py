@@ -1,22 +1,31 @@
-"""Where does a batch-1 decode step's time go on the GPU? (a development tool, not a benchmark)
+"""Where a batch-1 decode step's GPU time goes (a development tool, not a benchmark).
 
-Prints: graph replay time alone, the engine's whole step time, the kernel table of one replay,
-and the replay time of the same forward compiled with torch.compile (fused elementwise ops).
+    python tools/profile_decode.py --tokenizer DIR [--shape 1b] [--steps 32] [--out trace.json]
 
-    python tools/profile_decode.py --tokenizer DIR [--shape 1b] [--batch 1]
+Prints the engine's ms/token beside one graph replay alone, then runs a greedy batch-1
+generation (the `bench_gpu.py` decode case) under the torch profiler and reads the kernels back
+from its trace (CUDA-graph replays included): per kernel name the count per step and mean
+duration, the step's span, its busy time, and the sum of the gaps between consecutive kernels,
+which is what launch latency and kernel ramp-up cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import sys
+import tempfile
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import make_engine, model_config  # noqa: E402
+from bench_gpu import make_engine, model_config, random_ids  # noqa: E402
 
 from gllm.engine import GenerationRequest  # noqa: E402
 from gllm.tokenizer import Tokenizer  # noqa: E402
@@ -34,59 +43,91 @@ def time_replays(graph: torch.cuda.CUDAGraph, n: int = 200) -> float:
     return start.elapsed_time(end) / n
 
 
+def kernels_of_trace(path: str) -> list[tuple[float, float, str]]:
+    """(start µs, duration µs, name) of every GPU kernel in a chrome trace, by start time."""
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    out = [(float(e["ts"]), float(e["dur"]), e["name"]) for e in events
+           if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    return sorted(out)
+
+
+def split_steps(kernels: list[tuple[float, float, str]], step_gap_us: float) -> list[list[tuple[float, float, str]]]:
+    """Kernels grouped into steps: a gap longer than `step_gap_us` starts a new step."""
+    steps: list[list[tuple[float, float, str]]] = []
+    end = None
+    for k in kernels:
+        if end is None or k[0] - end > step_gap_us:
+            steps.append([])
+        steps[-1].append(k)
+        end = max(end or 0.0, k[0] + k[1])
+    return steps
+
+
+def step_stats(step: list[tuple[float, float, str]]) -> dict:
+    span = step[-1][0] + step[-1][1] - step[0][0]
+    busy = sum(d for _, d, _ in step)
+    return {"kernels": len(step), "span_us": span, "busy_us": busy, "gaps_us": span - busy}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--shape", default="1b")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--step-gap-us", type=float, default=15.0,
+                        help="an idle gap longer than this separates two steps")
+    parser.add_argument("--out", help="also keep the chrome trace here")
+    parser.add_argument("--no-dependent-launch", action="store_true")
     args = parser.parse_args()
-    engine = make_engine(model_config(args.shape), Tokenizer.from_dir(args.tokenizer), max_batch_size=64,
-                         max_seq_len=2048, max_step_tokens=2048)
-    steps = []
-    engine.add_step_listener(lambda info: steps.append(info))
-    reqs = [GenerationRequest(prompt_token_ids=list(range(1000, 1128)), max_new_tokens=200, temperature=0,
-                              ignore_eos=True) for _ in range(args.batch)]
-    engine.generate(reqs)
-    steps.clear()
-    r = engine.generate(reqs)[0]
-    decode_steps = [s.seconds * 1000 for s in steps if s.num_decodes == s.num_seqs]
+    tokenizer = Tokenizer.from_dir(args.tokenizer)
+    engine = make_engine(model_config(args.shape), tokenizer, max_batch_size=8, max_seq_len=1024,
+                         kv_cache_tokens=8192, dependent_launch=False if args.no_dependent_launch else None)
+    rng = random.Random(0)
+
+    def generate(tokens: int) -> None:
+        engine.generate([GenerationRequest(prompt_token_ids=random_ids(rng, 128), max_new_tokens=tokens,
+                                           temperature=0, ignore_eos=True)])
+
+    generate(64)   # warm-up
+    start = time.perf_counter()
+    generate(257)
+    engine_ms = (time.perf_counter() - start) * 1000
     decoder = engine.runner.graph_decoder
-    b = decoder.padded_size(args.batch)
-    replay_ms = time_replays(decoder.graphs[b])
-    print(f"engine: {(r.timings.total_ms - r.timings.ttft_ms) / 199:.3f} ms/token; step wall median "
-          f"{statistics.median(decode_steps):.3f} ms; graph replay alone {replay_ms:.3f} ms (batch {b})")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            decoder.graphs[b].replay()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60)
-    print(table)
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    print(f"kernels per replay: {sum(e.count for e in events) / 5:.0f}")
-    prompt = list(range(2000, 3024))
-    for _ in range(3):
-        engine.generate([GenerationRequest(prompt_token_ids=prompt, max_new_tokens=1, temperature=0)])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        r = engine.generate([GenerationRequest(prompt_token_ids=prompt, max_new_tokens=1, temperature=0)])[0]
-    print(f"prefill 1024 tokens: ttft {r.timings.ttft_ms:.2f} ms (queued {r.timings.queued_ms:.2f} ms)")
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
-    if args.compile:
-        model = engine.model
-        compiled = torch.compile(model.forward, dynamic=False, fullgraph=False)
-        batch = decoder._batch(b)
-        for _ in range(3):
-            compiled(batch, engine.kv_cache.layers)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=stream):
-            compiled(batch, engine.kv_cache.layers)
-        print(f"torch.compile'd forward in a graph: {time_replays(graph):.3f} ms per replay (eager graph "
-              f"{replay_ms:.3f})")
+    print(f"engine: {engine_ms / 257:.3f} ms/token over 257 tokens (prefill included); "
+          f"graph replay alone {time_replays(decoder.graphs[1]):.3f} ms")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(args.steps)
+    trace = args.out or tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(trace)
     engine.close()
+
+    kernels = kernels_of_trace(trace)
+    steps = split_steps(kernels, args.step_gap_us)
+    # Decode steps are the common kernel count; the prefill step differs.
+    common = statistics.mode(len(s) for s in steps)
+    decode = [s for s in steps if len(s) == common][1:-1]
+    stats = [step_stats(s) for s in decode]
+    print(f"{len(steps)} kernel groups split at idle gaps > {args.step_gap_us} us; {len(decode)} of {common} kernels:")
+    for key in ("span_us", "busy_us", "gaps_us"):
+        print(f"  median {key}: {statistics.median(s[key] for s in stats):.1f}")
+    window = kernels[-1][0] + kernels[-1][1] - kernels[0][0]
+    idle = sum(max(0.0, b[0] - (a[0] + a[1])) for a, b in zip(kernels, kernels[1:]))
+    print(f"whole window ({args.steps} tokens, prefill included): {window / args.steps:.1f} us per token, GPU idle "
+          f"{idle / args.steps:.1f} us per token")
+    per_name: dict[str, list[float]] = defaultdict(list)
+    for _, d, name in kernels:
+        per_name[name].append(d)
+    print("\nper token over the window: count, mean us, total us, kernel")
+    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
+    for name, durs in rows[:30]:
+        print(f"  {len(durs) / args.steps:5.1f} {statistics.mean(durs):8.2f} {sum(durs) / args.steps:8.1f}  "
+              f"{name[:100]}")
+    middle = decode[len(decode) // 2]
+    print("\none step: start us, duration us, gap before us, kernel")
+    prev_end = middle[0][0]
+    for ts, d, name in middle:
+        print(f"  {ts - middle[0][0]:8.1f} {d:7.2f} {ts - prev_end:6.2f}  {name[:90]}")
+        prev_end = ts + d
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ class CudaGraphDecoder:
                                        "gather_rows")} for _ in range(2)]
         self._turn = 0
         self.workspaces = {b: DecodeAttentionWorkspace(b, cfg.num_attention_heads, cfg.head_dim,
-                                                       decode_splits(b, cfg.num_key_value_heads, device), device)
+                                                       decode_splits(b, cfg.num_key_value_heads, device), device,
+                                                       dependent_launch=model.dependent_launch)
                            for b in sizes}
         self._capture_all()
 

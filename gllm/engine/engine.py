@@ -58,6 +58,19 @@ def _triton_available() -> bool:
     return True
 
 
+def _dependent_launch(wanted: bool | None, device: torch.device) -> bool:
+    """Whether decode kernels use programmatic dependent launch: asked for (or left to us) and the GPU has it."""
+    if wanted is False:
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        if wanted:
+            log.warning("dependent_launch needs compute capability 9.0 or later; this GPU is %d.%d: off",
+                        major, minor)
+        return False
+    return True
+
+
 def _decode_kernel_supports(block_size: int, head_dim: int) -> bool:
     from gllm.ops.triton_attention import supports
     if not supports(block_size, head_dim):
@@ -144,7 +157,7 @@ class LLMEngine:
                       and _decode_kernel_supports(gen.block_size, cfg.head_dim))
         use_graphs = use_triton and gen.cuda_graphs
         if use_triton:
-            self.model.use_fused_kernels()
+            self.model.use_fused_kernels(dependent_launch=_dependent_launch(gen.dependent_launch, self.device))
         # The fast path keeps one extra block as the scratch target of padded graph rows.
         self.kv_cache = KVCache(cfg, num_blocks + int(use_graphs), gen.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)

@@ -21,6 +21,9 @@ class GeneratorParams:
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
     prefill_graph_tokens: int = 2048   # and prefill-only steps up to this many tokens (0: prefill stays eager)
     overlap_steps: bool | None = None  # detokenize/deliver step N while step N+1 runs; None: on for CUDA
+    # Decode kernels start while the one before them finishes (programmatic dependent launch: compute
+    # capability 9.0+, i.e. Hopper and later); None: on where the GPU has it. False turns it off.
+    dependent_launch: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len", "max_step_tokens", "max_waiting_requests"):

@@ -31,6 +31,13 @@ class ForwardBatch:
     # Per-step attention metadata that every layer shares: built by the first layer, reused by the rest.
     attention_plan: Any = None
 
+    def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows of `hidden` that logits are wanted for. The indices increase, so as many of them as there
+        are tokens means every row (a decode step): no gather kernel then."""
+        if self.logits_indices.shape[0] == hidden.shape[0]:
+            return hidden
+        return hidden[self.logits_indices]
+
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])

@@ -107,16 +107,23 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def forward_streamed(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, dependent_launch: bool) -> torch.Tensor:
         """The same layer for a few rows (decode): four weight-streaming kernels with the norms folded in
-        before and SiLU·mul and the residual adds after; `h` is the residual stream, updated in place."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv = triton_gemv.linear(h, attn.qkv_proj.weight, norm_weight=self.input_layernorm.weight,
-                                 eps=self.input_layernorm.eps)
-        triton_gemv.linear(attn.attend(qkv, batch, rope, k_cache, v_cache), attn.o_proj.weight, residual=h)
+        before, RoPE and the K/V cache writes after q/k/v, SiLU·mul after gate_up and the residual adds
+        after o and down; `h` is the residual stream, updated in place."""
+        attn, mlp, cfg = self.self_attn, self.mlp, self.self_attn.cfg
+        rope_kv = triton_gemv.RopeKV(rope.cos, rope.sin, batch.positions, batch.slot_mapping,
+                                     k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:]),
+                                     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        q = triton_gemv.linear(h, attn.qkv_proj.weight, norm_weight=self.input_layernorm.weight,
+                               eps=self.input_layernorm.eps, rope=rope_kv, dependent_launch=dependent_launch)
+        q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
+        out = paged_attention(q, k_cache, v_cache, batch, attn.scale).reshape(-1, cfg.q_size)
+        triton_gemv.linear(out, attn.o_proj.weight, residual=h, dependent_launch=dependent_launch)
         act = triton_gemv.linear(h, mlp.gate_up_proj.weight, norm_weight=self.post_attention_layernorm.weight,
-                                 eps=self.post_attention_layernorm.eps, silu_mul=True)
-        return triton_gemv.linear(act, mlp.down_proj.weight, residual=h)
+                                 eps=self.post_attention_layernorm.eps, silu_mul=True,
+                                 dependent_launch=dependent_launch)
+        return triton_gemv.linear(act, mlp.down_proj.weight, residual=h, dependent_launch=dependent_launch)
 
 
 # HF checkpoint names of the projections that live inside a fused parameter: (fused name, slice index).
@@ -139,6 +146,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
         self.streamed_rows = 0   # steps of at most this many tokens take forward_streamed (set on CUDA)
+        self.dependent_launch = False   # forward_streamed's kernels overlap their starts (see use_fused_kernels)
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace through inference tensors
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -148,24 +156,28 @@ class LlamaForCausalLM(nn.Module):
             # Decode-sized: bound by reading the weights, which the streamed kernels read once per step.
             h = self.embed_tokens(batch.input_ids)
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-                h = layer.forward_streamed(h, batch, self.rope, k_cache, v_cache)
-            return triton_gemv.linear(h[batch.logits_indices], weight, norm_weight=self.norm.weight,
-                                      eps=self.norm.eps, out_dtype=torch.float32)
+                h = layer.forward_streamed(h, batch, self.rope, k_cache, v_cache, self.dependent_launch)
+            return triton_gemv.linear(batch.logits_rows(h), weight, norm_weight=self.norm.weight,
+                                      eps=self.norm.eps, out_dtype=torch.float32,
+                                      dependent_launch=self.dependent_launch)
         x, residual = self.embed_tokens(batch.input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache)
-        rows = batch.logits_indices
-        x, _ = self.norm(x[rows], residual[rows])
+        x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual))
         return F.linear(x, weight).float()
 
-    def use_fused_kernels(self, streamed_rows: int | None = None) -> None:
+    def use_fused_kernels(self, streamed_rows: int | None = None, dependent_launch: bool = False) -> None:
         """Switch norms, RoPE + KV writes and SiLU·mul to the fused Triton kernels (CUDA only), and steps of at
-        most `streamed_rows` tokens (default `triton_gemv.MAX_ROWS`) to the weight-streaming kernels."""
+        most `streamed_rows` tokens (default `triton_gemv.MAX_ROWS`) to the weight-streaming kernels.
+
+        dependent_launch (compute capability 9.0+ only): the streamed kernels use programmatic dependent
+        launch, each one starting to read its weights while the one before it finishes."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = True
         if triton_gemv is not None and not (self.cfg.attention_bias or self.cfg.mlp_bias):
             self.streamed_rows = triton_gemv.MAX_ROWS if streamed_rows is None else streamed_rows
+            self.dependent_launch = dependent_launch
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""

@@ -45,12 +45,15 @@ def _decode_partial_kernel(
     stride_pm_b, stride_pm_h,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.load(context_lens_ptr + seq)
+    ctx = tl.load(context_lens_ptr + seq)   # set before the step: no kernel of it writes the lengths
+    if USE_PDL:   # q and this step's K/V come from the kernel before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tokens_per_iter: tl.constexpr = BLOCK_SIZE * BLOCKS_PER_ITER
     # Split the context into NUM_SPLITS ranges of whole iterations.
     iters = tl.cdiv(ctx, tokens_per_iter)
@@ -90,10 +93,13 @@ def _decode_merge_kernel(
     stride_po_b, stride_po_h, stride_po_s,
     stride_pm_b, stride_pm_h,
     stride_o_b, stride_o_h,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM)
     m = tl.load(part_max_ptr + seq * stride_pm_b + head * stride_pm_h + splits)
@@ -127,10 +133,14 @@ def _is_pow2(n: int) -> bool:
 
 
 class DecodeAttentionWorkspace:
-    """Partial-result buffers, allocated once per (max batch, heads, splits) so graphs can reuse them."""
+    """Partial-result buffers, allocated once per (max batch, heads, splits) so graphs can reuse them.
+    `dependent_launch`: launch both kernels with programmatic dependent launch (compute capability 9.0+;
+    see `triton_gemv.linear`)."""
 
-    def __init__(self, max_batch: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device) -> None:
+    def __init__(self, max_batch: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device,
+                 dependent_launch: bool = False) -> None:
         self.num_splits = num_splits
+        self.dependent_launch = dependent_launch
         self.part_out = torch.empty(max_batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device)
         self.part_max = torch.empty(max_batch, num_heads, num_splits, dtype=torch.float32, device=device)
         self.part_sum = torch.empty(max_batch, num_heads, num_splits, dtype=torch.float32, device=device)
@@ -148,6 +158,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # Enough tokens per iteration to feed tl.dot (>= 16 rows) without over-reading short contexts.
     blocks_per_iter = max(1, 32 // block_size)
     out = torch.empty_like(q)
+    pdl = {"launch_pdl": True} if workspace.dependent_launch else {}
     _decode_partial_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         workspace.part_out, workspace.part_max, workspace.part_sum,
@@ -161,7 +172,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCKS_PER_ITER=blocks_per_iter,
         # float32 must stay float32: Triton's default for a float32 dot is TF32 (~1e-3 error).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        USE_PDL=workspace.dependent_launch, num_warps=4, **pdl,
     )
     _decode_merge_kernel[(batch, num_heads)](
         workspace.part_out, workspace.part_max, workspace.part_sum, out,
@@ -169,6 +180,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         workspace.part_max.stride(0), workspace.part_max.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=splits, HEAD_DIM=head_dim,
-        num_warps=1,
+        USE_PDL=workspace.dependent_launch, num_warps=1, **pdl,
     )
     return out

@@ -31,6 +31,22 @@ import triton.language as tl
 MAX_ROWS = 16          # callers use F.linear for more rows, where the matmul is no longer a GEMV
 
 
+class RopeKV(NamedTuple):
+    """Where a q/k/v projection's epilogue puts its output: RoPE on q and k, k and v into their cache slots.
+
+    The kernel then pairs each output column d < head_dim/2 of a head with d + head_dim/2 (the
+    rotate-half partner) in one program, so the rotation needs no second pass over the output."""
+    cos: torch.Tensor            # [positions, head_dim] float32, rotate-half layout (both halves equal)
+    sin: torch.Tensor
+    positions: torch.Tensor      # [M] int64, each row's position
+    slots: torch.Tensor          # [M] int64, each row's KV slot
+    k_cache: torch.Tensor        # [slots, kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
 class GemvConfig(NamedTuple):
     block_n: int       # output columns per program
     block_k: int       # K elements per loop step (a multiple of 8: 16-byte loads along K)
@@ -85,15 +101,71 @@ def _epilogue(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL
 
 
 @triton.jit
+def _rope_epilogue(ya, yb, q_ptr, rows, m_ok, offs_n, n_ok, stride_qm, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+                   k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype: tl.constexpr,
+                   NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+    """Column pairs (d, d + HALF) of the q/k/v output [R, BLOCK_N pairs], rounded like a linear's output,
+    then as `triton_fused.rope_and_write_kv`: q rotated into q_ptr, k rotated and v as is into their slots."""
+    lo = ya.to(dtype).to(tl.float32)
+    hi = yb.to(dtype).to(tl.float32)
+    head = offs_n // HALF
+    d = offs_n % HALF
+    mask = m_ok[:, None] & n_ok[None, :]
+    pos = tl.load(pos_ptr + rows, mask=m_ok, other=0)
+    table = pos[:, None] * stride_cs + d[None, :]
+    c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    is_q = (head < NUM_Q_HEADS)[None, :]
+    is_v = (head >= NUM_Q_HEADS + NUM_KV_HEADS)[None, :]
+    out_lo = tl.where(is_v, lo, lo * c - hi * s).to(dtype)
+    out_hi = tl.where(is_v, hi, hi * c + lo * s).to(dtype)
+    q_off = rows[:, None] * stride_qm + (head * (2 * HALF) + d)[None, :]
+    tl.store(q_ptr + q_off, out_lo, mask=mask & is_q)
+    tl.store(q_ptr + q_off + HALF, out_hi, mask=mask & is_q)
+    slot = tl.load(slot_ptr + rows, mask=m_ok, other=0).to(tl.int64)
+    kv_head = tl.where(is_v, head[None, :] - (NUM_Q_HEADS + NUM_KV_HEADS), head[None, :] - NUM_Q_HEADS)
+    c_off = slot[:, None] * stride_c_slot + kv_head * (2 * HALF) + d[None, :]
+    is_k = ~is_q & ~is_v
+    tl.store(k_cache_ptr + c_off, out_lo, mask=mask & is_k)
+    tl.store(k_cache_ptr + c_off + HALF, out_hi, mask=mask & is_k)
+    tl.store(v_cache_ptr + c_off, out_lo, mask=mask & is_v)
+    tl.store(v_cache_ptr + c_off + HALF, out_hi, mask=mask & is_v)
+
+
+@triton.jit
+def _weight_rows(w_ptr, offs_n, stride_wn, ROPE: tl.constexpr, HALF: tl.constexpr):
+    """Row pointers of the weight for output columns offs_n ([BLOCK_N, 1]); with ROPE offs_n counts
+    (d, d + HALF) pairs and these are the rows of each pair's first column."""
+    if ROPE:
+        offs_n = (offs_n // HALF) * (2 * HALF) + offs_n % HALF
+    return w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn             # lm_head has ~1e9 elements
+
+
+@triton.jit
+def _store(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+           k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+           SILU_MUL: tl.constexpr, ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+           HALF: tl.constexpr):
+    if ROPE:
+        _rope_epilogue(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+                       k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
+    else:
+        _epilogue(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL, SILU_MUL, dtype)
+
+
+@triton.jit
 def _gemv_rows_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, N, K, up_offset, stride_xm, stride_wn, stride_om, eps,
-                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr):
+                      cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
+                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
+                      ROPE: tl.constexpr, PAIRED: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
+                      NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr):
     """1 to 4 rows, each with its own [BLOCK_N, BLOCK_K] accumulator in the weight tile's layout, so the
     loop is loads and FMAs with no layout shuffles; the reduction over K happens once, at the end."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn           # lm_head has ~1e9 elements
+    w_rows = _weight_rows(w_ptr, offs_n, stride_wn, ROPE, HALF)
     r0 = tl.arange(0, 1)
     r1 = r0 + 1
     r2 = r0 + 2
@@ -105,9 +177,12 @@ def _gemv_rows_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, N, K, up_offset, stride_x
     wa_next = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0,
                       eviction_policy="evict_first")
     wb_next = wa_next
-    if SILU_MUL:
+    if PAIRED:
         wb_next = tl.load(w_rows + up_offset * stride_wn + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :],
                           other=0.0, eviction_policy="evict_first")
+    if USE_PDL:   # the weights never change: only now wait for the kernel before (and let the next one start)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     inv0 = 0.0
     inv1 = 0.0
     inv2 = 0.0
@@ -136,54 +211,63 @@ def _gemv_rows_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, N, K, up_offset, stride_x
         ahead = ks + BLOCK_K
         w_mask = n_ok[:, None] & (ahead < K)[None, :]                  # all off on the last step: no traffic
         wa_next = tl.load(w_rows + ahead[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-        if SILU_MUL:
+        if PAIRED:
             wb_next = tl.load(w_rows + up_offset * stride_wn + ahead[None, :], mask=w_mask, other=0.0,
                               eviction_policy="evict_first")
         x = _x_tile(x_ptr, r0, ok, stride_xm, ks, K, norm_ptr, inv0, EVEN_K, HAS_NORM).to(tl.float32)
         a0 += wa * x
-        if SILU_MUL:
+        if PAIRED:
             b0 += wb * x
         if ROWS > 1:
             x = _x_tile(x_ptr, r1, ok, stride_xm, ks, K, norm_ptr, inv1, EVEN_K, HAS_NORM).to(tl.float32)
             a1 += wa * x
-            if SILU_MUL:
+            if PAIRED:
                 b1 += wb * x
         if ROWS > 2:
             x = _x_tile(x_ptr, r2, ok, stride_xm, ks, K, norm_ptr, inv2, EVEN_K, HAS_NORM).to(tl.float32)
             a2 += wa * x
-            if SILU_MUL:
+            if PAIRED:
                 b2 += wb * x
         if ROWS > 3:
             x = _x_tile(x_ptr, r3, ok, stride_xm, ks, K, norm_ptr, inv3, EVEN_K, HAS_NORM).to(tl.float32)
             a3 += wa * x
-            if SILU_MUL:
+            if PAIRED:
                 b3 += wb * x
 
-    _epilogue(tl.sum(a0, axis=1)[None, :], tl.sum(b0, axis=1)[None, :], out_ptr, r0, ok, offs_n, n_ok, stride_om,
-              HAS_RESIDUAL, SILU_MUL, dtype)
+    _store(tl.sum(a0, axis=1)[None, :], tl.sum(b0, axis=1)[None, :], out_ptr, r0, ok, offs_n, n_ok,
+           stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
+           dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
     if ROWS > 1:
-        _epilogue(tl.sum(a1, axis=1)[None, :], tl.sum(b1, axis=1)[None, :], out_ptr, r1, ok, offs_n, n_ok,
-                  stride_om, HAS_RESIDUAL, SILU_MUL, dtype)
+        _store(tl.sum(a1, axis=1)[None, :], tl.sum(b1, axis=1)[None, :], out_ptr, r1, ok, offs_n, n_ok,
+               stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
+               dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
     if ROWS > 2:
-        _epilogue(tl.sum(a2, axis=1)[None, :], tl.sum(b2, axis=1)[None, :], out_ptr, r2, ok, offs_n, n_ok,
-                  stride_om, HAS_RESIDUAL, SILU_MUL, dtype)
+        _store(tl.sum(a2, axis=1)[None, :], tl.sum(b2, axis=1)[None, :], out_ptr, r2, ok, offs_n, n_ok,
+               stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
+               dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
     if ROWS > 3:
-        _epilogue(tl.sum(a3, axis=1)[None, :], tl.sum(b3, axis=1)[None, :], out_ptr, r3, ok, offs_n, n_ok,
-                  stride_om, HAS_RESIDUAL, SILU_MUL, dtype)
+        _store(tl.sum(a3, axis=1)[None, :], tl.sum(b3, axis=1)[None, :], out_ptr, r3, ok, offs_n, n_ok,
+               stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
+               dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
 
 
 @triton.jit
 def _gemv_dot_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, M, N, K, up_offset, stride_xm, stride_wn, stride_om, eps,
+                     cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      EVEN_K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     SILU_MUL: tl.constexpr):
+                     SILU_MUL: tl.constexpr, ROPE: tl.constexpr, PAIRED: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
+                     NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr):
     """5 to 16 rows, padded to 16 for the tensor cores: FMAs would cost more than the weight's bytes."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    w_rows = _weight_rows(w_ptr, offs_n, stride_wn, ROPE, HALF)
     rows = tl.arange(0, 16)
     m_ok = rows < M
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     inv = 0.0
     if HAS_NORM:
         inv = _row_scale(x_ptr, rows, m_ok, stride_xm, K, eps, BLOCK_K)
@@ -196,15 +280,17 @@ def _gemv_dot_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, M, N, K, up_offset, stride
         x = _x_tile(x_ptr, rows, m_ok, stride_xm, ks, K, norm_ptr, inv, EVEN_K, HAS_NORM)
         wa = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         acc_a = tl.dot(x, tl.trans(wa), acc_a, input_precision=DOT_PRECISION)
-        if SILU_MUL:
+        if PAIRED:
             wb = tl.load(w_rows + up_offset * stride_wn + ks[None, :], mask=w_mask, other=0.0,
                          eviction_policy="evict_first")
             acc_b = tl.dot(x, tl.trans(wb), acc_b, input_precision=DOT_PRECISION)
 
-    _epilogue(acc_a, acc_b, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL, SILU_MUL, dtype)
+    _store(acc_a, acc_b, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+           k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS,
+           NUM_KV_HEADS, HALF)
 
 
-def default_config(m: int, n_out: int, k: int, silu_mul: bool, *, norm: bool = False, elem_bytes: int = 2,
+def default_config(m: int, n_out: int, k: int, paired: bool, *, norm: bool = False, elem_bytes: int = 2,
                    smem_bytes: int = 99 * 1024) -> GemvConfig:
     """Launch shape for `m` rows, `n_out` output columns and reduction length `k`.
 
@@ -214,11 +300,12 @@ def default_config(m: int, n_out: int, k: int, silu_mul: bool, *, norm: bool = F
     From three rows on, or two through gate_up, tl.dot wins, its pipeline depth bounded by
     `smem_bytes` (what a block may use on this GPU).
     """
-    if m == 1 or (m == 2 and not silu_mul):
-        block_k = min(1024, triton.next_power_of_2(k))
+    if m == 1 or (m == 2 and not paired):
+        # A long K (down_proj) in 2048-wide steps: half the loop trips, 2-3 % faster on the 1B chain.
+        block_k = min(2048 if m == 1 and k >= 8192 else 1024, triton.next_power_of_2(k))
         while block_k > 512 and k % block_k:   # a K step that divides K spares the masked tail
             block_k //= 2
-        block_n = 4 if m == 1 and not silu_mul else 2   # gate_up reads two tiles a step
+        block_n = 4 if m == 1 and not paired else 2   # gate_up and q/k/v with RoPE read two tiles a step
         block_n = max(block_n, min(16, 8 * 32 * 4 // block_k))   # >= one 16-byte load per thread
         return GemvConfig(block_n, block_k, 4, 1)
     # Small N: 16 columns and deep K steps keep ~128 programs busy; otherwise 32 columns.
@@ -226,7 +313,7 @@ def default_config(m: int, n_out: int, k: int, silu_mul: bool, *, norm: bool = F
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     # Triton keeps stages - 1 copies of the x, weight and norm-weight tiles, plus (with a norm) the
     # normed x tile on its way to the tensor cores.
-    per_stage = (16 + (2 if silu_mul else 1) * block_n + (1 if norm else 0)) * block_k * elem_bytes
+    per_stage = (16 + (2 if paired else 1) * block_n + (1 if norm else 0)) * block_k * elem_bytes
     fixed = (16 * block_k * elem_bytes if norm else 0) + 4 * 1024
     stages = max(1, min(stages, 1 + (smem_bytes - fixed) // per_stage))
     return GemvConfig(block_n, block_k, 4, stages, dot=True)
@@ -240,13 +327,19 @@ def shared_memory_bytes(device: torch.device) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None, silu_mul: bool = False,
-           out_dtype: torch.dtype | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, silu_mul: bool = False, rope: RopeKV | None = None,
+           out_dtype: torch.dtype | None = None, config: GemvConfig | None = None,
+           dependent_launch: bool = False) -> torch.Tensor:
     """epilogue(prologue(x) @ weight.T) for x [M <= MAX_ROWS, K] and an nn.Linear weight [N, K].
 
     norm_weight: RMSNorm x's rows first (weight [K], `eps`). residual [M, N]: add the product into
     it in place and return it. silu_mul: weight is gate_up [2I, K]; return silu(gate) * up [M, I].
+    rope: weight is the fused q/k/v projection; rotate q and k, write k and v into their cache slots
+    and return q [M, num_q_heads * head_dim].
     out_dtype=torch.float32: write the (model-dtype-rounded) product as float32, as the logits are.
+    dependent_launch: launch with programmatic dependent launch (compute capability 9.0+): the kernel
+    starts streaming its weight while the kernel before it finishes, and waits for that kernel only
+    before it reads x. Every kernel so launched waits, so the ordering stays transitive.
     No bias: a biased linear stays on F.linear. Launches only (no host sync), so it can be captured in
     a CUDA graph once each shape has run (compiled) outside the capture.
     """
@@ -263,6 +356,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
     if weight.stride(1) != 1:
         raise ValueError("weight must be contiguous along K")
     n_out = n // 2 if silu_mul else n
+    rope_args: tuple = (x, x, x, x, x, x, 0, 0)
+    if rope is not None:
+        half = rope.head_dim // 2
+        if silu_mul or residual is not None or out_dtype not in (None, x.dtype) or rope.head_dim % 2:
+            raise ValueError("rope is an epilogue of its own: no silu_mul, residual or out_dtype")
+        if n != (rope.num_q_heads + 2 * rope.num_kv_heads) * rope.head_dim:
+            raise ValueError(f"weight has {n} rows, not (q heads + 2 kv heads) * head_dim")
+        cache_shape = (rope.num_kv_heads, rope.head_dim)
+        for cache in (rope.k_cache, rope.v_cache):
+            if tuple(cache.shape[1:]) != cache_shape or not cache.is_contiguous() or cache.dtype != x.dtype:
+                raise ValueError(f"caches must be contiguous [slots, {cache_shape[0]}, {cache_shape[1]}] {x.dtype}")
+        if rope.positions.shape != (m,) or rope.slots.shape != (m,):
+            raise ValueError(f"positions and slots must have {m} entries")
+        n_out = n // 2   # programs count (d, d + head_dim/2) column pairs
+        rope_args = (rope.cos, rope.sin, rope.positions, rope.slots, rope.k_cache, rope.v_cache,
+                     rope.cos.stride(0), rope.k_cache.stride(0))
     if residual is not None:
         if residual.shape != (m, n) or residual.stride(1) != 1 or residual.dtype != x.dtype:
             raise ValueError(f"residual must be a row-major [{m}, {n}] {x.dtype} tensor")
@@ -271,23 +380,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
         if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             raise ValueError("x must not share memory with the residual it is added into")   # a race
         out = residual
+    elif rope is not None:
+        out = torch.empty(m, rope.num_q_heads * rope.head_dim, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(m, n_out, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = config or default_config(m, n_out, k, silu_mul, norm=norm_weight is not None,
+    paired = silu_mul or rope is not None
+    cfg = config or default_config(m, n_out, k, paired, norm=norm_weight is not None,
                                    elem_bytes=x.element_size(), smem_bytes=shared_memory_bytes(x.device))
     args = (x, weight, norm_weight if norm_weight is not None else x, out)
     flags = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
                  HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
+                 ROPE=rope is not None, PAIRED=paired,
+                 NUM_Q_HEADS=rope.num_q_heads if rope else 1, NUM_KV_HEADS=rope.num_kv_heads if rope else 1,
+                 HALF=rope.head_dim // 2 if rope else 1, USE_PDL=dependent_launch,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if dependent_launch:
+        flags["launch_pdl"] = True
+    up_offset = rope.head_dim // 2 if rope else n_out   # rows between a column's pair of weight rows
     grid = (triton.cdiv(n_out, cfg.block_n),)
     if cfg.dot:
-        _gemv_dot_kernel[grid](*args, m, n_out, k, n_out, x.stride(0), weight.stride(0), out.stride(0), eps,
-                               DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **flags)
+        _gemv_dot_kernel[grid](*args, m, n_out, k, up_offset, x.stride(0), weight.stride(0), out.stride(0), eps,
+                               *rope_args, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **flags)
     else:
         if m > 4:
             raise ValueError("the FMA kernel takes at most 4 rows")
-        _gemv_rows_kernel[grid](*args, n_out, k, n_out, x.stride(0), weight.stride(0), out.stride(0), eps,
-                                ROWS=m, **flags)
+        _gemv_rows_kernel[grid](*args, n_out, k, up_offset, x.stride(0), weight.stride(0), out.stride(0), eps,
+                                *rope_args, ROWS=m, **flags)
     return out
