@@ -315,6 +315,23 @@ def test_step_listener_sees_every_step(llama32_dir):
         assert infos[-1].running == 0 and infos[-1].kv_free_blocks == eng.stats()["kv_total_blocks"]
 
 
+def test_generate_submits_its_requests_together(llama32_dir):
+    """A generate call's requests reach the scheduler at once: the first step prefills all of them, whatever
+    the engine thread was doing (same calls, same batches, same bits). A bad one queues none of them."""
+    with engine(llama32_dir) as eng:
+        infos = []
+        eng.add_step_listener(infos.append)
+        for _ in range(3):
+            infos.clear()
+            eng.generate([greedy(p, n=2) for p in PROMPTS[:3]])
+            assert infos[0].num_seqs == 3
+        good = greedy(PROMPTS[0], n=2, request_id="good")
+        with pytest.raises(ValueError, match="priority"):
+            eng.generate([good, GenerationRequest(prompt="x", max_new_tokens=2, priority="high")])
+        assert eng.generate([good])[0].finish_reason == "length"   # its id was released, nothing ran
+        assert eng.stats()["kv_free_blocks"] == eng.stats()["kv_total_blocks"]
+
+
 def test_gpu_memory_budget_sizes_the_kv_pool(llama32_dir):
     """The budget is for everything: a bigger budget buys KV blocks, a budget below the weights is refused."""
     with engine(llama32_dir, gpu_memory_mb=700) as small, engine(llama32_dir, gpu_memory_mb=900) as big:

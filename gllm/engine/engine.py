@@ -246,10 +246,24 @@ class LLMEngine:
 
     def generate(self, requests: Iterable[GenerationRequest] | GenerationRequest,
                  timeout: float | None = None) -> list[GenerationResult]:
-        """Synchronous batch form: submit all, wait for all, results in request order."""
+        """Synchronous batch form: submit all, wait for all, results in request order. Every request is
+        checked before any is queued (one bad request fails the call, and none runs), and they reach the
+        scheduler together."""
         if isinstance(requests, GenerationRequest):
             requests = [requests]
-        handles = [self.submit(r) for r in requests]
+        handles = [RequestHandle("") for _ in requests]
+        # One inbox entry for the lot: the engine schedules them together, not as the thread happens to
+        # wake between submissions, so the same calls give the same batches (and the same bits).
+        states: list[_RequestState] = []
+        try:
+            for req, handle in zip(requests, handles):
+                states.append(self._prepare(req, handle))
+                handle.request_id = states[-1].request_id
+        except Exception:
+            with self._ids_lock:
+                self._live_ids.difference_update(st.request_id for st in states)
+            raise
+        self._inbox.put(("add", states))
         return [h.result(timeout) for h in handles]
 
     def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
@@ -311,6 +325,12 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- submission (caller's thread)
     def _submit(self, req: GenerationRequest, sink: Any) -> str:
+        state = self._prepare(req, sink)
+        self._inbox.put(("add", [state]))
+        return state.request_id
+
+    def _prepare(self, req: GenerationRequest, sink: Any) -> _RequestState:
+        """Check `req` and register its id; the caller puts the state in the inbox."""
         if self._closed:
             raise RuntimeError("the engine is closed")
         params = req.sampling_params()
@@ -350,8 +370,7 @@ class LLMEngine:
             submitted=time.perf_counter(),
             prompt_ids=prompt_ids,
         )
-        self._inbox.put(("add", state))
-        return request_id
+        return state
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -382,9 +401,10 @@ class LLMEngine:
             if op == "close":
                 return False
             if op == "add":
-                self._states[arg.request_id] = arg
-                self._by_seq[arg.seq.seq_id] = arg
-                self.scheduler.add(arg.seq)
+                for state in arg:
+                    self._states[state.request_id] = state
+                    self._by_seq[state.seq.seq_id] = state
+                    self.scheduler.add(state.seq)
             elif op == "cancel" and arg in self._states:
                 self._finish(self._states[arg], "cancelled")
 
