@@ -5,8 +5,8 @@
 Prints the engine's ms/token beside one graph replay alone, then runs a greedy batch-1
 generation (the `bench_gpu.py` decode case) under the torch profiler and reads the kernels back
 from its trace (CUDA-graph replays included): per kernel name the count per step and mean
-duration, the step's span, its busy time, and the sum of the gaps between consecutive kernels,
-which is what launch latency and kernel ramp-up cost.
+duration, the step's span and busy time, and one step's timeline with what each kernel or copy
+adds to the step's end.
 """
 
 from __future__ import annotations
@@ -47,20 +47,19 @@ def kernels_of_trace(path: str) -> list[tuple[float, float, str]]:
     """(start µs, duration µs, name) of every GPU kernel in a chrome trace, by start time."""
     events = json.loads(Path(path).read_text())["traceEvents"]
     out = [(float(e["ts"]), float(e["dur"]), e["name"]) for e in events
-           if e.get("ph") == "X" and e.get("cat") == "kernel"]
+           if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     return sorted(out)
 
 
-def split_steps(kernels: list[tuple[float, float, str]], step_gap_us: float) -> list[list[tuple[float, float, str]]]:
-    """Kernels grouped into steps: a gap longer than `step_gap_us` starts a new step."""
-    steps: list[list[tuple[float, float, str]]] = []
-    end = None
+def split_steps(kernels: list[tuple[float, float, str]], step_end: str) -> list[list[tuple[float, float, str]]]:
+    """Kernels grouped into steps, each ending with a kernel whose name contains `step_end` (the sampler's
+    last kernel; with dependent launch the kernels of a step overlap, so idle gaps cannot tell steps apart)."""
+    steps: list[list[tuple[float, float, str]]] = [[]]
     for k in kernels:
-        if end is None or k[0] - end > step_gap_us:
-            steps.append([])
         steps[-1].append(k)
-        end = max(end or 0.0, k[0] + k[1])
-    return steps
+        if step_end in k[2]:
+            steps.append([])
+    return [s for s in steps if s]
 
 
 def step_stats(step: list[tuple[float, float, str]]) -> dict:
@@ -74,10 +73,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--step-gap-us", type=float, default=15.0,
-                        help="an idle gap longer than this separates two steps")
+    parser.add_argument("--step-end", default="_row_max_kernel",
+                        help="the name (part) of the kernel that ends a step: the greedy sampler's last")
     parser.add_argument("--out", help="also keep the chrome trace here")
     parser.add_argument("--no-dependent-launch", action="store_true")
+    parser.add_argument("--times-only", action="store_true", help="stop after the engine and replay times")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(args.tokenizer)
     engine = make_engine(model_config(args.shape), tokenizer, max_batch_size=8, max_seq_len=1024,
@@ -95,6 +95,9 @@ def main() -> None:
     decoder = engine.runner.graph_decoder
     print(f"engine: {engine_ms / 257:.3f} ms/token over 257 tokens (prefill included); "
           f"graph replay alone {time_replays(decoder.graphs[1]):.3f} ms")
+    if args.times_only:
+        engine.close()
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generate(args.steps)
     trace = args.out or tempfile.mktemp(suffix=".json")
@@ -102,12 +105,12 @@ def main() -> None:
     engine.close()
 
     kernels = kernels_of_trace(trace)
-    steps = split_steps(kernels, args.step_gap_us)
+    steps = split_steps(kernels, args.step_end)
     # Decode steps are the common kernel count; the prefill step differs.
     common = statistics.mode(len(s) for s in steps)
     decode = [s for s in steps if len(s) == common][1:-1]
     stats = [step_stats(s) for s in decode]
-    print(f"{len(steps)} kernel groups split at idle gaps > {args.step_gap_us} us; {len(decode)} of {common} kernels:")
+    print(f"{len(steps)} steps (ending at {args.step_end}); {len(decode)} decode steps of {common} kernels:")
     for key in ("span_us", "busy_us", "gaps_us"):
         print(f"  median {key}: {statistics.median(s[key] for s in stats):.1f}")
     window = kernels[-1][0] + kernels[-1][1] - kernels[0][0]
@@ -123,11 +126,13 @@ def main() -> None:
         print(f"  {len(durs) / args.steps:5.1f} {statistics.mean(durs):8.2f} {sum(durs) / args.steps:8.1f}  "
               f"{name[:100]}")
     middle = decode[len(decode) // 2]
-    print("\none step: start us, duration us, gap before us, kernel")
-    prev_end = middle[0][0]
+    # With dependent launch a kernel starts before the one before it ends: what it adds to the step is
+    # how much later it ends than everything before it.
+    print("\none step: start us, duration us, end minus the latest end before it us, kernel or copy")
+    latest = middle[0][0]
     for ts, d, name in middle:
-        print(f"  {ts - middle[0][0]:8.1f} {d:7.2f} {ts - prev_end:6.2f}  {name[:90]}")
-        prev_end = ts + d
+        print(f"  {ts - middle[0][0]:8.1f} {d:7.2f} {ts + d - latest:6.2f}  {name[:90]}")
+        latest = max(latest, ts + d)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """`CudaGraphDecoder`: decode steps replayed from CUDA graphs captured for a ladder of batch sizes.
 
 A decode step of a small model is hundreds of tiny kernel launches; replaying a captured graph
-turns them into one. Inputs live in static buffers that each step fills with one non-blocking
-copy from pinned memory; a batch is padded up to the next captured size, the padding rows
-writing their K/V into a scratch block nobody reads. `run_ahead` takes the input tokens from the
-previous step's sampled ids on the device, so a step can be queued before those ids reach the host.
-The pinned staging buffers alternate between two sets: a step may be filled while the copies of the
-one before it are still queued.
+turns them into one. A step's inputs (ids, positions, slots, context lengths, block tables) live in
+one static byte buffer that each step fills with a single non-blocking copy from pinned memory
+(each copy costs the GPU a few microseconds, whatever its size); a batch is padded up to the next
+captured size, the padding rows writing their K/V into a scratch block nobody reads. `run_ahead`
+takes the input tokens from the previous step's sampled ids on the device, so a step can be queued
+before those ids reach the host. The pinned buffer alternates between two: a step may be filled
+while the copy of the one before it is still queued.
 """
 
 from __future__ import annotations
@@ -22,6 +23,29 @@ from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
 DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
+class StepInputs:
+    """Where a step of a given batch size finds its inputs: typed views into one flat byte buffer, laid out
+    per size so that a step's inputs are the buffer's first `nbytes` bytes, moved in one copy."""
+
+    FIELDS = (("input_ids", torch.int64), ("positions", torch.int64), ("slot_mapping", torch.int64),
+              ("gather_rows", torch.int64), ("context_lens", torch.int32))
+
+    def __init__(self, buffer: torch.Tensor, batch: int, table_width: int) -> None:
+        views: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, dtype in self.FIELDS:
+            views[name] = buffer[offset:offset + 8 * batch].view(dtype)[:batch]
+            offset += 8 * batch                       # int32 fields padded to 8 bytes a row: aligned views
+        table_bytes = 4 * batch * table_width
+        views["block_tables"] = buffer[offset:offset + table_bytes].view(torch.int32).view(batch, table_width)
+        self.nbytes = offset + table_bytes
+        self.views = views
+
+    @staticmethod
+    def nbytes_for(batch: int, table_width: int) -> int:
+        return 8 * batch * len(StepInputs.FIELDS) + 4 * batch * table_width
+
+
 class CudaGraphDecoder:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, max_batch: int, max_blocks_per_seq: int,
                  scratch_block: int, device: torch.device, ladder: tuple[int, ...] = DEFAULT_LADDER) -> None:
@@ -32,18 +56,15 @@ class CudaGraphDecoder:
         self.batch_sizes = sizes
         cfg = model.cfg
         top = sizes[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.zeros(top, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
-        self.rows = torch.arange(top, dtype=torch.int64, device=device)
-        self.gather_rows = torch.zeros(top, dtype=torch.int64, device=device)   # run_ahead: previous row of each
-        # Host staging in pinned memory: one asynchronous copy per buffer per step, two sets used in turn.
-        self._staging = [{name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
-                          for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
-                                       "gather_rows")} for _ in range(2)]
+        # Every step's inputs travel in one asynchronous copy from pinned memory; the host side has two
+        # buffers used in turn, because a step may be filled while the copy of the one before is queued.
+        nbytes = StepInputs.nbytes_for(top, max_blocks_per_seq)
+        self._device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        self.inputs = {b: StepInputs(self._device_buffer, b, max_blocks_per_seq) for b in sizes}
+        self._host_inputs = [{b: StepInputs(buf, b, max_blocks_per_seq) for b in sizes} for buf in self._host_buffers]
         self._turn = 0
+        self.rows = torch.arange(top, dtype=torch.int64, device=device)
         self.workspaces = {b: DecodeAttentionWorkspace(b, cfg.num_attention_heads, cfg.head_dim,
                                                        decode_splits(b, cfg.num_key_value_heads, device), device,
                                                        dependent_launch=model.dependent_launch)
@@ -51,30 +72,32 @@ class CudaGraphDecoder:
         self._capture_all()
 
     def _batch(self, b: int) -> ForwardBatch:
+        """Size b's batch over its views, its inputs set to padding (capture and its warm-up run read them;
+        the sizes' layouts overlap in the buffer, so this is done for each size just before its capture)."""
+        for host in self._host_inputs:
+            self._pad(host[b].views, 0, b)
+        nbytes = self.inputs[b].nbytes
+        self._device_buffer[:nbytes].copy_(self._host_buffers[0][:nbytes])
+        v = self.inputs[b].views
         return ForwardBatch(
-            input_ids=self.input_ids[:b], positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
-            context_lens=self.context_lens[:b], block_tables=self.block_tables[:b],
+            input_ids=v["input_ids"], positions=v["positions"], slot_mapping=v["slot_mapping"],
+            context_lens=v["context_lens"], block_tables=v["block_tables"],
             logits_indices=self.rows[:b], query_lens_host=[1] * b, context_lens_host=[1] * b,
             decode_kernel=self.workspaces[b])
 
     def _capture_all(self) -> None:
-        self._fill_padding(0)
         # The prefill graphs share the pool: steps never run concurrently.
         self.graphs, self.outputs, self.pool = capture_graphs(self.model, self.kv_cache, self.batch_sizes, self._batch,
                                                               self.device)
 
-    def _fill_padding(self, start: int) -> None:
-        scratch_slot = self.scratch_block * self.block_size
-        for host in self._staging:
-            host["input_ids"][start:] = 0
-            host["positions"][start:] = 0
-            host["slot_mapping"][start:] = scratch_slot
-            host["block_tables"][start:] = self.scratch_block
-            host["context_lens"][start:] = 1
-            host["gather_rows"][start:] = 0
-        for name, buf in self._staging[0].items():
-            getattr(self, name).copy_(buf, non_blocking=True)
-        torch.cuda.synchronize(self.device)
+    def _pad(self, views: dict[str, torch.Tensor], start: int, end: int) -> None:
+        """Rows start..end as padding: harmless writes into the scratch block."""
+        views["input_ids"][start:end] = 0
+        views["positions"][start:end] = 0
+        views["slot_mapping"][start:end] = self.scratch_block * self.block_size
+        views["gather_rows"][start:end] = 0
+        views["context_lens"][start:end] = 1
+        views["block_tables"][start:end] = self.scratch_block
 
     def padded_size(self, batch: int) -> int | None:
         for b in self.batch_sizes:
@@ -85,12 +108,9 @@ class CudaGraphDecoder:
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """One decode token per sequence; returns float32 logits [len(token_ids), vocab]."""
         host, b = self._stage(positions, block_tables)
-        n = len(token_ids)
-        ids = host["input_ids"].numpy()
-        ids[:n] = token_ids
-        ids[n:b] = 0
-        self.input_ids[:b].copy_(host["input_ids"][:b], non_blocking=True)
-        return self._replay(host, n, b)
+        host["input_ids"].numpy()[:len(token_ids)] = token_ids
+        self._copy_inputs(b)
+        return self._replay(len(token_ids), b)
 
     def run_ahead(self, previous_tokens: torch.Tensor, rows: list[int], positions: list[int],
                   block_tables: list[list[int]]) -> torch.Tensor:
@@ -98,16 +118,17 @@ class CudaGraphDecoder:
         host, b = self._stage(positions, block_tables)
         n = len(rows)
         host["gather_rows"].numpy()[:n] = rows
-        self.gather_rows[:n].copy_(host["gather_rows"][:n], non_blocking=True)
-        torch.index_select(previous_tokens, 0, self.gather_rows[:n], out=self.input_ids[:n])
-        return self._replay(host, n, b)
+        self._copy_inputs(b)
+        dev = self.inputs[b].views
+        torch.index_select(previous_tokens, 0, dev["gather_rows"][:n], out=dev["input_ids"][:n])
+        return self._replay(n, b)
 
     def _stage(self, positions: list[int], block_tables: list[list[int]]) -> tuple[dict[str, torch.Tensor], int]:
         n = len(positions)
         b = self.padded_size(n)
         assert b is not None, f"batch {n} exceeds the largest captured graph"
-        host = self._staging[self._turn]
         self._turn ^= 1
+        host = self._host_inputs[self._turn][b].views
         bs = self.block_size
         pos, slots, ctx, table = (host[k].numpy() for k in ("positions", "slot_mapping", "context_lens",
                                                            "block_tables"))
@@ -115,15 +136,16 @@ class CudaGraphDecoder:
         ctx[:n] = pos[:n] + 1
         for i, (blocks, p) in enumerate(zip(block_tables, positions)):
             table[i, :len(blocks)] = blocks
+            table[i, len(blocks):] = self.scratch_block   # the bytes may hold another size's fields
             slots[i] = blocks[p // bs] * bs + p % bs
-        # Padding rows of this size class: harmless writes into the scratch block.
-        pos[n:b], slots[n:b], ctx[n:b] = 0, self.scratch_block * bs, 1
-        table[n:b] = self.scratch_block
+        self._pad(host, n, b)
         return host, b
 
-    def _replay(self, host: dict[str, torch.Tensor], n: int, b: int) -> torch.Tensor:
-        for name in ("positions", "slot_mapping", "context_lens", "block_tables"):
-            getattr(self, name)[:b].copy_(host[name][:b], non_blocking=True)
+    def _copy_inputs(self, b: int) -> None:
+        nbytes = self.inputs[b].nbytes
+        self._device_buffer[:nbytes].copy_(self._host_buffers[self._turn][:nbytes], non_blocking=True)
+
+    def _replay(self, n: int, b: int) -> torch.Tensor:
         self.graphs[b].replay()
         return self.outputs[b][:n]
 
@@ -147,7 +169,8 @@ def capture_graphs(model: LlamaForCausalLM, kv_cache: KVCache, sizes: list[int],
             outputs[size] = model(batch, kv_cache.layers)
         pool = graph.pool()
         graphs[size] = graph
-    for graph in graphs.values():   # a graph's first launch uploads it: do that now, not in a step
-        graph.replay()              # (inputs are all padding: writes go to the scratch block)
+        # A graph's first launch uploads it: do that now, not in a step (while this size's inputs are the
+        # padding `make_batch` set up: writes go to the scratch block).
+        graph.replay()
     torch.cuda.synchronize(device)
     return graphs, outputs, pool

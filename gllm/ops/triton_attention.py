@@ -22,13 +22,19 @@ def attend_block(q, k_cache_ptr, v_cache_ptr, kv_off, dims, tok_ok, visible, m_i
     """One online-softmax step over a block of keys: load K/V at `kv_off`, fold them into (m_i, l_i, acc).
     Shared by the decode and prefill kernels; `visible` masks the scores (context end, causality)."""
     k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    return attend_tile(q, k, v, visible, m_i, l_i, acc, scale, DOT_PRECISION)
+
+
+@triton.jit
+def attend_tile(q, k, v, visible, m_i, l_i, acc, scale, DOT_PRECISION: tl.constexpr):
+    """`attend_block` on K/V tiles already loaded."""
     scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale).to(tl.float32)
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -50,10 +56,9 @@ def _decode_partial_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.load(context_lens_ptr + seq)   # set before the step: no kernel of it writes the lengths
-    if USE_PDL:   # q and this step's K/V come from the kernel before
-        tl.extra.cuda.gdc_wait()
+    if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this step writes
         tl.extra.cuda.gdc_launch_dependents()
+    ctx = tl.load(context_lens_ptr + seq)   # set before the step: no kernel of it writes the lengths
     tokens_per_iter: tl.constexpr = BLOCK_SIZE * BLOCKS_PER_ITER
     # Split the context into NUM_SPLITS ranges of whole iterations.
     iters = tl.cdiv(ctx, tokens_per_iter)
@@ -65,14 +70,33 @@ def _decode_partial_kernel(
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows
     row_ok = rows < GROUP
+    offs = tl.arange(0, tokens_per_iter)
+    # The first tile: every token but this step's newest was written by an earlier step, so its K/V are
+    # loaded before waiting for the kernel that writes q and the newest K/V (dependent launch); the
+    # newest is patched in after the wait.
+    newest = ctx - 1
+    token = start_iter * tokens_per_iter + offs
+    first_ok = token < tl.minimum(ctx, end_iter * tokens_per_iter)   # none if this split has no work
+    block = tl.load(block_tables_ptr + seq * stride_bt_b + token // BLOCK_SIZE, mask=first_ok, other=0)
+    first_off = block.to(tl.int64) * stride_kc_block + (token % BLOCK_SIZE) * stride_kc_tok \
+        + kv_head * stride_kc_head
+    old = (first_ok & (token != newest))[:, None]
+    k = tl.load(k_cache_ptr + first_off[:, None] + dims[None, :], mask=old, other=0.0)
+    v = tl.load(v_cache_ptr + first_off[:, None] + dims[None, :], mask=old, other=0.0)
+    if USE_PDL:   # q and this step's K/V come from the kernel before
+        tl.extra.cuda.gdc_wait()
     q = tl.load(q_ptr + seq * stride_q_b + heads[:, None] * stride_q_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
+    is_new = (first_ok & (token == newest))[:, None]
+    k = tl.where(is_new, tl.load(k_cache_ptr + first_off[:, None] + dims[None, :], mask=is_new, other=0.0), k)
+    v = tl.where(is_new, tl.load(v_cache_ptr + first_off[:, None] + dims[None, :], mask=is_new, other=0.0), v)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    offs = tl.arange(0, tokens_per_iter)
-    for it in range(start_iter, end_iter):
+    if start_iter < end_iter:
+        m_i, l_i, acc = attend_tile(q, k, v, first_ok[None, :], m_i, l_i, acc, scale, DOT_PRECISION)
+    for it in range(start_iter + 1, end_iter):
         token = it * tokens_per_iter + offs
         tok_ok = token < ctx
         block = tl.load(block_tables_ptr + seq * stride_bt_b + token // BLOCK_SIZE, mask=tok_ok, other=0)
@@ -98,8 +122,8 @@ def _decode_merge_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM)
     m = tl.load(part_max_ptr + seq * stride_pm_b + head * stride_pm_h + splits)
@@ -108,7 +132,7 @@ def _decode_merge_kernel(
     # Empty splits carry m = -inf and l = 0: their weight is exactly 0.
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
     acc = tl.load(part_out_ptr + seq * stride_po_b + head * stride_po_h + splits[:, None] * stride_po_s
-                  + dims[None, :])
+                  + dims[None, :], mask=(w > 0)[:, None], other=0.0)   # an empty split's partials are not read
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(out_ptr + seq * stride_o_b + head * stride_o_h + dims, out.to(out_ptr.dtype.element_ty))
 

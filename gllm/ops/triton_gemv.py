@@ -173,6 +173,8 @@ def _gemv_rows_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, N, K, up_offset, stride_x
     ok = r0 < 1                                                         # ROWS is exact: every row is real
     # The loop loads the weight one step ahead, and the first step is issued before the row norms,
     # so HBM is busy from the start and while each step's FMAs run.
+    if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this step writes
+        tl.extra.cuda.gdc_launch_dependents()
     ks = tl.arange(0, BLOCK_K)
     wa_next = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0,
                       eviction_policy="evict_first")
@@ -180,9 +182,8 @@ def _gemv_rows_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, N, K, up_offset, stride_x
     if PAIRED:
         wb_next = tl.load(w_rows + up_offset * stride_wn + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :],
                           other=0.0, eviction_policy="evict_first")
-    if USE_PDL:   # the weights never change: only now wait for the kernel before (and let the next one start)
+    if USE_PDL:   # the weights never change: only now wait for the kernel before
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     inv0 = 0.0
     inv1 = 0.0
     inv2 = 0.0
@@ -266,8 +267,8 @@ def _gemv_dot_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, M, N, K, up_offset, stride
     rows = tl.arange(0, 16)
     m_ok = rows < M
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     inv = 0.0
     if HAS_NORM:
         inv = _row_scale(x_ptr, rows, m_ok, stride_xm, K, eps, BLOCK_K)
@@ -338,8 +339,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
     and return q [M, num_q_heads * head_dim].
     out_dtype=torch.float32: write the (model-dtype-rounded) product as float32, as the logits are.
     dependent_launch: launch with programmatic dependent launch (compute capability 9.0+): the kernel
-    starts streaming its weight while the kernel before it finishes, and waits for that kernel only
-    before it reads x. Every kernel so launched waits, so the ordering stays transitive.
+    lets the next kernel launch as soon as it starts, streams its first weight tile, and waits for the
+    kernel before it (complete, its writes visible) only before it reads x. Before that wait a kernel
+    reads nothing a kernel of the step writes (weights; the KV cache's older entries), and a kernel
+    completes only after its own wait returned, so a kernel also sees the writes of those before the
+    kernel it waits on: several kernels ahead may be resident, streaming weights, at once.
     No bias: a biased linear stays on F.linear. Launches only (no host sync), so it can be captured in
     a CUDA graph once each shape has run (compiled) outside the capture.
     """
