@@ -2,12 +2,10 @@
 
 A decode step of a small model is hundreds of tiny kernel launches; replaying a captured graph
 turns them into one. A step's inputs (ids, positions, slots, context lengths, block tables) live in
-one static byte buffer that each step fills with a single non-blocking copy from pinned memory
-(each copy costs the GPU a few microseconds, whatever its size); a batch is padded up to the next
-captured size, the padding rows writing their K/V into a scratch block nobody reads. `run_ahead`
-takes the input tokens from the previous step's sampled ids on the device, so a step can be queued
-before those ids reach the host. The pinned buffer alternates between two: a step may be filled
-while the copy of the one before it is still queued.
+one static byte buffer (`StepInputs`) that each step fills with a single non-blocking copy from
+pinned memory (`StepStaging`); a batch is padded up to the next captured size, the padding rows
+writing their K/V into a scratch block nobody reads. `run_ahead` takes the input tokens from the
+previous step's sampled ids on the device, so a step can be queued before those ids reach the host.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from gllm.engine.step_inputs import StepInputs, StepStaging
 from gllm.kv import KVCache
 from gllm.model import ForwardBatch, LlamaForCausalLM
 from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
@@ -23,47 +22,20 @@ from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
 DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
-class StepInputs:
-    """Where a step of a given batch size finds its inputs: typed views into one flat byte buffer, laid out
-    per size so that a step's inputs are the buffer's first `nbytes` bytes, moved in one copy."""
-
-    FIELDS = (("input_ids", torch.int64), ("positions", torch.int64), ("slot_mapping", torch.int64),
-              ("gather_rows", torch.int64), ("context_lens", torch.int32))
-
-    def __init__(self, buffer: torch.Tensor, batch: int, table_width: int) -> None:
-        views: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, dtype in self.FIELDS:
-            views[name] = buffer[offset:offset + 8 * batch].view(dtype)[:batch]
-            offset += 8 * batch                       # int32 fields padded to 8 bytes a row: aligned views
-        table_bytes = 4 * batch * table_width
-        views["block_tables"] = buffer[offset:offset + table_bytes].view(torch.int32).view(batch, table_width)
-        self.nbytes = offset + table_bytes
-        self.views = views
-
-    @staticmethod
-    def nbytes_for(batch: int, table_width: int) -> int:
-        return 8 * batch * len(StepInputs.FIELDS) + 4 * batch * table_width
-
-
 class CudaGraphDecoder:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, max_batch: int, max_blocks_per_seq: int,
                  scratch_block: int, device: torch.device, ladder: tuple[int, ...] = DEFAULT_LADDER) -> None:
         self.model, self.kv_cache, self.device = model, kv_cache, device
         self.block_size = kv_cache.block_size
-        self.scratch_block = scratch_block
         sizes = sorted({b for b in ladder if b < max_batch} | {max_batch})
         self.batch_sizes = sizes
         cfg = model.cfg
         top = sizes[-1]
-        # Every step's inputs travel in one asynchronous copy from pinned memory; the host side has two
-        # buffers used in turn, because a step may be filled while the copy of the one before is queued.
-        nbytes = StepInputs.nbytes_for(top, max_blocks_per_seq)
-        self._device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        self._host_buffers = [torch.zeros(nbytes, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        # Every step's inputs travel in one asynchronous copy from pinned memory.
+        self._device_buffer = torch.zeros(StepInputs.nbytes_for(top, max_blocks_per_seq), dtype=torch.uint8,
+                                          device=device)
         self.inputs = {b: StepInputs(self._device_buffer, b, max_blocks_per_seq) for b in sizes}
-        self._host_inputs = [{b: StepInputs(buf, b, max_blocks_per_seq) for b in sizes} for buf in self._host_buffers]
-        self._turn = 0
+        self.staging = StepStaging(sizes, max_blocks_per_seq, scratch_block, self.block_size, pin_memory=True)
         self.rows = torch.arange(top, dtype=torch.int64, device=device)
         self.workspaces = {b: DecodeAttentionWorkspace(b, cfg.num_attention_heads, cfg.head_dim,
                                                        decode_splits(b, cfg.num_key_value_heads, device), device,
@@ -74,10 +46,8 @@ class CudaGraphDecoder:
     def _batch(self, b: int) -> ForwardBatch:
         """Size b's batch over its views, its inputs set to padding (capture and its warm-up run read them;
         the sizes' layouts overlap in the buffer, so this is done for each size just before its capture)."""
-        for host in self._host_inputs:
-            self._pad(host[b].views, 0, b)
-        nbytes = self.inputs[b].nbytes
-        self._device_buffer[:nbytes].copy_(self._host_buffers[0][:nbytes])
+        padding = self.staging.padding(b)
+        self._device_buffer[:padding.numel()].copy_(padding)
         v = self.inputs[b].views
         return ForwardBatch(
             input_ids=v["input_ids"], positions=v["positions"], slot_mapping=v["slot_mapping"],
@@ -90,15 +60,6 @@ class CudaGraphDecoder:
         self.graphs, self.outputs, self.pool = capture_graphs(self.model, self.kv_cache, self.batch_sizes, self._batch,
                                                               self.device)
 
-    def _pad(self, views: dict[str, torch.Tensor], start: int, end: int) -> None:
-        """Rows start..end as padding: harmless writes into the scratch block."""
-        views["input_ids"][start:end] = 0
-        views["positions"][start:end] = 0
-        views["slot_mapping"][start:end] = self.scratch_block * self.block_size
-        views["gather_rows"][start:end] = 0
-        views["context_lens"][start:end] = 1
-        views["block_tables"][start:end] = self.scratch_block
-
     def padded_size(self, batch: int) -> int | None:
         for b in self.batch_sizes:
             if b >= batch:
@@ -107,43 +68,27 @@ class CudaGraphDecoder:
 
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """One decode token per sequence; returns float32 logits [len(token_ids), vocab]."""
-        host, b = self._stage(positions, block_tables)
-        host["input_ids"].numpy()[:len(token_ids)] = token_ids
-        self._copy_inputs(b)
+        b = self._padded(len(token_ids))
+        self._copy_inputs(self.staging.stage(b, positions, block_tables, token_ids=token_ids))
         return self._replay(len(token_ids), b)
 
     def run_ahead(self, previous_tokens: torch.Tensor, rows: list[int], positions: list[int],
                   block_tables: list[list[int]]) -> torch.Tensor:
         """Like `run`, with the input token of sequence i being `previous_tokens[rows[i]]` (on the device)."""
-        host, b = self._stage(positions, block_tables)
         n = len(rows)
-        host["gather_rows"].numpy()[:n] = rows
-        self._copy_inputs(b)
+        b = self._padded(n)
+        self._copy_inputs(self.staging.stage(b, positions, block_tables, gather_rows=rows))
         dev = self.inputs[b].views
         torch.index_select(previous_tokens, 0, dev["gather_rows"][:n], out=dev["input_ids"][:n])
         return self._replay(n, b)
 
-    def _stage(self, positions: list[int], block_tables: list[list[int]]) -> tuple[dict[str, torch.Tensor], int]:
-        n = len(positions)
+    def _padded(self, n: int) -> int:
         b = self.padded_size(n)
         assert b is not None, f"batch {n} exceeds the largest captured graph"
-        self._turn ^= 1
-        host = self._host_inputs[self._turn][b].views
-        bs = self.block_size
-        pos, slots, ctx, table = (host[k].numpy() for k in ("positions", "slot_mapping", "context_lens",
-                                                           "block_tables"))
-        pos[:n] = positions
-        ctx[:n] = pos[:n] + 1
-        for i, (blocks, p) in enumerate(zip(block_tables, positions)):
-            table[i, :len(blocks)] = blocks
-            table[i, len(blocks):] = self.scratch_block   # the bytes may hold another size's fields
-            slots[i] = blocks[p // bs] * bs + p % bs
-        self._pad(host, n, b)
-        return host, b
+        return b
 
-    def _copy_inputs(self, b: int) -> None:
-        nbytes = self.inputs[b].nbytes
-        self._device_buffer[:nbytes].copy_(self._host_buffers[self._turn][:nbytes], non_blocking=True)
+    def _copy_inputs(self, host_bytes: torch.Tensor) -> None:
+        self._device_buffer[:host_bytes.numel()].copy_(host_bytes, non_blocking=True)
 
     def _replay(self, n: int, b: int) -> torch.Tensor:
         self.graphs[b].replay()
