@@ -271,3 +271,42 @@ def test_triton_argmax_matches_torch_with_ties_and_masked_rows():
         got = argmax(logits)
         assert got.dtype == torch.int64
         assert torch.equal(got, logits.argmax(dim=-1)), (rows, vocab)
+    out = torch.full((5,), -7, dtype=torch.int64, device="cuda")
+    logits = torch.randn(3, 128256, device="cuda")
+    assert argmax(logits, out=out[:3]).data_ptr() == out.data_ptr()
+    assert out[:3].tolist() == logits.argmax(dim=-1).tolist() and out[3:].tolist() == [-7, -7]
+    with pytest.raises(ValueError, match="out must be"):
+        argmax(logits, out=out[:2])
+
+
+def test_select_tokens_gathers_the_rows_asked_for_and_keeps_the_others():
+    from gllm.ops.triton_select import select_tokens
+    source = torch.tensor([100, 101, 102, 103], device="cuda")
+    ids = torch.tensor([5, 6, 7, 8, 9], device="cuda")
+    select_tokens(ids, torch.tensor([2, -1, 0, 2, -1], device="cuda"), source)
+    assert ids.tolist() == [102, 6, 100, 102, 9]
+    with pytest.raises(ValueError, match="gather_rows"):
+        select_tokens(ids, torch.tensor([0], device="cuda"), source)
+
+
+def test_graph_greedy_tokens_and_run_ahead_inputs_match_eager_for_mixed_sampling(llama32_dir):
+    """Decode graphs end with the greedy argmax into the buffer the next graph gathers its inputs from. Mixed
+    batches take that path partly (greedy rows beside seeded sampled rows, rows leaving at different lengths),
+    or not at all (a penalty: no run-ahead; all rows sampled: the sampler's tokens copied in); graphed and
+    eager engines give the same tokens either way."""
+    def requests(with_penalty: bool) -> list[GenerationRequest]:
+        reqs = [GenerationRequest(prompt=PROMPT * (i + 1), max_new_tokens=10 + 4 * i, ignore_eos=True,
+                                  temperature=0 if i % 2 == 0 else 0.8, seed=i, logprobs=1 if i == 1 else None)
+                for i in range(5)]
+        if with_penalty:
+            reqs.append(GenerationRequest(prompt=PROMPT, max_new_tokens=12, temperature=0, ignore_eos=True,
+                                          repetition_penalty=1.3))
+        return reqs
+
+    all_sampled = [GenerationRequest(prompt=PROMPT * (i + 1), max_new_tokens=12, temperature=0.7, seed=10 + i,
+                                     ignore_eos=True) for i in range(3)]
+    with cuda_engine(llama32_dir) as graphed, cuda_engine(llama32_dir, cuda_graphs=False) as eager:
+        for reqs in (requests(False), requests(True), all_sampled, requests(False)[:1]):
+            a, b = graphed.generate(reqs), eager.generate(reqs)
+            assert [r.tokens for r in a] == [r.tokens for r in b]
+        assert graphed.num_steps_ahead > 0

@@ -45,9 +45,10 @@ def test_stage_fills_rows_and_padding_in_the_sizes_layout():
     assert got["slot_mapping"].tolist() == [2 * BS + 4, 8 * BS + 1, SCRATCH * BS, SCRATCH * BS]
     assert got["block_tables"].tolist() == [[1, 2, SCRATCH, SCRATCH, SCRATCH], [4, 6, 8, SCRATCH, SCRATCH],
                                             [SCRATCH] * WIDTH, [SCRATCH] * WIDTH]
-    assert got["gather_rows"].tolist() == [0, 0, 0, 0]
+    assert got["gather_rows"].tolist() == [-1, -1, -1, -1]       # every input from input_ids
     ahead = device_view(staging.stage(2, [21], [[1, 2]], gather_rows=[1]), 2)
-    assert ahead["gather_rows"].tolist() == [1, 0] and ahead["positions"].tolist() == [21, 0]
+    assert ahead["gather_rows"].tolist() == [1, -1] and ahead["positions"].tolist() == [21, 0]
+    assert ahead["input_ids"].tolist() == [0, 0]
 
 
 def test_consecutive_steps_use_the_two_buffers_in_turn_and_padding_fills_both():

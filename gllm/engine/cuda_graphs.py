@@ -6,6 +6,11 @@ one static byte buffer (`StepInputs`) that each step fills with a single non-blo
 pinned memory (`StepStaging`); a batch is padded up to the next captured size, the padding rows
 writing their K/V into a scratch block nobody reads. `run_ahead` takes the input tokens from the
 previous step's sampled ids on the device, so a step can be queued before those ids reach the host.
+
+Up to `GREEDY_IN_GRAPH` rows, a graph also ends with the greedy argmax of its logits, written into a
+static token buffer that the next step's graph gathers its inputs from: in steady greedy decoding a
+step is one copy in, one graph, one copy out. (Above that size the argmax's read of the logits would
+cost more than the launches it saves whenever the batch samples.)
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ from collections.abc import Callable
 
 import torch
 
+from gllm.engine.model_runner import StepOutput
 from gllm.engine.step_inputs import StepInputs, StepStaging
 from gllm.kv import KVCache
 from gllm.model import ForwardBatch, LlamaForCausalLM
 from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
+from gllm.ops.triton_select import select_tokens
+from gllm.sampling.triton_argmax import argmax
 
+GREEDY_IN_GRAPH = 32
 DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -37,6 +46,9 @@ class CudaGraphDecoder:
         self.inputs = {b: StepInputs(self._device_buffer, b, max_blocks_per_seq) for b in sizes}
         self.staging = StepStaging(sizes, max_blocks_per_seq, scratch_block, self.block_size, pin_memory=True)
         self.rows = torch.arange(top, dtype=torch.int64, device=device)
+        # The tokens a run-ahead step gathers its inputs from; graphs of up to GREEDY_IN_GRAPH rows write
+        # their greedy argmax here.
+        self.tokens = torch.zeros(top, dtype=torch.int64, device=device)
         self.workspaces = {b: DecodeAttentionWorkspace(b, cfg.num_attention_heads, cfg.head_dim,
                                                        decode_splits(b, cfg.num_key_value_heads, device), device,
                                                        dependent_launch=model.dependent_launch)
@@ -55,10 +67,22 @@ class CudaGraphDecoder:
             logits_indices=self.rows[:b], query_lens_host=[1] * b, context_lens_host=[1] * b,
             decode_kernel=self.workspaces[b])
 
+    def _step(self, b: int) -> Callable[[], torch.Tensor]:
+        """What size b's graph runs: its input tokens, the model, and (small sizes) the greedy argmax."""
+        batch = self._batch(b)
+        views = self.inputs[b].views
+
+        def step() -> torch.Tensor:
+            select_tokens(batch.input_ids, views["gather_rows"], self.tokens)
+            logits = self.model(batch, self.kv_cache.layers)
+            if b <= GREEDY_IN_GRAPH:
+                argmax(logits, out=self.tokens[:b], dependent_launch=self.model.dependent_launch)
+            return logits
+        return step
+
     def _capture_all(self) -> None:
         # The prefill graphs share the pool: steps never run concurrently.
-        self.graphs, self.outputs, self.pool = capture_graphs(self.model, self.kv_cache, self.batch_sizes, self._batch,
-                                                              self.device)
+        self.graphs, self.outputs, self.pool = capture_graphs(self.batch_sizes, self._step, self.device)
 
     def padded_size(self, batch: int) -> int | None:
         for b in self.batch_sizes:
@@ -66,21 +90,25 @@ class CudaGraphDecoder:
                 return b
         return None
 
-    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One decode token per sequence; returns float32 logits [len(token_ids), vocab]."""
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> StepOutput:
+        """One decode token per sequence."""
         b = self._padded(len(token_ids))
         self._copy_inputs(self.staging.stage(b, positions, block_tables, token_ids=token_ids))
         return self._replay(len(token_ids), b)
 
     def run_ahead(self, previous_tokens: torch.Tensor, rows: list[int], positions: list[int],
-                  block_tables: list[list[int]]) -> torch.Tensor:
+                  block_tables: list[list[int]]) -> StepOutput:
         """Like `run`, with the input token of sequence i being `previous_tokens[rows[i]]` (on the device)."""
         n = len(rows)
         b = self._padded(n)
+        if not self.owns_tokens(previous_tokens):   # sampled outside a graph: bring them where graphs read
+            self.tokens[:previous_tokens.shape[0]].copy_(previous_tokens)
         self._copy_inputs(self.staging.stage(b, positions, block_tables, gather_rows=rows))
-        dev = self.inputs[b].views
-        torch.index_select(previous_tokens, 0, dev["gather_rows"][:n], out=dev["input_ids"][:n])
         return self._replay(n, b)
+
+    def owns_tokens(self, tokens: torch.Tensor) -> bool:
+        """Whether `tokens` is this decoder's token buffer from its start (what a graph's argmax returned)."""
+        return tokens.data_ptr() == self.tokens.data_ptr() and tokens.dim() == 1
 
     def _padded(self, n: int) -> int:
         b = self.padded_size(n)
@@ -90,32 +118,31 @@ class CudaGraphDecoder:
     def _copy_inputs(self, host_bytes: torch.Tensor) -> None:
         self._device_buffer[:host_bytes.numel()].copy_(host_bytes, non_blocking=True)
 
-    def _replay(self, n: int, b: int) -> torch.Tensor:
+    def _replay(self, n: int, b: int) -> StepOutput:
         self.graphs[b].replay()
-        return self.outputs[b][:n]
+        return StepOutput(self.outputs[b][:n], self.tokens[:n] if b <= GREEDY_IN_GRAPH else None)
 
 
-def capture_graphs(model: LlamaForCausalLM, kv_cache: KVCache, sizes: list[int],
-                   make_batch: Callable[[int], ForwardBatch], device: torch.device, pool: tuple | None = None
-                   ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor], tuple]:
-    """Capture one model step per size (the batch from `make_batch(size)`, reading static buffers) into
+def capture_graphs(sizes: list[int], make_step: Callable[[int], Callable[[], torch.Tensor]], device: torch.device,
+                   pool: tuple | None = None) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor], tuple]:
+    """Capture one step per size (`make_step(size)()`, reading static buffers, returning the logits) into
     graphs sharing one memory pool; returns the graphs, their output logits, and the pool."""
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     outputs: dict[int, torch.Tensor] = {}
     stream = torch.cuda.Stream(device)
     for size in sorted(sizes, reverse=True):   # largest first, so smaller graphs reuse its memory
-        batch = make_batch(size)
+        step = make_step(size)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            model(batch, kv_cache.layers)     # warm-up: compile kernels, pick algorithms
+            step()                            # warm-up: compile kernels, pick algorithms
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            outputs[size] = model(batch, kv_cache.layers)
+            outputs[size] = step()
         pool = graph.pool()
         graphs[size] = graph
         # A graph's first launch uploads it: do that now, not in a step (while this size's inputs are the
-        # padding `make_batch` set up: writes go to the scratch block).
+        # padding `make_step` set up: writes go to the scratch block).
         graph.replay()
     torch.cuda.synchronize(device)
     return graphs, outputs, pool

@@ -441,10 +441,10 @@ class LLMEngine:
         launched = _LaunchedStep(out, states, samplers, None, started, step=self.num_steps,
                                  decode=all(s.num_tokens == 1 and s.samples for s in out.scheduled))
         try:
-            logits = self.runner.run(out)
+            step = self.runner.run(out)
             self.scheduler.on_step_done(out)
             rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids) for st in samplers]
-            launched.sample = self.sampler.launch(logits, rows) if rows else None
+            launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
             self._fail_step(launched, exc)
         return launched
@@ -468,11 +468,11 @@ class LLMEngine:
         ahead = _LaunchedStep(out, keep, keep, None, time.perf_counter(), step=self.num_steps,
                               decode=True)
         try:
-            logits = self.runner.run_ahead(out, launched.sample.device_tokens, rows)
+            step = self.runner.run_ahead(out, launched.sample.device_tokens, rows)
             # Each row's token count is one more than now: the token being sampled is not appended yet.
             sample_rows = [SampleRow(st.params, st.seed, len(st.output_ids) + 1, st.prompt_ids, st.output_ids)
                            for st in keep]
-            ahead.sample = self.sampler.launch(logits, sample_rows)
+            ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)
         except Exception as exc:
             self._fail_step(ahead, exc)
         return ahead

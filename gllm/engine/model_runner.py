@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,6 +15,12 @@ from gllm.scheduler import SchedulerOutput
 if TYPE_CHECKING:
     from gllm.engine.cuda_graphs import CudaGraphDecoder
     from gllm.engine.prefill_graphs import CudaGraphPrefill
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor                       # [N, vocab] float32, one row per sequence that samples
+    greedy_tokens: torch.Tensor | None = None  # [N] int64: each row's argmax, where a decode graph computed it
 
 
 class ModelRunner:
@@ -71,7 +78,7 @@ class ModelRunner:
         return (decoder is not None and decoder.padded_size(len(out.scheduled)) is not None
                 and all(s.num_tokens == 1 and s.samples for s in out.scheduled))
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
+    def run(self, out: SchedulerOutput) -> StepOutput:
         """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order."""
         if self.uses_graph(out):
             seqs = [s.seq for s in out.scheduled]
@@ -84,10 +91,10 @@ class ModelRunner:
                                    s.seq.num_computed_tokens, s.seq.block_table.block_ids, s.samples)
                       for s in out.scheduled]
             if graphs.padded_size(chunks) is not None:
-                return graphs.run(chunks)
-        return self.model(self.build_batch(out), self.kv_cache.layers)
+                return StepOutput(graphs.run(chunks))
+        return StepOutput(self.model(self.build_batch(out), self.kv_cache.layers))
 
-    def run_ahead(self, out: SchedulerOutput, previous_tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def run_ahead(self, out: SchedulerOutput, previous_tokens: torch.Tensor, rows: list[int]) -> StepOutput:
         """A decode step queued before its input tokens reach the host: sequence i's input is
         `previous_tokens[rows[i]]` and its position `num_computed_tokens` (see `Scheduler.schedule_ahead`)."""
         seqs = [s.seq for s in out.scheduled]
@@ -97,4 +104,4 @@ class ModelRunner:
                                                 [q.block_table.block_ids for q in seqs])
         batch = self.build_batch(out, positions)
         batch.input_ids = previous_tokens[to_device(rows, torch.int64, self.device)]
-        return self.model(batch, self.kv_cache.layers)
+        return StepOutput(self.model(batch, self.kv_cache.layers))

@@ -11,6 +11,7 @@ rows that sample are turned into logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,8 +87,11 @@ class CudaGraphPrefill:
         self._clear(host, 0, self.token_sizes[-1], 0)
         self._upload(host, self.token_sizes[-1])
         torch.cuda.synchronize(self.device)
-        self.graphs, self.outputs, self.pool = capture_graphs(self.model, self.kv_cache, self.token_sizes,
-                                                              self._batch, self.device, pool)
+        self.graphs, self.outputs, self.pool = capture_graphs(self.token_sizes, self._step, self.device, pool)
+
+    def _step(self, tokens: int) -> Callable[[], torch.Tensor]:
+        batch = self._batch(tokens)
+        return lambda: self.model(batch, self.kv_cache.layers)
 
     def padded_size(self, chunks: list[PrefillChunk]) -> int | None:
         """The captured token count this step replays at, or None when it must run eagerly."""

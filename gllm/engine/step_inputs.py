@@ -62,7 +62,8 @@ class StepStaging:
               token_ids: list[int] | None = None, gather_rows: list[int] | None = None) -> torch.Tensor:
         """Fill the next buffer for one decode token per sequence (rows beyond len(positions) up to `size`
         are padding); returns the bytes to copy. Sequence i sits at positions[i] in blocks block_tables[i];
-        its input is token_ids[i], or (run ahead) the device-side token of row gather_rows[i]."""
+        its input is token_ids[i], or (run ahead) the device-side token of row gather_rows[i]; a row with
+        gather_rows -1 takes its input_ids (see `triton_select.select_tokens`)."""
         self._turn ^= 1
         arrays = self._arrays[self._turn][size]
         n = len(positions)
@@ -76,8 +77,10 @@ class StepStaging:
             slots[i] = blocks[p // bs] * bs + p % bs
         if token_ids is not None:
             arrays["input_ids"][:n] = token_ids
+            arrays["gather_rows"][:n] = -1
         if gather_rows is not None:
             arrays["gather_rows"][:n] = gather_rows
+            arrays["input_ids"][:n] = 0
         self._pad(arrays, n, size)
         return self.buffers[self._turn][:self.layouts[size]]
 
@@ -86,6 +89,6 @@ class StepStaging:
         arrays["input_ids"][start:end] = 0
         arrays["positions"][start:end] = 0
         arrays["slot_mapping"][start:end] = self.scratch_block * self.block_size
-        arrays["gather_rows"][start:end] = 0
+        arrays["gather_rows"][start:end] = -1   # the input is input_ids, not a gathered token
         arrays["context_lens"][start:end] = 1
         arrays["block_tables"][start:end] = self.scratch_block

@@ -93,21 +93,26 @@ class Sampler:
         return self.launch(logits, rows).result()
 
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, rows: list[SampleRow]) -> PendingSample:
+    def launch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None = None
+               ) -> PendingSample:
         """Queue the sampling of `logits` and the copy of its results to the host; does not wait for the GPU
-        (unless a logits processor does)."""
+        (unless a logits processor does). `greedy_tokens`, if given, is each row's argmax of `logits` already
+        computed (a decode graph's); the greedy rows take it unless processors or penalties change the logits."""
         logits = logits[:, : self.vocab_size]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
         logits, errors = self._apply_processors(logits, rows)
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits, rows)
+        if any(r.params.has_penalties or r.params.logits_processor is not None for r in rows):
+            greedy_tokens = None
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if not sampled_rows:
-            tokens = self._argmax(logits)
+            tokens = self._argmax(logits) if greedy_tokens is None else greedy_tokens
         elif len(sampled_rows) == len(rows):      # no greedy row: no argmax pass, no row copies
             tokens = self._sample_random(logits, rows)
         else:
-            tokens = self._argmax(logits)
+            # Rows are overwritten in place: a graph's token buffer then holds what the next step reads.
+            tokens = self._argmax(logits) if greedy_tokens is None else greedy_tokens
             index = to_device(sampled_rows, torch.int64, self.device)
             tokens[index] = self._sample_random(logits[index], [rows[i] for i in sampled_rows])
         pending = PendingSample(rows, errors, self._to_host(tokens), device_tokens=tokens)
