@@ -84,9 +84,10 @@ def _x_tile(x_ptr, rows, m_ok, stride_xm, ks, K, norm_ptr, inv, EVEN_K: tl.const
 
 
 @triton.jit
-def _epilogue(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL: tl.constexpr,
+def _epilogue(ya, yb, r, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL: tl.constexpr,
               SILU_MUL: tl.constexpr, dtype: tl.constexpr):
-    """Round the fp32 sums [R, BLOCK_N] like a linear's output, apply the epilogue and store."""
+    """Round the fp32 sums [R, BLOCK_N] like a linear's output, apply the epilogue and store (`r`: the
+    residual, loaded by `_epilogue_inputs`)."""
     y = ya.to(dtype)
     if SILU_MUL:   # as _silu_mul_kernel on the rounded gate and up
         g = y.to(tl.float32)
@@ -95,26 +96,52 @@ def _epilogue(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL
     mask = m_ok[:, None] & n_ok[None, :]
     ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
     if HAS_RESIDUAL:   # out is the residual, updated in place: no other program touches these columns
-        r = tl.load(ptrs, mask=mask, other=0.0)
         y = (r.to(tl.float32) + y.to(tl.float32)).to(dtype)
     tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_epilogue(ya, yb, q_ptr, rows, m_ok, offs_n, n_ok, stride_qm, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
-                   k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype: tl.constexpr,
+def _rope_inputs(rows, m_ok, offs_n, n_ok, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs, dtype: tl.constexpr,
+                 ROPE: tl.constexpr, HALF: tl.constexpr):
+    """The RoPE epilogue's cos, sin [R, BLOCK_N] and K/V slots [R]. Positions and slots are the step's inputs,
+    set before it and written by none of its kernels: loaded before the dependent-launch wait, so their
+    latency hides behind the kernel before instead of adding to the end of this one."""
+    c = 0.0
+    s = 0.0
+    slot = 0
+    if ROPE:
+        mask = m_ok[:, None] & n_ok[None, :]
+        pos = tl.load(pos_ptr + rows, mask=m_ok, other=0)
+        table = pos[:, None] * stride_cs + (offs_n % HALF)[None, :]
+        c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        slot = tl.load(slot_ptr + rows, mask=m_ok, other=0).to(tl.int64)
+    return c, s, slot
+
+
+@triton.jit
+def _residual(out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL: tl.constexpr):
+    """The residual the epilogue adds to, loaded right after the wait (the kernel before wrote it), ahead of
+    the K loop, so its latency overlaps the loop's instead of following it."""
+    r = 0.0
+    if HAS_RESIDUAL:
+        r = tl.load(out_ptr + rows[:, None] * stride_om + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+    return r
+
+
+@triton.jit
+def _rope_epilogue(ya, yb, c, s, slot, q_ptr, rows, m_ok, offs_n, n_ok, stride_qm,
+                   k_cache_ptr, v_cache_ptr, stride_c_slot, dtype: tl.constexpr,
                    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr):
     """Column pairs (d, d + HALF) of the q/k/v output [R, BLOCK_N pairs], rounded like a linear's output,
-    then as `triton_fused.rope_and_write_kv`: q rotated into q_ptr, k rotated and v as is into their slots."""
+    then as `triton_fused.rope_and_write_kv`: q rotated into q_ptr, k rotated and v as is into their slots
+    (cos, sin and slots from `_rope_inputs`)."""
     lo = ya.to(dtype).to(tl.float32)
     hi = yb.to(dtype).to(tl.float32)
     head = offs_n // HALF
     d = offs_n % HALF
     mask = m_ok[:, None] & n_ok[None, :]
-    pos = tl.load(pos_ptr + rows, mask=m_ok, other=0)
-    table = pos[:, None] * stride_cs + d[None, :]
-    c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
     is_q = (head < NUM_Q_HEADS)[None, :]
     is_v = (head >= NUM_Q_HEADS + NUM_KV_HEADS)[None, :]
     out_lo = tl.where(is_v, lo, lo * c - hi * s).to(dtype)
@@ -122,7 +149,6 @@ def _rope_epilogue(ya, yb, q_ptr, rows, m_ok, offs_n, n_ok, stride_qm, cos_ptr, 
     q_off = rows[:, None] * stride_qm + (head * (2 * HALF) + d)[None, :]
     tl.store(q_ptr + q_off, out_lo, mask=mask & is_q)
     tl.store(q_ptr + q_off + HALF, out_hi, mask=mask & is_q)
-    slot = tl.load(slot_ptr + rows, mask=m_ok, other=0).to(tl.int64)
     kv_head = tl.where(is_v, head[None, :] - (NUM_Q_HEADS + NUM_KV_HEADS), head[None, :] - NUM_Q_HEADS)
     c_off = slot[:, None] * stride_c_slot + kv_head * (2 * HALF) + d[None, :]
     is_k = ~is_q & ~is_v
@@ -142,15 +168,16 @@ def _weight_rows(w_ptr, offs_n, stride_wn, ROPE: tl.constexpr, HALF: tl.constexp
 
 
 @triton.jit
-def _store(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
-           k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-           SILU_MUL: tl.constexpr, ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-           HALF: tl.constexpr):
+def _store(ya, yb, pre, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, k_cache_ptr, v_cache_ptr, stride_c_slot,
+           dtype: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, ROPE: tl.constexpr,
+           NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+    """The epilogue; `pre` = (residual, cos, sin, slots), what `_residual` and `_rope_inputs` loaded early."""
+    r, c, s, slot = pre
     if ROPE:
-        _rope_epilogue(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
-                       k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
+        _rope_epilogue(ya, yb, c, s, slot, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, k_cache_ptr, v_cache_ptr,
+                       stride_c_slot, dtype, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
     else:
-        _epilogue(ya, yb, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL, SILU_MUL, dtype)
+        _epilogue(ya, yb, r, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL, SILU_MUL, dtype)
 
 
 @triton.jit
@@ -182,8 +209,22 @@ def _gemv_rows_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, N, K, up_offset, stride_x
     if PAIRED:
         wb_next = tl.load(w_rows + up_offset * stride_wn + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :],
                           other=0.0, eviction_policy="evict_first")
-    if USE_PDL:   # the weights never change: only now wait for the kernel before
+    rope0 = _rope_inputs(r0, ok, offs_n, n_ok, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs, dtype, ROPE, HALF)
+    if ROWS > 1:
+        rope1 = _rope_inputs(r1, ok, offs_n, n_ok, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs, dtype, ROPE, HALF)
+    if ROWS > 2:
+        rope2 = _rope_inputs(r2, ok, offs_n, n_ok, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs, dtype, ROPE, HALF)
+    if ROWS > 3:
+        rope3 = _rope_inputs(r3, ok, offs_n, n_ok, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs, dtype, ROPE, HALF)
+    if USE_PDL:   # the weights and the step's inputs never change in a step: only now wait for the kernel before
         tl.extra.cuda.gdc_wait()
+    pre0 = (_residual(out_ptr, r0, ok, offs_n, n_ok, stride_om, HAS_RESIDUAL),) + rope0
+    if ROWS > 1:
+        pre1 = (_residual(out_ptr, r1, ok, offs_n, n_ok, stride_om, HAS_RESIDUAL),) + rope1
+    if ROWS > 2:
+        pre2 = (_residual(out_ptr, r2, ok, offs_n, n_ok, stride_om, HAS_RESIDUAL),) + rope2
+    if ROWS > 3:
+        pre3 = (_residual(out_ptr, r3, ok, offs_n, n_ok, stride_om, HAS_RESIDUAL),) + rope3
     inv0 = 0.0
     inv1 = 0.0
     inv2 = 0.0
@@ -235,21 +276,21 @@ def _gemv_rows_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, N, K, up_offset, stride_x
             if PAIRED:
                 b3 += wb * x
 
-    _store(tl.sum(a0, axis=1)[None, :], tl.sum(b0, axis=1)[None, :], out_ptr, r0, ok, offs_n, n_ok,
-           stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
-           dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
+    _store(tl.sum(a0, axis=1)[None, :], tl.sum(b0, axis=1)[None, :], pre0, out_ptr, r0, ok, offs_n, n_ok,
+           stride_om, k_cache_ptr, v_cache_ptr, stride_c_slot, dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS,
+           NUM_KV_HEADS, HALF)
     if ROWS > 1:
-        _store(tl.sum(a1, axis=1)[None, :], tl.sum(b1, axis=1)[None, :], out_ptr, r1, ok, offs_n, n_ok,
-               stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
-               dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
+        _store(tl.sum(a1, axis=1)[None, :], tl.sum(b1, axis=1)[None, :], pre1, out_ptr, r1, ok, offs_n,
+               n_ok, stride_om, k_cache_ptr, v_cache_ptr, stride_c_slot, dtype, HAS_RESIDUAL, SILU_MUL, ROPE,
+               NUM_Q_HEADS, NUM_KV_HEADS, HALF)
     if ROWS > 2:
-        _store(tl.sum(a2, axis=1)[None, :], tl.sum(b2, axis=1)[None, :], out_ptr, r2, ok, offs_n, n_ok,
-               stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
-               dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
+        _store(tl.sum(a2, axis=1)[None, :], tl.sum(b2, axis=1)[None, :], pre2, out_ptr, r2, ok, offs_n,
+               n_ok, stride_om, k_cache_ptr, v_cache_ptr, stride_c_slot, dtype, HAS_RESIDUAL, SILU_MUL, ROPE,
+               NUM_Q_HEADS, NUM_KV_HEADS, HALF)
     if ROWS > 3:
-        _store(tl.sum(a3, axis=1)[None, :], tl.sum(b3, axis=1)[None, :], out_ptr, r3, ok, offs_n, n_ok,
-               stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot,
-               dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
+        _store(tl.sum(a3, axis=1)[None, :], tl.sum(b3, axis=1)[None, :], pre3, out_ptr, r3, ok, offs_n,
+               n_ok, stride_om, k_cache_ptr, v_cache_ptr, stride_c_slot, dtype, HAS_RESIDUAL, SILU_MUL, ROPE,
+               NUM_Q_HEADS, NUM_KV_HEADS, HALF)
 
 
 @triton.jit
@@ -268,7 +309,10 @@ def _gemv_dot_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, M, N, K, up_offset, stride
     m_ok = rows < M
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    rope = _rope_inputs(rows, m_ok, offs_n, n_ok, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs, dtype, ROPE, HALF)
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    pre = (_residual(out_ptr, rows, m_ok, offs_n, n_ok, stride_om, HAS_RESIDUAL),) + rope
     inv = 0.0
     if HAS_NORM:
         inv = _row_scale(x_ptr, rows, m_ok, stride_xm, K, eps, BLOCK_K)
@@ -286,9 +330,8 @@ def _gemv_dot_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, M, N, K, up_offset, stride
                          eviction_policy="evict_first")
             acc_b = tl.dot(x, tl.trans(wb), acc_b, input_precision=DOT_PRECISION)
 
-    _store(acc_a, acc_b, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
-           k_cache_ptr, v_cache_ptr, stride_cs, stride_c_slot, dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS,
-           NUM_KV_HEADS, HALF)
+    _store(acc_a, acc_b, pre, out_ptr, rows, m_ok, offs_n, n_ok, stride_om, k_cache_ptr, v_cache_ptr, stride_c_slot,
+           dtype, HAS_RESIDUAL, SILU_MUL, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
 
 
 def default_config(m: int, n_out: int, k: int, paired: bool, *, norm: bool = False, elem_bytes: int = 2,
@@ -341,7 +384,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
     dependent_launch: launch with programmatic dependent launch (compute capability 9.0+): the kernel
     lets the next kernel launch as soon as it starts, streams its first weight tile, and waits for the
     kernel before it (complete, its writes visible) only before it reads x. Before that wait a kernel
-    reads nothing a kernel of the step writes (weights; the KV cache's older entries), and a kernel
+    reads nothing a kernel of the step writes (weights, the KV cache's older entries, and the step's
+    inputs: RoPE's positions and slots must come from a copy, not a kernel of the step), and a kernel
     completes only after its own wait returned, so a kernel also sees the writes of those before the
     kernel it waits on: several kernels ahead may be resident, streaming weights, at once.
     No bias: a biased linear stays on F.linear. Launches only (no host sync), so it can be captured in
