@@ -279,14 +279,18 @@ def test_triton_argmax_matches_torch_with_ties_and_masked_rows():
         argmax(logits, out=out[:2])
 
 
-def test_select_tokens_gathers_the_rows_asked_for_and_keeps_the_others():
-    from gllm.ops.triton_select import select_tokens
+@pytest.mark.parametrize("dependent_launch", [False, True])
+def test_embed_tokens_takes_gathered_rows_from_the_source_and_the_others_from_input_ids(dependent_launch):
+    from gllm.ops.triton_embedding import embed_tokens
+    if dependent_launch and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    weight = torch.randn(200, 2050, device="cuda", dtype=torch.bfloat16)
     source = torch.tensor([100, 101, 102, 103], device="cuda")
     ids = torch.tensor([5, 6, 7, 8, 9], device="cuda")
-    select_tokens(ids, torch.tensor([2, -1, 0, 2, -1], device="cuda"), source)
-    assert ids.tolist() == [102, 6, 100, 102, 9]
+    got = embed_tokens(weight, ids, torch.tensor([2, -1, 0, 2, -1], device="cuda"), source, dependent_launch)
+    assert torch.equal(got, weight[[102, 6, 100, 102, 9]])
     with pytest.raises(ValueError, match="gather_rows"):
-        select_tokens(ids, torch.tensor([0], device="cuda"), source)
+        embed_tokens(weight, ids, torch.tensor([0], device="cuda"), source)
 
 
 def test_graph_greedy_tokens_and_run_ahead_inputs_match_eager_for_mixed_sampling(llama32_dir):

@@ -5,7 +5,8 @@ turns them into one. A step's inputs (ids, positions, slots, context lengths, bl
 one static byte buffer (`StepInputs`) that each step fills with a single non-blocking copy from
 pinned memory (`StepStaging`); a batch is padded up to the next captured size, the padding rows
 writing their K/V into a scratch block nobody reads. `run_ahead` takes the input tokens from the
-previous step's sampled ids on the device, so a step can be queued before those ids reach the host.
+previous step's sampled ids on the device (gathered by the graph's embedding kernel), so a step can
+be queued before those ids reach the host.
 
 Up to `GREEDY_IN_GRAPH` rows, a graph also ends with the greedy argmax of its logits, written into a
 static token buffer that the next step's graph gathers its inputs from: in steady greedy decoding a
@@ -24,7 +25,6 @@ from gllm.engine.step_inputs import StepInputs, StepStaging
 from gllm.kv import KVCache
 from gllm.model import ForwardBatch, LlamaForCausalLM
 from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
-from gllm.ops.triton_select import select_tokens
 from gllm.sampling.triton_argmax import argmax
 
 GREEDY_IN_GRAPH = 32
@@ -65,15 +65,14 @@ class CudaGraphDecoder:
             input_ids=v["input_ids"], positions=v["positions"], slot_mapping=v["slot_mapping"],
             context_lens=v["context_lens"], block_tables=v["block_tables"],
             logits_indices=self.rows[:b], query_lens_host=[1] * b, context_lens_host=[1] * b,
-            decode_kernel=self.workspaces[b])
+            decode_kernel=self.workspaces[b], token_source=(v["gather_rows"], self.tokens))
 
     def _step(self, b: int) -> Callable[[], torch.Tensor]:
-        """What size b's graph runs: its input tokens, the model, and (small sizes) the greedy argmax."""
+        """What size b's graph runs: the model (its inputs partly gathered from `tokens`) and, for small sizes,
+        the greedy argmax."""
         batch = self._batch(b)
-        views = self.inputs[b].views
 
         def step() -> torch.Tensor:
-            select_tokens(batch.input_ids, views["gather_rows"], self.tokens)
             logits = self.model(batch, self.kv_cache.layers)
             if b <= GREEDY_IN_GRAPH:
                 argmax(logits, out=self.tokens[:b], dependent_launch=self.model.dependent_launch)

@@ -26,6 +26,9 @@ class ForwardBatch:
     # Set for decode-only batches on the GPU fast path (one token per sequence; shapes fixed by the batch
     # size, so the step can be captured in a CUDA graph): the Triton decode kernel's workspace.
     decode_kernel: Any = None
+    # Set for decode graphs: (gather_rows [T], source [>= T]): a row with gather_rows >= 0 takes its input
+    # token from source (the previous step's sampled ids on the device) instead of input_ids.
+    token_source: tuple[torch.Tensor, torch.Tensor] | None = None
     # Set for prefill-only batches replayed from a CUDA graph: their Triton prefill plan, in static buffers.
     prefill_plan: Any = None
     # Per-step attention metadata that every layer shares: built by the first layer, reused by the rest.

@@ -154,17 +154,24 @@ class LlamaForCausalLM(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.streamed_rows and batch.num_tokens <= self.streamed_rows:
             # Decode-sized: bound by reading the weights, which the streamed kernels read once per step.
-            h = self.embed_tokens(batch.input_ids)
+            h = self._embed(batch)
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
                 h = layer.forward_streamed(h, batch, self.rope, k_cache, v_cache, self.dependent_launch)
             return triton_gemv.linear(batch.logits_rows(h), weight, norm_weight=self.norm.weight,
                                       eps=self.norm.eps, out_dtype=torch.float32,
                                       dependent_launch=self.dependent_launch)
-        x, residual = self.embed_tokens(batch.input_ids), None
+        x, residual = self._embed(batch), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache)
         x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual))
         return F.linear(x, weight).float()
+
+    def _embed(self, batch: ForwardBatch) -> torch.Tensor:
+        if batch.token_source is None:
+            return self.embed_tokens(batch.input_ids)
+        from gllm.ops.triton_embedding import embed_tokens
+        return embed_tokens(self.embed_tokens.weight, batch.input_ids, *batch.token_source,
+                            dependent_launch=self.dependent_launch)
 
     def use_fused_kernels(self, streamed_rows: int | None = None, dependent_launch: bool = False) -> None:
         """Switch norms, RoPE + KV writes and SiLU·mul to the fused Triton kernels (CUDA only), and steps of at

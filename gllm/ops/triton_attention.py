@@ -113,26 +113,29 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, context_lens_ptr,
     stride_po_b, stride_po_h, stride_po_s,
     stride_pm_b, stride_pm_h,
     stride_o_b, stride_o_h,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, TOKENS_PER_ITER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    # Which splits had work follows from the context length (a step input, set before the step), so it is
+    # known before the wait and every partial is then loaded at once; an empty split's are not read.
     splits = tl.arange(0, NUM_SPLITS)
+    iters = tl.cdiv(tl.load(context_lens_ptr + seq), TOKENS_PER_ITER)
+    has_work = splits * tl.cdiv(iters, NUM_SPLITS) < iters
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     dims = tl.arange(0, HEAD_DIM)
-    m = tl.load(part_max_ptr + seq * stride_pm_b + head * stride_pm_h + splits)
-    l = tl.load(part_sum_ptr + seq * stride_pm_b + head * stride_pm_h + splits)
-    m_all = tl.max(m, 0)
-    # Empty splits carry m = -inf and l = 0: their weight is exactly 0.
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+    m = tl.load(part_max_ptr + seq * stride_pm_b + head * stride_pm_h + splits, mask=has_work, other=float("-inf"))
+    l = tl.load(part_sum_ptr + seq * stride_pm_b + head * stride_pm_h + splits, mask=has_work, other=0.0)
     acc = tl.load(part_out_ptr + seq * stride_po_b + head * stride_po_h + splits[:, None] * stride_po_s
-                  + dims[None, :], mask=(w > 0)[:, None], other=0.0)   # an empty split's partials are not read
+                  + dims[None, :], mask=has_work[:, None], other=0.0)
+    w = tl.where(has_work, tl.exp(m - tl.max(m, 0)), 0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(out_ptr + seq * stride_o_b + head * stride_o_h + dims, out.to(out_ptr.dtype.element_ty))
 
@@ -199,11 +202,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         USE_PDL=workspace.dependent_launch, num_warps=4, **pdl,
     )
     _decode_merge_kernel[(batch, num_heads)](
-        workspace.part_out, workspace.part_max, workspace.part_sum, out,
+        workspace.part_out, workspace.part_max, workspace.part_sum, out, context_lens,
         workspace.part_out.stride(0), workspace.part_out.stride(1), workspace.part_out.stride(2),
         workspace.part_max.stride(0), workspace.part_max.stride(1),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=splits, HEAD_DIM=head_dim,
+        NUM_SPLITS=splits, HEAD_DIM=head_dim, TOKENS_PER_ITER=block_size * blocks_per_iter,
         USE_PDL=workspace.dependent_launch, num_warps=1, **pdl,
     )
     return out

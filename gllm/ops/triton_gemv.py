@@ -347,6 +347,11 @@ def default_config(m: int, n_out: int, k: int, paired: bool, *, norm: bool = Fal
     if m == 1 or (m == 2 and not paired):
         # A long K (down_proj) in 2048-wide steps: half the loop trips, 2-3 % faster on the 1B chain.
         block_k = min(2048 if m == 1 and k >= 8192 else 1024, triton.next_power_of_2(k))
+        if m == 1 and not paired and n_out <= k <= 2048:
+            # A small square projection (the 1B's o_proj): its whole K row in one step, so every byte of
+            # its weight is requested before the dependent-launch wait, while attention runs: -11 us a
+            # 1B step (a wider step for q/k/v or gate_up, or 2 or 8 columns a program, lost 13-25 us).
+            block_k = triton.next_power_of_2(k)
         while block_k > 512 and k % block_k:   # a K step that divides K spares the masked tail
             block_k //= 2
         block_n = 4 if m == 1 and not paired else 2   # gate_up and q/k/v with RoPE read two tiles a step
