@@ -63,7 +63,7 @@ class StepStaging:
         """Fill the next buffer for one decode token per sequence (rows beyond len(positions) up to `size`
         are padding); returns the bytes to copy. Sequence i sits at positions[i] in blocks block_tables[i];
         its input is token_ids[i], or (run ahead) the device-side token of row gather_rows[i]; a row with
-        gather_rows -1 takes its input_ids (see `triton_select.select_tokens`)."""
+        gather_rows -1 takes its input_ids (see `triton_embedding.embed_tokens`)."""
         self._turn ^= 1
         arrays = self._arrays[self._turn][size]
         n = len(positions)
