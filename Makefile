@@ -28,11 +28,12 @@ fixtures: $(STAMP)
 	$(PY) tools/make_test_models.py
 
 # Headless Chromium for the dashboard's browser test (Debian packages; installed when we are root,
-# as on CI; elsewhere that one test skips and says why).
+# as on CI; elsewhere that one test skips and says why). tools/apt_install.sh waits for the dpkg lock
+# when another apt-get holds it.
 system-deps:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	    bash tools/apt_install.sh chromium chromium-driver; \
 	  else echo "note: chromium/chromedriver missing: the dashboard browser test will be skipped"; fi; \
 	fi
 

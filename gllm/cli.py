@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
+from gllm.request_fields import FIELDS_BY_NAME, FieldError, RequestField
 from gllm.model.registry import DEFAULT_MODEL, KNOWN_MODELS, cached_gguf_path, fetch_known_model, gllm_home
 
 
@@ -19,18 +20,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"gllm: error: {message}\n")
 
 
-def _bounded(kind: type, name: str, low: float | None = None, high: float | None = None,
-             low_open: bool = False):
+def _field_flag(f: RequestField):
+    """An argparse type for one field of the request field table: its kind and its bounds."""
+    flag = "--" + f.wire_name.replace("_", "-")
+
     def parse(text: str):
+        kind = float if f.kind == "float" else int
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {kind.__name__}, got {text!r}") from None
-        if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-            hi = "" if high is None else f"<= {high}"
-            raise argparse.ArgumentTypeError(f"{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {text}")
-        return value
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind.__name__}, got {text!r}") from None
+        try:
+            return f.check(value, flag)
+        except FieldError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
 
 
@@ -40,13 +43,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+_CLI_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+               "frequency_penalty", "seed", "max_new_tokens")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) -> None:
-    p.add_argument("--temperature", type=_bounded(float, "--temperature", 0.0), default=default_temperature)
-    p.add_argument("--top-k", type=_bounded(int, "--top-k", 0), default=0)
-    p.add_argument("--top-p", type=_bounded(float, "--top-p", 0.0, 1.0, low_open=True), default=1.0)
-    p.add_argument("--min-p", type=_bounded(float, "--min-p", 0.0, 1.0), default=0.0)
-    p.add_argument("--seed", type=_bounded(int, "--seed", 0), default=None)
-    p.add_argument("--max-tokens", type=_bounded(int, "--max-tokens", 1), default=256)
+    for name in _CLI_FIELDS:
+        f = FIELDS_BY_NAME[name]
+        default = default_temperature if name == "temperature" else f.default
+        p.add_argument("--" + f.wire_name.replace("_", "-"), dest=name, type=_field_flag(f), default=default,
+                       metavar=f.wire_name.upper(), help=f"{f.help}; {f.limits} (default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen, 0.7)
     gen.add_argument("--system", default=None, help="system prompt (the prompt becomes a chat message)")
     gen.add_argument("--raw", action="store_true", help="complete the raw text, no chat template")
-    gen.add_argument("--logprobs", type=_bounded(int, "--logprobs", 0, 20), default=None)
+    gen.add_argument("--logprobs", type=_field_flag(FIELDS_BY_NAME["logprobs"]), default=None,
+                     help=FIELDS_BY_NAME["logprobs"].help)
     gen.add_argument("--json", action="store_true", help="print text, tokens, logprobs, usage, timings as JSON")
 
     sub.add_parser("models", help="known and cached models")
@@ -84,14 +91,15 @@ def _engine(args: argparse.Namespace):
     engine = LLMEngine(args.model, device=args.device, quiet=args.quiet)
     if not args.quiet:
         how = "from the converted cache" if engine.loaded_warm else "cold"
-        print(f"gllm: {engine.model_name} on {engine.device} ({how}, {engine.load_seconds:.2f} s)", file=sys.stderr)
+        dtype = str(engine.dtype).removeprefix("torch.")
+        print(f"gllm: {engine.model_name} on {engine.device}, {dtype} ({engine.dtype_reason}; {how}, "
+              f"{engine.load_seconds:.2f} s)", file=sys.stderr)
     return engine
 
 
 def _request(args: argparse.Namespace, **fields):
     from gllm.engine import GenerationRequest
-    return GenerationRequest(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, min_p=args.min_p, seed=args.seed, **fields)
+    return GenerationRequest(**{name: getattr(args, name) for name in _CLI_FIELDS}, **fields)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -109,7 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "usage": asdict(result.usage), "timings": asdict(result.timings),
                 "logprobs": None if result.logprobs is None else [
                     {"token_id": lp.token_id, "token": engine.tokenizer.decode([lp.token_id], skip_special_tokens=False),
-                     "logprob": lp.logprob, "top": [{"token_id": t, "logprob": v} for t, v in lp.top]}
+                     "logprob": lp.logprob,
+                     "top": [{"token_id": t, "token": engine.tokenizer.decode([t], skip_special_tokens=False),
+                              "logprob": v} for t, v in lp.top]}
                     for lp in result.logprobs],
             }
             print(json.dumps(out, ensure_ascii=False))

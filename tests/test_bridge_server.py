@@ -298,10 +298,14 @@ def test_poll_respects_its_budget(server):
     with BridgeClient(server.endpoint) as c:
         c.connect()
         for max_ms in (0, 1, 5, 20):
-            t0 = time.perf_counter()
-            assert c.poll(max_ms) == []
-            elapsed = (time.perf_counter() - t0) * 1000
-            assert elapsed <= max_ms + 3, (max_ms, elapsed)
+            # The median of several polls: a loaded machine may preempt any one of them, but a poll that
+            # overran its budget would overrun every time.
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                assert c.poll(max_ms) == []
+                times.append((time.perf_counter() - t0) * 1000)
+            assert sorted(times)[3] <= max_ms + 3, (max_ms, times)
         t = c.ping()
         evs = []
         end = time.monotonic() + 5

@@ -25,6 +25,11 @@ def test_generate_json_on_the_default_model(smollm2_gguf):
     assert len(out["tokens"]) == out["usage"]["completion_tokens"] <= 12
     assert out["usage"]["prompt_tokens"] > 5 and out["text"].strip()
     assert len(out["logprobs"]) == len(out["tokens"]) and len(out["logprobs"][0]["top"]) == 2
+    for lp in out["logprobs"]:   # every alternative carries its text, as the chosen token does
+        assert all(isinstance(t["token"], str) for t in lp["top"])
+        best = lp["top"][0]
+        if best["token_id"] == lp["token_id"]:
+            assert best["token"] == lp["token"]
     assert out["timings"]["ttft_ms"] > 0
 
 

@@ -304,6 +304,26 @@ def test_failing_logits_processor_fails_only_its_request(eng32):
     assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
 
 
+class _UncheckedRequest(GenerationRequest):
+    """A request whose sampling values slipped past validation: the engine must contain it at step time."""
+
+    def sampling_params(self):
+        params = super().sampling_params()
+        object.__setattr__(params, "temperature", "hot")
+        return params
+
+
+def test_a_request_whose_sampling_fails_fails_alone(eng32):
+    expected = eng32.generate([greedy(p, n=10) for p in PROMPTS[:2]])
+    results = eng32.generate([greedy(PROMPTS[0], n=10), _UncheckedRequest(prompt=PROMPTS[1], max_new_tokens=10),
+                              greedy(PROMPTS[1], n=10)])
+    assert results[1].finish_reason == "error" and "sampling failed" in results[1].error
+    assert [results[0].tokens, results[2].tokens] == [r.tokens for r in expected]
+    assert [r.finish_reason for r in (results[0], results[2])] == ["length", "length"]
+    stats = eng32.stats()
+    assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
+
+
 def test_step_listener_sees_every_step(llama32_dir):
     with engine(llama32_dir) as eng:
         infos = []

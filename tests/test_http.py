@@ -301,7 +301,7 @@ def _msg(content="hi"):
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "n": 3}, "n"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "temperature": "hot"}, "temperature"),
-    ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "temperature": 3}, "temperature"),
+    ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "temperature": 5.5}, "temperature"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "top_p": 0}, "top_p"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "max_tokens": 0}, "max_tokens"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "max_completion_tokens": -5},

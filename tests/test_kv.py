@@ -104,3 +104,38 @@ def test_prefix_caching_off():
     m.register_computed(a, prompt(9), 9)
     assert m.allocate_prompt(b, prompt(9), 9) == (0, 9)
     assert m.stats.hits == 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_cpu_pool_takes_memory_only_as_its_blocks_are_used():
+    big = ModelConfig(vocab_size=100, hidden_size=512, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=64)
+    before = _rss_bytes()
+    cache = KVCache(big, 2048, 16, torch.float32, "cpu")          # 512 MiB of pools
+    assert cache.nbytes == 512 * 2**20
+    assert _rss_bytes() - before < 32 * 2**20
+    for k, v in cache.layers:            # the first 64 blocks in use: 1/32 of the pool
+        k[:64].fill_(1.0)
+        v[:64].fill_(1.0)
+    grown = _rss_bytes() - before
+    assert 12 * 2**20 < grown < 64 * 2**20, grown
+    k, v = cache.layers[-1]
+    assert not k[64:].any() and not v[1000:1100].any()       # the rest reads as zeros
+
+
+def test_freed_blocks_are_reused_before_untouched_ones():
+    m = BlockManager(100, 4, enable_prefix_caching=False)
+    a, b = BlockTable(), BlockTable()
+    m.allocate_prompt(a, prompt(8), 8)
+    assert a.block_ids == [0, 1]
+    m.allocate_prompt(b, prompt(8, 50), 8)
+    assert b.block_ids == [2, 3]
+    m.free(a)
+    c = BlockTable()
+    m.allocate_prompt(c, prompt(12, 70), 12)
+    assert sorted(c.block_ids) == [0, 1, 4]     # the freed pair first, then the lowest untouched block

@@ -162,3 +162,30 @@ def test_race_over_contenders_equals_race_over_whole_vocabulary(sampler, filters
             scaled = scaled.masked_fill(probs < filters["min_p"] * probs.max(-1, keepdim=True).values, float("-inf"))
         full = (scaled - sampler.noise.exponential(keys).log()).argmax(-1).tolist()
         assert got == full
+
+
+def _broken(params: SamplingParams, **values) -> SamplingParams:
+    """Params whose values slipped past validation (as a caller building SamplingParams by hand could)."""
+    for name, value in values.items():
+        object.__setattr__(params, name, value)
+    return params
+
+
+@pytest.mark.parametrize("broken", [dict(temperature="hot"), dict(top_p="all"), dict(min_p=[1])])
+def test_a_row_that_breaks_sampling_fails_alone(sampler, broken):
+    logits = torch.stack([logits_row(i) for i in range(4)])
+    params = [SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0),
+              _broken(SamplingParams(temperature=0.8, top_p=0.9), **broken), SamplingParams(temperature=0.7, min_p=0.1)]
+    batch = [SampleRow(p, seed=11 + i, step=0, prompt_ids=[1], output_ids=[]) for i, p in enumerate(params)]
+    out = sampler.sample(logits, batch)
+    assert out.errors[2] is not None and "sampling failed" in out.errors[2]
+    assert [e is None for e in out.errors] == [True, True, False, True]
+    for i in (0, 1, 3):   # the others get exactly what they get alone
+        assert out.token_ids[i] == sampler.sample(logits[i:i + 1], [batch[i]]).token_ids[0]
+
+
+def test_top_k_beyond_the_vocabulary_means_off(sampler):
+    logits = logits_row(4)[None]
+    off = sampler.sample(logits, rows(SamplingParams(temperature=1.0, top_k=0), 1, seed=9)).token_ids
+    assert sampler.sample(logits, rows(SamplingParams(temperature=1.0, top_k=2**31 - 1), 1, seed=9)).token_ids == off
+    assert sampler.sample(logits, rows(_broken(SamplingParams(temperature=1.0), top_k=2**70), 1, seed=9)).token_ids == off

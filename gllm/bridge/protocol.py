@@ -16,6 +16,8 @@ from typing import Any
 
 import msgpack
 
+from gllm.request_fields import BRIDGE_FIELDS, INT32_MAX, FieldError, RequestField
+
 PROTOCOL_VERSION = 1
 
 # ---------------------------------------------------------------------------------------- limits
@@ -25,18 +27,10 @@ MAX_CLIENT_NAME_BYTES = 128
 MAX_TOKEN_BYTES = 1024                   # hello.token
 MAX_ROLE_BYTES = 64
 MAX_MESSAGES = 1024                      # entries of generate.messages
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_LOGPROBS = 20
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-UINT64_MAX = 2**64 - 1
-
-# Defaults of generate's optional fields (the engine's own defaults).
-GENERATE_DEFAULTS: dict[str, Any] = {
-    "max_tokens": 256, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
-    "stop": [], "logprobs": None, "priority": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-    "frequency_penalty": 0.0, "ignore_eos": False,
-}
+# generate's optional fields, their defaults and bounds: the request field table's bridge fields.
+GENERATE_FIELD_ORDER = tuple(f.wire_name for f in BRIDGE_FIELDS)
+GENERATE_DEFAULTS: dict[str, Any] = {f.wire_name: list(f.default) if isinstance(f.default, tuple) else f.default
+                                     for f in BRIDGE_FIELDS}
 
 CLIENT_OPS = ("hello", "generate", "cancel", "ping", "frame", "stats")
 SERVER_OPS = ("welcome", "tokens", "done", "error", "pong", "stats")
@@ -190,23 +184,8 @@ def _validate_generate(msg: dict[str, Any]) -> Generate:
             raise ProtocolError(BAD_REQUEST, "give exactly one of prompt or messages")
         if messages is not None:
             messages = _check_messages(messages)
-        d = GENERATE_DEFAULTS
-        return Generate(
-            id=rid, prompt=prompt, messages=messages,
-            max_tokens=_get_int(msg, "max_tokens", default=d["max_tokens"], lo=1, hi=INT32_MAX),
-            temperature=_get_float(msg, "temperature", default=d["temperature"], lo=0.0, hi=1e6),
-            top_k=_get_int(msg, "top_k", default=d["top_k"], lo=0, hi=INT32_MAX),
-            top_p=_get_float(msg, "top_p", default=d["top_p"], lo=0.0, hi=1.0, lo_open=True),
-            min_p=_get_float(msg, "min_p", default=d["min_p"], lo=0.0, hi=1.0),
-            seed=_get_int(msg, "seed", default=None, lo=0, hi=UINT64_MAX),
-            stop=_get_stop(msg),
-            logprobs=_get_int(msg, "logprobs", default=None, lo=0, hi=MAX_LOGPROBS),
-            priority=_get_int(msg, "priority", default=d["priority"], lo=INT32_MIN, hi=INT32_MAX),
-            repetition_penalty=_get_float(msg, "repetition_penalty", default=1.0, lo=0.0, hi=1e6, lo_open=True),
-            presence_penalty=_get_float(msg, "presence_penalty", default=0.0, lo=-2.0, hi=2.0),
-            frequency_penalty=_get_float(msg, "frequency_penalty", default=0.0, lo=-2.0, hi=2.0),
-            ignore_eos=_get_bool(msg, "ignore_eos", default=False),
-        )
+        fields = {f.wire_name: _get_field(msg, f) for f in BRIDGE_FIELDS}
+        return Generate(id=rid, prompt=prompt, messages=messages, **fields)
     except ProtocolError as exc:
         exc.request_id = rid
         raise
@@ -230,20 +209,6 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _get_stop(msg: dict[str, Any]) -> list[str]:
-    stop = msg.get("stop")
-    if stop is None:
-        return []
-    if not isinstance(stop, list):
-        raise ProtocolError(BAD_REQUEST, f"stop must be an array of strings, got {_type_name(stop)}")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ProtocolError(BAD_REQUEST, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-    for s in stop:
-        if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS:
-            raise ProtocolError(BAD_REQUEST, f"stop entries must be strings of 1 to {MAX_STOP_STRING_CHARS} characters")
-    return list(stop)
-
-
 def _get_id(msg: dict[str, Any]) -> str:
     rid = msg.get("id")
     if not isinstance(rid, str):
@@ -253,6 +218,20 @@ def _get_id(msg: dict[str, Any]) -> str:
     if not 0 < n <= MAX_ID_BYTES:
         raise ProtocolError(BAD_REQUEST, f"id must be 1 to {MAX_ID_BYTES} bytes of UTF-8, got {n}")
     return rid
+
+
+def _get_field(msg: dict[str, Any], f: RequestField) -> Any:
+    """A `generate` field checked against the request field table; nil or absent means the default."""
+    value = msg.get(f.wire_name)
+    if value is None:
+        return GENERATE_DEFAULTS[f.wire_name]
+    try:
+        value = f.check(value, f.wire_name)
+    except FieldError as exc:
+        raise ProtocolError(BAD_REQUEST, str(exc)) from None
+    if f.kind == "float":
+        return float(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _get_str(msg: dict[str, Any], name: str, *, max_bytes: int | None = None, default: Any = None) -> Any:
@@ -296,15 +275,6 @@ def _get_float(msg: dict[str, Any], name: str, *, lo: float, hi: float, default:
     return value
 
 
-def _get_bool(msg: dict[str, Any], name: str, *, default: bool) -> bool:
-    value = msg.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ProtocolError(BAD_REQUEST, f"{name} must be a boolean, got {_type_name(value)}")
-    return value
-
-
 def _utf8_len(s: str) -> int:
     return len(s.encode("utf-8", "surrogatepass"))
 
@@ -342,10 +312,7 @@ def hello(client: str = "", token: str | None = None, v: int = PROTOCOL_VERSION)
     return msg
 
 
-GENERATE_FIELD_ORDER = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "logprobs",
-                        "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos")
-_FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                           "frequency_penalty"})
+_FLOAT_FIELDS = frozenset(f.wire_name for f in BRIDGE_FIELDS if f.kind == "float")
 
 
 def generate(id: str, prompt: str | None = None, messages: list[dict[str, str]] | None = None,

@@ -49,6 +49,7 @@ import zmq
 from gllm import __version__
 from gllm.bridge import protocol as P
 from gllm.engine.errors import EngineBusy, RequestTooLong
+from gllm.request_fields import BRIDGE_FIELDS
 
 log = logging.getLogger("gllm.bridge")
 
@@ -496,12 +497,8 @@ class BridgeServer:
             return
         from gllm.engine.request import GenerationRequest  # here, so that config checks need no torch
         engine_id = f"{client.serial:x}/{g.id}"
-        req = GenerationRequest(
-            prompt=g.prompt, messages=g.messages, max_new_tokens=g.max_tokens, temperature=g.temperature,
-            top_k=g.top_k, top_p=g.top_p, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
-            presence_penalty=g.presence_penalty, frequency_penalty=g.frequency_penalty, seed=g.seed,
-            logprobs=g.logprobs, stop=list(g.stop), ignore_eos=g.ignore_eos, priority=g.priority,
-            request_id=engine_id)
+        req = GenerationRequest(prompt=g.prompt, messages=g.messages, request_id=engine_id,
+                                **{f.name: getattr(g, f.wire_name) for f in BRIDGE_FIELDS})
         client.live[g.id] = engine_id
         self.counters["generate"] += 1
         self._submit_q.put(("add", client, g.id, req))

@@ -28,10 +28,11 @@ import torch
 from gllm.engine.errors import EngineBusy, RequestTooLong
 from gllm.engine.loading import LoadedModel, load
 from gllm.engine.model_runner import ModelRunner
-from gllm.engine.params import GeneratorParams
+from gllm.engine.device_dtype import auto_dtype
+from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
 from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings, Usage
 from gllm.engine.sinks import AsyncSink, RequestHandle
-from gllm.kv import BlockManager, KVCache, num_blocks_for
+from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import ModelConfig, parse_dtype
 from gllm.sampling import PendingSample, SampleRow, Sampler, SamplingParams, StopChecker, StopResult, TokenLogprobs
 from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
@@ -132,8 +133,10 @@ class LLMEngine:
                  device: str | None = None, quiet: bool = True) -> None:
         self.gen_params = gen = gen_params or GeneratorParams()
         self.device = pick_device(device)
-        self.dtype = parse_dtype(("float32" if self.device.type == "cpu" else "bfloat16")
-                                 if gen.dtype == "auto" else gen.dtype)
+        auto, self.dtype_reason = auto_dtype(self.device)
+        if gen.dtype != "auto":
+            self.dtype_reason = "set by GeneratorParams.dtype"
+        self.dtype = parse_dtype(auto if gen.dtype == "auto" else gen.dtype)
         self.cpu_threads = gen.cpu_threads or default_cpu_threads()
         loaded = model if isinstance(model, LoadedModel) else load(
             model, dtype=self.dtype, device=self.device, max_positions=gen.max_seq_len, quiet=quiet)
@@ -149,7 +152,7 @@ class LLMEngine:
         if gen.gpu_memory_mb is not None:
             num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, memory_mb=self._kv_mb_within_budget())
         elif gen.kv_cache_mb is None:
-            kv_tokens = gen.kv_cache_tokens or gen.max_batch_size * gen.max_seq_len
+            kv_tokens = gen.kv_cache_tokens or self._default_kv_tokens()
             num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, tokens=kv_tokens)
         else:
             num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, memory_mb=gen.kv_cache_mb)
@@ -192,6 +195,16 @@ class LLMEngine:
         self.num_steps_ahead = 0     # of those, steps queued before the previous step's tokens were on the host
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
+
+    def _default_kv_tokens(self) -> int:
+        """Room for every batch row at full length; on the CPU at most DEFAULT_CPU_KV_MB of it (the game
+        needs the RAM), but always one full-length request."""
+        gen = self.gen_params
+        full = gen.max_batch_size * gen.max_seq_len
+        if self.device.type != "cpu":
+            return full
+        budget = int(DEFAULT_CPU_KV_MB * 2**20) // kv_bytes_per_token(self.model_config, self.dtype)
+        return max(gen.max_seq_len, min(full, budget))
 
     def _kv_mb_within_budget(self) -> float:
         """What `gpu_memory_mb` leaves for the KV pool after the weights and a step's activations."""
@@ -346,8 +359,6 @@ class LLMEngine:
         if need_blocks > self.block_manager.num_blocks:
             raise RequestTooLong(f"prompt + max_new_tokens need {need_blocks} KV blocks; the cache holds "
                              f"{self.block_manager.num_blocks} (raise kv_cache_tokens or lower max_new_tokens)")
-        if not isinstance(req.priority, int):
-            raise ValueError(f"priority must be an integer, got {req.priority!r}")
         request_id = req.request_id if req.request_id is not None else uuid.uuid4().hex
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")

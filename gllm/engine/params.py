@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The default KV pool on the CPU: at most this much (and at least one max_seq_len request). Its pages are
+# mapped as blocks are first used, so a light load takes far less.
+DEFAULT_CPU_KV_MB = 256
+
 
 @dataclass(frozen=True)
 class GeneratorParams:
@@ -12,10 +16,11 @@ class GeneratorParams:
     max_seq_len: int = 2048            # prompt + output tokens of one request
     max_step_tokens: int = 512         # tokens computed per engine step (prefill is chunked to fit)
     kv_cache_tokens: int | None = None  # KV capacity in tokens; default max_batch_size * max_seq_len
+                                       # (on the CPU at most DEFAULT_CPU_KV_MB, at least max_seq_len)
     kv_cache_mb: float | None = None   # or a memory budget for the KV cache, in MiB
     gpu_memory_mb: float | None = None  # or a budget for everything on the GPU (weights + activations + KV)
     enable_prefix_caching: bool = True
-    dtype: str = "auto"                # "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16"
+    dtype: str = "auto"                # "auto" (bfloat16 on GPU and on CPUs with native bf16, else float32), or a name
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from gllm.request_fields import FIELDS_BY_NAME, SAMPLING_FIELDS
 from gllm.sampling import SamplingParams, TokenLogprobs
 
 
@@ -31,15 +32,10 @@ class GenerationRequest:
     logits_processor: Callable[[list[int], Any], Any] | None = None
 
     def sampling_params(self) -> SamplingParams:
-        if isinstance(self.stop, str):
-            raise ValueError("stop must be a list of strings, not a single string")
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=self.seed, logprobs=self.logprobs, stop=tuple(self.stop),
-            stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
-            logits_processor=self.logits_processor)
+        """The sampling fields, validated against the request field table (`FieldError` names the field)."""
+        FIELDS_BY_NAME["priority"].check(self.priority)
+        return SamplingParams(logits_processor=self.logits_processor,
+                              **{f.name: getattr(self, f.name) for f in SAMPLING_FIELDS})
 
 
 @dataclass

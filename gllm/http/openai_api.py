@@ -22,8 +22,9 @@ from typing import Any
 from gllm.engine.errors import EngineBusy, RequestTooLong
 from gllm.engine.request import GenerationRequest, GenerationResult
 from gllm.http.errors import ApiError, bad_request
+from gllm.request_fields import FIELDS_BY_NAME, REQUEST_FIELDS, FieldError, RequestField
 
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = FIELDS_BY_NAME["logprobs"].hi
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "ipython"}
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 _MISSING = object()
@@ -92,7 +93,10 @@ def _stop(body: dict[str, Any]) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise bad_request("stop must be a string or a list of strings", param="stop")
-    return value
+    try:
+        return list(FIELDS_BY_NAME["stop"].check(value))
+    except FieldError as exc:
+        raise bad_request(str(exc), param="stop") from None
 
 
 def _refuse_unsupported(body: dict[str, Any], kind: str) -> None:
@@ -124,30 +128,37 @@ def _refuse_unsupported(body: dict[str, Any], kind: str) -> None:
 
 
 def _max_tokens(body: dict[str, Any], default: int) -> int:
-    if _get(body, "max_completion_tokens") is not _MISSING:
-        return _integer(body, "max_completion_tokens", default, lo=1)
-    return _integer(body, "max_tokens", default, lo=1)
+    f = FIELDS_BY_NAME["max_new_tokens"]
+    name = "max_completion_tokens" if _get(body, "max_completion_tokens") is not _MISSING else "max_tokens"
+    return _integer(body, name, default, lo=f.lo, hi=f.hi)
+
+
+def _table_field(body: dict[str, Any], f: RequestField) -> Any:
+    """A field of the request field table under its OpenAI name; absent or null means the default."""
+    value = _get(body, f.wire_name)
+    if value is _MISSING:
+        return f.default
+    if f.kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)                                      # JSON writers may send 5.0
+    try:
+        return f.check(value, f.wire_name)
+    except FieldError as exc:
+        raise bad_request(str(exc), param=f.wire_name) from None
+
+
+_SPECIAL = {"max_new_tokens", "seed", "stop"}                   # OpenAI-specific forms, read below
 
 
 def _sampling_fields(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
-    seed = _integer(body, "seed", None)
     stream_options = _get(body, "stream_options")
     if stream_options is not _MISSING and not isinstance(stream_options, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
-    return {
-        "max_new_tokens": _max_tokens(body, default_max_tokens),
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        "top_k": _integer(body, "top_k", 0, lo=0),
-        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
-        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, None, lo_open=True),
-        "seed": None if seed is None else seed % 2**64,   # OpenAI takes any 64-bit integer
-        "stop": _stop(body),
-        "priority": _integer(body, "priority", 0),
-        "ignore_eos": _boolean(body, "ignore_eos"),
-    }
+    fields = {f.name: _table_field(body, f) for f in REQUEST_FIELDS if f.on_http and f.name not in _SPECIAL}
+    seed = _integer(body, "seed", None, lo=-(2**63), hi=2**64 - 1)
+    fields["seed"] = None if seed is None else seed % 2**64    # OpenAI takes any 64-bit integer
+    fields["max_new_tokens"] = _max_tokens(body, default_max_tokens)
+    fields["stop"] = _stop(body)
+    return fields
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -277,8 +288,11 @@ def engine_error(exc: Exception, kind: str) -> ApiError:
                         headers={"Retry-After": "1"})
     if isinstance(exc, RequestTooLong):
         return bad_request(message, param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
-    first = message.split(" ", 1)[0]
-    param = _ENGINE_PARAMS.get(first, first if first.isidentifier() and first.islower() else None)
+    if isinstance(exc, FieldError):
+        param = FIELDS_BY_NAME[exc.field].wire_name if exc.field in FIELDS_BY_NAME else exc.field
+    else:
+        first = message.split(" ", 1)[0]
+        param = _ENGINE_PARAMS.get(first, first if first.isidentifier() and first.islower() else None)
     if param == "logprobs" and kind == "chat":
         param = "top_logprobs"
     return bad_request(message, param=param)

@@ -44,7 +44,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free_plain: deque[int] = deque(range(num_blocks))
+        # A stack: freed blocks are reused before untouched ones, which come in ascending order, so the pool's
+        # memory in use (CPU pools are mapped as they are first written) follows the peak load, not the traffic.
+        self._free_plain: deque[int] = deque(reversed(range(num_blocks)))
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
         self._hash_to_block: dict[int, int] = {}
         self.stats = PrefixCacheStats()
@@ -151,7 +153,7 @@ class BlockManager:
 
     def _allocate_new(self) -> int:
         if self._free_plain:
-            block_id = self._free_plain.popleft()
+            block_id = self._free_plain.pop()
         else:
             block_id, _ = self._free_cached.popitem(last=False)   # evict the least recently freed
             evicted = self.blocks[block_id]

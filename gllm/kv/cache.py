@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from gllm.model.config import ModelConfig
@@ -32,9 +35,19 @@ class KVCache:
                  device: torch.device | str) -> None:
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                       for _ in range(cfg.num_hidden_layers)]
+        self.layers = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(cfg.num_hidden_layers)]
 
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed pool. On the CPU it lives in an anonymous memory map: the OS maps zero pages as they are first
+    written, so the pool takes memory only as its blocks come into use (the block manager hands out the
+    lowest untouched block last, after every freed one)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    buffer = mmap.mmap(-1, max(1, count * torch.empty((), dtype=dtype).element_size()))
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)   # the tensor keeps the map alive

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,8 +42,9 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def with_progress(items: Iterator, total: int, label: str, show: bool) -> Iterator:
-    """A tqdm bar on stderr over a tensor stream (nothing when `show` is false)."""
-    if not show:
+    """A tqdm bar on stderr over a tensor stream (nothing when `show` is false, or when stderr is not a
+    terminal: a bar redrawn with carriage returns runs into the next line of a captured log)."""
+    if not show or not sys.stderr.isatty():
         return items
     from tqdm import tqdm
     return iter(tqdm(items, total=total, desc=label, unit="tensor", leave=False))

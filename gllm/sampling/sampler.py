@@ -54,8 +54,11 @@ class PendingSample:
     top_ids: torch.Tensor | None = None
     done: torch.cuda.Event | None = None       # recorded after the copies (None on the CPU: already there)
     device_tokens: torch.Tensor | None = None  # [B] the tokens where they were sampled (input of a step ahead)
+    ready: SampleOutput | None = None          # already on the host (rows sampled one by one)
 
     def result(self) -> SampleOutput:
+        if self.ready is not None:
+            return self.ready
         if self.done is not None:
             self.done.synchronize()
         token_list = self.tokens.tolist()
@@ -97,7 +100,34 @@ class Sampler:
                ) -> PendingSample:
         """Queue the sampling of `logits` and the copy of its results to the host; does not wait for the GPU
         (unless a logits processor does). `greedy_tokens`, if given, is each row's argmax of `logits` already
-        computed (a decode graph's); the greedy rows take it unless processors or penalties change the logits."""
+        computed (a decode graph's); the greedy rows take it unless processors or penalties change the logits.
+        If sampling the batch fails, each row is sampled alone: a row that still fails gets an error (its
+        token is void) and the other rows their tokens, so one request's values never fail its neighbours."""
+        try:
+            return self._launch_batch(logits, rows, greedy_tokens)
+        except Exception:
+            return self._launch_each(logits, rows, greedy_tokens)
+
+    def _launch_each(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None
+                     ) -> PendingSample:
+        tokens: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
+        errors: list[str | None] = []
+        for i, row in enumerate(rows):
+            try:
+                one = self._launch_batch(logits[i:i + 1], [row],
+                                         None if greedy_tokens is None else greedy_tokens[i:i + 1]).result()
+                token, lp, error = one.token_ids[0], one.logprobs[0], one.errors[0]
+            except Exception as exc:
+                token, lp, error = 0, None, f"sampling failed: {type(exc).__name__}: {exc}"
+            tokens.append(token)
+            logprobs.append(lp)
+            errors.append(error)
+        return PendingSample(rows, errors, torch.tensor(tokens, dtype=torch.int64),
+                             ready=SampleOutput(tokens, logprobs, errors))
+
+    def _launch_batch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None
+                      ) -> PendingSample:
         logits = logits[:, : self.vocab_size]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
         logits, errors = self._apply_processors(logits, rows)
@@ -177,7 +207,7 @@ class Sampler:
         logits = logits / temperature
         if any(r.params.top_k > 0 or r.params.top_p < 1 for r in rows):
             sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
-            k = self._column([r.params.top_k or vocab for r in rows], dtype=torch.long)
+            k = self._column([min(r.params.top_k, vocab) or vocab for r in rows], dtype=torch.long)
             drop = torch.arange(vocab, device=self.device)[None, :] >= k
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             probs = sorted_logits.softmax(dim=-1)
