@@ -1,10 +1,13 @@
 """CPU benchmark on the default model (SmolLM2-135M-Instruct), gllm against transformers in the same run.
 
-Both load the same GGUF (transformers dequantizes it itself), run float32 on the same threads,
-greedy, EOS ignored. Reports decode tokens/s at batch 1 and aggregate tokens/s for N concurrent
-NPC requests (transformers: one padded `generate` batch), as medians and as ratios.
+Both load the same GGUF (transformers dequantizes it itself) and run on the same threads, greedy, EOS
+ignored; transformers in float32, gllm in `--dtype` (default auto: what the engine picks for this CPU, printed).
+Reports decode tokens/s at batch 1 and aggregate tokens/s for N concurrent NPC requests (transformers: one
+padded `generate` batch), as medians and as ratios, and gllm's memory: RSS after its runs, measured before
+transformers is loaded into the same process (and the peak so far).
 
-    python tools/bench_cpu.py [--threads 2] [--new-tokens 64] [--batch 3] [--repeats 3] [--out bench_cpu.json]
+    python tools/bench_cpu.py [--threads 2] [--new-tokens 64] [--batch 3] [--repeats 3] [--dtype auto]
+                              [--out bench_cpu.json]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="auto", help="gllm's dtype (auto, float32, float16, bfloat16)")
     parser.add_argument("--out", default="bench_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -34,8 +38,10 @@ def main() -> None:
     from gllm.model.registry import fetch_known_model
 
     gguf = fetch_known_model()
-    engine = LLMEngine(None, GeneratorParams(max_batch_size=8, max_seq_len=1024, cpu_threads=args.threads),
-                       device="cpu")
+    engine = LLMEngine(None, GeneratorParams(max_batch_size=8, max_seq_len=1024, cpu_threads=args.threads,
+                                             dtype=args.dtype), device="cpu")
+    dtype = str(engine.dtype).removeprefix("torch.")
+    print(f"gllm dtype: {dtype} ({engine.dtype_reason})", flush=True)
     prompts = [engine.tokenizer.encode_chat([{"role": "system", "content": f"You are NPC number {i}."},
                                              {"role": "user", "content": "Tell me about the old mine."}])
                for i in range(args.batch)]
@@ -47,6 +53,10 @@ def main() -> None:
         results = engine.generate(reqs)
         return sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
 
+    gllm_run(prompts)
+    memory = {"gllm_rss_mb": _rss_mb(), "gllm_peak_rss_mb": _peak_rss_mb()}
+    print(f"gllm memory: RSS {memory['gllm_rss_mb']:.0f} MB after its runs, peak {memory['gllm_peak_rss_mb']:.0f} MB",
+          flush=True)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
     def hf_run(batch: list[list[int]]) -> float:
@@ -67,10 +77,21 @@ def main() -> None:
         rows[label] = {"gllm_tok_s": ours, "transformers_tok_s": peer, "ratio": ours / peer}
         print(f"{label}: gllm {ours:.1f} tok/s, transformers {peer:.1f} tok/s, ratio {ours / peer:.2f}x", flush=True)
     engine.close()
-    report = {"model": "SmolLM2-135M-Instruct Q4_1 (dequantized to float32)", "threads": args.threads,
-              "new_tokens": n, "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows}
+    report = {"model": "SmolLM2-135M-Instruct Q4_1 (dequantized)", "gllm_dtype": dtype,
+              "transformers_dtype": "float32", "threads": args.threads, "new_tokens": n,
+              "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows, **memory}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -217,7 +217,10 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(param.shape)}")
             with torch.no_grad():
-                param.copy_(tensor)
+                if hasattr(tensor, "copy_to"):   # still on disk (a loader's FileTensor): streamed in
+                    tensor.copy_to(param)
+                else:
+                    param.copy_(tensor)
         missing = [n for n in self._expected_names() if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 
 from gllm.model.config import ModelConfig, parse_dtype
 from gllm.model.llama import LlamaForCausalLM
@@ -34,11 +34,70 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, the header's tensor entries) of a .safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """A tensor still in its .safetensors file. `copy_to` streams it into a parameter in chunks with plain file
+    reads, so a load holds no second copy of the weights: the safetensors library memory-maps the file, and
+    every page it reads stays resident (counted in RSS) until the file is closed, which doubled the peak
+    memory of a load (more when the parameters are narrower than the file's float32)."""
+    path: Path
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    CHUNK_BYTES = 8 << 20
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        with open(self.path, "rb") as f:
+            self._read(f, self.offset, out)
+        return out
+
+    def copy_to(self, out: torch.Tensor) -> None:
+        if len(self.shape) < 2 or self.nbytes <= self.CHUNK_BYTES:
+            out.copy_(self.load())
+            return
+        row_bytes = self.nbytes // self.shape[0]
+        rows = max(1, self.CHUNK_BYTES // row_bytes)
+        buffer = torch.empty((rows, *self.shape[1:]), dtype=self.dtype)
+        with open(self.path, "rb") as f:
+            for start in range(0, self.shape[0], rows):
+                part = buffer[: min(rows, self.shape[0] - start)]
+                self._read(f, self.offset + start * row_bytes, part)
+                out[start:start + len(part)].copy_(part)
+
+    def _read(self, f, offset: int, out: torch.Tensor) -> None:
+        raw = out.reshape(-1).view(torch.uint8).numpy()
+        f.seek(offset)
+        if f.readinto(raw) != raw.nbytes:
+            raise ValueError(f"{self.path.name}: a tensor is truncated")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, FileTensor]]:
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        base, header = safetensors_header(path)
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            tensor = FileTensor(path, base + start, end - start, tuple(info["shape"]),
+                                _SAFETENSORS_DTYPES[info["dtype"]])
+            if tensor.nbytes != math.prod(tensor.shape) * torch.empty((), dtype=tensor.dtype).element_size():
+                raise ValueError(f"{path.name}: tensor {name!r} has {tensor.nbytes} bytes for shape {tensor.shape}")
+            yield name, tensor
 
 
 def with_progress(items: Iterator, total: int, label: str, show: bool) -> Iterator:
@@ -67,12 +126,10 @@ def load_hf_folder(folder: str | Path, *, dtype: str | torch.dtype, device: str 
     files = safetensors_files(folder)
     total = 0
     if progress:
-        for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                total += len(list(f.keys()))
+        total = sum(len(safetensors_header(path)[1]) for path in files)
     weights = with_progress(iter_safetensors(files), total, "loading weights", progress)
     if weight_transform is not None:
-        weights = ((name, weight_transform(name, t)) for name, t in weights)
+        weights = ((name, weight_transform(name, t.load())) for name, t in weights)
     return build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions), cfg
 
 
