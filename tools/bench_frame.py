@@ -1,0 +1,287 @@
+"""The frame benchmark: a simulated game beside `gllm serve`, and what the NPCs cost its frames.
+
+The game is this process: a 60 fps loop doing fixed real work each frame (numpy matrix products spread over
+`--game-threads` threads, sized to `--work` of the 16.7 ms frame), polling one bridge client once per frame
+and sending `frame` reports, as a game using a gllm client does. Meanwhile it keeps `--npcs` NPC replies
+streaming through the bridge and sends a new long prompt (`--long-tokens`) every `--long-every-s` seconds.
+
+Runs (each `--seconds` long, after a warm-up):
+- `no-llm`: the game alone (no server): the baseline frame times;
+- `llm`: the game beside `gllm serve` with the defaults a game gets (plus `--serve-args`).
+(More runs join as the engine learns to yield to the game; `--runs` picks them.)
+
+Prints frame time (work + poll: what the game's own frame costs) p50/p99/max, the fraction of frames over
+1.1x the target, the client's per-frame poll cost, NPC output tokens/s and TTFT p50/p99; writes JSON and
+one PNG (frame time over time for every run; matplotlib, a tool dependency only).
+
+    python tools/bench_frame.py [--model NAME_OR_PATH] [--device cpu] [--npcs 14] [--work 0.6]
+        [--game-threads 2] [--seconds 20] [--runs no-llm,llm] [--out bench_frame.json] [--plot bench_frame.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # one BLAS thread per game thread: the game owns its threads
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+
+FRAME_S = 1 / 60
+PERSONAS = ["a tired town guard", "a cheerful blacksmith", "a nervous priest", "an old fisherman", "a bard",
+            "a greedy merchant", "the Duke's steward", "a wandering knight", "a witch of the marsh", "a stable boy",
+            "an innkeeper", "a retired soldier", "a scholar of dragons", "a river pilot", "a beggar who was a king",
+            "a young thief"]
+LORE = ("Eldmoor is a river town under the Ashen Mountains. The old dragon Veyra sleeps in the northern peaks; "
+        "the smiths' guild forges her shed scales into armour; the Duke taxes every cart on the Stone Bridge. ")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class GameWork:
+    """Fixed work per frame, split over `threads` threads (numpy releases the GIL in its matrix products)."""
+
+    def __init__(self, threads: int, share: float) -> None:
+        self.threads, self.share = threads, share
+        self.pool = ThreadPoolExecutor(threads)
+        self.size = 64
+        self.reps = 1
+        rng = np.random.default_rng(0)
+        self.mats = [rng.standard_normal((512, 512)).astype(np.float32) for _ in range(threads)]
+
+    def _task(self, i: int) -> None:
+        m = self.mats[i][: self.size, : self.size]
+        for _ in range(self.reps):
+            m @ m
+
+    def run(self) -> None:
+        for f in [self.pool.submit(self._task, i) for i in range(self.threads)]:
+            f.result()
+
+    def calibrate(self) -> float:
+        """Size the work so a frame's share of 16.7 ms is spent (measured now, with nothing else running)."""
+        goal = self.share * FRAME_S
+        self.size, self.reps = 128, 1
+        for _ in range(4):   # reps of a small product, refined a few times
+            took = statistics.median(self._timed() for _ in range(15))
+            self.reps = max(1, round(self.reps * goal / max(took, 1e-6)))
+        return statistics.median(self._timed() for _ in range(31))
+
+    def _timed(self) -> float:
+        t = time.perf_counter()
+        self.run()
+        return time.perf_counter() - t
+
+
+@dataclass
+class RunResult:
+    label: str
+    frame_ms: list[float] = field(default_factory=list)
+    frame_t: list[float] = field(default_factory=list)
+    poll_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    ttft_ms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    errors: int = 0
+
+    def summary(self) -> dict:
+        over = sum(1 for x in self.frame_ms if x > 1.1 * FRAME_S * 1000)
+        return {"frames": len(self.frame_ms), "frame_p50_ms": percentile(self.frame_ms, 50),
+                "frame_p99_ms": percentile(self.frame_ms, 99), "frame_max_ms": max(self.frame_ms, default=0.0),
+                "frames_over_1.1x_target": over / max(1, len(self.frame_ms)),
+                "poll_p50_ms": percentile(self.poll_ms, 50), "poll_p99_ms": percentile(self.poll_ms, 99),
+                "npc_tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+                "ttft_p50_ms": percentile(self.ttft_ms, 50), "ttft_p99_ms": percentile(self.ttft_ms, 99),
+                "errors": self.errors}
+
+
+class Npcs:
+    """Keeps `n` NPC replies streaming and a long prompt arriving every `long_every_s`, through one client."""
+
+    def __init__(self, client, n: int, long_tokens: int, long_every_s: float, rng: random.Random) -> None:
+        self.client, self.n, self.rng = client, n, rng
+        self.long_words = long_tokens * 3 // 4 + 1        # ~1.3 tokens a word in English lore
+        self.long_every_s = long_every_s
+        self.live: set[str] = set()
+        self.next_long = 0.0
+        self.count = 0
+
+    def top_up(self, now: float) -> None:
+        while len(self.live) < self.n:
+            self.count += 1
+            persona = PERSONAS[self.count % len(PERSONAS)]
+            rid = self.client.generate(messages=[{"role": "system", "content": f"{LORE}You are {persona}."},
+                                                 {"role": "user", "content": f"Traveller #{self.count}: any news?"}],
+                                       max_tokens=48, temperature=0.7, seed=self.count, ignore_eos=True)
+            self.live.add(rid)
+        if now >= self.next_long:
+            self.next_long = now + self.long_every_s
+            words = " ".join(self.rng.choice(LORE.split()) for _ in range(self.long_words))
+            self.count += 1
+            self.live.add(self.client.generate(prompt=f"[{self.count}] {words}", max_tokens=16, ignore_eos=True))
+
+
+def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpoint: str | None,
+              npcs: int, long_tokens: int, long_every_s: float) -> RunResult:
+    from gllm.bridge.client import BridgeClient, Done, Error, Token
+    result = RunResult(label)
+    client = npc = None
+    if endpoint is not None:
+        client = BridgeClient(endpoint, name="bench-frame")
+        client.connect()
+        npc = Npcs(client, npcs, long_tokens, long_every_s, random.Random(1))
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    deadline = measure_from + seconds
+    next_frame = start
+    while True:
+        frame_start = time.perf_counter()
+        if frame_start >= deadline:
+            break
+        work.run()
+        poll = 0.0
+        if client is not None:
+            npc.top_up(frame_start)
+            t = time.perf_counter()
+            events = client.poll(0)
+            poll = time.perf_counter() - t
+            for ev in events:
+                if isinstance(ev, Token) and frame_start >= measure_from:
+                    result.tokens += ev.n
+                elif isinstance(ev, Done):
+                    npc.live.discard(ev.id)
+                    if frame_start >= measure_from and ev.timings.get("ttft_ms") is not None:
+                        result.ttft_ms.append(ev.timings["ttft_ms"])
+                elif isinstance(ev, Error):
+                    npc.live.discard(ev.id)
+                    result.errors += 1
+        frame_ms = (time.perf_counter() - frame_start) * 1000
+        if client is not None:
+            client.frame(frame_ms, FRAME_S * 1000)
+        if frame_start >= measure_from:
+            result.frame_ms.append(frame_ms)
+            result.frame_t.append(frame_start - measure_from)
+            result.poll_ms.append(poll * 1000)
+        next_frame += FRAME_S
+        pause = next_frame - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        else:
+            next_frame = time.perf_counter()          # a late frame: the next one starts now (no catch-up burst)
+    result.seconds = seconds
+    if client is not None:
+        for rid in list(npc.live):
+            client.cancel(rid)
+        client.close()
+    return result
+
+
+class Server:
+    def __init__(self, model: str | None, device: str | None, extra: list[str]) -> None:
+        cmd = [sys.executable, "-m", "gllm.cli", "serve", "--zmq", "tcp://127.0.0.1:*", *extra]
+        if model:
+            cmd += ["--model", model]
+        if device:
+            cmd += ["--device", device]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.endpoint = ""
+        end = time.time() + 300
+        while time.time() < end:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("gllm serve exited before listening")
+            if line.startswith("gllm bridge listening on "):
+                self.endpoint = line.split()[-1]
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def plot(results: list[RunResult], path: str, work_share: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for r in results:
+        ax.plot(r.frame_t, r.frame_ms, lw=0.7, label=f"{r.label} (p99 {percentile(r.frame_ms, 99):.1f} ms)")
+    ax.axhline(FRAME_S * 1000, color="k", ls="--", lw=0.8, label="60 fps target")
+    ax.set_yscale("log")
+    ax.set_xlabel("s")
+    ax.set_ylabel("frame time (work + poll), ms")
+    ax.set_title(f"Simulated game ({work_share:.0%} of a 60 fps frame of work) beside gllm serve")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--npcs", type=int, default=14)
+    parser.add_argument("--work", type=float, default=0.6, help="the game's work, as a share of a 16.7 ms frame")
+    parser.add_argument("--game-threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--long-tokens", type=int, default=1000)
+    parser.add_argument("--long-every-s", type=float, default=2.0)
+    parser.add_argument("--runs", default="no-llm,llm")
+    parser.add_argument("--serve-args", default="", help="extra `gllm serve` flags for the llm runs")
+    parser.add_argument("--out", default="bench_frame.json")
+    parser.add_argument("--plot", default="bench_frame.png")
+    args = parser.parse_args()
+
+    work = GameWork(args.game_threads, args.work)
+    calibrated = work.calibrate()
+    print(f"game work: {calibrated * 1000:.1f} ms a frame on {args.game_threads} threads "
+          f"({calibrated / FRAME_S:.0%} of 16.7 ms)", flush=True)
+    results = []
+    for label in args.runs.split(","):
+        server = None if label == "no-llm" else Server(args.model, args.device, args.serve_args.split())
+        try:
+            r = game_loop(label, work, args.seconds, args.warmup_s, server and server.endpoint, args.npcs,
+                          args.long_tokens, args.long_every_s)
+        finally:
+            if server is not None:
+                server.stop()
+        results.append(r)
+        s = r.summary()
+        print(f"{label:>8}: frame p50 {s['frame_p50_ms']:.1f} ms, p99 {s['frame_p99_ms']:.1f} ms, "
+              f"max {s['frame_max_ms']:.1f} ms, over 1.1x target {s['frames_over_1.1x_target']:.1%}; "
+              f"poll p50 {s['poll_p50_ms']:.3f} ms p99 {s['poll_p99_ms']:.3f} ms; "
+              f"NPCs {s['npc_tokens_per_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_ms']:.0f} ms p99 {s['ttft_p99_ms']:.0f} ms",
+              flush=True)
+    base = next((r for r in results if r.label == "no-llm"), None)
+    report = {"work_share": args.work, "work_ms": calibrated * 1000, "game_threads": args.game_threads,
+              "npcs": args.npcs, "long_tokens": args.long_tokens, "long_every_s": args.long_every_s,
+              "seconds": args.seconds, "cpu_count": os.cpu_count(),
+              "runs": {r.label: r.summary() for r in results}}
+    if base is not None:
+        for r in results:
+            report["runs"][r.label]["p99_vs_no_llm"] = percentile(r.frame_ms, 99) / percentile(base.frame_ms, 99)
+            print(f"{r.label:>8}: p99 frame = {report['runs'][r.label]['p99_vs_no_llm']:.2f}x the no-LLM p99")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    plot(results, args.plot, args.work)
+    print(f"wrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
