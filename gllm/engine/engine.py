@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from gllm.engine.errors import EngineBusy, RequestTooLong
+from gllm.engine.governor import FrameGovernor
 from gllm.engine.loading import LoadedModel, load
 from gllm.engine.model_runner import ModelRunner
 from gllm.engine.device_dtype import auto_dtype
@@ -39,6 +40,8 @@ from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from gllm.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("gllm.engine")
+# The longest sleep between two steps (a slow step at the governor's floor): cancels and closes stay prompt.
+MAX_GOVERNOR_PAUSE_S = 0.5
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -193,6 +196,9 @@ class LLMEngine:
         self._step_listeners: list[Callable[[StepInfo], None]] = []
         self.num_steps = 0
         self.num_steps_ahead = 0     # of those, steps queued before the previous step's tokens were on the host
+        self.governor = FrameGovernor()          # yields to the game when its reported frames run over
+        self.compute_s = 0.0                     # wall time in steps (engine thread)
+        self.paused_s = 0.0                      # wall time the governor paused between steps
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
 
@@ -294,6 +300,13 @@ class LLMEngine:
         """End a request with finish_reason "cancelled" and free its blocks (no-op if already done)."""
         self._inbox.put(("cancel", request_id))
 
+    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python") -> None:
+        """The game's last frame took `ms` against `target_ms` (None: 60 fps). While frames run over their
+        target the engine computes a smaller share of the time (see `gllm.engine.governor`); any thread."""
+        if not (isinstance(ms, (int, float)) and ms >= 0 and (target_ms is None or target_ms > 0)):
+            raise ValueError(f"report_frame needs ms >= 0 and target_ms > 0, got {ms!r}, {target_ms!r}")
+        self.governor.report(source, min(float(ms), 1e6), target_ms, time.monotonic())
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the engine's counters (read without locking: for monitoring)."""
         prefix = self.block_manager.stats
@@ -305,6 +318,9 @@ class LLMEngine:
             "prefix_cache_hits": prefix.hits,
             "prefix_cache_misses": prefix.misses,
             "steps": self.num_steps,
+            "governor_duty_pct": round(self.governor.duty * 100),
+            "governor_paused_ms": int(self.paused_s * 1000),
+            "compute_ms": int(self.compute_s * 1000),
         }
 
     def tokenize_request(self, req: GenerationRequest) -> list[int]:
@@ -391,7 +407,9 @@ class LLMEngine:
             if not self._drain_inbox(block):
                 break
             if self.scheduler.has_work or self._inflight is not None:
+                started = time.perf_counter()
                 self._step()
+                self._yield_to_the_game(time.perf_counter() - started)
             else:
                 self._flush_deferred()
         if self._inflight is not None:
@@ -400,6 +418,15 @@ class LLMEngine:
         self._flush_deferred()
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
+
+    def _yield_to_the_game(self, step_s: float) -> None:
+        """Sleep after a step as the frame governor asks (its duty cycle < 1 while the game's frames run over)."""
+        self.compute_s += step_s
+        pause = self.governor.pause_after(step_s) if self.governor.update(time.monotonic()) < 1.0 else 0.0
+        if pause > 0:
+            pause = min(pause, MAX_GOVERNOR_PAUSE_S)
+            time.sleep(pause)
+            self.paused_s += pause
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds and cancels; False once close was asked."""

@@ -1,0 +1,137 @@
+"""The frame governor's controller, driven by synthetic frame-time traces in simulated time (deterministic)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gllm.engine.governor import FrameGovernor, GovernorConfig
+
+FPS = 60
+TARGET = 1000 / FPS
+
+
+def simulate(gov: FrameGovernor, seconds: float, frame_ms, start: float = 0.0, source: str = "game",
+             report: bool = True) -> list[float]:
+    """Run `seconds` of 60 fps frames whose time is `frame_ms(t, duty)` (the engine's duty slows the game);
+    returns the duty after every frame."""
+    duties = []
+    for i in range(int(seconds * FPS)):
+        t = start + i / FPS
+        if report:
+            gov.report(source, frame_ms(t, gov.duty), TARGET, t)
+        duties.append(gov.update(t))
+    return duties
+
+
+def contention(base_ms: float, engine_ms: float):
+    """A game whose frame takes base_ms plus engine_ms at full engine duty (CPU or GPU shared with the engine)."""
+    return lambda t, duty: base_ms + engine_ms * duty
+
+
+def flips(duties: list[float]) -> int:
+    steps = [b - a for a, b in zip(duties, duties[1:]) if b != a]
+    return sum(1 for a, b in zip(steps, steps[1:]) if (a > 0) != (b > 0))
+
+
+def test_an_overload_lowers_the_duty_and_it_settles_without_oscillating():
+    gov = FrameGovernor()
+    duties = simulate(gov, 10, contention(10, 15))            # 25 ms frames at full duty
+    settled = duties[len(duties) // 2:]
+    assert duties[0] == 1.0 and settled[-1] < 0.5
+    assert len(set(settled)) == 1                             # held: no sawtooth
+    assert 10 + 15 * settled[-1] <= TARGET                    # the frames are back inside the target
+    assert flips(duties) == 0
+
+
+def test_the_duty_comes_back_when_the_game_has_headroom_again():
+    gov = FrameGovernor()
+    simulate(gov, 5, contention(10, 15))
+    low = gov.duty
+    duties = simulate(gov, 10, contention(2, 5), start=5)     # a light scene
+    assert low < 0.5 and duties[-1] == 1.0
+    assert all(b >= a for a, b in zip(duties, duties[1:]))   # climbs steadily, never dips
+
+
+def test_a_slow_ramp_is_followed_down():
+    gov = FrameGovernor()
+    duties = simulate(gov, 20, lambda t, duty: 6 + 0.6 * t + 8 * duty)   # the scene grows heavier
+    assert duties[-1] < duties[len(duties) // 2] < 1.0
+    assert 6 + 0.6 * 20 + 8 * duties[-1] <= TARGET * 1.15
+
+
+def test_noise_around_the_target_does_not_make_it_oscillate():
+    rng = random.Random(7)
+    gov = FrameGovernor()
+    duties = simulate(gov, 30, lambda t, duty: 9 + 12 * duty + rng.gauss(0, 0.8))
+    tail = duties[len(duties) // 3:]
+    assert max(tail) - min(tail) <= 0.35
+    assert flips(tail) <= 4
+
+
+def test_reports_that_stop_let_the_engine_return_to_full_speed():
+    gov = FrameGovernor()
+    simulate(gov, 5, contention(10, 15))
+    assert gov.duty < 0.5
+    duties = simulate(gov, 30, contention(10, 15), start=5, report=False)   # the game stopped reporting
+    assert duties[-1] == 1.0
+    assert gov.pressure is None
+
+
+def test_the_worst_source_governs_and_the_floor_holds():
+    gov = FrameGovernor(GovernorConfig(floor=0.2))
+    for i in range(int(10 * FPS)):
+        t = i / FPS
+        gov.report("calm", 8.0, TARGET, t)
+        gov.report("struggling", 60.0, TARGET, t)     # over target whatever the engine does
+        gov.update(t)
+    assert gov.duty == pytest.approx(0.2)
+    gov.forget("struggling")
+    simulate(gov, 10, lambda t, duty: 8.0, start=10, source="calm")
+    assert gov.duty == 1.0
+
+
+def test_pause_after_a_step_gives_the_duty_cycle():
+    gov = FrameGovernor()
+    assert gov.pause_after(0.02) == 0.0
+    gov.duty = 0.25
+    assert gov.pause_after(0.02) == pytest.approx(0.06)     # 20 ms of compute in 80 ms of wall time
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError):
+        GovernorConfig(floor=0)
+
+
+def test_overlong_frames_make_the_engine_yield_and_it_recovers(llama32_dir):
+    """End to end in one process: a game reporting overlong frames through `engine.report_frame` makes the
+    engine pause between steps (its measured duty cycle falls); when the reports stop it runs flat out again."""
+    import time
+
+    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+    params = GeneratorParams(max_seq_len=16384, kv_cache_tokens=16384, max_batch_size=2, cpu_threads=1,
+                             dtype="float32")
+    with LLMEngine(llama32_dir, params, device="cpu") as eng:
+        handle = eng.submit(GenerationRequest(prompt="Once upon a time", max_new_tokens=16000, ignore_eos=True))
+        while not handle.poll():          # decoding
+            time.sleep(0.01)
+        before = eng.stats()
+        assert before["governor_duty_pct"] == 100 and before["governor_paused_ms"] == 0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:     # 60 fps of 40 ms frames against a 16.7 ms target
+            eng.report_frame(40.0, TARGET)
+            time.sleep(1 / FPS)
+        during = eng.stats()
+        compute = during["compute_ms"] - before["compute_ms"]
+        paused = during["governor_paused_ms"] - before["governor_paused_ms"]
+        assert during["governor_duty_pct"] < 60
+        assert paused > 0 and compute / (compute + paused) < 0.9, (compute, paused)
+        deadline = time.monotonic() + 60  # hang guard: stale after 2 s, then +5 % every 0.25 s
+        while eng.stats()["governor_duty_pct"] < 100:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        eng.cancel(handle.request_id)
+        assert handle.result(timeout=30).finish_reason == "cancelled"
+        with pytest.raises(ValueError, match="report_frame"):
+            eng.report_frame(-1.0)
