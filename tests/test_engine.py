@@ -391,3 +391,48 @@ def test_overlapped_steps_queue_ahead_and_change_nothing(llama32_dir, overlap_mo
                 [(x.token_id, [t for t, _ in x.top]) for x in b.logprobs]
             flat = lambda r: [v for x in r.logprobs for v in [x.logprob] + [p for _, p in x.top]]  # noqa: E731
             assert flat(a) == pytest.approx(flat(b), rel=2e-5, abs=2e-5)
+
+
+def test_step_budget_in_the_engine_fits_predicted_steps_and_keeps_decodes_going(llama32_dir):
+    """With step_budget_ms, once the cost model has learned this machine's steps, every step's predicted time
+    fits the budget (or makes only the minimum prefill progress), running decodes get a token every step,
+    and a 2,000-token prompt still completes."""
+    from gllm.scheduler.scheduler import MIN_PREFILL_CHUNK
+    eng = engine(llama32_dir, max_seq_len=4096, kv_cache_tokens=16384, step_budget_ms=3.0)
+    try:
+        # Warm-up: steps of many shapes, so the model is fitted.
+        eng.generate([greedy(p * (1 + i % 4), n=8 + i) for i, p in enumerate(PROMPTS * 2)])
+        eng.generate([greedy(PROMPTS[0] * 6, n=40)])
+        assert eng.cost_model.ready and eng.stats()["step_cost_fixed_us"] >= 0
+        recorded = []
+        schedule = eng.scheduler.schedule_step
+
+        def recording_schedule():            # runs on the engine thread: the model as it was at this step
+            out = schedule()
+            recorded.append((out, {s.seq.seq_id: s.num_tokens for s in out.scheduled},
+                             eng.cost_model.predict(out.shape)))
+            return out
+
+        eng.scheduler.schedule_step = recording_schedule
+        decoders = [eng.submit(greedy(p, n=300)) for p in PROMPTS[:3]]
+        while not all(h.poll() or h.done for h in decoders):
+            time.sleep(0.005)
+        decoder_ids = {eng._states[h.request_id].seq.seq_id for h in decoders}
+        long_prompt = " ".join(f"word{i}" for i in range(1000))      # ~2,000 tokens
+        long = eng.submit(greedy(long_prompt, n=2))
+        assert long.result(timeout=300).finish_reason == "length"
+        budget = 3.0 / 1000
+        for out, _, predicted in recorded:
+            prefill = out.shape.prefill_tokens
+            assert predicted <= budget + 1e-9 or prefill <= MIN_PREFILL_CHUNK or not out.shape.decode_rows \
+                and prefill <= MIN_PREFILL_CHUNK, (out.shape, predicted)
+        long_steps = [tokens for _, tokens, _ in recorded if any(n > 1 and i not in decoder_ids
+                                                                for i, n in tokens.items())]
+        assert long_steps
+        for tokens in long_steps:           # the long prompt's prefill never cost a decode its token
+            assert all(tokens.get(i) == 1 for i in decoder_ids), tokens
+        for h in decoders:
+            eng.cancel(h.request_id)
+            h.result(timeout=30)
+    finally:
+        eng.close()

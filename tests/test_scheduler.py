@@ -194,3 +194,59 @@ def test_schedule_ahead_refuses_when_blocks_are_short_or_a_prefill_runs():
     s2.on_step_done(s2.schedule_step())
     assert s2.schedule_ahead([c], [c]) is None   # its next token needs a block there is not
     assert len(c.block_table.block_ids) == 1
+
+
+# ------------------------------------------------------------------------------------------ step-time budget
+def fitted(fixed_s=0.002, per_prefill=20e-6, per_decode=300e-6, per_kv=2e-9):
+    """A cost model fitted to steps of a known cost (plus a few outliers it must shrug off)."""
+    from gllm.scheduler.step_cost import StepCostModel, StepShape
+    model = StepCostModel()
+    shapes = [StepShape(p, d, k) for p in (0, 16, 64, 256, 512) for d in (0, 2, 4, 8) for k in (0, 4000, 60000)]
+    for i, sh in enumerate(shapes):
+        t = fixed_s + per_prefill * sh.prefill_tokens + per_decode * sh.decode_rows + per_kv * sh.kv_tokens
+        model.observe(sh, t * (25 if i % 17 == 0 else 1))   # every 17th step slowed by something else
+    model.fit()
+    return model
+
+
+def test_the_cost_model_recovers_step_costs_despite_outliers():
+    from gllm.scheduler.step_cost import StepShape
+    model = fitted()
+    c = model.as_dict()
+    assert c["fixed"] == pytest.approx(0.002, rel=0.02) and c["per_prefill_token"] == pytest.approx(20e-6, rel=0.02)
+    assert c["per_decode_row"] == pytest.approx(300e-6, rel=0.02) and c["per_kv_token"] == pytest.approx(2e-9, rel=0.05)
+    assert model.predict(StepShape(100, 3, 1000)) == pytest.approx(0.002 + 0.002 + 0.0009 + 2e-6, rel=0.02)
+    assert model.largest_within(0.005, 1000, lambda n: StepShape(n, 0, 0)) in (149, 150)   # (5 - 2) ms / 20 us
+
+
+def test_a_step_budget_splits_a_long_prompt_and_decodes_still_get_a_token_every_step():
+    from gllm.scheduler.step_cost import StepShape
+    budget_s = 0.006
+    model = fitted()
+    s = Scheduler(SchedulerConfig(4, 512, step_budget_s=budget_s), BlockManager(1024, 16, True), model)
+    decoders = [seq(i, 5) for i in (1, 2, 3)]
+    for q in decoders:
+        s.add(q)
+    run_step(s)                                            # all three prefilled: now decoding
+    long = seq(9, 2000)
+    s.add(long)
+    steps = 0
+    while long.num_computed_tokens < 2000:
+        out = run_step(s)
+        steps += 1
+        tokens = {x.seq.seq_id: x.num_tokens for x in out.scheduled}
+        assert all(tokens[q.seq_id] == 1 for q in decoders)  # every running decode, every step
+        assert model.predict(out.shape) <= budget_s + 1e-9, out.shape
+        assert steps < 200
+    assert steps > 2000 // 512 + 1                         # more, smaller chunks than the token budget alone
+
+
+def test_decodes_that_fill_the_budget_still_leave_a_minimum_prefill():
+    from gllm.scheduler.scheduler import MIN_PREFILL_CHUNK
+    s = Scheduler(SchedulerConfig(4, 512, step_budget_s=0.001), BlockManager(1024, 16, True), fitted())
+    s.add(seq(1, 3))
+    run_step(s)
+    long = seq(2, 200)
+    s.add(long)
+    out = run_step(s)                                      # 2 ms fixed alone is over the 1 ms budget
+    assert {x.seq.seq_id: x.num_tokens for x in out.scheduled} == {1: 1, 2: MIN_PREFILL_CHUNK}

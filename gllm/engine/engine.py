@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import ModelConfig, parse_dtype
 from gllm.sampling import PendingSample, SampleRow, Sampler, SamplingParams, StopChecker, StopResult, TokenLogprobs
 from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from gllm.scheduler.step_cost import StepCostModel
 from gllm.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("gllm.engine")
@@ -167,7 +169,11 @@ class LLMEngine:
         # The fast path keeps one extra block as the scratch target of padded graph rows.
         self.kv_cache = KVCache(cfg, num_blocks + int(use_graphs), gen.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens), self.block_manager)
+        self.cost_model = StepCostModel()       # learns this device's step times (feeds step_budget_ms)
+        self.step_seconds: deque[float] = deque(maxlen=512)
+        budget_s = None if gen.step_budget_ms is None else gen.step_budget_ms / 1000
+        self.scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens, budget_s),
+                                   self.block_manager, self.cost_model)
         graph_decoder = prefill_graphs = None
         if use_graphs:
             from gllm.engine.cuda_graphs import CudaGraphDecoder
@@ -318,10 +324,26 @@ class LLMEngine:
             "prefix_cache_hits": prefix.hits,
             "prefix_cache_misses": prefix.misses,
             "steps": self.num_steps,
+            **self._step_time_stats(),
             "governor_duty_pct": round(self.governor.duty * 100),
             "governor_paused_ms": int(self.paused_s * 1000),
             "compute_ms": int(self.compute_s * 1000),
         }
+
+    def _step_time_stats(self) -> dict[str, int]:
+        """Recent step times and the fitted step cost model, in integer microseconds (nanoseconds for the
+        per-token terms): the bridge's stats carry integers only."""
+        times = sorted(self.step_seconds)
+        out = {"step_p50_us": int(times[len(times) // 2] * 1e6) if times else 0,
+               "step_p99_us": int(times[min(len(times) - 1, int(0.99 * len(times)))] * 1e6) if times else 0,
+               "step_budget_us": int((self.gen_params.step_budget_ms or 0) * 1000)}
+        coef = self.cost_model.as_dict()
+        if coef:
+            out.update(step_cost_fixed_us=int(coef["fixed"] * 1e6),
+                       step_cost_prefill_token_ns=int(coef["per_prefill_token"] * 1e9),
+                       step_cost_decode_row_ns=int(coef["per_decode_row"] * 1e9),
+                       step_cost_kv_token_ns=int(coef["per_kv_token"] * 1e9))
+        return out
 
     def tokenize_request(self, req: GenerationRequest) -> list[int]:
         given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
@@ -550,6 +572,9 @@ class LLMEngine:
                         num_decodes=sum(1 for s in out.scheduled if s.num_tokens == 1 and s.samples),
                         num_preempted=len(out.preempted), running=len(self.scheduler.running),
                         waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks)
+        self.step_seconds.append(info.seconds)
+        if out.shape is not None and sampled is not None:
+            self.cost_model.observe(out.shape, info.seconds)
         self._deferred = (info, deferred)
 
     def _flush_deferred(self) -> None:

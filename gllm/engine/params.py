@@ -15,12 +15,15 @@ class GeneratorParams:
     max_batch_size: int = 8            # sequences decoding at once
     max_seq_len: int = 2048            # prompt + output tokens of one request
     max_step_tokens: int = 512         # tokens computed per engine step (prefill is chunked to fit)
+    # A time budget per step: prefill chunks are sized so the step's predicted time (a cost model fitted to
+    # this device's measured steps) fits; decodes always get their token. None: the token budget alone.
+    step_budget_ms: float | None = None
     kv_cache_tokens: int | None = None  # KV capacity in tokens; default max_batch_size * max_seq_len
                                        # (on the CPU at most DEFAULT_CPU_KV_MB, at least max_seq_len)
     kv_cache_mb: float | None = None   # or a memory budget for the KV cache, in MiB
     gpu_memory_mb: float | None = None  # or a budget for everything on the GPU (weights + activations + KV)
     enable_prefix_caching: bool = True
-    dtype: str = "auto"                # "auto" (bfloat16 on GPU and on CPUs with native bf16, else float32), or a name
+    dtype: str = "auto"                # "auto" (see gllm/engine/device_dtype.py), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
@@ -45,5 +48,8 @@ class GeneratorParams:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb!r}")
         if not isinstance(self.prefill_graph_tokens, int) or self.prefill_graph_tokens < 0:
             raise ValueError(f"prefill_graph_tokens must be an integer >= 0, got {self.prefill_graph_tokens!r}")
+        if self.step_budget_ms is not None and not (isinstance(self.step_budget_ms, (int, float))
+                                                    and self.step_budget_ms > 0):
+            raise ValueError(f"step_budget_ms must be > 0 (or None), got {self.step_budget_ms!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")

@@ -14,14 +14,22 @@ from itertools import count
 
 from gllm.kv import BlockManager
 from gllm.scheduler.sequence import Sequence, SequenceStatus
+from gllm.scheduler.step_cost import StepCostModel, StepShape
+
+# With a step-time budget, the least prefill a step still makes when its decodes fill the budget: long
+# prompts keep moving.
+MIN_PREFILL_CHUNK = 16
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int = 8        # sequences running at once
     max_step_tokens: int = 512     # tokens computed per step, prefill chunks included
+    step_budget_s: float | None = None  # predicted seconds a step may take (prefill chunks sized to fit)
 
     def __post_init__(self) -> None:
+        if self.step_budget_s is not None and not self.step_budget_s > 0:
+            raise ValueError(f"step_budget_s must be > 0, got {self.step_budget_s}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_step_tokens < self.max_batch_size:
@@ -44,6 +52,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_tokens: int = 0           # sum of scheduled num_tokens, kept as they are added and removed
+    shape: StepShape | None = None  # what the step computes, for the step cost model (set once scheduled)
 
     def add(self, item: ScheduledSeq) -> None:
         self.scheduled.append(item)
@@ -59,9 +68,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 cost_model: StepCostModel | None = None) -> None:
         self.config = config
         self.blocks = block_manager
+        self.cost = cost_model                # used once fitted, with config.step_budget_s
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._arrivals = count()
@@ -97,9 +108,9 @@ class Scheduler:
         self._pinned.clear()
         # Decodes first, then prefills in progress; most important first within each.
         queue = sorted(self.running, key=lambda s: (s.is_prefilling, s.rank()))
-        while queue and self._budget_left(out) > 0:
+        while queue and self._budget_left(out, queue[0]) > 0:
             seq = queue.pop(0)
-            n = min(seq.num_uncomputed, self._budget_left(out))
+            n = min(seq.num_uncomputed, self._budget_left(out, seq))
             while not self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
                 victim = self._pick_victim(seq, queue, out)
                 self._preempt(victim, queue, out)
@@ -108,6 +119,7 @@ class Scheduler:
             else:
                 self._schedule(seq, n, out)
         self._admit(out)
+        out.shape = self.shape(out)
         return out
 
     def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
@@ -120,18 +132,45 @@ class Scheduler:
         for block_id in table.block_ids[already:table.num_hashed]:
             self._published[block_id] = seq
 
-    def _budget_left(self, out: SchedulerOutput) -> int:
-        return self.config.max_step_tokens - out.num_tokens
+    def _budget_left(self, out: SchedulerOutput, seq: Sequence) -> int:
+        """Tokens `seq` may compute this step: what the token budget has left, and for a prefill also what
+        the time budget has left (decodes always get their token)."""
+        left = self.config.max_step_tokens - out.num_tokens
+        budget_s = self.config.step_budget_s
+        if left <= 0 or not seq.is_prefilling or budget_s is None or self.cost is None or not self.cost.ready:
+            return left
+        base, start = self.shape(out), seq.num_computed_tokens
+
+        def shape_with(n: int) -> StepShape:
+            return StepShape(base.prefill_tokens + n, base.decode_rows, base.kv_tokens + n * (start + n))
+
+        fits = self.cost.largest_within(budget_s, min(left, seq.num_uncomputed), shape_with)
+        return fits if fits > 0 or base.prefill_tokens else min(left, MIN_PREFILL_CHUNK)
+
+    @staticmethod
+    def shape(out: SchedulerOutput) -> StepShape:
+        prefill = decode = kv = 0
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.is_prefilling:
+                prefill += item.num_tokens
+            else:
+                decode += 1
+            kv += item.num_tokens * (seq.num_computed_tokens + item.num_tokens)
+        return StepShape(prefill, decode, kv)
 
     def _admit(self, out: SchedulerOutput) -> None:
-        while self.waiting and self._budget_left(out) > 0:
+        while self.waiting:
             self.waiting.sort(key=Sequence.rank)
             seq = self.waiting[0]
+            budget = self._budget_left(out, seq)   # (its cached prefix, found below, is not counted in)
+            if budget <= 0:
+                break
             if len(self.running) >= self.config.max_batch_size:
                 if not self._preempt_lower(seq, out):
                     break
                 continue
-            admitted = self.blocks.allocate_prompt(seq.block_table, seq.token_ids, self._budget_left(out))
+            admitted = self.blocks.allocate_prompt(seq.block_table, seq.token_ids, budget)
             if admitted is None:
                 if not self._preempt_lower(seq, out):
                     break
@@ -199,6 +238,7 @@ class Scheduler:
             item = ScheduledSeq(seq, 1)
             item.samples = True  # its input token is the one being sampled now
             out.add(item)
+        out.shape = self.shape(out)
         return out
 
     def commit_ahead(self, out: SchedulerOutput) -> None:
