@@ -37,10 +37,12 @@ system-deps:
 	  else echo "note: chromium/chromedriver missing: the dashboard browser test will be skipped"; fi; \
 	fi
 
-# Mono (mcs + mono) for the Unity client's tests (Debian packages; installed when we are root, as on CI;
-# elsewhere those tests skip and say why).
+# Mono (mcs + mono) for the Unity client's tests, and a headless Godot 4 for the Godot client's tests (Debian
+# packages; Godot from a cached Debian sid root; installed when we are root, as on CI; elsewhere those tests skip
+# and say why).
 client-deps:
 	@bash tools/setup_mono.sh
+	@bash tools/setup_godot.sh
 
 test: fixtures system-deps client-deps
 	$(PY) -m pytest -q tests
