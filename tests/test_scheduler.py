@@ -250,3 +250,23 @@ def test_decodes_that_fill_the_budget_still_leave_a_minimum_prefill():
     s.add(long)
     out = run_step(s)                                      # 2 ms fixed alone is over the 1 ms budget
     assert {x.seq.seq_id: x.num_tokens for x in out.scheduled} == {1: 1, 2: MIN_PREFILL_CHUNK}
+
+
+def test_a_high_priority_arrival_into_a_full_batch_gets_its_first_token_within_two_steps():
+    s = make(batch=4, step_tokens=64, num_blocks=256)
+    low = [seq(i, 20, priority=0) for i in range(1, 5)]
+    for q in low:
+        s.add(q)
+    for _ in range(3):
+        run_step(s)                                 # the batch is full of decoding low-priority NPCs
+    assert len(s.running) == 4 and all(not q.is_prefilling for q in low)
+    facing = seq(9, 40, priority=10)                # the NPC the player talks to
+    s.add(facing)
+    first_token_step = None
+    for step in range(1, 3):
+        out = run_step(s)
+        if any(x.seq is facing and x.samples for x in out.scheduled):
+            first_token_step = step
+            break
+    assert first_token_step is not None and first_token_step <= 2
+    assert facing in s.running and sum(q.num_preemptions for q in low) == 1   # one low NPC made room
