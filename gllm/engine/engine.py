@@ -34,6 +34,7 @@ from gllm.engine.device_dtype import auto_dtype
 from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
 from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings, Usage
 from gllm.engine.sinks import AsyncSink, RequestHandle
+from gllm.engine.thread_priority import lower_this_thread
 from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import ModelConfig, parse_dtype
 from gllm.sampling import PendingSample, SampleRow, Sampler, SamplingParams, StopChecker, StopResult, TokenLogprobs
@@ -203,6 +204,7 @@ class LLMEngine:
         self.num_steps = 0
         self.num_steps_ahead = 0     # of those, steps queued before the previous step's tokens were on the host
         self.governor = FrameGovernor()          # yields to the game when its reported frames run over
+        self.thread_priority = "unchanged"       # set by the engine thread as it starts
         self.compute_s = 0.0                     # wall time in steps (engine thread)
         self.paused_s = 0.0                      # wall time the governor paused between steps
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
@@ -342,7 +344,7 @@ class LLMEngine:
             out.update(step_cost_fixed_us=int(coef["fixed"] * 1e6),
                        step_cost_prefill_token_ns=int(coef["per_prefill_token"] * 1e9),
                        step_cost_decode_row_ns=int(coef["per_decode_row"] * 1e9),
-                       step_cost_kv_token_ns=int(coef["per_kv_token"] * 1e9))
+                       step_cost_kv_ktoken_ns=int(coef["per_kv_token"] * 1e12))
         return out
 
     def tokenize_request(self, req: GenerationRequest) -> list[int]:
@@ -423,6 +425,8 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        # Before any tensor work on this thread: the compute threads it starts inherit the priority.
+        self.thread_priority = lower_this_thread(self.gen_params.compute_nice)
         torch.set_num_threads(self.cpu_threads)  # per thread under OpenMP: set it where the maths runs
         while True:
             block = not self.scheduler.has_work and self._deferred is None and self._inflight is None

@@ -25,6 +25,9 @@ class GeneratorParams:
     enable_prefix_caching: bool = True
     dtype: str = "auto"                # "auto" (see gllm/engine/device_dtype.py), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
+    # Raise the engine's compute threads' nice value by this (Linux; below-normal priority on Windows), so the
+    # game's threads win when cores are short. 0: the caller's priority. `gllm serve` uses 10.
+    compute_nice: int = 0
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
     prefill_graph_tokens: int = 2048   # and prefill-only steps up to this many tokens (0: prefill stays eager)
@@ -51,5 +54,7 @@ class GeneratorParams:
         if self.step_budget_ms is not None and not (isinstance(self.step_budget_ms, (int, float))
                                                     and self.step_budget_ms > 0):
             raise ValueError(f"step_budget_ms must be > 0 (or None), got {self.step_budget_ms!r}")
+        if not isinstance(self.compute_nice, int) or not 0 <= self.compute_nice <= 19:
+            raise ValueError(f"compute_nice must be an integer in [0, 19], got {self.compute_nice!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")
