@@ -25,8 +25,11 @@ from gllm.bridge.testing import ServerProcess
 
 N_MESSAGES = 10_500
 MAX_BYTES = 65536
-SERVER_ARGS = ["--max-seq-len", "2048", "--max-batch-size", "4", "--cpu-threads", "1", "--max-inflight", "64",
-               "--max-message-bytes", str(MAX_BYTES)]
+# The long request every duplicate id collides with asks for NEVER_ENDING tokens: no machine finishes it
+# during the fuzz, so it is still in flight (and must be undisturbed) whatever the machine's speed.
+NEVER_ENDING = 60_000
+SERVER_ARGS = ["--max-seq-len", "65536", "--kv-cache-tokens", str(2 * 65536), "--max-batch-size", "4",
+               "--cpu-threads", "1", "--max-inflight", "64", "--max-message-bytes", str(MAX_BYTES)]
 
 KINDS = {
     "generate": {"id": "id", "prompt": "str", "messages": "messages", "max_tokens": "int", "temperature": "float",
@@ -247,7 +250,7 @@ def test_fuzz_10k_messages_with_a_concurrent_stream(server):
     assert sock.poll(10000)
     assert msgpack.unpackb(sock.recv())["op"] == "welcome"
     # a long request under the id that every duplicate reuses (it cannot end during the fuzz)
-    sock.send(P.encode(P.generate("dup", prompt="Dup", max_tokens=2000, ignore_eos=True, priority=-5)))
+    sock.send(P.encode(P.generate("dup", prompt="Dup", max_tokens=NEVER_ENDING, ignore_eos=True, priority=-5)))
 
     stream_results: list = []
     stream_error: list = []
@@ -360,3 +363,117 @@ def test_any_map_gives_a_message_or_a_protocol_error(op, fields):
                        min_p=m.min_p, seed=m.seed, logprobs=m.logprobs, stop=tuple(m.stop),
                        repetition_penalty=m.repetition_penalty, presence_penalty=m.presence_penalty,
                        frequency_penalty=m.frequency_penalty)
+
+
+# ------------------------------------------------------------------------------------------ READY properties
+N_HANDSHAKES = 2_400
+SOCKET_TYPES = ["DEALER", "REQ", "ROUTER", "PUB", "SUB", "PAIR", "PUSH", "STREAM", "", "dealer", "DEALER\x00",
+                "X" * 255]
+
+
+class HandshakeFuzzer:
+    """Hostile READY commands: claimed identities (zero-prefixed, the ids libzmq generates, long, empty),
+    socket types of every kind, unknown and malformed properties. A compatible one (DEALER, well formed)
+    says hello and must get its welcome unless its identity is already held."""
+
+    def __init__(self, seed: int) -> None:
+        self.rnd = random.Random(seed)
+        self.counts: dict[str, int] = {}
+
+    def identity(self) -> tuple[str, bytes]:
+        r = self.rnd
+        kind = r.choice(["empty", "zero5", "predicted", "random", "long", "zero1", "unicode"])
+        value = {"empty": b"", "zero5": b"\x00" + r.randbytes(4), "zero1": b"\x00",
+                 "predicted": b"\x00" + (0x6B8B4567 + r.randrange(64)).to_bytes(4, "big"),
+                 "random": r.randbytes(r.randrange(1, 32)), "long": r.randbytes(255),
+                 "unicode": "npc-ü".encode()}[kind]
+        return kind, value
+
+    def make(self) -> tuple[bytes, bool, bytes]:
+        """(bytes to send, whether the server must welcome it, the claimed identity)."""
+        from gllm.bridge import zmtp
+        r = self.rnd
+        shape = r.choice(["ok", "ok", "extra_props", "socket_type", "no_socket_type", "malformed", "dup_props"])
+        self.counts[shape] = self.counts.get(shape, 0) + 1
+        _, ident = self.identity()
+        props = [("Socket-Type", b"DEALER"), ("Identity", ident)]
+        ok = True
+        if shape == "extra_props":
+            props += [(r.choice(["X-Npc", "User-Id", "Resource", "a" * 255, "Identity2"]), r.randbytes(r.randrange(40)))
+                      for _ in range(r.randrange(1, 4))]
+            r.shuffle(props)
+        elif shape == "socket_type":
+            props[0] = ("Socket-Type", r.choice(SOCKET_TYPES[1:]).encode())
+            ok = False
+        elif shape == "no_socket_type":
+            props = props[1:]
+            ok = False
+        elif shape == "dup_props":
+            props.append(("Identity", r.randbytes(5)))
+            ok = False                               # which claim wins is libzmq's business
+        body = zmtp.encode_properties(props)
+        if shape == "malformed":
+            cut = r.randrange(len(body) + 1)
+            body = body[:cut] + r.randbytes(r.randrange(6))
+            ok = False
+        return zmtp.GREETING_NULL + zmtp.encode_command("READY", body), ok, ident
+
+
+def _hello_welcome(sock, deadline: float) -> bool:
+    """On a raw connection whose handshake was sent: wait for the server's READY (a client never sends a
+    message before it), say hello, and return True once the welcome arrives."""
+    from gllm.bridge import zmtp
+    reader, greeting = zmtp.FrameReader(), b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        if len(greeting) < 64:
+            take = 64 - len(greeting)
+            greeting, chunk = greeting + chunk[:take], chunk[take:]
+        reader.feed(chunk)
+        while (frame := reader.next()) is not None:
+            flags, body = frame
+            if flags & zmtp.FLAG_COMMAND and zmtp.parse_command(body)[0] == "READY":
+                sock.sendall(zmtp.encode_frame(P.encode(P.hello("ready-fuzz"))))
+            elif not flags & zmtp.FLAG_COMMAND:
+                reply = msgpack.unpackb(body)
+                assert reply["op"] == "welcome", reply
+                return True
+    return False
+
+
+def test_fuzz_ready_properties_keep_the_server_serving(server):
+    import socket as socketlib
+    fuzzer = HandshakeFuzzer(seed=20261129)
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    welcomed = refused = 0
+    held: set[bytes] = set()    # a claimed id stays taken until libzmq has seen its connection close
+    for start in range(0, N_HANDSHAKES, 40):
+        batch = []
+        for _ in range(40):
+            data, ok, ident = fuzzer.make()
+            s = socketlib.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(data)
+            must = ok and (ident == b"" or ident not in held)
+            held.add(ident)
+            batch.append((s, must, ident))
+        deadline = time.monotonic() + 60
+        for s, must, ident in batch:
+            if must:
+                assert _hello_welcome(s, deadline), f"a well-formed DEALER claiming {ident!r} got no welcome"
+                welcomed += 1
+            else:
+                refused += 1
+        for s, _, _ in batch:
+            s.close()
+        assert server.alive(), server.stderr()
+    text, reason, _ = stream_once(server.endpoint)          # and an ordinary client is still served
+    assert reason == "length" and text
+    assert server.alive()
+    assert welcomed > 450 and all(n > 200 for n in fuzzer.counts.values()), (welcomed, fuzzer.counts)
+    print(f"\n{N_HANDSHAKES} READY variants: {welcomed} welcomed, {refused} refused or unchecked; {fuzzer.counts}")

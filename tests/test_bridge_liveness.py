@@ -207,11 +207,11 @@ def test_sigkilled_client_is_cleaned_up_and_others_never_notice(server, ctx):
         watcher.connect()
         baseline, base_text = stream(watcher, watcher.generate("The watcher said", max_tokens=150, temperature=0,
                                                                ignore_eos=True))
-        monitor = Raw(ep, ctx)
         victim = subprocess.Popen([sys.executable, "-c", VICTIM, ep, TOKEN, str(NEVER_ENDING)], stdout=subprocess.PIPE,
                                   text=True)
         try:
             assert victim.stdout.readline().strip() == "streaming"
+            monitor = Raw(ep, ctx)                # from here on it talks at every token: its lease never lapses
             assert monitor.stats()["clients"] >= 3
             killed: dict[str, float] = {}
 
@@ -219,10 +219,9 @@ def test_sigkilled_client_is_cleaned_up_and_others_never_notice(server, ctx):
                 if n == 20:
                     victim.send_signal(signal.SIGKILL)
                     killed["t"] = time.monotonic()
-                elif n > 20 and "clean" not in killed:
-                    s = monitor.stats()
-                    if s["running"] + s["waiting"] == 1:      # only the watcher's own request is left
-                        killed["clean"] = time.monotonic()
+                s = monitor.stats()
+                if n > 20 and "clean" not in killed and s["running"] + s["waiting"] == 1:
+                    killed["clean"] = time.monotonic()    # only the watcher's own request is left
 
             rid = watcher.generate("The watcher said", max_tokens=150, temperature=0, ignore_eos=True)
             done, text = stream(watcher, rid, on_token=kill_and_watch)

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU")
     eng.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
     eng.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    eng.add_argument("--prompt-as-text", action="store_true",
+                     help="encode special-token strings in a raw prompt as text too (chat messages always are)")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -95,6 +97,8 @@ def engine_params(args: argparse.Namespace):
     fields = {k: v for k, v in fields.items() if v is not None}
     if args.no_prefix_caching:
         fields["enable_prefix_caching"] = False
+    if args.prompt_as_text:
+        fields["prompt_special_tokens"] = False
     return GeneratorParams(**fields)
 
 

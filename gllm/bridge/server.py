@@ -4,8 +4,10 @@ Threads:
 - the I/O thread (whoever calls `serve_forever`) owns the ROUTER socket and every client's state; it holds
   `_lock` whenever it touches either. It never calls into the engine except `stats()`, which only reads
   counters.
-- the submit thread calls `engine.add_request` / `engine.cancel` in arrival order (tokenizing a
-  long prompt takes milliseconds; the I/O loop does not wait for it).
+- two submit threads call `engine.add_request` / `engine.cancel` in arrival order (tokenizing a long
+  prompt takes milliseconds; the I/O loop does not wait for it): one for ordinary requests, one for those
+  with more than `BULK_CHARS` of text, so that a flood of huge prompts never delays another NPC's request.
+  Each request's add and cancel go through the same one.
 - the engine thread runs `on_event` callbacks, which only append to a queue, and (engines with step
   listeners) the end-of-step listener, which sends the step's messages itself when `_lock` is free.
 
@@ -26,6 +28,11 @@ Backpressure: each client's messages go through its ZeroMQ pipe (``SNDHWM``) and
 backlog; a client whose backlog overflows is not reading and is dropped, its requests cancelled.
 Liveness: a client silent for longer than the lease is dropped the same way. Sends use
 ``ROUTER_MANDATORY``, so a client whose connection is gone is noticed at the next send.
+
+Abuse: a full server makes room by ending the longest idle session (pings do not keep a session first in
+line); wrong tokens get answered three times, then each one costs its connection a doubling back-off;
+routing ids are unpredictable (`gllm.bridge.routing_ids`). On `stop()`, requests in flight are cancelled
+and their `done` messages sent (for up to `STOP_DRAIN_S`) before the socket closes.
 """
 
 from __future__ import annotations
@@ -44,11 +51,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgpack
 import zmq
 
 from gllm import __version__
 from gllm.bridge import protocol as P
+from gllm.bridge.routing_ids import seed_libc_rand
 from gllm.engine.errors import EngineBusy, RequestTooLong
+from gllm.memory import release_free_memory
 from gllm.request_fields import BRIDGE_FIELDS
 
 log = logging.getLogger("gllm.bridge")
@@ -56,6 +66,10 @@ log = logging.getLogger("gllm.bridge")
 MAX_HOLD_S = 0.05            # longest a step's tokens wait for the step to be known complete
 LEASE_CHECK_S = 0.05
 RECV_BATCH = 256             # inbound messages handled before looking at engine events again
+BULK_CHARS = 32_768          # requests with more text than this are tokenized on their own thread
+AUTH_FREE_FAILURES = 3       # wrong tokens in a row a connection gets answered at once (a typo, a retry)
+AUTH_BACKOFF_S = (0.5, 8.0)  # then its hellos are ignored this long after each wrong one (doubling)
+STOP_DRAIN_S = 2.0           # on stop, how long requests in flight get to send their `done` (cancelled)
 
 
 @dataclass
@@ -121,7 +135,9 @@ class _Client:
     serial: int
     name: str
     last_seen: float
+    last_active: float = 0.0       # last hello or generate: pings keep a session alive, not first in line
     live: dict[str, str] = field(default_factory=dict)       # client id -> engine id
+    bulk: set[str] = field(default_factory=set)               # client ids submitted through the bulk lane
     pending_step: int | None = None
     pending_items: list[dict[str, Any]] = field(default_factory=list)
     reported: set[str] = field(default_factory=set)
@@ -148,10 +164,13 @@ class BridgeServer:
         self.config = config = config or ServerConfig()
         config.validate()
         self.model_name = model_name or _short_model_name(getattr(engine, "model_name", "model"))
-        self.ctx = context or zmq.Context.instance()
+        self._own_ctx = context is None     # then terminated on stop, after the last messages went out
+        self.ctx = context or zmq.Context()
         self.endpoint: str | None = None
         self.clients: dict[bytes, _Client] = {}
         self._ended: collections.OrderedDict[bytes, str] = collections.OrderedDict()  # ident -> why
+        # ident -> (failed hellos in a row, until when its hellos are ignored): bounds token guessing
+        self._auth_failures: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
         self._serials = itertools.count(1)
         self._events: collections.deque[tuple] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -160,8 +179,11 @@ class BridgeServer:
         self._wake_flag = False
         self._lock = threading.Lock()   # the ROUTER socket and client state: the I/O thread, or the engine thread
         self._stop = False
+        # Two submit lanes, so a huge prompt being tokenized never holds up an ordinary one (each lane keeps
+        # the order of its requests' add and cancel).
         self._submit_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._submitter: threading.Thread | None = None
+        self._bulk_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._submitters: list[threading.Thread] = []
         self._auth = None
         self.router: zmq.Socket | None = None
         self.counters = collections.Counter()
@@ -174,6 +196,7 @@ class BridgeServer:
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self) -> str:
         cfg = self.config
+        seed_libc_rand()      # the ROUTER's generated peer ids start at rand(): see gllm.bridge.routing_ids
         r = self.ctx.socket(zmq.ROUTER)
         r.setsockopt(zmq.LINGER, 0)
         r.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -214,8 +237,10 @@ class BridgeServer:
         """Run the I/O loop on this thread until `stop()`."""
         if self.router is None:
             self.bind()
-        self._submitter = threading.Thread(target=self._submit_loop, name="gllm-bridge-submit", daemon=True)
-        self._submitter.start()
+        self._submitters = [threading.Thread(target=self._submit_loop, args=(q,), name=name, daemon=True)
+                            for q, name in ((self._submit_q, "gllm-bridge-submit"), (self._bulk_q, "gllm-bridge-bulk"))]
+        for t in self._submitters:
+            t.start()
         if ready is not None:
             ready(self.endpoint)
         try:
@@ -224,15 +249,18 @@ class BridgeServer:
             with self._lock:
                 for c in list(self.clients.values()):
                     self._end_client(c, "server stopping")
-            self._submit_q.put(None)
-            self._submitter.join(timeout=5)
+            for q, t in zip((self._submit_q, self._bulk_q), self._submitters):
+                q.put(None)
+                t.join(timeout=5)
             with self._lock:   # the engine thread checks `router` under the lock before sending
-                self.router.close(0)
+                self.router.close(linger=int(STOP_DRAIN_S * 1000))   # what is queued still goes out
                 self.router = None
             if self._auth is not None:
                 self._auth.stop()
             self._wake_r.close()
             self._wake_w.close()
+            if self._own_ctx:
+                self.ctx.term()     # returns once queued messages are sent (or the linger is over)
             if self._step_hook and hasattr(self.engine, "remove_step_listener"):
                 self.engine.remove_step_listener(self._on_step_end)
 
@@ -321,9 +349,9 @@ class BridgeServer:
             self._wake_flag = True
             self._wake()
 
-    def _submit_loop(self) -> None:
+    def _submit_loop(self, jobs: queue.SimpleQueue) -> None:
         while True:
-            job = self._submit_q.get()
+            job = jobs.get()
             if job is None:
                 return
             if job[0] == "cancel":
@@ -350,6 +378,9 @@ class BridgeServer:
                 self._post(("rej", client, cid, P.INTERNAL, f"{type(exc).__name__}: {exc}"))
             if client.closed:  # dropped while we were submitting: make sure it does not run
                 self.engine.cancel(req.request_id)
+            if jobs is self._bulk_q:   # a huge prompt is done with: give the pages it took back to the OS
+                del job, req, callback
+                release_free_memory()
 
     # ------------------------------------------------------------------------------ I/O loop
     def _loop(self) -> None:
@@ -361,10 +392,22 @@ class BridgeServer:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         next_lease_check = time.monotonic() + LEASE_CHECK_S
         timeout = 0
-        while not self._stop:
+        drain_until: float | None = None
+        while True:
+            if self._stop and drain_until is None:   # cancel what is in flight; its `done`s go out first
+                drain_until = time.monotonic() + STOP_DRAIN_S
+                with self._lock:
+                    for c in self.clients.values():
+                        for cid, engine_id in c.live.items():
+                            self._lane(c, cid).put(("cancel", engine_id))
+            if drain_until is not None:
+                with self._lock:
+                    settled = not any(c.live or c.backlog or c.pending_step is not None
+                                      for c in self.clients.values())
+                if settled or time.monotonic() > drain_until:
+                    break
+                timeout = min(timeout, 5)
             ready = dict(poller.poll(timeout))
-            if self._stop:
-                break
             if self._wake_r.fileno() in ready:
                 try:
                     while self._wake_r.recv(4096):
@@ -453,9 +496,13 @@ class BridgeServer:
         elif isinstance(m, P.Cancel):
             engine_id = client.live.get(m.id)
             if engine_id is not None:  # an id not in flight is ignored: it may have just finished
-                self._submit_q.put(("cancel", engine_id))
+                self._lane(client, m.id).put(("cancel", engine_id))
         elif isinstance(m, P.Ping):
-            self._send(client, P.encode(P.pong(m.t)))
+            if _has_bin_or_ext(m.t):   # the server never sends bin or ext (PROTOCOL.md §3): no echo of them
+                self._send(client, P.encode(P.error(None, P.BAD_REQUEST, "ping.t must not contain bin or ext "
+                                                    "values (the server never sends them)")))
+            else:
+                self._send(client, P.encode(P.pong(m.t)))
         elif isinstance(m, P.Frame):
             client.frame_ms, client.target_ms = m.ms, m.target_ms
         elif isinstance(m, P.Stats):
@@ -466,27 +513,57 @@ class BridgeServer:
 
     def _on_hello(self, ident: bytes, client: _Client | None, m: P.Hello, now: float) -> None:
         token = self.config.token
-        if token is not None and (m.token is None or not hmac.compare_digest(m.token.encode(), token.encode())):
-            if client is not None:
-                self._end_client(client, "unauthorized hello")
-            self._reply(ident, None, P.error(None, P.UNAUTHORIZED, "missing or wrong token"))
-            return
+        if token is not None:
+            failures, until = self._auth_failures.get(ident, (0, 0.0))
+            if now < until:              # backing off: not checked, not answered
+                self.counters["hello_ignored"] += 1
+                return
+            if m.token is None or not hmac.compare_digest(m.token.encode(), token.encode()):
+                if client is not None:
+                    self._end_client(client, "unauthorized hello")
+                first, cap = AUTH_BACKOFF_S
+                extra = failures + 1 - AUTH_FREE_FAILURES
+                backoff = 0.0 if extra < 0 else min(first * 2 ** extra, cap)
+                self._auth_failures[ident] = (failures + 1, now + backoff)
+                self._auth_failures.move_to_end(ident)
+                while len(self._auth_failures) > 4096:
+                    self._auth_failures.popitem(last=False)
+                later = f"; hellos on this connection are ignored for {backoff:g} s" if backoff else ""
+                self._reply(ident, None, P.error(None, P.UNAUTHORIZED, f"missing or wrong token{later}"))
+                return
+            self._auth_failures.pop(ident, None)
         if client is None:
-            if len(self.clients) >= self.config.max_clients:
-                self._reply(ident, None, P.error(None, P.BUSY, f"too many clients ({self.config.max_clients})"))
+            if len(self.clients) >= self.config.max_clients and not self._evict_idle():
+                self._reply(ident, None, P.error(None, P.BUSY, f"too many clients ({self.config.max_clients}), "
+                                                 f"each with requests in flight"))
                 return
             client = _Client(ident=ident, serial=next(self._serials), name=m.client, last_seen=now)
             self.clients[ident] = client
             self._clients_changed()
             self._ended.pop(ident, None)
         client.name = m.client
+        client.last_active = now
         eng = self.engine
         self._send(client, P.encode(P.welcome(
             self.model_name, int(eng.gen_params.max_seq_len), f"gllm/{__version__}",
             lease_ms=int(self.config.lease_s * 1000), max_inflight=self.config.max_inflight,
             max_message_bytes=self.config.max_message_bytes, v=min(m.v, P.PROTOCOL_VERSION))))
 
+    def _evict_idle(self) -> bool:
+        """Make room for a new session by ending the idle one (no request in flight) that said hello or
+        generate longest ago, so that sessions kept alive only by pings cannot lock a game's client out."""
+        idle = [c for c in self.clients.values() if not c.live]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_active)
+        self.counters["evicted"] += 1
+        self._end_client(oldest, "evicted: the server was full and this session was the longest idle")
+        return True
+
     def _on_generate(self, client: _Client, g: P.Generate) -> None:
+        if self._stop:   # draining: what is in flight was cancelled, nothing new starts
+            self._send(client, P.encode(P.error(g.id, P.BUSY, "the server is stopping")))
+            return
         if g.id in client.live:
             self._send(client, P.encode(P.error(g.id, P.DUPLICATE_ID,
                                                 f"id {g.id!r} is already in flight; this message was ignored")))
@@ -500,8 +577,15 @@ class BridgeServer:
         req = GenerationRequest(prompt=g.prompt, messages=g.messages, request_id=engine_id,
                                 **{f.name: getattr(g, f.wire_name) for f in BRIDGE_FIELDS})
         client.live[g.id] = engine_id
+        client.last_active = time.monotonic()
         self.counters["generate"] += 1
-        self._submit_q.put(("add", client, g.id, req))
+        text = len(g.prompt) if g.prompt is not None else sum(len(m.get("content", "")) for m in g.messages or ())
+        if text > BULK_CHARS:
+            client.bulk.add(g.id)
+        self._lane(client, g.id).put(("add", client, g.id, req))
+
+    def _lane(self, client: _Client, cid: str) -> queue.SimpleQueue:
+        return self._bulk_q if cid in client.bulk else self._submit_q
 
     # ------------------------------------------------------------------------------ engine events
     def _drain_events(self) -> None:
@@ -514,6 +598,7 @@ class BridgeServer:
             if item[0] == "rej":
                 _, _, cid, code, message = item
                 client.live.pop(cid, None)
+                client.bulk.discard(cid)
                 self._send(client, P.encode(P.error(cid, code, message)))
             else:
                 self._on_event(client, item[2], item[3])
@@ -535,6 +620,7 @@ class BridgeServer:
             c.reported.add(cid)
         if ev.result is not None:
             c.live.pop(cid, None)
+            c.bulk.discard(cid)
             r = ev.result
             payload = P.encode(P.done(cid, r.finish_reason, r.text, r.usage.prompt_tokens, r.usage.completion_tokens,
                                       r.timings.ttft_ms, r.timings.total_ms, error=r.error,
@@ -630,9 +716,10 @@ class BridgeServer:
         c.closed = True
         self.counters["dropped"] += 1
         log.info("client %s (%s) ended: %s; cancelling %d requests", c.ident.hex(), c.name, why, len(c.live))
-        for engine_id in c.live.values():
-            self._submit_q.put(("cancel", engine_id))
+        for cid, engine_id in c.live.items():
+            self._lane(c, cid).put(("cancel", engine_id))
         c.live.clear()
+        c.bulk.clear()
         c.backlog.clear()
         c.pending_items, c.pending_after, c.pending_step = [], [], None
         self.clients.pop(c.ident, None)
@@ -645,6 +732,18 @@ class BridgeServer:
         """The last `frame` report of each client (for the frame-budget work; read it on the I/O thread)."""
         return [{"client": c.name, "session": c.serial, "ms": c.frame_ms, "target_ms": c.target_ms}
                 for c in self.clients.values() if c.frame_ms is not None]
+
+
+def _has_bin_or_ext(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, (bytes, bytearray, msgpack.ExtType, msgpack.Timestamp)):
+        return True
+    if depth > 64:           # decode already bounds nesting; this only keeps the walk finite
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_bin_or_ext(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_has_bin_or_ext(k, depth + 1) or _has_bin_or_ext(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _short_model_name(name: Any) -> str:

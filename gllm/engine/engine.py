@@ -248,8 +248,15 @@ class LLMEngine:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """Events as tokens are decoded; the last one carries the result. Leaving early cancels."""
-        sink = AsyncSink(asyncio.get_running_loop())
-        request_id = self._submit(req, sink)
+        loop = asyncio.get_running_loop()
+        sink = AsyncSink(loop)
+        # Tokenizing a long prompt takes a while: off the caller's event loop, so its other tasks go on.
+        submitting = loop.run_in_executor(None, self._submit, req, sink)
+        try:
+            request_id = await asyncio.shield(submitting)
+        except asyncio.CancelledError:   # the caller left while it was tokenized: cancel what it submitted
+            submitting.add_done_callback(lambda f: f.exception() is None and self.cancel(f.result()))
+            raise
         finished = False
         try:
             while not finished:
@@ -354,14 +361,26 @@ class LLMEngine:
         if req.prompt is not None:
             if not isinstance(req.prompt, str):
                 raise ValueError("prompt must be a string")
-            return self.tokenizer.encode(req.prompt)
+            self._check_text_fits("prompt", len(req.prompt))
+            return self.tokenizer.encode(req.prompt, special_tokens_as_text=not self.gen_params.prompt_special_tokens)
         if req.messages is not None:
-            return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)
+            if isinstance(req.messages, list):
+                self._check_text_fits("messages", sum(len(v) for m in req.messages if isinstance(m, dict)
+                                                      for v in m.values() if isinstance(v, str)))
+            return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)   # contents stay text
         ids = list(req.prompt_token_ids)
         vocab = self.model_config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
         return ids
+
+    def _check_text_fits(self, field: str, chars: int) -> None:
+        """Refuse text that cannot fit in max_seq_len tokens before tokenizing it (a token spells at most
+        `max_token_chars` characters), so a huge prompt costs nothing but this check."""
+        limit = self.gen_params.max_seq_len * self.tokenizer.max_token_chars
+        if chars > limit:
+            raise RequestTooLong(f"{field} is {chars} characters; max_seq_len {self.gen_params.max_seq_len} tokens "
+                                 f"hold at most {limit} characters of text")
 
     def close(self) -> None:
         """Stop the engine thread; requests still running end with finish_reason "cancelled"."""

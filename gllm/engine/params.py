@@ -23,6 +23,9 @@ class GeneratorParams:
     kv_cache_mb: float | None = None   # or a memory budget for the KV cache, in MiB
     gpu_memory_mb: float | None = None  # or a budget for everything on the GPU (weights + activations + KV)
     enable_prefix_caching: bool = True
+    # Raw `prompt` text: special-token strings in it become control tokens (True, for hand-written prompts),
+    # or stay plain text (False). Chat messages are always plain text: the template writes the control tokens.
+    prompt_special_tokens: bool = True
     dtype: str = "auto"                # "auto" (see gllm/engine/device_dtype.py), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     # Raise the engine's compute threads' nice value by this (Linux; below-normal priority on Windows), so the

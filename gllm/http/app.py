@@ -39,11 +39,14 @@ from starlette.routing import Route
 from gllm.http import openai_api as oa
 from gllm.http.dashboard import dashboard_html
 from gllm.http.errors import ApiError, error_body
+from gllm.http.guard import LocalOnly
 from gllm.http.metrics import Metrics
+from gllm.memory import LARGE_TEXT_CHARS, release_free_memory
 
 log = logging.getLogger("gllm.http")
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024     # a full 128k-token chat is about 0.5 MB of JSON
+DEFAULT_BODY_TIMEOUT_S = 30.0                  # a request body must arrive in full within this
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -68,7 +71,8 @@ class OpenAIServer:
 
     def __init__(self, engine: Any, metrics: Metrics | None = None, *, api_key: str | None = None,
                  served_model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 cors_origins: Iterable[str] = (), default_max_tokens: int | None = None) -> None:
+                 cors_origins: Iterable[str] = (), default_max_tokens: int | None = None,
+                 allowed_hosts: Iterable[str] = (), body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.engine = engine
         self.metrics = metrics if metrics is not None else Metrics(engine)
         self.metrics.attach(engine)
@@ -76,6 +80,7 @@ class OpenAIServer:
         self.model_id = served_model_name or short_model_name(engine.model_name)
         self.model_aliases = {self.model_id, str(engine.model_name), short_model_name(engine.model_name)}
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.default_max_tokens = default_max_tokens or engine.gen_params.max_seq_len
         self.token_text = oa.TokenText(engine.tokenizer)
         self.started = time.time()
@@ -85,6 +90,8 @@ class OpenAIServer:
         self.metrics.http_requests_in_flight.set_function(lambda: len(self._inflight))
         middleware = []
         origins = list(cors_origins)
+        if self.api_key is None:   # keyless: no foreign Host, Origin or non-JSON POST (see gllm.http.guard)
+            middleware.append(Middleware(LocalOnly, allowed_hosts=allowed_hosts, allowed_origins=origins))
         if origins:
             middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                          allow_headers=["Authorization", "Content-Type"]))
@@ -156,17 +163,29 @@ class OpenAIServer:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise ApiError(413, f"request body is {length} bytes; the limit is {self.max_body_bytes}",
                            code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise ApiError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise ApiError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+
+        try:   # a body that never ends must not hold its connection (and a worker) forever
+            await asyncio.wait_for(read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        request.state.body_bytes = sum(map(len, chunks))
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
         return oa.check_body(body)
 
     def _model_for(self, body: dict[str, Any]) -> str:
@@ -238,6 +257,14 @@ class OpenAIServer:
         return await self._completion_route(request, "completion")
 
     async def _completion_route(self, request: Request, kind: str) -> Response:
+        try:
+            return await self._answer_completion(request, kind)
+        finally:
+            if getattr(request.state, "body_bytes", 0) >= LARGE_TEXT_CHARS:
+                # once this request's objects are gone, give the pages they took back to the OS
+                asyncio.get_running_loop().call_later(0.05, release_free_memory)
+
+    async def _answer_completion(self, request: Request, kind: str) -> Response:
         try:
             self._authorize(request)
             body = await self._json_body(request)

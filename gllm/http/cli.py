@@ -61,8 +61,13 @@ def add_arguments(p: argparse.ArgumentParser, *, http_default: str | None = "127
          help="the model id clients see and send (default: the model's name, a folder by its last part)")
     _add(http, "--allow-origin", action="append", default=None, metavar="ORIGIN",
          help="CORS: let browser pages from ORIGIN call the API (repeatable; '*' for any)")
-    _add(http, "--max-body-mb", type=_positive(float, "--max-body-mb"), default=8.0,
-         help="largest request body accepted, MiB (default 8; larger gets 413)")
+    _add(http, "--allow-host", action="append", default=None, metavar="NAME",
+         help="without an API key only loopback Host names are answered: also answer this one (repeatable; "
+              "'*' for any)")
+    _add(http, "--max-body-mb", type=_positive(float, "--max-body-mb"), default=2.0,
+         help="largest request body accepted, MiB (default 2; larger gets 413)")
+    _add(http, "--body-timeout-s", type=_positive(float, "--body-timeout-s"), default=30.0,
+         help="a request body must arrive within this many seconds (default 30; slower gets 408)")
     _add(http, "--default-max-tokens", type=_positive(int, "--default-max-tokens"), default=None,
          help="max_tokens when a request gives none (default: up to max_seq_len)")
     _add(http, "--access-log", action="store_true", help="log every HTTP request")
@@ -78,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser, *, http_default: str | None = "127
         _add(eng, flag, type=_positive(kind, flag), default=None, help=text)
     _add(eng, "--dtype", default=None, help="auto, float32, bfloat16, float16")
     _add(eng, "--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    _add(eng, "--prompt-as-text", action="store_true",
+         help="encode special-token strings in a raw prompt as text too (chat messages always are)")
     _add(p, "--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -89,6 +96,8 @@ def engine_params(args: argparse.Namespace):
     fields = {k: v for k, v in fields.items() if v is not None}
     if getattr(args, "no_prefix_caching", False):
         fields["enable_prefix_caching"] = False
+    if getattr(args, "prompt_as_text", False):
+        fields["prompt_special_tokens"] = False
     return GeneratorParams(**fields)
 
 
@@ -124,7 +133,8 @@ def front_end_from_args(args: argparse.Namespace, engine: Any, metrics: Any = No
     return HttpFrontEnd(engine, host, port, api_key=key, insecure=getattr(args, "insecure", False), metrics=metrics,
                         served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                         cors_origins=args.allow_origin or (), default_max_tokens=args.default_max_tokens,
-                        access_log=args.access_log)
+                        access_log=args.access_log, allowed_hosts=args.allow_host or (),
+                        body_timeout_s=args.body_timeout_s)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from gllm.http.app import DEFAULT_MAX_BODY_BYTES, OpenAIServer
+from gllm.http.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, OpenAIServer
 from gllm.http.metrics import Metrics
 
 log = logging.getLogger("gllm.http")
@@ -81,7 +81,8 @@ class HttpFrontEnd:
                  insecure: bool = False, metrics: Metrics | None = None, served_model_name: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Iterable[str] = (),
                  default_max_tokens: int | None = None, access_log: bool = False,
-                 graceful_shutdown_s: float = 3.0) -> None:
+                 graceful_shutdown_s: float = 3.0, allowed_hosts: Iterable[str] = (),
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         if not api_key and not insecure and not is_loopback_host(host):
             raise ValueError(f"refusing to serve HTTP on {host}, which is not loopback, without an API key: "
                              f"give --api-key (or GLLM_API_KEY), or --insecure to accept anyone who can reach it")
@@ -89,9 +90,12 @@ class HttpFrontEnd:
         self.host, self.port = host, port
         self._owns_metrics = metrics is None
         self.metrics = metrics if metrics is not None else Metrics(engine)
+        bound = [host] if host not in ("", "0.0.0.0", "::") else []   # its own address is no foreign Host
         self.server = OpenAIServer(engine, self.metrics, api_key=api_key, served_model_name=served_model_name,
                                    max_body_bytes=max_body_bytes, cors_origins=cors_origins,
-                                   default_max_tokens=default_max_tokens)
+                                   default_max_tokens=default_max_tokens,
+                                   allowed_hosts=[*allowed_hosts, *bound],
+                                   body_timeout_s=body_timeout_s)
         self.app = self.server.app
         self.access_log = access_log
         self.graceful_shutdown_s = graceful_shutdown_s

@@ -6,8 +6,10 @@ top: which ids end a generation, which are special, and how a conversation becom
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
-
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,16 @@ class Tokenizer:
         if self._bos_id is not None:
             special.add(self._bos_id)
         self._special_ids = frozenset(special)
+        # Player text must never become control tokens: the special-token strings (longest first, as the
+        # tokenizer matches them), found in messages and encoded there as text by `_text_hf`.
+        added = hf_tokenizer.get_added_tokens_decoder()
+        self._special_added_ids = frozenset(i for i, tok in added.items() if tok.special)
+        specials = sorted((added[i].content for i in self._special_added_ids), key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._special_by_text = {added[i].content: i for i in self._special_added_ids}
+        # Markers can be found by the pattern alone unless some special token eats spaces or needs word edges.
+        self._plain_specials = not any(added[i].lstrip or added[i].rstrip or added[i].single_word
+                                       for i in self._special_added_ids)
 
         self._templates = self._compile_templates(chat_template)
 
@@ -111,6 +123,31 @@ class Tokenizer:
     def hf_tokenizer(self) -> tokenizers.Tokenizer:
         return self._hf
 
+    @functools.cached_property
+    def _text_hf(self) -> tokenizers.Tokenizer:
+        """A twin of the tokenizer that encodes special-token strings as the text they are. It shares the
+        model (the vocabulary and merges are not copied: about a millisecond, where a copy through JSON takes
+        a second of held GIL) and has the same added tokens under the same ids."""
+        hf = self._hf
+        twin = tokenizers.Tokenizer(hf.model)
+        for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+            if getattr(hf, part) is not None:
+                setattr(twin, part, getattr(hf, part))
+        added = hf.get_added_tokens_decoder()
+        twin.add_tokens([added[i] for i in sorted(added) if not added[i].special])
+        twin.add_special_tokens([added[i] for i in sorted(added) if added[i].special])
+        if any(twin.token_to_id(tok.content) != i for i, tok in added.items()):
+            twin = tokenizers.Tokenizer.from_str(hf.to_str())   # ids interleaved with the model's: copy it all
+        twin.encode_special_tokens = True
+        return twin
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token as the vocabulary spells it, in characters (byte-level BPE spells one byte per
+        character, so it is never shorter than the text the token stands for): a text longer than n times
+        this cannot fit in n tokens."""
+        return max(map(len, self._hf.get_vocab(with_added_tokens=True)), default=1)
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (Llama 3: 128256)."""
@@ -142,11 +179,16 @@ class Tokenizer:
 
     # --- text -----------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` the post-processor adds BOS (Llama 3)."""
+    def encode(self, text: str, add_special_tokens: bool = True, *, special_tokens_as_text: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` the post-processor adds BOS (Llama 3).
+
+        Special-token strings in ``text`` (``<|eot_id|>``...) become their special ids, unless
+        ``special_tokens_as_text``: then they are encoded as the plain text they are. The `tokenizers` call
+        releases the GIL, so a long text does not hold up the engine thread."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+        hf = self._text_hf if special_tokens_as_text else self._hf
+        return hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The `tokenizers` decode, as is: no clean-up of spaces before punctuation."""
@@ -179,9 +221,72 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                     **extra: Any) -> list[int]:
-        """Prompt ids for ``messages``. The template writes BOS itself, so none is added here."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra),
-                           add_special_tokens=False)
+        """Prompt ids for ``messages``. The template writes BOS itself, so none is added here.
+
+        Message text is text: a special-token string inside a message (a player typing ``<|eot_id|>``) is
+        encoded as plain text, and only the template's own markers become special ids. Conversations without
+        such strings are encoded exactly as before (the whole rendered prompt in one call)."""
+        found = self._specials_in(messages)
+        if not found:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra),
+                               add_special_tokens=False)
+        # Render with every special string in the messages replaced by a private-use character that occurs
+        # nowhere else, so the template's markers are the only special tokens left; then encode the text
+        # between those markers with the special strings put back, as plain text.
+        taken = {ch for text in self._strings_of(messages, extra) for ch in text}
+        private_use = itertools.chain(range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+        free = (chr(code) for code in private_use if chr(code) not in taken)
+        stand_ins = dict(zip(found, free))
+        if len(stand_ins) < len(found):
+            raise ValueError("messages contain special-token strings and every supplementary private-use "
+                             "character; cannot keep them apart")
+        masked = [{k: self._special_pattern.sub(lambda m: stand_ins[m.group()], v) if isinstance(v, str) else v
+                   for k, v in message.items()} if isinstance(message, Mapping) else message
+                  for message in messages]
+        text = self.apply_chat_template(masked, add_generation_prompt, **extra)
+        restore = {ch: special for special, ch in stand_ins.items()}
+        unmask = re.compile("|".join(map(re.escape, restore)))
+
+        def as_text(part: str) -> list[int]:
+            return self.encode(unmask.sub(lambda m: restore[m.group()], part), add_special_tokens=False,
+                               special_tokens_as_text=True)
+
+        ids: list[int] = []
+        pos = 0
+        for start, end, marker in self._markers(text):
+            if start > pos:
+                ids.extend(as_text(text[pos:start]))
+            ids.append(marker)
+            pos = end
+        if pos < len(text):
+            ids.extend(as_text(text[pos:]))
+        return ids
+
+    def _markers(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each special token the tokenizer finds in ``text``."""
+        if self._plain_specials:
+            return [(m.start(), m.end(), self._special_by_text[m.group()])
+                    for m in self._special_pattern.finditer(text)]
+        enc = self._hf.encode_batch([text], add_special_tokens=False)[0]
+        return [(start, end, i) for i, (start, end) in zip(enc.ids, enc.offsets) if i in self._special_added_ids]
+
+    def _specials_in(self, messages: Sequence[Message]) -> list[str]:
+        """The distinct special-token strings inside the messages' string values, in order of appearance."""
+        if self._special_pattern is None or isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            return []                  # (not a conversation: validate_messages says so when rendering)
+        found: dict[str, None] = {}
+        for message in messages:
+            if not isinstance(message, Mapping):
+                continue               # validate_messages names the problem when rendering
+            for value in message.values():
+                if isinstance(value, str):
+                    found.update(dict.fromkeys(self._special_pattern.findall(value)))
+        return list(found)
+
+    def _strings_of(self, messages: Sequence[Message], extra: Mapping[str, Any]) -> list[str]:
+        strings = [v for m in messages if isinstance(m, Mapping) for v in m.values() if isinstance(v, str)]
+        strings += [t.source for t in self._templates.values()] + list(self._named_tokens.values())
+        return strings + [json.dumps(extra, default=str, ensure_ascii=False)]
 
     # --- internals ------------------------------------------------------------------------------
 
