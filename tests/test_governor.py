@@ -135,3 +135,29 @@ def test_overlong_frames_make_the_engine_yield_and_it_recovers(llama32_dir):
         assert handle.result(timeout=30).finish_reason == "cancelled"
         with pytest.raises(ValueError, match="report_frame"):
             eng.report_frame(-1.0)
+
+
+def test_a_bridge_client_reporting_overlong_frames_makes_the_server_yield(llama32_dir):
+    """Over real sockets: `frame` reports of a game running over its target lower the engine's duty cycle in a
+    real server; when they stop, it returns to full speed."""
+    import time
+
+    from gllm.bridge.client import BridgeClient
+    from gllm.bridge.testing import ServerProcess
+    with ServerProcess(llama32_dir, "--max-seq-len", "16384", "--kv-cache-tokens", "16384", "--cpu-threads", "1") as srv:
+        with BridgeClient(srv.endpoint) as c:
+            c.connect()
+            rid = c.generate("Once upon a time", max_tokens=16000, ignore_eos=True)
+            assert c.stats()["governor_duty_pct"] == 100
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:          # a game at 25 fps against a 60 fps target, reporting 4x a second
+                c.frame(40.0, TARGET)
+                c.poll(250)
+            low = c.stats()
+            assert low["governor_duty_pct"] < 70 and low["governor_paused_ms"] > 0, low
+            deadline = time.monotonic() + 60       # hang guard: the reports stopped, so it relaxes
+            while c.stats()["governor_duty_pct"] < 100:
+                assert time.monotonic() < deadline
+                c.poll(100)
+            c.cancel(rid)
+            assert c.wait(rid, timeout_s=60).finish_reason == "cancelled"

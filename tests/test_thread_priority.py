@@ -40,3 +40,18 @@ def test_engine_threads_get_the_lower_priority_and_the_callers_keep_theirs(llama
 def test_compute_nice_is_checked():
     with pytest.raises(ValueError, match="compute_nice"):
         GeneratorParams(compute_nice=40)
+
+
+def test_a_server_lowers_its_engine_by_default(llama32_dir):
+    from gllm.bridge.client import BridgeClient
+    from gllm.bridge.testing import ServerProcess
+    with ServerProcess(llama32_dir, "--max-seq-len", "128", "--cpu-threads", "2") as srv:
+        with BridgeClient(srv.endpoint) as c:
+            c.connect()
+            c.wait(c.generate("Once upon a time " * 8, max_tokens=4))
+        base = os.getpriority(os.PRIO_PROCESS, srv.proc.pid)
+        nices = []
+        for task in Path(f"/proc/{srv.proc.pid}/task").iterdir():
+            stat = (task / "stat").read_text()
+            nices.append(int(stat[stat.rindex(")") + 2:].split()[16]))
+        assert nices.count(min(19, base + 10)) >= 2 and base in nices, nices   # engine + its workers; the rest

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU")
     eng.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
     eng.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    eng.add_argument("--compute-nice", type=int, default=None, choices=range(0, 20), metavar="0-19",
+                     help="lower the engine's compute threads' OS priority by this, so the game comes first "
+                          "(default 10; 0 keeps the server's priority)")
     eng.add_argument("--prompt-as-text", action="store_true",
                      help="encode special-token strings in a raw prompt as text too (chat messages always are)")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -91,6 +94,7 @@ def _z85_arg(value: str) -> bytes:
 
 def engine_params(args: argparse.Namespace):
     from gllm.engine import GeneratorParams
+    from gllm.engine.params import SERVER_COMPUTE_NICE
     fields = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len, "block_size": args.block_size,
               "max_step_tokens": args.max_step_tokens, "kv_cache_tokens": args.kv_cache_tokens,
               "kv_cache_mb": args.kv_cache_mb, "cpu_threads": args.cpu_threads, "dtype": args.dtype}
@@ -99,6 +103,7 @@ def engine_params(args: argparse.Namespace):
         fields["enable_prefix_caching"] = False
     if args.prompt_as_text:
         fields["prompt_special_tokens"] = False
+    fields["compute_nice"] = SERVER_COMPUTE_NICE if args.compute_nice is None else args.compute_nice
     return GeneratorParams(**fields)
 
 

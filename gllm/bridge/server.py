@@ -505,6 +505,9 @@ class BridgeServer:
                 self._send(client, P.encode(P.pong(m.t)))
         elif isinstance(m, P.Frame):
             client.frame_ms, client.target_ms = m.ms, m.target_ms
+            report = getattr(self.engine, "report_frame", None)   # the frame governor (engines that have one)
+            if report is not None:
+                report(m.ms, m.target_ms or None, source=f"bridge/{client.serial}")
         elif isinstance(m, P.Stats):
             values = dict(self.engine.stats())
             values["clients"] = len(self.clients)

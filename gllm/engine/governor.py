@@ -1,7 +1,8 @@
 """`FrameGovernor`: the engine yields to the game when the game's frames run over their target.
 
-Games report each frame's time and target (the bridge's `frame` message, or `LLMEngine.report_frame`). Every
-`window_s` the governor looks at the worst source's frames in that window (their 90th percentile over the
+Games report their frame time and target (the bridge's `frame` message, which the game clients send about
+four times a second with the smoothed frame time, or `LLMEngine.report_frame`, any number of times). Every
+`window_s` the governor looks at the worst source's reports in that window (their 90th percentile over the
 target, the "pressure") and sets the engine's duty cycle, the fraction of wall time it computes (it sleeps
 between steps for the rest):
 
@@ -31,7 +32,7 @@ class GovernorConfig:
     headroom: float = 0.85     # pressure below this is headroom
     floor: float = 0.1         # the least duty: NPCs keep a tenth of the engine's time
     stale_s: float = 2.0       # a source that stopped reporting this long ago no longer counts
-    min_frames: int = 3        # frames a source needs in a window to count in it
+    min_frames: int = 1        # reports a source needs in a window to count in it (clients send ~4 a second)
 
     def __post_init__(self) -> None:
         if not (0 < self.floor <= 1 and 0 < self.decrease < 1 and 0 < self.increase <= 1

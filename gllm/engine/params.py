@@ -7,6 +7,9 @@ from dataclasses import dataclass
 # The default KV pool on the CPU: at most this much (and at least one max_seq_len request). Its pages are
 # mapped as blocks are first used, so a light load takes far less.
 DEFAULT_CPU_KV_MB = 256
+# The compute_nice of a server's engine (`gllm serve`, `python -m gllm.bridge|http`) unless --compute-nice
+# says otherwise: the game beside it comes first.
+SERVER_COMPUTE_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class GeneratorParams:
     dtype: str = "auto"                # "auto" (see gllm/engine/device_dtype.py), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     # Raise the engine's compute threads' nice value by this (Linux; below-normal priority on Windows), so the
-    # game's threads win when cores are short. 0: the caller's priority. `gllm serve` uses 10.
+    # game's threads win when cores are short. 0: the caller's priority. Servers use SERVER_COMPUTE_NICE.
     compute_nice: int = 0
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs

@@ -83,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser, *, http_default: str | None = "127
         _add(eng, flag, type=_positive(kind, flag), default=None, help=text)
     _add(eng, "--dtype", default=None, help="auto, float32, bfloat16, float16")
     _add(eng, "--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    _add(eng, "--compute-nice", type=int, default=None, choices=range(0, 20), metavar="0-19",
+         help="lower the engine's compute threads' OS priority by this, so the game comes first "
+              "(default 10; 0 keeps the server's priority)")
     _add(eng, "--prompt-as-text", action="store_true",
          help="encode special-token strings in a raw prompt as text too (chat messages always are)")
     _add(p, "--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -90,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser, *, http_default: str | None = "127
 
 def engine_params(args: argparse.Namespace):
     from gllm.engine import GeneratorParams
+    from gllm.engine.params import SERVER_COMPUTE_NICE
     names = ("max_batch_size", "max_seq_len", "block_size", "max_step_tokens", "kv_cache_tokens", "kv_cache_mb",
              "cpu_threads", "dtype", "max_waiting_requests")
     fields = {n: getattr(args, n, None) for n in names}
@@ -98,6 +102,8 @@ def engine_params(args: argparse.Namespace):
         fields["enable_prefix_caching"] = False
     if getattr(args, "prompt_as_text", False):
         fields["prompt_special_tokens"] = False
+    nice = getattr(args, "compute_nice", None)
+    fields["compute_nice"] = SERVER_COMPUTE_NICE if nice is None else nice
     return GeneratorParams(**fields)
 
 
