@@ -5,10 +5,14 @@ The game is this process: a 60 fps loop doing fixed real work each frame (numpy 
 and sending `frame` reports, as a game using a gllm client does. Meanwhile it keeps `--npcs` NPC replies
 streaming through the bridge and sends a new long prompt (`--long-tokens`) every `--long-every-s` seconds.
 
-Runs (each `--seconds` long, after a warm-up):
+Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at a time:
 - `no-llm`: the game alone (no server): the baseline frame times;
-- `llm`: the game beside `gllm serve` with the defaults a game gets (plus `--serve-args`).
-(More runs join as the engine learns to yield to the game; `--runs` picks them.)
+- `llm-plain`: beside `gllm serve --compute-nice 0`, the game sending no frame reports (the engine as it
+  was before it yielded to games);
+- `llm-nice`: the server's default lower thread priority, no frame reports;
+- `llm-governed`: the defaults a game gets: lower priority, and frame reports (about 4 a second, smoothed,
+  as the clients send them) driving the frame governor.
+`--serve-args` adds `gllm serve` flags to every server run.
 
 Prints frame time (work + poll: what the game's own frame costs) p50/p99/max, the fraction of frames over
 1.1x the target, the client's per-frame poll cost, NPC output tokens/s and TTFT p50/p99; writes JSON and
@@ -97,6 +101,7 @@ class RunResult:
     ttft_ms: list[float] = field(default_factory=list)
     seconds: float = 0.0
     errors: int = 0
+    duty: list[tuple[float, int]] = field(default_factory=list)   # (s, the engine's governor duty cycle %)
 
     def summary(self) -> dict:
         over = sum(1 for x in self.frame_ms if x > 1.1 * FRAME_S * 1000)
@@ -136,8 +141,8 @@ class Npcs:
 
 
 def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpoint: str | None,
-              npcs: int, long_tokens: int, long_every_s: float) -> RunResult:
-    from gllm.bridge.client import BridgeClient, Done, Error, Token
+              npcs: int, long_tokens: int, long_every_s: float, report_frames: bool) -> RunResult:
+    from gllm.bridge.client import BridgeClient, Done, Error, StatsReply, Token
     result = RunResult(label)
     client = npc = None
     if endpoint is not None:
@@ -148,6 +153,9 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
     measure_from = start + warmup_s
     deadline = measure_from + seconds
     next_frame = start
+    smoothed: float | None = None
+    next_report = start
+    next_stats = start
     while True:
         frame_start = time.perf_counter()
         if frame_start >= deadline:
@@ -169,9 +177,16 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
                 elif isinstance(ev, Error):
                     npc.live.discard(ev.id)
                     result.errors += 1
+                elif isinstance(ev, StatsReply) and frame_start >= measure_from:
+                    result.duty.append((frame_start - measure_from, ev.values.get("governor_duty_pct", 100)))
         frame_ms = (time.perf_counter() - frame_start) * 1000
-        if client is not None:
-            client.frame(frame_ms, FRAME_S * 1000)
+        smoothed = frame_ms if smoothed is None else smoothed + 0.2 * (frame_ms - smoothed)
+        if client is not None and report_frames and frame_start >= next_report:
+            client.frame(smoothed, FRAME_S * 1000)      # as the game clients do: ~4 smoothed reports a second
+            next_report = frame_start + 0.25
+        if client is not None and frame_start >= next_stats:
+            client.request_stats()                      # the governor's duty cycle, for the plot
+            next_stats = frame_start + 0.5
         if frame_start >= measure_from:
             result.frame_ms.append(frame_ms)
             result.frame_t.append(frame_start - measure_from)
@@ -218,15 +233,20 @@ def plot(results: list[RunResult], path: str, work_share: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, (ax, duty_ax) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=(3, 1))
     for r in results:
         ax.plot(r.frame_t, r.frame_ms, lw=0.7, label=f"{r.label} (p99 {percentile(r.frame_ms, 99):.1f} ms)")
+        if r.duty:
+            duty_ax.step([t for t, _ in r.duty], [d for _, d in r.duty], where="post", label=r.label)
     ax.axhline(FRAME_S * 1000, color="k", ls="--", lw=0.8, label="60 fps target")
     ax.set_yscale("log")
-    ax.set_xlabel("s")
     ax.set_ylabel("frame time (work + poll), ms")
     ax.set_title(f"Simulated game ({work_share:.0%} of a 60 fps frame of work) beside gllm serve")
     ax.legend(loc="upper right", fontsize=8)
+    duty_ax.set_ylabel("engine duty %")
+    duty_ax.set_ylim(0, 105)
+    duty_ax.set_xlabel("s")
+    duty_ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -242,7 +262,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--long-tokens", type=int, default=1000)
     parser.add_argument("--long-every-s", type=float, default=2.0)
-    parser.add_argument("--runs", default="no-llm,llm")
+    parser.add_argument("--runs", default="no-llm,llm-plain,llm-nice,llm-governed")
     parser.add_argument("--serve-args", default="", help="extra `gllm serve` flags for the llm runs")
     parser.add_argument("--out", default="bench_frame.json")
     parser.add_argument("--plot", default="bench_frame.png")
@@ -253,11 +273,18 @@ def main() -> None:
     print(f"game work: {calibrated * 1000:.1f} ms a frame on {args.game_threads} threads "
           f"({calibrated / FRAME_S:.0%} of 16.7 ms)", flush=True)
     results = []
+    runs = {"no-llm": None, "llm-plain": (["--compute-nice", "0"], False), "llm-nice": ([], False),
+            "llm-governed": ([], True)}
     for label in args.runs.split(","):
-        server = None if label == "no-llm" else Server(args.model, args.device, args.serve_args.split())
+        if label not in runs:
+            parser.error(f"unknown run {label!r}; runs: {', '.join(runs)}")
+        server = report = None
+        if runs[label] is not None:
+            serve_args, report = runs[label]
+            server = Server(args.model, args.device, serve_args + args.serve_args.split())
         try:
             r = game_loop(label, work, args.seconds, args.warmup_s, server and server.endpoint, args.npcs,
-                          args.long_tokens, args.long_every_s)
+                          args.long_tokens, args.long_every_s, bool(report))
         finally:
             if server is not None:
                 server.stop()
