@@ -42,6 +42,7 @@ system-deps:
 # and say why).
 client-deps:
 	@bash tools/setup_mono.sh
+	@bash tools/setup_cpp.sh
 	@bash tools/setup_godot.sh
 
 test: fixtures system-deps client-deps

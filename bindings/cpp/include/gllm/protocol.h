@@ -1,0 +1,80 @@
+// The messages of the gllm bridge protocol v1 (bindings/PROTOCOL.md §5), built in the documented key order so
+// that they match the test vectors of §9 byte for byte, and typed views of what the server sends.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gllm/value.h"
+
+namespace gllm {
+
+constexpr int kProtocolVersion = 1;
+
+struct ChatMessage {
+    std::string role;
+    std::string content;
+    static ChatMessage system(std::string c) { return {"system", std::move(c)}; }
+    static ChatMessage user(std::string c) { return {"user", std::move(c)}; }
+    static ChatMessage assistant(std::string c) { return {"assistant", std::move(c)}; }
+};
+
+// Every field of a generate message (§5.1), typed; an empty optional means "the server's default". `extra`
+// (a map, or nil) carries fields added to the protocol later, written after the known ones.
+struct GenerateOptions {
+    std::string id;                                // empty: the client picks a unique one
+    std::optional<std::string> prompt;
+    std::optional<std::vector<ChatMessage>> messages;
+    std::optional<int64_t> max_tokens;
+    std::optional<double> temperature;
+    std::optional<int64_t> top_k;
+    std::optional<double> top_p;
+    std::optional<double> min_p;
+    std::optional<uint64_t> seed;
+    std::optional<std::vector<std::string>> stop;
+    std::optional<int64_t> logprobs;
+    std::optional<int64_t> priority;
+    std::optional<double> repetition_penalty;
+    std::optional<double> presence_penalty;
+    std::optional<double> frequency_penalty;
+    std::optional<bool> ignore_eos;
+    Value extra;
+};
+
+// What a done message says about a finished request.
+struct DoneInfo {
+    std::string id;
+    std::string finish_reason;   // "stop", "length", "cancelled" or "error"
+    std::string text;            // the whole completion
+    int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
+    std::optional<double> ttft_ms;   // nil when no token was produced
+    double total_ms = 0.0;
+    std::string error;           // what failed, when finish_reason is "error"
+    Value raw;                   // the message as received (fields added later)
+    static DoneInfo from_message(const Value& m);
+};
+
+// The server's welcome (§5.2).
+struct WelcomeInfo {
+    int version = 0;
+    std::string model, server;
+    int64_t max_seq_len = 0;
+    int lease_ms = 5000, max_inflight = 16;
+    int64_t max_message_bytes = 1 << 20;
+    Value raw;
+    static WelcomeInfo from_message(const Value& m);
+};
+
+// Builders of the client's messages (msgpack bytes, canonical key order).
+namespace messages {
+std::vector<uint8_t> hello(const std::string& client, const std::string* token = nullptr, int v = kProtocolVersion);
+std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o);
+std::vector<uint8_t> cancel(const std::string& id);
+std::vector<uint8_t> ping(const Value& t);   // t is echoed back (nil for keepalives)
+std::vector<uint8_t> frame(double ms, std::optional<double> target_ms);
+std::vector<uint8_t> stats_request();
+}  // namespace messages
+
+}  // namespace gllm

@@ -1,0 +1,146 @@
+// The C ABI (gllm_client_c.h) over gllm::Client.
+#include "gllm/gllm_client_c.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#include "gllm/client.h"
+
+struct gllm_client {
+    gllm::Client client;
+    gllm_callbacks cb{};
+};
+
+namespace {
+std::optional<double> opt_double(double v) { return std::isnan(v) ? std::nullopt : std::optional<double>(v); }
+std::optional<int64_t> opt_int(int64_t v) { return v < 0 ? std::nullopt : std::optional<int64_t>(v); }
+}  // namespace
+
+extern "C" {
+
+const char* gllm_version(void) { return "0.1.0"; }
+
+void gllm_generate_options_init(gllm_generate_options* o) {
+    if (!o) return;
+    std::memset(o, 0, sizeof *o);
+    double nan = std::numeric_limits<double>::quiet_NaN();
+    o->max_tokens = -1;
+    o->temperature = o->top_p = o->min_p = nan;
+    o->repetition_penalty = o->presence_penalty = o->frequency_penalty = nan;
+    o->top_k = -1;
+    o->logprobs = -1;
+    o->ignore_eos = -1;
+}
+
+gllm_client* gllm_client_new(void) { return new (std::nothrow) gllm_client(); }
+
+void gllm_client_free(gllm_client* c) {
+    if (!c) return;
+    c->client.close();
+    delete c;
+}
+
+void gllm_client_set_callbacks(gllm_client* c, const gllm_callbacks* cb) {
+    if (!c) return;
+    c->cb = cb ? *cb : gllm_callbacks{};
+    gllm_callbacks* k = &c->cb;
+    c->client.on_text = [k](const std::string& id, const std::string& delta, const std::string& full) {
+        if (k->on_text) k->on_text(k->user, id.c_str(), delta.c_str(), full.c_str());
+    };
+    c->client.on_completed = [k](const std::string& id, const gllm::DoneInfo& d) {
+        if (!k->on_completed) return;
+        gllm_done done;
+        done.id = id.c_str();
+        done.finish_reason = d.finish_reason.c_str();
+        done.text = d.text.c_str();
+        done.prompt_tokens = d.prompt_tokens;
+        done.completion_tokens = d.completion_tokens;
+        done.cached_tokens = d.cached_tokens;
+        done.ttft_ms = d.ttft_ms ? *d.ttft_ms : std::numeric_limits<double>::quiet_NaN();
+        done.total_ms = d.total_ms;
+        k->on_completed(k->user, id.c_str(), &done);
+    };
+    c->client.on_failed = [k](const std::string& id, const std::string& code, const std::string& message) {
+        if (k->on_failed) k->on_failed(k->user, id.c_str(), code.c_str(), message.c_str());
+    };
+    c->client.on_connection_changed = [k](bool up) {
+        if (k->on_connection_changed) k->on_connection_changed(k->user, up ? 1 : 0);
+    };
+    c->client.on_stats = [k](const gllm::Value& m) {
+        if (k->on_stats) k->on_stats(k->user, gllm::json::serialize(m).c_str());
+    };
+}
+
+int gllm_client_connect(gllm_client* c, const char* host, uint16_t port, const char* client_name, const char* token) {
+    if (!c || !host) return -1;
+    gllm::ClientOptions o;
+    o.client_name = client_name ? client_name : "c/0.1";
+    if (token) o.token = token;
+    return c->client.connect(host, port, std::move(o)) ? 0 : -1;
+}
+
+int gllm_client_generate(gllm_client* c, const gllm_generate_options* in, char* id_out, size_t id_cap) {
+    if (!c || !in) return -1;
+    gllm::GenerateOptions o;
+    if (in->id) o.id = in->id;
+    if (in->prompt) o.prompt = std::string(in->prompt);
+    if (in->messages) {
+        std::vector<gllm::ChatMessage> list;
+        for (size_t i = 0; i < in->n_messages; i++)
+            list.push_back({in->messages[i].role ? in->messages[i].role : "",
+                            in->messages[i].content ? in->messages[i].content : ""});
+        o.messages = std::move(list);
+    }
+    o.max_tokens = opt_int(in->max_tokens);
+    o.temperature = opt_double(in->temperature);
+    o.top_k = opt_int(in->top_k);
+    o.top_p = opt_double(in->top_p);
+    o.min_p = opt_double(in->min_p);
+    if (in->has_seed) o.seed = in->seed;
+    if (in->stop) {
+        std::vector<std::string> stop;
+        for (size_t i = 0; i < in->n_stop; i++) if (in->stop[i]) stop.emplace_back(in->stop[i]);
+        o.stop = std::move(stop);
+    }
+    o.logprobs = opt_int(in->logprobs);
+    if (in->has_priority) o.priority = in->priority;
+    o.repetition_penalty = opt_double(in->repetition_penalty);
+    o.presence_penalty = opt_double(in->presence_penalty);
+    o.frequency_penalty = opt_double(in->frequency_penalty);
+    if (in->ignore_eos >= 0) o.ignore_eos = in->ignore_eos != 0;
+    std::string id = c->client.generate(o);
+    if (id_out) {
+        if (id.size() + 1 > id_cap) return -1;
+        std::memcpy(id_out, id.c_str(), id.size() + 1);
+    }
+    return static_cast<int>(id.size());
+}
+
+void gllm_client_cancel(gllm_client* c, const char* id) {
+    if (c && id) c->client.cancel(id);
+}
+
+void gllm_client_report_frame(gllm_client* c, double ms, double target_ms) {
+    if (c) c->client.report_frame(ms, target_ms);
+}
+
+void gllm_client_stats(gllm_client* c) {
+    if (c) c->client.stats();
+}
+
+int gllm_client_poll(gllm_client* c, int64_t budget_us) {
+    if (!c) return 0;
+    return c->client.poll(std::chrono::microseconds(budget_us < 0 ? 0 : budget_us));
+}
+
+int gllm_client_is_connected(const gllm_client* c) { return c && c->client.is_connected() ? 1 : 0; }
+
+int gllm_client_in_flight(const gllm_client* c) { return c ? c->client.in_flight() : 0; }
+
+void gllm_client_close(gllm_client* c) {
+    if (c) c->client.close();
+}
+
+}  // extern "C"

@@ -1,0 +1,155 @@
+// Message builders and typed views (see protocol.h).
+#include "gllm/protocol.h"
+
+#include <algorithm>
+#include <climits>
+
+namespace gllm {
+
+DoneInfo DoneInfo::from_message(const Value& m) {
+    DoneInfo d;
+    if (const std::string* s = m.get_string("id")) d.id = *s;
+    if (const std::string* s = m.get_string("finish_reason")) d.finish_reason = *s;
+    if (const std::string* s = m.get_string("text")) d.text = *s;
+    if (const std::string* s = m.get_string("error")) d.error = *s;
+    if (const Value* u = m.get_map("usage")) {
+        d.prompt_tokens = u->get_int("prompt_tokens").value_or(0);
+        d.completion_tokens = u->get_int("completion_tokens").value_or(0);
+        d.cached_tokens = u->get_int("cached_tokens").value_or(0);
+    }
+    if (const Value* t = m.get_map("timings")) {
+        d.ttft_ms = t->get_double("ttft_ms");
+        d.total_ms = t->get_double("total_ms").value_or(0.0);
+    }
+    d.raw = m;
+    return d;
+}
+
+WelcomeInfo WelcomeInfo::from_message(const Value& m) {
+    WelcomeInfo w;
+    w.version = static_cast<int>(m.get_int("v").value_or(1));
+    if (const std::string* s = m.get_string("model")) w.model = *s;
+    if (const std::string* s = m.get_string("server")) w.server = *s;
+    w.max_seq_len = m.get_int("max_seq_len").value_or(0);
+    auto lease = m.get_int("lease_ms");
+    if (lease && *lease > 0) w.lease_ms = static_cast<int>(std::min<int64_t>(*lease, INT_MAX));
+    auto inflight = m.get_int("max_inflight");
+    if (inflight && *inflight > 0) w.max_inflight = static_cast<int>(std::min<int64_t>(*inflight, INT_MAX));
+    auto bytes = m.get_int("max_message_bytes");
+    if (bytes && *bytes > 0) w.max_message_bytes = *bytes;
+    w.raw = m;
+    return w;
+}
+
+namespace messages {
+namespace {
+const char* const kKnownGenerateKeys[] = {
+    "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
+    "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
+};
+bool known_key(const std::string& k) {
+    for (const char* known : kKnownGenerateKeys)
+        if (k == known) return true;
+    return false;
+}
+}  // namespace
+
+std::vector<uint8_t> hello(const std::string& client, const std::string* token, int v) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(token ? 4 : 3);
+    w.str("op"); w.str("hello");
+    w.str("v"); w.integer(v);
+    w.str("client"); w.str(client);
+    if (token) { w.str("token"); w.str(*token); }
+    return out;
+}
+
+std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
+    size_t n = 2 + o.prompt.has_value() + o.messages.has_value() + o.max_tokens.has_value() + o.temperature.has_value()
+               + o.top_k.has_value() + o.top_p.has_value() + o.min_p.has_value() + o.seed.has_value()
+               + o.stop.has_value() + o.logprobs.has_value() + o.priority.has_value()
+               + o.repetition_penalty.has_value() + o.presence_penalty.has_value() + o.frequency_penalty.has_value()
+               + o.ignore_eos.has_value();
+    if (o.extra.is_map())
+        for (size_t i = 0; i < o.extra.size(); i++) n += !known_key(o.extra.key_at(i));
+    std::vector<uint8_t> out;
+    out.reserve(256);
+    msgpack::Writer w(&out);
+    w.map_header(n);
+    w.str("op"); w.str("generate");
+    w.str("id"); w.str(id);
+    if (o.prompt) { w.str("prompt"); w.str(*o.prompt); }
+    if (o.messages) {
+        w.str("messages");
+        w.array_header(o.messages->size());
+        for (const ChatMessage& m : *o.messages) {
+            w.map_header(2);
+            w.str("role"); w.str(m.role);
+            w.str("content"); w.str(m.content);
+        }
+    }
+    if (o.max_tokens) { w.str("max_tokens"); w.integer(*o.max_tokens); }
+    if (o.temperature) { w.str("temperature"); w.float64(*o.temperature); }
+    if (o.top_k) { w.str("top_k"); w.integer(*o.top_k); }
+    if (o.top_p) { w.str("top_p"); w.float64(*o.top_p); }
+    if (o.min_p) { w.str("min_p"); w.float64(*o.min_p); }
+    if (o.seed) { w.str("seed"); w.uinteger(*o.seed); }
+    if (o.stop) {
+        w.str("stop");
+        w.array_header(o.stop->size());
+        for (const std::string& s : *o.stop) w.str(s);
+    }
+    if (o.logprobs) { w.str("logprobs"); w.integer(*o.logprobs); }
+    if (o.priority) { w.str("priority"); w.integer(*o.priority); }
+    if (o.repetition_penalty) { w.str("repetition_penalty"); w.float64(*o.repetition_penalty); }
+    if (o.presence_penalty) { w.str("presence_penalty"); w.float64(*o.presence_penalty); }
+    if (o.frequency_penalty) { w.str("frequency_penalty"); w.float64(*o.frequency_penalty); }
+    if (o.ignore_eos) { w.str("ignore_eos"); w.boolean(*o.ignore_eos); }
+    if (o.extra.is_map())
+        for (size_t i = 0; i < o.extra.size(); i++) {
+            if (known_key(o.extra.key_at(i))) continue;
+            w.str(o.extra.key_at(i));
+            w.value(o.extra.at(i));
+        }
+    return out;
+}
+
+std::vector<uint8_t> cancel(const std::string& id) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(2);
+    w.str("op"); w.str("cancel");
+    w.str("id"); w.str(id);
+    return out;
+}
+
+std::vector<uint8_t> ping(const Value& t) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(2);
+    w.str("op"); w.str("ping");
+    w.str("t"); w.value(t);
+    return out;
+}
+
+std::vector<uint8_t> frame(double ms, std::optional<double> target_ms) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(target_ms ? 3 : 2);
+    w.str("op"); w.str("frame");
+    w.str("ms"); w.float64(ms);
+    if (target_ms) { w.str("target_ms"); w.float64(*target_ms); }
+    return out;
+}
+
+std::vector<uint8_t> stats_request() {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(1);
+    w.str("op"); w.str("stats");
+    return out;
+}
+
+}  // namespace messages
+}  // namespace gllm

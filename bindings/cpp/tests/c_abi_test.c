@@ -1,0 +1,162 @@
+/* Exercises the C ABI (gllm_client_c.h) from plain C against a real gllm server:
+ *     gllm_c_abi_test HOST PORT
+ * Two requests (a prompt and a chat) stream at once; each must end with exactly one on_completed whose text
+ * equals the streamed text; a bad request must end with on_failed(bad_request); stats must answer. Prints
+ * "C ABI OK ..." and exits 0, or says what failed and exits 1. */
+#define _POSIX_C_SOURCE 200809L   /* clock_gettime, nanosleep under -std=c11 */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "gllm/gllm_client_c.h"
+
+typedef struct {
+    char id[64];
+    char text[4096];
+    char done_text[4096];
+    int ends;
+    int failed;
+    char code[64];
+    long long completion_tokens;
+} request;
+
+typedef struct {
+    request req[3];
+    int connected;
+    int stats;
+    int bad;
+} state;
+
+static request* find(state* s, const char* id) {
+    for (int i = 0; i < 3; i++)
+        if (strcmp(s->req[i].id, id) == 0) return &s->req[i];
+    return NULL;
+}
+
+static void on_text(void* user, const char* id, const char* delta, const char* full) {
+    request* r = find((state*)user, id);
+    if (!r) return;
+    strncat(r->text, delta, sizeof r->text - strlen(r->text) - 1);
+    if (strcmp(r->text, full) != 0) ((state*)user)->bad = 1;
+}
+
+static void on_completed(void* user, const char* id, const gllm_done* d) {
+    request* r = find((state*)user, id);
+    if (!r) return;
+    r->ends++;
+    snprintf(r->done_text, sizeof r->done_text, "%s", d->text);
+    r->completion_tokens = (long long)d->completion_tokens;
+    if (isnan(d->total_ms) || strcmp(d->id, id) != 0) ((state*)user)->bad = 1;
+}
+
+static void on_failed(void* user, const char* id, const char* code, const char* message) {
+    request* r = find((state*)user, id);
+    (void)message;
+    if (!r) return;
+    r->ends++;
+    r->failed = 1;
+    snprintf(r->code, sizeof r->code, "%s", code);
+}
+
+static void on_connection_changed(void* user, int up) {
+    if (up) ((state*)user)->connected++;
+}
+
+static void on_stats(void* user, const char* json) {
+    if (strstr(json, "\"kv_total_blocks\"")) ((state*)user)->stats++;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void nap(void) {
+    struct timespec ts = {0, 2000000};
+    nanosleep(&ts, NULL);
+}
+
+int main(int argc, char** argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
+        return 2;
+    }
+    state s;
+    memset(&s, 0, sizeof s);
+    gllm_client* c = gllm_client_new();
+    gllm_callbacks cb = {&s, on_text, on_completed, on_failed, on_connection_changed, on_stats};
+    gllm_client_set_callbacks(c, &cb);
+    if (gllm_client_connect(c, argv[1], (uint16_t)atoi(argv[2]), "c-abi-test/0.1", NULL) != 0) {
+        printf("FAIL connect\n");
+        return 1;
+    }
+    gllm_generate_options o;
+    gllm_generate_options_init(&o);
+    o.prompt = "The ferryman of Eldmoor said";
+    o.max_tokens = 12;
+    o.temperature = 0.0;
+    o.ignore_eos = 1;
+    gllm_client_generate(c, &o, s.req[0].id, sizeof s.req[0].id);
+
+    gllm_chat_message chat[2] = {{"system", "You are Lira, a bard."}, {"user", "Sing."}};
+    gllm_generate_options m;
+    gllm_generate_options_init(&m);
+    m.id = "c-chat";
+    m.messages = chat;
+    m.n_messages = 2;
+    m.max_tokens = 8;
+    m.temperature = 0.0;
+    m.ignore_eos = 1;
+    gllm_client_generate(c, &m, s.req[1].id, sizeof s.req[1].id);
+
+    gllm_generate_options b;
+    gllm_generate_options_init(&b);
+    b.prompt = "x";
+    b.temperature = -1.0;
+    gllm_client_generate(c, &b, s.req[2].id, sizeof s.req[2].id);
+    gllm_client_stats(c);   /* dropped while not connected: asked again below */
+
+    double t0 = now_s();
+    int asked = 0;
+    while (s.req[0].ends + s.req[1].ends + s.req[2].ends < 3 || s.stats == 0) {
+        if (now_s() - t0 > 60) {
+            printf("FAIL timed out (ends %d %d %d, stats %d)\n", s.req[0].ends, s.req[1].ends, s.req[2].ends, s.stats);
+            return 1;
+        }
+        if (gllm_client_is_connected(c) && !asked) {
+            gllm_client_stats(c);
+            asked = 1;
+        }
+        gllm_client_poll(c, 2000);
+        nap();
+    }
+    int ok = 1;
+    for (int i = 0; i < 2; i++) {
+        request* r = &s.req[i];
+        if (r->ends != 1 || r->failed || strcmp(r->text, r->done_text) != 0 || r->completion_tokens < 1) {
+            printf("FAIL request %s: ends %d failed %d (%s) streamed '%s' done '%s'\n", r->id, r->ends, r->failed,
+                   r->code, r->text, r->done_text);
+            ok = 0;
+        }
+    }
+    if (s.req[2].ends != 1 || !s.req[2].failed || strcmp(s.req[2].code, "bad_request") != 0) {
+        printf("FAIL the bad request: ends %d code '%s'\n", s.req[2].ends, s.req[2].code);
+        ok = 0;
+    }
+    if (s.connected != 1 || s.bad) {
+        printf("FAIL connected %d, contract breach %d\n", s.connected, s.bad);
+        ok = 0;
+    }
+    if (gllm_client_in_flight(c) != 0) {
+        printf("FAIL in_flight %d\n", gllm_client_in_flight(c));
+        ok = 0;
+    }
+    gllm_client_free(c);
+    if (!ok) return 1;
+    printf("C ABI OK version=%s prompt_id=%s text=\"%s\" chat_text=\"%s\"\n", gllm_version(), s.req[0].id,
+           s.req[0].done_text, s.req[1].done_text);
+    return 0;
+}
