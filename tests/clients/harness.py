@@ -253,3 +253,43 @@ class ConformanceRun:
             m = SUMMARY_RE.match(line.strip())
             if m:
                 result.summary = (int(m.group(1)), int(m.group(2)))
+
+
+# ------------------------------------------------------------------------------------------ shared checks
+POLL_COST_KEYS = {"idle_median_ms", "idle_p99_ms", "streams16_median_ms", "streams16_p99_ms"}
+
+
+def check_complete_run(result: RunResult) -> dict[str, str]:
+    """What every client's run must show: each scenario reported once, the summary line, exit code 0, the one
+    server restart answered, and the poll-cost metrics; returns those metrics."""
+    n = len(SCENARIO_NAMES)
+    assert sorted(result.results) == sorted(SCENARIO_NAMES), result.output[-4000:]
+    assert result.summary == (n, 0), result.output[-4000:]
+    assert result.returncode == 0
+    assert result.restarts == 1
+    cost = result.metrics.get("poll-cost", {})
+    assert POLL_COST_KEYS <= set(cost), cost
+    return cost
+
+
+def wrong_vector_spec(directory: Path, mutation: str) -> Path:
+    """A spec holding only the `vectors` scenario, with one vector spoilt (`mutation`: "hex", one byte; "json",
+    one value): a runner must fail it."""
+    vectors = load_vectors()
+    for v in vectors:
+        if v["name"] == "generate-messages":
+            if mutation == "hex":
+                v["hex"] = v["hex"][:-2] + "fe"                    # priority -1 -> -2
+            else:
+                v["json"] = v["json"].replace('"seed": 1234', '"seed": 1235')
+    spec = {"host": "127.0.0.1", "port": 1, "server": {}, "vectors": vectors,
+            "scenarios": [s for s in load_scenarios()["scenarios"] if s["name"] == "vectors"]}
+    path = directory / "spec.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+def check_wrong_vector_failed(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL vectors: generate-messages" in proc.stdout, proc.stdout
+    assert "0 passed, 1 failed" in proc.stdout
