@@ -84,7 +84,14 @@ def test_chat_ctrl_c_cancels_the_reply_not_the_program(llama32_dir):
     try:
         assert read_until(b"you> ")
         os.write(fd, b"Tell me a very long story\n")
-        time.sleep(1.0)                                  # the reply is streaming now
+        assert read_until(b"story\r\n")                # the terminal's echo of the line
+        echoed = len(output)
+        # The reply is streaming once its first text shows (it has ~2,000 tokens to go): only then Ctrl-C,
+        # whatever the machine's speed.
+        deadline = time.time() + 120
+        while len(output) < echoed + 16 and time.time() < deadline:
+            read_until(b"\0never", timeout=0.2)
+        assert len(output) >= echoed + 16, output[-400:]
         mark = len(output)
         os.kill(pid, signal.SIGINT)
         assert read_until(b"(reply cancelled)", mark)
