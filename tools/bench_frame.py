@@ -234,10 +234,12 @@ def plot(results: list[RunResult], path: str, work_share: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, duty_ax) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=(3, 1))
-    for r in results:
-        ax.plot(r.frame_t, r.frame_ms, lw=0.7, label=f"{r.label} (p99 {percentile(r.frame_ms, 99):.1f} ms)")
+    for i, r in enumerate(results):
+        colour = f"C{i}"
+        ax.plot(r.frame_t, r.frame_ms, lw=0.7, color=colour,
+                label=f"{r.label} (p99 {percentile(r.frame_ms, 99):.1f} ms)")
         if r.duty:
-            duty_ax.step([t for t, _ in r.duty], [d for _, d in r.duty], where="post", label=r.label)
+            duty_ax.step([t for t, _ in r.duty], [d for _, d in r.duty], where="post", color=colour, label=r.label)
     ax.axhline(FRAME_S * 1000, color="k", ls="--", lw=0.8, label="60 fps target")
     ax.set_yscale("log")
     ax.set_ylabel("frame time (work + poll), ms")
