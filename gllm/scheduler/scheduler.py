@@ -132,19 +132,21 @@ class Scheduler:
         for block_id in table.block_ids[already:table.num_hashed]:
             self._published[block_id] = seq
 
-    def _budget_left(self, out: SchedulerOutput, seq: Sequence) -> int:
+    def _budget_left(self, out: SchedulerOutput, seq: Sequence, start: int | None = None) -> int:
         """Tokens `seq` may compute this step: what the token budget has left, and for a prefill also what
-        the time budget has left (decodes always get their token)."""
+        the time budget has left (decodes always get their token). `start`: where its chunk begins (a waiting
+        sequence's cached prefix), default its computed tokens."""
         left = self.config.max_step_tokens - out.num_tokens
         budget_s = self.config.step_budget_s
         if left <= 0 or not seq.is_prefilling or budget_s is None or self.cost is None or not self.cost.ready:
             return left
-        base, start = self.shape(out), seq.num_computed_tokens
+        base = self.shape(out)
+        start = seq.num_computed_tokens if start is None else start
 
         def shape_with(n: int) -> StepShape:
             return StepShape(base.prefill_tokens + n, base.decode_rows, base.kv_tokens + n * (start + n))
 
-        fits = self.cost.largest_within(budget_s, min(left, seq.num_uncomputed), shape_with)
+        fits = self.cost.largest_within(budget_s, min(left, len(seq.token_ids) - start), shape_with)
         return fits if fits > 0 or base.prefill_tokens else min(left, MIN_PREFILL_CHUNK)
 
     @staticmethod
@@ -163,7 +165,8 @@ class Scheduler:
         while self.waiting:
             self.waiting.sort(key=Sequence.rank)
             seq = self.waiting[0]
-            budget = self._budget_left(out, seq)   # (its cached prefix, found below, is not counted in)
+            cached = len(self.blocks.match_prefix(seq.token_ids)) * self.blocks.block_size
+            budget = self._budget_left(out, seq, start=cached)
             if budget <= 0:
                 break
             if len(self.running) >= self.config.max_batch_size:
