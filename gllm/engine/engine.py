@@ -170,7 +170,7 @@ class LLMEngine:
         # The fast path keeps one extra block as the scratch target of padded graph rows.
         self.kv_cache = KVCache(cfg, num_blocks + int(use_graphs), gen.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)
-        self.cost_model = StepCostModel()       # learns this device's step times (feeds step_budget_ms)
+        self.cost_model = StepCostModel()       # learns this device's step times (with step_budget_ms)
         self.step_seconds: deque[float] = deque(maxlen=512)
         budget_s = None if gen.step_budget_ms is None else gen.step_budget_ms / 1000
         self.scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens, budget_s),
@@ -596,8 +596,8 @@ class LLMEngine:
                         num_preempted=len(out.preempted), running=len(self.scheduler.running),
                         waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks)
         self.step_seconds.append(info.seconds)
-        if out.shape is not None and sampled is not None:
-            self.cost_model.observe(out.shape, info.seconds)
+        if self.gen_params.step_budget_ms is not None and out.shape is not None and sampled is not None:
+            self.cost_model.observe(out.shape, info.seconds)   # (its refits cost the engine thread ~1 ms)
         self._deferred = (info, deferred)
 
     def _flush_deferred(self) -> None:
