@@ -119,7 +119,8 @@ class Scheduler:
             else:
                 self._schedule(seq, n, out)
         self._admit(out)
-        out.shape = self.shape(out)
+        if self.config.step_budget_s is not None:   # only the budget's cost model reads it
+            out.shape = self.shape(out)
         return out
 
     def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
@@ -241,7 +242,8 @@ class Scheduler:
             item = ScheduledSeq(seq, 1)
             item.samples = True  # its input token is the one being sampled now
             out.add(item)
-        out.shape = self.shape(out)
+        if self.config.step_budget_s is not None:   # only the budget's cost model reads it
+            out.shape = self.shape(out)
         return out
 
     def commit_ahead(self, out: SchedulerOutput) -> None:
