@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from gllm.kv import BlockManager, BlockTable, KVCache
+from gllm.kv import BlockManager, BlockTable, KVCache, slots_of
 from gllm.model import ForwardBatch, LlamaForCausalLM
+from gllm.ops import SdpaPlan
 
 
 @lru_cache(maxsize=4)
@@ -50,9 +51,9 @@ class Stepper:
         blocks = self.table.block_ids
         batch = ForwardBatch(
             input_ids=torch.tensor(token_ids), positions=torch.arange(start, start + n),
-            slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, start + n)]),
+            slot_mapping=torch.tensor(slots_of(blocks, start, start + n, bs)),
             context_lens=torch.tensor([start + n]),
             block_tables=torch.tensor([blocks]), logits_indices=torch.arange(n),
-            query_lens_host=[n], context_lens_host=[start + n])
+            attention=SdpaPlan([n], [start + n]))
         self.length += n
         return self.model(batch, self.cache.layers)

@@ -85,7 +85,7 @@ def test_dependent_launch_gives_the_same_tokens_and_logprobs(llama32_dir):
     for graphs in (True, False):
         with cuda_engine(llama32_dir, dtype="bfloat16", cuda_graphs=graphs) as pdl, \
                 cuda_engine(llama32_dir, dtype="bfloat16", cuda_graphs=graphs, dependent_launch=False) as plain:
-            assert pdl.model.dependent_launch and not plain.model.dependent_launch
+            assert pdl.model.kernels.dependent_launch and not plain.model.kernels.dependent_launch
             for n in (1, 3, 6):
                 reqs = [GenerationRequest(prompt=PROMPT * (i + 1), max_new_tokens=24, temperature=0, logprobs=2,
                                           ignore_eos=True) for i in range(n)]
@@ -145,7 +145,7 @@ def test_fused_kernels_match_the_torch_path(dtype):
     res = torch.randn_like(x)
     norm = RMSNorm(576, 1e-5).cuda().to(dtype)
     norm.weight.data.normal_()
-    want_out, want_res = norm(x, res.clone())
+    want_out, want_res = norm(x, res.clone())   # the plain path (fused=False)
     got_res = res.clone()
     got_out = triton_fused.rms_norm(x, norm.weight, 1e-5, got_res)
     torch.testing.assert_close(got_res, want_res, rtol=0, atol=0)          # the sum is rounded identically
@@ -175,8 +175,7 @@ def test_fused_kernels_match_the_torch_path(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_mixed_prefill_and_decode_attention_matches_torch_path(dtype):
     """One eager step holding a fresh prompt, a chunk over a cached prefix and two decodes."""
-    from gllm.model import ForwardBatch
-    from gllm.ops.attention import paged_attention
+    from gllm.ops.attention import MixedKernelPlan, SdpaPlan, paged_attention
     torch.manual_seed(1)
     heads, kv_heads, dim, bs = 8, 2, 64, 16
     k_cache = torch.randn(64, bs, kv_heads, dim, device="cuda", dtype=dtype)
@@ -185,15 +184,11 @@ def test_triton_mixed_prefill_and_decode_attention_matches_torch_path(dtype):
     tables = torch.randperm(64, device="cuda")[: 4 * 12].view(4, 12)
     q = torch.randn(sum(q_lens), heads, dim, device="cuda", dtype=dtype)
 
-    def batch(use_triton):
-        t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
-        return ForwardBatch(input_ids=t([0] * sum(q_lens)), positions=t([0] * sum(q_lens)),
-                            slot_mapping=t([0] * sum(q_lens)), context_lens=t(ctx_lens),
-                            block_tables=tables, logits_indices=t([0]), query_lens_host=q_lens,
-                            context_lens_host=ctx_lens, use_triton=use_triton)
-
-    want = paged_attention(q.double(), k_cache.double(), v_cache.double(), batch(False), dim ** -0.5)
-    got = paged_attention(q, k_cache, v_cache, batch(True), dim ** -0.5).double()
+    ctx = torch.tensor(ctx_lens, device="cuda")
+    want = paged_attention(q.double(), k_cache.double(), v_cache.double(), tables, ctx, SdpaPlan(q_lens, ctx_lens),
+                           dim ** -0.5)
+    plan = MixedKernelPlan.build(q_lens, ctx_lens, tables, ctx, heads, kv_heads, dim)
+    got = paged_attention(q, k_cache, v_cache, tables, ctx, plan, dim ** -0.5).double()
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
 
@@ -203,8 +198,7 @@ def test_prefill_attention_split_over_keys_matches_reference(dtype):
     """Short chunks over long cached prefixes split each tile's keys over programs; every split count gives
     the reference, including splits that some rows cannot see (all their keys lie past the row's position)."""
     import dataclasses
-    from gllm.model import ForwardBatch
-    from gllm.ops.attention import paged_attention
+    from gllm.ops.attention import PrefillKernelPlan, SdpaPlan, paged_attention
     from gllm.ops.triton_prefill import PrefillPlan, prefill_partials
     torch.manual_seed(2)
     heads, kv_heads, dim, bs = 8, 2, 64, 16
@@ -213,17 +207,15 @@ def test_prefill_attention_split_over_keys_matches_reference(dtype):
     q_lens, ctx_lens = [20, 5, 70], [900, 300, 70]
     tables = torch.randperm(200, device="cuda")[: 3 * 60].view(3, 60).to(torch.int32)
     q = torch.randn(sum(q_lens), heads, dim, device="cuda", dtype=dtype)
-    t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
-    batch = ForwardBatch(input_ids=t([0] * sum(q_lens)), positions=t([0] * sum(q_lens)),
-                         slot_mapping=t([0] * sum(q_lens)), context_lens=t(ctx_lens), block_tables=tables,
-                         logits_indices=t([0]), query_lens_host=q_lens, context_lens_host=ctx_lens)
-    want = paged_attention(q.double(), k_cache.double(), v_cache.double(), batch, dim ** -0.5)
+    ctx = torch.tensor(ctx_lens, device="cuda")
+    want = paged_attention(q.double(), k_cache.double(), v_cache.double(), tables, ctx, SdpaPlan(q_lens, ctx_lens),
+                           dim ** -0.5)
     plan = PrefillPlan.build([0, 1, 2], [0, 20, 25], q_lens, ctx_lens, heads, dim, torch.device("cuda"))
     assert plan.num_splits > 1    # 4 tiles x 8 heads over 900 keys: the GPU wants more programs
     for splits in (1, 2, 4, 8):
-        batch.prefill_plan = dataclasses.replace(plan, num_splits=splits, partials=prefill_partials(
-            plan.num_tiles, heads, dim, splits, torch.device("cuda")))
-        got = paged_attention(q, k_cache, v_cache, batch, dim ** -0.5).double()
+        split_plan = PrefillKernelPlan(dataclasses.replace(plan, num_splits=splits, partials=prefill_partials(
+            plan.num_tiles, heads, dim, splits, torch.device("cuda"))))
+        got = paged_attention(q, k_cache, v_cache, tables, ctx, split_plan, dim ** -0.5).double()
         rel = ((got - want).norm() / want.norm()).item()
         assert rel < (1e-5 if dtype == torch.float32 else 1e-2), (splits, rel)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gllm.engine.step_inputs import StepInputs, StepStaging
+from gllm.runner.step_inputs import StepInputs, StepStaging
 
 SIZES, WIDTH, SCRATCH, BS = [1, 2, 4, 8], 5, 99, 16
 

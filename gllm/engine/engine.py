@@ -9,10 +9,8 @@ stops the engine or loses another request: every request ends with exactly one f
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -20,26 +18,24 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gllm.engine.assembly import assemble
 from gllm.engine.errors import EngineBusy, RequestTooLong
 from gllm.engine.governor import FrameGovernor
-from gllm.engine.loading import LoadedModel, load
-from gllm.engine.model_runner import ModelRunner
-from gllm.engine.device_dtype import auto_dtype
-from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
-from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings, Usage
-from gllm.engine.sinks import AsyncSink, RequestHandle
+from gllm.engine.loading import LoadedModel
+from gllm.engine.params import GeneratorParams
+from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent
+from gllm.engine.results import Ending, RequestState, final_event, token_text
+from gllm.engine.sinks import AsyncSink, CallbackSink, EventSink, RequestHandle
 from gllm.engine.thread_priority import lower_this_thread
-from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
-from gllm.model import ModelConfig, parse_dtype
-from gllm.sampling import PendingSample, SampleRow, Sampler, SamplingParams, StopChecker, StopResult, TokenLogprobs
-from gllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
-from gllm.scheduler.step_cost import StepCostModel
+from gllm.model import ModelConfig
+from gllm.sampling import PendingSample, SampleRow, StopChecker, StopResult, TokenLogprobs
+from gllm.scheduler import SchedulerOutput, Sequence
 from gllm.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("gllm.engine")
@@ -47,84 +43,12 @@ log = logging.getLogger("gllm.engine")
 MAX_GOVERNOR_PAUSE_S = 0.5
 
 
-def pick_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return dev
-
-
-def _triton_available() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        log.warning("Triton is not installed: the GPU runs the plain PyTorch path (no CUDA graphs, slower decode)")
-        return False
-    return True
-
-
-def _dependent_launch(wanted: bool | None, device: torch.device) -> bool:
-    """Whether decode kernels use programmatic dependent launch: asked for (or left to us) and the GPU has it."""
-    if wanted is False:
-        return False
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        if wanted:
-            log.warning("dependent_launch needs compute capability 9.0 or later; this GPU is %d.%d: off",
-                        major, minor)
-        return False
-    return True
-
-
-def _decode_kernel_supports(block_size: int, head_dim: int) -> bool:
-    from gllm.ops.triton_attention import supports
-    if not supports(block_size, head_dim):
-        log.warning("block_size %d / head_dim %d: not powers of 2, so decode runs without the Triton kernel "
-                    "and CUDA graphs", block_size, head_dim)
-        return False
-    return True
-
-
-def default_cpu_threads() -> int:
-    # Leave cores to the game: half of them, at most 8.
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-class _CallbackSink:
-    def __init__(self, on_event: Callable[[StreamEvent], None]) -> None:
-        self.put = on_event
-
-
-@dataclass(eq=False)
-class _RequestState:
-    """Everything the engine tracks for one live request (engine thread only after submission)."""
-    request_id: str
-    seq: Sequence
-    params: SamplingParams
-    seed: int
-    stop: StopChecker
-    detok: IncrementalDetokenizer
-    sink: Any
-    submitted: float
-    prompt_ids: list[int] = field(default_factory=list)   # kept once: the sampler reads it every step
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    sent_chars: int = 0
-    # A token accepted by id whose text is not processed yet (overlapped steps): (token, logprobs, step).
-    pending: tuple[int, TokenLogprobs | None, int] | None = None
-    last_step: int = 0          # the step that produced its last token (its final event's step)
-
-
 @dataclass(eq=False)
 class _LaunchedStep:
     """A step queued on the device whose sampled tokens are not yet on the host."""
     out: SchedulerOutput
-    states: list[_RequestState]
-    samplers: list[_RequestState]
+    states: list[RequestState]
+    samplers: list[RequestState]
     sample: PendingSample | None
     started: float
     step: int = 0
@@ -138,66 +62,27 @@ class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel | None = None, gen_params: GeneratorParams | None = None,
                  device: str | None = None, quiet: bool = True) -> None:
         self.gen_params = gen = gen_params or GeneratorParams()
-        self.device = pick_device(device)
-        auto, self.dtype_reason = auto_dtype(self.device)
-        if gen.dtype != "auto":
-            self.dtype_reason = "set by GeneratorParams.dtype"
-        self.dtype = parse_dtype(auto if gen.dtype == "auto" else gen.dtype)
-        self.cpu_threads = gen.cpu_threads or default_cpu_threads()
-        loaded = model if isinstance(model, LoadedModel) else load(
-            model, dtype=self.dtype, device=self.device, max_positions=gen.max_seq_len, quiet=quiet)
+        rt = assemble(model, gen, device, quiet)
+        self.device, self.dtype, self.dtype_reason, self.cpu_threads = rt.device, rt.dtype, rt.dtype_reason, rt.cpu_threads
+        loaded = rt.loaded
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.model_name, self.model_source = loaded.source.name, loaded.source
         self.load_seconds, self.loaded_warm = loaded.load_seconds, loaded.warm
         cfg: ModelConfig = self.model_config
-        if gen.max_seq_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_seq_len {gen.max_seq_len} exceeds the model's max_position_embeddings "
-                             f"{cfg.max_position_embeddings}")
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-
-        if gen.gpu_memory_mb is not None:
-            num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, memory_mb=self._kv_mb_within_budget())
-        elif gen.kv_cache_mb is None:
-            kv_tokens = gen.kv_cache_tokens or self._default_kv_tokens()
-            num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, tokens=kv_tokens)
-        else:
-            num_blocks = num_blocks_for(cfg, self.dtype, gen.block_size, memory_mb=gen.kv_cache_mb)
-        use_triton = (self.device.type == "cuda" and _triton_available()
-                      and _decode_kernel_supports(gen.block_size, cfg.head_dim))
-        use_graphs = use_triton and gen.cuda_graphs
-        if use_triton:
-            self.model.use_fused_kernels(dependent_launch=_dependent_launch(gen.dependent_launch, self.device))
-        # The fast path keeps one extra block as the scratch target of padded graph rows.
-        self.kv_cache = KVCache(cfg, num_blocks + int(use_graphs), gen.block_size, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)
-        self.cost_model = StepCostModel()       # learns this device's step times (with step_budget_ms)
+        self.kv_cache, self.block_manager, self.scheduler = rt.kv_cache, rt.block_manager, rt.scheduler
+        self.cost_model, self.fast_path, self.runner, self.sampler = rt.cost_model, rt.fast_path, rt.runner, rt.sampler
         self.step_seconds: deque[float] = deque(maxlen=512)
-        budget_s = None if gen.step_budget_ms is None else gen.step_budget_ms / 1000
-        self.scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens, budget_s),
-                                   self.block_manager, self.cost_model)
-        graph_decoder = prefill_graphs = None
-        if use_graphs:
-            from gllm.engine.cuda_graphs import CudaGraphDecoder
-            from gllm.engine.prefill_graphs import CudaGraphPrefill
-            max_blocks = self.block_manager.blocks_needed(gen.max_seq_len)
-            graph_decoder = CudaGraphDecoder(self.model, self.kv_cache, gen.max_batch_size, max_blocks, num_blocks,
-                                             self.device)
-            if gen.prefill_graph_tokens:
-                prefill_graphs = CudaGraphPrefill(self.model, self.kv_cache, min(gen.max_step_tokens,
-                                                  gen.prefill_graph_tokens), gen.max_batch_size, max_blocks,
-                                                  num_blocks, self.device, pool=graph_decoder.pool)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graph_decoder, use_triton, prefill_graphs)
-        self.sampler = Sampler(cfg.vocab_size, self.device)
         # Overlap: step N's text work (detokenizing, stop strings, events) runs while step N+1 computes.
         self.overlap_steps = self.device.type == "cuda" if gen.overlap_steps is None else gen.overlap_steps
-        self._deferred: tuple[StepInfo, list[_RequestState]] | None = None   # engine thread only
+        self._deferred: tuple[StepInfo, list[RequestState]] | None = None   # engine thread only
         self._inflight: _LaunchedStep | None = None   # a step queued ahead, whose tokens are not collected yet
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._live_ids: set[str] = set()          # ids submitted and not yet finished (any thread)
         self._ids_lock = threading.Lock()
-        self._states: dict[str, _RequestState] = {}  # engine thread only
-        self._by_seq: dict[int, _RequestState] = {}  # engine thread only
+        self._states: dict[str, RequestState] = {}  # engine thread only
+        self._by_seq: dict[int, RequestState] = {}  # engine thread only
         self._seq_ids = itertools.count()
         self._closed = False
         self._step_listeners: list[Callable[[StepInfo], None]] = []
@@ -209,34 +94,6 @@ class LLMEngine:
         self.paused_s = 0.0                      # wall time the governor paused between steps
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
-
-    def _default_kv_tokens(self) -> int:
-        """Room for every batch row at full length; on the CPU at most DEFAULT_CPU_KV_MB of it (the game
-        needs the RAM), but always one full-length request."""
-        gen = self.gen_params
-        full = gen.max_batch_size * gen.max_seq_len
-        if self.device.type != "cpu":
-            return full
-        budget = int(DEFAULT_CPU_KV_MB * 2**20) // kv_bytes_per_token(self.model_config, self.dtype)
-        return max(gen.max_seq_len, min(full, budget))
-
-    def _kv_mb_within_budget(self) -> float:
-        """What `gpu_memory_mb` leaves for the KV pool after the weights and a step's activations."""
-        gen, cfg = self.gen_params, self.model_config
-        weights = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
-        element = torch.empty((), dtype=self.dtype).element_size()
-        # Widest step: every token's hidden states, fused qkv and gate/up outputs (a few alive at once),
-        # plus float32 logits and sampler copies for each sequence that samples, plus allocator slack.
-        per_token = (4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size) * element
-        activations = gen.max_step_tokens * per_token + gen.max_batch_size * cfg.vocab_size * 4 * 6
-        if self.device.type == "cuda" and gen.cuda_graphs:   # the prefill graphs keep their activations
-            activations += min(gen.max_step_tokens, gen.prefill_graph_tokens) * per_token
-        reserve = activations + 512 * 2**20
-        left = gen.gpu_memory_mb * 2**20 - weights - reserve
-        if left <= 0:
-            raise ValueError(f"gpu_memory_mb {gen.gpu_memory_mb:.0f} is too small: weights take "
-                             f"{weights / 2**20:.0f} MiB and a step's activations about {reserve / 2**20:.0f} MiB")
-        return left / 2**20
 
     # ----------------------------------------------------------------- public API
     async def enqueue_request(self, req: GenerationRequest) -> GenerationResult:
@@ -276,7 +133,7 @@ class LLMEngine:
     def add_request(self, req: GenerationRequest, on_event: Callable[[StreamEvent], None]) -> str:
         """Low-level submission for front ends: `on_event` runs on the engine thread for each event
         (the last one carries the result) and must return at once. Returns the request id."""
-        return self._submit(req, _CallbackSink(on_event))
+        return self._submit(req, CallbackSink(on_event))
 
     def generate(self, requests: Iterable[GenerationRequest] | GenerationRequest,
                  timeout: float | None = None) -> list[GenerationResult]:
@@ -288,7 +145,7 @@ class LLMEngine:
         handles = [RequestHandle("") for _ in requests]
         # One inbox entry for the lot: the engine schedules them together, not as the thread happens to
         # wake between submissions, so the same calls give the same batches (and the same bits).
-        states: list[_RequestState] = []
+        states: list[RequestState] = []
         try:
             for req, handle in zip(requests, handles):
                 states.append(self._prepare(req, handle))
@@ -396,12 +253,12 @@ class LLMEngine:
         self.close()
 
     # ----------------------------------------------------------------- submission (caller's thread)
-    def _submit(self, req: GenerationRequest, sink: Any) -> str:
+    def _submit(self, req: GenerationRequest, sink: EventSink) -> str:
         state = self._prepare(req, sink)
         self._inbox.put(("add", [state]))
         return state.request_id
 
-    def _prepare(self, req: GenerationRequest, sink: Any) -> _RequestState:
+    def _prepare(self, req: GenerationRequest, sink: EventSink) -> RequestState:
         """Check `req` and register its id; the caller puts the state in the inbox."""
         if self._closed:
             raise RuntimeError("the engine is closed")
@@ -428,7 +285,7 @@ class LLMEngine:
                 raise EngineBusy(f"too many requests in flight (limit {gen.max_waiting_requests + gen.max_batch_size})")
             self._live_ids.add(request_id)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        state = _RequestState(
+        state = RequestState(
             request_id=request_id,
             seq=Sequence(seq_id=next(self._seq_ids), token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
                          priority=req.priority),
@@ -571,7 +428,7 @@ class LLMEngine:
         """Wait for the step's tokens and apply them by id; their text waits in `_deferred` when overlapping."""
         out = launched.out
         step = launched.step
-        deferred: list[_RequestState] = []
+        deferred: list[RequestState] = []
         try:
             sampled = launched.sample.result() if launched.sample is not None else None
         except Exception as exc:
@@ -614,7 +471,7 @@ class LLMEngine:
             except Exception:
                 log.exception("step listener failed")
 
-    def _catch_up(self, state: _RequestState) -> bool:
+    def _catch_up(self, state: RequestState) -> bool:
         """Process a live request's pending token text; True if that finished it (a stop string)."""
         if state.pending is None or self._states.get(state.request_id) is not state:
             return False
@@ -627,7 +484,7 @@ class LLMEngine:
             self._finish(state, "error", error=f"{type(exc).__name__}: {exc}")
         return self._states.get(state.request_id) is not state
 
-    def _accept_token(self, state: _RequestState, token: int, lp: TokenLogprobs | None, step: int) -> bool:
+    def _accept_token(self, state: RequestState, token: int, lp: TokenLogprobs | None, step: int) -> bool:
         """Apply a sampled token; True if its text is left for `_flush_deferred` (overlapping, not finished)."""
         now = time.perf_counter()
         state.first_token = state.first_token or now
@@ -643,24 +500,15 @@ class LLMEngine:
         self._accept_text(state, token, lp, verdict, step)
         return False
 
-    def _accept_text(self, state: _RequestState, token: int, lp: TokenLogprobs | None, verdict: StopResult,
+    def _accept_text(self, state: RequestState, token: int, lp: TokenLogprobs | None, verdict: StopResult,
                      step: int) -> None:
-        stop_token = verdict.finished and verdict.finish_reason == "stop"
-        new_text = "" if stop_token else state.detok.add([token])
-        text = state.detok.text
-        cut = state.stop.find_stop_string(text, len(new_text))
-        if cut is not None:
-            self._finish(state, "stop", text=text[:cut], new_tokens=[token], new_logprobs=lp)
-        elif verdict.finished:
-            self._finish(state, verdict.finish_reason, text=text + state.detok.finish(), new_tokens=[token],
-                         new_logprobs=lp)
+        outcome = token_text(state, token, lp, verdict, step)
+        if isinstance(outcome, Ending):
+            self._finish(state, outcome.reason, text=outcome.text, new_tokens=[token], new_logprobs=lp)
         else:
-            safe = state.stop.safe_length(text)
-            delta, state.sent_chars = text[state.sent_chars:safe], max(state.sent_chars, safe)
-            self._deliver(state, StreamEvent(state.request_id, delta, [token], None if lp is None else [lp],
-                                             step=step))
+            self._deliver(state, outcome)
 
-    def _finish(self, state: _RequestState, reason: str, *, text: str | None = None,
+    def _finish(self, state: RequestState, reason: str, *, text: str | None = None,
                 new_tokens: list[int] | None = None, new_logprobs: TokenLogprobs | None = None,
                 error: str | None = None, failed_step: bool = False) -> None:
         """End a request exactly once: free its blocks and send its final event."""
@@ -673,23 +521,10 @@ class LLMEngine:
         self.scheduler.finish(state.seq, failed=failed_step)
         with self._ids_lock:
             self._live_ids.discard(state.request_id)
-        if text is None:
-            text = state.detok.text[: state.stop.safe_length(state.detok.text)]
-        now = time.perf_counter()
-        ms = lambda t: None if t is None else (t - state.submitted) * 1000.0  # noqa: E731
-        result = GenerationResult(
-            request_id=state.request_id, text=text, tokens=list(state.output_ids), finish_reason=reason,
-            usage=Usage(state.seq.num_prompt_tokens, len(state.output_ids), state.seq.num_cached_tokens),
-            timings=Timings(queued_ms=ms(state.first_scheduled) or 0.0, ttft_ms=ms(state.first_token),
-                            total_ms=ms(now)),
-            logprobs=list(state.logprobs) if state.params.logprobs is not None else None,
-            num_preemptions=state.seq.num_preemptions, error=error)
-        delta = text[state.sent_chars:]
-        self._deliver(state, StreamEvent(state.request_id, delta, new_tokens or [],
-                                         None if new_logprobs is None else [new_logprobs], result=result,
+        self._deliver(state, final_event(state, reason, text, new_tokens, new_logprobs, error,
                                          step=state.last_step or self.num_steps))
 
-    def _deliver(self, state: _RequestState, event: StreamEvent) -> None:
+    def _deliver(self, state: RequestState, event: StreamEvent) -> None:
         try:
             state.sink.put(event)
         except Exception:  # a listener's failure is its own; the engine goes on

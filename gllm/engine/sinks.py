@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import queue
+from collections.abc import Callable
+from typing import Protocol
 
 from gllm.engine.request import GenerationResult, StreamEvent
+
+
+class EventSink(Protocol):
+    def put(self, event: StreamEvent) -> None:
+        """Take one event; called on the engine thread, must return at once."""
+
+
+class CallbackSink:
+    """Events to a front end's callback (`LLMEngine.add_request`)."""
+
+    def __init__(self, on_event: Callable[[StreamEvent], None]) -> None:
+        self.put = on_event
 
 
 class AsyncSink:

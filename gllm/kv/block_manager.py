@@ -24,7 +24,6 @@ class Block:
 class PrefixCacheStats:
     hits: int = 0      # blocks reused from the cache
     misses: int = 0    # full prompt blocks looked up and not found
-    queries: int = 0   # lookups (one per admission)
 
 
 @dataclass
@@ -91,7 +90,6 @@ class BlockManager:
         if new_blocks + reusable_free > self.num_free_blocks:
             return None
         if self.enable_prefix_caching:
-            self.stats.queries += 1
             self.stats.hits += len(cached)
             self.stats.misses += (len(token_ids) - 1) // self.block_size - len(cached)
         for block_id in cached:

@@ -7,6 +7,7 @@ import mmap
 
 import torch
 
+from gllm.kv.slots import slot_of
 from gllm.model.config import ModelConfig
 
 
@@ -29,13 +30,23 @@ def num_blocks_for(cfg: ModelConfig, dtype: torch.dtype, block_size: int, *, tok
 
 
 class KVCache:
-    """Per-layer paged pools shaped [num_blocks, block_size, kv_heads, head_dim]."""
+    """Per-layer paged pools shaped [num_blocks (+1), block_size, kv_heads, head_dim].
+
+    With `scratch_block`, the pools hold one block more, `self.scratch_block`, that the block manager never
+    hands out: the write target of padding rows in fixed-shape (CUDA graph) steps, which nothing reads."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+                 device: torch.device | str, scratch_block: bool = False) -> None:
+        shape = (num_blocks + int(scratch_block), block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block: int | None = num_blocks if scratch_block else None
         self.layers = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(cfg.num_hidden_layers)]
+
+    @property
+    def scratch_slot(self) -> int:
+        """The first slot of the scratch block (padding rows write there)."""
+        assert self.scratch_block is not None, "this cache was made without a scratch block"
+        return slot_of([self.scratch_block], 0, self.block_size)
 
     @property
     def nbytes(self) -> int:

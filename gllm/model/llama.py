@@ -10,6 +10,7 @@ from torch import nn
 
 from gllm.model.batch import ForwardBatch
 from gllm.model.config import ModelConfig
+from gllm.model.kernels import PLAIN_KERNELS, ModelKernels
 from gllm.model.rope import RotaryEmbedding
 from gllm.ops import paged_attention, triton_fused, triton_gemv, write_kv
 
@@ -19,11 +20,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-        self.fused = False   # set by LlamaForCausalLM.use_fused_kernels()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); or, given `residual`, (norm(x + residual), x + residual)."""
-        if self.fused:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False):
+        """norm(x); or, given `residual`, (norm(x + residual), x + residual). `fused`: the Triton kernel."""
+        if fused:
             if residual is None:
                 return triton_fused.rms_norm(x, self.weight, self.eps)
             return triton_fused.rms_norm(x, self.weight, self.eps, residual), residual   # residual updated in place
@@ -48,27 +48,27 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = cfg.head_dim ** -0.5
-        self.fused = False
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), batch, rope, k_cache, v_cache))
+                k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return self.o_proj(self.attend(self.qkv_proj(x), batch, rope, k_cache, v_cache, fused))
 
     def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """From the fused q/k/v projection to the attention output [T, q_size] (before o_proj)."""
         cfg = self.cfg
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_key_value_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
-        if self.fused:   # RoPE on q in place, rotated k and v straight into their cache slots
+        if fused:   # RoPE on q in place, rotated k and v straight into their cache slots
             triton_fused.rope_and_write_kv(q, k, v, rope.cos, rope.sin, batch.positions, batch.slot_mapping,
                                            k_cache, v_cache)
         else:
             q, k = rope(batch.positions, q, k)
             write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, batch, self.scale).reshape(-1, cfg.q_size)
+        return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.attention,
+                               self.scale).reshape(-1, cfg.q_size)
 
 
 class MLP(nn.Module):
@@ -77,11 +77,10 @@ class MLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused:
+        if fused:
             return self.down_proj(triton_fused.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -96,15 +95,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, rope: RotaryEmbedding,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes and returns the pair (this sublayer's output, the residual stream before adding it)."""
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, x = x, self.input_layernorm(x, fused=fused)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch, rope, k_cache, v_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+            x, residual = self.input_layernorm(x, residual, fused=fused)
+        x = self.self_attn(x, batch, rope, k_cache, v_cache, fused)
+        x, residual = self.post_attention_layernorm(x, residual, fused=fused)
+        return self.mlp(x, fused), residual
 
     def forward_streamed(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, dependent_launch: bool) -> torch.Tensor:
@@ -118,7 +117,8 @@ class DecoderLayer(nn.Module):
         q = triton_gemv.linear(h, attn.qkv_proj.weight, norm_weight=self.input_layernorm.weight,
                                eps=self.input_layernorm.eps, rope=rope_kv, dependent_launch=dependent_launch)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
-        out = paged_attention(q, k_cache, v_cache, batch, attn.scale).reshape(-1, cfg.q_size)
+        out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.attention,
+                              attn.scale).reshape(-1, cfg.q_size)
         triton_gemv.linear(out, attn.o_proj.weight, residual=h, dependent_launch=dependent_launch)
         act = triton_gemv.linear(h, mlp.gate_up_proj.weight, norm_weight=self.post_attention_layernorm.weight,
                                  eps=self.post_attention_layernorm.eps, silu_mul=True,
@@ -145,25 +145,25 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
-        self.streamed_rows = 0   # steps of at most this many tokens take forward_streamed (set on CUDA)
-        self.dependent_launch = False   # forward_streamed's kernels overlap their starts (see use_fused_kernels)
+        self.kernels = PLAIN_KERNELS   # set once at setup (`use_kernels`), by the runner's fast-path choice
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace through inference tensors
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for `batch.logits_indices`."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if self.streamed_rows and batch.num_tokens <= self.streamed_rows:
+        kernels = self.kernels
+        if kernels.streamed_rows and batch.num_tokens <= kernels.streamed_rows:
             # Decode-sized: bound by reading the weights, which the streamed kernels read once per step.
             h = self._embed(batch)
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-                h = layer.forward_streamed(h, batch, self.rope, k_cache, v_cache, self.dependent_launch)
+                h = layer.forward_streamed(h, batch, self.rope, k_cache, v_cache, kernels.dependent_launch)
             return triton_gemv.linear(batch.logits_rows(h), weight, norm_weight=self.norm.weight,
                                       eps=self.norm.eps, out_dtype=torch.float32,
-                                      dependent_launch=self.dependent_launch)
+                                      dependent_launch=kernels.dependent_launch)
         x, residual = self._embed(batch), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache)
-        x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual))
+            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, kernels.fused)
+        x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual), fused=kernels.fused)
         return F.linear(x, weight).float()
 
     def _embed(self, batch: ForwardBatch) -> torch.Tensor:
@@ -171,20 +171,17 @@ class LlamaForCausalLM(nn.Module):
             return self.embed_tokens(batch.input_ids)
         from gllm.ops.triton_embedding import embed_tokens
         return embed_tokens(self.embed_tokens.weight, batch.input_ids, *batch.token_source,
-                            dependent_launch=self.dependent_launch)
+                            dependent_launch=self.kernels.dependent_launch)
 
-    def use_fused_kernels(self, streamed_rows: int | None = None, dependent_launch: bool = False) -> None:
-        """Switch norms, RoPE + KV writes and SiLU·mul to the fused Triton kernels (CUDA only), and steps of at
-        most `streamed_rows` tokens (default `triton_gemv.MAX_ROWS`) to the weight-streaming kernels.
+    def use_kernels(self, kernels: ModelKernels) -> None:
+        """Run the layers with `kernels` (see `gllm.runner.fast_path`, which decides them once)."""
+        if kernels.streamed_rows and (self.cfg.attention_bias or self.cfg.mlp_bias):
+            raise ValueError("the weight-streaming kernels have no bias epilogue")
+        self.kernels = kernels
 
-        dependent_launch (compute capability 9.0+ only): the streamed kernels use programmatic dependent
-        launch, each one starting to read its weights while the one before it finishes."""
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP)):
-                module.fused = True
-        if triton_gemv is not None and not (self.cfg.attention_bias or self.cfg.mlp_bias):
-            self.streamed_rows = triton_gemv.MAX_ROWS if streamed_rows is None else streamed_rows
-            self.dependent_launch = dependent_launch
+    @property
+    def supports_streamed_kernels(self) -> bool:
+        return not (self.cfg.attention_bias or self.cfg.mlp_bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""

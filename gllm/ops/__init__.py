@@ -1,14 +1,15 @@
-"""Kernels behind the model: attention over the paged KV cache.
+"""Kernels behind the model: paged attention (typed per-step plans), fused Triton kernels for the GPU.
 
-`paged_attention` is the seam for fast GPU kernels (a later issue); the plain PyTorch path
-runs everywhere.
+This layer imports nothing of gllm above it: the model and the runner build its inputs.
 """
 
-from gllm.ops.attention import paged_attention, write_kv
+from gllm.ops.attention import (AttentionPlan, DecodeKernelPlan, MixedKernelPlan, PrefillKernelPlan, SdpaPlan,
+                                paged_attention, write_kv)
 
 try:  # Triton is optional: without it (CPU-only installs) the model keeps the plain PyTorch path.
     from gllm.ops import triton_fused, triton_gemv
 except ImportError:
     triton_fused = triton_gemv = None  # type: ignore[assignment]
 
-__all__ = ["paged_attention", "triton_fused", "triton_gemv", "write_kv"]
+__all__ = ["AttentionPlan", "DecodeKernelPlan", "MixedKernelPlan", "PrefillKernelPlan", "SdpaPlan",
+           "paged_attention", "triton_fused", "triton_gemv", "write_kv"]

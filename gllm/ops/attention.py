@@ -1,12 +1,133 @@
-"""Plain-PyTorch paged attention: runs on CPU and GPU, mixed prefill chunks and decodes in one call."""
+"""Paged attention over the KV block pools, chosen by the step's typed plan.
+
+A step's `AttentionPlan` is built once by the model runner (not by whichever layer runs first) and
+says which kernels every layer uses: plain PyTorch SDPA (CPU and GPU), the Triton decode kernel
+(decode steps and their CUDA graphs), the Triton prefill kernel (prefill graphs), or both Triton
+kernels for an eager mixed step.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 
-from gllm.model.batch import ForwardBatch
 from gllm.transfer import to_device
+
+if TYPE_CHECKING:   # Triton is optional: these types exist only where it is installed
+    from gllm.ops.triton_attention import DecodeAttentionWorkspace
+    from gllm.ops.triton_prefill import PrefillPlan
+
+
+@dataclass
+class SdpaPlan:
+    """Plain PyTorch: the step's query and context lengths on the host, so grouping costs no device sync."""
+    query_lens: list[int]
+    context_lens: list[int]
+
+
+@dataclass
+class DecodeKernelPlan:
+    """One query token per sequence through the Triton decode kernel (shapes fixed by the batch size)."""
+    workspace: DecodeAttentionWorkspace
+
+
+@dataclass
+class PrefillKernelPlan:
+    """Prefill chunks only, through the Triton prefill kernel (a replayed prefill graph's static plan)."""
+    prefill: PrefillPlan
+
+
+@dataclass
+class MixedKernelPlan:
+    """An eager GPU step mixing prefill chunks and decodes: each part through its Triton kernel."""
+    prefill: PrefillPlan | None
+    decode_rows: torch.Tensor | None = None      # [D] the decodes' rows of the flat batch
+    decode_tables: torch.Tensor | None = None    # [D, width] int32
+    decode_ctx: torch.Tensor | None = None       # [D] int32
+    workspace: DecodeAttentionWorkspace | None = None
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: torch.Tensor,
+              context_lens_device: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> MixedKernelPlan:
+        from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
+        from gllm.ops.triton_prefill import PrefillPlan
+        device = block_tables.device
+        starts = _starts(query_lens)
+        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        prefills = [i for i, n in enumerate(query_lens) if n > 1]
+        plan = cls(PrefillPlan.build(prefills, starts, query_lens, context_lens, num_heads, head_dim, device)
+                   if prefills else None)
+        if decodes:
+            seqs = to_device(decodes, torch.int64, device)
+            plan.decode_rows = to_device([starts[i] for i in decodes], torch.int64, device)
+            plan.decode_tables = block_tables[seqs].to(torch.int32)
+            plan.decode_ctx = context_lens_device[seqs].to(torch.int32)
+            plan.workspace = DecodeAttentionWorkspace(len(decodes), num_heads, head_dim,
+                                                      decode_splits(len(decodes), num_kv_heads, device), device)
+        return plan
+
+
+AttentionPlan = Union[SdpaPlan, DecodeKernelPlan, PrefillKernelPlan, MixedKernelPlan]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached context.
+
+    q: [T, Hq, D], flat and sequence-contiguous; the cache already holds this step's K/V.
+    block_tables [B, width] and context_lens [B] (after this step) address each sequence's blocks.
+    """
+    if isinstance(plan, DecodeKernelPlan):
+        from gllm.ops.triton_attention import paged_decode_attention
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, plan.workspace)
+    if isinstance(plan, PrefillKernelPlan):
+        from gllm.ops.triton_prefill import paged_prefill_attention
+        out = torch.empty_like(q)
+        paged_prefill_attention(q, k_cache, v_cache, out, block_tables, plan.prefill, scale)
+        return out
+    if isinstance(plan, MixedKernelPlan):
+        return _mixed_attention(q, k_cache, v_cache, block_tables, plan, scale)
+    return _sdpa_attention(q, k_cache, v_cache, block_tables, plan, scale)
+
+
+def _starts(query_lens: list[int]) -> list[int]:
+    starts, start = [], 0
+    for n in query_lens:
+        starts.append(start)
+        start += n
+    return starts
+
+
+def _sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    plan: SdpaPlan, scale: float) -> torch.Tensor:
+    """Decodes (one query each) share one padded SDPA call; each prefill chunk gets its own, so a long chunk
+    never pads every decode up to its length."""
+    out = torch.empty_like(q)
+    starts = _starts(plan.query_lens)
+    decodes = [i for i, n in enumerate(plan.query_lens) if n == 1]
+    groups = [decodes] if decodes else []
+    groups += [[i] for i, n in enumerate(plan.query_lens) if n > 1]
+    for seqs in groups:
+        rows = torch.cat([torch.arange(starts[i], starts[i] + plan.query_lens[i]) for i in seqs])
+        rows = rows.to(q.device)
+        out[rows] = _attend(q, k_cache, v_cache, block_tables, plan, seqs, rows, scale)
+    return out
+
+
+def _mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     plan: MixedKernelPlan, scale: float) -> torch.Tensor:
+    from gllm.ops.triton_attention import paged_decode_attention
+    from gllm.ops.triton_prefill import paged_prefill_attention
+    out = torch.empty_like(q)
+    if plan.prefill is not None:
+        paged_prefill_attention(q, k_cache, v_cache, out, block_tables, plan.prefill, scale)
+    if plan.decode_rows is not None:
+        out[plan.decode_rows] = paged_decode_attention(q[plan.decode_rows], k_cache, v_cache, plan.decode_tables,
+                                                       plan.decode_ctx, scale, plan.workspace)
+    return out
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -16,91 +137,15 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-                    scale: float) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its whole cached context.
-
-    q: [T, Hq, D], flat and sequence-contiguous; the cache already holds this step's K/V.
-    Decodes (one query each) share one padded SDPA call; each prefill chunk gets its own, so a
-    long chunk never pads every decode up to its length.
-    """
-    if batch.decode_kernel is not None:
-        from gllm.ops.triton_attention import paged_decode_attention
-        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
-                                      batch.decode_kernel)
-    if batch.prefill_plan is not None:
-        from gllm.ops.triton_prefill import paged_prefill_attention
-        out = torch.empty_like(q)
-        paged_prefill_attention(q, k_cache, v_cache, out, batch.block_tables, batch.prefill_plan, scale)
-        return out
-    if batch.use_triton:
-        return _triton_attention(q, k_cache, v_cache, batch, scale)
-    out = torch.empty_like(q)
-    starts, start = [], 0
-    for n in batch.query_lens_host:
-        starts.append(start)
-        start += n
-    decodes = [i for i, n in enumerate(batch.query_lens_host) if n == 1]
-    groups = [decodes] if decodes else []
-    groups += [[i] for i, n in enumerate(batch.query_lens_host) if n > 1]
-    for seqs in groups:
-        rows = torch.cat([torch.arange(starts[i], starts[i] + batch.query_lens_host[i]) for i in seqs])
-        rows = rows.to(q.device)
-        out[rows] = _attend(q, k_cache, v_cache, batch, seqs, rows, scale)
-    return out
-
-
-def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-                      scale: float) -> torch.Tensor:
-    """A mixed eager step on the GPU: prefill chunks through the prefill kernel, decodes through the decode kernel."""
-    from gllm.ops.triton_attention import paged_decode_attention
-    from gllm.ops.triton_prefill import paged_prefill_attention
-    if batch.attention_plan is None:
-        batch.attention_plan = _TritonPlan(batch, q, k_cache)
-    plan = batch.attention_plan
-    out = torch.empty_like(q)
-    if plan.prefill is not None:
-        paged_prefill_attention(q, k_cache, v_cache, out, batch.block_tables, plan.prefill, scale)
-    if plan.decode_rows is not None:
-        out[plan.decode_rows] = paged_decode_attention(q[plan.decode_rows], k_cache, v_cache, plan.decode_tables,
-                                                       plan.decode_ctx, scale, plan.workspace)
-    return out
-
-
-class _TritonPlan:
-    """What the kernels need to know about one step's sequences, on the device once for all layers."""
-
-    def __init__(self, batch: ForwardBatch, q: torch.Tensor, k_cache: torch.Tensor) -> None:
-        from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
-        from gllm.ops.triton_prefill import PrefillPlan
-        starts, start = [], 0
-        for n in batch.query_lens_host:
-            starts.append(start)
-            start += n
-        decodes = [i for i, n in enumerate(batch.query_lens_host) if n == 1]
-        prefills = [i for i, n in enumerate(batch.query_lens_host) if n > 1]
-        device = q.device
-        self.prefill = PrefillPlan.build(prefills, starts, batch.query_lens_host, batch.context_lens_host,
-                                          q.shape[1], q.shape[2], device) if prefills else None
-        self.decode_rows = None
-        if decodes:
-            seqs = to_device(decodes, torch.int64, device)
-            self.decode_rows = to_device([starts[i] for i in decodes], torch.int64, device)
-            self.decode_tables = batch.block_tables[seqs].to(torch.int32)
-            self.decode_ctx = batch.context_lens[seqs].to(torch.int32)
-            self.workspace = DecodeAttentionWorkspace(len(decodes), q.shape[1], q.shape[2],
-                                                      decode_splits(len(decodes), k_cache.shape[2], device), device)
-
-
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-            seqs: list[int], rows: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            plan: SdpaPlan, seqs: list[int], rows: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention for sequences that all have the same query length (1, or a single prefill)."""
-    n, q_len = len(seqs), batch.query_lens_host[seqs[0]]
-    ctx_lens = [batch.context_lens_host[i] for i in seqs]
+    n, q_len = len(seqs), plan.query_lens[seqs[0]]
+    ctx_lens = [plan.context_lens[i] for i in seqs]
     max_ctx, block_size = max(ctx_lens), k_cache.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
     seq_index = to_device(seqs, torch.int64, q.device)
-    tables = batch.block_tables[seq_index, : (max_ctx + block_size - 1) // block_size]
+    tables = block_tables[seq_index, : (max_ctx + block_size - 1) // block_size]
     keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)        # [n, Hkv, ctx, D]
     values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)
     queries = q[rows].view(n, q_len, num_heads, head_dim).transpose(1, 2)    # [n, Hq, q_len, D]

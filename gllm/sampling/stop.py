@@ -14,7 +14,6 @@ from dataclasses import dataclass
 class StopResult:
     finished: bool
     finish_reason: str | None = None   # "stop" or "length"
-    stop_text: str | None = None       # the stop string that matched, if any
 
 
 class StopChecker:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gllm.kv import slot_of
+
 
 class StepInputs:
     """Typed views of `buffer` (uint8) holding the inputs of a `batch`-row decode step."""
@@ -48,7 +50,7 @@ class StepStaging:
         self.layouts = {b: StepInputs(self.buffers[0], b, table_width).nbytes for b in sizes}
         self._arrays = [{b: {name: view.numpy() for name, view in StepInputs(buf, b, table_width).views.items()}
                          for b in sizes} for buf in self.buffers]
-        self.scratch_block, self.block_size = scratch_block, block_size
+        self.scratch_block, self.block_size = scratch_block, block_size   # (see `KVCache.scratch_block`)
         self._turn = 0
 
     def padding(self, size: int) -> torch.Tensor:
@@ -74,7 +76,7 @@ class StepStaging:
         for i, (blocks, p) in enumerate(zip(block_tables, positions)):
             table[i, :len(blocks)] = blocks
             table[i, len(blocks):] = self.scratch_block   # the bytes may hold another size's fields
-            slots[i] = blocks[p // bs] * bs + p % bs
+            slots[i] = slot_of(blocks, p, bs)
         if token_ids is not None:
             arrays["input_ids"][:n] = token_ids
             arrays["gather_rows"][:n] = -1
@@ -88,7 +90,7 @@ class StepStaging:
         """Rows start..end as padding: harmless writes into the scratch block, which nothing reads."""
         arrays["input_ids"][start:end] = 0
         arrays["positions"][start:end] = 0
-        arrays["slot_mapping"][start:end] = self.scratch_block * self.block_size
+        arrays["slot_mapping"][start:end] = slot_of([self.scratch_block], 0, self.block_size)
         arrays["gather_rows"][start:end] = -1   # the input is input_ids, not a gathered token
         arrays["context_lens"][start:end] = 1
         arrays["block_tables"][start:end] = self.scratch_block

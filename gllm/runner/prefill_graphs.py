@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gllm.engine.cuda_graphs import capture_graphs
-from gllm.kv import KVCache
+from gllm.kv import KVCache, slots_array
 from gllm.model import ForwardBatch, LlamaForCausalLM
+from gllm.ops import PrefillKernelPlan
+from gllm.runner.cuda_graphs import capture_graphs
 from gllm.ops.triton_prefill import BLOCK_M, PrefillPlan, max_tiles, prefill_partials, prefill_splits, tile_rows
 
 DEFAULT_TOKEN_LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -37,11 +38,11 @@ class PrefillChunk:
 
 class CudaGraphPrefill:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, max_tokens: int, max_seqs: int,
-                 max_blocks_per_seq: int, scratch_block: int, device: torch.device,
+                 max_blocks_per_seq: int, device: torch.device,
                  pool: tuple | None = None, ladder: tuple[int, ...] = DEFAULT_TOKEN_LADDER) -> None:
         self.model, self.kv_cache, self.device = model, kv_cache, device
         self.block_size = kv_cache.block_size
-        self.scratch_block = scratch_block
+        self.scratch_slot = kv_cache.scratch_slot
         top = max_tokens    # larger steps run eagerly (GeneratorParams.prefill_graph_tokens)
         self.token_sizes = sorted({t for t in ladder if t < top} | {top})
         self.max_seqs = seqs = min(max_seqs, MAX_GRAPH_SEQS)
@@ -77,7 +78,7 @@ class CudaGraphPrefill:
             input_ids=buf["input_ids"][:tokens], positions=buf["positions"][:tokens],
             slot_mapping=buf["slot_mapping"][:tokens], context_lens=buf["per_seq"][2],
             block_tables=buf["block_tables"], logits_indices=buf["logits_indices"],
-            query_lens_host=[], context_lens_host=[], prefill_plan=plan)
+            attention=PrefillKernelPlan(plan))
 
     def max_tiles_for(self, tokens: int) -> int:
         return min(self.max_tiles, max_tiles(tokens, self.max_seqs))
@@ -119,7 +120,7 @@ class CudaGraphPrefill:
             p = np.arange(c.start, c.start + n)
             ids[at:at + n] = c.token_ids
             pos[at:at + n] = p
-            slots[at:at + n] = blocks[p // bs] * bs + p % bs
+            slots[at:at + n] = slots_array(blocks, p, bs)
             tables[i, :len(blocks)] = blocks
             per_seq[:, i] = (at, n, c.start + n)
             if c.samples:
@@ -142,7 +143,7 @@ class CudaGraphPrefill:
         padding tiles and sequences are empty."""
         host["input_ids"][used_tokens:tokens] = 0
         host["positions"][used_tokens:tokens] = 0
-        host["slot_mapping"][used_tokens:tokens] = self.scratch_block * self.block_size
+        host["slot_mapping"][used_tokens:tokens] = self.scratch_slot
         host["per_seq"][:, used_seqs:] = 0
         host["tiles"][0, used_tiles:] = self.max_seqs
         host["tiles"][1, used_tiles:] = 0

@@ -20,11 +20,12 @@ from collections.abc import Callable
 
 import torch
 
-from gllm.engine.model_runner import StepOutput
-from gllm.engine.step_inputs import StepInputs, StepStaging
 from gllm.kv import KVCache
 from gllm.model import ForwardBatch, LlamaForCausalLM
+from gllm.ops import DecodeKernelPlan
 from gllm.ops.triton_attention import DecodeAttentionWorkspace, decode_splits
+from gllm.runner.step_inputs import StepInputs, StepStaging
+from gllm.runner.step_output import StepOutput
 from gllm.sampling.triton_argmax import argmax
 
 GREEDY_IN_GRAPH = 32
@@ -33,7 +34,7 @@ DEFAULT_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 25
 
 class CudaGraphDecoder:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, max_batch: int, max_blocks_per_seq: int,
-                 scratch_block: int, device: torch.device, ladder: tuple[int, ...] = DEFAULT_LADDER) -> None:
+                 device: torch.device, ladder: tuple[int, ...] = DEFAULT_LADDER) -> None:
         self.model, self.kv_cache, self.device = model, kv_cache, device
         self.block_size = kv_cache.block_size
         sizes = sorted({b for b in ladder if b < max_batch} | {max_batch})
@@ -44,14 +45,15 @@ class CudaGraphDecoder:
         self._device_buffer = torch.zeros(StepInputs.nbytes_for(top, max_blocks_per_seq), dtype=torch.uint8,
                                           device=device)
         self.inputs = {b: StepInputs(self._device_buffer, b, max_blocks_per_seq) for b in sizes}
-        self.staging = StepStaging(sizes, max_blocks_per_seq, scratch_block, self.block_size, pin_memory=True)
+        self.staging = StepStaging(sizes, max_blocks_per_seq, kv_cache.scratch_block, self.block_size,
+                                   pin_memory=True)
         self.rows = torch.arange(top, dtype=torch.int64, device=device)
         # The tokens a run-ahead step gathers its inputs from; graphs of up to GREEDY_IN_GRAPH rows write
         # their greedy argmax here.
         self.tokens = torch.zeros(top, dtype=torch.int64, device=device)
         self.workspaces = {b: DecodeAttentionWorkspace(b, cfg.num_attention_heads, cfg.head_dim,
                                                        decode_splits(b, cfg.num_key_value_heads, device), device,
-                                                       dependent_launch=model.dependent_launch)
+                                                       dependent_launch=model.kernels.dependent_launch)
                            for b in sizes}
         self._capture_all()
 
@@ -64,8 +66,8 @@ class CudaGraphDecoder:
         return ForwardBatch(
             input_ids=v["input_ids"], positions=v["positions"], slot_mapping=v["slot_mapping"],
             context_lens=v["context_lens"], block_tables=v["block_tables"],
-            logits_indices=self.rows[:b], query_lens_host=[1] * b, context_lens_host=[1] * b,
-            decode_kernel=self.workspaces[b], token_source=(v["gather_rows"], self.tokens))
+            logits_indices=self.rows[:b], attention=DecodeKernelPlan(self.workspaces[b]),
+            token_source=(v["gather_rows"], self.tokens))
 
     def _step(self, b: int) -> Callable[[], torch.Tensor]:
         """What size b's graph runs: the model (its inputs partly gathered from `tokens`) and, for small sizes,
@@ -75,7 +77,7 @@ class CudaGraphDecoder:
         def step() -> torch.Tensor:
             logits = self.model(batch, self.kv_cache.layers)
             if b <= GREEDY_IN_GRAPH:
-                argmax(logits, out=self.tokens[:b], dependent_launch=self.model.dependent_launch)
+                argmax(logits, out=self.tokens[:b], dependent_launch=self.model.kernels.dependent_launch)
             return logits
         return step
 

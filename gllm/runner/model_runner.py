@@ -1,39 +1,35 @@
-"""`ModelRunner`: turns the scheduler's choice into one model step and the sampled tokens."""
+"""`ModelRunner`: turns the scheduler's choice into one model step and its logits on the device."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
-from gllm.kv import KVCache
+from gllm.kv import KVCache, slots_of
 from gllm.model import ForwardBatch, LlamaForCausalLM
-from gllm.transfer import to_device
+from gllm.ops import AttentionPlan, MixedKernelPlan, SdpaPlan
+from gllm.runner.fast_path import FastPath, RunnerConfig
+from gllm.runner.step_output import StepOutput
 from gllm.scheduler import SchedulerOutput
-
-if TYPE_CHECKING:
-    from gllm.engine.cuda_graphs import CudaGraphDecoder
-    from gllm.engine.prefill_graphs import CudaGraphPrefill
-
-
-@dataclass
-class StepOutput:
-    logits: torch.Tensor                       # [N, vocab] float32, one row per sequence that samples
-    greedy_tokens: torch.Tensor | None = None  # [N] int64: each row's argmax, where a decode graph computed it
+from gllm.transfer import to_device
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device,
-                 graph_decoder: "CudaGraphDecoder | None" = None, use_triton: bool = False,
-                 prefill_graphs: "CudaGraphPrefill | None" = None) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
-        self.device = device
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device, fast_path: FastPath,
+                 config: RunnerConfig) -> None:
+        self.model, self.kv_cache, self.device = model, kv_cache, device
+        self.fast_path = fast_path
         self.block_size = kv_cache.block_size
-        self.graph_decoder = graph_decoder
-        self.prefill_graphs = prefill_graphs
-        self.use_triton = use_triton
+        model.use_kernels(fast_path.kernels)
+        self.graph_decoder = self.prefill_graphs = None
+        if fast_path.decode_graphs:
+            from gllm.runner.cuda_graphs import CudaGraphDecoder
+            from gllm.runner.prefill_graphs import CudaGraphPrefill
+            self.graph_decoder = CudaGraphDecoder(model, kv_cache, config.max_batch_size, config.max_blocks_per_seq,
+                                                  device)
+            if fast_path.prefill_graph_tokens:
+                self.prefill_graphs = CudaGraphPrefill(model, kv_cache, fast_path.prefill_graph_tokens,
+                                                       config.max_batch_size, config.max_blocks_per_seq, device,
+                                                       pool=self.graph_decoder.pool)
 
     def build_batch(self, out: SchedulerOutput, ahead_positions: list[int] | None = None) -> ForwardBatch:
         """The flat batch of `out`; with `ahead_positions`, one decode per sequence at those positions and
@@ -47,14 +43,13 @@ class ModelRunner:
         bs = self.block_size
         for s in out.scheduled:
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
-            blocks = seq.block_table.block_ids
             if ahead_positions is None:
                 input_ids += seq.token_ids[start:start + n]
             else:
                 start = ahead_positions[len(query_lens)]
                 input_ids.append(0)
             positions += range(start, start + n)
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            slots += slots_of(seq.block_table.block_ids, start, start + n, bs)
             query_lens.append(n)
             context_lens.append(start + n)
             if s.samples:
@@ -66,11 +61,20 @@ class ModelRunner:
         def tensor(values: list) -> torch.Tensor:
             return to_device(values, torch.int64, self.device)
 
+        block_tables, context_lens_device = tensor(tables), tensor(context_lens)
         return ForwardBatch(
             input_ids=tensor(input_ids), positions=tensor(positions), slot_mapping=tensor(slots),
-            context_lens=tensor(context_lens), block_tables=tensor(tables),
-            logits_indices=tensor(logits_indices), query_lens_host=query_lens, context_lens_host=context_lens,
-            use_triton=self.use_triton)
+            context_lens=context_lens_device, block_tables=block_tables, logits_indices=tensor(logits_indices),
+            attention=self._attention_plan(query_lens, context_lens, block_tables, context_lens_device))
+
+    def _attention_plan(self, query_lens: list[int], context_lens: list[int], block_tables: torch.Tensor,
+                        context_lens_device: torch.Tensor) -> AttentionPlan:
+        """An eager step's kernels: the Triton ones on the fast path, else plain SDPA."""
+        if not self.fast_path.triton:
+            return SdpaPlan(query_lens, context_lens)
+        cfg = self.model.cfg
+        return MixedKernelPlan.build(query_lens, context_lens, block_tables, context_lens_device,
+                                     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
     def uses_graph(self, out: SchedulerOutput) -> bool:
         """Whether `run(out)` replays a CUDA graph (every sequence decodes one token, in a captured size)."""
@@ -86,7 +90,7 @@ class ModelRunner:
                                           [q.block_table.block_ids for q in seqs])
         graphs = self.prefill_graphs
         if graphs is not None and len(out.scheduled) <= graphs.max_seqs and all(s.num_tokens > 1 for s in out.scheduled):
-            from gllm.engine.prefill_graphs import PrefillChunk
+            from gllm.runner.prefill_graphs import PrefillChunk
             chunks = [PrefillChunk(s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_tokens],
                                    s.seq.num_computed_tokens, s.seq.block_table.block_ids, s.samples)
                       for s in out.scheduled]

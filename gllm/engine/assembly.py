@@ -1,0 +1,127 @@
+"""Assembling an engine's runtime from `GeneratorParams`: device, dtype, weights, KV pool, fast path,
+scheduler, runner and sampler — everything the engine thread then drives. Decisions are made here once
+and recorded (`dtype_reason`, `fast_path`); nothing downstream re-decides them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gllm.engine.device_dtype import auto_dtype
+from gllm.engine.loading import LoadedModel, load
+from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
+from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
+from gllm.model import LlamaForCausalLM, ModelConfig, parse_dtype
+from gllm.runner import FastPath, ModelRunner, RunnerConfig, choose_fast_path
+from gllm.sampling import Sampler
+from gllm.scheduler import Scheduler, SchedulerConfig
+from gllm.scheduler.step_cost import StepCostModel
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
+
+
+def default_cpu_threads() -> int:
+    # Leave cores to the game: half of them, at most 8.
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    dtype_reason: str
+    cpu_threads: int
+    loaded: LoadedModel
+    kv_cache: KVCache
+    block_manager: BlockManager
+    cost_model: StepCostModel      # learns this device's step times (with step_budget_ms)
+    scheduler: Scheduler
+    fast_path: FastPath
+    runner: ModelRunner
+    sampler: Sampler
+
+
+def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, device: str | None,
+             quiet: bool = True) -> Runtime:
+    dev = pick_device(device)
+    auto, dtype_reason = auto_dtype(dev)
+    if gen.dtype != "auto":
+        dtype_reason = "set by GeneratorParams.dtype"
+    dtype = parse_dtype(auto if gen.dtype == "auto" else gen.dtype)
+    loaded = model if isinstance(model, LoadedModel) else load(
+        model, dtype=dtype, device=dev, max_positions=gen.max_seq_len, quiet=quiet)
+    cfg: ModelConfig = loaded.config
+    if gen.max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_seq_len {gen.max_seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    num_blocks = _kv_blocks(gen, cfg, dtype, dev, loaded.model)
+    block_manager = BlockManager(num_blocks, gen.block_size, gen.enable_prefix_caching)
+    runner_config = RunnerConfig(block_size=gen.block_size, max_batch_size=gen.max_batch_size,
+                                 max_step_tokens=gen.max_step_tokens,
+                                 max_blocks_per_seq=block_manager.blocks_needed(gen.max_seq_len),
+                                 cuda_graphs=gen.cuda_graphs, prefill_graph_tokens=gen.prefill_graph_tokens,
+                                 dependent_launch=gen.dependent_launch)
+    fast_path = choose_fast_path(dev, loaded.model, runner_config)
+    kv_cache = KVCache(cfg, num_blocks, gen.block_size, dtype, dev, scratch_block=fast_path.decode_graphs)
+    cost_model = StepCostModel()
+    budget_s = None if gen.step_budget_ms is None else gen.step_budget_ms / 1000
+    scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens, budget_s), block_manager,
+                          cost_model)
+    runner = ModelRunner(loaded.model, kv_cache, dev, fast_path, runner_config)
+    return Runtime(device=dev, dtype=dtype, dtype_reason=dtype_reason,
+                   cpu_threads=gen.cpu_threads or default_cpu_threads(), loaded=loaded, kv_cache=kv_cache,
+                   block_manager=block_manager, cost_model=cost_model, scheduler=scheduler, fast_path=fast_path,
+                   runner=runner, sampler=Sampler(cfg.vocab_size, dev))
+
+
+def _kv_blocks(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               model: LlamaForCausalLM) -> int:
+    if gen.gpu_memory_mb is not None:
+        return num_blocks_for(cfg, dtype, gen.block_size, memory_mb=_kv_mb_within_budget(gen, cfg, dtype, device,
+                                                                                          model))
+    if gen.kv_cache_mb is not None:
+        return num_blocks_for(cfg, dtype, gen.block_size, memory_mb=gen.kv_cache_mb)
+    tokens = gen.kv_cache_tokens or _default_kv_tokens(gen, cfg, dtype, device)
+    return num_blocks_for(cfg, dtype, gen.block_size, tokens=tokens)
+
+
+def _default_kv_tokens(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """Room for every batch row at full length; on the CPU at most DEFAULT_CPU_KV_MB of it (the game
+    needs the RAM), but always one full-length request."""
+    full = gen.max_batch_size * gen.max_seq_len
+    if device.type != "cpu":
+        return full
+    budget = int(DEFAULT_CPU_KV_MB * 2**20) // kv_bytes_per_token(cfg, dtype)
+    return max(gen.max_seq_len, min(full, budget))
+
+
+def _kv_mb_within_budget(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                         model: LlamaForCausalLM) -> float:
+    """What `gpu_memory_mb` leaves for the KV pool after the weights and a step's activations."""
+    weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
+    element = torch.empty((), dtype=dtype).element_size()
+    # Widest step: every token's hidden states, fused qkv and gate/up outputs (a few alive at once),
+    # plus float32 logits and sampler copies for each sequence that samples, plus allocator slack.
+    per_token = (4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size) * element
+    activations = gen.max_step_tokens * per_token + gen.max_batch_size * cfg.vocab_size * 4 * 6
+    if device.type == "cuda" and gen.cuda_graphs:   # the prefill graphs keep their activations
+        activations += min(gen.max_step_tokens, gen.prefill_graph_tokens) * per_token
+    reserve = activations + 512 * 2**20
+    left = gen.gpu_memory_mb * 2**20 - weights - reserve
+    if left <= 0:
+        raise ValueError(f"gpu_memory_mb {gen.gpu_memory_mb:.0f} is too small: weights take "
+                         f"{weights / 2**20:.0f} MiB and a step's activations about {reserve / 2**20:.0f} MiB")
+    return left / 2**20

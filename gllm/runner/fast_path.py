@@ -1,0 +1,93 @@
+"""The one place where the fast path is decided: which kernels and graphs a device runs, once, at setup.
+
+`choose_fast_path` reads the device, the installed packages and the configuration, and returns a frozen
+`FastPath`; the runner builds its graphs from it and the model takes its `kernels`. Nothing downstream
+decides again (the attention kernels follow each step's typed plan, which the runner builds from it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from gllm.model import LlamaForCausalLM
+from gllm.model.kernels import PLAIN_KERNELS, ModelKernels
+
+log = logging.getLogger("gllm.runner")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What the runner needs of the engine's configuration (`GeneratorParams`)."""
+    block_size: int
+    max_batch_size: int
+    max_step_tokens: int
+    max_blocks_per_seq: int
+    cuda_graphs: bool = True              # decode steps replayed from CUDA graphs (CUDA with Triton)
+    prefill_graph_tokens: int = 0         # prefill steps up to this many tokens replayed from graphs (0: none)
+    dependent_launch: bool | None = None  # None: on where the GPU has it (compute capability 9.0+)
+
+
+@dataclass(frozen=True)
+class FastPath:
+    triton: bool = False                  # Triton attention kernels in eager GPU steps
+    decode_graphs: bool = False           # decode steps replayed from CUDA graphs
+    prefill_graph_tokens: int = 0         # prefill steps of up to this many tokens replayed from graphs
+    kernels: ModelKernels = PLAIN_KERNELS  # what the model's layers run
+    notes: tuple[str, ...] = field(default=())   # why a part of the fast path is off
+
+    def describe(self) -> str:
+        if not self.triton:
+            return "plain PyTorch"
+        parts = ["Triton"]
+        if self.decode_graphs:
+            parts.append("decode graphs")
+        if self.prefill_graph_tokens:
+            parts.append(f"prefill graphs ≤{self.prefill_graph_tokens} tokens")
+        if self.kernels.streamed_rows:
+            parts.append(f"streamed GEMV ≤{self.kernels.streamed_rows} rows")
+        if self.kernels.dependent_launch:
+            parts.append("dependent launch")
+        return ", ".join(parts)
+
+
+def choose_fast_path(device: torch.device, model: LlamaForCausalLM, config: RunnerConfig) -> FastPath:
+    if device.type != "cuda":
+        return FastPath()
+    if importlib.util.find_spec("triton") is None:
+        return _off("Triton is not installed: the GPU runs the plain PyTorch path (no CUDA graphs, slower decode)")
+    from gllm.ops import triton_gemv
+    from gllm.ops.triton_attention import supports
+    if not supports(config.block_size, model.cfg.head_dim):
+        return _off(f"block_size {config.block_size} / head_dim {model.cfg.head_dim}: not powers of 2, so decode "
+                    f"runs without the Triton kernel and CUDA graphs")
+    notes: list[str] = []
+    streamed = triton_gemv is not None and model.supports_streamed_kernels
+    dependent = streamed and _dependent_launch(config.dependent_launch, device, notes)
+    kernels = ModelKernels(fused=True, streamed_rows=triton_gemv.MAX_ROWS if streamed else 0,
+                           dependent_launch=dependent)
+    graphs = config.cuda_graphs
+    prefill_tokens = min(config.max_step_tokens, config.prefill_graph_tokens) if graphs else 0
+    return FastPath(triton=True, decode_graphs=graphs, prefill_graph_tokens=prefill_tokens, kernels=kernels,
+                    notes=tuple(notes))
+
+
+def _off(reason: str) -> FastPath:
+    log.warning(reason)
+    return FastPath(notes=(reason,))
+
+
+def _dependent_launch(wanted: bool | None, device: torch.device, notes: list[str]) -> bool:
+    """Whether decode kernels use programmatic dependent launch: asked for (or left to us) and the GPU has it."""
+    if wanted is False:
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        if wanted:
+            notes.append(f"dependent_launch needs compute capability 9.0 or later; this GPU is {major}.{minor}")
+            log.warning(notes[-1])
+        return False
+    return True
