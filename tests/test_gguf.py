@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import Stepper, hf_model
 from safetensors.torch import load_file
 
 from gllm.formats.gguf import FastGGUFReader, read_gguf_metadata
@@ -27,7 +28,6 @@ from gllm.model.gguf_loader import load_gguf, unpermute_qk
 from gllm.model.rope import rope_inv_freq
 from gllm.tokenizer import Tokenizer
 from gllm.tokenizer.gguf_tokenizer import tokenizer_from_gguf
-from helpers import Stepper, hf_model
 
 MAX_POSITIONS = 512
 MESSAGES = [
@@ -146,10 +146,10 @@ def build_corpus(special_tokens: list[str]) -> list[str]:
     corpus = list(HAND_WRITTEN)
     for tok in special_tokens:
         corpus += [tok, f"{tok}text{tok}", f" {tok} ", f"before{tok}\nafter"]
-    for i in range(150):
+    for _ in range(150):
         n = rng.randint(1, 14)
         corpus.append("".join(rng.choice(pieces) + (" " if rng.random() < 0.5 else "") for _ in range(n)))
-    for i in range(20):
+    for _ in range(20):
         corpus.append(" " * rng.randint(1, 9) + "\n" * rng.randint(0, 3) + "\t" * rng.randint(0, 2)
                       + str(rng.randint(0, 10 ** rng.randint(1, 15))) + " " * rng.randint(0, 4))
     return corpus
@@ -176,7 +176,8 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_hf_tokenizer):
     differently. Text with no numeric character must give identical ids; every text must give
     the ids of the original layout: transformers' vocabulary and merges with the digit split put back.
     """
-    from tokenizers import Tokenizer as HFTokenizer, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
 
     _, _, tok = smollm2
     ref = smollm2_hf_tokenizer

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hf_greedy, hf_logits
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
-from helpers import hf_greedy, hf_logits
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the GPU fast path is tested by tools/gpu_check.sh on a GPU machine",
@@ -198,6 +198,7 @@ def test_prefill_attention_split_over_keys_matches_reference(dtype):
     """Short chunks over long cached prefixes split each tile's keys over programs; every split count gives
     the reference, including splits that some rows cannot see (all their keys lie past the row's position)."""
     import dataclasses
+
     from gllm.ops.attention import PrefillKernelPlan, SdpaPlan, paged_attention
     from gllm.ops.triton_prefill import PrefillPlan, prefill_partials
     torch.manual_seed(2)

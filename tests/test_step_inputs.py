@@ -22,7 +22,7 @@ def test_views_are_typed_contiguous_aligned_and_disjoint():
     for size in SIZES:
         inputs = StepInputs(buffer, size, WIDTH)
         spans = []
-        for name, view in inputs.views.items():
+        for view in inputs.views.values():
             assert view.is_contiguous() and view.shape[0] == size
             start = view.storage_offset() * view.element_size()
             assert start % 8 == 0

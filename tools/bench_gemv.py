@@ -27,10 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_gpu import copy_bandwidth  # noqa: E402
+
 import gllm.model  # noqa: E402,F401  (gllm.ops cannot be the first gllm package imported: import cycle)
 from gllm.ops import triton_fused, triton_gemv  # noqa: E402
 from gllm.ops.triton_gemv import GemvConfig  # noqa: E402
-from bench_gpu import copy_bandwidth  # noqa: E402
 
 # name -> (hidden, intermediate, q + 2 kv columns, layers)
 MODELS = {"1b": (2048, 8192, 3072, 16), "3b": (3072, 8192, 5120, 28), "8b": (4096, 14336, 6144, 32)}

@@ -136,7 +136,8 @@ def bench_ttft(engine: LLMEngine, rng: random.Random, repeats: int = 7) -> dict:
 
 
 def bench_transformers(cfg: ModelConfig, batch: int, new_tokens: int = 64) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
     hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
     with torch.device("cuda"):
         model = HFLlama(hf_cfg).to(torch.bfloat16).eval()

@@ -6,5 +6,6 @@ from gllm.engine.params import GeneratorParams
 from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings, Usage
 from gllm.engine.sinks import RequestHandle
 
-__all__ = ["EngineBusy", "GenerationRequest", "GenerationResult", "GeneratorParams", "LLMEngine", "RequestHandle", "RequestRejected", "RequestTooLong", "StepInfo", "StreamEvent",
+__all__ = ["EngineBusy", "GenerationRequest", "GenerationResult", "GeneratorParams", "LLMEngine", "RequestHandle",
+           "RequestRejected", "RequestTooLong", "StepInfo", "StreamEvent",
            "Timings", "Usage"]

@@ -63,7 +63,8 @@ class LLMEngine:
                  device: str | None = None, quiet: bool = True) -> None:
         self.gen_params = gen = gen_params or GeneratorParams()
         rt = assemble(model, gen, device, quiet)
-        self.device, self.dtype, self.dtype_reason, self.cpu_threads = rt.device, rt.dtype, rt.dtype_reason, rt.cpu_threads
+        self.device, self.dtype, self.dtype_reason = rt.device, rt.dtype, rt.dtype_reason
+        self.cpu_threads = rt.cpu_threads
         loaded = rt.loaded
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.model_name, self.model_source = loaded.source.name, loaded.source

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gllm.model import LlamaForCausalLM, ModelConfig, load_hf_folder
 from gllm.engine.catalog import DEFAULT_MODEL, KNOWN_MODELS, fetch_known_model, gllm_home
+from gllm.model import LlamaForCausalLM, ModelConfig, load_hf_folder
 from gllm.tokenizer import Tokenizer
 
 CONVERTED_MARKER = "gllm-converted.json"

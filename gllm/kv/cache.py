@@ -40,7 +40,8 @@ class KVCache:
         shape = (num_blocks + int(scratch_block), block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block: int | None = num_blocks if scratch_block else None
-        self.layers = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
+                       for _ in range(cfg.num_hidden_layers)]
 
     @property
     def scratch_slot(self) -> int:

@@ -3,8 +3,15 @@
 This layer imports nothing of gllm above it: the model and the runner build its inputs.
 """
 
-from gllm.ops.attention import (AttentionPlan, DecodeKernelPlan, MixedKernelPlan, PrefillKernelPlan, SdpaPlan,
-                                paged_attention, write_kv)
+from gllm.ops.attention import (
+    AttentionPlan,
+    DecodeKernelPlan,
+    MixedKernelPlan,
+    PrefillKernelPlan,
+    SdpaPlan,
+    paged_attention,
+    write_kv,
+)
 
 try:  # Triton is optional: without it (CPU-only installs) the model keeps the plain PyTorch path.
     from gllm.ops import triton_fused, triton_gemv

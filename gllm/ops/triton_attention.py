@@ -132,11 +132,11 @@ def _decode_merge_kernel(
         tl.extra.cuda.gdc_wait()
     dims = tl.arange(0, HEAD_DIM)
     m = tl.load(part_max_ptr + seq * stride_pm_b + head * stride_pm_h + splits, mask=has_work, other=float("-inf"))
-    l = tl.load(part_sum_ptr + seq * stride_pm_b + head * stride_pm_h + splits, mask=has_work, other=0.0)
+    sums = tl.load(part_sum_ptr + seq * stride_pm_b + head * stride_pm_h + splits, mask=has_work, other=0.0)
     acc = tl.load(part_out_ptr + seq * stride_po_b + head * stride_po_h + splits[:, None] * stride_po_s
                   + dims[None, :], mask=has_work[:, None], other=0.0)
     w = tl.where(has_work, tl.exp(m - tl.max(m, 0)), 0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(sums * w, 0)
     tl.store(out_ptr + seq * stride_o_b + head * stride_o_h + dims, out.to(out_ptr.dtype.element_ty))
 
 

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gllm.transfer import to_device
 from gllm.ops.triton_attention import attend_block
+from gllm.transfer import to_device
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -156,7 +156,8 @@ def prefill_partials(num_tiles: int, num_heads: int, head_dim: int, num_splits: 
         return None
     rows = num_tiles * num_heads * num_splits * BLOCK_M
     return (torch.empty(rows, head_dim, dtype=torch.float32, device=device),
-            torch.empty(rows, dtype=torch.float32, device=device), torch.empty(rows, dtype=torch.float32, device=device))
+            torch.empty(rows, dtype=torch.float32, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device))
 
 
 def tile_rows(chunks: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

@@ -89,7 +89,8 @@ class ModelRunner:
             return self.graph_decoder.run([q.token_ids[-1] for q in seqs], [len(q.token_ids) - 1 for q in seqs],
                                           [q.block_table.block_ids for q in seqs])
         graphs = self.prefill_graphs
-        if graphs is not None and len(out.scheduled) <= graphs.max_seqs and all(s.num_tokens > 1 for s in out.scheduled):
+        if (graphs is not None and len(out.scheduled) <= graphs.max_seqs
+                and all(s.num_tokens > 1 for s in out.scheduled)):
             from gllm.runner.prefill_graphs import PrefillChunk
             chunks = [PrefillChunk(s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_tokens],
                                    s.seq.num_computed_tokens, s.seq.block_table.block_ids, s.samples)

@@ -20,8 +20,8 @@ import torch
 from gllm.kv import KVCache, slots_array
 from gllm.model import ForwardBatch, LlamaForCausalLM
 from gllm.ops import PrefillKernelPlan
-from gllm.runner.cuda_graphs import capture_graphs
 from gllm.ops.triton_prefill import BLOCK_M, PrefillPlan, max_tiles, prefill_partials, prefill_splits, tile_rows
+from gllm.runner.cuda_graphs import capture_graphs
 
 DEFAULT_TOKEN_LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 MAX_GRAPH_SEQS = 8          # prefill chunks per replayed step

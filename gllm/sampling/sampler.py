@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gllm.transfer import to_device
 from gllm.sampling.noise import RACE_MARGIN, NoiseTable, row_key
 from gllm.sampling.params import SamplingParams
+from gllm.transfer import to_device
 
 
 @dataclass

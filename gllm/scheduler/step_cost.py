@@ -2,9 +2,10 @@
 
     seconds ~ fixed + per_prefill_token * prefill_tokens + per_decode_row * decode_rows + per_kv_token * kv_tokens
 
-(`kv_tokens`: the attention work, each row's new tokens times the context they attend over). Fitted on the last `window` steps by least
-squares with Huber weights (a few reweighting rounds), so the odd step slowed by something else on the
-machine does not drag the fit; a coefficient the data makes negative is dropped and the rest refitted.
+(`kv_tokens`: the attention work, each row's new tokens times the context they attend over). Fitted on the
+last `window` steps by least squares with Huber weights (a few reweighting rounds), so the odd step slowed
+by something else on the machine does not drag the fit; a coefficient the data makes negative is dropped
+and the rest refitted.
 The scheduler asks it how many prefill tokens still fit a step's time budget (`largest_within`).
 """
 
