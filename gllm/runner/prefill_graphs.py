@@ -22,6 +22,7 @@ from gllm.model import ForwardBatch, LlamaForCausalLM
 from gllm.ops import PrefillKernelPlan
 from gllm.ops.triton_prefill import BLOCK_M, PrefillPlan, max_tiles, prefill_partials, prefill_splits, tile_rows
 from gllm.runner.cuda_graphs import capture_graphs
+from gllm.runner.step_inputs import PackedLayout
 
 DEFAULT_TOKEN_LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 MAX_GRAPH_SEQS = 8          # prefill chunks per replayed step
@@ -49,18 +50,16 @@ class CudaGraphPrefill:
         self.max_context = max_blocks_per_seq * self.block_size
         self.max_tiles = max_tiles(top, seqs)
         i64, i32 = torch.int64, torch.int32
-        # Static inputs; sequence row `seqs` is the empty sequence that padding tiles point at.
-        self.buffers = {
-            "input_ids": torch.zeros(top, dtype=i64, device=device),
-            "positions": torch.zeros(top, dtype=i64, device=device),
-            "slot_mapping": torch.zeros(top, dtype=i64, device=device),
-            "block_tables": torch.zeros(seqs + 1, max_blocks_per_seq, dtype=i32, device=device),
-            "per_seq": torch.zeros(3, seqs + 1, dtype=i32, device=device),
-            "tiles": torch.zeros(2, self.max_tiles, dtype=i32, device=device),
-            "logits_indices": torch.zeros(seqs, dtype=i64, device=device),
-        }
-        self._staging = [{name: torch.zeros_like(buf, device="cpu").pin_memory() for name, buf in self.buffers.items()}
-                         for _ in range(2)]
+        # Static inputs in one byte buffer (one copy a step); sequence row `seqs` is the empty sequence that
+        # padding tiles point at.
+        self.layout = PackedLayout([
+            ("input_ids", i64, (top,)), ("positions", i64, (top,)), ("slot_mapping", i64, (top,)),
+            ("block_tables", i32, (seqs + 1, max_blocks_per_seq)), ("per_seq", i32, (3, seqs + 1)),
+            ("tiles", i32, (2, self.max_tiles)), ("logits_indices", i64, (seqs,))], align=128)
+        self._device_bytes = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
+        self.buffers = self.layout.views(self._device_bytes)
+        self._staging_bytes = [torch.zeros(self.layout.nbytes, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        self._staging = [self.layout.views(b) for b in self._staging_bytes]
         self._turn = 0
         self.num_replays = 0
         self.plans: dict[int, PrefillPlan] = {}
@@ -84,9 +83,8 @@ class CudaGraphPrefill:
         return min(self.max_tiles, max_tiles(tokens, self.max_seqs))
 
     def _capture_all(self, pool: tuple | None) -> None:
-        host = self._staging[0]
-        self._clear(host, 0, self.token_sizes[-1], 0)
-        self._upload(host, self.token_sizes[-1])
+        self._clear(self._staging[0], 0, self.token_sizes[-1], 0)
+        self._upload(0)
         torch.cuda.synchronize(self.device)
         self.graphs, self.outputs, self.pool = capture_graphs(self.token_sizes, self._step, self.device, pool)
 
@@ -108,8 +106,8 @@ class CudaGraphPrefill:
         """Compute the chunks (see `padded_size`); float32 logits for each chunk that samples, in order."""
         tokens = self.padded_size(chunks)
         assert tokens is not None, "step does not fit a captured prefill graph"
-        host = self._staging[self._turn]
-        self._turn ^= 1
+        turn, self._turn = self._turn, self._turn ^ 1
+        host = self._staging[turn]
         bs = self.block_size
         ids, pos, slots = (host[k].numpy() for k in ("input_ids", "positions", "slot_mapping"))
         tables, per_seq, logits_rows = (host[k].numpy() for k in ("block_tables", "per_seq", "logits_indices"))
@@ -132,7 +130,7 @@ class CudaGraphPrefill:
         host["tiles"].numpy()[0, :len(tile_seq)] = tile_seq
         host["tiles"].numpy()[1, :len(tile_row)] = tile_row
         self._clear(host, at, tokens, len(chunks), len(tile_seq), samplers)
-        self._upload(host, tokens)
+        self._upload(turn)
         self.graphs[tokens].replay()
         self.num_replays += 1
         return self.outputs[tokens][:samplers]
@@ -149,9 +147,6 @@ class CudaGraphPrefill:
         host["tiles"][1, used_tiles:] = 0
         host["logits_indices"][used_logits:] = 0
 
-    def _upload(self, host: dict[str, torch.Tensor], tokens: int) -> None:
-        for name, buf in self.buffers.items():
-            src = host[name]
-            if name in ("input_ids", "positions", "slot_mapping"):
-                buf, src = buf[:tokens], src[:tokens]
-            buf.copy_(src, non_blocking=True)
+    def _upload(self, turn: int) -> None:
+        """One asynchronous copy of a staging buffer's bytes to the graphs' static inputs."""
+        self._device_bytes.copy_(self._staging_bytes[turn], non_blocking=True)

@@ -1,9 +1,10 @@
-"""A decode step's inputs in one flat byte buffer, so that they cross to the GPU in a single copy.
+"""A step's inputs in one flat byte buffer, so that they cross to the GPU in a single copy.
 
 Each copy costs the GPU a few microseconds whatever its size, and a decode step had five of them
-(ids, positions, slots, context lengths, block tables). `StepInputs` lays those fields out for one
-batch size so that a step's inputs are the buffer's first `nbytes` bytes; the graphs read typed
-views of the device buffer, and `StepStaging` fills the same layout in pinned host memory.
+(ids, positions, slots, context lengths, block tables), a prefill step seven. `PackedLayout` places named
+typed arrays at aligned offsets of one byte buffer; the graphs read typed views of the device buffer, and
+the host fills the same layout in pinned memory (`StepStaging` for decode steps, whose layout depends on
+the batch size: `StepInputs`; `CudaGraphPrefill` for prefill steps), then copies the bytes once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,29 @@ import torch
 from gllm.kv import slot_of
 
 
+class PackedLayout:
+    """Named arrays (dtype, shape) back to back in a byte buffer, each starting on an `align`-byte boundary
+    (Triton specialises a kernel on its pointers being 16-byte aligned: fields that kernels read vectorised
+    want 16 or more)."""
+
+    def __init__(self, fields: list[tuple[str, torch.dtype, tuple[int, ...]]], align: int = 8) -> None:
+        self.fields: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+        offset = end = 0
+        for name, dtype, shape in fields:
+            self.fields.append((name, dtype, shape, offset))
+            end = offset + int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            offset = -(-end // align) * align
+        self.nbytes = end
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of `buffer` (uint8, at least `nbytes`), on whatever device it lives."""
+        out = {}
+        for name, dtype, shape, offset in self.fields:
+            size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            out[name] = buffer[offset:offset + size].view(dtype).view(shape)
+        return out
+
+
 class StepInputs:
     """Typed views of `buffer` (uint8) holding the inputs of a `batch`-row decode step."""
 
@@ -21,19 +45,18 @@ class StepInputs:
               ("gather_rows", torch.int64), ("context_lens", torch.int32))
 
     def __init__(self, buffer: torch.Tensor, batch: int, table_width: int) -> None:
-        views: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, dtype in self.FIELDS:
-            views[name] = buffer[offset:offset + 8 * batch].view(dtype)[:batch]
-            offset += 8 * batch                       # int32 fields padded to 8 bytes a row: aligned views
-        table_bytes = 4 * batch * table_width
-        views["block_tables"] = buffer[offset:offset + table_bytes].view(torch.int32).view(batch, table_width)
-        self.nbytes = offset + table_bytes
-        self.views = views
+        layout = self.layout(batch, table_width)
+        self.nbytes = layout.nbytes
+        self.views = layout.views(buffer)
+
+    @classmethod
+    def layout(cls, batch: int, table_width: int) -> PackedLayout:
+        rows = [(name, dtype, (batch,)) for name, dtype in cls.FIELDS]
+        return PackedLayout(rows + [("block_tables", torch.int32, (batch, table_width))])
 
     @staticmethod
     def nbytes_for(batch: int, table_width: int) -> int:
-        return 8 * batch * len(StepInputs.FIELDS) + 4 * batch * table_width
+        return StepInputs.layout(batch, table_width).nbytes
 
 
 class StepStaging:
