@@ -9,9 +9,9 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
+from gllm.engine.catalog import DEFAULT_MODEL, KNOWN_MODELS, cached_gguf_path, fetch_known_model, gllm_home
 from gllm.frontend.helpers import field_flag
 from gllm.request_fields import FIELDS_BY_NAME
-from gllm.engine.catalog import DEFAULT_MODEL, KNOWN_MODELS, cached_gguf_path, fetch_known_model, gllm_home
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"known name, HF folder, .gguf or HF cache id (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"known name, HF folder, .gguf or HF cache id (default {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -100,7 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
                 "usage": asdict(result.usage), "timings": asdict(result.timings),
                 "logprobs": None if result.logprobs is None else [
-                    {"token_id": lp.token_id, "token": engine.tokenizer.decode([lp.token_id], skip_special_tokens=False),
+                    {"token_id": lp.token_id,
+                     "token": engine.tokenizer.decode([lp.token_id], skip_special_tokens=False),
                      "logprob": lp.logprob,
                      "top": [{"token_id": t, "token": engine.tokenizer.decode([t], skip_special_tokens=False),
                               "logprob": v} for t, v in lp.top]}

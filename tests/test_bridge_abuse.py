@@ -11,7 +11,8 @@ import zmq
 
 from gllm.bridge import protocol as P
 from gllm.bridge.client import BridgeClient, Done, Error
-from gllm.bridge.testing import ServerProcess
+
+from bridge_doubles import ServerProcess
 
 ARGS = ("--max-seq-len", "512", "--cpu-threads", "1", "--max-batch-size", "4")
 

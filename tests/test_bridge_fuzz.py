@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from gllm.bridge import protocol as P
 from gllm.bridge.client import BridgeClient, Done, Error, Token
-from gllm.bridge.testing import ServerProcess
+
+from bridge_doubles import ServerProcess
 
 N_MESSAGES = 10_500
 MAX_BYTES = 65536
@@ -223,7 +224,7 @@ STREAM_PROMPT = "The innkeeper leaned over the counter and said"
 def stream_once(endpoint: str) -> tuple[str, str, list[str]]:
     with BridgeClient(endpoint, name="bystander") as c:
         c.connect()
-        rid = c.generate(STREAM_PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+        c.generate(STREAM_PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
         parts: list[str] = []
         end = time.monotonic() + 120
         while True:
@@ -453,7 +454,7 @@ def test_fuzz_ready_properties_keep_the_server_serving(server):
     port = int(server.endpoint.rsplit(":", 1)[1])
     welcomed = refused = 0
     held: set[bytes] = set()    # a claimed id stays taken until libzmq has seen its connection close
-    for start in range(0, N_HANDSHAKES, 40):
+    for _ in range(0, N_HANDSHAKES, 40):
         batch = []
         for _ in range(40):
             data, ok, ident = fuzzer.make()

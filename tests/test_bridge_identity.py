@@ -15,7 +15,8 @@ import msgpack
 from gllm.bridge import protocol as P
 from gllm.bridge import zmtp
 from gllm.bridge.client import BridgeClient
-from gllm.bridge.testing import ServerProcess
+
+from bridge_doubles import ServerProcess
 
 GLIBC_FIRST_RANDOM = 0x6B8B4567      # random() right after start-up with glibc's default seed (1)
 

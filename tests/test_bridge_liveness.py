@@ -20,9 +20,11 @@ import zmq
 
 from gllm.bridge import protocol as P
 from gllm.bridge.client import BridgeClient, BridgeError, Done, Error, Token
-from gllm.bridge.server import BridgeServer, ServerConfig, is_local_address
-from gllm.bridge.testing import FakeEngine, ServerProcess
+from gllm.bridge.server import BridgeServer, ServerConfig
 from gllm.bridge.zmtp import ZmtpDealer
+from gllm.frontend.helpers import is_local_address
+
+from bridge_doubles import FakeEngine, ServerProcess
 
 TOKEN = "s3cret-token"
 LEASE_S = 1.5

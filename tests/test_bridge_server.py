@@ -15,9 +15,10 @@ import zmq
 
 from gllm.bridge import protocol as P
 from gllm.bridge.client import AsyncBridgeClient, BridgeClient, BridgeError, Done, Error, Pong, StatsReply, Token
-from gllm.bridge.testing import ServerProcess
 from gllm.bridge.zmtp import ZmtpDealer
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+
+from bridge_doubles import ServerProcess
 
 MAX_SEQ_LEN = 256
 SERVER_ARGS = ["--max-seq-len", str(MAX_SEQ_LEN), "--max-batch-size", "8", "--cpu-threads", "1",
@@ -219,7 +220,7 @@ def test_stop_strings_and_logprobs_match_the_engine(server, reference):
                                                 ignore_eos=True, stop=[stop], logprobs=2)])[0]
     with BridgeClient(server.endpoint) as c:
         c.connect()
-        rid = c.generate("The dragon said", max_tokens=24, temperature=0, ignore_eos=True, stop=[stop], logprobs=2)
+        c.generate("The dragon said", max_tokens=24, temperature=0, ignore_eos=True, stop=[stop], logprobs=2)
         items, done = [], None
         end = time.monotonic() + 60
         while done is None:
@@ -335,7 +336,7 @@ def test_async_client(server):
                 texts.append(ev.text)
             assert "".join(texts[:-1]) == texts[-1] == results[2].text
             # leaving a stream early cancels the request
-            async for ev in c.stream(prompt="Long", max_tokens=200, ignore_eos=True):
+            async for _ in c.stream(prompt="Long", max_tokens=200, ignore_eos=True):
                 break
             with pytest.raises(BridgeError) as info:
                 await c.generate(prompt="x", max_tokens=0)
@@ -375,13 +376,13 @@ def test_hand_written_zmtp_client_gets_through(server):
 
 
 # ------------------------------------------------------------------------------------------ mechanics (fake engine)
-@pytest.mark.parametrize("step_listeners", [True, False])
-def test_coalescing_one_message_per_step_with_queued_requests(step_listeners):
-    """3 clients x 4 requests on an engine that runs 5 at a time (so some wait), with and without the engine's
-    step listeners: every step gives a client at most one tokens message, and each done follows its text."""
+def test_coalescing_one_message_per_step_with_queued_requests():
+    """3 clients x 4 requests on an engine that runs 5 at a time (so some wait): every step gives a client
+    at most one tokens message, and each done follows its text."""
     from gllm.bridge.server import BridgeServer, ServerConfig
-    from gllm.bridge.testing import FakeEngine
-    engine = FakeEngine(step_s=0.002, max_batch_size=5, step_listeners=step_listeners)
+
+    from bridge_doubles import FakeEngine
+    engine = FakeEngine(step_s=0.002, max_batch_size=5)
     ctx = zmq.Context()
     srv = BridgeServer(engine, ServerConfig(address="tcp://127.0.0.1:*"), context=ctx)
     srv.start()
@@ -391,8 +392,8 @@ def test_coalescing_one_message_per_step_with_queued_requests(step_listeners):
             for j in range(4):
                 c.send(P.generate(f"q{j}", prompt="x", max_tokens=5 + 3 * j))
         for c in clients:
-            dones = []
-            log = c.recv_until(lambda m: m["op"] == "done" and (dones.append(m) or len(dones) == 4), 30)
+            dones: list = []
+            log = c.recv_until(lambda m, dones=dones: m["op"] == "done" and (dones.append(m) or len(dones) == 4), 30)
             steps = [m["step"] for m in log if m["op"] == "tokens"]
             assert steps == sorted(set(steps))
             for j in range(4):
@@ -405,6 +406,57 @@ def test_coalescing_one_message_per_step_with_queued_requests(step_listeners):
                 assert text == log[d[0]]["text"] == "".join(f"w{k} " for k in range(1, 6 + 3 * j))
             c.close()
         assert srv.counters["flush_hold_timeout"] == 0
+    finally:
+        srv.stop()
+        engine.close()
+        ctx.destroy(linger=0)
+
+
+def test_bridge_requests_feed_the_shared_metrics():
+    """A BridgeServer given a `Metrics` (as `gllm serve` gives it with --http): every generate is tracked as
+    front_end="bridge" to its outcome, a refusal is counted with its code, the session is on the gauge, and
+    the dashboard's live view lists the requests."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gllm.bridge.server import BridgeServer, ServerConfig
+    from gllm.frontend.metrics import Metrics
+
+    from bridge_doubles import FakeEngine
+    engine = FakeEngine(step_s=0.002)
+    metrics = Metrics(engine)
+    ctx = zmq.Context()
+    srv = BridgeServer(engine, ServerConfig(address="tcp://127.0.0.1:*", max_inflight=2), context=ctx,
+                       metrics=metrics)
+    srv.start()
+
+    def sample(name, **labels):
+        text = metrics.exposition()[0].decode()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    try:
+        with BridgeClient(srv.endpoint, context=ctx) as c:
+            c.connect(timeout_s=5)
+            assert sample("gllm_bridge_clients_connected") == 1
+            assert c.wait(c.generate("hi there", max_tokens=3), timeout_s=10).text == "w1 w2 w3 "
+            slow = [c.generate("go on", max_tokens=4000) for _ in range(2)]
+            with pytest.raises(BridgeError) as refused:          # a third one: over max_inflight
+                c.wait(c.generate("and on", max_tokens=3), timeout_s=10)
+            assert refused.value.code == "busy"
+            for rid in slow:
+                c.cancel(rid)
+            assert [c.wait(rid, timeout_s=10).finish_reason for rid in slow] == ["cancelled", "cancelled"]
+            assert sample("gllm_requests_total", front_end="bridge", outcome="length") == 1
+            assert sample("gllm_requests_total", front_end="bridge", outcome="cancelled") == 2
+            assert sample("gllm_requests_total", front_end="bridge", outcome="rejected") == 1
+            assert sample("gllm_requests_rejected_total", front_end="bridge", reason="busy") == 1
+            assert sample("gllm_completion_tokens_total", front_end="bridge") >= 3
+            assert sample("gllm_requests_total", front_end="http") == 0
+            assert sample("gllm_engine_step_seconds_count") >= 3
+            live = metrics.live.snapshot()
+            assert live["bridge_clients"] == 1 and live["requests"] == []
+            assert [(r["front_end"], r["kind"], r["outcome"]) for r in live["recent"]] == \
+                [("bridge", "completion", "cancelled")] * 2 + [("bridge", "completion", "length")]
     finally:
         srv.stop()
         engine.close()

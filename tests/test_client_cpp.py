@@ -32,8 +32,14 @@ from pathlib import Path
 
 import pytest
 
-from clients.harness import (SCENARIO_NAMES, ConformanceRun, check_complete_run, check_wrong_vector_failed,
-                             load_vectors, wrong_vector_spec)
+from clients.harness import (
+    SCENARIO_NAMES,
+    ConformanceRun,
+    check_complete_run,
+    check_wrong_vector_failed,
+    load_vectors,
+    wrong_vector_spec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPP = ROOT / "bindings" / "cpp"
@@ -197,7 +203,7 @@ def test_runner_fails_on_a_wrong_vector(gcc_build, tmp_path, mutation):
 # ------------------------------------------------------------------------------------------ C ABI, example
 @pytest.fixture(scope="module")
 def server(llama32_dir):
-    from gllm.bridge.testing import ServerProcess
+    from bridge_doubles import ServerProcess
     srv = ServerProcess(llama32_dir, "--max-seq-len", "256", "--cpu-threads", "1").start()
     yield srv
     srv.stop()

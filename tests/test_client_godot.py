@@ -25,8 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from clients.harness import (SCENARIO_NAMES, ConformanceRun, check_complete_run, check_wrong_vector_failed,
-                             load_scenarios, load_vectors, wrong_vector_spec)
+from clients.harness import (
+    SCENARIO_NAMES,
+    ConformanceRun,
+    check_complete_run,
+    check_wrong_vector_failed,
+    load_scenarios,
+    load_vectors,
+    wrong_vector_spec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 GODOT_DIR = ROOT / "bindings" / "godot"
@@ -62,7 +69,8 @@ def godot() -> str:
     proc = subprocess.run([path, "--headless", "--version"], capture_output=True, text=True, timeout=60)
     version = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     # Found but broken (sid's package changed, a library went missing): fail, never skip.
-    assert proc.returncode == 0 and version.startswith("4."), f"{path} is not a working Godot 4: {proc.stdout}{proc.stderr}"
+    assert proc.returncode == 0 and version.startswith("4."), \
+        f"{path} is not a working Godot 4: {proc.stdout}{proc.stderr}"
     return path
 
 
@@ -180,7 +188,7 @@ def example_project(dest: Path) -> Path:
 def test_example_project_runs_headless_against_a_real_server(godot, llama32_dir, tmp_path):
     """The example opens (after an import, as the editor would do), runs headless, and its three NPCs each
     complete a streamed reply from a real server; no script error anywhere in its output."""
-    from gllm.bridge.testing import ServerProcess
+    from bridge_doubles import ServerProcess
     proj = example_project(tmp_path / "example")
     imp = subprocess.run([godot, "--headless", "--path", str(proj), "--import"], capture_output=True, text=True,
                          timeout=180)

@@ -23,8 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from clients.harness import (SCENARIO_NAMES, ConformanceRun, check_complete_run, check_wrong_vector_failed,
-                             load_scenarios, load_vectors, wrong_vector_spec)
+from clients.harness import (
+    SCENARIO_NAMES,
+    ConformanceRun,
+    check_complete_run,
+    check_wrong_vector_failed,
+    load_scenarios,
+    load_vectors,
+    wrong_vector_spec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "bindings" / "unity" / "com.gllm.bridge"
@@ -97,7 +104,8 @@ def test_unity_layer_compiles_against_the_stub(mono, build, core_dll, unity_stub
 
 @pytest.mark.parametrize("version_define", ["", ";UNITY_2022_2_OR_NEWER"], ids=["unity2021", "unity2022.2"])
 def test_sample_compiles_against_the_stub(mono, build, core_dll, unity_stub, version_define):
-    unity = mcs(mono, build / "Gllm.Unity.dll", UNITY, *CSHARP, "-define:UNITY_5_3_OR_NEWER", refs=(core_dll, unity_stub))
+    unity = mcs(mono, build / "Gllm.Unity.dll", UNITY, *CSHARP, "-define:UNITY_5_3_OR_NEWER",
+                refs=(core_dll, unity_stub))
     mcs(mono, build / "Sample.dll", SAMPLE, *CSHARP, f"-define:UNITY_5_3_OR_NEWER{version_define}",
         refs=(core_dll, unity_stub, unity))
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+
 from helpers import hf_greedy, hf_logits
 
 PROMPTS = [

@@ -20,7 +20,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import Stepper, hf_model
 from safetensors.torch import load_file
 
 from gllm.formats.gguf import FastGGUFReader, read_gguf_metadata
@@ -28,6 +27,8 @@ from gllm.model.gguf_loader import load_gguf, unpermute_qk
 from gllm.model.rope import rope_inv_freq
 from gllm.tokenizer import Tokenizer
 from gllm.tokenizer.gguf_tokenizer import tokenizer_from_gguf
+
+from helpers import Stepper, hf_model
 
 MAX_POSITIONS = 512
 MESSAGES = [

@@ -143,8 +143,10 @@ def test_a_bridge_client_reporting_overlong_frames_makes_the_server_yield(llama3
     import time
 
     from gllm.bridge.client import BridgeClient
-    from gllm.bridge.testing import ServerProcess
-    with ServerProcess(llama32_dir, "--max-seq-len", "16384", "--kv-cache-tokens", "16384", "--cpu-threads", "1") as srv:
+
+    from bridge_doubles import ServerProcess
+    flags = ("--max-seq-len", "16384", "--kv-cache-tokens", "16384", "--cpu-threads", "1")
+    with ServerProcess(llama32_dir, *flags) as srv:
         with BridgeClient(srv.endpoint) as c:
             c.connect()
             rid = c.generate("Once upon a time", max_tokens=16000, ignore_eos=True)

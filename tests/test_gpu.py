@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hf_greedy, hf_logits
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+
+from helpers import hf_greedy, hf_logits
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the GPU fast path is tested by tools/gpu_check.sh on a GPU machine",

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
                                        "with TRITON_INTERPRET=1)")
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
-import gllm.model  # noqa: E402,F401  (gllm.ops cannot be the first gllm package imported: import cycle)
 from gllm.ops import triton_fused, triton_gemv  # noqa: E402
 
 ROWS = [1, 2, 3, 8, 16]

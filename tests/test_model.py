@@ -10,6 +10,7 @@ import torch
 
 from gllm.model import ModelConfig, load_hf_folder
 from gllm.model.rope import rope_inv_freq
+
 from helpers import Stepper, hf_greedy, hf_logits, hf_model
 
 PROMPT = [128000, 9906, 1070, 11, 1268, 527, 499, 3815, 3432, 30, 358, 1097, 7060, 13, 578, 4062, 14198, 39935,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gllm.sampling import SampleRow, Sampler, SamplingParams, StopChecker
+from gllm.sampling import Sampler, SampleRow, SamplingParams, StopChecker
 
 VOCAB = 50
 
@@ -188,4 +188,5 @@ def test_top_k_beyond_the_vocabulary_means_off(sampler):
     logits = logits_row(4)[None]
     off = sampler.sample(logits, rows(SamplingParams(temperature=1.0, top_k=0), 1, seed=9)).token_ids
     assert sampler.sample(logits, rows(SamplingParams(temperature=1.0, top_k=2**31 - 1), 1, seed=9)).token_ids == off
-    assert sampler.sample(logits, rows(_broken(SamplingParams(temperature=1.0), top_k=2**70), 1, seed=9)).token_ids == off
+    huge = _broken(SamplingParams(temperature=1.0), top_k=2**70)
+    assert sampler.sample(logits, rows(huge, 1, seed=9)).token_ids == off

@@ -220,7 +220,6 @@ def test_the_cost_model_recovers_step_costs_despite_outliers():
 
 
 def test_a_step_budget_splits_a_long_prompt_and_decodes_still_get_a_token_every_step():
-    from gllm.scheduler.step_cost import StepShape
     budget_s = 0.006
     model = fitted()
     s = Scheduler(SchedulerConfig(4, 512, step_budget_s=budget_s), BlockManager(1024, 16, True), model)

@@ -44,7 +44,8 @@ def test_compute_nice_is_checked():
 
 def test_a_server_lowers_its_engine_by_default(llama32_dir):
     from gllm.bridge.client import BridgeClient
-    from gllm.bridge.testing import ServerProcess
+
+    from bridge_doubles import ServerProcess
     with ServerProcess(llama32_dir, "--max-seq-len", "128", "--cpu-threads", "2") as srv:
         with BridgeClient(srv.endpoint) as c:
             c.connect()

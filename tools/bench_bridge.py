@@ -37,6 +37,7 @@ import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))   # the fake engine: tests/bridge_doubles.py
 
 from gllm.bridge import protocol as P  # noqa: E402
 from gllm.bridge.cli import READY_PREFIX  # noqa: E402
@@ -48,7 +49,7 @@ def serve_child(args: argparse.Namespace) -> int:
     from gllm.bridge.server import BridgeServer, ServerConfig
     emits: list[tuple[str, int, int]] = []
     if args.fake:
-        from gllm.bridge.testing import FakeEngine
+        from bridge_doubles import FakeEngine
         engine = FakeEngine(step_s=args.fake_step_s, max_batch_size=args.batch,
                             on_emit=lambda rid, step: emits.append((rid, step, time.perf_counter_ns())))
     else:

@@ -13,10 +13,12 @@ the player walks away.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from gllm.bridge.cli import READY_PREFIX
 from gllm.bridge.client import BridgeClient, Done, Error, Token
 
 FRAME_S = 1 / 60
@@ -30,13 +32,18 @@ NPCS = {  # name: (persona, priority)
 PLAYER_LINE = "Have you seen anything strange near the mountains lately?"
 
 
-def spawn_server() -> tuple[object, str]:
+def spawn_server() -> tuple[subprocess.Popen, str]:
+    """Start `python -m gllm.bridge` on the tiny test model and read its endpoint from its ready line."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     import make_test_models
-    from gllm.bridge.testing import ServerProcess
     print("(starting a server on the tiny random test model, so the words are noise)")
-    srv = ServerProcess(make_test_models.build_all()["tiny-llama32"], "--max-seq-len", "1024").start()
-    return srv, srv.endpoint
+    model = make_test_models.build_all()["tiny-llama32"]
+    proc = subprocess.Popen([sys.executable, "-m", "gllm.bridge", "--model", str(model), "--zmq", "tcp://127.0.0.1:*",
+                             "--max-seq-len", "1024"], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:                   # the server prints this line once it listens
+        if line.startswith(READY_PREFIX):
+            return proc, line[len(READY_PREFIX):].strip()
+    raise RuntimeError(f"the server exited with {proc.wait()} before listening")
 
 
 def main() -> int:
@@ -54,7 +61,8 @@ def main() -> int:
             return game_loop(client, args.seconds)
     finally:
         if server is not None:
-            server.stop()
+            server.terminate()                 # SIGTERM: the server ends its requests and exits
+            server.wait()
 
 
 def game_loop(client: BridgeClient, seconds: float) -> int:

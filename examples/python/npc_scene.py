@@ -100,7 +100,8 @@ async def scene(engine: LLMEngine, live: bool) -> None:
     print()
     for name, r in results:
         decode_s = max((r.timings.total_ms - (r.timings.ttft_ms or 0)) / 1000, 1e-9)
-        print(f"{name:>6}: {r.usage.completion_tokens} tokens at {max(r.usage.completion_tokens - 1, 0) / decode_s:.1f} "
+        rate = max(r.usage.completion_tokens - 1, 0) / decode_s
+        print(f"{name:>6}: {r.usage.completion_tokens} tokens at {rate:.1f} "
               f"tok/s, first token after {r.timings.ttft_ms:.0f} ms; prompt {r.usage.prompt_tokens} tokens "
               f"({r.usage.cached_tokens} from the prefix cache); finished: {r.finish_reason}")
     stats = engine.stats()

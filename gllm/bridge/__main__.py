@@ -2,6 +2,6 @@
 
 import sys
 
-from gllm.bridge.cli import main
+from gllm.serve import main_bridge
 
-sys.exit(main())
+sys.exit(main_bridge())

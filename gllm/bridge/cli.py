@@ -1,8 +1,8 @@
-"""`gllm serve` (also `python -m gllm.bridge`): the engine behind a ZeroMQ ROUTER socket.
+"""The bridge's command-line flags: where the ROUTER socket listens, authentication, limits.
 
-Prints one line ``gllm bridge listening on <endpoint>`` on stdout once bound (tools and tests wait
-for it), serves until SIGINT/SIGTERM, then ends every request and exits 0. Exit status 2 for a
-refused configuration (such as a public address without authentication), 1 for a failed start.
+`gllm.serve` composes them with the engine's flags (`gllm.frontend.engine_flags`) into `gllm serve` and
+`python -m gllm.bridge`, and runs the server. Once bound, the server prints one line
+``gllm bridge listening on <endpoint>`` on stdout (tools and tests wait for it).
 """
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gllm.bridge import protocol as P
+
+if TYPE_CHECKING:
+    from gllm.bridge.server import ServerConfig
 
 READY_PREFIX = "gllm bridge listening on "
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="known name, HF-format folder, .gguf or HF cache id (default: the default model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    """``--zmq`` and the bridge's authentication and limits flags (``--insecure`` is `gllm.serve`'s, shared
+    with HTTP)."""
     p.add_argument("--zmq", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
                    help="where to bind the ROUTER socket (default tcp://127.0.0.1:5555; "
                         "tcp://127.0.0.1:* picks a free port)")
@@ -30,8 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="CURVE: the server's z85 secret key, or a file holding it (encrypts the connection)")
     auth.add_argument("--curve-clients", default=None,
                       help="CURVE: file of z85 client public keys allowed, one per line (authenticates clients)")
-    auth.add_argument("--insecure", action="store_true",
-                      help="allow a non-loopback --zmq with no token and no CURVE client list")
     lim = p.add_argument_group("limits")
     lim.add_argument("--lease-s", type=float, default=5.0,
                      help="drop a client silent this long and cancel its requests (default 5)")
@@ -44,25 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--heartbeat-ms", type=int, default=1000, help="ZMTP PING interval, 0 for none (default 1000)")
     lim.add_argument("--sndhwm", type=int, default=1000, help=argparse.SUPPRESS)
     lim.add_argument("--sndbuf", type=int, default=0, help=argparse.SUPPRESS)
-    eng = p.add_argument_group("engine")
-    eng.add_argument("--max-batch-size", type=int, default=None, help="sequences decoding at once")
-    eng.add_argument("--max-seq-len", type=int, default=None, help="prompt + output tokens of one request")
-    eng.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
-    eng.add_argument("--max-step-tokens", type=int, default=None, help="tokens computed per engine step")
-    eng.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache capacity in tokens")
-    eng.add_argument("--kv-cache-mb", type=float, default=None, help="or a KV cache budget in MiB")
-    eng.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU")
-    eng.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
-    eng.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
-    eng.add_argument("--compute-nice", type=int, default=None, choices=range(0, 20), metavar="0-19",
-                     help="lower the engine's compute threads' OS priority by this, so the game comes first "
-                          "(default 10; 0 keeps the server's priority)")
-    eng.add_argument("--prompt-as-text", action="store_true",
-                     help="encode special-token strings in a raw prompt as text too (chat messages always are)")
-    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The `ServerConfig` the flags describe, validated (ValueError if refused, OSError for a missing file)."""
     from gllm.bridge.server import ServerConfig
     token = args.token or os.environ.get("GLLM_BRIDGE_TOKEN") or None
     if args.token_file:
@@ -90,30 +76,3 @@ def _z85_arg(value: str) -> bytes:
     if len(value) != 40:
         raise ValueError("a CURVE key is 40 characters of z85")
     return value.encode()
-
-
-def engine_params(args: argparse.Namespace):
-    from gllm.engine import GeneratorParams
-    from gllm.engine.params import SERVER_COMPUTE_NICE
-    fields = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len, "block_size": args.block_size,
-              "max_step_tokens": args.max_step_tokens, "kv_cache_tokens": args.kv_cache_tokens,
-              "kv_cache_mb": args.kv_cache_mb, "cpu_threads": args.cpu_threads, "dtype": args.dtype}
-    fields = {k: v for k, v in fields.items() if v is not None}
-    if args.no_prefix_caching:
-        fields["enable_prefix_caching"] = False
-    if args.prompt_as_text:
-        fields["prompt_special_tokens"] = False
-    fields["compute_nice"] = SERVER_COMPUTE_NICE if args.compute_nice is None else args.compute_nice
-    return GeneratorParams(**fields)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Serve the bridge alone (the same runner as `gllm serve`, without --http)."""
-    from gllm.serve import run as serve
-    return serve(args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gllm.bridge", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -8,21 +8,24 @@ Threads:
   prompt takes milliseconds; the I/O loop does not wait for it): one for ordinary requests, one for those
   with more than `BULK_CHARS` of text, so that a flood of huge prompts never delays another NPC's request.
   Each request's add and cancel go through the same one.
-- the engine thread runs `on_event` callbacks, which only append to a queue, and (engines with step
-  listeners) the end-of-step listener, which sends the step's messages itself when `_lock` is free.
+- the engine thread runs `on_event` callbacks, which only append to a queue, and the end-of-step listener
+  (`EngineAPI.add_step_listener`), which sends the step's messages itself when `_lock` is free.
 
 Delivery: events of one engine step are gathered per client and sent as one ``tokens`` message once the
-step is over. With an engine that has step listeners (`LLMEngine.add_step_listener`), the engine thread
-takes `_lock` without waiting at the end of each step and encodes and sends every client's messages
-itself: no hand-off to the I/O thread, whose wake-up would wait for the GIL behind the next step's Python
-code (0.4 ms on average and several ms at p99, measured). If the I/O thread holds the lock, the engine
-thread wakes it instead and goes on. Sharing the socket this way is what ZeroMQ allows (one thread at a
-time, a full memory barrier between them): the I/O thread waits on the socket's file descriptor, which
-is an OS object, not on the socket, and whoever used the socket last checks it for input before letting
-go (the descriptor is edge-triggered). Without step listeners, a client's step is over when every request
-it has in flight has reported for it or the engine has started a later step; the engine thread then wakes
-the I/O thread once per client step, and the I/O loop ticks every millisecond while requests are in
-flight. `MAX_HOLD_S` bounds how long events can wait in any case.
+step is over. At the end of each step the engine thread takes `_lock` without waiting and encodes and
+sends every client's messages itself: no hand-off to the I/O thread, whose wake-up would wait for the GIL
+behind the next step's Python code (0.4 ms on average and several ms at p99, measured). If the I/O thread
+holds the lock, the engine thread wakes it instead and goes on. Sharing the socket this way is what ZeroMQ
+allows (one thread at a time, a full memory barrier between them): the I/O thread waits on the socket's
+file descriptor, which is an OS object, not on the socket, and whoever used the socket last checks it for
+input before letting go (the descriptor is edge-triggered). The I/O thread also sends a client's step
+early once every request it has in flight has reported for it, or once the engine has started a later
+step; `MAX_HOLD_S` bounds how long events can wait in any case.
+
+Metrics: given a `gllm.frontend.metrics.Metrics` (as `gllm serve` does when HTTP is on), every ``generate``
+is tracked as ``front_end="bridge"`` (its tokens, its outcome: done, error, cancelled), a ``generate``
+refused before or by the engine is counted as rejected with its error code as the reason, and the number
+of sessions is reported as the bridge clients gauge.
 
 Backpressure: each client's messages go through its ZeroMQ pipe (``SNDHWM``) and then a bounded
 backlog; a client whose backlog overflows is not reading and is dropped, its requests cancelled.
@@ -38,8 +41,8 @@ and their `done` messages sent (for up to `STOP_DRAIN_S`) before the socket clos
 from __future__ import annotations
 
 import collections
+import functools
 import hmac
-import ipaddress
 import itertools
 import logging
 import queue
@@ -48,8 +51,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Union
 
 import msgpack
 import zmq
@@ -58,8 +60,14 @@ from gllm import __version__
 from gllm.bridge import protocol as P
 from gllm.bridge.routing_ids import seed_libc_rand
 from gllm.engine.errors import EngineBusy, RequestTooLong
+from gllm.frontend.helpers import is_local_address, preview, require_positive, require_positive_int, short_model_name
 from gllm.memory import release_free_memory
 from gllm.request_fields import BRIDGE_FIELDS
+
+if TYPE_CHECKING:
+    from gllm.engine.interface import EngineAPI
+    from gllm.engine.request import GenerationRequest, StepInfo, StreamEvent
+    from gllm.frontend.metrics import Metrics
 
 log = logging.getLogger("gllm.bridge")
 
@@ -90,10 +98,8 @@ class ServerConfig:
 
     def validate(self) -> None:
         for name in ("max_inflight", "max_message_bytes", "max_clients", "max_send_queue", "sndhwm"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lease_s > 0:
-            raise ValueError(f"lease_s must be > 0, got {self.lease_s!r}")
+            require_positive_int(name, getattr(self, name))
+        require_positive("lease_s", self.lease_s)
         if self.token is not None and not 0 < len(self.token.encode()) <= P.MAX_TOKEN_BYTES:
             raise ValueError(f"token must be 1 to {P.MAX_TOKEN_BYTES} bytes")
         if self.curve_clients is not None and self.curve_secret_key is None:
@@ -107,26 +113,6 @@ class ServerConfig:
     @property
     def authenticated(self) -> bool:
         return self.token is not None or (self.curve_secret_key is not None and self.curve_clients is not None)
-
-
-def is_local_address(address: str) -> bool:
-    """True for endpoints only this machine can reach: loopback TCP, ipc://, inproc://."""
-    scheme, _, rest = address.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    if ";" in rest:                       # tcp://source;dest: judge the address bound, the part after ';'
-        rest = rest.split(";", 1)[1]
-    host = urlsplit("//" + rest).hostname
-    if host is None:
-        return False
-    if host in ("localhost", "lo"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False                      # '*', an interface name, a host name: not provably loopback
 
 
 @dataclass(eq=False)
@@ -145,25 +131,51 @@ class _Client:
     hold_since: float = 0.0
     backlog: collections.deque[bytes] = field(default_factory=collections.deque)
     closed: bool = False
-    frame_ms: float | None = None
-    target_ms: float | None = None
-    # Engine-side view, for waking the I/O thread once per client step rather than once per event:
-    # `in_engine` is written by the submit thread (before add_request) and the engine thread (at the end);
-    # `eng_step` / `eng_reported` by the engine thread only.
-    in_engine: set[str] = field(default_factory=set)
-    eng_step: int = -1
-    eng_reported: set[str] = field(default_factory=set)
+
+
+# What the engine and submit threads hand the I/O thread (`BridgeServer._events`) ...
+@dataclass(slots=True)
+class _EngineEvent:
+    """An engine event of one of a client's requests (on the engine thread)."""
+    client: _Client
+    cid: str                       # the client's id of the request
+    event: StreamEvent
+
+
+@dataclass(slots=True)
+class _Rejected:
+    """`add_request` refused a request (on a submit thread): answer with an error."""
+    client: _Client
+    cid: str
+    code: str
+    message: str
+
+
+# ... and what the I/O thread hands the submit lanes (`BridgeServer._submit_q`, `_bulk_q`; None ends a lane).
+@dataclass(slots=True)
+class _Add:
+    client: _Client
+    cid: str
+    req: GenerationRequest
+
+
+@dataclass(slots=True)
+class _Cancel:
+    engine_id: str
+
+
+_SubmitJob = Union[_Add, _Cancel, None]
 
 
 class BridgeServer:
-    def __init__(self, engine: Any, config: ServerConfig | None = None, *,
+    def __init__(self, engine: EngineAPI, config: ServerConfig | None = None, *,
                  context: zmq.Context | None = None, model_name: str | None = None,
-                 on_clients_changed: Callable[[int], None] | None = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.engine = engine
-        self._on_clients_changed = on_clients_changed   # e.g. the HTTP front end's sessions gauge (I/O thread)
+        self.metrics = metrics          # shared with the other front ends: requests, rejections, sessions
         self.config = config = config or ServerConfig()
         config.validate()
-        self.model_name = model_name or _short_model_name(getattr(engine, "model_name", "model"))
+        self.model_name = model_name or short_model_name(engine.model_name)
         self._own_ctx = context is None     # then terminated on stop, after the last messages went out
         self.ctx = context or zmq.Context()
         self.endpoint: str | None = None
@@ -172,7 +184,7 @@ class BridgeServer:
         # ident -> (failed hellos in a row, until when its hellos are ignored): bounds token guessing
         self._auth_failures: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
         self._serials = itertools.count(1)
-        self._events: collections.deque[tuple] = collections.deque()
+        self._events: collections.deque[_EngineEvent | _Rejected] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -181,17 +193,18 @@ class BridgeServer:
         self._stop = False
         # Two submit lanes, so a huge prompt being tokenized never holds up an ordinary one (each lane keeps
         # the order of its requests' add and cancel).
-        self._submit_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._bulk_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._submit_q: queue.SimpleQueue[_SubmitJob] = queue.SimpleQueue()
+        self._bulk_q: queue.SimpleQueue[_SubmitJob] = queue.SimpleQueue()
         self._submitters: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None     # the I/O thread, when `start()` made it
         self._auth = None
         self.router: zmq.Socket | None = None
         self.counters = collections.Counter()
         # The last step the engine has finished delivering (written by the engine thread's step listener).
-        self._completed_step = int(getattr(engine, "num_steps", 0))
-        self._step_hook = callable(getattr(engine, "add_step_listener", None))
-        if self._step_hook:
-            engine.add_step_listener(self._on_step_end)
+        self._completed_step = int(engine.num_steps)
+        engine.add_step_listener(self._on_step_end)
+        if metrics is not None:
+            metrics.attach(engine)      # step times and engine gauges (a no-op if HTTP attached it already)
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self) -> str:
@@ -261,12 +274,16 @@ class BridgeServer:
             self._wake_w.close()
             if self._own_ctx:
                 self.ctx.term()     # returns once queued messages are sent (or the linger is over)
-            if self._step_hook and hasattr(self.engine, "remove_step_listener"):
-                self.engine.remove_step_listener(self._on_step_end)
+            self.engine.remove_step_listener(self._on_step_end)
 
     def _clients_changed(self) -> None:
-        if self._on_clients_changed is not None:
-            self._on_clients_changed(len(self.clients))
+        if self.metrics is not None:
+            self.metrics.set_bridge_clients(len(self.clients))
+
+    def _count_rejected(self, code: str) -> None:
+        """A generate refused before it reached the engine (I/O thread)."""
+        if self.metrics is not None:
+            self.metrics.count_rejected("bridge", code)
 
     def start(self) -> threading.Thread:
         """Serve on a background thread (tests, embedding); returns once bound."""
@@ -280,12 +297,12 @@ class BridgeServer:
         """Ask the I/O loop to end (thread-safe); with `start()`, also waits for it."""
         self._stop = True
         self._wake()
-        t = getattr(self, "_thread", None)
+        t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout=10)
 
     # ------------------------------------------------------------------------------ cross-thread
-    def _post(self, item: tuple) -> None:
+    def _post(self, item: _Rejected) -> None:
         self._events.append(item)
         if not self._wake_flag:
             self._wake_flag = True
@@ -297,28 +314,15 @@ class BridgeServer:
         except (BlockingIOError, OSError):
             pass  # the pipe is full: a wake is already pending (or we are shutting down)
 
-    def _on_engine_event(self, c: _Client, cid: str, ev: Any) -> None:
-        """On the engine thread: queue the event; wake the I/O thread only once this client's step is complete
-        (every request it has in the engine reported), so a step costs one wake per client, not one per event.
-        Anything else is picked up by the I/O loop's 1 ms tick while requests are in flight."""
-        self._events.append(("ev", c, cid, ev))
-        if self._step_hook:
-            # the step's end wakes the I/O thread; an event from outside a step (a request cancelled between
-            # steps carries the number of the step before) has no step end coming, so it wakes now
-            if ev.step <= self._completed_step and not self._wake_flag:
-                self._wake_flag = True
-                self._wake()
-            return
-        if ev.step != c.eng_step:
-            c.eng_step, c.eng_reported = ev.step, set()
-        c.eng_reported.add(cid)
-        if ev.result is not None:
-            c.in_engine.discard(cid)
-        if c.in_engine <= c.eng_reported and not self._wake_flag:
-            self._wake_flag = True
-            self._wake()
+    def _on_engine_event(self, c: _Client, cid: str, ev: StreamEvent) -> None:
+        """On the engine thread: queue the event. The step's end sends it (or wakes the I/O thread); an event
+        from outside a step (a request cancelled between steps carries the number of the step before) has no
+        step end coming, so it wakes the I/O thread now."""
+        self._events.append(_EngineEvent(c, cid, ev))
+        if ev.step <= self._completed_step:
+            self._wake_now()
 
-    def _on_step_end(self, info: Any) -> None:
+    def _on_step_end(self, info: StepInfo) -> None:
         """Engine thread, after every step's events were handed over: send them now if the I/O thread is not
         using the socket; otherwise wake it to do so. Never waits (the engine does not wait on clients)."""
         self._completed_step = info.step
@@ -349,37 +353,45 @@ class BridgeServer:
             self._wake_flag = True
             self._wake()
 
-    def _submit_loop(self, jobs: queue.SimpleQueue) -> None:
+    def _submit_loop(self, jobs: queue.SimpleQueue[_SubmitJob]) -> None:
         while True:
             job = jobs.get()
             if job is None:
                 return
-            if job[0] == "cancel":
+            if isinstance(job, _Cancel):
                 try:
-                    self.engine.cancel(job[1])
+                    self.engine.cancel(job.engine_id)
                 except Exception:
-                    log.exception("cancel %s failed", job[1])
+                    log.exception("cancel %s failed", job.engine_id)
                 continue
-            _, client, cid, req = job
-            if client.closed:
-                continue  # dropped while queued: never started
-            callback = (lambda ev, c=client, i=cid: self._on_engine_event(c, i, ev))
-            client.in_engine.add(cid)
+            client, cid, req = job.client, job.cid, job.req
+            if client.closed:  # dropped while queued: never started
+                if self.metrics is not None:
+                    self.metrics.count_rejected("bridge", "client_gone")
+                continue
+            callback = functools.partial(self._on_engine_event, client, cid)
+            tracker = None
+            if self.metrics is not None:
+                tracker = self.metrics.track(req.request_id, callback, front_end="bridge", kind=_kind(req),
+                                             preview=_preview(req))
+                callback = tracker.on_event
             try:
                 self.engine.add_request(req, callback)
             except ValueError as exc:
-                client.in_engine.discard(cid)
                 code = (P.TOO_LONG if isinstance(exc, RequestTooLong) else P.BUSY if isinstance(exc, EngineBusy)
                         else P.BAD_REQUEST)
-                self._post(("rej", client, cid, code, str(exc)))
+                if tracker is not None:
+                    tracker.reject(code)
+                self._post(_Rejected(client, cid, code, str(exc)))
             except Exception as exc:
-                client.in_engine.discard(cid)
                 log.exception("add_request failed")
-                self._post(("rej", client, cid, P.INTERNAL, f"{type(exc).__name__}: {exc}"))
+                if tracker is not None:
+                    tracker.reject(P.INTERNAL)
+                self._post(_Rejected(client, cid, P.INTERNAL, f"{type(exc).__name__}: {exc}"))
             if client.closed:  # dropped while we were submitting: make sure it does not run
                 self.engine.cancel(req.request_id)
             if jobs is self._bulk_q:   # a huge prompt is done with: give the pages it took back to the OS
-                del job, req, callback
+                del job, req, callback, tracker
                 release_free_memory()
 
     # ------------------------------------------------------------------------------ I/O loop
@@ -399,7 +411,7 @@ class BridgeServer:
                 with self._lock:
                     for c in self.clients.values():
                         for cid, engine_id in c.live.items():
-                            self._lane(c, cid).put(("cancel", engine_id))
+                            self._lane(c, cid).put(_Cancel(engine_id))
             if drain_until is not None:
                 with self._lock:
                     settled = not any(c.live or c.backlog or c.pending_step is not None
@@ -437,10 +449,8 @@ class BridgeServer:
                 if now >= next_lease_check:
                     next_lease_check = now + LEASE_CHECK_S
                     self._check_leases(now)
-                if self._step_hook:   # step ends send or wake; the tick is only a safety net for held events
-                    busy = any(c.pending_step is not None for c in self.clients.values())
-                else:
-                    busy = any(c.live or c.pending_step is not None for c in self.clients.values())
+                # step ends send or wake; the tick is only a safety net for held events
+                busy = any(c.pending_step is not None for c in self.clients.values())
                 # last touch of the socket before sleeping on its edge-triggered fd: is input already waiting?
                 more_input = more_input or bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
             timeout = 0 if more_input else 1 if busy else 2 if backlogged else int(LEASE_CHECK_S * 1000)
@@ -469,17 +479,24 @@ class BridgeServer:
             if exc.request_id is not None and client is not None and exc.request_id in client.live:
                 exc = P.ProtocolError(P.DUPLICATE_ID, f"id {exc.request_id!r} is already in flight; "
                                       f"this message was ignored", exc.request_id)
+            if msg.get("op") == "generate":
+                self._count_rejected(exc.code)
             self._reply(ident, client, exc.to_message())
             return
         except Exception as exc:  # a validator bug must not take the server down
             log.exception("validating a message failed")
+            if msg.get("op") == "generate":
+                self._count_rejected(P.INTERNAL)
             self._reply(ident, client, P.error(P.readable_id(msg), P.INTERNAL, f"{type(exc).__name__}: {exc}"))
             return
         try:
             self._dispatch(ident, client, parsed, now)
         except Exception as exc:
             log.exception("handling %s failed", type(parsed).__name__)
-            rid = parsed.id if isinstance(parsed, P.Generate) else None
+            rid = None
+            if isinstance(parsed, P.Generate):
+                rid = parsed.id
+                self._count_rejected(P.INTERNAL)
             self._reply(ident, self.clients.get(ident), P.error(rid, P.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     def _dispatch(self, ident: bytes, client: _Client | None, m: P.ClientMessage, now: float) -> None:
@@ -489,6 +506,8 @@ class BridgeServer:
         if client is None:
             why = self._ended.get(ident)
             text = f"session ended ({why}); send hello" if why else "send hello first"
+            if isinstance(m, P.Generate):
+                self._count_rejected(P.NO_SESSION)
             self._reply(ident, None, P.error(m.id if isinstance(m, P.Generate) else None, P.NO_SESSION, text))
             return
         if isinstance(m, P.Generate):
@@ -496,7 +515,7 @@ class BridgeServer:
         elif isinstance(m, P.Cancel):
             engine_id = client.live.get(m.id)
             if engine_id is not None:  # an id not in flight is ignored: it may have just finished
-                self._lane(client, m.id).put(("cancel", engine_id))
+                self._lane(client, m.id).put(_Cancel(engine_id))
         elif isinstance(m, P.Ping):
             if _has_bin_or_ext(m.t):   # the server never sends bin or ext (PROTOCOL.md §3): no echo of them
                 self._send(client, P.encode(P.error(None, P.BAD_REQUEST, "ping.t must not contain bin or ext "
@@ -504,10 +523,7 @@ class BridgeServer:
             else:
                 self._send(client, P.encode(P.pong(m.t)))
         elif isinstance(m, P.Frame):
-            client.frame_ms, client.target_ms = m.ms, m.target_ms
-            report = getattr(self.engine, "report_frame", None)   # the frame governor (engines that have one)
-            if report is not None:
-                report(m.ms, m.target_ms or None, source=f"bridge/{client.serial}")
+            self.engine.report_frame(m.ms, m.target_ms or None, source=f"bridge/{client.serial}")
         elif isinstance(m, P.Stats):
             values = dict(self.engine.stats())
             values["clients"] = len(self.clients)
@@ -565,13 +581,16 @@ class BridgeServer:
 
     def _on_generate(self, client: _Client, g: P.Generate) -> None:
         if self._stop:   # draining: what is in flight was cancelled, nothing new starts
+            self._count_rejected(P.BUSY)
             self._send(client, P.encode(P.error(g.id, P.BUSY, "the server is stopping")))
             return
         if g.id in client.live:
+            self._count_rejected(P.DUPLICATE_ID)
             self._send(client, P.encode(P.error(g.id, P.DUPLICATE_ID,
                                                 f"id {g.id!r} is already in flight; this message was ignored")))
             return
         if len(client.live) >= self.config.max_inflight:
+            self._count_rejected(P.BUSY)
             self._send(client, P.encode(P.error(g.id, P.BUSY, f"this client already has {len(client.live)} "
                                                 f"requests in flight (max_inflight {self.config.max_inflight})")))
             return
@@ -585,7 +604,7 @@ class BridgeServer:
         text = len(g.prompt) if g.prompt is not None else sum(len(m.get("content", "")) for m in g.messages or ())
         if text > BULK_CHARS:
             client.bulk.add(g.id)
-        self._lane(client, g.id).put(("add", client, g.id, req))
+        self._lane(client, g.id).put(_Add(client, g.id, req))
 
     def _lane(self, client: _Client, cid: str) -> queue.SimpleQueue:
         return self._bulk_q if cid in client.bulk else self._submit_q
@@ -595,18 +614,17 @@ class BridgeServer:
         events = self._events
         while events:
             item = events.popleft()
-            client: _Client = item[1]
+            client = item.client
             if client.closed:
                 continue
-            if item[0] == "rej":
-                _, _, cid, code, message = item
-                client.live.pop(cid, None)
-                client.bulk.discard(cid)
-                self._send(client, P.encode(P.error(cid, code, message)))
+            if isinstance(item, _Rejected):
+                client.live.pop(item.cid, None)
+                client.bulk.discard(item.cid)
+                self._send(client, P.encode(P.error(item.cid, item.code, item.message)))
             else:
-                self._on_event(client, item[2], item[3])
+                self._on_event(client, item.cid, item.event)
 
-    def _on_event(self, c: _Client, cid: str, ev: Any) -> None:
+    def _on_event(self, c: _Client, cid: str, ev: StreamEvent) -> None:
         step = ev.step
         has_item = bool(ev.text) or bool(ev.token_ids)
         if has_item:
@@ -627,21 +645,21 @@ class BridgeServer:
             r = ev.result
             payload = P.encode(P.done(cid, r.finish_reason, r.text, r.usage.prompt_tokens, r.usage.completion_tokens,
                                       r.timings.ttft_ms, r.timings.total_ms, error=r.error,
-                                      cached_tokens=getattr(r.usage, "cached_tokens", 0)))
+                                      cached_tokens=r.usage.cached_tokens))
             if c.pending_step is None:
                 self._send(c, payload)
             else:
                 c.pending_after.append(payload)
 
     def _flush_ready(self, now: float) -> None:
-        engine_step = getattr(self.engine, "num_steps", None)
-        completed = self._completed_step if self._step_hook else -1
+        engine_step = self.engine.num_steps
+        completed = self._completed_step
         for c in list(self.clients.values()):
             if c.pending_step is None:
                 continue
             if c.pending_step <= completed or all(cid in c.reported for cid in c.live):
                 self._flush(c)
-            elif engine_step is not None and engine_step > c.pending_step:
+            elif engine_step > c.pending_step:
                 self.counters["flush_next_step"] += 1
                 self._flush(c)
             elif now - c.hold_since > MAX_HOLD_S:
@@ -720,7 +738,7 @@ class BridgeServer:
         self.counters["dropped"] += 1
         log.info("client %s (%s) ended: %s; cancelling %d requests", c.ident.hex(), c.name, why, len(c.live))
         for cid, engine_id in c.live.items():
-            self._lane(c, cid).put(("cancel", engine_id))
+            self._lane(c, cid).put(_Cancel(engine_id))
         c.live.clear()
         c.bulk.clear()
         c.backlog.clear()
@@ -730,11 +748,6 @@ class BridgeServer:
         self._ended[c.ident] = why
         while len(self._ended) > 4096:
             self._ended.popitem(last=False)
-
-    def client_frames(self) -> list[dict[str, Any]]:
-        """The last `frame` report of each client (for the frame-budget work; read it on the I/O thread)."""
-        return [{"client": c.name, "session": c.serial, "ms": c.frame_ms, "target_ms": c.target_ms}
-                for c in self.clients.values() if c.frame_ms is not None]
 
 
 def _has_bin_or_ext(value: Any, depth: int = 0) -> bool:
@@ -749,13 +762,13 @@ def _has_bin_or_ext(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _short_model_name(name: Any) -> str:
-    """What clients see as the model: a known name or HF id as given; a local path by its last part only."""
-    from pathlib import Path
-    text = str(name)
-    try:
-        if Path(text).expanduser().exists():
-            return Path(text).expanduser().resolve().name or text
-    except OSError:
-        pass
-    return text
+def _kind(req: GenerationRequest) -> str:
+    return "chat" if req.messages is not None else "completion"
+
+
+def _preview(req: GenerationRequest) -> str:
+    """The dashboard's line for a request: the last user message of a chat (as HTTP shows), or the prompt."""
+    if req.messages is not None:
+        users = [m.get("content", "") for m in req.messages if m.get("role") == "user"]
+        return preview(users[-1] if users else (req.messages[-1].get("content", "") if req.messages else ""))
+    return preview(req.prompt or "")

@@ -162,9 +162,6 @@ class ZmtpDealer:
     def send(self, message: bytes) -> None:
         self.sock.sendall(encode_frame(message))
 
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
     def recv(self, timeout: float | None = None) -> bytes | None:
         """The next message (one frame; multi-frame messages are joined), answering PINGs on the way.
         None when `timeout` passes first."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from gllm.engine.assembly import assemble
-from gllm.engine.errors import EngineBusy, RequestTooLong
+from gllm.engine.errors import EngineBusy, RequestRejected, RequestTooLong
 from gllm.engine.governor import FrameGovernor
 from gllm.engine.loading import LoadedModel
 from gllm.engine.params import GeneratorParams
@@ -215,21 +215,24 @@ class LLMEngine:
     def tokenize_request(self, req: GenerationRequest) -> list[int]:
         given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
         if sum(given) != 1:
-            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+            raise RequestRejected("give exactly one of prompt, messages or prompt_token_ids", "prompt")
         if req.prompt is not None:
             if not isinstance(req.prompt, str):
-                raise ValueError("prompt must be a string")
+                raise RequestRejected("prompt must be a string", "prompt")
             self._check_text_fits("prompt", len(req.prompt))
             return self.tokenizer.encode(req.prompt, special_tokens_as_text=not self.gen_params.prompt_special_tokens)
         if req.messages is not None:
             if isinstance(req.messages, list):
                 self._check_text_fits("messages", sum(len(v) for m in req.messages if isinstance(m, dict)
                                                       for v in m.values() if isinstance(v, str)))
-            return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)   # contents stay text
+            try:
+                return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)   # contents stay text
+            except ValueError as exc:   # a malformed conversation, or the template refused it
+                raise RequestRejected(str(exc), "messages") from exc
         ids = list(req.prompt_token_ids)
         vocab = self.model_config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
+            raise RequestRejected(f"prompt_token_ids must be integers in [0, {vocab})", "prompt_token_ids")
         return ids
 
     def _check_text_fits(self, field: str, chars: int) -> None:
@@ -238,7 +241,7 @@ class LLMEngine:
         limit = self.gen_params.max_seq_len * self.tokenizer.max_token_chars
         if chars > limit:
             raise RequestTooLong(f"{field} is {chars} characters; max_seq_len {self.gen_params.max_seq_len} tokens "
-                                 f"hold at most {limit} characters of text")
+                                 f"hold at most {limit} characters of text", field)
 
     def close(self) -> None:
         """Stop the engine thread; requests still running end with finish_reason "cancelled"."""
@@ -267,21 +270,22 @@ class LLMEngine:
         prompt_ids = self.tokenize_request(req)
         gen = self.gen_params
         if not prompt_ids:
-            raise ValueError("prompt must contain at least one token")
+            raise RequestRejected("prompt must contain at least one token", "prompt")
         if len(prompt_ids) >= gen.max_seq_len:
             raise RequestTooLong(f"prompt is {len(prompt_ids)} tokens; max_seq_len is {gen.max_seq_len} "
-                             f"(prompt + output), so the prompt must be shorter")
+                                 f"(prompt + output), so the prompt must be shorter", "prompt")
         max_new = min(params.max_new_tokens, gen.max_seq_len - len(prompt_ids))
         need_blocks = self.block_manager.blocks_needed(len(prompt_ids) + max_new)
         if need_blocks > self.block_manager.num_blocks:
             raise RequestTooLong(f"prompt + max_new_tokens need {need_blocks} KV blocks; the cache holds "
-                             f"{self.block_manager.num_blocks} (raise kv_cache_tokens or lower max_new_tokens)")
+                                 f"{self.block_manager.num_blocks} (raise kv_cache_tokens or lower max_new_tokens)",
+                                 "max_new_tokens")
         request_id = req.request_id if req.request_id is not None else uuid.uuid4().hex
         if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
+            raise RequestRejected("request_id must be a non-empty string", "request_id")
         with self._ids_lock:
             if request_id in self._live_ids:
-                raise ValueError(f"request_id {request_id!r} is already in flight")
+                raise RequestRejected(f"request_id {request_id!r} is already in flight", "request_id")
             if len(self._live_ids) >= gen.max_waiting_requests + gen.max_batch_size:
                 raise EngineBusy(f"too many requests in flight (limit {gen.max_waiting_requests + gen.max_batch_size})")
             self._live_ids.add(request_id)

@@ -2,6 +2,6 @@
 
 import sys
 
-from gllm.http.cli import main
+from gllm.serve import main_http
 
-sys.exit(main())
+sys.exit(main_http())

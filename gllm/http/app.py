@@ -25,8 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,30 +35,23 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gllm.frontend.helpers import short_model_name
+from gllm.frontend.metrics import Metrics
 from gllm.http import openai_api as oa
 from gllm.http.dashboard import dashboard_html
 from gllm.http.errors import ApiError, error_body
 from gllm.http.guard import LocalOnly
-from gllm.http.metrics import Metrics
 from gllm.memory import LARGE_TEXT_CHARS, release_free_memory
+
+if TYPE_CHECKING:
+    from gllm.engine.interface import EngineAPI
+    from gllm.engine.request import StreamEvent
 
 log = logging.getLogger("gllm.http")
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024     # a full 128k-token chat is about 0.5 MB of JSON
 DEFAULT_BODY_TIMEOUT_S = 30.0                  # a request body must arrive in full within this
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def short_model_name(name: Any) -> str:
-    """What clients see as the model id: a known name or HF id as given, a local path by its last part."""
-    text = str(name)
-    try:
-        path = Path(text).expanduser()
-        if path.exists():
-            return path.resolve().name or text
-    except OSError:
-        pass
-    return text
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -69,7 +61,7 @@ def _sse(obj: dict[str, Any]) -> str:
 class OpenAIServer:
     """Builds the ASGI app around one engine (``self.app``)."""
 
-    def __init__(self, engine: Any, metrics: Metrics | None = None, *, api_key: str | None = None,
+    def __init__(self, engine: EngineAPI, metrics: Metrics | None = None, *, api_key: str | None = None,
                  served_model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  cors_origins: Iterable[str] = (), default_max_tokens: int | None = None,
                  allowed_hosts: Iterable[str] = (), body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
@@ -283,7 +275,7 @@ class OpenAIServer:
         events: asyncio.Queue = asyncio.Queue()
         request_id = parsed.request.request_id
 
-        def deliver(event: Any) -> None:                # engine thread: hand over and return at once
+        def deliver(event: StreamEvent) -> None:               # engine thread: hand over and return at once
             if event.result is not None:
                 self._track_inflight(request_id, False)
             try:

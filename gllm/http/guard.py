@@ -12,12 +12,12 @@ A server with an API key needs none of this (a page cannot send the key), and sk
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
 from starlette.responses import JSONResponse
 
+from gllm.frontend.helpers import is_loopback_host
 from gllm.http.errors import error_body
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -31,15 +31,6 @@ def host_name(host_header: str) -> str:
     if host.count(":") == 1:
         return host.partition(":")[0]
     return host
-
-
-def is_loopback_name(name: str) -> bool:
-    if name == "localhost" or name.endswith(".localhost"):   # RFC 6761: always loopback
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 class LocalOnly:
@@ -65,7 +56,8 @@ class LocalOnly:
         """(status, message, code) when the request must be refused, else None."""
         host = headers.get("host", "")
         name = host_name(host)
-        if not (is_loopback_name(name) or name in self.allowed_hosts or "*" in self.allowed_hosts):
+        allowed = name in self.allowed_hosts or "*" in self.allowed_hosts
+        if not (is_loopback_host(name, localhost_subdomains=True) or allowed):
             return (403, f"Host {host!r} is not a loopback name: this server has no API key, so it only answers "
                          f"requests addressed to localhost (allow more names with --allow-host)", "host_not_allowed")
         origin = headers.get("origin")

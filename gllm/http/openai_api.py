@@ -19,8 +19,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from gllm.engine.errors import EngineBusy, RequestTooLong
+from gllm.engine.errors import EngineBusy, RequestRejected, RequestTooLong
 from gllm.engine.request import GenerationRequest, GenerationResult
+from gllm.frontend.helpers import preview as _preview
 from gllm.http.errors import ApiError, bad_request
 from gllm.request_fields import FIELDS_BY_NAME, REQUEST_FIELDS, FieldError, RequestField
 
@@ -212,11 +213,6 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def _preview(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def check_body(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -275,6 +271,7 @@ def parse_completion(body: dict[str, Any], model: str, request_id: str, default_
 
 
 # ----------------------------------------------------------------------------------------- engine errors
+# The engine's field names that have another name (or none) in the OpenAI request.
 _ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt", "request_id": None}
 
 
@@ -288,33 +285,14 @@ def engine_error(exc: Exception, kind: str) -> ApiError:
                         headers={"Retry-After": "1"})
     if isinstance(exc, RequestTooLong):
         return bad_request(message, param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
-    if isinstance(exc, FieldError):
-        param = FIELDS_BY_NAME[exc.field].wire_name if exc.field in FIELDS_BY_NAME else exc.field
-    else:
-        first = message.split(" ", 1)[0]
-        param = _ENGINE_PARAMS.get(first, first if first.isidentifier() and first.islower() else None)
+    field = exc.field if isinstance(exc, (FieldError, RequestRejected)) else None
+    param = _ENGINE_PARAMS.get(field, FIELDS_BY_NAME[field].wire_name if field in FIELDS_BY_NAME else field)
     if param == "logprobs" and kind == "chat":
         param = "top_logprobs"
     return bad_request(message, param=param)
 
 
 # ----------------------------------------------------------------------------------------- token text
-def _make_byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet, reversed: the byte each character of a token piece stands for."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-BYTE_DECODER = _make_byte_decoder()   # a constant table
-
-
 class TokenText:
     """A token id's text and raw bytes for logprobs, cached (bounded)."""
 
@@ -328,12 +306,9 @@ class TokenText:
         if hit is not None:
             return hit
         text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        raw = None
-        piece = self.tokenizer.id_to_token(token_id) if hasattr(self.tokenizer, "id_to_token") else None
-        decoder = BYTE_DECODER
-        if piece and text and "\ufffd" in text and all(ch in decoder for ch in piece):
-            raw = [decoder[ch] for ch in piece]                 # a partial UTF-8 character: its real bytes
-        entry = (text, raw if raw is not None else list(text.encode("utf-8")))
+        raw = self.tokenizer.token_bytes(token_id) if text and "\ufffd" in text else None
+        # A partial UTF-8 character decodes to U+FFFD: its real bytes come from the vocabulary.
+        entry = (text, list(raw) if raw is not None else list(text.encode("utf-8")))
         self._cache[token_id] = entry
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)

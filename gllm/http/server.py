@@ -13,30 +13,22 @@ front ends (HTTP, the ZeroMQ bridge) can share one engine and one `Metrics`.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import uvicorn
 
+from gllm.frontend.helpers import is_loopback_host
+from gllm.frontend.metrics import Metrics
 from gllm.http.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, OpenAIServer
-from gllm.http.metrics import Metrics
+
+if TYPE_CHECKING:
+    from gllm.engine.interface import EngineAPI
 
 log = logging.getLogger("gllm.http")
-
-
-def is_loopback_host(host: str) -> bool:
-    """True when only this machine can reach ``host``: localhost or a loopback address."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False                            # '', '0.0.0.0' is not loopback either; a name: not provably
 
 
 def parse_address(text: str, default_port: int = 8080) -> tuple[str, int]:
@@ -77,7 +69,7 @@ class _Server(uvicorn.Server):
 
 
 class HttpFrontEnd:
-    def __init__(self, engine: Any, host: str = "127.0.0.1", port: int = 8080, *, api_key: str | None = None,
+    def __init__(self, engine: EngineAPI, host: str = "127.0.0.1", port: int = 8080, *, api_key: str | None = None,
                  insecure: bool = False, metrics: Metrics | None = None, served_model_name: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Iterable[str] = (),
                  default_max_tokens: int | None = None, access_log: bool = False,

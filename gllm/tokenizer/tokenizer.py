@@ -24,6 +24,19 @@ DEFAULT_TEMPLATE_NAME = "default"
 TOOL_TEMPLATE_NAME = "tool_use"
 
 
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: the byte each character of a token piece stands for
+    (printable Latin-1 bytes stand for themselves, the other 68 bytes for characters from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+BYTE_OF_CHAR = _byte_of_char()   # a constant table
+
 class Tokenizer:
     """Text <-> token ids for one model.
 
@@ -176,6 +189,14 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._hf.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The raw bytes a byte-level BPE token stands for (it may hold part of a UTF-8 character), or None
+        for a token outside GPT-2's byte alphabet (special tokens, other vocabularies)."""
+        piece = self._hf.id_to_token(token_id)
+        if not piece or not all(ch in BYTE_OF_CHAR for ch in piece):
+            return None
+        return bytes(BYTE_OF_CHAR[ch] for ch in piece)
 
     # --- text -----------------------------------------------------------------------------------
 

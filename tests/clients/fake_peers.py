@@ -121,8 +121,9 @@ def _scripted(conn: _Conn) -> None:
             continue
         msg = msgpack.unpackb(body)
         if msg.get("op") == "stats":
-            conn.sock.sendall(frame(msgpack.packb({"op": "stats", "pong_ok": int(pong_ok), "hello_before_ready": int(early),
-                                                   "client": hello.get("client", "")})))
+            stats = {"op": "stats", "pong_ok": int(pong_ok), "hello_before_ready": int(early),
+                     "client": hello.get("client", "")}
+            conn.sock.sendall(frame(msgpack.packb(stats)))
 
 
 BEHAVIOURS: dict[str, Callable[[_Conn], None]] = {"curve": _curve, "error": _error, "silent": _silent,

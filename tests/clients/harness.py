@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from gllm.bridge.client import BridgeClient
-from gllm.bridge.testing import ServerProcess
 
 from .fake_peers import FakePeers
+from bridge_doubles import ServerProcess  # tests/ is on sys.path (pytest's rootdir conftest)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

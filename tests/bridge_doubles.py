@@ -1,13 +1,17 @@
-"""Test and benchmark support for the bridge: a server subprocess, and a fake engine.
+"""Test doubles for the bridge (tests and tools/bench_bridge.py): a server subprocess, and a fake engine.
+
+Tests import this as ``bridge_doubles`` (pytest puts tests/ on sys.path, as for ``helpers``); tools add
+tests/ to sys.path themselves.
 
 `ServerProcess` starts `python -m gllm.bridge` and waits for its ready line; the game-client test
-suites (C#, C++, GDScript) can use it to run against the real server:
+suites (C#, C++, GDScript) use it to run against the real server:
 
     with ServerProcess(model_dir, "--lease-s", "2") as srv:
         ... connect to srv.endpoint (srv.port) ...
 
-`FakeEngine` has the surface `BridgeServer` uses (add_request, cancel, stats, num_steps, ...) and emits
-scripted tokens on its own thread, so server mechanics and bridge overhead can be measured without a model.
+`FakeEngine` looks like the engine to a front end (`gllm.engine.interface.EngineAPI`: add_request,
+cancel, stats, num_steps, step listeners, ...) and emits scripted tokens on its own thread, so server
+mechanics and bridge overhead can be measured without a model.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class ServerProcess:
                 line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 self.stop()
-                raise TimeoutError(f"the bridge server did not start in {self.ready_timeout} s:\n{self.stderr()}")
+                raise TimeoutError(f"the bridge server did not start in {self.ready_timeout} s:\n{self.stderr()}") \
+                    from None
             if line is None:
                 code = self.proc.wait()
                 raise RuntimeError(f"the bridge server exited with {code}:\n{self.stderr()}")
@@ -142,6 +147,10 @@ class _Event:
 @dataclass
 class _StepInfo:
     step: int
+    seconds: float = 0.0
+    num_tokens: int = 0
+    num_decodes: int = 0
+    num_preempted: int = 0
 
 
 @dataclass
@@ -155,11 +164,14 @@ class FakeEngine:
     `on_emit(request_id, step)` (optional) is called just before each event is handed over (benchmarks)."""
 
     def __init__(self, step_s: float = 0.005, max_batch_size: int = 64, max_seq_len: int = 2048,
-                 on_emit: Callable[[str, int], None] | None = None, step_listeners: bool = True) -> None:
+                 on_emit: Callable[[str, int], None] | None = None) -> None:
         self.step_s = step_s
         self.gen_params = _GenParams(max_seq_len, max_batch_size)
         self.model_name = "fake"
+        self.device = "cpu"
+        self.tokenizer = None
         self.num_steps = 0
+        self.frames: list[tuple[float, float | None, str]] = []   # report_frame calls
         self.on_emit = on_emit
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[str, dict[str, Any]] = {}
@@ -168,8 +180,6 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._listeners: list[Callable[[Any], None]] = []
-        if not step_listeners:   # look like an engine without the hook
-            self.add_step_listener = None  # type: ignore[assignment]
         self._thread = threading.Thread(target=self._run, name="fake-engine", daemon=True)
         self._thread.start()
 
@@ -192,7 +202,17 @@ class FakeEngine:
         self._inbox.put(("cancel", request_id))
 
     def add_step_listener(self, listener: Callable[[Any], None]) -> None:
-        self._listeners.append(listener)
+        self._listeners = [*self._listeners, listener]    # copy-on-write, as the engine does
+
+    def remove_step_listener(self, listener: Callable[[Any], None]) -> None:
+        self._listeners = [x for x in self._listeners if x is not listener]
+
+    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python") -> None:
+        self.frames.append((ms, target_ms, source))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def stats(self) -> dict[str, Any]:
         return {"kv_free_blocks": 100 - len(self._running), "kv_total_blocks": 100, "running": len(self._running),
@@ -244,6 +264,7 @@ class FakeEngine:
             if not self._running:
                 continue
             self.num_steps += 1
+            t0, n = time.perf_counter(), len(self._running)
             for rid, r in list(self._running.items()):
                 r["n"] += 1
                 delta = f"w{r['n']} "
@@ -257,7 +278,8 @@ class FakeEngine:
                     if self.on_emit:
                         self.on_emit(rid, self.num_steps)
                     r["sink"](_Event(rid, delta, [r["n"]], None, None, self.num_steps))
+            info = _StepInfo(self.num_steps, time.perf_counter() - t0, n, n)
             for listener in self._listeners:
-                listener(_StepInfo(self.num_steps))
+                listener(info)
             if self.step_s > 0:
                 time.sleep(self.step_s)

@@ -1,8 +1,9 @@
 """What the live dashboard shows: requests in flight with their text so far, recent ones, throughput,
 the step-time histogram, and any extra status sources (the frame governor, when there is one).
 
-Fed from the engine thread (request events, step listener) and read from the HTTP thread, so every
-access goes through one lock and every update is O(1) and never blocks for long.
+Fed from the engine thread (request events of every front end, the step listener) and the front ends'
+threads (rejections, bridge sessions), and read from the HTTP thread, so every access goes through one
+lock and every update is O(1) and never blocks for long.
 """
 
 from __future__ import annotations

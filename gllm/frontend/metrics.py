@@ -9,22 +9,28 @@ or a test creating many, never collide. Three feeds:
 - a collector read at scrape time from ``engine.stats()``: running/waiting requests, KV blocks,
   prefix-cache hits/misses and hit rate, engine steps.
 
-Front ends share one `Metrics`: the HTTP server tracks its requests as ``front_end="http"``; the ZeroMQ
-bridge can do the same with ``metrics.track(request_id, on_event, front_end="bridge")`` and report its
-sessions with ``metrics.set_bridge_clients(n)``.
+Front ends share one `Metrics` (`gllm serve --zmq ... --http ...` gives both the same one): the HTTP server
+tracks its requests as ``front_end="http"``, the ZeroMQ bridge its ``generate``s as ``front_end="bridge"``
+(``metrics.track(request_id, on_event, front_end=...)``), each counts what it refuses before the engine sees
+it (`count_rejected`), and the bridge reports its sessions with ``metrics.set_bridge_clients(n)``.
+Needs prometheus-client (``pip install gllm[http]``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from gllm.http.live import STEP_BUCKETS_S, LiveView
+from gllm.frontend.live import STEP_BUCKETS_S, LiveView
+
+if TYPE_CHECKING:
+    from gllm.engine.interface import EngineAPI
+    from gllm.engine.request import StepInfo, StreamEvent
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.0167, 0.025, 0.0333, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -35,7 +41,7 @@ OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
 class _EngineCollector:
     """Gauges and counters read from ``engine.stats()`` at scrape time (always current, even when idle)."""
 
-    def __init__(self, engine: Any, prefix: str) -> None:
+    def __init__(self, engine: EngineAPI, prefix: str) -> None:
         self.engine = engine
         self.prefix = prefix
 
@@ -67,7 +73,7 @@ class RequestTracker:
     """One request seen by the metrics: wrap its ``on_event`` with `on_event`, or call `reject` if the
     engine refused it."""
 
-    def __init__(self, metrics: Metrics, request_id: str, on_event: Callable[[Any], None] | None,
+    def __init__(self, metrics: Metrics, request_id: str, on_event: Callable[[StreamEvent], None] | None,
                  front_end: str, kind: str, preview: str) -> None:
         self.metrics = metrics
         self.request_id = request_id
@@ -77,7 +83,7 @@ class RequestTracker:
         self._ended = False
         metrics.live.begin(request_id, front_end, kind, preview)
 
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: StreamEvent) -> None:
         """Runs on the engine thread: record, then hand on."""
         try:
             self._record(event)
@@ -85,7 +91,7 @@ class RequestTracker:
             if self._inner is not None:
                 self._inner(event)
 
-    def _record(self, event: Any) -> None:
+    def _record(self, event: StreamEvent) -> None:
         m = self.metrics
         now = time.perf_counter()
         n = len(event.token_ids)
@@ -124,11 +130,11 @@ class RequestTracker:
 class Metrics:
     """The metrics registry of one engine (see the module docstring)."""
 
-    def __init__(self, engine: Any | None = None, *, prefix: str = "gllm", live: LiveView | None = None) -> None:
+    def __init__(self, engine: EngineAPI | None = None, *, prefix: str = "gllm", live: LiveView | None = None) -> None:
         self.prefix = p = prefix
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.live = live or LiveView()
-        self.engine: Any | None = None
+        self.engine: EngineAPI | None = None
         self.started = time.time()
         self.requests = Counter(f"{p}_requests", "Generation requests finished, by front end and outcome "
                                 "(stop, length, cancelled, error, rejected)", ["front_end", "outcome"], registry=r)
@@ -161,7 +167,7 @@ class Metrics:
         if engine is not None:
             self.attach(engine)
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: EngineAPI) -> None:
         """Subscribe to ``engine``'s steps and read its stats at scrape time (once per engine)."""
         if self.engine is engine:
             return
@@ -170,21 +176,21 @@ class Metrics:
         self.engine = engine
         engine.add_step_listener(self._on_step)
         self.registry.register(_EngineCollector(engine, self.prefix))
-        self.info.info({"model": str(getattr(engine, "model_name", "")), "device": str(getattr(engine, "device", ""))})
+        self.info.info({"model": str(engine.model_name), "device": str(engine.device)})
 
     def detach(self) -> None:
         """Stop listening to the engine's steps (the engine may outlive this front end)."""
         if self.engine is not None:
             self.engine.remove_step_listener(self._on_step)
 
-    def _on_step(self, info: Any) -> None:
+    def _on_step(self, info: StepInfo) -> None:
         self.step_time.observe(info.seconds)
         self.step_tokens.inc(info.num_tokens)
         if info.num_preempted:
             self.preemptions.inc(info.num_preempted)
         self.live.on_step(info.seconds, info.num_tokens, info.num_decodes)
 
-    def track(self, request_id: str, on_event: Callable[[Any], None] | None = None, *, front_end: str,
+    def track(self, request_id: str, on_event: Callable[[StreamEvent], None] | None = None, *, front_end: str,
               kind: str = "", preview: str = "") -> RequestTracker:
         """Start tracking a request: pass ``tracker.on_event`` to ``engine.add_request``; call
         ``tracker.reject(reason)`` if that raised."""

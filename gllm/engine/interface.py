@@ -1,0 +1,60 @@
+"""`EngineAPI`: what the front ends (`gllm.bridge`, `gllm.http`, `gllm.frontend.metrics`) use of an engine.
+
+`LLMEngine` has all of it; a test double only needs to look the same (a `typing.Protocol`, checked by type
+checkers, never at run time). Front ends call nothing else, and probe for nothing: every member is there.
+This module imports no engine code (request types only, for type checkers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from gllm.engine.params import GeneratorParams
+    from gllm.engine.request import GenerationRequest, StepInfo, StreamEvent
+
+
+class EngineAPI(Protocol):
+    @property
+    def model_name(self) -> str:
+        """The model as it was named (a known name, a path, an HF id); front ends show `short_model_name`."""
+
+    @property
+    def device(self) -> Any:
+        """Where the engine computes (shown as ``str(device)``)."""
+
+    @property
+    def gen_params(self) -> GeneratorParams:
+        """The engine's sizing (max_seq_len, max_batch_size, block_size, ...)."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (token text for OpenAI logprobs)."""
+
+    @property
+    def num_steps(self) -> int:
+        """Engine steps run so far (written by the engine thread)."""
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called: no new requests are accepted."""
+
+    def add_request(self, req: GenerationRequest, on_event: Callable[[StreamEvent], None]) -> str:
+        """Submit; `on_event` runs on the engine thread for each event, the last one carrying the result.
+        Raises ValueError (`RequestRejected` and subclasses) for a request it refuses, RuntimeError once closed."""
+
+    def cancel(self, request_id: str) -> None:
+        """End a request (finish_reason "cancelled"); a no-op for one already finished."""
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the engine's counters: running, waiting, kv_free_blocks, kv_total_blocks, steps, ..."""
+
+    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python") -> None:
+        """The game's last frame took `ms` against `target_ms`: feeds the frame governor."""
+
+    def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
+        """Call `listener(StepInfo)` on the engine thread after every step."""
+
+    def remove_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
+        """Stop calling `listener`."""

@@ -1,0 +1,52 @@
+"""The engine's command-line flags, declared once for every server command (`gllm serve`,
+`python -m gllm.bridge`, `python -m gllm.http`), and the `GeneratorParams` they describe."""
+
+from __future__ import annotations
+
+import argparse
+
+from gllm.frontend.helpers import positive
+
+# (flag, kind, help) of the sizing flags: each a number > 0, or absent for the engine's default
+_SIZING = (("--max-batch-size", int, "sequences decoding at once"),
+           ("--max-seq-len", int, "prompt + output tokens of one request"),
+           ("--block-size", int, "tokens per KV block"),
+           ("--max-step-tokens", int, "tokens computed per engine step"),
+           ("--kv-cache-tokens", int, "KV cache capacity in tokens"),
+           ("--kv-cache-mb", float, "or a KV cache budget in MiB"),
+           ("--cpu-threads", int, "torch threads on CPU"),
+           ("--max-waiting-requests", int, "requests queued beyond which new ones are refused (busy / 503)"))
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device`` and the "engine" group (sizing, dtype, prefix caching, priority)."""
+    p.add_argument("--model", default=None,
+                   help="known name, HF-format folder, .gguf or HF cache id (default: the default model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    eng = p.add_argument_group("engine")
+    for flag, kind, text in _SIZING:
+        eng.add_argument(flag, type=positive(kind, flag), default=None, help=text)
+    eng.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
+    eng.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    eng.add_argument("--compute-nice", type=int, default=None, choices=range(0, 20), metavar="0-19",
+                     help="lower the engine's compute threads' OS priority by this, so the game comes first "
+                          "(default 10; 0 keeps the server's priority)")
+    eng.add_argument("--prompt-as-text", action="store_true",
+                     help="encode special-token strings in a raw prompt as text too (chat messages always are)")
+
+
+def generator_params(args: argparse.Namespace):
+    """The `GeneratorParams` of parsed engine flags (ValueError if they do not fit together)."""
+    from gllm.engine import GeneratorParams
+    from gllm.engine.params import SERVER_COMPUTE_NICE
+    fields = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len, "block_size": args.block_size,
+              "max_step_tokens": args.max_step_tokens, "kv_cache_tokens": args.kv_cache_tokens,
+              "kv_cache_mb": args.kv_cache_mb, "cpu_threads": args.cpu_threads, "dtype": args.dtype,
+              "max_waiting_requests": args.max_waiting_requests}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if args.no_prefix_caching:
+        fields["enable_prefix_caching"] = False
+    if args.prompt_as_text:
+        fields["prompt_special_tokens"] = False
+    fields["compute_nice"] = SERVER_COMPUTE_NICE if args.compute_nice is None else args.compute_nice
+    return GeneratorParams(**fields)
