@@ -41,6 +41,7 @@ class RequestField:
     wire: str | None = None       # the bridge's and OpenAI's name, when it differs from `name`
     on_bridge: bool = True        # a field of the bridge's `generate`
     on_http: bool = True          # read by the OpenAI mapping under `wire_name`
+    scheduling: bool = False      # read by the scheduler (when and how fast), not by the sampler
 
     @property
     def wire_name(self) -> str:
@@ -126,7 +127,8 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField("stop", "str_list", (), "strings that end the output (cut from it)", 1, 256, max_items=16),
     RequestField("logprobs", "int", None, "return each token's log-probability and the top N; none: off",
                  0, 20, nullable=True, on_http=False),
-    RequestField("priority", "int", 0, "higher is scheduled first and preempted last", INT32_MIN, INT32_MAX),
+    RequestField("priority", "int", 0, "higher is scheduled first and preempted last", INT32_MIN, INT32_MAX,
+                 scheduling=True),
     RequestField("repetition_penalty", "float", 1.0, "HF style, over prompt and output; 1 = off",
                  0.0, 100.0, lo_open=True),
     RequestField("presence_penalty", "float", 0.0, "OpenAI style, over the output", -2.0, 2.0),
@@ -134,7 +136,12 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField("ignore_eos", "bool", False, "keep going past end-of-sequence tokens (benchmarks)"),
     RequestField("stop_token_ids", "int_list", (), "token ids that end the output, beside the model's EOS",
                  0, INT32_MAX, max_items=64, on_bridge=False, on_http=False),
+    RequestField("max_tokens_per_s", "float", 0.0, "pace the reply to at most this many tokens a second; 0 = unpaced",
+                 0.0, 1000.0, scheduling=True),
+    RequestField("ttft_deadline_ms", "float", 0.0, "first token wanted within this many ms (earliest deadline "
+                 "first among equal priorities); 0 = none", 0.0, 3_600_000, scheduling=True),
 )
 FIELDS_BY_NAME: dict[str, RequestField] = {f.name: f for f in REQUEST_FIELDS}
-SAMPLING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.name != "priority")
+SAMPLING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if not f.scheduling)
+SCHEDULING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.scheduling)
 BRIDGE_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.on_bridge)

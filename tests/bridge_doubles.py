@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gllm.bridge.cli import READY_PREFIX
+from gllm.engine.request import GenerationResult, Timings, Usage
 
 
 class ServerProcess:
@@ -110,37 +111,12 @@ class ServerProcess:
 
 # ------------------------------------------------------------------------------------------ fake engine
 @dataclass
-class _Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass
-class _Timings:
-    queued_ms: float
-    ttft_ms: float | None
-    total_ms: float
-
-
-@dataclass
-class _Result:
-    request_id: str
-    text: str
-    tokens: list[int]
-    finish_reason: str
-    usage: _Usage
-    timings: _Timings
-    error: str | None = None
-
-
-@dataclass
 class _Event:
     request_id: str
     text: str
     token_ids: list[int]
     logprobs: Any = None
-    result: _Result | None = None
+    result: GenerationResult | None = None
     step: int = 0
 
 
@@ -207,7 +183,8 @@ class FakeEngine:
     def remove_step_listener(self, listener: Callable[[Any], None]) -> None:
         self._listeners = [x for x in self._listeners if x is not listener]
 
-    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python") -> None:
+    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python", *,
+                     max_ms: float | None = None, frames: int | None = None, over: int | None = None) -> None:
         self.frames.append((ms, target_ms, source))
 
     @property
@@ -228,8 +205,8 @@ class FakeEngine:
         with self._lock:
             self._live.discard(r["id"])
         now = time.perf_counter()
-        result = _Result(r["id"], r["text"], list(range(r["n"])), reason, _Usage(r["prompt"], r["n"]),
-                         _Timings(0.0, r["ttft"], (now - r["t0"]) * 1000))
+        result = GenerationResult(r["id"], r["text"], list(range(r["n"])), reason, Usage(r["prompt"], r["n"]),
+                         Timings(0.0, r["ttft"], (now - r["t0"]) * 1000))
         if self.on_emit:
             self.on_emit(r["id"], self.num_steps)
         r["sink"](_Event(r["id"], delta, tokens or [], None, result, self.num_steps))

@@ -85,7 +85,7 @@ def _built(name: str) -> dict:
     if name == "pong":
         return P.pong(v["t"])
     if name == "frame":
-        return P.frame(v["ms"], v["target_ms"])
+        return P.frame(v["ms"], v["target_ms"], v["max_ms"], v["frames"], v["over"])
     if name == "stats-request":
         return P.stats_request()
     if name == "stats":
@@ -208,6 +208,10 @@ def test_out_of_range_values(field, value):
     ({"op": "frame", "ms": -1.0}, P.BAD_REQUEST, None),
     ({"op": "frame", "ms": math.nan}, P.BAD_REQUEST, None),
     ({"op": "frame", "ms": 16.0, "target_ms": "16"}, P.BAD_REQUEST, None),
+    ({"op": "frame", "ms": 16.0, "frames": 4, "over": 5}, P.BAD_REQUEST, None),
+    ({"op": "frame", "ms": 16.0, "frames": -1}, P.BAD_REQUEST, None),
+    ({"op": "frame", "ms": 16.0, "over": 1.5}, P.BAD_REQUEST, None),
+    ({"op": "frame", "ms": 16.0, "max_ms": -2.0}, P.BAD_REQUEST, None),
     ({"op": "nope"}, P.UNKNOWN_OP, None),
     ({"op": "GENERATE", "id": "a", "prompt": "x"}, P.UNKNOWN_OP, None),
     ({"op": 1}, P.BAD_REQUEST, None),

@@ -438,3 +438,36 @@ def test_step_budget_in_the_engine_fits_predicted_steps_and_keeps_decodes_going(
             h.result(timeout=30)
     finally:
         eng.close()
+
+
+def test_max_tokens_per_s_paces_a_reply_while_another_runs_unpaced(eng32):
+    """A reply paced at 40 tokens a second arrives at that rate (within 10 % over 100 tokens), one token at a
+    time, while an unpaced request runs beside it."""
+    import threading
+    arrivals: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def on_event(ev) -> None:
+        if ev.token_ids:
+            arrivals.append((time.monotonic(), len(ev.token_ids)))
+        if ev.finished:
+            done.set()
+
+    eng32.add_request(greedy(PROMPTS[1], n=100, max_tokens_per_s=40.0), on_event)
+    free = eng32.generate([greedy(PROMPTS[0], n=100)])[0]
+    assert done.wait(60)
+    assert sum(n for _, n in arrivals) == 100 and all(n == 1 for _, n in arrivals)
+    rate = 99 / (arrivals[-1][0] - arrivals[0][0])
+    assert 36 <= rate <= 44, rate
+    assert len(free.tokens) == 100
+
+
+def test_ttft_deadline_is_reported_met_or_missed(eng32):
+    met, missed, none = eng32.generate([greedy("a", n=2, ttft_deadline_ms=60_000.0),
+                                        greedy("a", n=2, ttft_deadline_ms=0.001), greedy("a", n=2)])
+    assert met.timings.ttft_deadline_met is True
+    assert missed.timings.ttft_deadline_met is False
+    assert none.timings.ttft_deadline_met is None
+    for field, value in (("max_tokens_per_s", 5000.0), ("ttft_deadline_ms", -1.0)):
+        with pytest.raises(ValueError, match=field):
+            eng32.generate([greedy("a", n=2, **{field: value})])

@@ -26,7 +26,8 @@ HOSTILE = {
     "max_tokens": [2**70, 0], "temperature": [1e308, -1.0], "top_k": [2**70, -1], "top_p": [2.0, 0.0],
     "min_p": [-0.5, 7.0], "seed": [2**70], "stop": [["x"] * 1000, [""]], "logprobs": [10**6],
     "priority": [2**70], "repetition_penalty": [1e308, 0.0], "presence_penalty": [1e9],
-    "frequency_penalty": [-1e9], "ignore_eos": ["yes"],
+    "frequency_penalty": [-1e9], "ignore_eos": ["yes"], "max_tokens_per_s": [1e308, -1.0],
+    "ttft_deadline_ms": [1e12, -5.0],
 }
 
 # msgpack carries integers up to 2**64-1; every seed up to there is valid on the bridge (over HTTP a negative

@@ -16,9 +16,9 @@ def seq(seq_id: int, n: int, priority: int = 0) -> Sequence:
     return Sequence(seq_id, [1000 * seq_id + i for i in range(n)], n, priority=priority)
 
 
-def run_step(s: Scheduler, new_token: int = 7):
+def run_step(s: Scheduler, new_token: int = 7, now: float | None = None):
     """One step as the engine does it: schedule, mark computed, append a token to each sampler."""
-    out = s.schedule_step()
+    out = s.schedule_step(now)
     samplers = [x.seq for x in out.scheduled if x.samples]
     s.on_step_done(out)
     for q in samplers:
@@ -269,3 +269,61 @@ def test_a_high_priority_arrival_into_a_full_batch_gets_its_first_token_within_t
             break
     assert first_token_step is not None and first_token_step <= 2
     assert facing in s.running and sum(q.num_preemptions for q in low) == 1   # one low NPC made room
+
+
+def test_a_paced_sequence_sits_out_the_steps_before_its_next_token_is_due():
+    s = make(batch=4, step_tokens=64)
+    paced, free = seq(1, 6), seq(2, 6)
+    paced.token_interval = 0.125                     # 8 tokens a second (binary fractions: exact times)
+    s.add(paced)
+    s.add(free)
+    assert {x.seq.seq_id for x in run_step(s, now=0.0).scheduled} == {1, 2}   # prefill: never held back
+    assert paced.next_token_at == 0.125
+    decoded_at = []
+    for i in range(1, 65):                           # steps every 1/64 s for a second
+        now = i / 64
+        out = run_step(s, now=now)
+        assert any(x.seq is free for x in out.scheduled)                  # the unpaced one decodes every step
+        if any(x.seq is paced for x in out.scheduled):
+            decoded_at.append(now)
+        else:
+            assert s.seconds_until_due(now) == pytest.approx(paced.next_token_at - now)
+    assert decoded_at == [0.125 * k for k in range(1, 9)]                 # exactly on the pace, no drift
+    assert s.seconds_until_due(1.0) == 0.125
+
+
+def test_a_late_paced_token_is_caught_up_without_a_burst():
+    s = make()
+    paced = seq(1, 6)
+    paced.token_interval = 0.1
+    s.add(paced)
+    run_step(s, now=0.0)
+    # Steps of 70 ms: a token due at 0.1 comes at 0.14; the next may come early (0.2 is due: 0.21).
+    times = [t for t in (0.07, 0.14, 0.21, 0.28, 0.35, 0.42) if run_step(s, now=t).scheduled]
+    assert times == [0.14, 0.21, 0.35, 0.42]         # 4 tokens in 0.42 s, as the pace asks: no drift
+    # After a long gap (nothing scheduled for 2 s): one catch-up token in the next step, then the pace again.
+    assert run_step(s, now=2.5).scheduled and run_step(s, now=2.52).scheduled
+    assert not run_step(s, now=2.54).scheduled and s.seconds_until_due(2.54) == pytest.approx(0.06)
+
+
+def test_schedule_ahead_leaves_a_paced_sequence_to_schedule_step():
+    s = make()
+    a, b = seq(1, 4), seq(2, 4)
+    b.token_interval = 0.5
+    s.add(a)
+    s.add(b)
+    run_step(s, now=0.0)
+    assert s.schedule_ahead([a, b], [a, b], now=0.01) is None        # b is not due before 0.5
+    assert s.schedule_ahead([a, b], [a, b], now=0.6) is not None
+
+
+def test_earliest_ttft_deadline_is_admitted_first_within_a_priority():
+    s = make(batch=1)
+    late, urgent, important = seq(1, 4), seq(2, 4), seq(3, 4, priority=1)
+    late.deadline, urgent.deadline = 5.0, 1.0       # urgent arrived later but is wanted sooner
+    s.add(late)
+    s.add(urgent)
+    assert [x.seq for x in run_step(s, now=0.0).scheduled] == [urgent]
+    s.finish(urgent)
+    s.add(important)                                 # priority still comes before deadlines
+    assert [x.seq for x in run_step(s, now=0.1).scheduled] == [important]

@@ -200,7 +200,8 @@ class BridgeClient:
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  id: str | None = None, **params: Any) -> str:
         """Start a request; returns its id at once. Parameters: max_tokens, temperature, top_k, top_p, min_p,
-        seed, stop, logprobs, priority, repetition_penalty, presence_penalty, frequency_penalty, ignore_eos."""
+        seed, stop, logprobs, priority, repetition_penalty, presence_penalty, frequency_penalty, ignore_eos,
+        max_tokens_per_s, ttft_deadline_ms (see `gllm.request_fields`)."""
         rid = id if id is not None else f"r{next(self._ids)}"
         self._send(P.generate(rid, prompt=prompt, messages=messages, **params))
         self.in_flight.add(rid)
@@ -218,9 +219,11 @@ class BridgeClient:
         self._send(P.ping(t))
         return t
 
-    def frame(self, ms: float, target_ms: float | None = None) -> None:
-        """Report the game's last frame time (and its target), for the engine's frame budget."""
-        self._send(P.frame(ms, target_ms))
+    def frame(self, ms: float, target_ms: float | None = None, max_ms: float | None = None,
+              frames: int | None = None, over: int | None = None) -> None:
+        """Report the game's frame time (and its target; the longest frame, the frame count and the frames over
+        1.1 x target since the previous report), for the engine's frame governor."""
+        self._send(P.frame(ms, target_ms, max_ms, frames, over))
 
     def request_stats(self) -> None:
         """Ask for engine stats; a `StatsReply` comes from `poll`."""
@@ -439,8 +442,9 @@ class AsyncBridgeClient:
         await asyncio.wait_for(fut, timeout_s)
         return (time.monotonic() - start) * 1000.0
 
-    async def frame(self, ms: float, target_ms: float | None = None) -> None:
-        await self._send(P.frame(ms, target_ms))
+    async def frame(self, ms: float, target_ms: float | None = None, max_ms: float | None = None,
+                    frames: int | None = None, over: int | None = None) -> None:
+        await self._send(P.frame(ms, target_ms, max_ms, frames, over))
 
     # -- internals
     def _expect(self, key: str) -> asyncio.Future:

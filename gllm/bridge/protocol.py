@@ -22,6 +22,7 @@ PROTOCOL_VERSION = 1
 
 # ---------------------------------------------------------------------------------------- limits
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20      # one frame, before decoding
+MAX_FRAMES_PER_REPORT = 1_000_000      # frame reports' counts
 MAX_ID_BYTES = 128                       # a request id, UTF-8
 MAX_CLIENT_NAME_BYTES = 128
 MAX_TOKEN_BYTES = 1024                   # hello.token
@@ -108,6 +109,8 @@ class Generate:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    max_tokens_per_s: float = 0.0
+    ttft_deadline_ms: float = 0.0
 
 
 @dataclass
@@ -122,8 +125,11 @@ class Ping:
 
 @dataclass
 class Frame:
-    ms: float
+    ms: float                      # the game's (smoothed) frame time
     target_ms: float | None = None
+    max_ms: float | None = None    # the longest frame since the previous report
+    frames: int | None = None      # frames since the previous report
+    over: int | None = None        # of those, frames over 1.1 x target
 
 
 @dataclass
@@ -159,8 +165,13 @@ def validate_client_message(msg: dict[str, Any]) -> ClientMessage:
     if op == "ping":
         return Ping(t=msg.get("t"))
     if op == "frame":
+        frames = _get_int(msg, "frames", default=None, lo=0, hi=MAX_FRAMES_PER_REPORT)
+        over = _get_int(msg, "over", default=None, lo=0, hi=MAX_FRAMES_PER_REPORT)
+        if over is not None and frames is not None and over > frames:
+            raise ProtocolError(BAD_REQUEST, f"over ({over}) must not exceed frames ({frames})")
         return Frame(ms=_get_float(msg, "ms", required=True, lo=0.0, hi=1e9),
-                     target_ms=_get_float(msg, "target_ms", default=None, lo=0.0, hi=1e9))
+                     target_ms=_get_float(msg, "target_ms", default=None, lo=0.0, hi=1e9),
+                     max_ms=_get_float(msg, "max_ms", default=None, lo=0.0, hi=1e9), frames=frames, over=over)
     if op == "stats":
         return Stats()
     raise ProtocolError(UNKNOWN_OP, f"unknown op {_clip(op)!r}")
@@ -345,10 +356,17 @@ def ping(t: Any = None) -> dict[str, Any]:
     return {"op": "ping", "t": t}
 
 
-def frame(ms: float, target_ms: float | None = None) -> dict[str, Any]:
+def frame(ms: float, target_ms: float | None = None, max_ms: float | None = None, frames: int | None = None,
+          over: int | None = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"op": "frame", "ms": float(ms)}
     if target_ms is not None:
         msg["target_ms"] = float(target_ms)
+    if max_ms is not None:
+        msg["max_ms"] = float(max_ms)
+    if frames is not None:
+        msg["frames"] = int(frames)
+    if over is not None:
+        msg["over"] = int(over)
     return msg
 
 
@@ -380,12 +398,15 @@ def tokens(step: int, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def done(id: str, finish_reason: str, text: str, prompt_tokens: int, completion_tokens: int,
          ttft_ms: float | None, total_ms: float, error: str | None = None,
-         cached_tokens: int = 0) -> dict[str, Any]:
+         cached_tokens: int = 0, ttft_deadline_met: bool | None = None) -> dict[str, Any]:
+    timings: dict[str, Any] = {"ttft_ms": None if ttft_ms is None else float(ttft_ms), "total_ms": float(total_ms)}
+    if ttft_deadline_met is not None:
+        timings["ttft_deadline_met"] = bool(ttft_deadline_met)
     msg: dict[str, Any] = {
         "op": "done", "id": id, "finish_reason": finish_reason, "text": text,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "cached_tokens": cached_tokens},
-        "timings": {"ttft_ms": None if ttft_ms is None else float(ttft_ms), "total_ms": float(total_ms)},
+        "timings": timings,
     }
     if error is not None:
         msg["error"] = error

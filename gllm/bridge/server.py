@@ -523,7 +523,8 @@ class BridgeServer:
             else:
                 self._send(client, P.encode(P.pong(m.t)))
         elif isinstance(m, P.Frame):
-            self.engine.report_frame(m.ms, m.target_ms or None, source=f"bridge/{client.serial}")
+            self.engine.report_frame(m.ms, m.target_ms or None, source=f"bridge/{client.serial}", max_ms=m.max_ms,
+                                     frames=m.frames, over=m.over)
         elif isinstance(m, P.Stats):
             values = dict(self.engine.stats())
             values["clients"] = len(self.clients)
@@ -645,7 +646,8 @@ class BridgeServer:
             r = ev.result
             payload = P.encode(P.done(cid, r.finish_reason, r.text, r.usage.prompt_tokens, r.usage.completion_tokens,
                                       r.timings.ttft_ms, r.timings.total_ms, error=r.error,
-                                      cached_tokens=r.usage.cached_tokens))
+                                      cached_tokens=r.usage.cached_tokens,
+                                      ttft_deadline_met=r.timings.ttft_deadline_met))
             if c.pending_step is None:
                 self._send(c, payload)
             else:

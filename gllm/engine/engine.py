@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -41,6 +42,8 @@ from gllm.tokenizer import IncrementalDetokenizer
 log = logging.getLogger("gllm.engine")
 # The longest sleep between two steps (a slow step at the governor's floor): cancels and closes stay prompt.
 MAX_GOVERNOR_PAUSE_S = 0.5
+# A step that found nothing to compute and no paced request to wait for (blocks short, say): look again after this.
+IDLE_RECHECK_S = 0.002
 
 
 @dataclass(eq=False)
@@ -173,12 +176,18 @@ class LLMEngine:
         """End a request with finish_reason "cancelled" and free its blocks (no-op if already done)."""
         self._inbox.put(("cancel", request_id))
 
-    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python") -> None:
-        """The game's last frame took `ms` against `target_ms` (None: 60 fps). While frames run over their
-        target the engine computes a smaller share of the time (see `gllm.engine.governor`); any thread."""
+    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python", *,
+                     max_ms: float | None = None, frames: int | None = None, over: int | None = None) -> None:
+        """The game's frame took `ms` against `target_ms` (None: 60 fps); optionally, since the previous report,
+        the longest frame, the number of frames and how many of them took over 1.1 x target. While frames run
+        over their target the engine computes a smaller share of the time (see `gllm.engine.governor`); any
+        thread."""
         if not (isinstance(ms, (int, float)) and ms >= 0 and (target_ms is None or target_ms > 0)):
             raise ValueError(f"report_frame needs ms >= 0 and target_ms > 0, got {ms!r}, {target_ms!r}")
-        self.governor.report(source, min(float(ms), 1e6), target_ms, time.monotonic())
+        if frames is not None and not (0 <= (over or 0) <= frames):
+            raise ValueError(f"report_frame needs 0 <= over <= frames, got over={over!r}, frames={frames!r}")
+        self.governor.report(source, min(float(ms), 1e6), target_ms, time.monotonic(),
+                             max_ms=None if max_ms is None else min(float(max_ms), 1e6), frames=frames, over=over)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the engine's counters (read without locking: for monitoring)."""
@@ -193,6 +202,8 @@ class LLMEngine:
             "steps": self.num_steps,
             **self._step_time_stats(),
             "governor_duty_pct": round(self.governor.duty * 100),
+            "governor_pressure_pct": round((self.governor.pressure or 0.0) * 100),
+            "governor_frames_over_permille": round((self.governor.over_share or 0.0) * 1000),
             "governor_paused_ms": int(self.paused_s * 1000),
             "compute_ms": int(self.compute_s * 1000),
         }
@@ -293,7 +304,9 @@ class LLMEngine:
         state = RequestState(
             request_id=request_id,
             seq=Sequence(seq_id=next(self._seq_ids), token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
-                         priority=req.priority),
+                         priority=req.priority,
+                         deadline=time.monotonic() + req.ttft_deadline_ms / 1000 if req.ttft_deadline_ms else math.inf,
+                         token_interval=1.0 / req.max_tokens_per_s if req.max_tokens_per_s else 0.0),
             params=params,
             seed=params.seed if params.seed is not None else secrets.randbits(64),
             stop=StopChecker(stop_ids, params.stop, max_new),
@@ -301,6 +314,7 @@ class LLMEngine:
             sink=sink,
             submitted=time.perf_counter(),
             prompt_ids=prompt_ids,
+            ttft_deadline_ms=req.ttft_deadline_ms or None,
         )
         return state
 
@@ -309,14 +323,20 @@ class LLMEngine:
         # Before any tensor work on this thread: the compute threads it starts inherit the priority.
         self.thread_priority = lower_this_thread(self.gen_params.compute_nice)
         torch.set_num_threads(self.cpu_threads)  # per thread under OpenMP: set it where the maths runs
+        wait: float | None = 0.0
         while True:
-            block = not self.scheduler.has_work and self._deferred is None and self._inflight is None
-            if not self._drain_inbox(block):
+            if not self.scheduler.has_work and self._deferred is None and self._inflight is None:
+                wait = None                   # nothing to do: sleep until a request or a cancel arrives
+            if not self._drain_inbox(wait):
                 break
+            wait = 0.0
             if self.scheduler.has_work or self._inflight is not None:
                 started = time.perf_counter()
-                self._step()
-                self._yield_to_the_game(time.perf_counter() - started)
+                if self._step():
+                    self._yield_to_the_game(time.perf_counter() - started)
+                else:   # nothing to compute now (running requests paced ahead): sleep until one is due
+                    due = self.scheduler.seconds_until_due(time.monotonic())
+                    wait = IDLE_RECHECK_S if due is None else max(due, 1e-4)
             else:
                 self._flush_deferred()
         if self._inflight is not None:
@@ -335,14 +355,15 @@ class LLMEngine:
             time.sleep(pause)
             self.paused_s += pause
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds and cancels; False once close was asked."""
+    def _drain_inbox(self, wait: float | None) -> bool:
+        """Apply queued adds and cancels, waiting up to `wait` seconds for the first (None: as long as it takes;
+        0: not at all); False once close was asked."""
         while True:
             try:
-                op, arg = self._inbox.get() if block else self._inbox.get_nowait()
+                op, arg = self._inbox.get(timeout=wait) if wait is None or wait > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return True
-            block = False
+            wait = 0.0
             if op == "close":
                 return False
             if op == "add":
@@ -353,19 +374,20 @@ class LLMEngine:
             elif op == "cancel" and arg in self._states:
                 self._finish(self._states[arg], "cancelled")
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
         """One engine step. With `overlap_steps`, the previous step's text work runs after this step is queued
         on the GPU and before its tokens are waited for; and in steady decoding the next step is queued before
         this one's tokens reach the host (its inputs are the sampled ids on the device), so the GPU does not
         wait for the host between steps. Token ids, stop tokens and lengths are always applied before a
-        step is chosen from them, so batches and results are the same as in lock-step."""
+        step is chosen from them, so batches and results are the same as in lock-step. False when there was
+        nothing to compute."""
         started = time.perf_counter()
         launched, self._inflight = self._inflight, None
         if launched is None:
-            out = self.scheduler.schedule_step()
+            out = self.scheduler.schedule_step(time.monotonic())
             if not out.scheduled:
                 self._flush_deferred()
-                return
+                return False
             launched = self._launch(out, started)
         ahead = self._launch_ahead(launched) if self.overlap_steps else None
         self._flush_deferred()
@@ -375,6 +397,7 @@ class LLMEngine:
             self._inflight = ahead
         elif not (self.overlap_steps and self.scheduler.has_work):
             self._flush_deferred()   # no next step to hide it behind
+        return True
 
     def _launch(self, out: SchedulerOutput, started: float) -> _LaunchedStep:
         self.num_steps += 1
@@ -404,7 +427,8 @@ class LLMEngine:
             return None
         rows = [i for i, st in enumerate(launched.samplers)
                 if len(st.output_ids) + 1 < st.stop.max_new_tokens and self._states.get(st.request_id) is st]
-        out = self.scheduler.schedule_ahead([st.seq for st in states], [launched.samplers[i].seq for i in rows])
+        out = self.scheduler.schedule_ahead([st.seq for st in states], [launched.samplers[i].seq for i in rows],
+                                            time.monotonic())
         if out is None:
             return None
         self.num_steps += 1

@@ -1,16 +1,20 @@
 """`FrameGovernor`: the engine yields to the game when the game's frames run over their target.
 
-Games report their frame time and target (the bridge's `frame` message, which the game clients send about
-four times a second with the smoothed frame time, or `LLMEngine.report_frame`, any number of times). Every
-`window_s` the governor looks at the worst source's reports in that window (their 90th percentile over the
-target, the "pressure") and sets the engine's duty cycle, the fraction of wall time it computes (it sleeps
-between steps for the rest):
+Games report their frame times (the bridge's `frame` message, which the game clients send about four times a
+second, or `LLMEngine.report_frame`, any number of times). A report may count the frames since the one before
+and how many of them ran over 1.1 x target (`frames`, `over`) and give the longest (`max_ms`): then the
+governor sees every frame, hitches included, not only a smoothed time. Every `window_s` it judges each source
+by its reports in that window and sets the engine's duty cycle, the fraction of wall time the engine computes
+(it sleeps between steps for the rest), from the worst source:
 
-- pressure above 1 (frames over target): duty x `decrease` (multiplicative decrease: fast relief);
-- pressure below `headroom` (frames well inside the target): duty + `increase` (additive increase: slow return);
-- in between: hold. This dead band is what makes it settle instead of oscillating around the target;
+- over: more than `over_share` of its counted frames over (without counts: the 90th percentile of its
+  `ms` / target, the "pressure", above 1): duty x `decrease` (multiplicative decrease: fast relief);
+- calm: no counted frame over and the longest under the target (without counts: pressure below
+  `headroom`), and at least `cooldown_s` since the last decrease: duty + `increase` (additive increase:
+  slow return);
+- otherwise hold. The dead band and the cooldown are what make it settle instead of oscillating;
 - duty never below `floor`, so NPCs never starve; a source silent for `stale_s` stops counting, and with no
-  source left the duty climbs back to 1 by the same additive steps.
+  source left the duty is back to 1 at once (no game is asking the engine to yield).
 
 Pure logic with explicit time: `report` may be called from any thread, `update` from the engine thread.
 """
@@ -33,10 +37,13 @@ class GovernorConfig:
     floor: float = 0.1         # the least duty: NPCs keep a tenth of the engine's time
     stale_s: float = 2.0       # a source that stopped reporting this long ago no longer counts
     min_frames: int = 1        # reports a source needs in a window to count in it (clients send ~4 a second)
+    over_share: float = 0.01   # counted frames over 1.1 x target beyond this share: over
+    cooldown_s: float = 1.0    # no increase until this long after a decrease
 
     def __post_init__(self) -> None:
         if not (0 < self.floor <= 1 and 0 < self.decrease < 1 and 0 < self.increase <= 1
-                and 0 < self.headroom <= 1 and self.window_s > 0 and self.stale_s > 0 and self.min_frames >= 1):
+                and 0 < self.headroom <= 1 and self.window_s > 0 and self.stale_s > 0 and self.min_frames >= 1
+                and 0 <= self.over_share < 1 and self.cooldown_s >= 0):
             raise ValueError(f"invalid GovernorConfig: {self}")
 
 
@@ -45,16 +52,22 @@ class FrameGovernor:
         self.config = config or GovernorConfig()
         self.duty = 1.0
         self.pressure: float | None = None              # the worst source's, at the last decision
-        self._frames: dict[str, deque[tuple[float, float]]] = {}   # source -> (ms, target_ms) this window
+        self.over_share: float | None = None            # the worst counted share of frames over, at the last decision
+        self._frames: dict[str, deque[FrameReport]] = {}   # source -> its reports this window
         self._last_seen: dict[str, float] = {}
         self._decided_at: float | None = None
+        self._decreased_at = -float("inf")
         self._lock = threading.Lock()
 
-    def report(self, source: str, ms: float, target_ms: float | None, now: float) -> None:
-        """One frame of `source` took `ms` against `target_ms` (None: 60 fps)."""
+    def report(self, source: str, ms: float, target_ms: float | None, now: float, max_ms: float | None = None,
+               frames: int | None = None, over: int | None = None) -> None:
+        """`source`'s frames took `ms` (smoothed, or one frame's) against `target_ms` (None: 60 fps); optionally
+        the longest since its previous report and how many frames, and how many over 1.1 x target, there were."""
         target = target_ms if target_ms and target_ms > 0 else DEFAULT_TARGET_MS
+        report = FrameReport(float(ms), float(target), None if max_ms is None else float(max_ms),
+                             None if frames is None else int(frames), None if over is None else int(over))
         with self._lock:
-            self._frames.setdefault(source, deque(maxlen=1024)).append((float(ms), float(target)))
+            self._frames.setdefault(source, deque(maxlen=1024)).append(report)
             self._last_seen[source] = now
 
     def forget(self, source: str) -> None:
@@ -80,13 +93,19 @@ class FrameGovernor:
             windows = [list(frames) for frames in self._frames.values()]
             for frames in self._frames.values():
                 frames.clear()
-        pressures = [_p90([ms / target for ms, target in w]) for w in windows if len(w) >= cfg.min_frames]
+        verdicts = [_judge(w, cfg) for w in windows if len(w) >= cfg.min_frames]
+        pressures = [v.pressure for v in verdicts]
+        shares = [v.over_share for v in verdicts if v.over_share is not None]
         self.pressure = max(pressures) if pressures else None
-        if self.pressure is not None and self.pressure > 1.0:
+        self.over_share = max(shares) if shares else None
+        if any(v.over for v in verdicts):
             self.duty = max(cfg.floor, self.duty * cfg.decrease)
-        elif self.pressure is None and windows:
+            self._decreased_at = now
+        elif not verdicts and windows:
             pass                      # sources that reported too few frames this window: hold
-        elif self.pressure is None or self.pressure < cfg.headroom:
+        elif not self._last_seen:
+            self.duty = 1.0           # no game reports any more (they stopped, or it left): nobody to yield to
+        elif all(v.calm for v in verdicts) and now - self._decreased_at >= cfg.cooldown_s:
             self.duty = min(1.0, self.duty + cfg.increase)
         return self.duty
 
@@ -97,6 +116,38 @@ class FrameGovernor:
     def pause_after(self, step_s: float) -> float:
         """Seconds to sleep after a step of `step_s` so that computing takes `duty` of the wall time."""
         return step_s * (1.0 / self.duty - 1.0) if self.duty < 1.0 else 0.0
+
+
+@dataclass(frozen=True)
+class FrameReport:
+    ms: float
+    target_ms: float
+    max_ms: float | None = None
+    frames: int | None = None
+    over: int | None = None
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    over: bool
+    calm: bool
+    pressure: float                 # the 90th percentile of ms / target (or the longest frame's, with max_ms)
+    over_share: float | None        # counted frames over / counted frames; None without counts
+
+
+def _judge(reports: list[FrameReport], cfg: GovernorConfig) -> _Verdict:
+    """One source's window of reports: over its target, calm, or neither."""
+    counted = [r for r in reports if r.frames is not None]
+    if counted:
+        frames = sum(r.frames for r in counted)
+        over = sum(r.over or 0 for r in counted)
+        longest = [r.max_ms / r.target_ms for r in counted if r.max_ms is not None]
+        pressure = max(longest) if longest else _p90([r.ms / r.target_ms for r in counted])
+        share = over / frames if frames else 0.0
+        return _Verdict(over=share > cfg.over_share, calm=over == 0 and pressure < 1.0, pressure=pressure,
+                        over_share=share)
+    pressure = _p90([r.ms / r.target_ms for r in reports])
+    return _Verdict(over=pressure > 1.0, calm=pressure < cfg.headroom, pressure=pressure, over_share=None)
 
 
 def _p90(values: list[float]) -> float:

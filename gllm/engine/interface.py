@@ -50,8 +50,10 @@ class EngineAPI(Protocol):
     def stats(self) -> dict[str, Any]:
         """A snapshot of the engine's counters: running, waiting, kv_free_blocks, kv_total_blocks, steps, ..."""
 
-    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python") -> None:
-        """The game's last frame took `ms` against `target_ms`: feeds the frame governor."""
+    def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python", *,
+                     max_ms: float | None = None, frames: int | None = None, over: int | None = None) -> None:
+        """The game's frame took `ms` against `target_ms` (and, since the previous report, the longest frame,
+        how many frames, how many over 1.1 x target): feeds the frame governor."""
 
     def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
         """Call `listener(StepInfo)` on the engine thread after every step."""

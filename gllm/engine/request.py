@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from gllm.request_fields import FIELDS_BY_NAME, SAMPLING_FIELDS
+from gllm.request_fields import SAMPLING_FIELDS, SCHEDULING_FIELDS
 from gllm.sampling import SamplingParams, TokenLogprobs
 
 
@@ -28,12 +28,16 @@ class GenerationRequest:
     stop_token_ids: list[int] | tuple[int, ...] = ()
     ignore_eos: bool = False
     priority: int = 0                               # higher is served first and preempted last
+    max_tokens_per_s: float = 0.0                   # pace the reply (0 = as fast as possible)
+    ttft_deadline_ms: float = 0.0                   # first token wanted within this (0 = no deadline)
     request_id: str | None = None                   # default: a fresh unique id
     logits_processor: Callable[[list[int], Any], Any] | None = None
 
     def sampling_params(self) -> SamplingParams:
-        """The sampling fields, validated against the request field table (`FieldError` names the field)."""
-        FIELDS_BY_NAME["priority"].check(self.priority)
+        """The sampling fields, validated against the request field table (`FieldError` names the field); the
+        scheduling fields are checked too."""
+        for f in SCHEDULING_FIELDS:
+            f.check(getattr(self, f.name))
         return SamplingParams(logits_processor=self.logits_processor,
                               **{f.name: getattr(self, f.name) for f in SAMPLING_FIELDS})
 
@@ -50,6 +54,7 @@ class Timings:
     queued_ms: float                # submission to first scheduled step
     ttft_ms: float | None           # submission to first token
     total_ms: float
+    ttft_deadline_met: bool | None = None   # with a ttft_deadline_ms: whether the first token came in time
 
 
 @dataclass

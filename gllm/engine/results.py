@@ -27,6 +27,7 @@ class RequestState:
     sink: EventSink
     submitted: float
     prompt_ids: list[int] = field(default_factory=list)
+    ttft_deadline_ms: float | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -74,8 +75,14 @@ def final_event(state: RequestState, reason: str, text: str | None, new_tokens: 
         request_id=state.request_id, text=text, tokens=list(state.output_ids), finish_reason=reason,
         usage=Usage(state.seq.num_prompt_tokens, len(state.output_ids), state.seq.num_cached_tokens),
         timings=Timings(queued_ms=ms(state.first_scheduled) or 0.0, ttft_ms=ms(state.first_token),
-                        total_ms=ms(now)),
+                        total_ms=ms(now), ttft_deadline_met=_deadline_met(state, ms(state.first_token))),
         logprobs=list(state.logprobs) if state.params.logprobs is not None else None,
         num_preemptions=state.seq.num_preemptions, error=error)
     return StreamEvent(state.request_id, text[state.sent_chars:], new_tokens or [],
                        None if new_logprobs is None else [new_logprobs], result=result, step=step)
+
+
+def _deadline_met(state: RequestState, ttft_ms: float | None) -> bool | None:
+    if state.ttft_deadline_ms is None:
+        return None
+    return ttft_ms is not None and ttft_ms <= state.ttft_deadline_ms

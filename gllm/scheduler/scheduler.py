@@ -3,12 +3,14 @@
 Continuous batching: sequences join and leave at every step. Each step has a token budget;
 running decodes are scheduled first (one token each), then unfinished prefills, then new
 admissions, each prefill chunked to what the budget has left — so a long prompt never stalls
-the decodes. When KV blocks run out, the least important running sequence is preempted by
+the decodes. A paced sequence (`token_interval`) sits out the steps before its next token is due.
+When KV blocks run out, the least important running sequence is preempted by
 recompute: its blocks are freed and it waits to be prefilled again (mostly from the prefix cache).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -102,12 +104,14 @@ class Scheduler:
         self.blocks.free(seq.block_table, uncache=failed)
         seq.status = SequenceStatus.FINISHED
 
-    def schedule_step(self) -> SchedulerOutput:
+    def schedule_step(self, now: float | None = None) -> SchedulerOutput:
+        """This step's batch; `now` (monotonic seconds, default the clock) decides which paced sequences are due."""
+        now = time.monotonic() if now is None else now
         out = SchedulerOutput()
         self._published.clear()
         self._pinned.clear()
         # Decodes first, then prefills in progress; most important first within each.
-        queue = sorted(self.running, key=lambda s: (s.is_prefilling, s.rank()))
+        queue = sorted((s for s in self.running if s.due(now)), key=lambda s: (s.is_prefilling, s.rank()))
         while queue and self._budget_left(out, queue[0]) > 0:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed, self._budget_left(out, seq))
@@ -119,9 +123,18 @@ class Scheduler:
             else:
                 self._schedule(seq, n, out)
         self._admit(out)
+        for item in out.scheduled:
+            if item.samples:
+                item.seq.paced(now)
         if self.config.step_budget_s is not None:   # only the budget's cost model reads it
             out.shape = self.shape(out)
         return out
+
+    def seconds_until_due(self, now: float) -> float | None:
+        """How long until the first running sequence that sits out its pace is due again (what the engine may
+        sleep when a step found nothing to compute); None if none is paced ahead."""
+        ahead = [s.next_token_at for s in self.running if not s.due(now)]
+        return max(0.0, min(ahead) - now) if ahead else None
 
     def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
         out.add(ScheduledSeq(seq, n))
@@ -222,15 +235,19 @@ class Scheduler:
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
 
-    def schedule_ahead(self, batch: list[Sequence], keep: list[Sequence]) -> SchedulerOutput | None:
+    def schedule_ahead(self, batch: list[Sequence], keep: list[Sequence],
+                       now: float | None = None) -> SchedulerOutput | None:
         """The next step, chosen while the tokens of the step just queued (`batch`, all decoding) are still
         being sampled: one decode for each of `keep` (those of `batch` not about to hit their length limit),
         at position `num_computed_tokens`, where that sampled token goes. Only when it is the step
         `schedule_step` would pick once those tokens are known — every running sequence is in `batch`, none
         waiting could be admitted or preempt — and blocks are free; None otherwise. Call `commit_ahead`
         once the previous step's tokens are appended."""
+        now = time.monotonic() if now is None else now
         if len(batch) != len(self.running) or not keep or len(keep) > self.config.max_step_tokens:
             return None
+        if any(s.token_interval > 0 and now < s.next_token_at for s in keep):
+            return None          # a paced sequence sits this one out: schedule_step decides
         if self.waiting and (len(keep) < self.config.max_batch_size
                              or max(w.priority for w in self.waiting) > min(s.priority for s in keep)):
             return None
@@ -242,6 +259,7 @@ class Scheduler:
             item = ScheduledSeq(seq, 1)
             item.samples = True  # its input token is the one being sampled now
             out.add(item)
+            seq.paced(now)
         if self.config.step_budget_s is not None:   # only the budget's cost model reads it
             out.shape = self.shape(out)
         return out

@@ -163,6 +163,8 @@ func _run(name: String, sc: Dictionary) -> void:
 			_errors()
 		"warmup-frame-stats":
 			_warmup_frame_stats()
+		"pacing-deadline":
+			_pacing_deadline()
 		"npc-conversation":
 			_npc()
 		"poll-budget":
@@ -361,7 +363,9 @@ func _build(name: String, v: Dictionary) -> Variant:
 		"ping":
 			return GllmClientScript.build_ping(v.get("t"))
 		"frame":
-			return GllmClientScript.build_frame(v["ms"], v.get("target_ms", 0.0))
+			return GllmClientScript.build_frame(
+				v["ms"], v.get("target_ms", 0.0), v.get("max_ms", -1.0), v.get("frames", -1), v.get("over", -1)
+			)
 	return null
 
 
@@ -380,6 +384,7 @@ func _check_server_message(name: String, m: Dictionary) -> void:
 			equal(m["usage"][key], d[key], name + " " + key)
 		equal(m["timings"]["ttft_ms"], d["ttft_ms"], name + " ttft_ms")
 		equal(m["timings"]["total_ms"], d["total_ms"], name + " total_ms")
+		equal(m["timings"].get("ttft_deadline_met"), d["ttft_deadline_met"], name + " ttft_deadline_met")
 
 
 func _check_zmtp(v: Dictionary) -> int:
@@ -830,12 +835,142 @@ func _warmup_frame_stats() -> void:
 		check(t.stats[0].get("prefix_cache_hits", 0) > 0, "stats.prefix_cache_hits is 0")
 	settle(c, 100)
 	check(t.errors.is_empty(), "errors after frame reports: " + errs(t))
+	var governor := _frames_over_budget(c, t)
 	no_breach(t)
 	if _fail.is_empty():
 		print(
 			(
-				"METRIC warmup-frame-stats cached_tokens=%d prompt_tokens=%d"
-				% [t.done[id]["cached_tokens"], t.done[id]["prompt_tokens"]]
+				"METRIC warmup-frame-stats cached_tokens=%d prompt_tokens=%d %s"
+				% [t.done[id]["cached_tokens"], t.done[id]["prompt_tokens"], governor]
+			)
+		)
+	c.close()
+
+
+## While a long request runs, report_frame(30, 16.6) once per 16 ms frame for 2 s: every report carries max_ms,
+## frames and over (all frames over, but for the first report, which also counts the frames before), so the
+## engine yields (stats: governor_duty_pct below 100); then the long request is cancelled and ends once.
+## Returns the METRIC fields.
+func _frames_over_budget(c: GllmClientScript, t: Tracker) -> String:
+	if not _fail.is_empty():
+		return ""
+	var long_id := c.generate(long_request("The long winter in Eldmoor began when", 200))
+	pump_until(c, func() -> bool: return t.text(long_id) != "" or t.ended(long_id), 60, "the long request's text")
+	var sent_before := c.frame_reports_sent
+	var reports: Array = []
+	var calls := 0
+	var frame_usec := 16000
+	var start := Time.get_ticks_usec()
+	var next := 0
+	while _fail.is_empty() and Time.get_ticks_usec() - start < 2000000:
+		var n_before := c.frame_reports_sent
+		c.report_frame(30.0, 16.6)
+		calls += 1
+		if c.frame_reports_sent != n_before:
+			reports.append(c.last_frame_report.duplicate())
+		c.poll(2000)
+		next += frame_usec
+		var sleep := next - (Time.get_ticks_usec() - start)
+		if sleep > 0:
+			OS.delay_usec(sleep)
+	equal(reports.size(), c.frame_reports_sent - sent_before, "frame reports counted")
+	check(reports.size() >= 6, "only %d frame reports in 2 s of frames (one per 250 ms expected)" % reports.size())
+	var counted := 0
+	for i in reports.size():
+		if not _fail.is_empty():
+			break
+		var r: Dictionary = reports[i]
+		var what := "frame report %d %s" % [i, JsonTyped.dump(r)]
+		check(r.get("max_ms") is float and r.get("frames") is int and r.get("over") is int, what + ": lacks counts")
+		if not _fail.is_empty():
+			break
+		equal(16.6, r.get("target_ms"), what + ": target_ms")
+		equal(30.0, r["max_ms"], what + ": max_ms")
+		check(r["frames"] >= 1 and r["over"] <= r["frames"], what + ": frames and over")
+		check(r["ms"] > 16.6, what + ": the smoothed ms")
+		if i == 0:
+			check(r["over"] >= 1, what + ": no frame over")
+		else:
+			equal(r["frames"], r["over"], what + ": over (every frame took 30 ms)")
+			counted += r["frames"]
+	check(counted <= calls, "the reports count %d frames of %d" % [counted, calls])
+	var n_stats := t.stats.size()
+	c.stats()
+	pump_until(c, func() -> bool: return t.stats.size() > n_stats, 30, "the stats after the slow frames")
+	var duty: Variant = null
+	if _fail.is_empty():
+		duty = t.stats[n_stats].get("governor_duty_pct")
+		check(duty is float or duty is int, "stats has no governor_duty_pct: " + JsonTyped.dump(t.stats[n_stats]))
+	if _fail.is_empty():
+		check(duty < 100, "governor_duty_pct is %s after 2 s of frames over their target" % duty)
+	c.cancel(long_id)
+	pump_until(c, func() -> bool: return t.ended(long_id), 60, "the long request's end")
+	settle(c, 100)
+	if _fail.is_empty() and check(t.done.has(long_id), "the long request failed: " + t.failure(long_id)):
+		equal(t.done[long_id]["text"], t.text(long_id), "the long request's streamed text vs done.text")
+	check(t.errors.is_empty(), "errors after the slow frames' reports: " + errs(t))
+	if not _fail.is_empty():
+		return ""
+	return (
+		"governor_duty_pct=%s frame_reports=%d frames=%d long_finish=%s"
+		% [_f(float(duty)), reports.size(), calls, t.done[long_id]["finish_reason"]]
+	)
+
+
+## A paced request with a first-token deadline: 20 tokens at 25 a second take at least 0.6 s from the first text
+## to the end, and done.timings says the deadline was met; pacing over 1000 tokens/s or a negative deadline is a
+## bad_request naming the field.
+func _pacing_deadline() -> void:
+	var t := Tracker.new()
+	var c := new_client(t)
+	if not _fail.is_empty():
+		return
+	var times := {}
+	var on_text := func(id: String, _d: String, _f: String) -> void:
+		if not times.has("text:" + id):
+			times["text:" + id] = Time.get_ticks_usec()
+	var on_done := func(id: String, _i: Dictionary) -> void: times["done:" + id] = Time.get_ticks_usec()
+	c.text_received.connect(on_text)
+	c.completed.connect(on_done)
+	var o := long_request("The bard began a slow ballad about the bridge", 20, "paced")
+	o["max_tokens_per_s"] = 25.0
+	o["ttft_deadline_ms"] = 60000.0
+	var built: Array = GllmClientScript.build_generate("paced", o)
+	if check(built[1] == "", "build_generate refused the paced request: " + str(built[1])):
+		var m: Dictionary = MsgPack.decode(built[0])[0]
+		var keys: Array = m.keys()
+		equal(["ignore_eos", "max_tokens_per_s", "ttft_deadline_ms"], keys.slice(keys.size() - 3), "the key order")
+		equal(25.0, m.get("max_tokens_per_s"), "max_tokens_per_s as a float")
+	var id := c.generate(o)
+	pump_until(c, func() -> bool: return t.ended(id), 60, "the paced request")
+	var span_s := 0.0
+	if _fail.is_empty() and check(t.done.has(id), "the paced request failed: " + t.failure(id)):
+		var d: Dictionary = t.done[id]
+		equal(20, d["completion_tokens"], "the paced request's completion_tokens")
+		equal(d["text"], t.text(id), "the paced request's streamed text vs done.text")
+		equal(true, d["ttft_deadline_met"], "done.timings.ttft_deadline_met")
+		if check(times.has("text:" + id), "the paced request streamed no text"):
+			span_s = (times["done:" + id] - times["text:" + id]) / 1e6
+			check(span_s >= 0.6, "the first text to the end took %s s: not paced at 25 tokens/s" % _f(span_s))
+	var fast := c.generate({"prompt": "Hurry", "max_tokens": 4, "max_tokens_per_s": 5000.0})
+	var late := c.generate({"prompt": "Whenever", "max_tokens": 4, "ttft_deadline_ms": -1.0})
+	pump_until(c, func() -> bool: return t.ended(fast) and t.ended(late), 60, "the two refusals")
+	for pair: Array in [[fast, "max_tokens_per_s"], [late, "ttft_deadline_ms"]]:
+		if not _fail.is_empty():
+			break
+		var rid: String = pair[0]
+		if check(t.failures.has(rid), "the request with a bad %s did not fail" % pair[1]):
+			equal("bad_request", t.failures[rid][0], pair[1] + ": the code")
+			check(t.failures[rid][1].contains(pair[1]), "the message does not name the field: " + t.failures[rid][1])
+	settle(c, 100)
+	equal([true], t.connection, "connection_changed events")
+	no_breach(t)
+	if _fail.is_empty():
+		var ttft: Variant = t.done[id]["ttft_ms"]
+		print(
+			(
+				"METRIC pacing-deadline first_text_to_done_s=%s ttft_ms=%s total_ms=%s"
+				% [_f(span_s), _f(float(ttft)) if ttft != null else "nil", _f(t.done[id]["total_ms"])]
 			)
 		)
 	c.close()

@@ -19,7 +19,9 @@ const GllmClientScript := preload("gllm_client.gd")
 @export var auto_connect := true
 ## The most time poll() spends emitting events per frame; what is left waits for the next frame.
 @export_range(0, 16000) var poll_budget_usec := 1000
-## Report the frame time to the server (it lowers the engine's step size when frames run long).
+## Report the frame times to the server, once per frame (the client sends one report per 250 ms: the smoothed
+## time, the longest frame, the frame count and the frames over 1.1 x target); the engine computes a smaller share
+## of the time while frames run over their target.
 @export var report_frames := true
 ## The frame time the game aims for, sent with each frame report.
 @export var target_frame_ms := 16.6

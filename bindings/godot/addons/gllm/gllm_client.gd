@@ -59,11 +59,24 @@ const GENERATE_KEYS: Array[String] = [
 	"presence_penalty",
 	"frequency_penalty",
 	"ignore_eos",
+	"max_tokens_per_s",
+	"ttft_deadline_ms",
 ]
 const INT_KEYS: Array[String] = ["max_tokens", "top_k", "seed", "logprobs", "priority"]
 const FLOAT_KEYS: Array[String] = [
-	"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+	"temperature",
+	"top_p",
+	"min_p",
+	"repetition_penalty",
+	"presence_penalty",
+	"frequency_penalty",
+	"max_tokens_per_s",
+	"ttft_deadline_ms",
 ]
+## The frame time the server assumes when a report has no target_ms (60 fps).
+const DEFAULT_TARGET_MS := 1000.0 / 60.0
+## A frame over this many times its target counts as [code]over[/code] in a frame report (PROTOCOL.md §5).
+const OVER_FACTOR := 1.1
 
 ## Sent in hello (logs only).
 var client_name := "godot/0.1"
@@ -76,7 +89,8 @@ var auto_reconnect := true
 ## Back-off between connection attempts: doubles from min to max, plus up to 25 % jitter.
 var reconnect_min_ms := 200
 var reconnect_max_ms := 5000
-## [method report_frame] sends at most one frame report per interval (the smoothed frame time).
+## [method report_frame] sends one frame report per interval: the smoothed frame time, and the longest frame,
+## the frame count and the count over 1.1 x target of the frames since the previous report.
 var frame_report_interval_ms := 250
 ## Weight of the newest frame in the smoothed frame time.
 var frame_smoothing := 0.2
@@ -94,6 +108,11 @@ var welcome: Dictionary = {}
 var last_error := ""
 ## How many connection attempts were started after the first.
 var reconnects := 0
+## The last frame report sent by [method report_frame] (op, ms, target_ms, max_ms, frames, over), for an
+## on-screen diagnostic; empty before the first one.
+var last_frame_report: Dictionary = {}
+## How many frame reports [method report_frame] has sent.
+var frame_reports_sent := 0
 
 var _state: State = State.IDLE
 var _tcp: StreamPeerTCP = null
@@ -115,6 +134,9 @@ var _pending_text := {}  # id -> its staged, not yet dispatched text event
 var _next_id := 0
 var _frame_ema := -1.0
 var _last_frame_sent_usec := 0
+var _frame_max := 0.0  # the longest frame since the last report
+var _frame_count := 0  # frames since the last report
+var _frame_over := 0  # of those, the frames over OVER_FACTOR x target
 
 
 ## The connection state.
@@ -153,7 +175,8 @@ func connect_to_server(p_host: String = "127.0.0.1", p_port: int = 5555) -> void
 
 
 ## Starts a request; returns its id at once. [param options] holds the generate fields of PROTOCOL.md §5.1 by
-## their wire names ("prompt" or "messages", "max_tokens", "temperature", "seed", ...), and optionally "id".
+## their wire names ("prompt" or "messages", "max_tokens", "temperature", "seed", ..., "max_tokens_per_s" to pace
+## the reply, "ttft_deadline_ms" for a first-token deadline), and optionally "id".
 ## Its text arrives as [signal text_received]; it ends with exactly one [signal completed] or [signal failed]
 ## (an invalid request, such as a seed above 2^63-1, fails with "bad_request" without reaching the server).
 func generate(options: Dictionary) -> String:
@@ -203,16 +226,39 @@ func warmup(messages: Array, priority: int = -1) -> String:
 	return generate({"messages": messages, "max_tokens": 1, "temperature": 0.0, "priority": priority})
 
 
-## The game's frame time, once per frame: smoothed, and sent at most every frame_report_interval_ms.
+## The game's last frame time [param ms] against [param target_ms] (0: 60 fps), called once per frame. It keeps
+## a smoothed frame time (the newest frame weighs [member frame_smoothing]), and counts the frames, the longest
+## one and those over 1.1 x target; every [member frame_report_interval_ms] (the first at once) it sends one
+## [code]frame[/code] report with them ([code]ms[/code] = the smoothed time) and starts the counts again. While
+## not connected nothing is counted or sent.
 func report_frame(ms: float, target_ms: float = 0.0) -> void:
-	if _state != State.CONNECTED or is_nan(ms) or ms < 0.0:
+	if is_nan(ms) or ms < 0.0:
 		return
+	if _state != State.CONNECTED:
+		_reset_frame_counts()
+		_last_frame_sent_usec = 0  # the first report of the next session goes at once
+		return
+	ms = minf(ms, 1e9)
+	if is_nan(target_ms) or target_ms < 0.0:
+		target_ms = 0.0
+	target_ms = minf(target_ms, 1e9)
 	_frame_ema = ms if _frame_ema < 0.0 else _frame_ema + frame_smoothing * (ms - _frame_ema)
+	_frame_max = maxf(_frame_max, ms)
+	_frame_count += 1
+	if ms > OVER_FACTOR * (target_ms if target_ms > 0.0 else DEFAULT_TARGET_MS):
+		_frame_over += 1
 	var now := Time.get_ticks_usec()
-	if _last_frame_sent_usec != 0 and now - _last_frame_sent_usec < frame_report_interval_ms * 1000:
+	if (
+		_last_frame_sent_usec != 0
+		and now - _last_frame_sent_usec < frame_report_interval_ms * 1000
+		and _frame_count < 1000000
+	):
 		return
 	_last_frame_sent_usec = now
-	_send_message(build_frame(_frame_ema, target_ms))
+	last_frame_report = frame_message(_frame_ema, target_ms, _frame_max, _frame_count, _frame_over)
+	frame_reports_sent += 1
+	_reset_frame_counts()
+	_send_message(MsgPack.encode(last_frame_report))
 
 
 ## Asks for the engine's counters; the answer comes as [signal stats_received] (dropped while not connected).
@@ -413,20 +459,40 @@ static func build_stats() -> PackedByteArray:
 	return MsgPack.encode({"op": "stats"})
 
 
-## A frame report (vector frame); target_ms <= 0 is left out.
-static func build_frame(ms: float, target_ms: float) -> PackedByteArray:
+## A frame report (vector frame): [param ms] the (smoothed) frame time, [param max_ms] the longest frame,
+## [param frames] the frames and [param over] those over 1.1 x target since the previous report. target_ms <= 0
+## and negative max_ms, frames, over are left out.
+static func build_frame(
+	ms: float, target_ms: float, max_ms: float = -1.0, frames: int = -1, over: int = -1
+) -> PackedByteArray:
+	return MsgPack.encode(frame_message(ms, target_ms, max_ms, frames, over))
+
+
+## The frame report [method build_frame] encodes, as a Dictionary in the protocol's key order (floats as
+## float64, frames and over as integers).
+static func frame_message(
+	ms: float, target_ms: float, max_ms: float = -1.0, frames: int = -1, over: int = -1
+) -> Dictionary:
 	var m := {"op": "frame", "ms": ms}
 	if target_ms > 0.0:
 		m["target_ms"] = target_ms
-	return MsgPack.encode(m)
+	if max_ms >= 0.0:
+		m["max_ms"] = max_ms
+	if frames >= 0:
+		m["frames"] = frames
+	if over >= 0:
+		m["over"] = over
+	return m
 
 
 ## The typed view of a done message: id, finish_reason, text, prompt_tokens, completion_tokens, cached_tokens,
-## ttft_ms (null when no token was produced), total_ms, error ("" unless finish_reason is "error"), raw.
+## ttft_ms (null when no token was produced), total_ms, ttft_deadline_met (true or false when the request had a
+## ttft_deadline_ms, else null), error ("" unless finish_reason is "error"), raw.
 static func done_info(m: Dictionary) -> Dictionary:
 	var usage: Dictionary = m.get("usage") if m.get("usage") is Dictionary else {}
 	var timings: Dictionary = m.get("timings") if m.get("timings") is Dictionary else {}
 	var ttft: Variant = timings.get("ttft_ms")
+	var met: Variant = timings.get("ttft_deadline_met")
 	return {
 		"id": _s(m.get("id")),
 		"finish_reason": _s(m.get("finish_reason")),
@@ -436,6 +502,7 @@ static func done_info(m: Dictionary) -> Dictionary:
 		"cached_tokens": _i(usage.get("cached_tokens")),
 		"ttft_ms": float(ttft) if ttft is float or ttft is int else null,
 		"total_ms": float(timings.get("total_ms", 0.0)) if timings.get("total_ms") != null else 0.0,
+		"ttft_deadline_met": met if met is bool else null,
 		"error": _s(m.get("error")),
 		"raw": m,
 	}
@@ -720,6 +787,12 @@ func _fail_all(why: String) -> void:
 	for item: Array in _waiting:
 		_emit(EventKind.FAILED, item[0], DISCONNECTED, why)
 	_waiting.clear()
+
+
+func _reset_frame_counts() -> void:
+	_frame_max = 0.0
+	_frame_count = 0
+	_frame_over = 0
 
 
 func _close_socket() -> void:

@@ -10,7 +10,7 @@ extends Node
 ## New text of this NPC's reply; [param full] is the reply so far.
 signal text_received(id: String, delta: String, full: String)
 ## The reply ended (info: id, finish_reason, text, prompt_tokens, completion_tokens, cached_tokens, ttft_ms,
-## total_ms, error, raw).
+## total_ms, ttft_deadline_met, error, raw).
 signal completed(id: String, info: Dictionary)
 ## The reply failed: a server error code or "disconnected".
 signal failed(id: String, code: String, message: String)
@@ -27,7 +27,8 @@ const ConversationScript := preload("gllm_npc_conversation.gd")
 @export_multiline var persona := ""
 ## Scheduling priority of this NPC's replies (higher first): raise it for the NPC facing the player.
 @export var priority := 0
-## Generate fields for every reply (PROTOCOL.md §5.1 names: max_tokens, temperature, top_p, stop, seed, ...).
+## Generate fields for every reply (PROTOCOL.md §5.1 names: max_tokens, temperature, top_p, stop, seed, ...,
+## max_tokens_per_s to pace the reply to the speech bubble, ttft_deadline_ms for a first-token deadline).
 @export var settings: Dictionary = {"max_tokens": 64, "temperature": 0.7}
 ## The bridge to use; empty: the "Gllm" autoload, or a bridge of this node's own.
 @export var bridge_path: NodePath

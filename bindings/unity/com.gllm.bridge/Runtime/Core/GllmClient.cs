@@ -38,7 +38,8 @@ namespace Gllm
         /// <summary>Back-off between connection attempts: doubles from Min to Max, plus up to 25 % jitter.</summary>
         public int ReconnectMinMs = 200;
         public int ReconnectMaxMs = 5000;
-        /// <summary>ReportFrame sends at most one frame report per interval (the smoothed frame time).</summary>
+        /// <summary>ReportFrame sends one frame report per interval: the smoothed frame time, and the longest
+        /// frame, the frame count and the count over 1.1 x target since the previous report.</summary>
         public int FrameReportIntervalMs = 250;
         /// <summary>Weight of the newest frame in the smoothed frame time ReportFrame sends.</summary>
         public double FrameSmoothing = 0.2;
@@ -142,6 +143,9 @@ namespace Gllm
         long _nextId;
         double _frameEma = -1;
         long _lastFrameSentTicks;
+        double _frameMax;
+        long _frameCount, _frameOver, _frameReports;
+        FrameReport _lastFrameReport;
 
         public ConnectionState State { get { return (ConnectionState)_state; } }
         /// <summary>Whether the session is up, as the I/O thread sees it now (it may run ahead of the
@@ -158,6 +162,10 @@ namespace Gllm
         public int InFlight { get { return Volatile.Read(ref _live); } }
         /// <summary>Requests started with Generate whose Completed/Failed has not been dispatched yet.</summary>
         public int PendingRequests { get { return _open.Count; } }
+        /// <summary>The last frame report ReportFrame sent (for a HUD or a test); default before the first.</summary>
+        public FrameReport LastFrameReport { get { return _lastFrameReport; } }
+        /// <summary>How many frame reports ReportFrame has sent (queued for the I/O thread).</summary>
+        public long FrameReports { get { return _frameReports; } }
         public string Host { get { return _host; } }
         public int Port { get { return _port; } }
 
@@ -215,16 +223,40 @@ namespace Gllm
             });
         }
 
-        /// <summary>The game's frame time, once per frame: smoothed, and sent at most every FrameReportIntervalMs.</summary>
+        /// <summary>The frame time the server assumes when a report gives no target (60 fps).</summary>
+        public const double DefaultTargetMs = 1000.0 / 60.0;
+        /// <summary>A frame longer than this many times the target counts as over (one a player may notice).</summary>
+        public const double OverFactor = 1.1;
+        const double MaxFrameMs = 1e9;
+
+        /// <summary>The game's last frame time and its target (0: 60 fps), once per frame. Keeps a smoothed frame
+        /// time (FrameSmoothing), the longest frame, the frame count and the count of frames over 1.1 x target;
+        /// every FrameReportIntervalMs it sends one frame report with them and starts the counts again. The first
+        /// call sends at once. Reports made while not connected are dropped (their counts too).</summary>
         public void ReportFrame(double ms, double targetMs)
         {
             if (_thread == null || double.IsNaN(ms) || ms < 0) return;
+            if (double.IsNaN(targetMs) || targetMs < 0) targetMs = 0;
+            ms = Math.Min(ms, MaxFrameMs);                      // the protocol's limit (§5: 0 - 10^9)
+            targetMs = Math.Min(targetMs, MaxFrameMs);
             double a = _opt.FrameSmoothing;
             _frameEma = _frameEma < 0 ? ms : _frameEma + a * (ms - _frameEma);
+            if (_frameCount == 0 || ms > _frameMax) _frameMax = ms;
+            _frameCount++;
+            if (ms > OverFactor * (targetMs > 0 ? targetMs : DefaultTargetMs)) _frameOver++;
             long now = Now();
             if (_lastFrameSentTicks != 0 && now - _lastFrameSentTicks < MsToTicks(_opt.FrameReportIntervalMs)) return;
             _lastFrameSentTicks = now;
-            Enqueue(new Cmd { Kind = CmdKind.Send, Payload = Messages.Frame(_frameEma, targetMs > 0 ? targetMs : (double?)null) });
+            var report = new FrameReport
+            {
+                Ms = _frameEma, TargetMs = targetMs, MaxMs = _frameMax, Frames = _frameCount, Over = _frameOver,
+            };
+            _frameMax = 0;
+            _frameCount = 0;
+            _frameOver = 0;
+            _lastFrameReport = report;
+            _frameReports++;
+            Enqueue(new Cmd { Kind = CmdKind.Send, Payload = report.ToMessage() });
         }
 
         /// <summary>Asks for the engine's counters; the answer comes as StatsReceived (dropped while not

@@ -49,6 +49,13 @@ namespace Gllm
         public double? PresencePenalty;
         public double? FrequencyPenalty;
         public bool? IgnoreEos;
+        /// <summary>Pace the reply to at most this many tokens a second, [0, 1000] (a line need not come faster
+        /// than it is shown or spoken: 15-40 is typical); null or 0: as fast as possible.</summary>
+        public double? MaxTokensPerS;
+        /// <summary>The first token is wanted within this many milliseconds of submission, [0, 3600000]: among
+        /// requests of equal Priority the earliest deadline is served first, and DoneInfo.TtftDeadlineMet says
+        /// whether it was met; null or 0: no deadline.</summary>
+        public double? TtftDeadlineMs;
         public MsgMap Extra;
 
         public GenerateOptions Clone()
@@ -72,6 +79,9 @@ namespace Gllm
         /// <summary>Submission to first token in the server (null when no token was produced).</summary>
         public double? TtftMs;
         public double TotalMs;
+        /// <summary>Whether the first token came within the request's TtftDeadlineMs; null when the request had
+        /// no deadline (the server sends it only then).</summary>
+        public bool? TtftDeadlineMet;
         /// <summary>What failed, when FinishReason is "error".</summary>
         public string Error;
         /// <summary>The message as received (fields added later).</summary>
@@ -99,8 +109,23 @@ namespace Gllm
             {
                 d.TtftMs = timings.GetDouble("ttft_ms");
                 d.TotalMs = timings.GetDouble("total_ms") ?? 0;
+                d.TtftDeadlineMet = timings.GetBool("ttft_deadline_met");
             }
             return d;
+        }
+    }
+
+    /// <summary>What one frame report said (GllmClient.LastFrameReport): the smoothed frame time, the target
+    /// (0: none sent, 60 fps), and over the frames since the previous report the longest, how many there were and
+    /// how many took over 1.1 x target.</summary>
+    public struct FrameReport
+    {
+        public double Ms, TargetMs, MaxMs;
+        public long Frames, Over;
+
+        public byte[] ToMessage()
+        {
+            return Messages.Frame(Ms, TargetMs > 0 ? TargetMs : (double?)null, MaxMs, Frames, Over);
         }
     }
 
@@ -161,6 +186,7 @@ namespace Gllm
         {
             "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
             "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
+            "max_tokens_per_s", "ttft_deadline_ms",
         };
 
         public static void WriteGenerate(MsgPackWriter w, string id, GenerateOptions o)
@@ -181,6 +207,8 @@ namespace Gllm
             if (o.PresencePenalty.HasValue) n++;
             if (o.FrequencyPenalty.HasValue) n++;
             if (o.IgnoreEos.HasValue) n++;
+            if (o.MaxTokensPerS.HasValue) n++;
+            if (o.TtftDeadlineMs.HasValue) n++;
             int extra = 0;
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
@@ -213,6 +241,8 @@ namespace Gllm
             if (o.PresencePenalty.HasValue) { w.Write("presence_penalty"); w.Write(o.PresencePenalty.Value); }
             if (o.FrequencyPenalty.HasValue) { w.Write("frequency_penalty"); w.Write(o.FrequencyPenalty.Value); }
             if (o.IgnoreEos.HasValue) { w.Write("ignore_eos"); w.Write(o.IgnoreEos.Value); }
+            if (o.MaxTokensPerS.HasValue) { w.Write("max_tokens_per_s"); w.Write(o.MaxTokensPerS.Value); }
+            if (o.TtftDeadlineMs.HasValue) { w.Write("ttft_deadline_ms"); w.Write(o.TtftDeadlineMs.Value); }
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
                 {
@@ -241,13 +271,23 @@ namespace Gllm
             return w.ToArray();
         }
 
-        public static byte[] Frame(double ms, double? targetMs)
+        /// <summary>A frame report: ms (the smoothed frame time), and optionally the target, the longest frame
+        /// since the previous report, the frames since it and how many of them took over 1.1 x target.</summary>
+        public static byte[] Frame(double ms, double? targetMs, double? maxMs = null, long? frames = null, long? over = null)
         {
-            var w = new MsgPackWriter(new ByteBuffer(48));
-            w.WriteMapHeader(targetMs.HasValue ? 3 : 2);
+            var w = new MsgPackWriter(new ByteBuffer(96));
+            int n = 2;
+            if (targetMs.HasValue) n++;
+            if (maxMs.HasValue) n++;
+            if (frames.HasValue) n++;
+            if (over.HasValue) n++;
+            w.WriteMapHeader(n);
             w.Write("op"); w.Write("frame");
             w.Write("ms"); w.Write(ms);
             if (targetMs.HasValue) { w.Write("target_ms"); w.Write(targetMs.Value); }
+            if (maxMs.HasValue) { w.Write("max_ms"); w.Write(maxMs.Value); }
+            if (frames.HasValue) { w.Write("frames"); w.Write(frames.Value); }
+            if (over.HasValue) { w.Write("over"); w.Write(over.Value); }
             return w.ToArray();
         }
 

@@ -1,4 +1,5 @@
-// Sends the game's frame time to the server (smoothed, rate-limited by GllmClient.ReportFrame), so the engine's
+// Reports every frame's time to the server through GllmClient.ReportFrame (four reports a second: the smoothed
+// frame time, the longest frame, the frame count and how many ran over 1.1 x target), so the engine's
 // frame budget can keep inference out of the frame; also keeps recent frame times for a HUD.
 using UnityEngine;
 using Gllm;

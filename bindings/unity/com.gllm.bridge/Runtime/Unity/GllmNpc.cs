@@ -20,6 +20,12 @@ namespace Gllm.Unity
         public int priority;
         [Range(1, 1024)] public int maxTokens = 96;
         [Range(0f, 2f)] public float temperature = 0.7f;
+        [Tooltip("Pace the reply to at most this many tokens a second (15-40: about as fast as it is read or spoken), "
+                 + "leaving the engine's time to the other NPCs; 0: as fast as possible.")]
+        [Range(0f, 100f)] public float maxTokensPerS;
+        [Tooltip("The first words are wanted within this many ms (among NPCs of equal priority, the earliest deadline "
+                 + "goes first); 0: no deadline.")]
+        [Min(0f)] public float ttftDeadlineMs;
 
         [Header("Events (main thread)")]
         [Tooltip("The reply so far, each time more of it arrives.")]
@@ -69,6 +75,8 @@ namespace Gllm.Unity
             conv.SystemPrompt = persona;
             conv.Settings.MaxTokens = maxTokens;
             conv.Settings.Temperature = temperature;
+            conv.Settings.MaxTokensPerS = maxTokensPerS > 0 ? maxTokensPerS : (double?)null;
+            conv.Settings.TtftDeadlineMs = ttftDeadlineMs > 0 ? ttftDeadlineMs : (double?)null;
             return conv.Say(c, line, priority);
         }
 

@@ -149,6 +149,7 @@ namespace Gllm.Conformance
                 case "long-frame": LongFrame(sc); return;
                 case "errors": Errors(); return;
                 case "warmup-frame-stats": WarmupFrameStats(); return;
+                case "pacing-deadline": PacingDeadline(); return;
                 case "npc-conversation": Npc(); return;
                 case "poll-budget": PollBudget(); return;
                 case "lease-stall": LeaseStall(); return;
@@ -258,6 +259,8 @@ namespace Gllm.Conformance
             if (v.GetDouble("presence_penalty").HasValue) o.PresencePenalty = v.GetDouble("presence_penalty");
             if (v.GetDouble("frequency_penalty").HasValue) o.FrequencyPenalty = v.GetDouble("frequency_penalty");
             if (v.GetBool("ignore_eos").HasValue) o.IgnoreEos = v.GetBool("ignore_eos");
+            if (v.GetDouble("max_tokens_per_s").HasValue) o.MaxTokensPerS = v.GetDouble("max_tokens_per_s");
+            if (v.GetDouble("ttft_deadline_ms").HasValue) o.TtftDeadlineMs = v.GetDouble("ttft_deadline_ms");
             return o;
         }
 
@@ -302,9 +305,34 @@ namespace Gllm.Conformance
                 CheckServerMessage(name, m);
             }
             Check(built >= 8, "only " + built + " client vectors were built");
+            PacingFieldsEncoding();
             zmtp = CheckZmtp(zmtpBytes);
             CodecEdges();
             Console.WriteLine("METRIC vectors msgpack=" + msgpack + " built=" + built + " zmtp=" + zmtp);
+        }
+
+        /// <summary>max_tokens_per_s and ttft_deadline_ms go after ignore_eos, as float64, only when set; the done
+        /// timings' ttft_deadline_met is read (null when absent).</summary>
+        static void PacingFieldsEncoding()
+        {
+            var o = new GenerateOptions { Prompt = "Hi", MaxTokens = 4, IgnoreEos = true, MaxTokensPerS = 25, TtftDeadlineMs = 60000 };
+            var m = (MsgMap)MsgPackReader.Decode(Messages.Generate("p1", o));
+            Equal("op,id,prompt,max_tokens,ignore_eos,max_tokens_per_s,ttft_deadline_ms", string.Join(",", m.Select(kv => kv.Key)),
+                  "generate keys with the pacing fields");
+            Check(m["max_tokens_per_s"] is double && (double)m["max_tokens_per_s"] == 25.0, "max_tokens_per_s is not the float 25");
+            Check(m["ttft_deadline_ms"] is double && (double)m["ttft_deadline_ms"] == 60000.0, "ttft_deadline_ms is not the float 60000");
+            var plain = (MsgMap)MsgPackReader.Decode(Messages.Generate("p2", new GenerateOptions { Prompt = "Hi" }));
+            Check(!plain.ContainsKey("max_tokens_per_s") && !plain.ContainsKey("ttft_deadline_ms"), "unset pacing fields were sent");
+            var extra = new GenerateOptions { Prompt = "Hi", TtftDeadlineMs = 5, Extra = new MsgMap().Set("ttft_deadline_ms", 9.0).Set("later", 1L) };
+            var me = (MsgMap)MsgPackReader.Decode(Messages.Generate("p3", extra));
+            Equal("op,id,prompt,ttft_deadline_ms,later", string.Join(",", me.Select(kv => kv.Key)), "Extra does not repeat a known key");
+            var timings = new MsgMap().Set("ttft_ms", 3.5).Set("total_ms", 9.0);
+            var done = new MsgMap().Set("op", "done").Set("id", "p1").Set("timings", timings);
+            Check(!DoneInfo.FromMessage(done).TtftDeadlineMet.HasValue, "ttft_deadline_met without a deadline");
+            timings.Set("ttft_deadline_met", false);
+            Equal((bool?)false, DoneInfo.FromMessage(done).TtftDeadlineMet, "ttft_deadline_met false");
+            timings.Set("ttft_deadline_met", true);
+            Equal((bool?)true, DoneInfo.FromMessage(done).TtftDeadlineMet, "ttft_deadline_met true");
         }
 
         static byte[] Build(string name, MsgMap v)
@@ -317,7 +345,22 @@ namespace Gllm.Conformance
                 case "generate": return Messages.Generate(v.GetString("id"), OptionsFrom(v));
                 case "cancel": return Messages.Cancel(v.GetString("id"));
                 case "ping": return Messages.Ping(v["t"]);
-                case "frame": return Messages.Frame(v.GetDouble("ms").Value, v.GetDouble("target_ms"));
+                case "frame":
+                {
+                    var bytes = Messages.Frame(v.GetDouble("ms").Value, v.GetDouble("target_ms"), v.GetDouble("max_ms"),
+                                               v.GetLong("frames"), v.GetLong("over"));
+                    if (v.GetDouble("target_ms").HasValue && v.GetDouble("max_ms").HasValue && v.GetLong("frames").HasValue
+                        && v.GetLong("over").HasValue)
+                    {
+                        var r = new FrameReport
+                        {
+                            Ms = v.GetDouble("ms").Value, TargetMs = v.GetDouble("target_ms").Value, MaxMs = v.GetDouble("max_ms").Value,
+                            Frames = v.GetLong("frames").Value, Over = v.GetLong("over").Value,
+                        };
+                        SameBytes(bytes, r.ToMessage(), name + ": the FrameReport ReportFrame sends");
+                    }
+                    return bytes;
+                }
             }
             return null;
         }
@@ -349,6 +392,7 @@ namespace Gllm.Conformance
                 Equal(usage.GetLong("cached_tokens").Value, d.CachedTokens, name + " cached_tokens");
                 Equal(timings.GetDouble("ttft_ms"), d.TtftMs, name + " ttft_ms");
                 Equal(timings.GetDouble("total_ms").Value, d.TotalMs, name + " total_ms");
+                Equal(timings.GetBool("ttft_deadline_met"), d.TtftDeadlineMet, name + " ttft_deadline_met");
             }
         }
 
@@ -791,9 +835,104 @@ namespace Gllm.Conformance
                 Check(t.Stats[0].GetLong("prefix_cache_hits") > 0, "stats.prefix_cache_hits is 0");
                 Settle(c, 100);
                 Check(t.Errors.Count == 0, "errors after frame reports: " + Errs(t));
+
+                // Frames of 30 ms against 16.6 (all over 1.1 x target), once per 16 ms frame for 2 s, while a long
+                // request runs: the engine yields (governor_duty_pct below 100).
+                string busy = c.Generate(Long("The long winter in Eldmoor began when", 200));
+                PumpUntil(c, () => t.Text(busy).Length > 0 || t.Ended(busy), 60, "the long request's first text");
+                long reportsBefore = c.FrameReports;
+                long overReported = 0, reports = 0, calls = 0, callsAtReport = 0;
+                var clock = Stopwatch.StartNew();
+                double next = 0;
+                while (clock.ElapsedMilliseconds < 2000)
+                {
+                    c.ReportFrame(30, 16.6);
+                    calls++;
+                    if (c.FrameReports != reportsBefore + reports)
+                    {
+                        reports++;
+                        Equal(reportsBefore + reports, c.FrameReports, "frame reports sent by one ReportFrame");
+                        var r = c.LastFrameReport;
+                        // The first report may also count the frames of 16-18 ms reported above since the last one.
+                        if (reports == 1)
+                            Check(r.Over >= 1 && r.Frames - r.Over <= 12, "the first slow report: " + r.Frames + " frames, " + r.Over + " over");
+                        else
+                            Check(r.Frames >= 1 && r.Over == r.Frames, "a report of " + r.Frames + " frames with " + r.Over + " over (all are over)");
+                        Equal(30.0, r.MaxMs, "the report's max_ms");
+                        Equal(16.6, r.TargetMs, "the report's target_ms");
+                        Check(r.Ms >= 16.0 && r.Ms <= 30.0 + 1e-9, "the report's smoothed ms " + r.Ms);
+                        var sent = (MsgMap)MsgPackReader.Decode(r.ToMessage());
+                        Equal("op,ms,target_ms,max_ms,frames,over", string.Join(",", sent.Select(kv => kv.Key)), "the report's keys");
+                        overReported += r.Over;
+                        callsAtReport = calls;
+                    }
+                    c.Poll(1);
+                    next += 16;
+                    double sleep = next - clock.Elapsed.TotalMilliseconds;
+                    if (sleep > 0) Thread.Sleep((int)sleep);
+                }
+                Check(reports >= 5, "only " + reports + " frame reports in 2 s (one per 250 ms expected)");
+                Check(reports <= 2000 / 250 + 2, reports + " frame reports in 2 s (one per 250 ms expected)");
+                Equal(callsAtReport, overReported, "slow frames counted by the reports up to the last one (each frame once: the counts start again after each report)");
+                c.Stats();
+                PumpUntil(c, () => t.Stats.Count == 2, 30, "the stats after the slow frames");
+                long? duty = t.Stats[1].GetLong("governor_duty_pct");
+                Check(duty.HasValue, "stats has no governor_duty_pct");
+                Check(duty.Value < 100, "governor_duty_pct is " + duty.Value + " after 2 s of frames over target");
+                c.Cancel(busy);
+                PumpUntil(c, () => t.Ended(busy), 60, "the long request's end");
+                Settle(c, 100);
+                Check(t.Done.ContainsKey(busy), "the long request failed: " + (t.Failures.ContainsKey(busy) ? string.Join(": ", t.Failures[busy]) : ""));
+                Equal(1, t.Ends[busy], "ends of the long request");
+                Equal(t.Done[busy].Text, t.Text(busy), "the long request's streamed text vs done.text");
+                Check(t.Errors.Count == 0, "errors after the slow frames: " + Errs(t));
                 NoBreach(t);
                 Console.WriteLine("METRIC warmup-frame-stats cached_tokens=" + t.Done[id].CachedTokens
-                                  + " prompt_tokens=" + t.Done[id].PromptTokens);
+                                  + " prompt_tokens=" + t.Done[id].PromptTokens + " frame_reports=" + reports
+                                  + " frames=" + calls + " governor_duty_pct=" + duty.Value
+                                  + " long_finish=" + t.Done[busy].FinishReason + " long_tokens=" + t.Done[busy].CompletionTokens);
+            }
+        }
+
+        static void PacingDeadline()
+        {
+            var t = new Tracker();
+            using (var c = NewClient(t))
+            {
+                var clock = Stopwatch.StartNew();
+                double firstText = -1, completedAt = -1;
+                var o = Long("The bard stood up and sang of the old bridge", 20, "paced");
+                o.MaxTokensPerS = 25;
+                o.TtftDeadlineMs = 60000;
+                c.TextReceived += (rid, delta, full) => { if (rid == "paced" && firstText < 0) firstText = clock.Elapsed.TotalMilliseconds; };
+                c.Completed += (rid, done) => { if (rid == "paced") completedAt = clock.Elapsed.TotalMilliseconds; };
+                string id = c.Generate(o);
+                PumpUntil(c, () => t.Ended(id), 60, "the paced request");
+                Check(t.Done.ContainsKey(id), "the paced request failed: " + (t.Failures.ContainsKey(id) ? string.Join(": ", t.Failures[id]) : ""));
+                var d = t.Done[id];
+                Equal("length", d.FinishReason, "the paced request's finish_reason");
+                Equal(20L, d.CompletionTokens, "the paced request's completion_tokens");
+                Equal(d.Text, t.Text(id), "the paced request's streamed text vs done.text");
+                Check(d.TtftDeadlineMet.HasValue, "done.timings has no ttft_deadline_met for a request with a deadline");
+                Check(d.TtftDeadlineMet.Value, "ttft_deadline_met is false with a 60 s deadline (ttft_ms " + Show(d.TtftMs) + ")");
+                Check(firstText >= 0, "no text event for the paced request");
+                double spread = completedAt - firstText;
+                Check(spread >= 600, "the paced request's first text to its Completed took " + F(spread) + " ms (19 tokens at 25/s: 760 ms)");
+
+                string fast = c.Generate(new GenerateOptions { Prompt = "Too fast", MaxTokens = 4, MaxTokensPerS = 5000 });
+                string late = c.Generate(new GenerateOptions { Prompt = "Too late", MaxTokens = 4, TtftDeadlineMs = -1 });
+                PumpUntil(c, () => t.Ended(fast) && t.Ended(late), 60, "the two refusals");
+                Check(t.Failures.ContainsKey(fast), "max_tokens_per_s 5000 was not refused");
+                Equal("bad_request", t.Failures[fast][0], "max_tokens_per_s 5000's code");
+                Check(t.Failures[fast][1].Contains("max_tokens_per_s"), "the message does not name max_tokens_per_s: " + t.Failures[fast][1]);
+                Check(t.Failures.ContainsKey(late), "ttft_deadline_ms -1 was not refused");
+                Equal("bad_request", t.Failures[late][0], "ttft_deadline_ms -1's code");
+                Check(t.Failures[late][1].Contains("ttft_deadline_ms"), "the message does not name ttft_deadline_ms: " + t.Failures[late][1]);
+                Settle(c, 100);
+                Check(t.Errors.Count == 0, "unexpected errors: " + Errs(t));
+                NoBreach(t);
+                Console.WriteLine("METRIC pacing-deadline first_text_to_done_ms=" + F(spread) + " ttft_ms=" + Show(d.TtftMs)
+                                  + " total_ms=" + F(d.TotalMs));
             }
         }
 
