@@ -57,7 +57,8 @@ def _free_port() -> int:
 def test_metrics_count_both_front_ends(llama32_dir):
     """One `gllm serve --zmq ... --http ...`: a bridge client and an OpenAI client each complete a generate, a
     bridge generate is refused; /metrics counts both front ends' requests and tokens, the refusal and the
-    bridge session, and the dashboard's live view lists requests of both."""
+    bridge session, and the dashboard's live view lists requests of both; a game's frame reports show the
+    governor's state there too."""
     openai = pytest.importorskip("openai")
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -89,8 +90,16 @@ def test_metrics_count_both_front_ends(llama32_dir):
                                         extra_body={"ignore_eos": True})
             assert out.usage.completion_tokens == 5
 
+            # A game over its frame target while an NPC talks: the governor's state reaches /metrics and the panel.
+            long_id = client.generate("Once upon a time", max_tokens=200, ignore_eos=True)
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                client.frame(40.0, 16.6, max_ms=45.0, frames=15, over=15)
+                client.poll(250)
             text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
             live = json.loads(urllib.request.urlopen(url + "/v1/gllm/live", timeout=10).read())
+            client.cancel(long_id)
+            assert client.wait(long_id).finish_reason in ("cancelled", "length")
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
@@ -106,7 +115,10 @@ def test_metrics_count_both_front_ends(llama32_dir):
     assert m("gllm_completion_tokens_total", front_end="bridge") == 6
     assert m("gllm_completion_tokens_total", front_end="http") == 5
     assert m("gllm_prompt_tokens_total", front_end="bridge") > 0 and m("gllm_prompt_tokens_total", front_end="http") > 0
-    assert m("gllm_time_to_first_token_seconds_count") == 2
+    assert m("gllm_time_to_first_token_seconds_count") >= 2
+    assert m("gllm_governor_duty_ratio") < 1 and m("gllm_governor_frames_over_ratio") == 1.0
+    assert m("gllm_governor_paused_seconds_total") > 0 and m("gllm_engine_step_p50_seconds") > 0
+    assert live["frame"]["duty"] != "100 %" and live["frame"]["frames over 1.1x target"] == "100.0 %"
     assert m("gllm_bridge_clients_connected") == 1
     assert m("gllm_engine_step_seconds_count") >= 10
     assert {r["front_end"] for r in live["recent"]} == {"bridge", "http"}

@@ -96,8 +96,9 @@ class FrameGovernor:
         verdicts = [_judge(w, cfg) for w in windows if len(w) >= cfg.min_frames]
         pressures = [v.pressure for v in verdicts]
         shares = [v.over_share for v in verdicts if v.over_share is not None]
-        self.pressure = max(pressures) if pressures else None
-        self.over_share = max(shares) if shares else None
+        if verdicts or not windows:   # a window in which live sources sent nothing keeps the last figures
+            self.pressure = max(pressures) if pressures else None
+            self.over_share = max(shares) if shares else None
         if any(v.over for v in verdicts):
             self.duty = max(cfg.floor, self.duty * cfg.decrease)
             self._decreased_at = now

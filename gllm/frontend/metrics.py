@@ -67,6 +67,26 @@ class _EngineCollector:
         yield GaugeMetricFamily(f"{p}_prefix_cache_hit_rate", "Prefix-cache hits / (hits + misses) since start",
                                 value=hits / (hits + misses) if hits + misses else 0.0)
         yield CounterMetricFamily(f"{p}_engine_steps", "Engine steps run", value=s.get("steps", 0))
+        # The frame budget: the governor's share of wall time for the engine, and the step time it sizes against.
+        yield GaugeMetricFamily(f"{p}_governor_duty_ratio", "Share of wall time the engine computes (the frame "
+                                "governor lowers it while games report frames over their target)",
+                                value=s.get("governor_duty_pct", 100) / 100)
+        yield CounterMetricFamily(f"{p}_governor_paused_seconds", "Time the engine slept between steps for the game",
+                                  value=s.get("governor_paused_ms", 0) / 1000)
+        yield CounterMetricFamily(f"{p}_engine_compute_seconds", "Time the engine spent in steps",
+                                  value=s.get("compute_ms", 0) / 1000)
+        yield GaugeMetricFamily(f"{p}_governor_frame_pressure_ratio", "The worst reporting game's frame time over "
+                                "its target at the governor's last decision (0: no reports)",
+                                value=s.get("governor_pressure_pct", 0) / 100)
+        yield GaugeMetricFamily(f"{p}_governor_frames_over_ratio", "The worst reporting game's share of frames over "
+                                "1.1 x target at the governor's last decision",
+                                value=s.get("governor_frames_over_permille", 0) / 1000)
+        yield GaugeMetricFamily(f"{p}_engine_step_p50_seconds", "Median of the last 512 engine steps' times",
+                                value=s.get("step_p50_us", 0) / 1e6)
+        yield GaugeMetricFamily(f"{p}_engine_step_p99_seconds", "99th percentile of the last 512 engine steps' times",
+                                value=s.get("step_p99_us", 0) / 1e6)
+        yield GaugeMetricFamily(f"{p}_engine_step_budget_seconds", "The step-time budget (0: none)",
+                                value=s.get("step_budget_us", 0) / 1e6)
 
 
 class RequestTracker:
@@ -176,6 +196,7 @@ class Metrics:
         self.engine = engine
         engine.add_step_listener(self._on_step)
         self.registry.register(_EngineCollector(engine, self.prefix))
+        self.live.add_source("frame", lambda: frame_panel(engine.stats()))
         self.info.info({"model": str(engine.model_name), "device": str(engine.device)})
 
     def detach(self) -> None:
@@ -210,3 +231,20 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text format and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def frame_panel(stats: dict) -> dict:
+    """The dashboard's "Frame governor" panel from the engine's stats: empty (shown as not active) until the
+    governor has acted or a step budget is set."""
+    duty = stats.get("governor_duty_pct", 100)
+    if duty >= 100 and not stats.get("governor_paused_ms") and not stats.get("governor_pressure_pct") \
+            and not stats.get("step_budget_us"):
+        return {}
+    panel = {"duty": f"{duty} %", "paused": f"{stats.get('governor_paused_ms', 0) / 1000:.1f} s",
+             "worst frame / target": f"{stats.get('governor_pressure_pct', 0) / 100:.2f}",
+             "frames over 1.1x target": f"{stats.get('governor_frames_over_permille', 0) / 10:.1f} %",
+             "step p50 / p99": f"{stats.get('step_p50_us', 0) / 1000:.1f} / "
+                               f"{stats.get('step_p99_us', 0) / 1000:.1f} ms"}
+    if stats.get("step_budget_us"):
+        panel["step budget"] = f"{stats['step_budget_us'] / 1000:.1f} ms"
+    return panel

@@ -103,7 +103,10 @@ void fuzz_client(const uint8_t* d, size_t n) {
     c.generate(g);
     g.id = "guard-1";
     c.generate(g);
-    for (int i = 0; i < 8; i++) c.poll(std::chrono::microseconds(0));
+    for (int i = 0; i < 8; i++) {
+        c.report_frame(i % 2 ? 30.0 : 16.0, 16.6);   // frame reports go out with whatever the session is doing
+        c.poll(std::chrono::microseconds(0));
+    }
     c.close();
     while (c.poll(std::chrono::microseconds(0)) > 0) {
     }

@@ -92,14 +92,28 @@ std::string Client::warmup(const std::vector<ChatMessage>& msgs, int priority) {
 
 void Client::report_frame(double ms, double target_ms) {
     if (!started_ || std::isnan(ms) || ms < 0) return;
+    constexpr double kMaxMs = 1e9;          // the protocol's limit on ms, target_ms and max_ms
+    constexpr int64_t kMaxFrames = 1000000;  // and on frames
+    ms = std::min(ms, kMaxMs);
+    bool has_target = target_ms > 0;        // false for NaN too
+    if (has_target) target_ms = std::min(target_ms, kMaxMs);
     frame_ema_ = frame_ema_ < 0 ? ms : frame_ema_ + opt_.frame_smoothing * (ms - frame_ema_);
+    frame_max_ = std::max(frame_max_, ms);
+    if (frame_count_ < kMaxFrames) {
+        frame_count_++;
+        if (ms > 1.1 * (has_target ? target_ms : 1000.0 / 60.0)) frame_over_++;
+    }
     auto now = Clock::now();
     if (frame_sent_ && now - last_frame_sent_ < std::chrono::milliseconds(opt_.frame_report_interval_ms)) return;
     frame_sent_ = true;
     last_frame_sent_ = now;
     Cmd c;
-    c.payload = messages::frame(frame_ema_, target_ms > 0 ? std::optional<double>(target_ms) : std::nullopt);
+    c.payload = messages::frame(frame_ema_, has_target ? std::optional<double>(target_ms) : std::nullopt, frame_max_,
+                                frame_count_, frame_over_);
     enqueue(std::move(c));
+    frame_max_ = 0.0;
+    frame_count_ = 0;
+    frame_over_ = 0;
 }
 
 void Client::stats() {

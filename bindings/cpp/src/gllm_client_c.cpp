@@ -29,6 +29,7 @@ void gllm_generate_options_init(gllm_generate_options* o) {
     o->max_tokens = -1;
     o->temperature = o->top_p = o->min_p = nan;
     o->repetition_penalty = o->presence_penalty = o->frequency_penalty = nan;
+    o->max_tokens_per_s = o->ttft_deadline_ms = nan;
     o->top_k = -1;
     o->logprobs = -1;
     o->ignore_eos = -1;
@@ -60,6 +61,7 @@ void gllm_client_set_callbacks(gllm_client* c, const gllm_callbacks* cb) {
         done.cached_tokens = d.cached_tokens;
         done.ttft_ms = d.ttft_ms ? *d.ttft_ms : std::numeric_limits<double>::quiet_NaN();
         done.total_ms = d.total_ms;
+        done.ttft_deadline_met = d.ttft_deadline_met ? (*d.ttft_deadline_met ? 1 : 0) : -1;
         k->on_completed(k->user, id.c_str(), &done);
     };
     c->client.on_failed = [k](const std::string& id, const std::string& code, const std::string& message) {
@@ -110,6 +112,8 @@ int gllm_client_generate(gllm_client* c, const gllm_generate_options* in, char* 
     o.presence_penalty = opt_double(in->presence_penalty);
     o.frequency_penalty = opt_double(in->frequency_penalty);
     if (in->ignore_eos >= 0) o.ignore_eos = in->ignore_eos != 0;
+    o.max_tokens_per_s = opt_double(in->max_tokens_per_s);
+    o.ttft_deadline_ms = opt_double(in->ttft_deadline_ms);
     std::string id = c->client.generate(o);
     if (id_out) {
         if (id.size() + 1 > id_cap) return -1;

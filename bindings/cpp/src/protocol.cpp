@@ -20,6 +20,7 @@ DoneInfo DoneInfo::from_message(const Value& m) {
     if (const Value* t = m.get_map("timings")) {
         d.ttft_ms = t->get_double("ttft_ms");
         d.total_ms = t->get_double("total_ms").value_or(0.0);
+        d.ttft_deadline_met = t->get_bool("ttft_deadline_met");
     }
     d.raw = m;
     return d;
@@ -46,6 +47,7 @@ namespace {
 const char* const kKnownGenerateKeys[] = {
     "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
     "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
+    "max_tokens_per_s", "ttft_deadline_ms",
 };
 bool known_key(const std::string& k) {
     for (const char* known : kKnownGenerateKeys)
@@ -70,7 +72,7 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
                + o.top_k.has_value() + o.top_p.has_value() + o.min_p.has_value() + o.seed.has_value()
                + o.stop.has_value() + o.logprobs.has_value() + o.priority.has_value()
                + o.repetition_penalty.has_value() + o.presence_penalty.has_value() + o.frequency_penalty.has_value()
-               + o.ignore_eos.has_value();
+               + o.ignore_eos.has_value() + o.max_tokens_per_s.has_value() + o.ttft_deadline_ms.has_value();
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) n += !known_key(o.extra.key_at(i));
     std::vector<uint8_t> out;
@@ -106,6 +108,8 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
     if (o.presence_penalty) { w.str("presence_penalty"); w.float64(*o.presence_penalty); }
     if (o.frequency_penalty) { w.str("frequency_penalty"); w.float64(*o.frequency_penalty); }
     if (o.ignore_eos) { w.str("ignore_eos"); w.boolean(*o.ignore_eos); }
+    if (o.max_tokens_per_s) { w.str("max_tokens_per_s"); w.float64(*o.max_tokens_per_s); }
+    if (o.ttft_deadline_ms) { w.str("ttft_deadline_ms"); w.float64(*o.ttft_deadline_ms); }
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) {
             if (known_key(o.extra.key_at(i))) continue;
@@ -133,13 +137,17 @@ std::vector<uint8_t> ping(const Value& t) {
     return out;
 }
 
-std::vector<uint8_t> frame(double ms, std::optional<double> target_ms) {
+std::vector<uint8_t> frame(double ms, std::optional<double> target_ms, std::optional<double> max_ms,
+                           std::optional<int64_t> frames, std::optional<int64_t> over) {
     std::vector<uint8_t> out;
     msgpack::Writer w(&out);
-    w.map_header(target_ms ? 3 : 2);
+    w.map_header(2 + target_ms.has_value() + max_ms.has_value() + frames.has_value() + over.has_value());
     w.str("op"); w.str("frame");
     w.str("ms"); w.float64(ms);
     if (target_ms) { w.str("target_ms"); w.float64(*target_ms); }
+    if (max_ms) { w.str("max_ms"); w.float64(*max_ms); }
+    if (frames) { w.str("frames"); w.integer(*frames); }
+    if (over) { w.str("over"); w.integer(*over); }
     return out;
 }
 

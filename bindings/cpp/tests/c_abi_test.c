@@ -1,7 +1,8 @@
 /* Exercises the C ABI (gllm_client_c.h) from plain C against a real gllm server:
  *     gllm_c_abi_test HOST PORT
  * Two requests (a prompt and a chat) stream at once; each must end with exactly one on_completed whose text
- * equals the streamed text; a bad request must end with on_failed(bad_request); stats must answer. Prints
+ * equals the streamed text (the chat, paced and with a first-token deadline, reports the deadline met; the prompt,
+ * without one, reports none); a bad request must end with on_failed(bad_request); stats must answer. Prints
  * "C ABI OK ..." and exits 0, or says what failed and exits 1. */
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime, nanosleep under -std=c11 */
 #include <math.h>
@@ -20,6 +21,7 @@ typedef struct {
     int failed;
     char code[64];
     long long completion_tokens;
+    int deadline_met;
 } request;
 
 typedef struct {
@@ -48,6 +50,7 @@ static void on_completed(void* user, const char* id, const gllm_done* d) {
     r->ends++;
     snprintf(r->done_text, sizeof r->done_text, "%s", d->text);
     r->completion_tokens = (long long)d->completion_tokens;
+    r->deadline_met = d->ttft_deadline_met;
     if (isnan(d->total_ms) || strcmp(d->id, id) != 0) ((state*)user)->bad = 1;
 }
 
@@ -110,6 +113,8 @@ int main(int argc, char** argv) {
     m.max_tokens = 8;
     m.temperature = 0.0;
     m.ignore_eos = 1;
+    m.max_tokens_per_s = 200.0;
+    m.ttft_deadline_ms = 60000.0;
     gllm_client_generate(c, &m, s.req[1].id, sizeof s.req[1].id);
 
     gllm_generate_options b;
@@ -141,6 +146,11 @@ int main(int argc, char** argv) {
                    r->code, r->text, r->done_text);
             ok = 0;
         }
+    }
+    if (s.req[0].deadline_met != -1 || s.req[1].deadline_met != 1) {
+        printf("FAIL ttft_deadline_met: %d without a deadline (expected -1), %d with one (expected 1)\n",
+               s.req[0].deadline_met, s.req[1].deadline_met);
+        ok = 0;
     }
     if (s.req[2].ends != 1 || !s.req[2].failed || strcmp(s.req[2].code, "bad_request") != 0) {
         printf("FAIL the bad request: ends %d code '%s'\n", s.req[2].ends, s.req[2].code);

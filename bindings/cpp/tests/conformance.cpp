@@ -97,6 +97,7 @@ struct Tracker {
     std::map<std::string, DoneInfo> done;
     std::map<std::string, std::pair<std::string, std::string>> failures;
     std::map<std::string, int> ends;
+    std::map<std::string, Clock::time_point> first_text_at, end_at;   // when poll dispatched them
     std::vector<bool> connection;
     std::vector<std::vector<std::string>> errors;
     std::vector<Value> stats;
@@ -111,6 +112,7 @@ struct Tracker {
             if (ends.count(id)) breach("text for " + id + " after it ended");
             std::string& s = streamed[id];
             if (delta.empty()) breach("an empty on_text for " + id);
+            if (!first_text_at.count(id)) first_text_at[id] = Clock::now();
             s += delta;
             if (s != full) breach("full_so_far of " + id + " is not the concatenation of its deltas");
             if (order) order->push_back("text:" + id);
@@ -137,6 +139,7 @@ struct Tracker {
         };
     }
     void end(const std::string& id) {
+        if (!end_at.count(id)) end_at[id] = Clock::now();
         int n = ends[id]++;
         if (n > 0) breach(id + " ended " + std::to_string(n + 1) + " times");
     }
@@ -228,6 +231,8 @@ GenerateOptions OptionsFrom(const Value& v) {
     o.presence_penalty = v.get_double("presence_penalty");
     o.frequency_penalty = v.get_double("frequency_penalty");
     o.ignore_eos = v.get_bool("ignore_eos");
+    o.max_tokens_per_s = v.get_double("max_tokens_per_s");
+    o.ttft_deadline_ms = v.get_double("ttft_deadline_ms");
     return o;
 }
 
@@ -255,7 +260,9 @@ std::vector<uint8_t> Build(const std::string& name, const Value& v, bool& built)
     if (op == "generate") return messages::generate(*v.get_string("id"), OptionsFrom(v));
     if (op == "cancel") return messages::cancel(*v.get_string("id"));
     if (op == "ping") return messages::ping(*v.find("t"));
-    if (op == "frame") return messages::frame(*v.get_double("ms"), v.get_double("target_ms"));
+    if (op == "frame")
+        return messages::frame(*v.get_double("ms"), v.get_double("target_ms"), v.get_double("max_ms"),
+                               v.get_int("frames"), v.get_int("over"));
     built = false;
     return {};
 }
@@ -282,6 +289,7 @@ std::string CheckServerMessage(const std::string& name, const Value& m) {
         EQUAL(*usage->get_int("cached_tokens"), d.cached_tokens, name + " cached_tokens");
         CHECK(timings->get_double("ttft_ms") == d.ttft_ms, name + " ttft_ms");
         EQUAL(*timings->get_double("total_ms"), d.total_ms, name + " total_ms");
+        CHECK(timings->get_bool("ttft_deadline_met") == d.ttft_deadline_met, name + " ttft_deadline_met");
     }
     return "";
 }
@@ -768,9 +776,85 @@ std::string WarmupFrameStats() {
     CHECK(t.stats[0].get_int("prefix_cache_hits").value_or(0) > 0, "stats.prefix_cache_hits is 0");
     Settle(c, 100);
     CHECK(t.errors.empty(), "errors after frame reports: " + t.errs());
+    // Frames running over while a long request runs: every frame 30 ms against 16.6, one report_frame per 16 ms
+    // frame for 2 s. Each report carries max_ms, frames and over (all of them over): the engine yields.
+    std::string slow = c.generate(Long("The long winter in Eldmoor", 200));
+    TRY(PumpUntil(c, [&] { return !t.text(slow).empty() || t.ended(slow); }, 60, "the long request's first text"));
+    CHECK(!t.ended(slow), "the long request ended before the frame reports: " + t.failure(slow));
+    auto f0 = Clock::now();
+    int frames = 0;
+    while (Clock::now() - f0 < std::chrono::seconds(2)) {
+        c.report_frame(30.0, 16.6);
+        c.poll(std::chrono::milliseconds(1));
+        frames++;
+        auto next = f0 + std::chrono::milliseconds(16 * frames);
+        auto now = Clock::now();
+        if (next > now) std::this_thread::sleep_for(next - now);
+    }
+    c.stats();
+    TRY(PumpUntil(c, [&] { return t.stats.size() == 2; }, 30, "the stats after the slow frames"));
+    std::optional<double> duty = t.stats[1].get_double("governor_duty_pct");
+    CHECK(duty.has_value(), "stats has no governor_duty_pct: " + json::serialize(t.stats[1]));
+    CHECK(*duty < 100, "governor_duty_pct is " + F(*duty) + " after 2 s of frames over their target: the engine did "
+                       "not yield");
+    c.cancel(slow);
+    TRY(PumpUntil(c, [&] { return t.ended(slow); }, 60, "the long request's end after the cancel"));
+    Settle(c, 100);
+    CHECK(t.done.count(slow), "the long request failed: " + t.failure(slow));
+    CHECK(t.done[slow].finish_reason == "cancelled" || t.done[slow].finish_reason == "length",
+          "the long request's finish_reason: " + t.done[slow].finish_reason);
+    EQUAL(t.done[slow].text, t.text(slow), "the long request's streamed text vs done.text");
+    CHECK(t.errors.empty(), "errors after the slow frame reports: " + t.errs());
+    EQUAL(0, c.in_flight(), "in_flight after the cancel");
     TRY(NoBreach(t));
-    std::printf("METRIC warmup-frame-stats cached_tokens=%lld prompt_tokens=%lld\n",
-                static_cast<long long>(t.done[id].cached_tokens), static_cast<long long>(t.done[id].prompt_tokens));
+    std::printf("METRIC warmup-frame-stats cached_tokens=%lld prompt_tokens=%lld slow_frames=%d governor_duty_pct=%s "
+                "slow_finish=%s slow_tokens=%lld\n",
+                static_cast<long long>(t.done[id].cached_tokens), static_cast<long long>(t.done[id].prompt_tokens),
+                frames, F(*duty).c_str(), t.done[slow].finish_reason.c_str(),
+                static_cast<long long>(t.done[slow].completion_tokens));
+    return "";
+}
+
+std::string PacingDeadline() {
+    Tracker t;
+    Client c;
+    TRY(NewClient(c, t));
+    GenerateOptions o = Long("The bard of Eldmoor began her song", 20);
+    o.max_tokens_per_s = 25.0;
+    o.ttft_deadline_ms = 60000.0;
+    std::string paced = c.generate(o);
+    GenerateOptions fast = Long("Too fast", 4);
+    fast.max_tokens_per_s = 5000.0;
+    std::string too_fast = c.generate(fast);
+    GenerateOptions late = Long("Before ever", 4);
+    late.ttft_deadline_ms = -1.0;
+    std::string negative = c.generate(late);
+    TRY(PumpUntil(c, [&] { return t.ended(paced) && t.ended(too_fast) && t.ended(negative); }, 60,
+                  "the paced request and the two bad ones"));
+    Settle(c, 100);
+    CHECK(t.done.count(paced), "the paced request failed: " + t.failure(paced));
+    const DoneInfo& d = t.done[paced];
+    EQUAL(std::string("length"), d.finish_reason, "the paced request's finish_reason");
+    EQUAL(int64_t(20), d.completion_tokens, "the paced request's completion_tokens");
+    EQUAL(d.text, t.text(paced), "the paced request's streamed text vs done.text");
+    CHECK(d.ttft_deadline_met.has_value(), "the paced request's done.timings has no ttft_deadline_met");
+    CHECK(*d.ttft_deadline_met, "ttft_deadline_met is false with a 60 s deadline");
+    CHECK(t.first_text_at.count(paced), "the paced request streamed no text");
+    double span_s = std::chrono::duration<double>(t.end_at[paced] - t.first_text_at[paced]).count();
+    CHECK(span_s >= 0.6, "the paced request's first text to its end took " + F(span_s) +
+                         " s: 19 tokens at 25 a second take 0.76 s (not paced?)");
+    const std::pair<std::string, const char*> bad[] = {{too_fast, "max_tokens_per_s"}, {negative, "ttft_deadline_ms"}};
+    for (const auto& b : bad) {
+        CHECK(t.failures.count(b.first), std::string("the request with a bad ") + b.second + " did not fail");
+        EQUAL(std::string("bad_request"), t.failures[b.first].first, std::string("the code for a bad ") + b.second);
+        CHECK(t.failures[b.first].second.find(b.second) != std::string::npos,
+              std::string("the message does not name ") + b.second + ": " + t.failures[b.first].second);
+    }
+    CHECK(t.errors.empty(), "unexpected errors: " + t.errs());
+    EQUAL(0, c.in_flight(), "in_flight after all ended");
+    TRY(NoBreach(t));
+    std::printf("METRIC pacing-deadline first_text_to_done_s=%s ttft_ms=%s total_ms=%s\n", F(span_s).c_str(),
+                d.ttft_ms ? F(*d.ttft_ms).c_str() : "nil", F(d.total_ms).c_str());
     return "";
 }
 
@@ -1102,6 +1186,7 @@ std::string Run(const std::string& name, const Value& sc) {
     if (name == "long-frame") return LongFrame(sc);
     if (name == "errors") return Errors();
     if (name == "warmup-frame-stats") return WarmupFrameStats();
+    if (name == "pacing-deadline") return PacingDeadline();
     if (name == "npc-conversation") return Npc();
     if (name == "poll-budget") return PollBudget();
     if (name == "lease-stall") return LeaseStall();

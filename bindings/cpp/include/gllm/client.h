@@ -37,8 +37,8 @@ struct ClientOptions {
     bool auto_reconnect = true;
     int reconnect_min_ms = 200;            // back-off doubles from min to max, plus up to 25 % jitter
     int reconnect_max_ms = 5000;
-    int frame_report_interval_ms = 250;    // report_frame sends at most one (smoothed) report per interval
-    double frame_smoothing = 0.2;
+    int frame_report_interval_ms = 250;    // report_frame sends one report per interval (the first at once)
+    double frame_smoothing = 0.2;          // weight of the newest frame in the smoothed frame time (ms)
     bool send_keepalives = true;           // lease pings; turn off only to test the server dropping a session
     bool io_thread = true;                 // false: poll() does the I/O itself (and connect blocks in poll)
     std::function<void(const std::string&)> log;   // diagnostics (called on the I/O thread)
@@ -88,7 +88,10 @@ public:
     void cancel(const std::string& id);
     // Prefills a chat (the shared system prompt and lore) into the server's prefix cache: a 1-token greedy request.
     std::string warmup(const std::vector<ChatMessage>& messages, int priority = -1);
-    // The game's frame time, once per frame: smoothed, sent at most every frame_report_interval_ms.
+    // The game's frame time, once per frame (target_ms <= 0: 60 fps). Keeps a smoothed frame time and, since the
+    // last report, the longest frame, the frame count and the count over 1.1 x target_ms; every
+    // frame_report_interval_ms it sends one frame report with them (ms = the smoothed time) and starts the
+    // counts again. Reports made while not connected are dropped (their counts too).
     void report_frame(double ms, double target_ms);
     void stats();   // the answer comes as on_stats
     void ping();    // the round trip comes as on_pong (lease pings are automatic)
@@ -203,6 +206,9 @@ private:
     std::vector<ClientListener*> listeners_;
     uint64_t next_id_ = 0;
     double frame_ema_ = -1.0;
+    double frame_max_ = 0.0;       // since the last report
+    int64_t frame_count_ = 0;
+    int64_t frame_over_ = 0;
     Clock::time_point last_frame_sent_{};
     bool frame_sent_ = false;
 };

@@ -47,6 +47,8 @@ typedef struct gllm_generate_options {
     double presence_penalty;
     double frequency_penalty;
     int ignore_eos;                          /* < 0: unset, 0 false, 1 true */
+    double max_tokens_per_s;                 /* NaN: unset; [0, 1000] tokens a second, 0 = unpaced */
+    double ttft_deadline_ms;                 /* NaN: unset; [0, 3600000] ms to the first token, 0 = none */
 } gllm_generate_options;
 
 typedef struct gllm_done {
@@ -56,6 +58,7 @@ typedef struct gllm_done {
     int64_t prompt_tokens, completion_tokens, cached_tokens;
     double ttft_ms;                          /* NaN when no token was produced */
     double total_ms;
+    int ttft_deadline_met;                   /* -1: no deadline was asked (absent), 0 missed, 1 met */
 } gllm_done;
 
 typedef struct gllm_callbacks {
@@ -78,6 +81,8 @@ GLLM_C_API int gllm_client_connect(gllm_client* c, const char* host, uint16_t po
 /* Copies the request id (NUL-terminated) into id_out; returns its length, or -1 if it does not fit. */
 GLLM_C_API int gllm_client_generate(gllm_client* c, const gllm_generate_options* o, char* id_out, size_t id_cap);
 GLLM_C_API void gllm_client_cancel(gllm_client* c, const char* id);
+/* Once per frame (target_ms <= 0: 60 fps): every 250 ms one frame report goes out with the smoothed frame time,
+ * the longest frame, the frame count and the count over 1.1 x target_ms since the previous report. */
 GLLM_C_API void gllm_client_report_frame(gllm_client* c, double ms, double target_ms);
 GLLM_C_API void gllm_client_stats(gllm_client* c);
 GLLM_C_API int gllm_client_poll(gllm_client* c, int64_t budget_us);   /* events dispatched */

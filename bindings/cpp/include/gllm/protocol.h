@@ -40,6 +40,8 @@ struct GenerateOptions {
     std::optional<double> presence_penalty;
     std::optional<double> frequency_penalty;
     std::optional<bool> ignore_eos;
+    std::optional<double> max_tokens_per_s;        // [0, 1000]: pace the reply (tokens a second); 0 = unpaced
+    std::optional<double> ttft_deadline_ms;        // [0, 3600000]: first token wanted within this; 0 = none
     Value extra;
 };
 
@@ -51,6 +53,7 @@ struct DoneInfo {
     int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
     std::optional<double> ttft_ms;   // nil when no token was produced
     double total_ms = 0.0;
+    std::optional<bool> ttft_deadline_met;   // only when the request had a ttft_deadline_ms: was it met
     std::string error;           // what failed, when finish_reason is "error"
     Value raw;                   // the message as received (fields added later)
     static DoneInfo from_message(const Value& m);
@@ -73,7 +76,10 @@ std::vector<uint8_t> hello(const std::string& client, const std::string* token =
 std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o);
 std::vector<uint8_t> cancel(const std::string& id);
 std::vector<uint8_t> ping(const Value& t);   // t is echoed back (nil for keepalives)
-std::vector<uint8_t> frame(double ms, std::optional<double> target_ms);
+// A frame report: ms (smoothed), then target_ms, max_ms (the longest frame since the last report), frames (frames
+// since the last report) and over (of those, the frames over 1.1 x target_ms), each written only when given.
+std::vector<uint8_t> frame(double ms, std::optional<double> target_ms, std::optional<double> max_ms = std::nullopt,
+                           std::optional<int64_t> frames = std::nullopt, std::optional<int64_t> over = std::nullopt);
 std::vector<uint8_t> stats_request();
 }  // namespace messages
 

@@ -24,6 +24,9 @@ void UGllmNpcComponent::Bind()
 	Conversation->on_reply_completed = [this](const gllm::DoneInfo& Done)
 	{
 		LastDelta.Reset();
+		bLastReplyHadDeadline = Done.ttft_deadline_met.has_value();
+		bLastReplyMetDeadline = Done.ttft_deadline_met.value_or(false);
+		LastReplyTtftMs = Done.ttft_ms ? (float)*Done.ttft_ms : -1.0f;
 		OnCompleted.Broadcast(UGllmSubsystem::FromUtf8(Done.text), UGllmSubsystem::FromUtf8(Done.finish_reason));
 	};
 	Conversation->on_reply_failed = [this](const std::string& Code, const std::string& Message)
@@ -59,6 +62,8 @@ FString UGllmNpcComponent::Say(const FString& Line)
 	Conversation->system_prompt = UGllmSubsystem::ToUtf8(SystemPrompt);
 	Conversation->settings.max_tokens = MaxTokens;
 	Conversation->settings.temperature = Temperature;
+	Conversation->settings.max_tokens_per_s = MaxTokensPerS > 0.0f ? std::optional<double>(MaxTokensPerS) : std::nullopt;
+	Conversation->settings.ttft_deadline_ms = TtftDeadlineMs > 0.0f ? std::optional<double>(TtftDeadlineMs) : std::nullopt;
 	LastDelta.Reset();
 	return UGllmSubsystem::FromUtf8(Conversation->say(*Gllm->GetClient(), UGllmSubsystem::ToUtf8(Line), (int64_t)Priority));
 }

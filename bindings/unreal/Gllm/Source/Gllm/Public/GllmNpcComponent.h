@@ -39,6 +39,28 @@ public:
 	UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "gllm")
 	int32 Priority = 0;
 
+	/** Pace the reply to at most this many tokens a second (15-40: about as fast as it is shown or spoken), leaving
+	 *  the compute to other NPCs; 0: as fast as possible. Up to 1000. */
+	UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "gllm", meta = (ClampMin = "0", ClampMax = "1000"))
+	float MaxTokensPerS = 0.0f;
+
+	/** The first token is wanted within this many milliseconds of Say (among equal Priority the earliest deadline
+	 *  is served first); 0: no deadline. LastReplyMetDeadline says whether it was met. */
+	UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "gllm", meta = (ClampMin = "0", ClampMax = "3600000"))
+	float TtftDeadlineMs = 0.0f;
+
+	/** After OnCompleted: whether the reply had a TtftDeadlineMs (the server reported on it) ... */
+	UPROPERTY(BlueprintReadOnly, Category = "gllm")
+	bool bLastReplyHadDeadline = false;
+
+	/** ... and whether its first token came within it. */
+	UPROPERTY(BlueprintReadOnly, Category = "gllm")
+	bool bLastReplyMetDeadline = false;
+
+	/** After OnCompleted: milliseconds from the request to its first token in the server (-1: no token). */
+	UPROPERTY(BlueprintReadOnly, Category = "gllm")
+	float LastReplyTtftMs = -1.0f;
+
 	UPROPERTY(BlueprintAssignable, Category = "gllm")
 	FGllmNpcText OnText;
 

@@ -1,6 +1,8 @@
 // Owns one gllm::Client per game instance: connects on start, keeps the lease on the client's own I/O thread
 // (through level loads and hitches), drains its events on the game thread every frame within a budget, and
-// reports the frame time from the engine's delta time.
+// reports every frame's time from the engine's delta time (gllm::Client::report_frame: four reports a second,
+// each with the smoothed frame time, the longest frame, the frame count and the frames over 1.1 x TargetFrameMs),
+// which lets the server's frame governor yield compute while the game's frames run over.
 #pragma once
 
 #include "CoreMinimal.h"
@@ -38,7 +40,8 @@ public:
 	UPROPERTY(Config, EditAnywhere, BlueprintReadWrite, Category = "gllm")
 	float PollBudgetMs = 1.0f;
 
-	/** The frame time the game aims for, sent with each frame report (16.6 for 60 fps). */
+	/** The frame time the game aims for, sent with each frame report (16.6 for 60 fps; 0: 60 fps). A frame longer than
+	 *  1.1 x this counts as over: when more than 1 % of a quarter second's frames are over, the server computes less. */
 	UPROPERTY(Config, EditAnywhere, BlueprintReadWrite, Category = "gllm")
 	float TargetFrameMs = 16.6f;
 
