@@ -408,8 +408,8 @@ def test_step_budget_in_the_engine_fits_predicted_steps_and_keeps_decodes_going(
         recorded = []
         schedule = eng.scheduler.schedule_step
 
-        def recording_schedule():            # runs on the engine thread: the model as it was at this step
-            out = schedule()
+        def recording_schedule(now=None):    # runs on the engine thread: the model as it was at this step
+            out = schedule(now)
             recorded.append((out, {s.seq.seq_id: s.num_tokens for s in out.scheduled},
                              eng.cost_model.predict(out.shape)))
             return out

@@ -218,3 +218,24 @@ def test_a_bridge_client_reporting_overlong_frames_makes_the_server_yield(llama3
                 c.poll(100)
             c.cancel(rid)
             assert c.wait(rid, timeout_s=60).finish_reason == "cancelled"
+
+
+def test_while_governing_steps_get_a_budget_of_half_the_frame():
+    gov = FrameGovernor()
+    assert gov.step_budget_s() is None
+    simulate(gov, 2, contention(10, 15), start=0.0)          # 25 ms frames against a 16.7 ms target: governed
+    assert gov.duty < 1.0 and gov.step_budget_s() == pytest.approx(0.5 * TARGET / 1000)
+
+
+def test_a_late_decision_counts_every_window_that_passed():
+    """Decisions follow engine steps; after a 1 s step the overlong frames of that second lower the duty as four
+    quarter-second decisions would have."""
+    late, timely = FrameGovernor(), FrameGovernor()
+    for gov, every in ((late, 60), (timely, 1)):
+        gov.update(0.0)
+        for i in range(1, 61):
+            t = i / FPS
+            gov.report("game", 30.0, TARGET, t)
+            if i % every == 0:
+                gov.update(t)
+    assert late.duty == pytest.approx(0.7 ** 4) and timely.duty == pytest.approx(0.7 ** 4)

@@ -10,8 +10,9 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
 - `llm-plain`: beside `gllm serve --compute-nice 0`, the game sending no frame reports (the engine as it
   was before it yielded to games);
 - `llm-nice`: the server's default lower thread priority, no frame reports;
-- `llm-governed`: the defaults a game gets: lower priority, and frame reports (about 4 a second, smoothed,
-  as the clients send them) driving the frame governor.
+- `llm-governed`: the defaults a game gets: lower priority, and frame reports (about 4 a second, as the
+  clients send them: the smoothed time, the longest frame, the frames and those over 1.1x target since the
+  previous report) driving the frame governor.
 `--serve-args` adds `gllm serve` flags to every server run.
 
 Prints frame time (work + poll: what the game's own frame costs) p50/p99/max, the fraction of frames over
@@ -102,6 +103,7 @@ class RunResult:
     seconds: float = 0.0
     errors: int = 0
     duty: list[tuple[float, int]] = field(default_factory=list)   # (s, the engine's governor duty cycle %)
+    server: dict = field(default_factory=dict)   # the server's last stats (steps, step times, governor)
 
     def summary(self) -> dict:
         over = sum(1 for x in self.frame_ms if x > 1.1 * FRAME_S * 1000)
@@ -110,6 +112,7 @@ class RunResult:
                 "frames_over_1.1x_target": over / max(1, len(self.frame_ms)),
                 "poll_p50_ms": percentile(self.poll_ms, 50), "poll_p99_ms": percentile(self.poll_ms, 99),
                 "npc_tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+                "server_stats": self.server,
                 "ttft_p50_ms": percentile(self.ttft_ms, 50), "ttft_p99_ms": percentile(self.ttft_ms, 99),
                 "errors": self.errors}
 
@@ -154,6 +157,8 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
     deadline = measure_from + seconds
     next_frame = start
     smoothed: float | None = None
+    counted = over = 0          # frames since the last report, and of those over 1.1 x target
+    longest = 0.0
     next_report = start
     next_stats = start
     while True:
@@ -179,10 +184,16 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
                     result.errors += 1
                 elif isinstance(ev, StatsReply) and frame_start >= measure_from:
                     result.duty.append((frame_start - measure_from, ev.values.get("governor_duty_pct", 100)))
+                    result.server = dict(ev.values)
         frame_ms = (time.perf_counter() - frame_start) * 1000
         smoothed = frame_ms if smoothed is None else smoothed + 0.2 * (frame_ms - smoothed)
+        counted, longest = counted + 1, max(longest, frame_ms)
+        over += frame_ms > 1.1 * FRAME_S * 1000
         if client is not None and report_frames and frame_start >= next_report:
-            client.frame(smoothed, FRAME_S * 1000)      # as the game clients do: ~4 smoothed reports a second
+            # As the game clients do: ~4 reports a second, each with the smoothed time and the frames since the last.
+            client.frame(smoothed, FRAME_S * 1000, max_ms=longest, frames=counted, over=over)
+            counted = over = 0
+            longest = 0.0
             next_report = frame_start + 0.25
         if client is not None and frame_start >= next_stats:
             client.request_stats()                      # the governor's duty cycle, for the plot
@@ -297,6 +308,12 @@ def main() -> None:
               f"poll p50 {s['poll_p50_ms']:.3f} ms p99 {s['poll_p99_ms']:.3f} ms; "
               f"NPCs {s['npc_tokens_per_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_ms']:.0f} ms p99 {s['ttft_p99_ms']:.0f} ms",
               flush=True)
+        if r.server:
+            v = r.server
+            print(f"{'':>8}  server: {v.get('steps')} steps, step p50 {v.get('step_p50_us', 0) / 1000:.1f} ms "
+                  f"p99 {v.get('step_p99_us', 0) / 1000:.1f} ms, budget {v.get('step_budget_us', 0) / 1000:.1f} ms, "
+                  f"duty {v.get('governor_duty_pct')} %, computing {v.get('compute_ms', 0) / 1000:.1f} s, "
+                  f"paused {v.get('governor_paused_ms', 0) / 1000:.1f} s", flush=True)
     base = next((r for r in results if r.label == "no-llm"), None)
     report = {"work_share": args.work, "work_ms": calibrated * 1000, "game_threads": args.game_threads,
               "npcs": args.npcs, "long_tokens": args.long_tokens, "long_every_s": args.long_every_s,

@@ -77,6 +77,9 @@ class LLMEngine:
         self.kv_cache, self.block_manager, self.scheduler = rt.kv_cache, rt.block_manager, rt.scheduler
         self.cost_model, self.fast_path, self.runner, self.sampler = rt.cost_model, rt.fast_path, rt.runner, rt.sampler
         self.step_seconds: deque[float] = deque(maxlen=512)
+        # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
+        # 16 steps), so the governor's step budget holds from its first decision; on a GPU only under a budget.
+        self.scheduler.learn_shapes = self.device.type == "cpu"
         # Overlap: step N's text work (detokenizing, stop strings, events) runs while step N+1 computes.
         self.overlap_steps = self.device.type == "cuda" if gen.overlap_steps is None else gen.overlap_steps
         self._deferred: tuple[StepInfo, list[RequestState]] | None = None   # engine thread only
@@ -214,7 +217,7 @@ class LLMEngine:
         times = sorted(self.step_seconds)
         out = {"step_p50_us": int(times[len(times) // 2] * 1e6) if times else 0,
                "step_p99_us": int(times[min(len(times) - 1, int(0.99 * len(times)))] * 1e6) if times else 0,
-               "step_budget_us": int((self.gen_params.step_budget_ms or 0) * 1000)}
+               "step_budget_us": int((self.scheduler.step_budget_s or 0) * 1e6)}
         coef = self.cost_model.as_dict()
         if coef:
             out.update(step_cost_fixed_us=int(coef["fixed"] * 1e6),
@@ -347,9 +350,13 @@ class LLMEngine:
             self._finish(state, "cancelled")
 
     def _yield_to_the_game(self, step_s: float) -> None:
-        """Sleep after a step as the frame governor asks (its duty cycle < 1 while the game's frames run over)."""
+        """Sleep after a step as the frame governor asks (its duty cycle < 1 while the game's frames run over),
+        and hold steps to its step budget meanwhile."""
         self.compute_s += step_s
-        pause = self.governor.pause_after(step_s) if self.governor.update(time.monotonic()) < 1.0 else 0.0
+        governing = self.governor.update(time.monotonic()) < 1.0
+        budgets = [b for b in (self.governor.step_budget_s(), self.scheduler.config.step_budget_s) if b is not None]
+        self.scheduler.step_budget_s = min(budgets) if budgets else None
+        pause = self.governor.pause_after(step_s) if governing else 0.0
         if pause > 0:
             pause = min(pause, MAX_GOVERNOR_PAUSE_S)
             time.sleep(pause)
@@ -482,7 +489,7 @@ class LLMEngine:
                         num_preempted=len(out.preempted), running=len(self.scheduler.running),
                         waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks)
         self.step_seconds.append(info.seconds)
-        if self.gen_params.step_budget_ms is not None and out.shape is not None and sampled is not None:
+        if out.shape is not None and sampled is not None:   # a shape is computed only when a budget is in force
             self.cost_model.observe(out.shape, info.seconds)   # (its refits cost the engine thread ~1 ms)
         self._deferred = (info, deferred)
 

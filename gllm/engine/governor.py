@@ -13,6 +13,11 @@ by its reports in that window and sets the engine's duty cycle, the fraction of 
   `headroom`), and at least `cooldown_s` since the last decrease: duty + `increase` (additive increase:
   slow return);
 - otherwise hold. The dead band and the cooldown are what make it settle instead of oscillating;
+- a decision made late (decisions follow engine steps, and a step can outlast several windows) counts an
+  over verdict once per window that passed (at most 8);
+- while the duty is below 1, engine steps are also held to `step_budget_share` of the frame target
+  (`step_budget_s`: the scheduler cuts prefill chunks to fit), so a long prompt never takes a core for
+  longer than a part of a frame;
 - duty never below `floor`, so NPCs never starve; a source silent for `stale_s` stops counting, and with no
   source left the duty is back to 1 at once (no game is asking the engine to yield).
 
@@ -39,11 +44,12 @@ class GovernorConfig:
     min_frames: int = 1        # reports a source needs in a window to count in it (clients send ~4 a second)
     over_share: float = 0.01   # counted frames over 1.1 x target beyond this share: over
     cooldown_s: float = 1.0    # no increase until this long after a decrease
+    step_budget_share: float = 0.5   # while governing, an engine step should take at most this share of a frame
 
     def __post_init__(self) -> None:
         if not (0 < self.floor <= 1 and 0 < self.decrease < 1 and 0 < self.increase <= 1
                 and 0 < self.headroom <= 1 and self.window_s > 0 and self.stale_s > 0 and self.min_frames >= 1
-                and 0 <= self.over_share < 1 and self.cooldown_s >= 0):
+                and 0 <= self.over_share < 1 and self.cooldown_s >= 0 and 0 < self.step_budget_share <= 10):
             raise ValueError(f"invalid GovernorConfig: {self}")
 
 
@@ -57,6 +63,7 @@ class FrameGovernor:
         self._last_seen: dict[str, float] = {}
         self._decided_at: float | None = None
         self._decreased_at = -float("inf")
+        self.target_ms = DEFAULT_TARGET_MS               # the tightest frame target reported lately
         self._lock = threading.Lock()
 
     def report(self, source: str, ms: float, target_ms: float | None, now: float, max_ms: float | None = None,
@@ -84,7 +91,8 @@ class FrameGovernor:
         cfg = self.config
         if self._decided_at is None:
             self._decided_at = now
-        if now - self._decided_at < cfg.window_s:
+        elapsed = now - self._decided_at
+        if elapsed < cfg.window_s:
             return self.duty
         self._decided_at = now
         with self._lock:
@@ -93,6 +101,12 @@ class FrameGovernor:
             windows = [list(frames) for frames in self._frames.values()]
             for frames in self._frames.values():
                 frames.clear()
+            targets = [w[-1].target_ms for w in windows if w]
+            if targets:
+                self.target_ms = min(targets)
+        # A decision may come late (it is made after an engine step, and a step can be long): an over verdict
+        # then stands for every window that passed.
+        windows_passed = max(1, min(8, int(elapsed / cfg.window_s)))
         verdicts = [_judge(w, cfg) for w in windows if len(w) >= cfg.min_frames]
         pressures = [v.pressure for v in verdicts]
         shares = [v.over_share for v in verdicts if v.over_share is not None]
@@ -100,7 +114,7 @@ class FrameGovernor:
             self.pressure = max(pressures) if pressures else None
             self.over_share = max(shares) if shares else None
         if any(v.over for v in verdicts):
-            self.duty = max(cfg.floor, self.duty * cfg.decrease)
+            self.duty = max(cfg.floor, self.duty * cfg.decrease ** windows_passed)
             self._decreased_at = now
         elif not verdicts and windows:
             pass                      # sources that reported too few frames this window: hold
@@ -113,6 +127,13 @@ class FrameGovernor:
     def _forget(self, source: str) -> None:
         self._frames.pop(source, None)
         self._last_seen.pop(source, None)
+
+    def step_budget_s(self) -> float | None:
+        """While governing (duty < 1), how long one engine step should take at most: a share of the game's frame,
+        so that a long prompt's prefill is cut into steps the game can live beside; None otherwise."""
+        if self.duty >= 1.0:
+            return None
+        return self.config.step_budget_share * self.target_ms / 1000
 
     def pause_after(self, step_s: float) -> float:
         """Seconds to sleep after a step of `step_s` so that computing takes `duty` of the wall time."""

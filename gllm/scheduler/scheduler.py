@@ -21,6 +21,9 @@ from gllm.scheduler.step_cost import StepCostModel, StepShape
 # With a step-time budget, the least prefill a step still makes when its decodes fill the budget: long
 # prompts keep moving.
 MIN_PREFILL_CHUNK = 16
+# Under a step-time budget, before the cost model has seen enough of this device's steps to predict: prefill
+# chunks of at most this many tokens (a cautious guess beats an unbounded step).
+UNFITTED_PREFILL_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,12 @@ class Scheduler:
                  cost_model: StepCostModel | None = None) -> None:
         self.config = config
         self.blocks = block_manager
-        self.cost = cost_model                # used once fitted, with config.step_budget_s
+        self.cost = cost_model                # used once fitted, with a step budget
+        # The step budget in force: the configured one, or a tighter one while the frame governor asks for it.
+        self.step_budget_s: float | None = config.step_budget_s
+        # Whether every step's shape is computed (for the cost model to learn from) even with no budget in force,
+        # so that a budget set later (by the frame governor) applies at once.
+        self.learn_shapes = False
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._arrivals = count()
@@ -126,7 +134,7 @@ class Scheduler:
         for item in out.scheduled:
             if item.samples:
                 item.seq.paced(now)
-        if self.config.step_budget_s is not None:   # only the budget's cost model reads it
+        if self.step_budget_s is not None or self.learn_shapes:   # only the cost model reads it
             out.shape = self.shape(out)
         return out
 
@@ -151,9 +159,11 @@ class Scheduler:
         the time budget has left (decodes always get their token). `start`: where its chunk begins (a waiting
         sequence's cached prefix), default its computed tokens."""
         left = self.config.max_step_tokens - out.num_tokens
-        budget_s = self.config.step_budget_s
-        if left <= 0 or not seq.is_prefilling or budget_s is None or self.cost is None or not self.cost.ready:
+        budget_s = self.step_budget_s
+        if left <= 0 or not seq.is_prefilling or budget_s is None or self.cost is None:
             return left
+        if not self.cost.ready:
+            return min(left, UNFITTED_PREFILL_CHUNK)
         base = self.shape(out)
         start = seq.num_computed_tokens if start is None else start
 
@@ -260,7 +270,7 @@ class Scheduler:
             item.samples = True  # its input token is the one being sampled now
             out.add(item)
             seq.paced(now)
-        if self.config.step_budget_s is not None:   # only the budget's cost model reads it
+        if self.step_budget_s is not None or self.learn_shapes:   # only the cost model reads it
             out.shape = self.shape(out)
         return out
 
