@@ -220,9 +220,11 @@ def test_a_bridge_client_reporting_overlong_frames_makes_the_server_yield(llama3
             assert c.wait(rid, timeout_s=60).finish_reason == "cancelled"
 
 
-def test_while_governing_steps_get_a_budget_of_half_the_frame():
+def test_while_a_game_reports_steps_get_a_budget_of_half_the_frame():
     gov = FrameGovernor()
-    assert gov.step_budget_s() is None
+    assert gov.step_budget_s() is None                       # no game reporting: steps as large as they come
+    gov.report("game", 10.0, TARGET, 0.0)
+    assert gov.duty == 1.0 and gov.step_budget_s() == pytest.approx(0.5 * TARGET / 1000)   # a game: short steps
     simulate(gov, 2, contention(10, 15), start=0.0)          # 25 ms frames against a 16.7 ms target: governed
     assert gov.duty < 1.0 and gov.step_budget_s() == pytest.approx(0.5 * TARGET / 1000)
 

@@ -329,8 +329,8 @@ def test_earliest_ttft_deadline_is_admitted_first_within_a_priority():
     assert [x.seq for x in run_step(s, now=0.1).scheduled] == [important]
 
 
-def test_a_budget_set_before_the_cost_model_has_learned_caps_prefill_chunks():
-    from gllm.scheduler.scheduler import UNFITTED_PREFILL_CHUNK
+def test_a_budget_set_before_the_cost_model_has_learned_caps_a_steps_prefill():
+    from gllm.scheduler.scheduler import UNFITTED_PREFILL_TOKENS
     from gllm.scheduler.step_cost import StepCostModel
     s = Scheduler(SchedulerConfig(4, 512), BlockManager(256, 4, True), StepCostModel())
     long = seq(1, 400)
@@ -339,4 +339,6 @@ def test_a_budget_set_before_the_cost_model_has_learned_caps_prefill_chunks():
     s2 = Scheduler(SchedulerConfig(4, 512), BlockManager(256, 4, True), StepCostModel())
     s2.step_budget_s = 0.008           # set at run time (the frame governor does)
     s2.add(seq(2, 400))
-    assert run_step(s2).scheduled[0].num_tokens == UNFITTED_PREFILL_CHUNK
+    s2.add(seq(3, 400))
+    out = run_step(s2)
+    assert [x.num_tokens for x in out.scheduled] == [UNFITTED_PREFILL_TOKENS]   # one step's prefill, in all

@@ -15,7 +15,7 @@ by its reports in that window and sets the engine's duty cycle, the fraction of 
 - otherwise hold. The dead band and the cooldown are what make it settle instead of oscillating;
 - a decision made late (decisions follow engine steps, and a step can outlast several windows) counts an
   over verdict once per window that passed (at most 8);
-- while the duty is below 1, engine steps are also held to `step_budget_share` of the frame target
+- while a game reports (or the duty is below 1), engine steps are also held to `step_budget_share` of the frame target
   (`step_budget_s`: the scheduler cuts prefill chunks to fit), so a long prompt never takes a core for
   longer than a part of a frame;
 - duty never below `floor`, so NPCs never starve; a source silent for `stale_s` stops counting, and with no
@@ -129,9 +129,10 @@ class FrameGovernor:
         self._last_seen.pop(source, None)
 
     def step_budget_s(self) -> float | None:
-        """While governing (duty < 1), how long one engine step should take at most: a share of the game's frame,
-        so that a long prompt's prefill is cut into steps the game can live beside; None otherwise."""
-        if self.duty >= 1.0:
+        """While a game reports its frames (or the duty is below 1), how long one engine step should take at
+        most: a share of the game's frame, so that a long prompt's prefill is cut into steps the game can live
+        beside, and the governor's next decision is never a long step away; None otherwise."""
+        if self.duty >= 1.0 and not self._last_seen:
             return None
         return self.config.step_budget_share * self.target_ms / 1000
 

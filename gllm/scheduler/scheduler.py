@@ -21,9 +21,9 @@ from gllm.scheduler.step_cost import StepCostModel, StepShape
 # With a step-time budget, the least prefill a step still makes when its decodes fill the budget: long
 # prompts keep moving.
 MIN_PREFILL_CHUNK = 16
-# Under a step-time budget, before the cost model has seen enough of this device's steps to predict: prefill
-# chunks of at most this many tokens (a cautious guess beats an unbounded step).
-UNFITTED_PREFILL_CHUNK = 64
+# Under a step-time budget, before the cost model has seen enough of this device's steps to predict: at most
+# this many prefill tokens a step (a cautious guess beats an unbounded step).
+UNFITTED_PREFILL_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,9 @@ class Scheduler:
         budget_s = self.step_budget_s
         if left <= 0 or not seq.is_prefilling or budget_s is None or self.cost is None:
             return left
-        if not self.cost.ready:
-            return min(left, UNFITTED_PREFILL_CHUNK)
         base = self.shape(out)
+        if not self.cost.ready:
+            return min(left, max(0, UNFITTED_PREFILL_TOKENS - base.prefill_tokens))
         start = seq.num_computed_tokens if start is None else start
 
         def shape_with(n: int) -> StepShape:
