@@ -20,7 +20,11 @@ Prints frame time (work + poll: what the game's own frame costs) p50/p99/max, th
 one PNG (frame time over time for every run; matplotlib, a tool dependency only).
 
     python tools/bench_frame.py [--model NAME_OR_PATH] [--device cpu] [--npcs 14] [--work 0.6]
-        [--game-threads 2] [--seconds 20] [--runs no-llm,llm] [--out bench_frame.json] [--plot bench_frame.png]
+        [--game-threads 2] [--game-device cpu|cuda] [--seconds 20] [--runs no-llm,llm] [--out bench_frame.json]
+        [--plot bench_frame.png]
+
+GPU variant (a render on the GPU beside the engine on the same GPU; random 1B weights, tools/make_random_model.py):
+    python tools/bench_frame.py --model /tmp/llama-1b --device cuda --game-device cuda --work 0.9
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # one BLAS thread per game thread: the game owns its threads
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -90,6 +95,31 @@ class GameWork:
         t = time.perf_counter()
         self.run()
         return time.perf_counter() - t
+
+
+class GpuGameWork(GameWork):
+    """The GPU variant: a render stand-in, bf16 matrix products on CUDA sized to `share` of the frame, the frame
+    ending when the GPU has finished them (as a frame waits for its render)."""
+
+    def __init__(self, share: float) -> None:
+        import torch
+        self.torch, self.share, self.threads = torch, share, 1
+        self.size, self.reps = 4096, 1
+        self.a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def run(self) -> None:
+        a = self.a[: self.size, : self.size]
+        for _ in range(self.reps):
+            a @ a
+        self.torch.cuda.synchronize()
+
+    def calibrate(self) -> float:
+        goal = self.share * FRAME_S
+        self.size, self.reps = 2048, 1
+        for _ in range(5):
+            took = statistics.median(self._timed() for _ in range(15))
+            self.reps = max(1, round(self.reps * goal / max(took, 1e-6)))
+        return statistics.median(self._timed() for _ in range(31))
 
 
 @dataclass
@@ -271,6 +301,8 @@ def main() -> None:
     parser.add_argument("--npcs", type=int, default=14)
     parser.add_argument("--work", type=float, default=0.6, help="the game's work, as a share of a 16.7 ms frame")
     parser.add_argument("--game-threads", type=int, default=2)
+    parser.add_argument("--game-device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: the game's work is bf16 matrix products on the GPU (a render stand-in)")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--long-tokens", type=int, default=1000)
@@ -279,12 +311,17 @@ def main() -> None:
     parser.add_argument("--serve-args", default="", help="extra `gllm serve` flags for the llm runs")
     parser.add_argument("--out", default="bench_frame.json")
     parser.add_argument("--plot", default="bench_frame.png")
+    parser.add_argument("--replot", default=None, help="draw --plot from this JSON (a run made elsewhere) and stop")
     args = parser.parse_args()
+    if args.replot:
+        replot(args.replot, args.plot)
+        return
 
-    work = GameWork(args.game_threads, args.work)
+    work = GpuGameWork(args.work) if args.game_device == "cuda" else GameWork(args.game_threads, args.work)
     calibrated = work.calibrate()
-    print(f"game work: {calibrated * 1000:.1f} ms a frame on {args.game_threads} threads "
-          f"({calibrated / FRAME_S:.0%} of 16.7 ms)", flush=True)
+    where = "the GPU" if args.game_device == "cuda" else f"{args.game_threads} threads"
+    print(f"game work: {calibrated * 1000:.1f} ms a frame on {where} ({calibrated / FRAME_S:.0%} of 16.7 ms)",
+          flush=True)
     results = []
     runs = {"no-llm": None, "llm-plain": (["--compute-nice", "0"], False), "llm-nice": ([], False),
             "llm-governed": ([], True)}
@@ -317,16 +354,33 @@ def main() -> None:
     base = next((r for r in results if r.label == "no-llm"), None)
     report = {"work_share": args.work, "work_ms": calibrated * 1000, "game_threads": args.game_threads,
               "npcs": args.npcs, "long_tokens": args.long_tokens, "long_every_s": args.long_every_s,
-              "seconds": args.seconds, "cpu_count": os.cpu_count(),
-              "runs": {r.label: r.summary() for r in results}}
+              "seconds": args.seconds, "cpu_count": os.cpu_count(), "game_device": args.game_device,
+              "runs": {r.label: r.summary() for r in results},
+              # The time series, so that `--replot` can draw them again where matplotlib is missing.
+              "series": {r.label: {"t": r.frame_t, "ms": r.frame_ms, "duty": r.duty} for r in results}}
     if base is not None:
         for r in results:
             report["runs"][r.label]["p99_vs_no_llm"] = percentile(r.frame_ms, 99) / percentile(base.frame_ms, 99)
             print(f"{r.label:>8}: p99 frame = {report['runs'][r.label]['p99_vs_no_llm']:.2f}x the no-LLM p99")
     with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    plot(results, args.plot, args.work)
+        json.dump(report, f)
+    try:
+        plot(results, args.plot, args.work)
+    except ImportError:
+        print(f"wrote {args.out}; no matplotlib here: draw it elsewhere with --replot {args.out}")
+        return
     print(f"wrote {args.out} and {args.plot}")
+
+
+def replot(report_path: str, png: str) -> None:
+    report = json.loads(Path(report_path).read_text())
+    results = []
+    for label, series in report["series"].items():
+        r = RunResult(label, frame_ms=series["ms"], frame_t=series["t"])
+        r.duty = [tuple(d) for d in series["duty"]]
+        results.append(r)
+    plot(results, png, report["work_share"])
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

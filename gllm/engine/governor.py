@@ -15,9 +15,10 @@ by its reports in that window and sets the engine's duty cycle, the fraction of 
 - otherwise hold. The dead band and the cooldown are what make it settle instead of oscillating;
 - a decision made late (decisions follow engine steps, and a step can outlast several windows) counts an
   over verdict once per window that passed (at most 8);
-- while a game reports (or the duty is below 1), engine steps are also held to `step_budget_share` of the frame target
-  (`step_budget_s`: the scheduler cuts prefill chunks to fit), so a long prompt never takes a core for
-  longer than a part of a frame;
+- while a game reports (or the duty is below 1), engine steps are also held to `step_budget_share` of the
+  frame target and `headroom_share` of the frame's headroom (target minus the game's own smoothed frame
+  time; at least `min_step_budget_ms`), `step_budget_s`: the scheduler cuts prefill chunks to fit, so a
+  step beside a frame fits in what the frame leaves over;
 - duty never below `floor`, so NPCs never starve; a source silent for `stale_s` stops counting, and with no
   source left the duty is back to 1 at once (no game is asking the engine to yield).
 
@@ -44,12 +45,15 @@ class GovernorConfig:
     min_frames: int = 1        # reports a source needs in a window to count in it (clients send ~4 a second)
     over_share: float = 0.01   # counted frames over 1.1 x target beyond this share: over
     cooldown_s: float = 1.0    # no increase until this long after a decrease
-    step_budget_share: float = 0.5   # while governing, an engine step should take at most this share of a frame
+    step_budget_share: float = 0.5   # while a game reports, an engine step takes at most this share of a frame,
+    headroom_share: float = 0.8      # and at most this share of the frame's headroom (target - the game's time),
+    min_step_budget_ms: float = 0.5  # but never less than this
 
     def __post_init__(self) -> None:
         if not (0 < self.floor <= 1 and 0 < self.decrease < 1 and 0 < self.increase <= 1
                 and 0 < self.headroom <= 1 and self.window_s > 0 and self.stale_s > 0 and self.min_frames >= 1
-                and 0 <= self.over_share < 1 and self.cooldown_s >= 0 and 0 < self.step_budget_share <= 10):
+                and 0 <= self.over_share < 1 and self.cooldown_s >= 0 and 0 < self.step_budget_share <= 10
+                and 0 < self.headroom_share <= 1 and self.min_step_budget_ms > 0):
             raise ValueError(f"invalid GovernorConfig: {self}")
 
 
@@ -64,6 +68,7 @@ class FrameGovernor:
         self._decided_at: float | None = None
         self._decreased_at = -float("inf")
         self.target_ms = DEFAULT_TARGET_MS               # the tightest frame target reported lately
+        self.headroom_ms: float | None = None           # the least (target - the game's own frame time) lately
         self._lock = threading.Lock()
 
     def report(self, source: str, ms: float, target_ms: float | None, now: float, max_ms: float | None = None,
@@ -101,9 +106,10 @@ class FrameGovernor:
             windows = [list(frames) for frames in self._frames.values()]
             for frames in self._frames.values():
                 frames.clear()
-            targets = [w[-1].target_ms for w in windows if w]
-            if targets:
-                self.target_ms = min(targets)
+            latest = [w[-1] for w in windows if w]
+            if latest:
+                self.target_ms = min(r.target_ms for r in latest)
+                self.headroom_ms = min(r.target_ms - r.ms for r in latest)
         # A decision may come late (it is made after an engine step, and a step can be long): an over verdict
         # then stands for every window that passed.
         windows_passed = max(1, min(8, int(elapsed / cfg.window_s)))
@@ -134,7 +140,11 @@ class FrameGovernor:
         beside, and the governor's next decision is never a long step away; None otherwise."""
         if self.duty >= 1.0 and not self._last_seen:
             return None
-        return self.config.step_budget_share * self.target_ms / 1000
+        cfg = self.config
+        budget_ms = cfg.step_budget_share * self.target_ms
+        if self.headroom_ms is not None:   # a step beside a frame with 2 ms to spare should take less than 2 ms
+            budget_ms = min(budget_ms, max(cfg.min_step_budget_ms, cfg.headroom_share * self.headroom_ms))
+        return budget_ms / 1000
 
     def pause_after(self, step_s: float) -> float:
         """Seconds to sleep after a step of `step_s` so that computing takes `duty` of the wall time."""
