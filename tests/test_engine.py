@@ -471,3 +471,25 @@ def test_ttft_deadline_is_reported_met_or_missed(eng32):
     for field, value in (("max_tokens_per_s", 5000.0), ("ttft_deadline_ms", -1.0)):
         with pytest.raises(ValueError, match=field):
             eng32.generate([greedy("a", n=2, **{field: value})])
+
+
+def test_a_failure_outside_any_step_ends_the_requests_in_flight_and_the_engine_serves_on(llama32_dir):
+    """A bug in scheduling (here: schedule_step raising once) must not kill the engine thread: the requests in
+    flight each end with exactly one error event, their blocks come back, and the next request runs."""
+    with engine(llama32_dir) as eng:
+        real = eng.scheduler.schedule_step
+        calls = {"n": 0}
+
+        def broken_once(now=None):
+            calls["n"] += 1
+            if calls["n"] == 2:        # the step after the prompts went in: both are running
+                raise RuntimeError("scheduler bug")
+            return real(now)
+
+        eng.scheduler.schedule_step = broken_once
+        results = eng.generate([greedy(PROMPTS[0], n=20), greedy(PROMPTS[1], n=20)], timeout=60)
+        assert [r.finish_reason for r in results] == ["error", "error"]
+        assert all("scheduler bug" in r.error for r in results)
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        again = eng.generate([greedy(PROMPTS[2], n=5)], timeout=60)[0]
+        assert again.finish_reason == "length" and len(again.tokens) == 5

@@ -333,21 +333,43 @@ class LLMEngine:
             if not self._drain_inbox(wait):
                 break
             wait = 0.0
-            if self.scheduler.has_work or self._inflight is not None:
-                started = time.perf_counter()
-                if self._step():
-                    self._yield_to_the_game(time.perf_counter() - started)
-                else:   # nothing to compute now (running requests paced ahead): sleep until one is due
-                    due = self.scheduler.seconds_until_due(time.monotonic())
-                    wait = IDLE_RECHECK_S if due is None else max(due, 1e-4)
-            else:
-                self._flush_deferred()
+            try:
+                if self.scheduler.has_work or self._inflight is not None:
+                    started = time.perf_counter()
+                    if self._step():
+                        self._yield_to_the_game(time.perf_counter() - started)
+                    else:   # nothing to compute now (running requests paced ahead): sleep until one is due
+                        due = self.scheduler.seconds_until_due(time.monotonic())
+                        wait = IDLE_RECHECK_S if due is None else max(due, 1e-4)
+                else:
+                    self._flush_deferred()
+            except Exception as exc:   # outside any one request's step: the thread must live on
+                self._recover(exc)
         if self._inflight is not None:
             self._collect(self._inflight)
             self._inflight = None
         self._flush_deferred()
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
+
+    def _recover(self, exc: Exception) -> None:
+        """A failure outside any one request's model step (scheduling, a step listener's caller, text work):
+        what is in flight can no longer be trusted, so every live request ends with an error and gives its
+        blocks back; the engine thread goes on serving new requests."""
+        log.exception("engine loop failed; ending the %d requests in flight", len(self._states))
+        self._inflight = self._deferred = None
+        message = f"engine failure: {type(exc).__name__}: {exc}"
+        for state in list(self._states.values()):
+            state.pending = None
+            try:
+                self._finish(state, "error", error=message, failed_step=True)
+            except Exception:   # even finishing failed: end it by hand, so it still gets its one final event
+                log.exception("ending request %s failed", state.request_id)
+                self._states.pop(state.request_id, None)
+                self._by_seq.pop(state.seq.seq_id, None)
+                with self._ids_lock:
+                    self._live_ids.discard(state.request_id)
+                self._deliver(state, final_event(state, "error", None, None, None, message, self.num_steps))
 
     def _yield_to_the_game(self, step_s: float) -> None:
         """Sleep after a step as the frame governor asks (its duty cycle < 1 while the game's frames run over),
