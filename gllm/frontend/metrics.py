@@ -38,6 +38,26 @@ DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
 
 
+# Engine stats published as they are, scaled from the stats' integer units to base units:
+# (family, metric name, help, stats key, value when absent, divisor).
+_SCALED_STATS = (
+    (GaugeMetricFamily, "governor_duty_ratio", "Share of wall time the engine computes (the frame governor "
+     "lowers it while games report frames over their target)", "governor_duty_pct", 100, 100),
+    (CounterMetricFamily, "governor_paused_seconds", "Time the engine slept between steps for the game",
+     "governor_paused_ms", 0, 1000),
+    (CounterMetricFamily, "engine_compute_seconds", "Time the engine spent in steps", "compute_ms", 0, 1000),
+    (GaugeMetricFamily, "governor_frame_pressure_ratio", "The worst reporting game's frame time over its target "
+     "at the governor's last decision (0: no reports)", "governor_pressure_pct", 0, 100),
+    (GaugeMetricFamily, "governor_frames_over_ratio", "The worst reporting game's share of frames over 1.1 x "
+     "target at the governor's last decision", "governor_frames_over_permille", 0, 1000),
+    (GaugeMetricFamily, "engine_step_p50_seconds", "Median of the last 512 engine steps' times", "step_p50_us", 0,
+     1e6),
+    (GaugeMetricFamily, "engine_step_p99_seconds", "99th percentile of the last 512 engine steps' times",
+     "step_p99_us", 0, 1e6),
+    (GaugeMetricFamily, "engine_step_budget_seconds", "The step-time budget (0: none)", "step_budget_us", 0, 1e6),
+)
+
+
 class _EngineCollector:
     """Gauges and counters read from ``engine.stats()`` at scrape time (always current, even when idle)."""
 
@@ -68,25 +88,8 @@ class _EngineCollector:
                                 value=hits / (hits + misses) if hits + misses else 0.0)
         yield CounterMetricFamily(f"{p}_engine_steps", "Engine steps run", value=s.get("steps", 0))
         # The frame budget: the governor's share of wall time for the engine, and the step time it sizes against.
-        yield GaugeMetricFamily(f"{p}_governor_duty_ratio", "Share of wall time the engine computes (the frame "
-                                "governor lowers it while games report frames over their target)",
-                                value=s.get("governor_duty_pct", 100) / 100)
-        yield CounterMetricFamily(f"{p}_governor_paused_seconds", "Time the engine slept between steps for the game",
-                                  value=s.get("governor_paused_ms", 0) / 1000)
-        yield CounterMetricFamily(f"{p}_engine_compute_seconds", "Time the engine spent in steps",
-                                  value=s.get("compute_ms", 0) / 1000)
-        yield GaugeMetricFamily(f"{p}_governor_frame_pressure_ratio", "The worst reporting game's frame time over "
-                                "its target at the governor's last decision (0: no reports)",
-                                value=s.get("governor_pressure_pct", 0) / 100)
-        yield GaugeMetricFamily(f"{p}_governor_frames_over_ratio", "The worst reporting game's share of frames over "
-                                "1.1 x target at the governor's last decision",
-                                value=s.get("governor_frames_over_permille", 0) / 1000)
-        yield GaugeMetricFamily(f"{p}_engine_step_p50_seconds", "Median of the last 512 engine steps' times",
-                                value=s.get("step_p50_us", 0) / 1e6)
-        yield GaugeMetricFamily(f"{p}_engine_step_p99_seconds", "99th percentile of the last 512 engine steps' times",
-                                value=s.get("step_p99_us", 0) / 1e6)
-        yield GaugeMetricFamily(f"{p}_engine_step_budget_seconds", "The step-time budget (0: none)",
-                                value=s.get("step_budget_us", 0) / 1e6)
+        for family, name, help_text, key, default, scale in _SCALED_STATS:
+            yield family(f"{p}_{name}", help_text, value=s.get(key, default) / scale)
         if "step_cost_fixed_us" in s:   # the step cost model, once it has learned this device's steps
             cost = GaugeMetricFamily(f"{p}_engine_step_cost_seconds", "The fitted step cost model: seconds per "
                                      "step, per prefill token, per decode row and per KV token read",
