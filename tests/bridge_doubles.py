@@ -148,6 +148,7 @@ class FakeEngine:
         self.tokenizer = None
         self.num_steps = 0
         self.frames: list[tuple[float, float | None, str]] = []   # report_frame calls
+        self.idles: list[tuple[float, str]] = []                   # report_idle calls
         self.on_emit = on_emit
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[str, dict[str, Any]] = {}
@@ -186,6 +187,9 @@ class FakeEngine:
     def report_frame(self, ms: float, target_ms: float | None = None, source: str = "python", *,
                      max_ms: float | None = None, frames: int | None = None, over: int | None = None) -> None:
         self.frames.append((ms, target_ms, source))
+
+    def report_idle(self, ms: float, source: str = "python") -> None:
+        self.idles.append((ms, source))
 
     @property
     def closed(self) -> bool:

@@ -86,6 +86,8 @@ def _built(name: str) -> dict:
         return P.pong(v["t"])
     if name == "frame":
         return P.frame(v["ms"], v["target_ms"], v["max_ms"], v["frames"], v["over"])
+    if name == "idle":
+        return P.idle(v["ms"])
     if name == "stats-request":
         return P.stats_request()
     if name == "stats":
@@ -210,6 +212,10 @@ def test_out_of_range_values(field, value):
     ({"op": "frame", "ms": 16.0, "target_ms": "16"}, P.BAD_REQUEST, None),
     ({"op": "frame", "ms": 16.0, "frames": 4, "over": 5}, P.BAD_REQUEST, None),
     ({"op": "frame", "ms": 16.0, "frames": -1}, P.BAD_REQUEST, None),
+    ({"op": "idle"}, P.BAD_REQUEST, None),
+    ({"op": "idle", "ms": -0.5}, P.BAD_REQUEST, None),
+    ({"op": "idle", "ms": "2"}, P.BAD_REQUEST, None),
+    ({"op": "idle", "ms": math.inf}, P.BAD_REQUEST, None),
     ({"op": "frame", "ms": 16.0, "over": 1.5}, P.BAD_REQUEST, None),
     ({"op": "frame", "ms": 16.0, "max_ms": -2.0}, P.BAD_REQUEST, None),
     ({"op": "nope"}, P.UNKNOWN_OP, None),

@@ -12,7 +12,9 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
 - `llm-nice`: the server's default lower thread priority, no frame reports;
 - `llm-governed`: the defaults a game gets: lower priority, and frame reports (about 4 a second, as the
   clients send them: the smoothed time, the longest frame, the frames and those over 1.1x target since the
-  previous report) driving the frame governor.
+  previous report) driving the frame governor;
+- `llm-windowed`: as `llm-governed`, and at the end of each frame's work the game also sends `idle` with the
+  time left until its next frame: the engine computes only in those windows.
 `--serve-args` adds `gllm serve` flags to every server run.
 
 Prints frame time (work + poll: what the game's own frame costs) p50/p99/max, the fraction of frames over
@@ -174,7 +176,8 @@ class Npcs:
 
 
 def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpoint: str | None,
-              npcs: int, long_tokens: int, long_every_s: float, report_frames: bool) -> RunResult:
+              npcs: int, long_tokens: int, long_every_s: float, report_frames: bool,
+              report_windows: bool = False) -> RunResult:
     from gllm.bridge.client import BridgeClient, Done, Error, StatsReply, Token
     result = RunResult(label)
     client = npc = None
@@ -234,6 +237,8 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
             result.poll_ms.append(poll * 1000)
         next_frame += FRAME_S
         pause = next_frame - time.perf_counter()
+        if client is not None and report_windows and pause > 0:
+            client.idle(pause * 1000)                   # the frame's work is done: the device is free until then
         if pause > 0:
             time.sleep(pause)
         else:
@@ -324,7 +329,7 @@ def main() -> None:
           flush=True)
     results = []
     runs = {"no-llm": None, "llm-plain": (["--compute-nice", "0"], False), "llm-nice": ([], False),
-            "llm-governed": ([], True)}
+            "llm-governed": ([], True), "llm-windowed": ([], "windows")}
     for label in args.runs.split(","):
         if label not in runs:
             parser.error(f"unknown run {label!r}; runs: {', '.join(runs)}")
@@ -334,7 +339,7 @@ def main() -> None:
             server = Server(args.model, args.device, serve_args + args.serve_args.split())
         try:
             r = game_loop(label, work, args.seconds, args.warmup_s, server and server.endpoint, args.npcs,
-                          args.long_tokens, args.long_every_s, bool(report))
+                          args.long_tokens, args.long_every_s, bool(report), report == "windows")
         finally:
             if server is not None:
                 server.stop()
@@ -350,7 +355,8 @@ def main() -> None:
             print(f"{'':>8}  server: {v.get('steps')} steps, step p50 {v.get('step_p50_us', 0) / 1000:.1f} ms "
                   f"p99 {v.get('step_p99_us', 0) / 1000:.1f} ms, budget {v.get('step_budget_us', 0) / 1000:.1f} ms, "
                   f"duty {v.get('governor_duty_pct')} %, computing {v.get('compute_ms', 0) / 1000:.1f} s, "
-                  f"paused {v.get('governor_paused_ms', 0) / 1000:.1f} s", flush=True)
+                  f"paused {v.get('governor_paused_ms', 0) / 1000:.1f} s; window steps {v.get('window_steps', 0)}, "
+                  f"waits {v.get('window_waits', 0)}", flush=True)
     base = next((r for r in results if r.label == "no-llm"), None)
     report = {"work_share": args.work, "work_ms": calibrated * 1000, "game_threads": args.game_threads,
               "npcs": args.npcs, "long_tokens": args.long_tokens, "long_every_s": args.long_every_s,

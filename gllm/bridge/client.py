@@ -219,6 +219,11 @@ class BridgeClient:
         self._send(P.ping(t))
         return t
 
+    def idle(self, ms: float) -> None:
+        """The game will not need the device for the next `ms` milliseconds (its frame's work is done): sent once
+        per frame, it makes the engine compute in those windows only (see `gllm.engine.compute_windows`)."""
+        self._send(P.idle(ms))
+
     def frame(self, ms: float, target_ms: float | None = None, max_ms: float | None = None,
               frames: int | None = None, over: int | None = None) -> None:
         """Report the game's frame time (and its target; the longest frame, the frame count and the frames over

@@ -33,7 +33,7 @@ GENERATE_FIELD_ORDER = tuple(f.wire_name for f in BRIDGE_FIELDS)
 GENERATE_DEFAULTS: dict[str, Any] = {f.wire_name: list(f.default) if isinstance(f.default, tuple) else f.default
                                      for f in BRIDGE_FIELDS}
 
-CLIENT_OPS = ("hello", "generate", "cancel", "ping", "frame", "stats")
+CLIENT_OPS = ("hello", "generate", "cancel", "ping", "frame", "idle", "stats")
 SERVER_OPS = ("welcome", "tokens", "done", "error", "pong", "stats")
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -133,11 +133,16 @@ class Frame:
 
 
 @dataclass
+class Idle:
+    ms: float                      # the game will not need the device for this long
+
+
+@dataclass
 class Stats:
     pass
 
 
-ClientMessage = Hello | Generate | Cancel | Ping | Frame | Stats
+ClientMessage = Hello | Generate | Cancel | Ping | Frame | Idle | Stats
 
 
 def parse_client_message(frame: bytes, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ClientMessage:
@@ -172,6 +177,8 @@ def validate_client_message(msg: dict[str, Any]) -> ClientMessage:
         return Frame(ms=_get_float(msg, "ms", required=True, lo=0.0, hi=1e9),
                      target_ms=_get_float(msg, "target_ms", default=None, lo=0.0, hi=1e9),
                      max_ms=_get_float(msg, "max_ms", default=None, lo=0.0, hi=1e9), frames=frames, over=over)
+    if op == "idle":
+        return Idle(ms=_get_float(msg, "ms", required=True, lo=0.0, hi=1e9))
     if op == "stats":
         return Stats()
     raise ProtocolError(UNKNOWN_OP, f"unknown op {_clip(op)!r}")
@@ -354,6 +361,10 @@ def cancel(id: str) -> dict[str, Any]:
 
 def ping(t: Any = None) -> dict[str, Any]:
     return {"op": "ping", "t": t}
+
+
+def idle(ms: float) -> dict[str, Any]:
+    return {"op": "idle", "ms": float(ms)}
 
 
 def frame(ms: float, target_ms: float | None = None, max_ms: float | None = None, frames: int | None = None,

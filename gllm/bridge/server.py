@@ -525,6 +525,8 @@ class BridgeServer:
         elif isinstance(m, P.Frame):
             self.engine.report_frame(m.ms, m.target_ms or None, source=f"bridge/{client.serial}", max_ms=m.max_ms,
                                      frames=m.frames, over=m.over)
+        elif isinstance(m, P.Idle):
+            self.engine.report_idle(m.ms, source=f"bridge/{client.serial}")
         elif isinstance(m, P.Stats):
             values = dict(self.engine.stats())
             values["clients"] = len(self.clients)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from gllm.engine.assembly import assemble
+from gllm.engine.compute_windows import ComputeWindows
 from gllm.engine.errors import EngineBusy, RequestRejected, RequestTooLong
 from gllm.engine.governor import FrameGovernor
 from gllm.engine.loading import LoadedModel
@@ -96,6 +97,10 @@ class LLMEngine:
         self.num_steps = 0
         self.num_steps_ahead = 0     # of those, steps queued before the previous step's tokens were on the host
         self.governor = FrameGovernor()          # yields to the game when its reported frames run over
+        self.windows = ComputeWindows()          # the game's idle phases, where it reports them
+        self._window_seen = 0                    # windows.reports at the last step: a new window since?
+        self.window_steps = 0                    # steps launched inside a game's idle window
+        self.window_waits = 0                    # times the engine waited for one (work to do, no room)
         self.thread_priority = "unchanged"       # set by the engine thread as it starts
         self.compute_s = 0.0                     # wall time in steps (engine thread)
         self.paused_s = 0.0                      # wall time the governor paused between steps
@@ -192,6 +197,15 @@ class LLMEngine:
         self.governor.report(source, min(float(ms), 1e6), target_ms, time.monotonic(),
                              max_ms=None if max_ms is None else min(float(max_ms), 1e6), frames=frames, over=over)
 
+    def report_idle(self, ms: float, source: str = "python") -> None:
+        """The game will not need the device for the next `ms` milliseconds (its frame's work is done). Called
+        once per frame, it makes the engine compute only in those windows, with steps sized to fit them (see
+        `gllm.engine.compute_windows`); any thread."""
+        if not (isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms <= 1e9):
+            raise ValueError(f"report_idle needs 0 <= ms <= 1e9, got {ms!r}")
+        self.windows.open(source, ms / 1000.0, time.monotonic())
+        self._inbox.put(("wake", None))      # the engine thread may be waiting for this window
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the engine's counters (read without locking: for monitoring)."""
         prefix = self.block_manager.stats
@@ -209,6 +223,9 @@ class LLMEngine:
             "governor_frames_over_permille": round((self.governor.over_share or 0.0) * 1000),
             "governor_paused_ms": int(self.paused_s * 1000),
             "compute_ms": int(self.compute_s * 1000),
+            "window_reports": self.windows.reports,
+            "window_steps": self.window_steps,
+            "window_waits": self.window_waits,
         }
 
     def _step_time_stats(self) -> dict[str, int]:
@@ -335,8 +352,13 @@ class LLMEngine:
             wait = 0.0
             try:
                 if self.scheduler.has_work or self._inflight is not None:
+                    if not self._window_allows_step():
+                        self.window_waits += 1
+                        wait = IDLE_RECHECK_S    # outside the game's idle phase: its next report wakes us
+                        continue
                     started = time.perf_counter()
                     if self._step():
+                        self.window_steps += self.scheduler.strict_budget
                         self._yield_to_the_game(time.perf_counter() - started)
                     else:   # nothing to compute now (running requests paced ahead): sleep until one is due
                         due = self.scheduler.seconds_until_due(time.monotonic())
@@ -370,6 +392,22 @@ class LLMEngine:
                 with self._ids_lock:
                     self._live_ids.discard(state.request_id)
                 self._deliver(state, final_event(state, "error", None, None, None, message, self.num_steps))
+
+    def _window_allows_step(self) -> bool:
+        """Whether a step may start now, and under which budget: freely while no game reports idle windows;
+        else only inside one, with the step held to what is left of it (strictly: decode rows too)."""
+        budget = self.windows.budget_s(time.monotonic())
+        self.scheduler.strict_budget = budget is not None
+        if budget is None:
+            return True
+        if budget <= 0 and self._inflight is None:
+            return False
+        first = self.windows.reports != self._window_seen
+        self._window_seen = self.windows.reports
+        self.scheduler.guarantee_progress = first
+        others = [b for b in (self.governor.step_budget_s(), self.scheduler.config.step_budget_s) if b is not None]
+        self.scheduler.step_budget_s = min([budget, *others])
+        return True
 
     def _yield_to_the_game(self, step_s: float) -> None:
         """Sleep after a step as the frame governor asks (its duty cycle < 1 while the game's frames run over),
@@ -451,6 +489,8 @@ class LLMEngine:
         it anyway (see `Scheduler.schedule_ahead`) and no request needs its token history on the host."""
         if not launched.decode or launched.sample is None or launched.sample.device_tokens is None:
             return None
+        if self.scheduler.strict_budget:   # inside a game's idle window: each step is launched only if it fits
+            return None
         states = [st for st in launched.samplers if self._states.get(st.request_id) is st]
         if any(st.params.has_penalties or st.params.logits_processor is not None for st in states):
             return None
@@ -509,7 +549,8 @@ class LLMEngine:
                         num_seqs=len(out.scheduled),
                         num_decodes=sum(1 for s in out.scheduled if s.num_tokens == 1 and s.samples),
                         num_preempted=len(out.preempted), running=len(self.scheduler.running),
-                        waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks)
+                        waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks,
+                        started=launched.started)
         self.step_seconds.append(info.seconds)
         if out.shape is not None and sampled is not None:   # a shape is computed only when a budget is in force
             self.cost_model.observe(out.shape, info.seconds)   # (its refits cost the engine thread ~1 ms)

@@ -55,6 +55,9 @@ class EngineAPI(Protocol):
         """The game's frame took `ms` against `target_ms` (and, since the previous report, the longest frame,
         how many frames, how many over 1.1 x target): feeds the frame governor."""
 
+    def report_idle(self, ms: float, source: str = "python") -> None:
+        """The game will not need the device for the next `ms` milliseconds: the engine computes in such windows."""
+
     def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
         """Call `listener(StepInfo)` on the engine thread after every step."""
 

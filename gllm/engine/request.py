@@ -97,3 +97,4 @@ class StepInfo:
     running: int                    # after the step
     waiting: int
     kv_free_blocks: int
+    started: float = 0.0            # when the step began (time.perf_counter)

@@ -83,6 +83,12 @@ class Scheduler:
         # Whether every step's shape is computed (for the cost model to learn from) even with no budget in force,
         # so that a budget set later (by the frame governor) applies at once.
         self.learn_shapes = False
+        # Inside a game's idle window (see engine/compute_windows.py) the budget is strict: decode rows must fit it
+        # too (the rest wait, least recently served last), and a step that fits nothing computes nothing — except
+        # the window's first step (`guarantee_progress`), which always makes its least piece of progress.
+        self.strict_budget = False
+        self.guarantee_progress = True
+        self._steps = 0
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._arrivals = count()
@@ -119,7 +125,7 @@ class Scheduler:
         self._published.clear()
         self._pinned.clear()
         # Decodes first, then prefills in progress; most important first within each.
-        queue = sorted((s for s in self.running if s.due(now)), key=lambda s: (s.is_prefilling, s.rank()))
+        queue = sorted((s for s in self.running if s.due(now)), key=self._queue_order)
         while queue and self._budget_left(out, queue[0]) > 0:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed, self._budget_left(out, seq))
@@ -131,7 +137,9 @@ class Scheduler:
             else:
                 self._schedule(seq, n, out)
         self._admit(out)
+        self._steps += 1
         for item in out.scheduled:
+            item.seq.last_step = self._steps
             if item.samples:
                 item.seq.paced(now)
         if self.step_budget_s is not None or self.learn_shapes:   # only the cost model reads it
@@ -160,8 +168,10 @@ class Scheduler:
         sequence's cached prefix), default its computed tokens."""
         left = self.config.max_step_tokens - out.num_tokens
         budget_s = self.step_budget_s
-        if left <= 0 or not seq.is_prefilling or budget_s is None or self.cost is None:
+        if left <= 0 or budget_s is None or self.cost is None:
             return left
+        if not seq.is_prefilling:
+            return left if self._decode_fits(out, seq, budget_s) else 0
         base = self.shape(out)
         if not self.cost.ready:
             return min(left, max(0, UNFITTED_PREFILL_TOKENS - base.prefill_tokens))
@@ -171,7 +181,27 @@ class Scheduler:
             return StepShape(base.prefill_tokens + n, base.decode_rows, base.kv_tokens + n * (start + n))
 
         fits = self.cost.largest_within(budget_s, min(left, len(seq.token_ids) - start), shape_with)
-        return fits if fits > 0 or base.prefill_tokens else min(left, MIN_PREFILL_CHUNK)
+        if fits > 0 or base.prefill_tokens or (self.strict_budget and not self._may_force(out)):
+            return fits
+        return min(left, MIN_PREFILL_CHUNK)
+
+    def _decode_fits(self, out: SchedulerOutput, seq: Sequence, budget_s: float) -> bool:
+        """Whether one more decode row still fits a strict budget (outside a game's idle window they all do)."""
+        if not self.strict_budget or not self.cost.ready or self._may_force(out):
+            return True
+        base = self.shape(out)
+        shape = StepShape(base.prefill_tokens, base.decode_rows + 1, base.kv_tokens + seq.num_computed_tokens + 1)
+        return self.cost.predict(shape) <= budget_s
+
+    def _may_force(self, out: SchedulerOutput) -> bool:
+        return self.guarantee_progress and not out.scheduled
+
+    def _queue_order(self, seq: Sequence) -> tuple:
+        """Decodes before prefills in progress; most important first; under a strict budget, which lets only some
+        rows through, the least recently served first within a priority, so every row takes its turn."""
+        if self.strict_budget:
+            return (seq.is_prefilling, -seq.priority, seq.last_step, seq.rank())
+        return (seq.is_prefilling, seq.rank())
 
     @staticmethod
     def shape(out: SchedulerOutput) -> StepShape:

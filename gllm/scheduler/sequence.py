@@ -23,6 +23,7 @@ class Sequence:
     priority: int = 0             # higher runs first and is preempted last
     deadline: float = math.inf    # when its first token is wanted (monotonic s): earliest first, within a priority
     token_interval: float = 0.0   # pacing: least seconds between its tokens (0 = unpaced)
+    last_step: int = 0            # the scheduler's step count when it last computed (strict budgets take turns)
     next_token_at: float = -math.inf  # pacing: when it may decode again (monotonic s; -inf: no token yet)
     arrival: int = 0              # admission order among equal priorities
     status: SequenceStatus = SequenceStatus.WAITING

@@ -1,0 +1,154 @@
+"""Computing in the game's idle phase: the window bookkeeping (explicit time), the scheduler's strict budget
+inside a window (rows that do not fit take turns), the engine launching steps only inside reported windows,
+and the bridge's `idle` message reaching a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from test_scheduler import fitted, run_step, seq
+
+from gllm.engine.compute_windows import ComputeWindows, WindowConfig
+from gllm.kv import BlockManager
+from gllm.scheduler import Scheduler, SchedulerConfig
+
+
+def test_a_window_gives_a_shrinking_budget_and_none_once_reports_stop():
+    w = ComputeWindows(WindowConfig(share=0.5, margin_s=0.001, stale_s=0.1))
+    assert w.budget_s(0.0) is None and not w.active(0.0)        # nobody reports: compute freely
+    w.open("game", 0.010, now=1.0)
+    assert w.budget_s(1.0) == pytest.approx(0.010 * 0.5 - 0.001)
+    assert w.budget_s(1.004) == pytest.approx(0.006 * 0.5 - 0.001)
+    assert w.budget_s(1.010) == 0.0 and w.budget_s(1.05) == 0.0   # closed, still reporting: wait
+    assert w.budget_s(1.2) is None                              # stale: no game asks any more
+    w.open("game", 5.0, now=2.0)
+    assert w.budget_s(2.0) == pytest.approx(1.0 * 0.5 - 0.001)  # a window is at most max_window_s
+    with pytest.raises(ValueError):
+        WindowConfig(share=0.0)
+
+
+def test_several_sources_compute_only_where_their_windows_overlap():
+    w = ComputeWindows(WindowConfig(share=1.0, margin_s=0.0))
+    w.open("a", 0.008, now=0.0)
+    w.open("b", 0.003, now=0.001)
+    assert w.budget_s(0.001) == pytest.approx(0.003)
+    w.forget("b")
+    assert w.budget_s(0.001) == pytest.approx(0.007)
+
+
+def strict(budget_s: float, rows: int, guarantee: bool = False) -> tuple[Scheduler, list]:
+    s = Scheduler(SchedulerConfig(8, 512), BlockManager(1024, 16, True), fitted())
+    decoders = [seq(i, 5) for i in range(1, rows + 1)]
+    for q in decoders:
+        s.add(q)
+    run_step(s)                                  # all prefilled: decoding
+    s.step_budget_s, s.strict_budget, s.guarantee_progress = budget_s, True, guarantee
+    return s, decoders
+
+
+def test_inside_a_window_only_the_decode_rows_that_fit_run_and_the_rest_take_turns():
+    # fitted(): 2 ms a step + 0.3 ms a decode row, so 3.0 ms holds three of the six rows.
+    s, decoders = strict(0.0030, rows=6)
+    served = []
+    for _ in range(4):
+        out = run_step(s)
+        assert len(out.scheduled) == 3 and s.cost.predict(out.shape) <= 0.0030 + 1e-9
+        served.append({x.seq.seq_id for x in out.scheduled})
+    assert served[0] | served[1] == {1, 2, 3, 4, 5, 6} and served[2] == served[0]   # turns, nobody starves
+    s.strict_budget = False                      # outside windows every row decodes every step, as before
+    assert len(run_step(s).scheduled) == 6
+
+
+def test_a_window_too_small_for_any_row_computes_nothing_except_its_first_step():
+    s, _ = strict(0.0010, rows=2)                # less than one step's fixed 2 ms
+    assert run_step(s).scheduled == []
+    long = seq(9, 300)
+    s.add(long)
+    assert run_step(s).scheduled == []           # no minimum prefill chunk either
+    s.guarantee_progress = True                  # a window's first step: its least progress, one row
+    out = run_step(s)
+    assert len(out.scheduled) == 1
+
+
+@pytest.fixture
+def tiny_engine(llama32_dir):
+    from gllm.engine import GeneratorParams, LLMEngine
+    params = GeneratorParams(max_seq_len=2048, kv_cache_tokens=4096, max_batch_size=4, cpu_threads=1,
+                             dtype="float32")
+    with LLMEngine(llama32_dir, params, device="cpu") as eng:
+        yield eng
+
+
+def test_the_engine_starts_steps_only_inside_the_windows_a_game_reports(tiny_engine):
+    """A game thread says every 60 ms that the next 20 ms are free; the engine's steps all start inside those
+    windows, requests still finish, and once the reports stop it computes freely again."""
+    from gllm.engine import GenerationRequest
+    eng = tiny_engine
+    windows: list[tuple[float, float]] = []
+    starts: list[float] = []
+    eng.add_step_listener(lambda info: starts.append(info.started))
+    stop = threading.Event()
+
+    def game() -> None:
+        while not stop.is_set():
+            opened = time.perf_counter()
+            eng.report_idle(20.0, source="test-game")
+            windows.append((opened, opened + 0.020))
+            time.sleep(0.060)
+
+    player = threading.Thread(target=game)
+    player.start()
+    try:
+        time.sleep(0.15)
+        handles = [eng.submit(GenerationRequest(prompt=p, max_new_tokens=24, ignore_eos=True))
+                   for p in ("The gate", "A dragon sleeps", "Bread costs")]
+        results = [h.result(timeout=120) for h in handles]
+    finally:
+        stop.set()
+        player.join()
+    assert all(r.finish_reason == "length" and len(r.tokens) == 24 for r in results)
+    assert starts
+    outside = [t for t in starts if not any(a <= t <= b for a, b in windows)]
+    assert not outside, f"{len(outside)} of {len(starts)} steps started outside the game's windows"
+    stats = eng.stats()
+    assert stats["window_steps"] == len(starts) and stats["window_waits"] > 0 and stats["window_reports"] >= 3
+    time.sleep(0.15)                               # reports stale: free again
+    before = eng.stats()["window_steps"]
+    again = eng.generate([GenerationRequest(prompt="Free", max_new_tokens=5, ignore_eos=True)], timeout=60)[0]
+    assert again.finish_reason == "length" and eng.stats()["window_steps"] == before
+    with pytest.raises(ValueError, match="report_idle"):
+        eng.report_idle(-1.0)
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_a_bridge_client_sending_idle_windows_paces_a_real_server(llama32_dir):
+    """Over real sockets: `idle` messages reach the engine of a real `gllm serve` (steps then run in the
+    windows), a reply still completes, and a bad `idle` gets bad_request without harming the session."""
+    from gllm.bridge import protocol as P
+    from gllm.bridge.client import BridgeClient, Done, Error
+
+    from bridge_doubles import ServerProcess
+    with ServerProcess(llama32_dir, "--cpu-threads", "1") as srv:
+        with BridgeClient(srv.endpoint) as c:
+            c.connect()
+            rid = c.generate("Once upon a time", max_tokens=12, ignore_eos=True)
+            done = None
+            deadline = time.monotonic() + 120
+            while done is None:
+                assert time.monotonic() < deadline
+                c.idle(25.0)
+                done = next((e for e in c.poll(40) if isinstance(e, Done) and e.id == rid), None)
+            assert done.finish_reason == "length"
+            stats = c.stats()
+            assert stats["window_reports"] > 0 and stats["window_steps"] > 0, stats
+            c._send({"op": "idle", "ms": -3.0})
+            deadline = time.monotonic() + 30
+            errors: list = []
+            while not errors:
+                assert time.monotonic() < deadline
+                errors = [e for e in c.poll(200) if isinstance(e, Error)]
+            assert errors[0].code == P.BAD_REQUEST and "ms" in errors[0].message
+            again = c.generate("Free again", max_tokens=4, ignore_eos=True)
+            assert c.wait(again, timeout_s=60).finish_reason == "length"
