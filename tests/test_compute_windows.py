@@ -38,8 +38,21 @@ def test_several_sources_compute_only_where_their_windows_overlap():
     assert w.budget_s(0.001) == pytest.approx(0.007)
 
 
-def strict(budget_s: float, rows: int, guarantee: bool = False) -> tuple[Scheduler, list]:
-    s = Scheduler(SchedulerConfig(8, 512), BlockManager(1024, 16, True), fitted())
+def with_prefill_steps(extra_s: float = 0.001):
+    """Steps of fitted()'s costs, where any step with prompt tokens costs `extra_s` more (eager launches)."""
+    from gllm.scheduler.step_cost import StepCostModel, StepShape
+    model = StepCostModel()
+    for p in (0, 16, 64, 256):
+        for d in (0, 2, 4, 8):
+            for k in (0, 4000, 60000):
+                model.observe(StepShape(p, d, k), 0.002 + 20e-6 * p + 300e-6 * d + 2e-9 * k + extra_s * (p > 0))
+    model.fit()
+    assert model.as_dict()["per_prefill_step"] == pytest.approx(extra_s, rel=0.01)
+    return model
+
+
+def strict(budget_s: float, rows: int, guarantee: bool = False, model=None) -> tuple[Scheduler, list]:
+    s = Scheduler(SchedulerConfig(8, 512), BlockManager(1024, 16, True), model or fitted())
     decoders = [seq(i, 5) for i in range(1, rows + 1)]
     for q in decoders:
         s.add(q)
@@ -70,6 +83,27 @@ def test_a_window_too_small_for_any_row_computes_nothing_except_its_first_step()
     s.guarantee_progress = True                  # a window's first step: its least progress, one row
     out = run_step(s)
     assert len(out.scheduled) == 1
+
+
+def test_a_window_alternates_its_forced_progress_between_running_and_waiting_requests():
+    """With a window no step fits, the running rows cannot keep a new request out: the forced first step of
+    each window goes to the running and the waiting in turn; and a prefill that does not fit never blocks a
+    decode row that does."""
+    s, decoders = strict(0.0010, rows=2, guarantee=True, model=with_prefill_steps())
+    newcomer = seq(9, 40)
+    s.add(newcomer)
+    firsts = []
+    for _ in range(4):
+        out = run_step(s)
+        assert len(out.scheduled) == 1
+        firsts.append(out.scheduled[0].seq.seq_id)
+    assert 9 in firsts and any(f in (1, 2) for f in firsts)
+    assert newcomer.num_computed_tokens > 0
+    s.guarantee_progress = False
+    assert newcomer.is_prefilling and newcomer.last_step < min(d.last_step for d in decoders)   # first in turn
+    s.step_budget_s = 0.0025                     # room for one decode row (2.3 ms), not for a prefill (3 ms + )
+    out = run_step(s)
+    assert [(x.seq.seq_id, x.num_tokens) for x in out.scheduled] in ([(1, 1)], [(2, 1)])
 
 
 @pytest.fixture

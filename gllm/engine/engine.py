@@ -240,7 +240,8 @@ class LLMEngine:
             out.update(step_cost_fixed_us=int(coef["fixed"] * 1e6),
                        step_cost_prefill_token_ns=int(coef["per_prefill_token"] * 1e9),
                        step_cost_decode_row_ns=int(coef["per_decode_row"] * 1e9),
-                       step_cost_kv_ktoken_ns=int(coef["per_kv_token"] * 1e12))
+                       step_cost_kv_ktoken_ns=int(coef["per_kv_token"] * 1e12),
+                       step_cost_prefill_step_us=int(coef["per_prefill_step"] * 1e6))
         return out
 
     def tokenize_request(self, req: GenerationRequest) -> list[int]:

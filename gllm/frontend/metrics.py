@@ -92,12 +92,14 @@ class _EngineCollector:
             yield family(f"{p}_{name}", help_text, value=s.get(key, default) / scale)
         if "step_cost_fixed_us" in s:   # the step cost model, once it has learned this device's steps
             cost = GaugeMetricFamily(f"{p}_engine_step_cost_seconds", "The fitted step cost model: seconds per "
-                                     "step, per prefill token, per decode row and per KV token read",
+                                     "step, per prefill token, per decode row, per KV token read and per step "
+                                     "that prefills at all",
                                      labels=["term"])
             cost.add_metric(["fixed"], s["step_cost_fixed_us"] / 1e6)
             cost.add_metric(["per_prefill_token"], s["step_cost_prefill_token_ns"] / 1e9)
             cost.add_metric(["per_decode_row"], s["step_cost_decode_row_ns"] / 1e9)
             cost.add_metric(["per_kv_token"], s["step_cost_kv_ktoken_ns"] / 1e12)
+            cost.add_metric(["per_prefill_step"], s.get("step_cost_prefill_step_us", 0) / 1e6)
             yield cost
 
 

@@ -88,6 +88,7 @@ class Scheduler:
         # the window's first step (`guarantee_progress`), which always makes its least piece of progress.
         self.strict_budget = False
         self.guarantee_progress = True
+        self._forced_running = False   # whether the last window's forced progress went to running sequences
         self._steps = 0
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -126,7 +127,17 @@ class Scheduler:
         self._pinned.clear()
         # Decodes first, then prefills in progress; most important first within each.
         queue = sorted((s for s in self.running if s.due(now)), key=self._queue_order)
-        while queue and self._budget_left(out, queue[0]) > 0:
+        # A window's forced progress alternates between the running and the waiting, so that a strict budget
+        # no step fits cannot keep new requests out while running ones decode a row per window.
+        admit_first = self.strict_budget and self.guarantee_progress and bool(self.waiting) and self._forced_running
+        if admit_first:
+            self._admit(out)
+        while queue:
+            if self._budget_left(out, queue[0]) <= 0:
+                if not self.strict_budget:
+                    break
+                queue.pop(0)      # a strict budget: what does not fit sits this step out; smaller work may fit
+                continue
             seq = queue.pop(0)
             n = min(seq.num_uncomputed, self._budget_left(out, seq))
             while not self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
@@ -136,7 +147,10 @@ class Scheduler:
                     break
             else:
                 self._schedule(seq, n, out)
-        self._admit(out)
+        if not admit_first:
+            self._admit(out)
+        if self.strict_budget and self.guarantee_progress and out.scheduled:
+            self._forced_running = not admit_first
         self._steps += 1
         for item in out.scheduled:
             item.seq.last_step = self._steps
@@ -198,9 +212,10 @@ class Scheduler:
 
     def _queue_order(self, seq: Sequence) -> tuple:
         """Decodes before prefills in progress; most important first; under a strict budget, which lets only some
-        rows through, the least recently served first within a priority, so every row takes its turn."""
+        rows through, the least recently served first within a priority (prefills in progress included), so
+        every row takes its turn."""
         if self.strict_budget:
-            return (seq.is_prefilling, -seq.priority, seq.last_step, seq.rank())
+            return (-seq.priority, seq.last_step, seq.is_prefilling, seq.rank())
         return (seq.is_prefilling, seq.rank())
 
     @staticmethod

@@ -1,8 +1,11 @@
 """`StepCostModel`: how long a step will take, learned from the steps this device has run.
 
     seconds ~ fixed + per_prefill_token * prefill_tokens + per_decode_row * decode_rows + per_kv_token * kv_tokens
+              + per_prefill_step * (1 if the step prefills at all)
 
-(`kv_tokens`: the attention work, each row's new tokens times the context they attend over). Fitted on the
+(`kv_tokens`: the attention work, each row's new tokens times the context they attend over; the last term is
+what a step with prompt tokens costs beyond a decode-only one whatever its size: on a GPU a decode-only step
+replays a CUDA graph, a step with a prefill chunk launches its kernels one by one). Fitted on the
 last `window` steps by least squares with Huber weights (a few reweighting rounds), so the odd step slowed
 by something else on the machine does not drag the fit; a coefficient the data makes negative is dropped
 and the rest refitted.
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURES = ("fixed", "per_prefill_token", "per_decode_row", "per_kv_token")
+FEATURES = ("fixed", "per_prefill_token", "per_decode_row", "per_kv_token", "per_prefill_step")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class StepShape:
     kv_tokens: int = 0
 
     def vector(self) -> np.ndarray:
-        return np.array([1.0, self.prefill_tokens, self.decode_rows, self.kv_tokens])
+        return np.array([1.0, self.prefill_tokens, self.decode_rows, self.kv_tokens, float(self.prefill_tokens > 0)])
 
 
 class StepCostModel:
