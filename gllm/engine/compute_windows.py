@@ -58,10 +58,16 @@ class ComputeWindows:
                 del self._seen[source], self._until[source]
             return bool(self._seen)
 
-    def budget_s(self, now: float) -> float | None:
-        """How long a step started now may take: None when no game reports windows; 0 outside a window."""
+    def closes_at(self, now: float) -> float | None:
+        """When the window open now closes (monotonic s; in the past when none is open); None: no game reports."""
         if not self.active(now):
             return None
         with self._lock:
-            left = min(self._until.values()) - now
-        return max(0.0, left * self.config.share - self.config.margin_s)
+            return min(self._until.values())
+
+    def budget_s(self, now: float) -> float | None:
+        """How long a step started now may take: None when no game reports windows; 0 outside a window."""
+        closes = self.closes_at(now)
+        if closes is None:
+            return None
+        return max(0.0, (closes - now) * self.config.share - self.config.margin_s)

@@ -57,6 +57,7 @@ class _LaunchedStep:
     started: float
     step: int = 0
     decode: bool = False       # every sequence decodes one token: the kind of step a step can be queued after
+    window_end: float | None = None   # launched inside a game's idle window closing then (monotonic s)
 
 
 _NOT_FINISHED = StopResult(False)
@@ -101,6 +102,8 @@ class LLMEngine:
         self._window_seen = 0                    # windows.reports at the last step: a new window since?
         self.window_steps = 0                    # steps launched inside a game's idle window
         self.window_waits = 0                    # times the engine waited for one (work to do, no room)
+        self.window_spills = 0                   # window steps whose tokens came after their window closed
+        self._window_end: float | None = None
         self.thread_priority = "unchanged"       # set by the engine thread as it starts
         self.compute_s = 0.0                     # wall time in steps (engine thread)
         self.paused_s = 0.0                      # wall time the governor paused between steps
@@ -226,6 +229,7 @@ class LLMEngine:
             "window_reports": self.windows.reports,
             "window_steps": self.window_steps,
             "window_waits": self.window_waits,
+            "window_spills": self.window_spills,
         }
 
     def _step_time_stats(self) -> dict[str, int]:
@@ -397,7 +401,9 @@ class LLMEngine:
     def _window_allows_step(self) -> bool:
         """Whether a step may start now, and under which budget: freely while no game reports idle windows;
         else only inside one, with the step held to what is left of it (strictly: decode rows too)."""
-        budget = self.windows.budget_s(time.monotonic())
+        now = time.monotonic()
+        budget = self.windows.budget_s(now)
+        self._window_end = self.windows.closes_at(now)
         self.scheduler.strict_budget = budget is not None
         if budget is None:
             return True
@@ -475,7 +481,8 @@ class LLMEngine:
             state.first_scheduled = state.first_scheduled or now
         samplers = [st for st, s in zip(states, out.scheduled) if s.samples]
         launched = _LaunchedStep(out, states, samplers, None, started, step=self.num_steps,
-                                 decode=all(s.num_tokens == 1 and s.samples for s in out.scheduled))
+                                 decode=all(s.num_tokens == 1 and s.samples for s in out.scheduled),
+                                 window_end=self._window_end if self.scheduler.strict_budget else None)
         try:
             step = self.runner.run(out)
             self.scheduler.on_step_done(out)
@@ -533,6 +540,10 @@ class LLMEngine:
         except Exception as exc:
             self._fail_step(launched, exc)
             sampled = None
+        # A step that outlasted its idle window shared the device with the game's next frame: it is counted,
+        # and its time (the game's as much as its own) is not taught to the step cost model.
+        spilled = launched.window_end is not None and time.monotonic() > launched.window_end
+        self.window_spills += spilled
         if sampled is not None:
             for state, token, lp, error in zip(launched.samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
                 if self._states.get(state.request_id) is not state:
@@ -553,7 +564,7 @@ class LLMEngine:
                         waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks,
                         started=launched.started)
         self.step_seconds.append(info.seconds)
-        if out.shape is not None and sampled is not None:   # a shape is computed only when a budget is in force
+        if out.shape is not None and sampled is not None and not spilled:   # shapes: only under a budget
             self.cost_model.observe(out.shape, info.seconds)   # (its refits cost the engine thread ~1 ms)
         self._deferred = (info, deferred)
 
