@@ -540,10 +540,10 @@ class LLMEngine:
         except Exception as exc:
             self._fail_step(launched, exc)
             sampled = None
-        # A step that outlasted its idle window shared the device with the game's next frame: it is counted,
-        # and its time (the game's as much as its own) is not taught to the step cost model.
-        spilled = launched.window_end is not None and time.monotonic() > launched.window_end
-        self.window_spills += spilled
+        # A step that outlasted its idle window shared the device with the game's next frame. Its time is still
+        # taught to the cost model: learning only from steps that fit left the model unfitted when none did,
+        # and unfitted it let whole batches through, every one of them spilling (docs/benchmarks.md, session 9).
+        self.window_spills += launched.window_end is not None and time.monotonic() > launched.window_end
         if sampled is not None:
             for state, token, lp, error in zip(launched.samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
                 if self._states.get(state.request_id) is not state:
@@ -564,7 +564,7 @@ class LLMEngine:
                         waiting=len(self.scheduler.waiting), kv_free_blocks=self.block_manager.num_free_blocks,
                         started=launched.started)
         self.step_seconds.append(info.seconds)
-        if out.shape is not None and sampled is not None and not spilled:   # shapes: only under a budget
+        if out.shape is not None and sampled is not None:   # a shape is computed only when a budget is in force
             self.cost_model.observe(out.shape, info.seconds)   # (its refits cost the engine thread ~1 ms)
         self._deferred = (info, deferred)
 
