@@ -76,8 +76,7 @@ def _engine(args: argparse.Namespace):
     engine = LLMEngine(args.model, device=args.device, quiet=args.quiet)
     if not args.quiet:
         how = "from the converted cache" if engine.loaded_warm else "cold"
-        dtype = str(engine.dtype).removeprefix("torch.")
-        print(f"gllm: {engine.model_name} on {engine.device}, {dtype} ({engine.dtype_reason}; {how}, "
+        print(f"gllm: {engine.model_name} on {engine.device}, {engine.weight_format} ({engine.dtype_reason}; {how}, "
               f"{engine.load_seconds:.2f} s)", file=sys.stderr)
     return engine
 

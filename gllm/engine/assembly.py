@@ -16,6 +16,7 @@ from gllm.engine.loading import LoadedModel, load
 from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
 from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import LlamaForCausalLM, ModelConfig, parse_dtype
+from gllm.model.quantized import QuantConfig, quantize_layers, weight_bytes
 from gllm.runner import FastPath, ModelRunner, RunnerConfig, choose_fast_path
 from gllm.sampling import Sampler
 from gllm.scheduler import Scheduler, SchedulerConfig
@@ -52,6 +53,8 @@ class Runtime:
     fast_path: FastPath
     runner: ModelRunner
     sampler: Sampler
+    weight_format: str             # the dtype, or "int4 (bfloat16 activations)" and the like
+    weight_bytes: int
 
 
 def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, device: str | None,
@@ -64,6 +67,15 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
     loaded = model if isinstance(model, LoadedModel) else load(
         model, dtype=dtype, device=dev, max_positions=gen.max_seq_len, quiet=quiet)
     cfg: ModelConfig = loaded.config
+    weight_format = str(dtype).removeprefix("torch.")
+    if gen.quantization is not None:
+        if dev.type != "cpu":
+            raise ValueError(f"quantization={gen.quantization!r} runs on the CPU for now (its GPU kernels are "
+                             f"issue #22's next step); use device='cpu' or leave quantization unset")
+        report = quantize_layers(loaded.model, QuantConfig(gen.quantization, gen.quant_group_size))
+        weight_format = f"{gen.quantization} projections, {weight_format} activations"
+        if report.fallbacks:
+            weight_format += f" ({len(report.fallbacks)} projections int8: their shapes do not pack as int4)"
     if gen.max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len {gen.max_seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
@@ -84,7 +96,8 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
     return Runtime(device=dev, dtype=dtype, dtype_reason=dtype_reason,
                    cpu_threads=gen.cpu_threads or default_cpu_threads(), loaded=loaded, kv_cache=kv_cache,
                    block_manager=block_manager, cost_model=cost_model, scheduler=scheduler, fast_path=fast_path,
-                   runner=runner, sampler=Sampler(cfg.vocab_size, dev))
+                   runner=runner, sampler=Sampler(cfg.vocab_size, dev), weight_format=weight_format,
+                   weight_bytes=weight_bytes(loaded.model))
 
 
 def _kv_blocks(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -111,7 +124,7 @@ def _default_kv_tokens(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtyp
 def _kv_mb_within_budget(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                          model: LlamaForCausalLM) -> float:
     """What `gpu_memory_mb` leaves for the KV pool after the weights and a step's activations."""
-    weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
+    weights = weight_bytes(model)
     element = torch.empty((), dtype=dtype).element_size()
     # Widest step: every token's hidden states, fused qkv and gate/up outputs (a few alive at once),
     # plus float32 logits and sampler copies for each sequence that samples, plus allocator slack.

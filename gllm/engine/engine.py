@@ -70,6 +70,7 @@ class LLMEngine:
         rt = assemble(model, gen, device, quiet)
         self.device, self.dtype, self.dtype_reason = rt.device, rt.dtype, rt.dtype_reason
         self.cpu_threads = rt.cpu_threads
+        self.weight_format, self.weight_bytes = rt.weight_format, rt.weight_bytes
         loaded = rt.loaded
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.model_name, self.model_source = loaded.source.name, loaded.source
@@ -226,6 +227,7 @@ class LLMEngine:
             "governor_frames_over_permille": round((self.governor.over_share or 0.0) * 1000),
             "governor_paused_ms": int(self.paused_s * 1000),
             "compute_ms": int(self.compute_s * 1000),
+            "weight_bytes": self.weight_bytes,
             "window_reports": self.windows.reports,
             "window_steps": self.window_steps,
             "window_waits": self.window_waits,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gllm.model.quantized import QuantConfig
+
 # The default KV pool on the CPU: at most this much (and at least one max_seq_len request). Its pages are
 # mapped as blocks are first used, so a light load takes far less.
 DEFAULT_CPU_KV_MB = 256
@@ -41,6 +43,10 @@ class GeneratorParams:
     # Decode kernels start while the one before them finishes (programmatic dependent launch: compute
     # capability 9.0+, i.e. Hopper and later); None: on where the GPU has it. False turns it off.
     dependent_launch: bool | None = None
+    # Weight-only quantization on load of the decoder layers' projections: "int8" (per output channel) or
+    # "int4" (asymmetric, in groups of quant_group_size along K); None keeps them in `dtype`. CPU for now.
+    quantization: str | None = None
+    quant_group_size: int = 32
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len", "max_step_tokens", "max_waiting_requests"):
@@ -64,3 +70,5 @@ class GeneratorParams:
             raise ValueError(f"compute_nice must be an integer in [0, 19], got {self.compute_nice!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")
+        if self.quantization is not None:
+            QuantConfig(self.quantization, self.quant_group_size)   # raises ValueError naming what is wrong

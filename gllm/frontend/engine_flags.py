@@ -27,6 +27,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     for flag, kind, text in _SIZING:
         eng.add_argument(flag, type=positive(kind, flag), default=None, help=text)
     eng.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
+    eng.add_argument("--quantization", choices=("int8", "int4"), default=None,
+                     help="keep the decoder layers' weights quantized (weight-only; CPU): int8 per channel, "
+                          "int4 in groups")
+    eng.add_argument("--quant-group-size", type=int, default=None, choices=(32, 64, 128, 256),
+                     help="int4: weights per scale and zero along K (default 32)")
     eng.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     eng.add_argument("--compute-nice", type=int, default=None, choices=range(0, 20), metavar="0-19",
                      help="lower the engine's compute threads' OS priority by this, so the game comes first "
@@ -42,7 +47,8 @@ def generator_params(args: argparse.Namespace):
     fields = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len, "block_size": args.block_size,
               "max_step_tokens": args.max_step_tokens, "kv_cache_tokens": args.kv_cache_tokens,
               "kv_cache_mb": args.kv_cache_mb, "cpu_threads": args.cpu_threads, "dtype": args.dtype,
-              "max_waiting_requests": args.max_waiting_requests}
+              "max_waiting_requests": args.max_waiting_requests, "quantization": args.quantization,
+              "quant_group_size": args.quant_group_size}
     fields = {k: v for k, v in fields.items() if v is not None}
     if args.no_prefix_caching:
         fields["enable_prefix_caching"] = False

@@ -1,0 +1,96 @@
+"""Weight-only quantization on load: the decoder layers' projections (q/k/v, o, gate/up, down) as int8 per
+output channel or int4 in groups, kept quantized in memory (see `gllm.ops.quant` for the formats).
+
+The embeddings, the norms and the output head stay in the model's dtype: the head decides every token and
+(tied or not) is a small share of a model's bytes past the smallest ones, as in llama.cpp's Q4_K_M (which keeps
+it at 6 bits). A projection whose shape int4 cannot pack falls back to int8, and the report says which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gllm.ops.quant import QuantizedWeight, check_int4_shape, quant_matmul, quantize_int4, quantize_int8
+
+SCHEMES = ("int8", "int4")
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    scheme: str                   # "int8" or "int4"
+    group_size: int = 32          # int4: weights per (scale, zero) along K
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if self.scheme == "int4" and check_int4_shape(8, self.group_size * 2, self.group_size):
+            raise ValueError(f"quant_group_size: {check_int4_shape(8, self.group_size * 2, self.group_size)}")
+
+
+class QuantizedLinear(nn.Module):
+    """`nn.Linear` with its weight kept quantized (buffers, not parameters: nothing trains)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, scheme: str) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.scheme = scheme
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_matmul(x, self.qweight)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme}"
+
+
+@dataclass
+class QuantReport:
+    scheme: str
+    float_bytes: int = 0                  # the projections before
+    quantized_bytes: int = 0              # and after
+    fallbacks: list[str] = field(default_factory=list)   # int4 asked, int8 given (shape), with the reason
+
+
+def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
+    """Replace every decoder layer's projections by quantized ones, in place (already quantized: left alone).
+    The CPU kernels only: the model must be on the CPU."""
+    report = QuantReport(config.scheme)
+    for i, layer in enumerate(model.layers):
+        for path in PROJECTIONS:
+            owner_name, attr = path.split(".")
+            owner = getattr(layer, owner_name)
+            linear = getattr(owner, attr)
+            if isinstance(linear, QuantizedLinear):
+                report.quantized_bytes += linear.nbytes
+                continue
+            w = linear.weight
+            if w.device.type != "cpu":
+                raise ValueError("int8/int4 weights run on the CPU for now (GPU kernels: issue #22)")
+            report.float_bytes += w.nbytes + (0 if linear.bias is None else linear.bias.nbytes)
+            scheme = config.scheme
+            if scheme == "int4":
+                problem = check_int4_shape(*w.shape, config.group_size)
+                if problem:
+                    scheme = "int8"
+                    report.fallbacks.append(f"layers.{i}.{path}: {problem}")
+            qw = quantize_int4(w, config.group_size, w.dtype) if scheme == "int4" else quantize_int8(w, w.dtype)
+            q = QuantizedLinear(qw, linear.bias, scheme)
+            setattr(owner, attr, q)
+            report.quantized_bytes += q.nbytes
+    return report
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """What the model's weights take in memory, quantized ones at their packed size."""
+    total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    return total + sum(m.qweight.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))

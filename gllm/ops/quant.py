@@ -1,0 +1,109 @@
+"""Weight-only quantized matrix products: int8 per output channel, int4 in groups along K.
+
+The weights stay quantized in memory; the products go through torch's own weight-only kernels, which read the
+packed weights and scale in the kernel (`torch._weight_int8pack_mm`; `torch._weight_int4pack_mm_for_cpu`, whose
+packing `torch._convert_weight_to_int4pack_for_cpu` does once at load). Activations keep the model's dtype.
+
+    int8:  w[n, k] = q[n, k] * scale[n]                           q in [-127, 127]
+    int4:  w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]      q in [0, 15], g = k // group_size
+
+(the int4 form is torch's: `zero` is the value of q = 8, so an affine group min + scale * q maps onto it
+exactly; GGUF's Q4_0, Q4_1 and Q4_K blocks are of that form too.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_INNER_K_TILES = 2       # the CPU int4 packing's K tiling (16 values a tile); K must be a multiple of 32
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor           # [N, K] int8
+    scale: torch.Tensor       # [N], the activations' dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor              # torch's CPU int4 packing of q [N, K]
+    scales_and_zeros: torch.Tensor    # [K // group_size, N, 2]: (scale, zero) per group, the activations' dtype
+    group_size: int
+    n: int
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + \
+            self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+
+
+QuantizedWeight = Int8Weight | Int4Weight
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+    """Symmetric int8 per output channel (round to nearest); scales in `dtype`."""
+    w32 = w.detach().float()
+    scale = w32.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w32 / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q.contiguous(), scale.to(dtype))
+
+
+def check_int4_shape(n: int, k: int, group_size: int) -> str | None:
+    """Why a [n, k] weight cannot be int4 in groups of `group_size`; None when it can."""
+    if group_size not in INT4_GROUP_SIZES:
+        return f"group size must be one of {INT4_GROUP_SIZES}, got {group_size}"
+    if k % group_size:
+        return f"K ({k}) is not a multiple of the group size ({group_size})"
+    if k % (16 * _INNER_K_TILES) or n % 8:
+        return f"int4 packing needs K % {16 * _INNER_K_TILES} == 0 and N % 8 == 0, got N={n}, K={k}"
+    return None
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4Weight:
+    """Asymmetric int4 in groups of `group_size` along K (each group's min and max map to 0 and 15)."""
+    n, k = w.shape
+    problem = check_int4_shape(n, k, group_size)
+    if problem:
+        raise ValueError(f"int4: {problem}")
+    groups = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+    return pack_int4(q, scale, lo, group_size, dtype)
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, group_min: torch.Tensor, group_size: int,
+              dtype: torch.dtype) -> Int4Weight:
+    """From q [N, K] in [0, 15] with w = group_min + scale * q per group ([N, K // group_size] each)."""
+    n, k = q.shape
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INNER_K_TILES)
+    zero = group_min.float() + 8.0 * scale.float()          # torch's zero: the value of q = 8
+    scales_and_zeros = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return Int4Weight(packed, scales_and_zeros, group_size, n, k)
+
+
+def quant_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x [..., K] @ w.T -> [..., N] in x's dtype, reading w quantized."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(weight, Int8Weight):
+        y = torch._weight_int8pack_mm(x2, weight.q, weight.scale)
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(x2, weight.packed, weight.group_size, weight.scales_and_zeros)
+    return y.reshape(*lead, y.shape[-1])
