@@ -73,7 +73,7 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
             raise ValueError(f"quantization={gen.quantization!r} runs on the CPU for now (its GPU kernels are "
                              f"issue #22's next step); use device='cpu' or leave quantization unset")
         report = quantize_layers(loaded.model, QuantConfig(gen.quantization, gen.quant_group_size))
-        weight_format = f"{gen.quantization} projections, {weight_format} activations"
+        weight_format = f"{gen.quantization} projections (bfloat16 products), {weight_format} activations"
         if report.fallbacks:
             weight_format += f" ({len(report.fallbacks)} projections int8: their shapes do not pack as int4)"
     if gen.max_seq_len > cfg.max_position_embeddings:

@@ -23,6 +23,10 @@ PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "ml
 class QuantConfig:
     scheme: str                   # "int8" or "int4"
     group_size: int = 32          # int4: weights per (scale, zero) along K
+    # The activations' dtype inside the quantized products (and the scales'). torch's CPU weight-only kernels
+    # are vectorized for bfloat16 only: with float16 or float32 activations they run 5-25x slower than a float
+    # matmul (docs/benchmarks.md), so the products take bfloat16 and hand back the model's dtype.
+    compute_dtype: torch.dtype = torch.bfloat16
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -34,10 +38,11 @@ class QuantConfig:
 class QuantizedLinear(nn.Module):
     """`nn.Linear` with its weight kept quantized (buffers, not parameters: nothing trains)."""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, scheme: str) -> None:
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, scheme: str,
+                 compute_dtype: torch.dtype) -> None:
         super().__init__()
         self.qweight = weight
-        self.scheme = scheme
+        self.scheme, self.compute_dtype = scheme, compute_dtype
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
@@ -46,7 +51,7 @@ class QuantizedLinear(nn.Module):
         return self.qweight.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_matmul(x, self.qweight)
+        y = quant_matmul(x.to(self.compute_dtype), self.qweight).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -83,8 +88,9 @@ def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
                 if problem:
                     scheme = "int8"
                     report.fallbacks.append(f"layers.{i}.{path}: {problem}")
-            qw = quantize_int4(w, config.group_size, w.dtype) if scheme == "int4" else quantize_int8(w, w.dtype)
-            q = QuantizedLinear(qw, linear.bias, scheme)
+            dtype = config.compute_dtype
+            qw = quantize_int4(w, config.group_size, dtype) if scheme == "int4" else quantize_int8(w, dtype)
+            q = QuantizedLinear(qw, linear.bias, scheme, dtype)
             setattr(owner, attr, q)
             report.quantized_bytes += q.nbytes
     return report
