@@ -293,7 +293,8 @@ def write_llama3_gguf(path: Path, model_dir: Path, tokenizer_dir: Path, *, arch:
         arr = t.float().numpy()
         q = getattr(gguf.GGMLQuantizationType, qtype)
         # Block-quantized data is uint8 rows; the writer derives the element shape from raw_dtype.
-        w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q if qtype == "Q8_0" else None)
+        data = gguf.quants.quantize(arr, q)
+        w.add_tensor(name, data, raw_dtype=q if data.dtype == np.uint8 else None)
 
     w_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}

@@ -141,3 +141,47 @@ def test_the_engine_runs_quantized_weights_with_the_same_greedy_text_in_every_mo
 
     baseline = run(False, False)
     assert run(True, True) == baseline and run(False, True) == baseline
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tmp_path_factory, llama32_dir, tokenizer_dir):
+    """The tiny Llama 3.2 written as a GGUF whose projections are Q4_0 and Q4_1 blocks (gguf's quantizer)."""
+    import test_gguf
+    types = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "Q4_1", "ffn_gate": "Q4_1",
+             "ffn_up": "Q4_0", "ffn_down": "Q8_0"}
+    saved = dict(test_gguf.TENSOR_TYPES)
+    test_gguf.TENSOR_TYPES.update(types)
+    try:
+        return test_gguf.write_llama3_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4.gguf", llama32_dir, tokenizer_dir)
+    finally:
+        test_gguf.TENSOR_TYPES.clear()
+        test_gguf.TENSOR_TYPES.update(saved)
+
+
+def test_gguf_4bit_blocks_are_packed_as_they_are(q4_gguf):
+    """Q4_0 / Q4_1 projections go into the int4 kernels without requantizing: the model computes exactly
+    gguf's own dequantized weights (float32 products); a projection with a part in another type (down:
+    Q8_0) is quantized from its float values instead."""
+    from gllm.model.gguf_loader import GGUFInt4Blocks, load_gguf
+    reference, cfg, _ = load_gguf(q4_gguf, dtype=torch.float32, device="cpu", max_positions=1024)
+    model, _, _ = load_gguf(q4_gguf, dtype=torch.float32, device="cpu", max_positions=1024)
+    report = quantize_layers(model, QuantConfig("int4", compute_dtype=torch.float32),
+                             GGUFInt4Blocks(q4_gguf, cfg).groups)
+    assert report.exact == 3 * cfg.num_hidden_layers          # qkv, o and gate_up of every layer; not down
+    # down was requantized (int4 from its Q8_0 values): put the reference's back, so what is compared is exact
+    assert all(isinstance(layer.mlp.down_proj, QuantizedLinear) for layer in model.layers)
+    for layer, ref_layer in zip(model.layers, reference.layers):
+        layer.mlp.down_proj = ref_layer.mlp.down_proj
+    exact_logits, float_logits = Stepper(model, 16).feed(PROMPT), Stepper(reference, 16).feed(PROMPT)
+    assert torch.allclose(exact_logits, float_logits, atol=1e-4 * float_logits.abs().max().item()), \
+        (exact_logits - float_logits).abs().max()
+
+
+def test_a_4bit_block_decoder_refuses_other_types_and_short_rows():
+    import numpy as np
+
+    from gllm.formats.gguf_quants import int4_groups
+    with pytest.raises(ValueError, match="not 4-bit affine"):
+        int4_groups("Q8_0", np.zeros((2, 34), np.uint8), 32)
+    with pytest.raises(ValueError, match="do not hold 64 weights"):
+        int4_groups("Q4_1", np.zeros((2, 20), np.uint8), 64)

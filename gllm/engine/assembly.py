@@ -72,8 +72,14 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
         if dev.type != "cpu":
             raise ValueError(f"quantization={gen.quantization!r} runs on the CPU for now (its GPU kernels are "
                              f"issue #22's next step); use device='cpu' or leave quantization unset")
-        report = quantize_layers(loaded.model, QuantConfig(gen.quantization, gen.quant_group_size))
+        exact = None
+        if gen.quantization == "int4" and loaded.source.kind == "gguf":   # its 4-bit blocks, as they are
+            from gllm.model.gguf_loader import GGUFInt4Blocks
+            exact = GGUFInt4Blocks(loaded.source.path, cfg).groups
+        report = quantize_layers(loaded.model, QuantConfig(gen.quantization, gen.quant_group_size), exact)
         weight_format = f"{gen.quantization} projections (bfloat16 products), {weight_format} activations"
+        if report.exact:
+            weight_format += f"; {report.exact} projections from the file's 4-bit blocks"
         if report.fallbacks:
             weight_format += f" ({len(report.fallbacks)} projections int8: their shapes do not pack as int4)"
     if gen.max_seq_len > cfg.max_position_embeddings:

@@ -291,3 +291,40 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     except ValueError as exc:
         raise ValueError(f"{where!r}: {exc}") from exc
     return model, cfg, info
+
+
+# The GGUF tensors behind each of gllm's fused projections, in the order their rows are stacked.
+_PROJECTION_PARTS = {
+    "self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
+    "self_attn.o_proj": ("attn_output",),
+    "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
+    "mlp.down_proj": ("ffn_down",),
+}
+
+
+class GGUFInt4Blocks:
+    """A GGUF file's 4-bit projections as int4 groups (see `gllm.formats.gguf_quants`), for quantizing on
+    load without requantizing: `groups(layer, projection)` gives the fused projection's (q, scale, group_min)
+    when every part of it is stored in a 4-bit affine type, else None (that projection is quantized from its
+    float values instead)."""
+
+    def __init__(self, path: str | Path, cfg: ModelConfig) -> None:
+        self.reader = open_gguf(path)
+        self.cfg = cfg
+        self._by_name = {t.name: t for t in self.reader.tensors}
+
+    def groups(self, layer: int, projection: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        from gllm.formats.gguf_quants import INT4_TYPES, int4_groups
+
+        tensors = [self._by_name.get(f"blk.{layer}.{part}.weight") for part in _PROJECTION_PARTS[projection]]
+        if any(t is None or t.tensor_type.name not in INT4_TYPES for t in tensors):
+            return None
+        pieces = []
+        for part, t in zip(_PROJECTION_PARTS[projection], tensors):
+            k = int(t.shape[0])                       # GGUF shapes are innermost first
+            q, scale, group_min = int4_groups(t.tensor_type.name, t.data, k)
+            heads = {"attn_q": self.cfg.num_attention_heads, "attn_k": self.cfg.num_key_value_heads}.get(part)
+            if heads is not None:                     # the same row order the float path restores
+                q, scale, group_min = (unpermute_qk(a, heads) for a in (q, scale, group_min))
+            pieces.append((q, scale, group_min))
+        return tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))

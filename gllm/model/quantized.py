@@ -8,12 +8,25 @@ it at 6 bits). A projection whose shape int4 cannot pack falls back to int8, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from gllm.ops.quant import QuantizedWeight, check_int4_shape, quant_matmul, quantize_int4, quantize_int8
+from gllm.ops.quant import (
+    QuantizedWeight,
+    check_int4_shape,
+    pack_int4,
+    quant_matmul,
+    quantize_int4,
+    quantize_int8,
+)
+
+# (layer, projection) -> the projection's int4 groups as the file stores them, (q, scale, group_min), or None
+ExactInt4 = Callable[[int, str], "tuple[np.ndarray, np.ndarray, np.ndarray] | None"]
+EXACT_GROUP_SIZE = 32      # GGUF's 4-bit blocks
 
 SCHEMES = ("int8", "int4")
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -63,11 +76,14 @@ class QuantReport:
     scheme: str
     float_bytes: int = 0                  # the projections before
     quantized_bytes: int = 0              # and after
+    exact: int = 0                        # projections taken from the file's own 4-bit blocks
     fallbacks: list[str] = field(default_factory=list)   # int4 asked, int8 given (shape), with the reason
 
 
-def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
+def quantize_layers(model: nn.Module, config: QuantConfig, exact: ExactInt4 | None = None) -> QuantReport:
     """Replace every decoder layer's projections by quantized ones, in place (already quantized: left alone).
+    With int4, `exact` may give a projection's groups as a quantized file stores them (GGUF Q4_0 / Q4_1):
+    those are packed as they are, in groups of 32, instead of requantizing their float values.
     The CPU kernels only: the model must be on the CPU."""
     report = QuantReport(config.scheme)
     for i, layer in enumerate(model.layers):
@@ -89,7 +105,15 @@ def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
                     scheme = "int8"
                     report.fallbacks.append(f"layers.{i}.{path}: {problem}")
             dtype = config.compute_dtype
-            qw = quantize_int4(w, config.group_size, dtype) if scheme == "int4" else quantize_int8(w, dtype)
+            stored = exact(i, path) if exact is not None and scheme == "int4" else None
+            if stored is not None and check_int4_shape(*w.shape, EXACT_GROUP_SIZE) is None:
+                q, scale, group_min = (torch.from_numpy(np.ascontiguousarray(a)) for a in stored)
+                qw = pack_int4(q, scale, group_min, EXACT_GROUP_SIZE, dtype)
+                report.exact += 1
+            elif scheme == "int4":
+                qw = quantize_int4(w, config.group_size, dtype)
+            else:
+                qw = quantize_int8(w, dtype)
             q = QuantizedLinear(qw, linear.bias, scheme, dtype)
             setattr(owner, attr, q)
             report.quantized_bytes += q.nbytes
