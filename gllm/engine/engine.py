@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from gllm.engine.sinks import AsyncSink, CallbackSink, EventSink, RequestHandle
 from gllm.engine.thread_priority import lower_this_thread
 from gllm.model import ModelConfig
 from gllm.sampling import PendingSample, SampleRow, StopChecker, StopResult, TokenLogprobs
+from gllm.sampling.grammar import Grammars
 from gllm.scheduler import SchedulerOutput, Sequence
 from gllm.tokenizer import IncrementalDetokenizer
 
@@ -59,6 +61,7 @@ class _LaunchedStep:
 
 
 _NOT_FINISHED = StopResult(False)
+_GRAMMAR_COMPLETE = StopResult(True, "stop", keep_text=True)
 
 
 class LLMEngine:
@@ -77,6 +80,11 @@ class LLMEngine:
         self.kv_cache, self.block_manager, self.scheduler = rt.kv_cache, rt.block_manager, rt.scheduler
         self.cost_model, self.fast_path, self.runner, self.sampler = rt.cost_model, rt.fast_path, rt.runner, rt.sampler
         self.step_seconds: deque[float] = deque(maxlen=512)
+        # Structured output: constraints compiled once per content; their masks are computed on this worker
+        # while the model step runs.
+        self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
+                                 sorted(self.eos_token_ids))
+        self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gllm-masks")
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
         # 16 steps), so the governor's step budget holds from its first decision; on a GPU only under a budget.
         self.scheduler.learn_shapes = self.device.type == "cpu"
@@ -239,8 +247,12 @@ class LLMEngine:
             if isinstance(req.messages, list):
                 self._check_text_fits("messages", sum(len(v) for m in req.messages if isinstance(m, dict)
                                                       for v in m.values() if isinstance(v, str)))
+            if req.tools is not None and not (isinstance(req.tools, list) and all(isinstance(t, dict)
+                                                                                  for t in req.tools)):
+                raise RequestRejected("tools must be a list of objects", "tools")
+            extra = {"tools": req.tools} if req.tools else {}
             try:
-                return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)   # contents stay text
+                return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True, **extra)   # text stays text
             except ValueError as exc:   # a malformed conversation, or the template refused it
                 raise RequestRejected(str(exc), "messages") from exc
         ids = list(req.prompt_token_ids)
@@ -281,6 +293,8 @@ class LLMEngine:
         if self._closed:
             raise RuntimeError("the engine is closed")
         params = req.sampling_params()
+        spec = params.constraint   # compiled (or found in the cache) before any compute: a bad one is a FieldError
+        constraint = self.grammars.start(*spec) if spec is not None else None
         prompt_ids = self.tokenize_request(req)
         gen = self.gen_params
         if not prompt_ids:
@@ -318,6 +332,7 @@ class LLMEngine:
             submitted=time.perf_counter(),
             prompt_ids=prompt_ids,
             ttft_deadline_ms=req.ttft_deadline_ms or None,
+            constraint=constraint,
         )
         return state
 
@@ -351,6 +366,7 @@ class LLMEngine:
         self._flush_deferred()
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
+        self._mask_worker.shutdown(wait=False)
 
     def _recover(self, exc: Exception) -> None:
         """A failure outside any one request's model step (scheduling, a step listener's caller, text work):
@@ -437,12 +453,22 @@ class LLMEngine:
         samplers = [st for st, s in zip(states, out.scheduled) if s.samples]
         launched = _LaunchedStep(out, states, samplers, None, started, step=self.num_steps,
                                  decode=all(s.num_tokens == 1 and s.samples for s in out.scheduled))
+        constrained = [st for st in samplers if st.constraint is not None]
+        masks: Future | None = None
+        if constrained:   # the grammar masks, computed on the CPU while the model computes the logits
+            masks = self._mask_worker.submit(self.grammars.fill_masks, [st.constraint for st in constrained])
         try:
             step = self.runner.run(out)
             self.scheduler.on_step_done(out)
-            rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids) for st in samplers]
-            launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens) if rows else None
+            mask_row = {st.request_id: i for i, st in enumerate(constrained)}
+            rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids,
+                              mask_row=mask_row.get(st.request_id)) for st in samplers]
+            launched.sample = (self.sampler.launch(step.logits, rows, step.greedy_tokens,
+                                                   masks.result() if masks is not None else None)
+                               if rows else None)
         except Exception as exc:  # a failed step fails its requests, never the engine
+            if masks is not None:
+                masks.exception()   # let the worker finish with the matchers before the requests end
             self._fail_step(launched, exc)
         return launched
 
@@ -452,8 +478,9 @@ class LLMEngine:
         if not launched.decode or launched.sample is None or launched.sample.device_tokens is None:
             return None
         states = [st for st in launched.samplers if self._states.get(st.request_id) is st]
-        if any(st.params.has_penalties or st.params.logits_processor is not None for st in states):
-            return None
+        if any(st.params.has_penalties or st.params.logits_processor is not None or st.constraint is not None
+               for st in states):
+            return None   # their next logits depend on the token being sampled (a grammar's mask, say)
         rows = [i for i, st in enumerate(launched.samplers)
                 if len(st.output_ids) + 1 < st.stop.max_new_tokens and self._states.get(st.request_id) is st]
         out = self.scheduler.schedule_ahead([st.seq for st in states], [launched.samplers[i].seq for i in rows],
@@ -552,6 +579,13 @@ class LLMEngine:
         if lp is not None:
             state.logprobs.append(lp)
         verdict = state.stop.check_token(token, len(state.output_ids))
+        if state.constraint is not None and not verdict.finished:
+            error = state.constraint.advance(token)
+            if error is not None:
+                self._finish(state, "error", error=error)
+                return False
+            if state.constraint.complete:   # the grammar has ended: so has the output, with this token's text
+                verdict = _GRAMMAR_COMPLETE
         if self.overlap_steps and not verdict.finished:
             state.pending = (token, lp, step)
             return True
