@@ -6,7 +6,11 @@ a bad constraint is a field error before any compute, and the engine serves on."
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -92,12 +96,15 @@ def test_regex_grammar_and_choice_outputs_match(eng):
 
 
 def test_greedy_constrained_output_is_the_same_in_any_batch_and_either_step_mode(llama32_dir):
+    ahead = []
+
     def run(overlap: bool, batch: list[GenerationRequest]) -> list[list[int]]:
         e = LLMEngine(llama32_dir, GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=512, cpu_threads=2,
                                                    dtype="float32", overlap_steps=overlap), device="cpu")
         try:
             return [r.tokens for r in e.generate(batch)]
         finally:
+            ahead.append(e.num_steps_ahead)
             e.close()
 
     def constrained():
@@ -110,6 +117,7 @@ def test_greedy_constrained_output_is_the_same_in_any_batch_and_either_step_mode
 
     want = run(False, constrained())
     assert run(True, constrained()) == want
+    assert ahead == [0, ahead[1]] and ahead[1] > 20   # constrained rows run ahead too (sampled once masks are in)
     mixed = free()[:2] + constrained() + free()[2:]
     for overlap in (False, True):
         assert run(overlap, mixed)[2:4] == want
@@ -194,3 +202,32 @@ def test_compiled_constraints_are_reused_across_requests(eng):
     before = eng.grammars.compiled
     eng.generate([GenerationRequest(prompt=PROMPT, json_schema=schema, max_new_tokens=20, seed=s) for s in range(5)])
     assert eng.grammars.compiled == before + 1
+
+
+def test_a_failure_computing_masks_fails_only_the_constrained_rows(eng):
+    free = GenerationRequest(prompt="The smith said", max_new_tokens=12, temperature=0, ignore_eos=True)
+    alone = eng.generate(free)[0]
+    fill, calls = eng.grammars.fill_masks, []
+
+    def broken(constraints):
+        calls.append(len(constraints))
+        raise RuntimeError("mask buffer lost")
+
+    eng.grammars.fill_masks = broken
+    try:
+        bad, ok = eng.generate([GenerationRequest(prompt=PROMPT, regex="[a-z]+", max_new_tokens=8),
+                                GenerationRequest(prompt="The smith said", max_new_tokens=12, temperature=0,
+                                                  ignore_eos=True)])
+    finally:
+        eng.grammars.fill_masks = fill
+    assert calls and bad.finish_reason == "error" and "mask buffer lost" in bad.error
+    assert ok.finish_reason == "length" and ok.tokens == alone.tokens
+    finished_clean(eng)
+
+
+def test_the_npc_actions_example_parses_every_reply_on_the_default_model(smollm2_gguf):
+    example = Path(__file__).resolve().parent.parent / "examples" / "python" / "npc_actions.py"
+    proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4/4 replies parsed" in proc.stdout and proc.stdout.count("[game] ") == 4, proc.stdout

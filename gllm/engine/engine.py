@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import math
+import os
 import queue
 import secrets
 import threading
@@ -58,6 +59,10 @@ class _LaunchedStep:
     started: float
     step: int = 0
     decode: bool = False       # every sequence decodes one token: the kind of step a step can be queued after
+    mask_error: str | None = None   # the grammar masks failed: the constrained rows' tokens are void
+    # A step queued ahead with constrained rows: its logits and rows, sampled once the previous step's tokens
+    # have moved the grammars on (`_sample_ahead`), while the device computes it.
+    unsampled: tuple[Any, list[SampleRow]] | None = None
 
 
 _NOT_FINISHED = StopResult(False)
@@ -82,8 +87,10 @@ class LLMEngine:
         self.step_seconds: deque[float] = deque(maxlen=512)
         # Structured output: constraints compiled once per content; their masks are computed on this worker
         # while the model step runs.
+        # On the CPU one thread (the model's threads are busy meanwhile); beside a GPU, up to 4 of the idle cores.
+        mask_threads = 1 if self.device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
         self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
-                                 sorted(self.eos_token_ids))
+                                 sorted(self.eos_token_ids), threads=mask_threads)
         self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gllm-masks")
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
         # 16 steps), so the governor's step budget holds from its first decision; on a GPU only under a budget.
@@ -439,6 +446,8 @@ class LLMEngine:
         self._collect(launched)
         if ahead is not None:
             self.scheduler.commit_ahead(ahead.out)
+            if ahead.unsampled is not None:
+                self._sample_ahead(ahead)
             self._inflight = ahead
         elif not (self.overlap_steps and self.scheduler.has_work):
             self._flush_deferred()   # no next step to hide it behind
@@ -460,27 +469,38 @@ class LLMEngine:
         try:
             step = self.runner.run(out)
             self.scheduler.on_step_done(out)
-            mask_row = {st.request_id: i for i, st in enumerate(constrained)}
+            mask_tensor = self._masks_of(launched, masks)
+            mask_row = {st.request_id: i for i, st in enumerate(constrained)} if mask_tensor is not None else {}
             rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids,
                               mask_row=mask_row.get(st.request_id)) for st in samplers]
-            launched.sample = (self.sampler.launch(step.logits, rows, step.greedy_tokens,
-                                                   masks.result() if masks is not None else None)
-                               if rows else None)
+            launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, mask_tensor) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
             if masks is not None:
                 masks.exception()   # let the worker finish with the matchers before the requests end
             self._fail_step(launched, exc)
         return launched
 
+    @staticmethod
+    def _masks_of(launched: _LaunchedStep, masks: Future | None) -> torch.Tensor | None:
+        """The step's grammar masks; if computing them failed, the constrained rows fail alone (in `_collect`)."""
+        if masks is None:
+            return None
+        try:
+            return masks.result()
+        except Exception as exc:
+            log.exception("computing the grammar masks of step %d failed", launched.step)
+            launched.mask_error = f"structured output failed: {type(exc).__name__}: {exc}"
+            return None
+
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
         """Queue the decode step after `launched` before its tokens are known, when the scheduler would choose
-        it anyway (see `Scheduler.schedule_ahead`) and no request needs its token history on the host."""
+        it anyway (see `Scheduler.schedule_ahead`) and no request needs its token history on the host. With
+        constrained rows, only its forward is queued now; it is sampled in `_sample_ahead`."""
         if not launched.decode or launched.sample is None or launched.sample.device_tokens is None:
             return None
         states = [st for st in launched.samplers if self._states.get(st.request_id) is st]
-        if any(st.params.has_penalties or st.params.logits_processor is not None or st.constraint is not None
-               for st in states):
-            return None   # their next logits depend on the token being sampled (a grammar's mask, say)
+        if any(st.params.has_penalties or st.params.logits_processor is not None for st in states):
+            return None   # their sampling reads the token history on the host
         rows = [i for i, st in enumerate(launched.samplers)
                 if len(st.output_ids) + 1 < st.stop.max_new_tokens and self._states.get(st.request_id) is st]
         out = self.scheduler.schedule_ahead([st.seq for st in states], [launched.samplers[i].seq for i in rows],
@@ -497,10 +517,36 @@ class LLMEngine:
             # Each row's token count is one more than now: the token being sampled is not appended yet.
             sample_rows = [SampleRow(st.params, st.seed, len(st.output_ids) + 1, st.prompt_ids, st.output_ids)
                            for st in keep]
-            ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)
+            if any(st.constraint is not None for st in keep):
+                ahead.unsampled = (step, sample_rows)   # a grammar's mask needs the token being sampled now
+            else:
+                ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)
         except Exception as exc:
             self._fail_step(ahead, exc)
         return ahead
+
+    def _sample_ahead(self, ahead: _LaunchedStep) -> None:
+        """Sample a step queued ahead whose rows include constrained ones: the previous step's tokens are in,
+        so the grammars have moved on; their masks are computed here while the device computes the step."""
+        step, rows = ahead.unsampled
+        ahead.unsampled = None
+        try:
+            # Rows whose request ended meanwhile sample unmasked: their token is void, and a finished grammar
+            # may allow nothing.
+            live = [i for i, st in enumerate(ahead.samplers)
+                    if st.constraint is not None and self._states.get(st.request_id) is st]
+            masks = None
+            if live:
+                try:
+                    masks = self.grammars.fill_masks([ahead.samplers[i].constraint for i in live])
+                    for k, i in enumerate(live):
+                        rows[i].mask_row = k
+                except Exception as exc:
+                    log.exception("computing the grammar masks of step %d failed", ahead.step)
+                    ahead.mask_error = f"structured output failed: {type(exc).__name__}: {exc}"
+            ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
+        except Exception as exc:
+            self._fail_step(ahead, exc)
 
     def _fail_step(self, launched: _LaunchedStep, exc: Exception) -> None:
         log.exception("engine step %d failed (%d sequences, %d tokens)", self.num_steps, len(launched.out.scheduled),
@@ -523,6 +569,8 @@ class LLMEngine:
             for state, token, lp, error in zip(launched.samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
                 if self._states.get(state.request_id) is not state:
                     continue   # finished while this step ran (a stop string found late, a cancel): token void
+                if launched.mask_error is not None and state.constraint is not None:
+                    error = error or launched.mask_error
                 if error is not None:
                     self._finish(state, "error", error=error)
                     continue

@@ -48,10 +48,11 @@ class Constraint:
 class Grammars:
     """Compiled constraints for one tokenizer, cached by content (thread-safe: requests are checked on the
     callers' threads). `tokenizer_json` gives the tokenizer's `tokenizers` JSON; it is read once, on the first
-    constraint (building llguidance's token trie takes a second for a 128k vocabulary)."""
+    constraint (building llguidance's token trie takes a second for a 128k vocabulary). `threads` compute a
+    batch's masks in parallel."""
 
     def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: Sequence[int],
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, threads: int = 1) -> None:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self._eos = list(eos_token_ids)
@@ -60,6 +61,7 @@ class Grammars:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._executor: llguidance.LLExecutor | None = None
+        self._threads = threads             # for a batch's masks (rows in parallel)
         self.compiled = 0                   # cache misses (for tests and stats)
 
     @property
@@ -117,7 +119,7 @@ class Grammars:
         n, words = len(constraints), self.mask_words
         masks = torch.empty((n, words), dtype=torch.int32)
         if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=1)
+            self._executor = llguidance.LLExecutor(num_threads=self._threads)
         self._executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)],
                                                masks.data_ptr(), words * 4, n)
         return masks
