@@ -153,6 +153,11 @@ def test_a_complete_grammar_ends_with_stop_and_its_last_text(eng):
     r = eng.generate(GenerationRequest(prompt=PROMPT, choice=["yes"], max_new_tokens=50, temperature=0))[0]
     assert (r.finish_reason, r.text) == ("stop", "yes")
     assert len(r.tokens) == len(eng.tokenizer.encode("yes", add_special_tokens=False))   # no extra step for EOS
+    long = eng.generate(GenerationRequest(prompt=PROMPT, choice=["open the north gate"], max_new_tokens=50,
+                                          temperature=0))[0]
+    exact = eng.generate(GenerationRequest(prompt=PROMPT, choice=["open the north gate"],
+                                           max_new_tokens=len(long.tokens), temperature=0))[0]
+    assert (exact.finish_reason, exact.text) == ("stop", "open the north gate")   # complete at the limit: stop
     r = eng.generate(GenerationRequest(prompt=PROMPT, regex="[a-z]{30}", max_new_tokens=3, temperature=0))[0]
     assert r.finish_reason == "length" and re.fullmatch("[a-z]+", r.text)
 

@@ -86,8 +86,8 @@ class LLMEngine:
         self.cost_model, self.fast_path, self.runner, self.sampler = rt.cost_model, rt.fast_path, rt.runner, rt.sampler
         self.step_seconds: deque[float] = deque(maxlen=512)
         # Structured output: constraints compiled once per content; their masks are computed on this worker
-        # while the model step runs.
-        # On the CPU one thread (the model's threads are busy meanwhile); beside a GPU, up to 4 of the idle cores.
+        # while the model step runs, with one thread on the CPU (the model's are busy meanwhile) and up to 4
+        # of the idle cores beside a GPU.
         mask_threads = 1 if self.device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
         self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
                                  sorted(self.eos_token_ids), threads=mask_threads)
@@ -627,7 +627,8 @@ class LLMEngine:
         if lp is not None:
             state.logprobs.append(lp)
         verdict = state.stop.check_token(token, len(state.output_ids))
-        if state.constraint is not None and not verdict.finished:
+        # A stop token ends the output as it is; any other token, the last one allowed included, moves the grammar.
+        if state.constraint is not None and not (verdict.finished and verdict.finish_reason == "stop"):
             error = state.constraint.advance(token)
             if error is not None:
                 self._finish(state, "error", error=error)
