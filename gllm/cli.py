@@ -7,11 +7,12 @@ import asyncio
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Sequence
 
 from gllm.engine.catalog import DEFAULT_MODEL, KNOWN_MODELS, cached_gguf_path, fetch_known_model, gllm_home
 from gllm.frontend.helpers import field_flag
-from gllm.request_fields import FIELDS_BY_NAME
+from gllm.request_fields import CONSTRAINT_FIELDS, FIELDS_BY_NAME, FieldError, RequestField
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +41,34 @@ def _add_sampling_flags(p: argparse.ArgumentParser, default_temperature: float) 
                        metavar=f.wire_name.upper(), help=f"{f.help}; {f.limits} (default {default})")
 
 
+def _constraint_value(f: RequestField):
+    """An argparse ``type`` for a structured-output flag: the text, or the file's text for ``@path``."""
+    flag = "--" + f.wire_name.replace("_", "-")
+
+    def parse(text: str):
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise argparse.ArgumentTypeError(f"{flag}: cannot read {text[1:]}: {exc}") from None
+        try:   # one --choice flag is one item of the list
+            return f.check([text], flag)[0] if f.kind == "str_list" else f.check(text, flag)
+        except FieldError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def _add_constraint_flags(p: argparse.ArgumentParser) -> None:
+    """--json-schema, --regex, --grammar, --choice (repeated): at most one; the output then always parses."""
+    group = p.add_mutually_exclusive_group()
+    for f in CONSTRAINT_FIELDS:
+        many = f.kind == "str_list"
+        group.add_argument("--" + f.wire_name.replace("_", "-"), dest=f.name, type=_constraint_value(f),
+                           action="append" if many else "store", default=None, metavar="TEXT",
+                           help=f"{f.help}{' (repeat the flag for each)' if many else ''}; {f.limits}"
+                                f"{'' if many else '; @FILE reads it from a file'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gllm", description="Local LLM runtime for game NPCs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", type=field_flag(FIELDS_BY_NAME["logprobs"]), default=None,
                      help=FIELDS_BY_NAME["logprobs"].help)
     gen.add_argument("--json", action="store_true", help="print text, tokens, logprobs, usage, timings as JSON")
+    _add_constraint_flags(gen)
 
     sub.add_parser("models", help="known and cached models")
     fetch = sub.add_parser("fetch", help="download the default (or a known) model into the cache")
@@ -93,7 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             fields = {"messages": messages + [{"role": "user", "content": args.prompt}]}
-        req = _request(args, logprobs=args.logprobs, **fields)
+        constraint = {f.name: getattr(args, f.name) for f in CONSTRAINT_FIELDS if getattr(args, f.name) is not None}
+        req = _request(args, logprobs=args.logprobs, **fields, **constraint)
         if args.json:
             result = engine.generate([req])[0]
             out = {

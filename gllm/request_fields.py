@@ -8,6 +8,7 @@ gllm: every layer may read it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,9 @@ UINT64_MAX = 2**64 - 1
 
 class FieldError(ValueError):
     """A request field with a wrong type or a value out of its range. `field` is the name the caller used
-    (the wire name on the bridge and over HTTP, the Python name in the API); `code` is "wrong_type" or
-    "out_of_range"."""
+    (the wire name on the bridge and over HTTP, the Python name in the API); `code` is "wrong_type",
+    "out_of_range" or "conflict" (two fields that exclude each other), and "invalid" for a constraint
+    (schema, regex, grammar) the grammar engine cannot compile."""
 
     def __init__(self, field: str, code: str, message: str) -> None:
         super().__init__(f"{field} {message}")
@@ -30,7 +32,7 @@ class FieldError(ValueError):
 @dataclass(frozen=True)
 class RequestField:
     name: str                     # the Python name (GenerationRequest, SamplingParams)
-    kind: str                     # "int", "float", "bool", "str_list" or "int_list"
+    kind: str                     # "int", "float", "bool", "str_list", "int_list", "str" or "json"
     default: Any
     help: str
     lo: float | None = None       # numbers: the range; lists: each item's range (int) or length (str)
@@ -42,6 +44,7 @@ class RequestField:
     on_bridge: bool = True        # a field of the bridge's `generate`
     on_http: bool = True          # read by the OpenAI mapping under `wire_name`
     scheduling: bool = False      # read by the scheduler (when and how fast), not by the sampler
+    constraint: bool = False      # constrains the output's form (structured output): at most one per request
 
     @property
     def wire_name(self) -> str:
@@ -57,6 +60,11 @@ class RequestField:
             return f"at most {self.max_items} strings of {_num(self.lo)} to {_num(self.hi)} characters"
         if self.kind == "int_list":
             return f"at most {self.max_items} integers in [{_num(self.lo)}, {_num(self.hi)}]"
+        if self.kind == "str":
+            return f"a string of {_num(self.lo)} to {_num(self.hi)} characters"
+        if self.kind == "json":
+            return (f"a JSON object (a map), or its JSON text: {_num(self.lo)} to {_num(self.hi)} characters "
+                    "as compact JSON")
         return "true or false"
 
     def check(self, value: Any, name: str | None = None) -> Any:
@@ -82,6 +90,14 @@ class RequestField:
                     and number <= self.hi):
                 raise FieldError(name, "out_of_range", f"must be a finite number in {self.limits}, got {value!r}")
             return value
+        if self.kind == "str":
+            if not isinstance(value, str):
+                raise FieldError(name, "wrong_type", f"must be a string, got {_show(value)}")
+            if not self.lo <= len(value) <= self.hi:
+                raise FieldError(name, "out_of_range", f"must be {self.limits}, got {len(value)}")
+            return value
+        if self.kind == "json":
+            return self._check_json(value, name)
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise FieldError(name, "wrong_type", f"must be a list, got {_show(value)}")
         if len(value) > self.max_items:
@@ -95,6 +111,36 @@ class RequestField:
                 raise FieldError(name, "out_of_range" if isinstance(item, (str, int)) else "wrong_type",
                                  f"takes {self.limits}, got an entry {_show(item)}")
         return tuple(value)
+
+
+    def _check_json(self, value: Any, name: str) -> str:
+        """A JSON object given as itself or as JSON text, returned as compact JSON text (its key order kept:
+        a schema's property order is the order the output writes them in)."""
+        if isinstance(value, str):
+            if len(value) > self.hi:
+                raise FieldError(name, "out_of_range", f"must be {self.limits}, got {len(value)} characters")
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError) as exc:
+                raise FieldError(name, "wrong_type", f"must be a JSON object; its text does not parse: {exc}") from None
+        if not isinstance(value, dict):
+            raise FieldError(name, "wrong_type", f"must be a JSON object, got {_show(value)}")
+        try:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise FieldError(name, "wrong_type", f"must hold JSON values only: {exc}") from None
+        if not self.lo <= len(text) <= self.hi:
+            raise FieldError(name, "out_of_range", f"must be {self.limits}, got {len(text)} characters")
+        return text
+
+
+def check_one_constraint(values: dict[str, Any]) -> None:
+    """`FieldError` naming the second constraint field set (json_schema, regex, grammar, choice): a request
+    takes at most one."""
+    given = [f.name for f in CONSTRAINT_FIELDS if values.get(f.name) not in (None, (), [])]
+    if len(given) > 1:
+        raise FieldError(given[1], "conflict", f"cannot be combined with {given[0]}: give at most one of "
+                         + ", ".join(f.name for f in CONSTRAINT_FIELDS))
 
 
 def _num(x: float | None) -> str:
@@ -140,8 +186,18 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
                  0.0, 1000.0, scheduling=True),
     RequestField("ttft_deadline_ms", "float", 0.0, "first token wanted within this many ms (earliest deadline "
                  "first among equal priorities); 0 = none", 0.0, 3_600_000, scheduling=True),
+    # Structured output (issue 21): at most one of these four; the output then always parses.
+    RequestField("json_schema", "json", None, "the output is JSON valid under this JSON Schema; none: free text",
+                 2, 65536, nullable=True, constraint=True),
+    RequestField("regex", "str", None, "the output matches this regular expression (Rust regex syntax); none: off",
+                 1, 4096, nullable=True, constraint=True),
+    RequestField("grammar", "str", None, "the output follows this grammar (Lark, or llama.cpp's GBNF); none: off",
+                 1, 65536, nullable=True, constraint=True),
+    RequestField("choice", "str_list", (), "the output is exactly one of these strings", 1, 1024, max_items=256,
+                 constraint=True),
 )
 FIELDS_BY_NAME: dict[str, RequestField] = {f.name: f for f in REQUEST_FIELDS}
 SAMPLING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if not f.scheduling)
 SCHEDULING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.scheduling)
 BRIDGE_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.on_bridge)
+CONSTRAINT_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.constraint)

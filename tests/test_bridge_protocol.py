@@ -132,6 +132,17 @@ def test_generate_vector_fields():
         assert getattr(d, name if name != "max_tokens" else "max_tokens") == default, name
 
 
+def test_structured_output_vectors_and_json_schema_as_map_or_text():
+    g = P.parse_client_message(vec("generate-json-schema"))
+    schema = {"type": "object", "properties": {"action": {"enum": ["open_gate", "wait"]}}, "required": ["action"]}
+    assert json.loads(g.json_schema) == schema and (g.regex, g.grammar, g.choice) == (None, None, [])
+    as_map = P.parse_client_message(P.encode({**GOOD, "json_schema": schema}))
+    assert as_map.json_schema == g.json_schema                         # one canonical text either way
+    assert P.parse_client_message(vec("generate-choice")).choice == ["yes", "no"]
+    e = _err({**GOOD, "regex": "a", "choice": ["a"]})                   # at most one constraint
+    assert (e.code, e.request_id) == (P.BAD_REQUEST, "r1") and e.message.startswith("choice cannot be combined")
+
+
 def test_every_optional_field_needs_map16():
     params = {"max_tokens": 8, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "min_p": 0.1, "seed": 1, "stop": ["x"],
               "logprobs": 1, "priority": 2, "repetition_penalty": 1.1, "presence_penalty": 0.1,
@@ -154,6 +165,7 @@ FIELD_TYPES = {  # field -> the values (of WRONG_TYPES or beyond) that are fine
     "max_tokens": (1,), "temperature": (1, 1.5), "top_k": (1,), "top_p": (1, ), "min_p": (1,), "seed": (1,),
     "stop": ([],), "logprobs": (1,), "priority": (1, -1), "repetition_penalty": (1, 1.5),
     "presence_penalty": (1, -1, 1.5), "frequency_penalty": (1, -1, 1.5), "ignore_eos": (True,),
+    "json_schema": ({"a": 1},), "regex": ("s",), "grammar": ("s",), "choice": ([],),
 }
 
 
@@ -173,6 +185,9 @@ def test_every_generate_field_rejects_wrong_types(field):
     ("logprobs", -1), ("priority", 2**31), ("priority", -(2**31) - 1), ("repetition_penalty", 0.0),
     ("presence_penalty", 2.5), ("frequency_penalty", -2.5), ("stop", ["x"] * 17), ("stop", [""]),
     ("stop", ["x" * 257]), ("stop", [1]), ("stop", "x"), ("temperature", 2**64 - 1), ("temperature", -(2**63)),
+    ("json_schema", "[1]"), ("json_schema", "{oops"), ("json_schema", {"a": "x" * 70000}), ("json_schema", {"a": b"x"}),
+    ("regex", ""), ("regex", "x" * 4097), ("grammar", ""), ("choice", [""]), ("choice", ["x"] * 257),
+    ("choice", "yes"),
 ])
 def test_out_of_range_values(field, value):
     if field == "seed" and value == 2**64 - 1:

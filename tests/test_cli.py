@@ -46,6 +46,24 @@ def test_bad_flag_value_is_one_line_and_exit_2(flags, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_structured_output_flags(llama32_dir, tmp_path):
+    schema = tmp_path / "decision.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"go": {"type": "boolean"}}, "required": ["go"],
+                                  "additionalProperties": False}))
+    proc = gllm("generate", "--json", "--quiet", "--model", str(llama32_dir), "--json-schema", f"@{schema}",
+                "--max-tokens", "40", "Go?")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["finish_reason"] == "stop" and isinstance(json.loads(out["text"])["go"], bool)
+    proc = gllm("generate", "--json", "--quiet", "--model", str(llama32_dir), "--choice", "north gate",
+                "--choice", "south gate", "Which gate?")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["text"] in ("north gate", "south gate"), proc.stderr
+    proc = gllm("generate", "--quiet", "--model", str(llama32_dir), "--regex", "(", "x")
+    assert proc.returncode == 2 and "regex cannot be compiled" in proc.stderr and "Traceback" not in proc.stderr
+    proc = gllm("generate", "--regex", "a", "--choice", "b", "x")
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     proc = gllm("generate", "--model", str(tmp_path / "nope.gguf"), "hello")
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -28,6 +28,8 @@ HOSTILE = {
     "priority": [2**70], "repetition_penalty": [1e308, 0.0], "presence_penalty": [1e9],
     "frequency_penalty": [-1e9], "ignore_eos": ["yes"], "max_tokens_per_s": [1e308, -1.0],
     "ttft_deadline_ms": [1e12, -5.0],
+    "json_schema": [{"type": "frobnicate"}, "{not json", [1]], "regex": ["(unclosed", ""],
+    "grammar": ["start: nowhere", "x" * 70000], "choice": [[""], "yes"],
 }
 
 # msgpack carries integers up to 2**64-1; every seed up to there is valid on the bridge (over HTTP a negative

@@ -313,7 +313,7 @@ def _msg(content="hi"):
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "stop": ["x"] * 17}, "stop"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "presence_penalty": 9}, "presence_penalty"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "tools": [{"type": "function"}]}, "tools"),
-    ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "response_format": {"type": "json_object"}},
+    ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "response_format": {"type": "xml"}},
      "response_format"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "stream": "yes"}, "stream"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": _msg(), "priority": 1.5}, "priority"),

@@ -10,7 +10,7 @@ import pytest
 from gllm.request_fields import BRIDGE_FIELDS, FIELDS_BY_NAME, REQUEST_FIELDS, FieldError
 
 PROTOCOL = Path(__file__).resolve().parent.parent / "bindings" / "PROTOCOL.md"
-WIRE_TYPES = {"int": "int", "float": "float", "bool": "bool", "str_list": "[str]"}
+WIRE_TYPES = {"int": "int", "float": "float", "bool": "bool", "str_list": "[str]", "str": "str", "json": "map or str"}
 
 
 def _generate_rows() -> dict[str, list[str]]:
@@ -57,3 +57,23 @@ def test_lists_become_tuples_and_none_is_only_for_nullable_fields():
     assert FIELDS_BY_NAME["seed"].check(None) is None
     with pytest.raises(FieldError, match="temperature"):
         FIELDS_BY_NAME["temperature"].check(None)
+
+
+def test_constraint_fields_take_strings_json_and_at_most_one():
+    from gllm.request_fields import check_one_constraint
+    schema = FIELDS_BY_NAME["json_schema"]
+    assert schema.check({"type": "object", "b": [1, 2.5]}) == '{"type":"object","b":[1,2.5]}'
+    assert schema.check(' {"type" : "object"} ') == '{"type":"object"}'      # JSON text: the same compact form
+    for bad, code in [("[1]", "wrong_type"), ("{", "wrong_type"), ([1], "wrong_type"), ({"x": math.nan}, "wrong_type"),
+                      ({"x": {1, 2}}, "wrong_type"), ({"x": "y" * 65536}, "out_of_range")]:
+        with pytest.raises(FieldError) as err:
+            schema.check(bad)
+        assert (err.value.field, err.value.code) == ("json_schema", code), bad
+    assert FIELDS_BY_NAME["regex"].check("a+") == "a+"
+    for bad in ("", "x" * 4097, 5, ["a"]):
+        with pytest.raises(FieldError, match="^regex "):
+            FIELDS_BY_NAME["regex"].check(bad)
+    check_one_constraint({"regex": "a", "choice": (), "json_schema": None})
+    with pytest.raises(FieldError) as err:
+        check_one_constraint({"json_schema": "{}", "grammar": "x"})
+    assert (err.value.field, err.value.code) == ("grammar", "conflict")

@@ -265,6 +265,22 @@ def test_bad_messages_name_the_field(tok, messages, field):
         tok.encode_chat(messages)
 
 
+def test_a_template_without_tools_gets_them_in_the_system_message():
+    tools = [{"type": "function", "function": {"name": "open_gate", "parameters": {"type": "object"}}}]
+    plain = ChatTemplate("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    chat = [{"role": "user", "content": "Open up!"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": "open_gate", "arguments": {"gate": "north"}}}]},
+            {"role": "tool", "content": "opened"}]
+    text = plain.render(chat, tools=tools)
+    assert text.startswith("[system] You can call these functions.") and '"name": "open_gate"' in text
+    assert '[assistant] {"name": "open_gate", "parameters": {"gate": "north"}}' in text
+    with_system = plain.render([{"role": "system", "content": "You guard."}] + chat, tools=tools)
+    assert with_system.startswith("[system] You guard.\n\nYou can call these functions.")
+    aware = ChatTemplate("{{ tools | length }}:{% for m in messages %}{{ m.role }};{% endfor %}")
+    assert aware.render(chat, tools=tools) == "1:user;assistant;tool;"     # it shows them itself
+
+
 def test_bad_tools_rejected(tok):
     with pytest.raises(ValueError, match="tools"):
         tok.apply_chat_template(CONVERSATIONS["user"], tools="not a list")

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from gllm.request_fields import BRIDGE_FIELDS, INT32_MAX, FieldError, RequestField
+from gllm.request_fields import BRIDGE_FIELDS, INT32_MAX, FieldError, RequestField, check_one_constraint
 
 PROTOCOL_VERSION = 1
 
@@ -111,6 +111,10 @@ class Generate:
     ignore_eos: bool = False
     max_tokens_per_s: float = 0.0
     ttft_deadline_ms: float = 0.0
+    json_schema: str | None = None       # a map or JSON text on the wire; compact JSON text here
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -203,6 +207,10 @@ def _validate_generate(msg: dict[str, Any]) -> Generate:
         if messages is not None:
             messages = _check_messages(messages)
         fields = {f.wire_name: _get_field(msg, f) for f in BRIDGE_FIELDS}
+        try:
+            check_one_constraint({f.name: fields[f.wire_name] for f in BRIDGE_FIELDS})
+        except FieldError as exc:
+            raise ProtocolError(BAD_REQUEST, str(exc)) from None
         return Generate(id=rid, prompt=prompt, messages=messages, **fields)
     except ProtocolError as exc:
         exc.request_id = rid
@@ -349,7 +357,7 @@ def generate(id: str, prompt: str | None = None, messages: list[dict[str, str]] 
         if value is not None:
             if name in _FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # floats always travel as float64
-            if name == "stop":
+            if isinstance(value, tuple):
                 value = list(value)
             msg[name] = value
     return msg

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import math
+import os
 import queue
 import secrets
 import threading
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from gllm.engine.sinks import AsyncSink, CallbackSink, EventSink, RequestHandle
 from gllm.engine.thread_priority import lower_this_thread
 from gllm.model import ModelConfig
 from gllm.sampling import PendingSample, SampleRow, StopChecker, StopResult, TokenLogprobs
+from gllm.sampling.grammar import Grammars
 from gllm.scheduler import SchedulerOutput, Sequence
 from gllm.tokenizer import IncrementalDetokenizer
 
@@ -58,9 +61,14 @@ class _LaunchedStep:
     step: int = 0
     decode: bool = False       # every sequence decodes one token: the kind of step a step can be queued after
     window_end: float | None = None   # launched inside a game's idle window closing then (monotonic s)
+    mask_error: str | None = None   # the grammar masks failed: the constrained rows' tokens are void
+    # A step queued ahead with constrained rows: its logits and rows, sampled once the previous step's tokens
+    # have moved the grammars on (`_sample_ahead`), while the device computes it.
+    unsampled: tuple[Any, list[SampleRow]] | None = None
 
 
 _NOT_FINISHED = StopResult(False)
+_GRAMMAR_COMPLETE = StopResult(True, "stop", keep_text=True)
 
 
 class LLMEngine:
@@ -80,6 +88,13 @@ class LLMEngine:
         self.kv_cache, self.block_manager, self.scheduler = rt.kv_cache, rt.block_manager, rt.scheduler
         self.cost_model, self.fast_path, self.runner, self.sampler = rt.cost_model, rt.fast_path, rt.runner, rt.sampler
         self.step_seconds: deque[float] = deque(maxlen=512)
+        # Structured output: constraints compiled once per content; their masks are computed on this worker
+        # while the model step runs, with one thread on the CPU (the model's are busy meanwhile) and up to 4
+        # of the idle cores beside a GPU.
+        mask_threads = 1 if self.device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
+        self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
+                                 sorted(self.eos_token_ids), threads=mask_threads)
+        self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gllm-masks")
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
         # 16 steps), so the governor's step budget holds from its first decision; on a GPU only under a budget.
         self.scheduler.learn_shapes = self.device.type == "cpu"
@@ -263,8 +278,12 @@ class LLMEngine:
             if isinstance(req.messages, list):
                 self._check_text_fits("messages", sum(len(v) for m in req.messages if isinstance(m, dict)
                                                       for v in m.values() if isinstance(v, str)))
+            if req.tools is not None and not (isinstance(req.tools, list) and all(isinstance(t, dict)
+                                                                                  for t in req.tools)):
+                raise RequestRejected("tools must be a list of objects", "tools")
+            extra = {"tools": req.tools} if req.tools else {}
             try:
-                return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)   # contents stay text
+                return self.tokenizer.encode_chat(req.messages, add_generation_prompt=True, **extra)   # text stays text
             except ValueError as exc:   # a malformed conversation, or the template refused it
                 raise RequestRejected(str(exc), "messages") from exc
         ids = list(req.prompt_token_ids)
@@ -305,6 +324,8 @@ class LLMEngine:
         if self._closed:
             raise RuntimeError("the engine is closed")
         params = req.sampling_params()
+        spec = params.constraint   # compiled (or found in the cache) before any compute: a bad one is a FieldError
+        constraint = self.grammars.start(*spec) if spec is not None else None
         prompt_ids = self.tokenize_request(req)
         gen = self.gen_params
         if not prompt_ids:
@@ -342,6 +363,7 @@ class LLMEngine:
             submitted=time.perf_counter(),
             prompt_ids=prompt_ids,
             ttft_deadline_ms=req.ttft_deadline_ms or None,
+            constraint=constraint,
         )
         return state
 
@@ -380,6 +402,7 @@ class LLMEngine:
         self._flush_deferred()
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
+        self._mask_worker.shutdown(wait=False)
 
     def _recover(self, exc: Exception) -> None:
         """A failure outside any one request's model step (scheduling, a step listener's caller, text work):
@@ -470,6 +493,8 @@ class LLMEngine:
         self._collect(launched)
         if ahead is not None:
             self.scheduler.commit_ahead(ahead.out)
+            if ahead.unsampled is not None:
+                self._sample_ahead(ahead)
             self._inflight = ahead
         elif not (self.overlap_steps and self.scheduler.has_work):
             self._flush_deferred()   # no next step to hide it behind
@@ -485,25 +510,47 @@ class LLMEngine:
         launched = _LaunchedStep(out, states, samplers, None, started, step=self.num_steps,
                                  decode=all(s.num_tokens == 1 and s.samples for s in out.scheduled),
                                  window_end=self._window_end if self.scheduler.strict_budget else None)
+        constrained = [st for st in samplers if st.constraint is not None]
+        masks: Future | None = None
+        if constrained:   # the grammar masks, computed on the CPU while the model computes the logits
+            masks = self._mask_worker.submit(self.grammars.fill_masks, [st.constraint for st in constrained])
         try:
             step = self.runner.run(out)
             self.scheduler.on_step_done(out)
-            rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids) for st in samplers]
-            launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens) if rows else None
+            mask_tensor = self._masks_of(launched, masks)
+            mask_row = {st.request_id: i for i, st in enumerate(constrained)} if mask_tensor is not None else {}
+            rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids,
+                              mask_row=mask_row.get(st.request_id)) for st in samplers]
+            launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, mask_tensor) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
+            if masks is not None:
+                masks.exception()   # let the worker finish with the matchers before the requests end
             self._fail_step(launched, exc)
         return launched
 
+    @staticmethod
+    def _masks_of(launched: _LaunchedStep, masks: Future | None) -> torch.Tensor | None:
+        """The step's grammar masks; if computing them failed, the constrained rows fail alone (in `_collect`)."""
+        if masks is None:
+            return None
+        try:
+            return masks.result()
+        except Exception as exc:
+            log.exception("computing the grammar masks of step %d failed", launched.step)
+            launched.mask_error = f"structured output failed: {type(exc).__name__}: {exc}"
+            return None
+
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
         """Queue the decode step after `launched` before its tokens are known, when the scheduler would choose
-        it anyway (see `Scheduler.schedule_ahead`) and no request needs its token history on the host."""
+        it anyway (see `Scheduler.schedule_ahead`) and no request needs its token history on the host. With
+        constrained rows, only its forward is queued now; it is sampled in `_sample_ahead`."""
         if not launched.decode or launched.sample is None or launched.sample.device_tokens is None:
             return None
         if self.scheduler.strict_budget:   # inside a game's idle window: each step is launched only if it fits
             return None
         states = [st for st in launched.samplers if self._states.get(st.request_id) is st]
         if any(st.params.has_penalties or st.params.logits_processor is not None for st in states):
-            return None
+            return None   # their sampling reads the token history on the host
         rows = [i for i, st in enumerate(launched.samplers)
                 if len(st.output_ids) + 1 < st.stop.max_new_tokens and self._states.get(st.request_id) is st]
         out = self.scheduler.schedule_ahead([st.seq for st in states], [launched.samplers[i].seq for i in rows],
@@ -520,10 +567,36 @@ class LLMEngine:
             # Each row's token count is one more than now: the token being sampled is not appended yet.
             sample_rows = [SampleRow(st.params, st.seed, len(st.output_ids) + 1, st.prompt_ids, st.output_ids)
                            for st in keep]
-            ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)
+            if any(st.constraint is not None for st in keep):
+                ahead.unsampled = (step, sample_rows)   # a grammar's mask needs the token being sampled now
+            else:
+                ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)
         except Exception as exc:
             self._fail_step(ahead, exc)
         return ahead
+
+    def _sample_ahead(self, ahead: _LaunchedStep) -> None:
+        """Sample a step queued ahead whose rows include constrained ones: the previous step's tokens are in,
+        so the grammars have moved on; their masks are computed here while the device computes the step."""
+        step, rows = ahead.unsampled
+        ahead.unsampled = None
+        try:
+            # Rows whose request ended meanwhile sample unmasked: their token is void, and a finished grammar
+            # may allow nothing.
+            live = [i for i, st in enumerate(ahead.samplers)
+                    if st.constraint is not None and self._states.get(st.request_id) is st]
+            masks = None
+            if live:
+                try:
+                    masks = self.grammars.fill_masks([ahead.samplers[i].constraint for i in live])
+                    for k, i in enumerate(live):
+                        rows[i].mask_row = k
+                except Exception as exc:
+                    log.exception("computing the grammar masks of step %d failed", ahead.step)
+                    ahead.mask_error = f"structured output failed: {type(exc).__name__}: {exc}"
+            ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
+        except Exception as exc:
+            self._fail_step(ahead, exc)
 
     def _fail_step(self, launched: _LaunchedStep, exc: Exception) -> None:
         log.exception("engine step %d failed (%d sequences, %d tokens)", self.num_steps, len(launched.out.scheduled),
@@ -550,6 +623,8 @@ class LLMEngine:
             for state, token, lp, error in zip(launched.samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
                 if self._states.get(state.request_id) is not state:
                     continue   # finished while this step ran (a stop string found late, a cancel): token void
+                if launched.mask_error is not None and state.constraint is not None:
+                    error = error or launched.mask_error
                 if error is not None:
                     self._finish(state, "error", error=error)
                     continue
@@ -607,6 +682,14 @@ class LLMEngine:
         if lp is not None:
             state.logprobs.append(lp)
         verdict = state.stop.check_token(token, len(state.output_ids))
+        # A stop token ends the output as it is; any other token, the last one allowed included, moves the grammar.
+        if state.constraint is not None and not (verdict.finished and verdict.finish_reason == "stop"):
+            error = state.constraint.advance(token)
+            if error is not None:
+                self._finish(state, "error", error=error)
+                return False
+            if state.constraint.complete:   # the grammar has ended: so has the output, with this token's text
+                verdict = _GRAMMAR_COMPLETE
         if self.overlap_steps and not verdict.finished:
             state.pending = (token, lp, step)
             return True

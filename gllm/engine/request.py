@@ -30,6 +30,12 @@ class GenerationRequest:
     priority: int = 0                               # higher is served first and preempted last
     max_tokens_per_s: float = 0.0                   # pace the reply (0 = as fast as possible)
     ttft_deadline_ms: float = 0.0                   # first token wanted within this (0 = no deadline)
+    # Structured output, at most one: a JSON Schema (dict or JSON text), a regex, a Lark/GBNF grammar, a choice.
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | tuple[str, ...] = ()
+    tools: list[dict[str, Any]] | None = None       # function tools shown to the model by its chat template
     request_id: str | None = None                   # default: a fresh unique id
     logits_processor: Callable[[list[int], Any], Any] | None = None
 

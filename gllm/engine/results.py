@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from gllm.engine.request import GenerationResult, StreamEvent, Timings, Usage
 from gllm.engine.sinks import EventSink
 from gllm.sampling import SamplingParams, StopChecker, StopResult, TokenLogprobs
+from gllm.sampling.grammar import Constraint
 from gllm.scheduler import Sequence
 from gllm.tokenizer import IncrementalDetokenizer
 
@@ -36,6 +37,7 @@ class RequestState:
     # A token accepted by id whose text is not processed yet (overlapped steps): (token, logprobs, step).
     pending: tuple[int, TokenLogprobs | None, int] | None = None
     last_step: int = 0          # the step that produced its last token (its final event's step)
+    constraint: Constraint | None = None   # structured output: where the output stands in its grammar
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Ending:
 def token_text(state: RequestState, token: int, lp: TokenLogprobs | None, verdict: StopResult,
                step: int) -> StreamEvent | Ending:
     """Detokenize an accepted token: the event streaming its new text, or how the request ends."""
-    stop_token = verdict.finished and verdict.finish_reason == "stop"
+    stop_token = verdict.finished and verdict.finish_reason == "stop" and not verdict.keep_text
     new_text = "" if stop_token else state.detok.add([token])
     text = state.detok.text
     cut = state.stop.find_stop_string(text, len(new_text))

@@ -303,7 +303,7 @@ class OpenAIServer:
             submitted.add_done_callback(settle)
             raise
         except (ValueError, TypeError, RuntimeError) as exc:
-            err = oa.engine_error(exc, parsed.kind)
+            err = oa.engine_error(exc, parsed.kind, parsed.params)
             refused(err.code or ("unavailable" if err.status >= 500 else "bad_request"))
             raise err from None
         except Exception:

@@ -5,18 +5,28 @@ into a `GenerationRequest` (raising `ApiError` 400 with the offending ``param``)
 ``*_response`` / ``*_chunk`` functions build what the client reads back.
 
 Fields the engine cannot honour are refused with a clear 400 rather than silently ignored (``n`` other
-than 1, ``tools``, ``logit_bias``, JSON ``response_format``, ``echo``, ``suffix``, ``best_of``); fields that
-change nothing here (``user``, ``metadata``, ``store``, ``service_tier``, ...) are accepted and ignored,
-as are unknown ones, since SDKs send their ``extra_body`` as top-level fields. gllm's own extras:
-``top_k``, ``min_p``, ``priority``, ``repetition_penalty``, ``ignore_eos``.
+than 1, ``logit_bias``, ``echo``, ``suffix``, ``best_of``, legacy ``functions``); fields that change nothing
+here (``user``, ``metadata``, ``store``, ``service_tier``, ...) are accepted and ignored, as are unknown ones,
+since SDKs send their ``extra_body`` as top-level fields. gllm's own extras: ``top_k``, ``min_p``,
+``priority``, ``repetition_penalty``, ``ignore_eos``, and the structured-output fields ``json_schema``,
+``regex``, ``grammar``, ``choice``.
+
+Structured output: ``response_format`` (``json_object``, ``json_schema``) becomes the request's
+``json_schema``; ``tools`` with ``tool_choice`` ``required`` or a named function constrain the reply to a
+call ``{"name": ..., "parameters": {...}}`` (the Llama 3.1 form) valid under the function's parameter schema,
+``auto`` to either such a call or text that does not start with ``{``; a reply that is a call comes back as
+``tool_calls`` with ``finish_reason: "tool_calls"``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
+import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gllm.engine.errors import EngineBusy, RequestRejected, RequestTooLong
@@ -28,7 +38,29 @@ from gllm.request_fields import FIELDS_BY_NAME, REQUEST_FIELDS, FieldError, Requ
 MAX_TOP_LOGPROBS = FIELDS_BY_NAME["logprobs"].hi
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "ipython"}
 FINISH_REASONS = {"stop": "stop", "length": "length"}
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MISSING = object()
+
+
+@dataclass
+class ToolPlan:
+    """The request's function tools and how the reply may use them."""
+    tools: list[dict[str, Any]]   # as the chat template takes them: {"type": "function", "function": {...}}
+    choice: str                   # "auto", "required", "none", or a function's name
+
+    @property
+    def names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+    @property
+    def constrained(self) -> bool:
+        return self.choice != "none"
+
+    @property
+    def always(self) -> bool:
+        """The reply is a call, whatever the model would say."""
+        return self.choice not in ("auto", "none")
 
 
 @dataclass
@@ -40,6 +72,9 @@ class ParsedRequest:
     include_usage: bool
     logprobs: bool                # return logprobs at all
     preview: str                  # a short form of the prompt for the dashboard
+    tools: ToolPlan | None = None
+    # The body's name for an engine field set from another OpenAI field (json_schema from response_format).
+    params: dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------- field checks
@@ -115,12 +150,11 @@ def _refuse_unsupported(body: dict[str, Any], kind: str) -> None:
             raise bad_request("suffix is not supported", param="suffix")
     if _get(body, "logit_bias") not in (_MISSING, {}):
         raise bad_request("logit_bias is not supported", param="logit_bias")
-    if _get(body, "tools") not in (_MISSING, []) or _get(body, "functions") not in (_MISSING, []):
-        raise bad_request("tools and function calling are not supported yet", param="tools")
-    fmt = _get(body, "response_format")
-    if fmt is not _MISSING:
-        if not isinstance(fmt, dict) or fmt.get("type") not in ("text",):
-            raise bad_request("response_format: only {\"type\": \"text\"} is supported yet", param="response_format")
+    if _get(body, "functions") not in (_MISSING, []) or _get(body, "function_call") is not _MISSING:
+        raise bad_request("functions and function_call are the deprecated form: send tools and tool_choice",
+                          param="functions")
+    if kind == "completion" and _get(body, "tools") not in (_MISSING, []):
+        raise bad_request("tools need /v1/chat/completions", param="tools")
     for name in ("audio", "prediction"):
         if _get(body, name) is not _MISSING:
             raise bad_request(f"{name} is not supported", param=name)
@@ -134,17 +168,19 @@ def _max_tokens(body: dict[str, Any], default: int) -> int:
     return _integer(body, name, default, lo=f.lo, hi=f.hi)
 
 
-def _table_field(body: dict[str, Any], f: RequestField) -> Any:
-    """A field of the request field table under its OpenAI name; absent or null means the default."""
+def _table_field(body: dict[str, Any], f: RequestField, param: str | None = None) -> Any:
+    """A field of the request field table under its OpenAI name; absent or null means the default. Errors
+    name `param` (default: the field's OpenAI name)."""
     value = _get(body, f.wire_name)
     if value is _MISSING:
         return f.default
     if f.kind == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)                                      # JSON writers may send 5.0
+    param = param or f.wire_name
     try:
-        return f.check(value, f.wire_name)
+        return f.check(value, param)
     except FieldError as exc:
-        raise bad_request(str(exc), param=f.wire_name) from None
+        raise bad_request(str(exc), param=param) from None
 
 
 _SPECIAL = {"max_new_tokens", "seed", "stop"}                   # OpenAI-specific forms, read below
@@ -206,11 +242,153 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise bad_request(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}", param="messages")
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                 "content": _text_content(m.get("content"), where)}
         if m.get("tool_calls"):
-            raise bad_request(f"{where}: tool_calls are not supported yet", param="messages")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _text_content(m.get("content"), where)})
+            if role != "assistant":
+                raise bad_request(f"{where}: only assistant messages carry tool_calls", param="messages")
+            entry["tool_calls"] = _past_tool_calls(m["tool_calls"], where)
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            entry["tool_call_id"] = m["tool_call_id"]
+        out.append(entry)
     return out
+
+
+def _past_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier tool calls, as chat templates take them (arguments as an object, not JSON text)."""
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls must be a list", param="messages")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"{where}.tool_calls[{j}] must have a function with a name", param="messages")
+        arguments = fn.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise bad_request(f"{where}.tool_calls[{j}].function.arguments must be JSON text",
+                              param="messages") from None
+        out.append({"id": str(call.get("id", "")), "type": "function",
+                    "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
+def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema that `response_format` asks for (None: free text)."""
+    fmt = _get(body, "response_format")
+    if fmt is _MISSING:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise bad_request("response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
+                          param="response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad_request("response_format.json_schema must be an object with a name and a schema",
+                          param="response_format")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise bad_request("response_format.json_schema.strict must be true or false", param="response_format")
+    schema = spec.get("schema", {})       # no schema: any JSON value
+    if not isinstance(schema, dict):
+        raise bad_request("response_format.json_schema.schema must be a JSON Schema object", param="response_format")
+    return schema                         # strict or not, the output always follows the schema exactly
+
+
+def _tool_plan(body: dict[str, Any]) -> ToolPlan | None:
+    tools, choice = _get(body, "tools"), _get(body, "tool_choice")
+    if tools in (_MISSING, []):
+        if choice not in (_MISSING, "none", "auto"):
+            raise bad_request("tool_choice needs tools", param="tool_choice")
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise bad_request(f"tools must be a list of at most {MAX_TOOLS} functions", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not TOOL_NAME.fullmatch(fn["name"]):
+            raise bad_request(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a "
+                              f"name of 1-64 letters, digits, _ or -", param="tools")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON Schema object", param="tools")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise bad_request(f"tools[{i}].function.description must be a string", param="tools")
+        out.append({"type": "function", "function": {k: fn[k] for k in ("name", "description", "parameters")
+                                                     if fn.get(k) is not None}})
+    plan = ToolPlan(out, "auto")
+    if len(set(plan.names)) != len(out):
+        raise bad_request("tools must have distinct names", param="tools")
+    if choice is _MISSING:
+        return plan
+    if choice in ("auto", "none", "required"):
+        plan.choice = choice
+    elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+          and choice["function"].get("name") in plan.names):
+        plan.choice = choice["function"]["name"]
+    else:
+        raise bad_request(f"tool_choice must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                          f"\"function\": {{\"name\": one of {plan.names}}}}}", param="tool_choice")
+    return plan
+
+
+def tool_call_schema(plan: ToolPlan) -> dict[str, Any]:
+    """The JSON Schema of a call of the plan's functions (just the named one when one is named)."""
+    options = [{"type": "object",
+                "properties": {"name": {"const": t["function"]["name"]},
+                               "parameters": t["function"].get("parameters") or {"type": "object"}},
+                "required": ["name", "parameters"], "additionalProperties": False}
+               for t in plan.tools if plan.choice in ("auto", "required", t["function"]["name"])]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _tool_constraint(plan: ToolPlan) -> dict[str, Any]:
+    """The request fields that make the reply a call (required, named) or a call or text (auto)."""
+    if plan.always:
+        return {"json_schema": tool_call_schema(plan)}
+    # Text may be anything that does not start with "{": so a reply that does is a whole, valid call.
+    return {"grammar": "start: TEXT | call\nTEXT: /[^{](.|\\n)*/\ncall: %json "
+                       + json.dumps(tool_call_schema(plan), ensure_ascii=False)}
+
+
+def parse_tool_call(plan: ToolPlan | None, text: str) -> dict[str, Any] | None:
+    """The reply as an OpenAI tool call, if it is one (a complete call the constraint let through)."""
+    if plan is None or not plan.constrained or not text.startswith("{"):
+        return None
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or call.get("name") not in plan.names:
+        return None
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call.get("parameters", {}), ensure_ascii=False)}}
+
+
+def _structured_fields(body: dict[str, Any], fields: dict[str, Any], plan: ToolPlan | None) -> dict[str, str]:
+    """Put response_format's schema or the tools' constraint into `fields`; returns the body's names of the
+    engine fields so set (for errors)."""
+    schema = _response_format(body)
+    given = [f.name for f in REQUEST_FIELDS if f.constraint and fields.get(f.name) not in (None, ())]
+    if schema is not None:
+        if given:
+            raise bad_request(f"response_format cannot be combined with {given[0]}", param="response_format")
+        if plan is not None and plan.constrained:
+            raise bad_request("response_format together with tools is not supported: send tool_choice \"none\" "
+                              "or leave response_format out", param="response_format")
+        fields["json_schema"] = _table_field({"json_schema": schema}, FIELDS_BY_NAME["json_schema"], "response_format")
+        return {"json_schema": "response_format"}
+    if plan is not None and plan.constrained:
+        if given:
+            raise bad_request(f"tools cannot be combined with {given[0]}", param="tools")
+        extra = _tool_constraint(plan)
+        for name in extra:
+            fields[name] = _table_field(extra, FIELDS_BY_NAME[name], "tools")
+        return {name: "tools" for name in extra}
+    return {}
 
 
 def check_body(body: Any) -> dict[str, Any]:
@@ -231,16 +409,18 @@ def requested_model(body: dict[str, Any]) -> str | None:
 def parse_chat(body: dict[str, Any], model: str, request_id: str, default_max_tokens: int) -> ParsedRequest:
     _refuse_unsupported(body, "chat")
     messages = _messages(body)
+    plan = _tool_plan(body)
     fields = _sampling_fields(body, default_max_tokens)
+    params = _structured_fields(body, fields, plan)
     stream, include_usage = _stream_flags(body)
     want_logprobs = _boolean(body, "logprobs")
     top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     if top and not want_logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     req = GenerationRequest(messages=messages, logprobs=(top or 0) if want_logprobs else None,
-                            request_id=request_id, **fields)
+                            request_id=request_id, tools=plan.tools if plan is not None else None, **fields)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-    return ParsedRequest("chat", req, model, stream, include_usage, want_logprobs, _preview(last_user))
+    return ParsedRequest("chat", req, model, stream, include_usage, want_logprobs, _preview(last_user), plan, params)
 
 
 def parse_completion(body: dict[str, Any], model: str, request_id: str, default_max_tokens: int) -> ParsedRequest:
@@ -262,12 +442,14 @@ def parse_completion(body: dict[str, Any], model: str, request_id: str, default_
     elif not prompt:
         raise bad_request("prompt must not be empty", param="prompt")
     fields = _sampling_fields(body, default_max_tokens)
+    params = _structured_fields(body, fields, None)
     stream, include_usage = _stream_flags(body)
     logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     req = GenerationRequest(prompt=prompt, prompt_token_ids=prompt_ids, logprobs=logprobs, request_id=request_id,
                             **fields)
     preview = _preview(prompt) if prompt is not None else f"[{len(prompt_ids)} token ids]"
-    return ParsedRequest("completion", req, model, stream, include_usage, logprobs is not None, preview)
+    return ParsedRequest("completion", req, model, stream, include_usage, logprobs is not None, preview,
+                         params=params)
 
 
 # ----------------------------------------------------------------------------------------- engine errors
@@ -275,8 +457,9 @@ def parse_completion(body: dict[str, Any], model: str, request_id: str, default_
 _ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt", "request_id": None}
 
 
-def engine_error(exc: Exception, kind: str) -> ApiError:
-    """Map what `LLMEngine.add_request` raised to an HTTP error."""
+def engine_error(exc: Exception, kind: str, params: dict[str, str] | None = None) -> ApiError:
+    """Map what `LLMEngine.add_request` raised to an HTTP error; `params` names the body's field behind an engine
+    field set from another one (`ParsedRequest.params`)."""
     message = str(exc)
     if isinstance(exc, RuntimeError):                           # the engine is closed
         return ApiError(503, f"the engine is not accepting requests: {message}", code="unavailable")
@@ -286,7 +469,8 @@ def engine_error(exc: Exception, kind: str) -> ApiError:
     if isinstance(exc, RequestTooLong):
         return bad_request(message, param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     field = exc.field if isinstance(exc, (FieldError, RequestRejected)) else None
-    param = _ENGINE_PARAMS.get(field, FIELDS_BY_NAME[field].wire_name if field in FIELDS_BY_NAME else field)
+    param = (params or {}).get(field) or _ENGINE_PARAMS.get(
+        field, FIELDS_BY_NAME[field].wire_name if field in FIELDS_BY_NAME else field)
     if param == "logprobs" and kind == "chat":
         param = "top_logprobs"
     return bad_request(message, param=param)
@@ -373,11 +557,15 @@ def _envelope(parsed: ParsedRequest, request_id: str, created: int, obj: str) ->
 
 def chat_response(parsed: ParsedRequest, result: GenerationResult, created: int, token_text: TokenText) -> dict:
     out = _envelope(parsed, result.request_id, created, "chat.completion")
+    call = parse_tool_call(parsed.tools, result.text) if result.finish_reason == "stop" else None
+    message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+    if call is not None:
+        message.update(content=None, tool_calls=[call])
     out["choices"] = [{
         "index": 0,
-        "message": {"role": "assistant", "content": result.text, "refusal": None},
+        "message": message,
         "logprobs": chat_logprobs(result.logprobs, token_text) if parsed.logprobs else None,
-        "finish_reason": finish_reason(result),
+        "finish_reason": "tool_calls" if call is not None else finish_reason(result),
     }]
     out["usage"] = usage(result)
     out["gllm"] = {"timings": timings(result), "num_preemptions": result.num_preemptions}
@@ -404,6 +592,12 @@ class ChunkWriter:
         self.created = created if created is not None else int(time.time())
         self.offset = 0
         self.chat = parsed.kind == "chat"
+        # A reply that may be a tool call is held back until it ends (then sent as tool_calls, or as text):
+        # always under tool_choice required / a named function, and under auto once it starts with "{".
+        plan = parsed.tools if self.chat else None
+        self.holding: bool | None = None if plan is not None and plan.constrained and not plan.always else (
+            plan is not None and plan.always)
+        self.held = ""
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = _envelope(self.parsed, self.request_id, self.created,
@@ -422,6 +616,11 @@ class ChunkWriter:
 
     def delta(self, text: str, lps: list[Any] | None, finish: str | None = None) -> dict[str, Any] | None:
         """A chunk for new text/logprobs (None when there is nothing to say)."""
+        if self.holding is None and text:
+            self.holding = text.startswith("{")
+        if self.holding:
+            self.held += text
+            return None
         want_lp = self.parsed.logprobs and lps
         if not text and not want_lp and finish is None:
             return None
@@ -438,7 +637,13 @@ class ChunkWriter:
 
     def final(self, result: GenerationResult) -> list[dict[str, Any]]:
         out = []
-        if self.chat:
+        if self.chat and self.holding:
+            call = parse_tool_call(self.parsed.tools, result.text) if result.finish_reason == "stop" else None
+            delta = ({"tool_calls": [{"index": 0, **call}]} if call is not None else {"content": self.held})
+            out.append(self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]))
+            out.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                     "finish_reason": "tool_calls" if call is not None else finish_reason(result)}]))
+        elif self.chat:
             out.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None,
                                      "finish_reason": finish_reason(result)}]))
         else:

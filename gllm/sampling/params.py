@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
-from gllm.request_fields import SAMPLING_FIELDS
+from gllm.request_fields import SAMPLING_FIELDS, check_one_constraint
 
 
 @dataclass(frozen=True)
@@ -22,18 +23,37 @@ class SamplingParams:
     stop: tuple[str, ...] = ()        # stop strings, excluded from the returned text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Structured output: at most one (see gllm.sampling.grammar). json_schema is kept as compact JSON text.
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] = ()
     logits_processor: object | None = field(default=None, compare=False)  # seam: (token_ids, logits) -> logits
 
     def __post_init__(self) -> None:
         # Every bound comes from the one request field table (the engine's, the bridge's and HTTP's alike).
         for f in SAMPLING_FIELDS:
             value = f.check(getattr(self, f.name))
-            if isinstance(value, tuple):
+            if isinstance(value, (tuple, str)):   # lists become tuples, a schema object its JSON text
                 object.__setattr__(self, f.name, value)
+        check_one_constraint({f.name: getattr(self, f.name) for f in SAMPLING_FIELDS})
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field, source) of the request's output constraint, or None: what the grammar engine compiles."""
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        if self.choice:
+            return "choice", json.dumps(list(self.choice), ensure_ascii=False)
+        return None
 
     @property
     def has_penalties(self) -> bool:

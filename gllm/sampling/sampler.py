@@ -1,7 +1,8 @@
 """`Sampler`: picks the next token for every row of a batch at once.
 
 Order per row: logprobs from the raw distribution; per-request logits processor (seam for
-constrained decoding); penalties; temperature (0 = greedy argmax); top-k; top-p; min-p; then
+constrained decoding); the structured-output mask (tokens the request's grammar forbids get -inf);
+penalties; temperature (0 = greedy argmax); top-k; top-p; min-p; then
 an exponential race (argmax of p / E, E ~ Exp(1) from seeded noise), which samples exactly
 from the filtered distribution.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gllm.sampling.grammar import unpack_masks
 from gllm.sampling.noise import RACE_MARGIN, NoiseTable, row_key
 from gllm.sampling.params import SamplingParams
 from gllm.transfer import to_device
@@ -25,6 +27,7 @@ class SampleRow:
     step: int                     # how many tokens this request sampled before
     prompt_ids: list[int]
     output_ids: list[int]
+    mask_row: int | None = None   # the row of `launch`'s `masks` holding this row's allowed tokens (structured output)
 
 
 @dataclass
@@ -90,33 +93,36 @@ class Sampler:
         self.device = torch.device(device)
         self.noise = NoiseTable(vocab_size, device)
         self._argmax = _argmax_for(self.device)
+        self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
 
-    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow], masks: torch.Tensor | None = None) -> SampleOutput:
         """logits: [B, V] float32, one row per entry of `rows`."""
-        return self.launch(logits, rows).result()
+        return self.launch(logits, rows, masks=masks).result()
 
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None = None
-               ) -> PendingSample:
+    def launch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None = None,
+               masks: torch.Tensor | None = None) -> PendingSample:
         """Queue the sampling of `logits` and the copy of its results to the host; does not wait for the GPU
         (unless a logits processor does). `greedy_tokens`, if given, is each row's argmax of `logits` already
-        computed (a decode graph's); the greedy rows take it unless processors or penalties change the logits.
+        computed (a decode graph's); the greedy rows take it unless processors, masks or penalties change the
+        logits. `masks` ([n, ceil(V/32)] int32 bitmasks on the host, see `gllm.sampling.grammar`) holds the allowed
+        tokens of the rows whose `mask_row` points into it.
         If sampling the batch fails, each row is sampled alone: a row that still fails gets an error (its
         token is void) and the other rows their tokens, so one request's values never fail its neighbours."""
         try:
-            return self._launch_batch(logits, rows, greedy_tokens)
+            return self._launch_batch(logits, rows, greedy_tokens, masks)
         except Exception:
-            return self._launch_each(logits, rows, greedy_tokens)
+            return self._launch_each(logits, rows, greedy_tokens, masks)
 
-    def _launch_each(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None
-                     ) -> PendingSample:
+    def _launch_each(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None,
+                     masks: torch.Tensor | None) -> PendingSample:
         tokens: list[int] = []
         logprobs: list[TokenLogprobs | None] = []
         errors: list[str | None] = []
         for i, row in enumerate(rows):
             try:
                 one = self._launch_batch(logits[i:i + 1], [row],
-                                         None if greedy_tokens is None else greedy_tokens[i:i + 1]).result()
+                                         None if greedy_tokens is None else greedy_tokens[i:i + 1], masks).result()
                 token, lp, error = one.token_ids[0], one.logprobs[0], one.errors[0]
             except Exception as exc:
                 token, lp, error = 0, None, f"sampling failed: {type(exc).__name__}: {exc}"
@@ -126,14 +132,17 @@ class Sampler:
         return PendingSample(rows, errors, torch.tensor(tokens, dtype=torch.int64),
                              ready=SampleOutput(tokens, logprobs, errors))
 
-    def _launch_batch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None
-                      ) -> PendingSample:
+    def _launch_batch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None,
+                      masks: torch.Tensor | None = None) -> PendingSample:
         logits = logits[:, : self.vocab_size]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
         logits, errors = self._apply_processors(logits, rows)
+        masked = [i for i, r in enumerate(rows) if r.mask_row is not None]
+        if masked:
+            logits = self._apply_masks(logits, rows, masked, masks)
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits, rows)
-        if any(r.params.has_penalties or r.params.logits_processor is not None for r in rows):
+        if masked or any(r.params.has_penalties or r.params.logits_processor is not None for r in rows):
             greedy_tokens = None
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if not sampled_rows:
@@ -176,6 +185,18 @@ class Sampler:
                 except Exception as exc:
                     errors[i] = f"logits_processor failed: {type(exc).__name__}: {exc}"
         return logits, errors
+
+    def _apply_masks(self, logits: torch.Tensor, rows: list[SampleRow], masked: list[int],
+                     masks: torch.Tensor) -> torch.Tensor:
+        """-inf for the tokens each masked row's grammar forbids (the other rows' logits stay as they are)."""
+        host = masks[[rows[i].mask_row for i in masked]]
+        bits = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host.to(
+            self.device)
+        allowed = unpack_masks(bits, logits.shape[1], self._shifts)
+        index = to_device(masked, torch.int64, self.device)
+        logits = logits.clone()
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         batch, vocab = logits.shape

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 class StopResult:
     finished: bool
     finish_reason: str | None = None   # "stop" or "length"
+    keep_text: bool = False            # the finishing token's text belongs to the output (a grammar's last token)
 
 
 class StopChecker:

@@ -84,6 +84,27 @@ def _is_list_of_dicts(value: Any) -> bool:
             and all(isinstance(item, Mapping) for item in value))
 
 
+TOOLS_NOTE = ("You can call these functions. To call one, reply with only a JSON object "
+              "{\"name\": function name, \"parameters\": its arguments}.\n\n")
+
+
+def tools_in_system_message(chat: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a chat template without tool support: the tools described in the system message (the Llama 3.1
+    call form), and earlier calls written out as the assistant's text."""
+    note = TOOLS_NOTE + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    chat = [dict(m) for m in chat]
+    for m in chat:
+        if m.get("tool_calls") and not m["content"]:
+            m["content"] = "\n".join(json.dumps({"name": c["function"]["name"],
+                                                 "parameters": c["function"].get("arguments", {})},
+                                                ensure_ascii=False) for c in m["tool_calls"])
+    if chat[0]["role"] == "system":
+        chat[0]["content"] = chat[0]["content"] + "\n\n" + note
+    else:
+        chat.insert(0, {"role": "system", "content": note})
+    return chat
+
+
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check a conversation and return a fresh copy the template can read.
 
@@ -132,6 +153,8 @@ class ChatTemplate:
             raise ValueError("tools must be a list of JSON-schema dicts")
         if documents is not None and not _is_list_of_dicts(documents):
             raise ValueError("documents must be a list of dicts (e.g. with 'title' and 'text')")
+        if tools and "tools" not in self.source:   # a template that cannot show tools: the system message does
+            chat = tools_in_system_message(chat, tools)
         variables = {**self.special_tokens, **extra}
         try:
             return self._template.render(messages=chat, tools=tools, documents=documents,

@@ -114,6 +114,14 @@ int gllm_client_generate(gllm_client* c, const gllm_generate_options* in, char* 
     if (in->ignore_eos >= 0) o.ignore_eos = in->ignore_eos != 0;
     o.max_tokens_per_s = opt_double(in->max_tokens_per_s);
     o.ttft_deadline_ms = opt_double(in->ttft_deadline_ms);
+    if (in->json_schema) o.json_schema = std::string(in->json_schema);
+    if (in->regex) o.regex = std::string(in->regex);
+    if (in->grammar) o.grammar = std::string(in->grammar);
+    if (in->choice && in->n_choice) {
+        std::vector<std::string> choice;
+        for (size_t i = 0; i < in->n_choice; i++) if (in->choice[i]) choice.emplace_back(in->choice[i]);
+        o.choice = std::move(choice);
+    }
     std::string id = c->client.generate(o);
     if (id_out) {
         if (id.size() + 1 > id_cap) return -1;

@@ -48,11 +48,17 @@ const char* const kKnownGenerateKeys[] = {
     "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
     "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
     "max_tokens_per_s", "ttft_deadline_ms",
+    "json_schema", "regex", "grammar", "choice",
 };
 bool known_key(const std::string& k) {
     for (const char* known : kKnownGenerateKeys)
         if (k == known) return true;
     return false;
+}
+void write_strings(msgpack::Writer& w, const char* key, const std::vector<std::string>& list) {
+    w.str(key);
+    w.array_header(list.size());
+    for (const std::string& s : list) w.str(s);
 }
 }  // namespace
 
@@ -72,7 +78,8 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
                + o.top_k.has_value() + o.top_p.has_value() + o.min_p.has_value() + o.seed.has_value()
                + o.stop.has_value() + o.logprobs.has_value() + o.priority.has_value()
                + o.repetition_penalty.has_value() + o.presence_penalty.has_value() + o.frequency_penalty.has_value()
-               + o.ignore_eos.has_value() + o.max_tokens_per_s.has_value() + o.ttft_deadline_ms.has_value();
+               + o.ignore_eos.has_value() + o.max_tokens_per_s.has_value() + o.ttft_deadline_ms.has_value()
+               + o.json_schema.has_value() + o.regex.has_value() + o.grammar.has_value() + o.choice.has_value();
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) n += !known_key(o.extra.key_at(i));
     std::vector<uint8_t> out;
@@ -97,11 +104,7 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
     if (o.top_p) { w.str("top_p"); w.float64(*o.top_p); }
     if (o.min_p) { w.str("min_p"); w.float64(*o.min_p); }
     if (o.seed) { w.str("seed"); w.uinteger(*o.seed); }
-    if (o.stop) {
-        w.str("stop");
-        w.array_header(o.stop->size());
-        for (const std::string& s : *o.stop) w.str(s);
-    }
+    if (o.stop) write_strings(w, "stop", *o.stop);
     if (o.logprobs) { w.str("logprobs"); w.integer(*o.logprobs); }
     if (o.priority) { w.str("priority"); w.integer(*o.priority); }
     if (o.repetition_penalty) { w.str("repetition_penalty"); w.float64(*o.repetition_penalty); }
@@ -110,6 +113,10 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
     if (o.ignore_eos) { w.str("ignore_eos"); w.boolean(*o.ignore_eos); }
     if (o.max_tokens_per_s) { w.str("max_tokens_per_s"); w.float64(*o.max_tokens_per_s); }
     if (o.ttft_deadline_ms) { w.str("ttft_deadline_ms"); w.float64(*o.ttft_deadline_ms); }
+    if (o.json_schema) { w.str("json_schema"); w.str(*o.json_schema); }
+    if (o.regex) { w.str("regex"); w.str(*o.regex); }
+    if (o.grammar) { w.str("grammar"); w.str(*o.grammar); }
+    if (o.choice) write_strings(w, "choice", *o.choice);
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) {
             if (known_key(o.extra.key_at(i))) continue;

@@ -233,6 +233,14 @@ GenerateOptions OptionsFrom(const Value& v) {
     o.ignore_eos = v.get_bool("ignore_eos");
     o.max_tokens_per_s = v.get_double("max_tokens_per_s");
     o.ttft_deadline_ms = v.get_double("ttft_deadline_ms");
+    if (const std::string* s = v.get_string("json_schema")) o.json_schema = *s;
+    if (const std::string* s = v.get_string("regex")) o.regex = *s;
+    if (const std::string* s = v.get_string("grammar")) o.grammar = *s;
+    if (const Value* choice = v.get_array("choice")) {
+        std::vector<std::string> list;
+        for (size_t i = 0; i < choice->size(); i++) list.push_back(choice->at(i).as_string());
+        o.choice = list;
+    }
     return o;
 }
 

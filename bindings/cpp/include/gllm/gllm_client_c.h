@@ -49,6 +49,12 @@ typedef struct gllm_generate_options {
     int ignore_eos;                          /* < 0: unset, 0 false, 1 true */
     double max_tokens_per_s;                 /* NaN: unset; [0, 1000] tokens a second, 0 = unpaced */
     double ttft_deadline_ms;                 /* NaN: unset; [0, 3600000] ms to the first token, 0 = none */
+    /* Structured output, at most one (NULL / n_choice 0: unset); done's text then always parses. */
+    const char* json_schema;                 /* a JSON Schema as JSON text */
+    const char* regex;
+    const char* grammar;                     /* Lark or GBNF */
+    const char* const* choice;
+    size_t n_choice;
 } gllm_generate_options;
 
 typedef struct gllm_done {

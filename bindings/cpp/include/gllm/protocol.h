@@ -42,6 +42,11 @@ struct GenerateOptions {
     std::optional<bool> ignore_eos;
     std::optional<double> max_tokens_per_s;        // [0, 1000]: pace the reply (tokens a second); 0 = unpaced
     std::optional<double> ttft_deadline_ms;        // [0, 3600000]: first token wanted within this; 0 = none
+    // Structured output, at most one of the four (PROTOCOL.md §5.1): done.text then always parses.
+    std::optional<std::string> json_schema;        // a JSON Schema as its JSON text (the server also takes a map)
+    std::optional<std::string> regex;              // the whole output matches it
+    std::optional<std::string> grammar;            // Lark or GBNF
+    std::optional<std::vector<std::string>> choice;  // the output is exactly one of these
     Value extra;
 };
 

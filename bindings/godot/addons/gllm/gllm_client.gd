@@ -61,7 +61,13 @@ const GENERATE_KEYS: Array[String] = [
 	"ignore_eos",
 	"max_tokens_per_s",
 	"ttft_deadline_ms",
+	"json_schema",
+	"regex",
+	"grammar",
+	"choice",
 ]
+## Structured output (at most one): json_schema is a Dictionary or its JSON text; regex and grammar are text.
+const TEXT_KEYS: Array[String] = ["regex", "grammar"]
 const INT_KEYS: Array[String] = ["max_tokens", "top_k", "seed", "logprobs", "priority"]
 const FLOAT_KEYS: Array[String] = [
 	"temperature",
@@ -176,7 +182,8 @@ func connect_to_server(p_host: String = "127.0.0.1", p_port: int = 5555) -> void
 
 ## Starts a request; returns its id at once. [param options] holds the generate fields of PROTOCOL.md §5.1 by
 ## their wire names ("prompt" or "messages", "max_tokens", "temperature", "seed", ..., "max_tokens_per_s" to pace
-## the reply, "ttft_deadline_ms" for a first-token deadline), and optionally "id".
+## the reply, "ttft_deadline_ms" for a first-token deadline; "json_schema", "regex", "grammar" or "choice" for
+## output that always parses), and optionally "id".
 ## Its text arrives as [signal text_received]; it ends with exactly one [signal completed] or [signal failed]
 ## (an invalid request, such as a seed above 2^63-1, fails with "bad_request" without reaching the server).
 func generate(options: Dictionary) -> String:
@@ -393,6 +400,10 @@ static func build_generate(id: String, options: Dictionary) -> Array:
 			v = float(v)
 		elif key == "messages":
 			v = _messages(v)
+		elif key in TEXT_KEYS and typeof(v) != TYPE_STRING:
+			return [PackedByteArray(), "%s must be a String, not %s" % [key, type_string(typeof(v))]]
+		elif key == "json_schema" and typeof(v) != TYPE_STRING and typeof(v) != TYPE_DICTIONARY:
+			return [PackedByteArray(), "json_schema must be a Dictionary or JSON text"]
 		m[key] = v
 	for key: Variant in options:
 		if key is String and key != "id" and key != "op" and not (key in GENERATE_KEYS):

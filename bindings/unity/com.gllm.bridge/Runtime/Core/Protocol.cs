@@ -56,6 +56,12 @@ namespace Gllm
         /// requests of equal Priority the earliest deadline is served first, and DoneInfo.TtftDeadlineMet says
         /// whether it was met; null or 0: no deadline.</summary>
         public double? TtftDeadlineMs;
+        /// <summary>Structured output, at most one of these four (done's text then always parses): a JSON Schema
+        /// as its JSON text, a regular expression, a grammar (Lark or GBNF), or a list of allowed outputs.</summary>
+        public string JsonSchema;
+        public string Regex;
+        public string Grammar;
+        public List<string> Choice;
         public MsgMap Extra;
 
         public GenerateOptions Clone()
@@ -63,6 +69,7 @@ namespace Gllm
             var o = (GenerateOptions)MemberwiseClone();
             if (Messages != null) o.Messages = new List<ChatMessage>(Messages);
             if (Stop != null) o.Stop = new List<string>(Stop);
+            if (Choice != null) o.Choice = new List<string>(Choice);
             return o;
         }
     }
@@ -187,6 +194,7 @@ namespace Gllm
             "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
             "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
             "max_tokens_per_s", "ttft_deadline_ms",
+            "json_schema", "regex", "grammar", "choice",
         };
 
         public static void WriteGenerate(MsgPackWriter w, string id, GenerateOptions o)
@@ -209,6 +217,10 @@ namespace Gllm
             if (o.IgnoreEos.HasValue) n++;
             if (o.MaxTokensPerS.HasValue) n++;
             if (o.TtftDeadlineMs.HasValue) n++;
+            if (o.JsonSchema != null) n++;
+            if (o.Regex != null) n++;
+            if (o.Grammar != null) n++;
+            if (o.Choice != null) n++;
             int extra = 0;
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
@@ -243,6 +255,15 @@ namespace Gllm
             if (o.IgnoreEos.HasValue) { w.Write("ignore_eos"); w.Write(o.IgnoreEos.Value); }
             if (o.MaxTokensPerS.HasValue) { w.Write("max_tokens_per_s"); w.Write(o.MaxTokensPerS.Value); }
             if (o.TtftDeadlineMs.HasValue) { w.Write("ttft_deadline_ms"); w.Write(o.TtftDeadlineMs.Value); }
+            if (o.JsonSchema != null) { w.Write("json_schema"); w.Write(o.JsonSchema); }
+            if (o.Regex != null) { w.Write("regex"); w.Write(o.Regex); }
+            if (o.Grammar != null) { w.Write("grammar"); w.Write(o.Grammar); }
+            if (o.Choice != null)
+            {
+                w.Write("choice");
+                w.WriteArrayHeader(o.Choice.Count);
+                for (int i = 0; i < o.Choice.Count; i++) w.Write(o.Choice[i]);
+            }
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
                 {

@@ -261,6 +261,11 @@ namespace Gllm.Conformance
             if (v.GetBool("ignore_eos").HasValue) o.IgnoreEos = v.GetBool("ignore_eos");
             if (v.GetDouble("max_tokens_per_s").HasValue) o.MaxTokensPerS = v.GetDouble("max_tokens_per_s");
             if (v.GetDouble("ttft_deadline_ms").HasValue) o.TtftDeadlineMs = v.GetDouble("ttft_deadline_ms");
+            o.JsonSchema = v.GetString("json_schema");
+            o.Regex = v.GetString("regex");
+            o.Grammar = v.GetString("grammar");
+            var choice = v.GetList("choice");
+            if (choice != null) o.Choice = choice.Cast<string>().ToList();
             return o;
         }
 

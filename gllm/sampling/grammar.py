@@ -1,0 +1,135 @@
+"""Structured output through llguidance: a request's `json_schema`, `regex`, `grammar` or `choice` becomes a
+matcher that says, before each token, which tokens keep the output valid (a bitmask over the vocabulary).
+
+`Grammars` belongs to one engine (one tokenizer): it compiles a constraint once per distinct content and keeps
+the compiled matcher in a bounded LRU cache, so a request only copies it (microseconds). `Constraint` is one
+request's matcher; `Grammars.fill_masks` computes the masks of a batch's constrained rows on the CPU (the
+engine runs it while the device computes the step's logits). The sampler applies a mask after the raw
+logprobs are taken and before penalties, temperature and the filters.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import llguidance
+import torch
+
+from gllm.request_fields import FieldError
+
+DEFAULT_CACHE_SIZE = 128
+# JSON without optional whitespace: a game parses it, nobody reads it, and a small model cannot then
+# wander off into newlines and spaces until its token limit.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class Constraint:
+    """One request's position in its grammar."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, field: str) -> None:
+        self.matcher = matcher
+        self.field = field
+
+    def advance(self, token: int) -> str | None:
+        """Consume a sampled token; the matcher's error when it does not fit (None: it did)."""
+        if self.matcher.consume_token(token):
+            return None
+        return f"{self.field}: token {token} does not fit the constraint: {self.matcher.get_error()}"
+
+    @property
+    def complete(self) -> bool:
+        """The grammar has ended: no token but end-of-sequence could follow."""
+        return self.matcher.is_stopped()
+
+
+class Grammars:
+    """Compiled constraints for one tokenizer, cached by content (thread-safe: requests are checked on the
+    callers' threads). `tokenizer_json` gives the tokenizer's `tokenizers` JSON; it is read once, on the first
+    constraint (building llguidance's token trie takes a second for a 128k vocabulary). `threads` compute a
+    batch's masks in parallel."""
+
+    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: Sequence[int],
+                 cache_size: int = DEFAULT_CACHE_SIZE, threads: int = 1) -> None:
+        self._tokenizer_json = tokenizer_json
+        self.vocab_size = vocab_size
+        self._eos = list(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._executor: llguidance.LLExecutor | None = None
+        self._threads = threads             # for a batch's masks (rows in parallel)
+        self.compiled = 0                   # cache misses (for tests and stats)
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size,
+                                                         eos_token=self._eos or None)
+            return self._tokenizer
+
+    @property
+    def mask_words(self) -> int:
+        """int32 words per row of a mask."""
+        return (self.vocab_size + 31) // 32
+
+    def start(self, field: str, source: str) -> Constraint:
+        """A fresh matcher for `source` (the text the request field table made of the field's value);
+        `FieldError(field, "invalid")` when it does not compile."""
+        key = (field, source)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+        if compiled is None:
+            compiled = self._compile(field, source)
+            with self._lock:
+                self._cache[key] = compiled
+                self.compiled += 1
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return Constraint(compiled.deep_copy(), field)
+
+    def _compile(self, field: str, source: str) -> llguidance.LLMatcher:
+        try:
+            if field == "json_schema":
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
+            elif field == "regex":
+                grammar = llguidance.LLMatcher.grammar_from_regex(source)
+            elif field == "grammar":   # Lark as llguidance reads it, or llama.cpp's GBNF (converted to Lark)
+                grammar = llguidance.grammar_from("grammar", source)
+            elif field == "choice":
+                grammar = llguidance.grammar_from("choice", json.loads(source))
+            else:
+                raise ValueError(f"unknown constraint {field!r}")
+        except ValueError as exc:
+            raise FieldError(field, "invalid", f"cannot be compiled: {exc}") from None
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise FieldError(field, "invalid", f"cannot be compiled: {_first_lines(matcher.get_error())}")
+        return matcher
+
+    def fill_masks(self, constraints: Sequence[Constraint]) -> torch.Tensor:
+        """The allowed-token bitmasks of `constraints`, one int32 row each (bit t of word t // 32 set: token t
+        allowed), on the host. One caller at a time (the engine thread's step)."""
+        n, words = len(constraints), self.mask_words
+        masks = torch.empty((n, words), dtype=torch.int32)
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=self._threads)
+        self._executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)],
+                                               masks.data_ptr(), words * 4, n)
+        return masks
+
+
+def unpack_masks(masks: torch.Tensor, vocab_size: int, shifts: torch.Tensor) -> torch.Tensor:
+    """[n, words] int32 bitmasks to [n, vocab_size] booleans (True: allowed), on the masks' device."""
+    bits = (masks[:, :, None] >> shifts) & 1
+    return bits.reshape(masks.shape[0], -1)[:, :vocab_size].bool()
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    return "\n".join(text.splitlines()[:n])

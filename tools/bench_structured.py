@@ -1,0 +1,137 @@
+"""Per-step cost of structured output: decode steps with every row under a 10-field JSON Schema against the
+same batch unconstrained, at batch 1 and 16 (prints a table, writes JSON).
+
+A step's time is the engine's own (StepInfo.seconds: schedule, forward, masks, sample, deliver), taken from the
+steps where every row of the full batch decodes one token; the grammar-mask time is measured inside the step
+(the masks are computed on a worker thread while the model computes, so it overlaps the forward).
+
+CPU (default model):
+    python tools/bench_structured.py
+GPU (random weights in the Llama-3.2-1B shape; performance does not depend on weight values):
+    python tools/make_random_model.py --shape 1b --tokenizer ~/.cache/gllm/test-fixtures/tokenizer-llama3 \\
+        --out /tmp/llama-1b
+    python tools/bench_structured.py --model /tmp/llama-1b --device cuda --tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine  # noqa: E402
+
+# Ten fields, as an NPC's full decision might carry: enums, bounded numbers, booleans, short strings, an array.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "action": {"enum": ["open_gate", "close_gate", "refuse", "call_captain", "attack", "flee", "trade", "talk"]},
+        "target": {"enum": ["player", "captain", "north_gate", "south_gate", "market", "none"]},
+        "say": {"type": "string", "maxLength": 80},
+        "mood": {"enum": ["calm", "angry", "afraid", "amused"]},
+        "trust": {"type": "integer", "minimum": 0, "maximum": 100},
+        "price": {"type": "integer", "minimum": 0, "maximum": 10000},
+        "urgent": {"type": "boolean"},
+        "remember": {"type": "string", "maxLength": 60},
+        "items": {"type": "array", "items": {"enum": ["sword", "shield", "torch", "letter"]}, "maxItems": 3},
+        "next_line": {"type": "string", "maxLength": 80},
+    },
+    "required": ["action", "target", "say", "mood", "trust", "price", "urgent", "remember", "items", "next_line"],
+    "additionalProperties": False,
+}
+
+
+def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int) -> dict:
+    steps: list[float] = []
+    mask_s: list[float] = []
+    fill = engine.grammars.fill_masks
+
+    def timed_fill(constraints):           # the mask work as the engine does it (on its worker thread)
+        t = time.perf_counter()
+        out = fill(constraints)
+        mask_s.append(time.perf_counter() - t)
+        return out
+
+    def on_step(info) -> None:
+        if info.num_decodes == batch and info.num_tokens == batch:
+            steps.append(info.seconds)
+
+    engine.grammars.fill_masks = timed_fill
+    engine.add_step_listener(on_step)
+    ahead_before = engine.num_steps_ahead
+    try:
+        reqs = [GenerationRequest(prompt=f"NPC {i} decides what to do next:", max_new_tokens=tokens, seed=seed + i,
+                                  temperature=0.8, ignore_eos=not constrained,
+                                  json_schema=SCHEMA if constrained else None) for i in range(batch)]
+        t0 = time.perf_counter()
+        results = engine.generate(reqs)
+        wall = time.perf_counter() - t0
+    finally:
+        engine.remove_step_listener(on_step)
+        engine.grammars.fill_masks = fill
+    parsed = sum(1 for r in results if r.finish_reason == "stop" and _parses(r.text)) if constrained else None
+    return {"batch": batch, "constrained": constrained, "full_batch_steps": len(steps),
+            "step_ms_median": 1000 * statistics.median(steps) if steps else None,
+            "step_ms_mean": 1000 * statistics.fmean(steps) if steps else None,
+            "mask_ms_median": 1000 * statistics.median(mask_s) if mask_s else None,
+            "tokens": sum(r.usage.completion_tokens for r in results), "wall_s": wall,
+            "steps_ahead": engine.num_steps_ahead - ahead_before, "parsed": parsed}
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--tokens", type=int, default=96, help="most output tokens per request")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each case (the best median is kept)")
+    parser.add_argument("--overlap", choices=("default", "on", "off"), default="default",
+                        help="overlap_steps (default: on for CUDA, off on the CPU)")
+    parser.add_argument("--out", default="bench_structured.json")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    overlap = {"default": None, "on": True, "off": False}[args.overlap]
+    gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap)
+    rows = []
+    with LLMEngine(args.model, gen, device=args.device) as engine:
+        run(engine, 1, 8, True, 0)            # warm-up: compiles the schema, builds llguidance's token trie
+        run(engine, max(batches), 8, False, 0)
+        for batch in batches:
+            tries: dict[bool, list[dict]] = {False: [], True: []}
+            for k in range(args.repeats):     # alternated, so drifting machine load hits both alike
+                for constrained in (False, True):
+                    tries[constrained].append(run(engine, batch, args.tokens, constrained, 100 * k))
+            best = {c: min(t, key=lambda r: r["step_ms_median"] or float("inf")) for c, t in tries.items()}
+            free, cons = best[False], best[True]
+            overhead = (cons["step_ms_median"] / free["step_ms_median"] - 1) * 100
+            rows.append({"batch": batch, "free": free, "constrained": cons, "step_overhead_pct": overhead})
+        meta = {"model": engine.model_name, "device": str(engine.device), "dtype": str(engine.dtype),
+                "overlap_steps": engine.overlap_steps, "tokens": args.tokens, "schema_fields": len(SCHEMA["properties"])}
+    print(f"model {meta['model']} on {meta['device']} ({meta['dtype']}, overlap_steps={meta['overlap_steps']}); "
+          f"10-field schema, up to {args.tokens} tokens")
+    print(f"{'batch':>5} {'free ms/step':>13} {'schema ms/step':>15} {'overhead':>9} {'mask ms':>8} "
+          f"{'steps ahead free/schema':>24} {'parsed':>7}")
+    for r in rows:
+        f, c = r["free"], r["constrained"]
+        print(f"{r['batch']:>5} {f['step_ms_median']:>13.2f} {c['step_ms_median']:>15.2f} "
+              f"{r['step_overhead_pct']:>8.1f}% {c['mask_ms_median']:>8.3f} "
+              f"{f['steps_ahead']:>11}/{c['steps_ahead']:<12} {c['parsed']:>3}/{r['batch']}")
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
