@@ -42,6 +42,7 @@ class RequestField:
     on_bridge: bool = True        # a field of the bridge's `generate`
     on_http: bool = True          # read by the OpenAI mapping under `wire_name`
     scheduling: bool = False      # read by the scheduler (when and how fast), not by the sampler
+    engine: bool = False          # read by the engine around the request (result cache, pins), not by the sampler
 
     @property
     def wire_name(self) -> str:
@@ -140,8 +141,14 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
                  0.0, 1000.0, scheduling=True),
     RequestField("ttft_deadline_ms", "float", 0.0, "first token wanted within this many ms (earliest deadline "
                  "first among equal priorities); 0 = none", 0.0, 3_600_000, scheduling=True),
+    # NPC memory (issue #23).
+    RequestField("cache_result", "bool", True, "a deterministic request (temperature 0 or a seed) may be answered "
+                 "from, and stored in, the prompt-result cache; false = always decode", engine=True),
+    RequestField("pin_prefix", "bool", False, "keep the KV of the request's system part (the whole prompt for a "
+                 "raw prompt) resident until unpinned", engine=True),
 )
 FIELDS_BY_NAME: dict[str, RequestField] = {f.name: f for f in REQUEST_FIELDS}
-SAMPLING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if not f.scheduling)
+SAMPLING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if not (f.scheduling or f.engine))
 SCHEDULING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.scheduling)
+ENGINE_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.engine)
 BRIDGE_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.on_bridge)

@@ -36,6 +36,8 @@ class RequestState:
     # A token accepted by id whose text is not processed yet (overlapped steps): (token, logprobs, step).
     pending: tuple[int, TokenLogprobs | None, int] | None = None
     last_step: int = 0          # the step that produced its last token (its final event's step)
+    cache_key: str | None = None         # its prompt-result cache key (a deterministic request that may be cached)
+    pin_tokens: list[int] | None = None  # pin_prefix: the prompt ids to pin once it has run
 
 
 @dataclass
