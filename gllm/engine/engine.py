@@ -692,6 +692,11 @@ class LLMEngine:
         """Let a pin's blocks be evicted again; False if there is no such pin."""
         return self._on_engine_thread(self.sessions.unpin, pin_id, timeout=timeout)
 
+    def pins(self) -> dict[str, int]:
+        """Pin id -> tokens it keeps resident (a snapshot for monitoring)."""
+        bs = self.block_manager.block_size
+        return {pin_id: len(blocks) * bs for pin_id, blocks in list(self.sessions.pins.items())}
+
     def _on_engine_thread(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
         """Run `fn(*args)` on the engine thread between two steps and return what it returns (or raise)."""
         if threading.current_thread() is self._thread:
