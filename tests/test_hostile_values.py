@@ -28,6 +28,7 @@ HOSTILE = {
     "priority": [2**70], "repetition_penalty": [1e308, 0.0], "presence_penalty": [1e9],
     "frequency_penalty": [-1e9], "ignore_eos": ["yes"], "max_tokens_per_s": [1e308, -1.0],
     "ttft_deadline_ms": [1e12, -5.0],
+    "cache_result": ["no", 0], "pin_prefix": [1, "yes"],
 }
 
 # msgpack carries integers up to 2**64-1; every seed up to there is valid on the bridge (over HTTP a negative

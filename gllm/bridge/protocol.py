@@ -398,7 +398,7 @@ def tokens(step: int, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def done(id: str, finish_reason: str, text: str, prompt_tokens: int, completion_tokens: int,
          ttft_ms: float | None, total_ms: float, error: str | None = None,
-         cached_tokens: int = 0, ttft_deadline_met: bool | None = None) -> dict[str, Any]:
+         cached_tokens: int = 0, ttft_deadline_met: bool | None = None, cached: bool = False) -> dict[str, Any]:
     timings: dict[str, Any] = {"ttft_ms": None if ttft_ms is None else float(ttft_ms), "total_ms": float(total_ms)}
     if ttft_deadline_met is not None:
         timings["ttft_deadline_met"] = bool(ttft_deadline_met)
@@ -408,6 +408,8 @@ def done(id: str, finish_reason: str, text: str, prompt_tokens: int, completion_
                   "cached_tokens": cached_tokens},
         "timings": timings,
     }
+    if cached:   # answered from the prompt-result cache (only then: older clients' vectors stay as they were)
+        msg["usage"]["cached"] = True
     if error is not None:
         msg["error"] = error
     return msg

@@ -647,7 +647,7 @@ class BridgeServer:
             payload = P.encode(P.done(cid, r.finish_reason, r.text, r.usage.prompt_tokens, r.usage.completion_tokens,
                                       r.timings.ttft_ms, r.timings.total_ms, error=r.error,
                                       cached_tokens=r.usage.cached_tokens,
-                                      ttft_deadline_met=r.timings.ttft_deadline_met))
+                                      ttft_deadline_met=r.timings.ttft_deadline_met, cached=r.usage.cached))
             if c.pending_step is None:
                 self._send(c, payload)
             else:

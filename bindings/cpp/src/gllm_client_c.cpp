@@ -33,6 +33,7 @@ void gllm_generate_options_init(gllm_generate_options* o) {
     o->top_k = -1;
     o->logprobs = -1;
     o->ignore_eos = -1;
+    o->cache_result = o->pin_prefix = -1;
 }
 
 gllm_client* gllm_client_new(void) { return new (std::nothrow) gllm_client(); }
@@ -114,6 +115,8 @@ int gllm_client_generate(gllm_client* c, const gllm_generate_options* in, char* 
     if (in->ignore_eos >= 0) o.ignore_eos = in->ignore_eos != 0;
     o.max_tokens_per_s = opt_double(in->max_tokens_per_s);
     o.ttft_deadline_ms = opt_double(in->ttft_deadline_ms);
+    if (in->cache_result >= 0) o.cache_result = in->cache_result != 0;
+    if (in->pin_prefix >= 0) o.pin_prefix = in->pin_prefix != 0;
     std::string id = c->client.generate(o);
     if (id_out) {
         if (id.size() + 1 > id_cap) return -1;

@@ -47,7 +47,7 @@ namespace {
 const char* const kKnownGenerateKeys[] = {
     "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
     "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
-    "max_tokens_per_s", "ttft_deadline_ms",
+    "max_tokens_per_s", "ttft_deadline_ms", "cache_result", "pin_prefix",
 };
 bool known_key(const std::string& k) {
     for (const char* known : kKnownGenerateKeys)
@@ -72,7 +72,8 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
                + o.top_k.has_value() + o.top_p.has_value() + o.min_p.has_value() + o.seed.has_value()
                + o.stop.has_value() + o.logprobs.has_value() + o.priority.has_value()
                + o.repetition_penalty.has_value() + o.presence_penalty.has_value() + o.frequency_penalty.has_value()
-               + o.ignore_eos.has_value() + o.max_tokens_per_s.has_value() + o.ttft_deadline_ms.has_value();
+               + o.ignore_eos.has_value() + o.max_tokens_per_s.has_value() + o.ttft_deadline_ms.has_value()
+               + o.cache_result.has_value() + o.pin_prefix.has_value();
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) n += !known_key(o.extra.key_at(i));
     std::vector<uint8_t> out;
@@ -110,6 +111,8 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
     if (o.ignore_eos) { w.str("ignore_eos"); w.boolean(*o.ignore_eos); }
     if (o.max_tokens_per_s) { w.str("max_tokens_per_s"); w.float64(*o.max_tokens_per_s); }
     if (o.ttft_deadline_ms) { w.str("ttft_deadline_ms"); w.float64(*o.ttft_deadline_ms); }
+    if (o.cache_result) { w.str("cache_result"); w.boolean(*o.cache_result); }
+    if (o.pin_prefix) { w.str("pin_prefix"); w.boolean(*o.pin_prefix); }
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) {
             if (known_key(o.extra.key_at(i))) continue;

@@ -49,6 +49,8 @@ typedef struct gllm_generate_options {
     int ignore_eos;                          /* < 0: unset, 0 false, 1 true */
     double max_tokens_per_s;                 /* NaN: unset; [0, 1000] tokens a second, 0 = unpaced */
     double ttft_deadline_ms;                 /* NaN: unset; [0, 3600000] ms to the first token, 0 = none */
+    int cache_result;                        /* < 0: unset, 0: never from the server's result cache, 1: may be */
+    int pin_prefix;                          /* < 0: unset, 0 false, 1: keep the system messages' KV resident */
 } gllm_generate_options;
 
 typedef struct gllm_done {

@@ -42,6 +42,8 @@ struct GenerateOptions {
     std::optional<bool> ignore_eos;
     std::optional<double> max_tokens_per_s;        // [0, 1000]: pace the reply (tokens a second); 0 = unpaced
     std::optional<double> ttft_deadline_ms;        // [0, 3600000]: first token wanted within this; 0 = none
+    std::optional<bool> cache_result;              // false: never answered from the server's result cache
+    std::optional<bool> pin_prefix;                // true: keep the system messages' KV resident on the server
     Value extra;
 };
 

@@ -61,6 +61,8 @@ const GENERATE_KEYS: Array[String] = [
 	"ignore_eos",
 	"max_tokens_per_s",
 	"ttft_deadline_ms",
+	"cache_result",
+	"pin_prefix",
 ]
 const INT_KEYS: Array[String] = ["max_tokens", "top_k", "seed", "logprobs", "priority"]
 const FLOAT_KEYS: Array[String] = [

@@ -56,6 +56,12 @@ namespace Gllm
         /// requests of equal Priority the earliest deadline is served first, and DoneInfo.TtftDeadlineMet says
         /// whether it was met; null or 0: no deadline.</summary>
         public double? TtftDeadlineMs;
+        /// <summary>false: never answer this request from the server's prompt-result cache (which answers a
+        /// repeated greedy or seeded request at once); null: the server's default (true).</summary>
+        public bool? CacheResult;
+        /// <summary>true: keep the KV of the request's system messages resident on the server (shared lore that
+        /// every NPC reuses) until unpinned.</summary>
+        public bool? PinPrefix;
         public MsgMap Extra;
 
         public GenerateOptions Clone()
@@ -186,7 +192,7 @@ namespace Gllm
         {
             "op", "id", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
             "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
-            "max_tokens_per_s", "ttft_deadline_ms",
+            "max_tokens_per_s", "ttft_deadline_ms", "cache_result", "pin_prefix",
         };
 
         public static void WriteGenerate(MsgPackWriter w, string id, GenerateOptions o)
@@ -209,6 +215,8 @@ namespace Gllm
             if (o.IgnoreEos.HasValue) n++;
             if (o.MaxTokensPerS.HasValue) n++;
             if (o.TtftDeadlineMs.HasValue) n++;
+            if (o.CacheResult.HasValue) n++;
+            if (o.PinPrefix.HasValue) n++;
             int extra = 0;
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
@@ -243,6 +251,8 @@ namespace Gllm
             if (o.IgnoreEos.HasValue) { w.Write("ignore_eos"); w.Write(o.IgnoreEos.Value); }
             if (o.MaxTokensPerS.HasValue) { w.Write("max_tokens_per_s"); w.Write(o.MaxTokensPerS.Value); }
             if (o.TtftDeadlineMs.HasValue) { w.Write("ttft_deadline_ms"); w.Write(o.TtftDeadlineMs.Value); }
+            if (o.CacheResult.HasValue) { w.Write("cache_result"); w.Write(o.CacheResult.Value); }
+            if (o.PinPrefix.HasValue) { w.Write("pin_prefix"); w.Write(o.PinPrefix.Value); }
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
                 {
