@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from gllm.engine.assembly import assemble
+from gllm.engine.embeddings import POOLINGS, Embeddings, check_inputs, embed_tokens
 from gllm.engine.errors import EngineBusy, PinRefused, RequestRejected, RequestTooLong
 from gllm.engine.governor import FrameGovernor
 from gllm.engine.identity import tokenizer_digest, weights_digest
@@ -691,6 +692,31 @@ class LLMEngine:
     def unpin(self, pin_id: str, *, timeout: float | None = 60.0) -> bool:
         """Let a pin's blocks be evicted again; False if there is no such pin."""
         return self._on_engine_thread(self.sessions.unpin, pin_id, timeout=timeout)
+
+    def embed(self, inputs: str | list[str] | list[int] | list[list[int]], *, pooling: str = "mean",
+              timeout: float | None = 120.0) -> Embeddings:
+        """Unit-length vectors of the loaded model's pooled final hidden states ("mean" over the tokens or the
+        "last" token's), one per input in order. Texts get BOS as prompts do; token id lists are taken as they
+        are. Each input runs on the engine thread between generation steps."""
+        if pooling not in POOLINGS:
+            raise RequestRejected(f"pooling must be one of {POOLINGS}, got {pooling!r}", "pooling")
+        items = check_inputs(inputs)
+        encoded = []
+        for item in items:
+            if isinstance(item, str):
+                self._check_text_fits("input", len(item))
+                item = self.tokenizer.encode(item, special_tokens_as_text=True)
+            if not item:
+                raise RequestRejected("an input must hold at least one token", "input")
+            if len(item) > self.gen_params.max_seq_len:
+                raise RequestTooLong(f"an input is {len(item)} tokens; max_seq_len is {self.gen_params.max_seq_len}",
+                                     "input")
+            if max(item) >= self.model_config.vocab_size or min(item) < 0:
+                raise RequestRejected(f"token ids must be in [0, {self.model_config.vocab_size})", "input")
+            encoded.append(item)
+        vectors = [self._on_engine_thread(embed_tokens, self.runner, self.block_manager, ids, pooling,
+                                          timeout=timeout) for ids in encoded]
+        return Embeddings(vectors, sum(map(len, encoded)))
 
     def pins(self) -> dict[str, int]:
         """Pin id -> tokens it keeps resident (a snapshot for monitoring)."""
