@@ -78,3 +78,9 @@ class EngineAPI(Protocol):
     def unpin(self, pin_id: str, *, timeout: float | None = 60.0) -> bool:
         """Release a pin; False if there is none of that id."""
 
+    def snapshot_tokens(self, blob: bytes) -> int:
+        """How many tokens a snapshot blob holds (from its header)."""
+
+    def pins(self) -> dict[str, int]:
+        """Pin id -> tokens it keeps resident."""
+
