@@ -108,8 +108,11 @@ class LLMEngine:
         # NPC memory (issue #23): snapshots and pins (engine thread), the prompt-result cache (engine thread).
         self.sessions = SessionStore(self.block_manager, self.kv_cache, gen.max_seq_len)
         self.result_cache = ResultCache(gen.result_cache_entries, int(gen.result_cache_mb * 2**20))
-        self._identity: SnapshotIdentity | None = None
         self._identity_lock = threading.Lock()
+        # Now, at load (milliseconds; a quarter second for a memory-mapped CPU model's first reads), not inside
+        # the first restore or cached request.
+        self._identity: SnapshotIdentity | None = None
+        self._identity = self.identity
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
 
