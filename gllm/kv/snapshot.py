@@ -80,10 +80,27 @@ class SnapshotIdentity:
 
 
 @dataclass
+class Int8Kv:
+    """One int8-encoded K or V: values [tokens, kv_heads, head_dim] and scale exponents [tokens, kv_heads]. It is
+    dequantized where it is written (on the GPU for a GPU pool), and only for the blocks restored."""
+    q: torch.Tensor
+    exponent: torch.Tensor
+
+    def rows(self, positions: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        q = self.q[positions].to(device)
+        scale = torch.exp2((self.exponent[positions].to(device).float() - 160) / 4)
+        return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+    def dense(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.q.shape[0]), self.q.device, torch.float32)
+
+
+@dataclass
 class Snapshot:
-    """A decoded snapshot: the token ids and per layer (K, V) float tensors [tokens, kv_heads, head_dim]."""
+    """A decoded snapshot: the token ids and per layer (K, V), each [tokens, kv_heads, head_dim] (`Int8Kv` for
+    the int8 encoding)."""
     token_ids: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    layers: list[tuple[torch.Tensor | Int8Kv, torch.Tensor | Int8Kv]]
     encoding: str
     block_size: int
 
@@ -93,12 +110,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def read_kv(cache: KVCache, block_ids: Sequence[int], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The K and V of a sequence's first `num_tokens` positions, per layer, copied to the CPU."""
+    """The K and V of a sequence's first `num_tokens` positions, per layer (copies, on the pool's device: `encode`
+    quantizes there and copies the bytes to the host)."""
     slots = torch.tensor(slots_of(list(block_ids), 0, num_tokens, cache.block_size), dtype=torch.int64)
     out = []
     for k, v in cache.layers:
         index = slots.to(k.device)
-        out.append(tuple(t.view(-1, *t.shape[2:])[index].cpu() for t in (k, v)))
+        out.append(tuple(t.view(-1, *t.shape[2:])[index] for t in (k, v)))
     return out
 
 
@@ -113,7 +131,9 @@ def write_kv(cache: KVCache, blocks: Sequence[tuple[int, int]], snap: Snapshot) 
     for (k, v), (sk, sv) in zip(cache.layers, snap.layers):
         index = slots.to(k.device)
         for pool, src in ((k, sk), (v, sv)):
-            pool.view(-1, *pool.shape[2:])[index] = src[positions].to(device=pool.device, dtype=pool.dtype)
+            rows = src.rows(positions, pool.device, pool.dtype) if isinstance(src, Int8Kv) else \
+                src[positions].to(device=pool.device, dtype=pool.dtype)
+            pool.view(-1, *pool.shape[2:])[index] = rows
 
 
 def encode(identity: SnapshotIdentity, token_ids: Sequence[int], layers: list[tuple[torch.Tensor, torch.Tensor]],
@@ -142,7 +162,7 @@ def _encode_tensor(t: torch.Tensor, encoding: str) -> list[bytes]:
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    return t.contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
 def expected_size(header: dict, head_len: int) -> int:
@@ -233,15 +253,15 @@ def decode(blob: bytes, identity: SnapshotIdentity, *, max_tokens: int, max_byte
 
 
 def _decode_tensor(view: memoryview, offset: int, encoding: str, dtype: torch.dtype,
-                   shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+                   shape: tuple[int, int, int]) -> tuple[torch.Tensor | Int8Kv, int]:
     n, heads, dim = shape
     if encoding == "raw":
         size = n * heads * dim * torch.empty((), dtype=dtype).element_size()
         return _bytes_tensor(view[offset:offset + size]).view(dtype).view(shape), offset + size
     scale_size, q_size = n * heads, n * heads * dim
-    exponent = _bytes_tensor(view[offset:offset + scale_size]).view(n, heads).float() - 160
+    exponent = _bytes_tensor(view[offset:offset + scale_size]).view(n, heads)
     q = _bytes_tensor(view[offset + scale_size:offset + scale_size + q_size]).view(torch.int8).view(shape)
-    return (q.float() * torch.exp2(exponent / 4).unsqueeze(-1)).to(dtype), offset + scale_size + q_size
+    return Int8Kv(q, exponent), offset + scale_size + q_size
 
 
 def _bytes_tensor(data: memoryview) -> torch.Tensor:
