@@ -185,7 +185,14 @@ class BlockManager:
         for i in range(len(held), total):
             tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = chain_hash(parent, tokens)
-            if h in self._hash_to_block:   # a hash collision with other tokens: stop the chain here
+            if h in self._hash_to_block:   # cached past a hole in the chain: hold it; a collision: stop here
+                if self.blocks[self._hash_to_block[h]].token_ids != tokens:
+                    break
+                self._take(self._hash_to_block[h])
+                held.append(self._hash_to_block[h])
+                parent = h
+                continue
+            if not self.num_free_blocks:   # taking cached blocks above used free ones the count left for these
                 break
             block = self.blocks[self._allocate_new()]
             block.hash, block.token_ids = h, tokens
