@@ -87,13 +87,14 @@ def test_any_changed_field_misses(eng):
     assert run(eng, dataclasses.replace(base, priority=5, ttft_deadline_ms=1000.0)).usage.cached
 
 
-def test_sampling_without_a_seed_never_hits_and_the_opt_out_never_hits(eng):
+def test_sampling_without_a_seed_paced_replies_and_the_opt_out_never_hit(eng):
     before = eng.stats()
     for req in (request(temperature=0.8), request(cache_result=False)):
         assert not any(run(eng, req).usage.cached for _ in range(2))
     after = eng.stats()
     assert after["result_cache_hits"] == before["result_cache_hits"]
     assert after["result_cache_misses"] == before["result_cache_misses"]   # never even looked up
+    assert not any(run(eng, request(max_new_tokens=6, max_tokens_per_s=500.0)).usage.cached for _ in range(2))
     # The opt-out neither reads nor writes: the same request with the cache on misses first.
     assert not run(eng, request(cache_result=True, max_new_tokens=7)).usage.cached
     assert run(eng, request(max_new_tokens=7)).usage.cached

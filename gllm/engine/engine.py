@@ -340,7 +340,8 @@ class LLMEngine:
             prompt_ids=prompt_ids,
             ttft_deadline_ms=req.ttft_deadline_ms or None,
         )
-        if req.cache_result and self.result_cache.enabled and is_deterministic(params):
+        # A paced reply is not answered from the cache: it wants its tokens spread out, not at once.
+        if req.cache_result and self.result_cache.enabled and is_deterministic(params) and not req.max_tokens_per_s:
             state.cache_key = result_key(self.identity.model + self.identity.tokenizer, prompt_ids, params, max_new,
                                          stop_ids)
         if req.pin_prefix:
