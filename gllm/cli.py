@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 from dataclasses import asdict
@@ -155,12 +156,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = _engine(args)
     history: list[dict[str, str]] = []
     system = [{"role": "system", "content": args.system}] if args.system else []
-    print("gllm chat — /reset clears the conversation, /quit or Ctrl-D leaves, Ctrl-C stops a reply.",
-          file=sys.stderr)
+    print("gllm chat — /reset clears the conversation, /save FILE and /load FILE keep it (with its KV cache), "
+          "/quit or Ctrl-D leaves, Ctrl-C stops a reply.", file=sys.stderr)
+    turns = itertools.count(1)
+    last_id: list[str] = []    # the last finished reply's request id (what /save snapshots)
 
     async def reply(messages: list[dict[str, str]]) -> str:
         text = ""
-        async for event in engine.stream(_request(args, messages=messages)):
+        request_id = f"chat-{next(turns)}"
+        async for event in engine.stream(_request(args, messages=messages, request_id=request_id)):
+            if event.result is not None and event.result.finish_reason in ("stop", "length"):
+                last_id[:] = [request_id]
             print(event.text, end="", flush=True)
             text += event.text
         return text
@@ -179,7 +185,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 0
             if line == "/reset":
                 history.clear()
+                last_id.clear()
                 print("(conversation cleared)", file=sys.stderr)
+                continue
+            if line.startswith(("/save", "/load")):
+                command, _, path = line.partition(" ")
+                if not path.strip():
+                    print(f"({command} needs a file name)", file=sys.stderr)
+                elif command == "/save":
+                    _save_chat(engine, path.strip(), system + history, last_id)
+                else:
+                    loaded = _load_chat(engine, path.strip())
+                    if loaded is not None:
+                        system = [m for m in loaded[:1] if m["role"] == "system"]
+                        history[:] = loaded[len(system):]
+                        last_id.clear()
                 continue
             if not line:
                 continue
@@ -193,6 +213,40 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print("\n(reply cancelled)", file=sys.stderr)
     finally:
         engine.close()
+
+
+def _save_chat(engine, path: str, messages: list[dict[str, str]], last_id: list[str]) -> None:
+    from gllm.frontend.session_file import write_session
+    blob = b""
+    if last_id:
+        try:
+            blob = engine.snapshot(last_id[0])
+        except ValueError as exc:   # nothing cached of it (evicted): the messages alone still load
+            print(f"(no KV snapshot: {exc})", file=sys.stderr)
+    try:
+        size = write_session(path, messages, blob)
+    except OSError as exc:
+        print(f"(cannot save: {exc})", file=sys.stderr)
+        return
+    tokens = engine.snapshot_tokens(blob) if blob else 0
+    print(f"(saved {len(messages)} messages and the KV of {tokens} tokens to {path}, {size} bytes)", file=sys.stderr)
+
+
+def _load_chat(engine, path: str) -> list[dict[str, str]] | None:
+    from gllm.frontend.session_file import read_session
+    try:
+        messages, blob = read_session(path)
+    except (OSError, ValueError) as exc:
+        print(f"(cannot load: {exc})", file=sys.stderr)
+        return None
+    restored = 0
+    if blob:
+        try:
+            restored = engine.restore(blob).tokens
+        except ValueError as exc:   # another model's, damaged: the messages still load, prefilled again
+            print(f"(KV snapshot not restored: {exc})", file=sys.stderr)
+    print(f"(loaded {len(messages)} messages; {restored} tokens restored to the KV cache)", file=sys.stderr)
+    return messages
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ class RequestField:
     on_http: bool = True          # read by the OpenAI mapping under `wire_name`
     scheduling: bool = False      # read by the scheduler (when and how fast), not by the sampler
     constraint: bool = False      # constrains the output's form (structured output): at most one per request
+    engine: bool = False          # read by the engine around the request (result cache, pins), not by the sampler
 
     @property
     def wire_name(self) -> str:
@@ -195,9 +196,15 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
                  1, 65536, nullable=True, constraint=True),
     RequestField("choice", "str_list", (), "the output is exactly one of these strings", 1, 1024, max_items=256,
                  constraint=True),
+    # NPC memory (issue #23).
+    RequestField("cache_result", "bool", True, "a deterministic request (temperature 0 or a seed) may be answered "
+                 "from, and stored in, the prompt-result cache; false = always decode", engine=True),
+    RequestField("pin_prefix", "bool", False, "keep the KV of the request's system part (the whole prompt for a "
+                 "raw prompt) resident until unpinned", engine=True),
 )
 FIELDS_BY_NAME: dict[str, RequestField] = {f.name: f for f in REQUEST_FIELDS}
-SAMPLING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if not f.scheduling)
+SAMPLING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if not (f.scheduling or f.engine))
 SCHEDULING_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.scheduling)
+ENGINE_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.engine)
 BRIDGE_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.on_bridge)
 CONSTRAINT_FIELDS: tuple[RequestField, ...] = tuple(f for f in REQUEST_FIELDS if f.constraint)

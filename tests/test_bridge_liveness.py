@@ -34,7 +34,7 @@ NEVER_ENDING = 60_000
 SERVER_ARGS = ["--token", TOKEN, "--lease-s", str(LEASE_S), "--max-seq-len", "65536", "--max-batch-size", "8",
                "--kv-cache-tokens", str(4 * 65536),
                "--cpu-threads", "1", "--max-send-queue", "32", "--sndhwm", "8", "--sndbuf", "4096",
-               "--heartbeat-ms", "500", "--log-level", "INFO"]
+               "--heartbeat-ms", "500", "--log-level", "INFO", "--result-cache-entries", "0"]
 
 
 @pytest.fixture(scope="module")

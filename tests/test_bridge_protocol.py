@@ -38,6 +38,20 @@ def load_vectors() -> dict[str, tuple[object, bytes]]:
 
 
 VECTORS = load_vectors()
+# NPC memory: the messages with a bin blob, whose JSON writes it as {"bin": HEX} (clients' runners skip these).
+BIN_VECTOR_RE = re.compile(r"<!-- bin-vector: ([\w-]+) -->\s*```json\n(.*?)\n```\s*```hex\n(.*?)\n```", re.S)
+
+
+def _with_bin(value):
+    if isinstance(value, dict):
+        if list(value) == ["bin"]:
+            return bytes.fromhex(value["bin"])
+        return {k: _with_bin(v) for k, v in value.items()}
+    return [_with_bin(v) for v in value] if isinstance(value, list) else value
+
+
+BIN_VECTORS = {name: (_with_bin(json.loads(js)), bytes.fromhex(hx.replace("\n", " ")))
+               for name, js, hx in BIN_VECTOR_RE.findall(DOC.read_text(encoding="utf-8"))}
 MSGPACK_VECTORS = sorted(k for k, (v, _) in VECTORS.items() if v is not None)
 ZMTP_VECTORS = sorted(k for k, (v, _) in VECTORS.items() if v is None)
 
@@ -47,8 +61,9 @@ def vec(name: str) -> bytes:
 
 
 def test_document_has_every_vector():
-    ops = {VECTORS[n][0]["op"] for n in MSGPACK_VECTORS}
+    ops = {VECTORS[n][0]["op"] for n in MSGPACK_VECTORS} | {v["op"] for v, _ in BIN_VECTORS.values()}
     assert ops == set(P.CLIENT_OPS) | set(P.SERVER_OPS)
+    assert set(BIN_VECTORS) == {"snapshot", "restore"}
     assert set(ZMTP_VECTORS) == {"zmtp-greeting", "zmtp-ready-dealer", "zmtp-ready-router", "zmtp-ping",
                                  "zmtp-pong", "zmtp-frame-ping", "zmtp-frame-long-header", "zmtp-client-opening",
                                  "zmtp-frame-hello"}
@@ -107,6 +122,24 @@ def _built(name: str) -> dict:
                       cached_tokens=v["usage"]["cached_tokens"])
     if name.startswith("error"):
         return P.error(v["id"], v["code"], v["message"])
+    # NPC memory
+    if name == "snapshot-request":
+        return P.snapshot_request(v["id"], conversation=v.get("conversation"), tokens=v.get("tokens"),
+                                  encoding=v.get("encoding"))
+    if name == "restored":
+        return P.restored(v["id"], v["tokens"], v["new_blocks"])
+    if name == "pin":
+        return P.pin(v["id"], prompt=v.get("prompt"), messages=v.get("messages"), tokens=v.get("tokens"))
+    if name == "pinned":
+        return P.pinned(v["id"], v["pin"], v["tokens"])
+    if name == "unpin":
+        return P.unpin(v["id"], v["pin"])
+    if name == "unpinned":
+        return P.unpinned(v["id"], v["pin"], v["found"])
+    if name == "embed":
+        return P.embed(v["id"], v["input"], v.get("pooling"))
+    if name == "embeddings":
+        return P.embeddings(v["id"], v["vectors"], v["prompt_tokens"])
     raise AssertionError(f"no builder for vector {name}")
 
 
@@ -120,6 +153,40 @@ def test_builders_produce_the_vectors(name):
 def test_client_vectors_validate(name):
     msg = P.parse_client_message(vec(name))
     assert type(msg).__name__.lower() == VECTORS[name][0]["op"]
+
+
+def test_bin_vectors_of_the_npc_memory_messages():
+    restore, raw = BIN_VECTORS["restore"]
+    assert P.encode(P.restore(restore["id"], restore["blob"])) == raw == msgpack.packb(restore, use_bin_type=True)
+    parsed = P.parse_client_message(raw)
+    assert isinstance(parsed, P.Restore) and parsed.blob == restore["blob"] and raw.count(b"\xc4") == 1
+    snap, raw = BIN_VECTORS["snapshot"]
+    assert P.encode(P.snapshot(snap["id"], snap["tokens"], snap["blob"])) == raw
+    assert msgpack.unpackb(raw, raw=False) == snap
+
+
+@pytest.mark.parametrize("msg, complaint", [
+    ({"op": "snapshot", "id": "s"}, "exactly one of conversation or tokens"),
+    ({"op": "snapshot", "id": "s", "conversation": "c", "tokens": [1]}, "exactly one"),
+    ({"op": "snapshot", "id": "s", "tokens": [-1]}, "tokens must be"),
+    ({"op": "snapshot", "id": "s", "tokens": [True]}, "tokens must be"),
+    ({"op": "snapshot", "id": "s", "conversation": "c", "encoding": "fp4"}, "encoding must be one of"),
+    ({"op": "restore", "id": "r", "blob": "text"}, "blob must be non-empty bin"),
+    ({"op": "restore", "id": "r", "blob": b""}, "blob must be non-empty bin"),
+    ({"op": "restore", "id": "r"}, "blob must be"),
+    ({"op": "pin", "id": "p"}, "exactly one of prompt, messages or tokens"),
+    ({"op": "pin", "id": "p", "prompt": "a", "tokens": [1]}, "exactly one"),
+    ({"op": "pin", "id": "p", "messages": [{"role": "system"}]}, "content must be a string"),
+    ({"op": "unpin", "id": "u"}, r"pin \(the id"),
+    ({"op": "embed", "id": "e", "input": []}, "input must be"),
+    ({"op": "embed", "id": "e", "input": ["a", 3]}, "input must be"),
+    ({"op": "embed", "id": "e", "input": ["x"] * 257}, "input must be"),
+    ({"op": "embed", "id": "e", "input": "x", "pooling": "max"}, "pooling must be one of"),
+])
+def test_npc_memory_messages_are_validated(msg, complaint):
+    with pytest.raises(P.ProtocolError, match=complaint) as info:
+        P.parse_client_message(P.encode(msg))
+    assert info.value.code == P.BAD_REQUEST and info.value.request_id == msg["id"]
 
 
 def test_generate_vector_fields():

@@ -126,3 +126,30 @@ def test_chat_ctrl_c_cancels_the_reply_not_the_program(llama32_dir):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_chat_save_and_load_keep_the_conversation_and_its_kv(llama32_dir, tmp_path):
+    """`/save FILE` writes the messages and the KV snapshot; a new `gllm chat` process `/load`s them, restores
+    the KV, and the conversation goes on; a damaged file is a message, not a crash."""
+    saved = tmp_path / "npc.gllmchat"
+    common = ("chat", "--quiet", "--model", str(llama32_dir), "--max-tokens", "24", "--temperature", "0",
+              "--system", "You are Brann, a tired town guard. " * 3)
+
+    def chat(lines: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run([sys.executable, "-m", "gllm.cli", *common], input=lines, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    first = chat(f"Who goes there?\n/save {saved}\n/quit\n")
+    assert first.returncode == 0, first.stderr
+    assert "(saved 3 messages and the KV of" in first.stderr and saved.stat().st_size > 1000
+    tokens = int(first.stderr.split("and the KV of ", 1)[1].split(" tokens", 1)[0])
+    assert tokens > 0
+    second = chat(f"/load {saved}\nAnd the smith?\n/save {saved}\n/quit\n")
+    assert second.returncode == 0, second.stderr
+    assert f"(loaded 3 messages; {tokens // 16 * 16} tokens restored to the KV cache)" in second.stderr
+    assert "(saved 5 messages" in second.stderr
+    (tmp_path / "junk").write_bytes(b"GLLMCHAT\xff\xff\xff\xffjunk")
+    third = chat(f"/load {tmp_path / 'junk'}\n/load {tmp_path / 'missing'}\n/save\n/quit\n")
+    assert third.returncode == 0
+    assert third.stderr.count("(cannot load:") == 2 and "(/save needs a file name)" in third.stderr

@@ -30,6 +30,7 @@ HOSTILE = {
     "ttft_deadline_ms": [1e12, -5.0],
     "json_schema": [{"type": "frobnicate"}, "{not json", [1]], "regex": ["(unclosed", ""],
     "grammar": ["start: nowhere", "x" * 70000], "choice": [[""], "yes"],
+    "cache_result": ["no", 0], "pin_prefix": [1, "yes"],
 }
 
 # msgpack carries integers up to 2**64-1; every seed up to there is valid on the bridge (over HTTP a negative

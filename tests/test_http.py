@@ -153,8 +153,9 @@ def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
 @pytest.fixture(scope="module")
 def server(llama32_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("http") / "server.log"
-    proc, url = start_server(llama32_dir, log, "--api-key", API_KEY, "--max-seq-len", str(MAX_SEQ_LEN),
-                             "--max-batch-size", "4", "--max-body-mb", "0.25")
+    # --result-cache-entries 0: repeated requests are computed again (tests/test_http_npc_memory.py tests the cache)
+    proc, url = start_server(llama32_dir, log, "--result-cache-entries", "0", "--api-key", API_KEY,
+                             "--max-seq-len", str(MAX_SEQ_LEN), "--max-batch-size", "4", "--max-body-mb", "0.25")
     yield url
     code = stop_server(proc)
     assert code == 0, f"server exited {code}; stderr:\n{log.read_text()}"

@@ -139,3 +139,25 @@ def test_freed_blocks_are_reused_before_untouched_ones():
     c = BlockTable()
     m.allocate_prompt(c, prompt(12, 70), 12)
     assert sorted(c.block_ids) == [0, 1, 4]     # the freed pair first, then the lowest untouched block
+
+
+def test_import_blocks_registers_fresh_blocks_holds_cached_ones_and_release_gives_all_back():
+    m = bm.BlockManager(8, 4)
+    t = BlockTable()
+    assert m.allocate_prompt(t, prompt(9), 9) == (0, 9)
+    m.register_computed(t, prompt(9), 9)            # blocks 0 and 1 of the prompt are cached
+    m.free(t)
+    held, fresh = m.import_blocks(prompt(16))      # 4 whole blocks: 2 cached, 2 fresh
+    assert len(held) == 4 and [i for i, _ in fresh] == [2, 3]
+    assert m.num_free_blocks == 4 and m.cached_blocks(prompt(16)) == held
+    m.release(held)
+    assert m.num_free_blocks == 8 and m.cached_blocks(prompt(16)) == held   # cached, evictable
+    assert m.import_blocks(prompt(40)) is None     # 10 blocks: more than the pool
+    assert m.num_free_blocks == 8
+    m.hold(held[:2])                               # a pin: never evicted while held
+    t2 = BlockTable()
+    assert m.allocate_prompt(t2, prompt(24, 100), 24) == (0, 24)   # takes every free block but the held two
+    assert m.cached_blocks(prompt(8)) == held[:2]
+    m.free(t2)
+    m.release(held[:2])
+    assert m.num_free_blocks == 8

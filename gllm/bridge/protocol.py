@@ -28,13 +28,19 @@ MAX_CLIENT_NAME_BYTES = 128
 MAX_TOKEN_BYTES = 1024                   # hello.token
 MAX_ROLE_BYTES = 64
 MAX_MESSAGES = 1024                      # entries of generate.messages
+MAX_MEMORY_TOKENS = 1 << 20              # token ids in a snapshot or pin message
+MAX_EMBED_INPUTS = 256                   # strings in one embed message
+SNAPSHOT_ENCODINGS = ("raw", "int8")
+EMBED_POOLINGS = ("mean", "last")
 # generate's optional fields, their defaults and bounds: the request field table's bridge fields.
 GENERATE_FIELD_ORDER = tuple(f.wire_name for f in BRIDGE_FIELDS)
 GENERATE_DEFAULTS: dict[str, Any] = {f.wire_name: list(f.default) if isinstance(f.default, tuple) else f.default
                                      for f in BRIDGE_FIELDS}
 
-CLIENT_OPS = ("hello", "generate", "cancel", "ping", "frame", "idle", "stats")
-SERVER_OPS = ("welcome", "tokens", "done", "error", "pong", "stats")
+CLIENT_OPS = ("hello", "generate", "cancel", "ping", "frame", "idle", "stats",
+              "snapshot", "restore", "pin", "unpin", "embed")                      # NPC memory (issue #23)
+SERVER_OPS = ("welcome", "tokens", "done", "error", "pong", "stats",
+              "snapshot", "restored", "pinned", "unpinned", "embeddings")          # NPC memory (issue #23)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 # Error codes. The first six are the v1 core; the last two extend it.
@@ -115,6 +121,8 @@ class Generate:
     regex: str | None = None
     grammar: str | None = None
     choice: list[str] = field(default_factory=list)
+    cache_result: bool = True         # NPC memory (issue #23)
+    pin_prefix: bool = False
 
 
 @dataclass
@@ -146,7 +154,44 @@ class Stats:
     pass
 
 
-ClientMessage = Hello | Generate | Cancel | Ping | Frame | Idle | Stats
+# NPC memory (issue #23): each carries a client-chosen id that its reply (or error) carries back.
+@dataclass
+class Snapshot:
+    id: str
+    conversation: str | None = None       # a finished generate's id (this client's)
+    tokens: list[int] | None = None       # or token ids
+    encoding: str = "raw"
+
+
+@dataclass
+class Restore:
+    id: str
+    blob: bytes = b""
+
+
+@dataclass
+class Pin:
+    id: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    tokens: list[int] | None = None
+
+
+@dataclass
+class Unpin:
+    id: str
+    pin: str = ""
+
+
+@dataclass
+class Embed:
+    id: str
+    input: list[str] = field(default_factory=list)
+    pooling: str = "mean"
+
+
+MemoryMessage = Snapshot | Restore | Pin | Unpin | Embed
+ClientMessage = Hello | Generate | Cancel | Ping | Frame | Idle | Stats | MemoryMessage
 
 
 def parse_client_message(frame: bytes, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ClientMessage:
@@ -185,6 +230,8 @@ def validate_client_message(msg: dict[str, Any]) -> ClientMessage:
         return Idle(ms=_get_float(msg, "ms", required=True, lo=0.0, hi=1e9))
     if op == "stats":
         return Stats()
+    if op in ("snapshot", "restore", "pin", "unpin", "embed"):
+        return _validate_memory(op, msg)
     raise ProtocolError(UNKNOWN_OP, f"unknown op {_clip(op)!r}")
 
 
@@ -215,6 +262,61 @@ def _validate_generate(msg: dict[str, Any]) -> Generate:
     except ProtocolError as exc:
         exc.request_id = rid
         raise
+
+
+def _validate_memory(op: str, msg: dict[str, Any]) -> MemoryMessage:
+    rid = _get_id(msg)
+    try:
+        if op == "snapshot":
+            conversation = _get_str(msg, "conversation", max_bytes=MAX_ID_BYTES, default=None)
+            tokens = _get_tokens(msg)
+            if (conversation is None) == (tokens is None):
+                raise ProtocolError(BAD_REQUEST, "give exactly one of conversation or tokens")
+            return Snapshot(rid, conversation, tokens, _get_choice(msg, "encoding", SNAPSHOT_ENCODINGS))
+        if op == "restore":
+            blob = msg.get("blob")
+            if not isinstance(blob, (bytes, bytearray)) or not blob:
+                raise ProtocolError(BAD_REQUEST, f"blob must be non-empty bin, got {_type_name(blob)}")
+            return Restore(rid, bytes(blob))
+        if op == "pin":
+            prompt, messages, tokens = _get_str(msg, "prompt", default=None), msg.get("messages"), _get_tokens(msg)
+            if sum(x is not None for x in (prompt, messages, tokens)) != 1:
+                raise ProtocolError(BAD_REQUEST, "give exactly one of prompt, messages or tokens")
+            return Pin(rid, prompt, None if messages is None else _check_messages(messages), tokens)
+        if op == "unpin":
+            pin = _get_str(msg, "pin", max_bytes=MAX_ID_BYTES, default=None)
+            if not pin:
+                raise ProtocolError(BAD_REQUEST, "pin (the id a pinned message gave) is missing")
+            return Unpin(rid, pin)
+        texts = msg.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not 0 < len(texts) <= MAX_EMBED_INPUTS or \
+                not all(isinstance(t, str) and t for t in texts):
+            raise ProtocolError(BAD_REQUEST, f"input must be a non-empty string or 1 to {MAX_EMBED_INPUTS} of them")
+        return Embed(rid, texts, _get_choice(msg, "pooling", EMBED_POOLINGS))
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+
+
+def _get_tokens(msg: dict[str, Any]) -> list[int] | None:
+    tokens = msg.get("tokens")
+    if tokens is None:
+        return None
+    if not isinstance(tokens, list) or not 0 < len(tokens) <= MAX_MEMORY_TOKENS or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX for t in tokens):
+        raise ProtocolError(BAD_REQUEST, f"tokens must be 1 to {MAX_MEMORY_TOKENS} integers in [0, 2**31-1]")
+    return tokens
+
+
+def _get_choice(msg: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    value = msg.get(name)
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise ProtocolError(BAD_REQUEST, f"{name} must be one of {', '.join(choices)}, got {_clip(repr(value))}")
+    return value
 
 
 def _check_messages(messages: Any) -> list[dict[str, str]]:
@@ -417,7 +519,7 @@ def tokens(step: int, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def done(id: str, finish_reason: str, text: str, prompt_tokens: int, completion_tokens: int,
          ttft_ms: float | None, total_ms: float, error: str | None = None,
-         cached_tokens: int = 0, ttft_deadline_met: bool | None = None) -> dict[str, Any]:
+         cached_tokens: int = 0, ttft_deadline_met: bool | None = None, cached: bool = False) -> dict[str, Any]:
     timings: dict[str, Any] = {"ttft_ms": None if ttft_ms is None else float(ttft_ms), "total_ms": float(total_ms)}
     if ttft_deadline_met is not None:
         timings["ttft_deadline_met"] = bool(ttft_deadline_met)
@@ -427,9 +529,73 @@ def done(id: str, finish_reason: str, text: str, prompt_tokens: int, completion_
                   "cached_tokens": cached_tokens},
         "timings": timings,
     }
+    if cached:   # answered from the prompt-result cache (only then: older clients' vectors stay as they were)
+        msg["usage"]["cached"] = True
     if error is not None:
         msg["error"] = error
     return msg
+
+
+# NPC memory (issue #23): client requests, then the server's replies.
+def snapshot_request(id: str, conversation: str | None = None, tokens: list[int] | None = None,
+                     encoding: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"op": "snapshot", "id": id}
+    if conversation is not None:
+        msg["conversation"] = conversation
+    if tokens is not None:
+        msg["tokens"] = list(tokens)
+    if encoding is not None:
+        msg["encoding"] = encoding
+    return msg
+
+
+def restore(id: str, blob: bytes) -> dict[str, Any]:
+    return {"op": "restore", "id": id, "blob": bytes(blob)}
+
+
+def pin(id: str, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+        tokens: list[int] | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"op": "pin", "id": id}
+    if prompt is not None:
+        msg["prompt"] = prompt
+    if messages is not None:
+        msg["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if tokens is not None:
+        msg["tokens"] = list(tokens)
+    return msg
+
+
+def unpin(id: str, pin: str) -> dict[str, Any]:
+    return {"op": "unpin", "id": id, "pin": pin}
+
+
+def embed(id: str, input: str | list[str], pooling: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"op": "embed", "id": id, "input": input if isinstance(input, str) else list(input)}
+    if pooling is not None:
+        msg["pooling"] = pooling
+    return msg
+
+
+def snapshot(id: str, tokens: int, blob: bytes) -> dict[str, Any]:
+    """The one server message with a bin value: the snapshot blob (PROTOCOL.md §5.3)."""
+    return {"op": "snapshot", "id": id, "tokens": tokens, "blob": bytes(blob)}
+
+
+def restored(id: str, tokens: int, new_blocks: int) -> dict[str, Any]:
+    return {"op": "restored", "id": id, "tokens": tokens, "new_blocks": new_blocks}
+
+
+def pinned(id: str, pin: str, tokens: int) -> dict[str, Any]:
+    return {"op": "pinned", "id": id, "pin": pin, "tokens": tokens}
+
+
+def unpinned(id: str, pin: str, found: bool) -> dict[str, Any]:
+    return {"op": "unpinned", "id": id, "pin": pin, "found": found}
+
+
+def embeddings(id: str, vectors: list[list[float]], prompt_tokens: int) -> dict[str, Any]:
+    return {"op": "embeddings", "id": id, "vectors": [[float(x) for x in v] for v in vectors],
+            "prompt_tokens": prompt_tokens}
 
 
 def error(id: str | None, code: str, message: str) -> dict[str, Any]:

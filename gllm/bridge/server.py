@@ -58,6 +58,7 @@ import zmq
 
 from gllm import __version__
 from gllm.bridge import protocol as P
+from gllm.bridge.memory_ops import engine_request_id, run_memory_op
 from gllm.bridge.routing_ids import seed_libc_rand
 from gllm.engine.errors import EngineBusy, RequestTooLong
 from gllm.frontend.helpers import is_local_address, preview, require_positive, require_positive_int, short_model_name
@@ -167,6 +168,19 @@ class _Cancel:
 _SubmitJob = Union[_Add, _Cancel, None]
 
 
+# NPC memory (issue #23): an op for the memory lane (`BridgeServer._memory_q`), and its answer for the I/O thread.
+@dataclass(slots=True)
+class _MemoryJob:
+    client: _Client
+    msg: P.MemoryMessage
+
+
+@dataclass(slots=True)
+class _Reply:
+    client: _Client
+    msg: dict[str, Any]
+
+
 class BridgeServer:
     def __init__(self, engine: EngineAPI, config: ServerConfig | None = None, *,
                  context: zmq.Context | None = None, model_name: str | None = None,
@@ -184,7 +198,7 @@ class BridgeServer:
         # ident -> (failed hellos in a row, until when its hellos are ignored): bounds token guessing
         self._auth_failures: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
         self._serials = itertools.count(1)
-        self._events: collections.deque[_EngineEvent | _Rejected] = collections.deque()
+        self._events: collections.deque[_EngineEvent | _Rejected | _Reply] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -196,6 +210,7 @@ class BridgeServer:
         self._submit_q: queue.SimpleQueue[_SubmitJob] = queue.SimpleQueue()
         self._bulk_q: queue.SimpleQueue[_SubmitJob] = queue.SimpleQueue()
         self._submitters: list[threading.Thread] = []
+        self._memory_q: queue.SimpleQueue[_MemoryJob | None] = queue.SimpleQueue()   # NPC-memory ops, in order
         self._thread: threading.Thread | None = None     # the I/O thread, when `start()` made it
         self._auth = None
         self.router: zmq.Socket | None = None
@@ -254,6 +269,8 @@ class BridgeServer:
                             for q, name in ((self._submit_q, "gllm-bridge-submit"), (self._bulk_q, "gllm-bridge-bulk"))]
         for t in self._submitters:
             t.start()
+        memory = threading.Thread(target=self._memory_loop, name="gllm-bridge-memory", daemon=True)
+        memory.start()
         if ready is not None:
             ready(self.endpoint)
         try:
@@ -265,6 +282,8 @@ class BridgeServer:
             for q, t in zip((self._submit_q, self._bulk_q), self._submitters):
                 q.put(None)
                 t.join(timeout=5)
+            self._memory_q.put(None)
+            memory.join(timeout=5)
             with self._lock:   # the engine thread checks `router` under the lock before sending
                 self.router.close(linger=int(STOP_DRAIN_S * 1000))   # what is queued still goes out
                 self.router = None
@@ -302,7 +321,7 @@ class BridgeServer:
             t.join(timeout=10)
 
     # ------------------------------------------------------------------------------ cross-thread
-    def _post(self, item: _Rejected) -> None:
+    def _post(self, item: _Rejected | _Reply) -> None:
         self._events.append(item)
         if not self._wake_flag:
             self._wake_flag = True
@@ -393,6 +412,22 @@ class BridgeServer:
             if jobs is self._bulk_q:   # a huge prompt is done with: give the pages it took back to the OS
                 del job, req, callback, tracker
                 release_free_memory()
+
+    def _memory_loop(self) -> None:
+        """The memory lane: snapshot, restore, pin, unpin and embed wait for the engine thread, so they run here,
+        one at a time in arrival order, never on the I/O thread or a generate's lane."""
+        while True:
+            job = self._memory_q.get()
+            if job is None:
+                return
+            if job.client.closed:
+                continue
+            try:
+                reply = run_memory_op(self.engine, job.client.serial, job.msg, self.config.max_message_bytes)
+            except Exception as exc:
+                log.exception("%s failed", type(job.msg).__name__)
+                reply = P.error(job.msg.id, P.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._post(_Reply(job.client, reply))
 
     # ------------------------------------------------------------------------------ I/O loop
     def _loop(self) -> None:
@@ -527,6 +562,11 @@ class BridgeServer:
                                      frames=m.frames, over=m.over)
         elif isinstance(m, P.Idle):
             self.engine.report_idle(m.ms, source=f"bridge/{client.serial}")
+        elif isinstance(m, (P.Snapshot, P.Restore, P.Pin, P.Unpin, P.Embed)):
+            if self._stop:
+                self._send(client, P.encode(P.error(m.id, P.BUSY, "the server is stopping")))
+            else:
+                self._memory_q.put(_MemoryJob(client, m))
         elif isinstance(m, P.Stats):
             values = dict(self.engine.stats())
             values["clients"] = len(self.clients)
@@ -598,7 +638,7 @@ class BridgeServer:
                                                 f"requests in flight (max_inflight {self.config.max_inflight})")))
             return
         from gllm.engine.request import GenerationRequest  # here, so that config checks need no torch
-        engine_id = f"{client.serial:x}/{g.id}"
+        engine_id = engine_request_id(client.serial, g.id)
         req = GenerationRequest(prompt=g.prompt, messages=g.messages, request_id=engine_id,
                                 **{f.name: getattr(g, f.wire_name) for f in BRIDGE_FIELDS})
         client.live[g.id] = engine_id
@@ -620,7 +660,9 @@ class BridgeServer:
             client = item.client
             if client.closed:
                 continue
-            if isinstance(item, _Rejected):
+            if isinstance(item, _Reply):
+                self._send(client, P.encode(item.msg))
+            elif isinstance(item, _Rejected):
                 client.live.pop(item.cid, None)
                 client.bulk.discard(item.cid)
                 self._send(client, P.encode(P.error(item.cid, item.code, item.message)))
@@ -649,7 +691,7 @@ class BridgeServer:
             payload = P.encode(P.done(cid, r.finish_reason, r.text, r.usage.prompt_tokens, r.usage.completion_tokens,
                                       r.timings.ttft_ms, r.timings.total_ms, error=r.error,
                                       cached_tokens=r.usage.cached_tokens,
-                                      ttft_deadline_met=r.timings.ttft_deadline_met))
+                                      ttft_deadline_met=r.timings.ttft_deadline_met, cached=r.usage.cached))
             if c.pending_step is None:
                 self._send(c, payload)
             else:

@@ -9,6 +9,7 @@ stops the engine or loses another request: every request ends with exactly one f
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -29,14 +30,19 @@ import torch
 
 from gllm.engine.assembly import assemble
 from gllm.engine.compute_windows import ComputeWindows
-from gllm.engine.errors import EngineBusy, RequestRejected, RequestTooLong
+from gllm.engine.embeddings import POOLINGS, Embeddings, check_inputs, embed_tokens
+from gllm.engine.errors import EngineBusy, PinRefused, RequestRejected, RequestTooLong
 from gllm.engine.governor import FrameGovernor
+from gllm.engine.identity import tokenizer_digest, weights_digest
 from gllm.engine.loading import LoadedModel
 from gllm.engine.params import GeneratorParams
-from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent
+from gllm.engine.request import GenerationRequest, GenerationResult, StepInfo, StreamEvent, Timings
+from gllm.engine.result_cache import ResultCache, is_deterministic, result_key
 from gllm.engine.results import Ending, RequestState, final_event, token_text
+from gllm.engine.sessions import RestoreInfo, SessionStore
 from gllm.engine.sinks import AsyncSink, CallbackSink, EventSink, RequestHandle
 from gllm.engine.thread_priority import lower_this_thread
+from gllm.kv.snapshot import SnapshotIdentity, decode, dtype_name, read_header
 from gllm.model import ModelConfig
 from gllm.sampling import PendingSample, SampleRow, StopChecker, StopResult, TokenLogprobs
 from gllm.sampling.grammar import Grammars
@@ -123,6 +129,14 @@ class LLMEngine:
         self.thread_priority = "unchanged"       # set by the engine thread as it starts
         self.compute_s = 0.0                     # wall time in steps (engine thread)
         self.paused_s = 0.0                      # wall time the governor paused between steps
+        # NPC memory (issue #23): snapshots and pins (engine thread), the prompt-result cache (engine thread).
+        self.sessions = SessionStore(self.block_manager, self.kv_cache, gen.max_seq_len)
+        self.result_cache = ResultCache(gen.result_cache_entries, int(gen.result_cache_mb * 2**20))
+        self._identity_lock = threading.Lock()
+        # Now, at load (milliseconds; a quarter second for a memory-mapped CPU model's first reads), not inside
+        # the first restore or cached request.
+        self._identity: SnapshotIdentity | None = None
+        self._identity = self.identity
         self._thread = threading.Thread(target=self._run, name="gllm-engine", daemon=True)
         self._thread.start()
 
@@ -247,6 +261,13 @@ class LLMEngine:
             "window_steps": self.window_steps,
             "window_waits": self.window_waits,
             "window_spills": self.window_spills,
+            # NPC memory (issue #23)
+            "result_cache_hits": self.result_cache.stats.hits,
+            "result_cache_misses": self.result_cache.stats.misses,
+            "result_cache_entries": self.result_cache.stats.entries,
+            "result_cache_bytes": self.result_cache.stats.bytes,
+            "pins": len(self.sessions.pins),
+            "pinned_blocks": self.sessions.num_pinned_blocks,
         }
 
     def _step_time_stats(self) -> dict[str, int]:
@@ -365,6 +386,12 @@ class LLMEngine:
             ttft_deadline_ms=req.ttft_deadline_ms or None,
             constraint=constraint,
         )
+        # A paced reply is not answered from the cache: it wants its tokens spread out, not at once.
+        if req.cache_result and self.result_cache.enabled and is_deterministic(params) and not req.max_tokens_per_s:
+            state.cache_key = result_key(self.identity.model + self.identity.tokenizer, prompt_ids, params, max_new,
+                                         stop_ids)
+        if req.pin_prefix:
+            state.pin_tokens = self._system_part(req, prompt_ids)
         return state
 
     # ----------------------------------------------------------------- engine thread
@@ -403,6 +430,14 @@ class LLMEngine:
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
         self._mask_worker.shutdown(wait=False)
+        self.sessions.unpin_all()
+        while True:   # calls queued behind the close: refuse them, so no caller waits forever
+            try:
+                op, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if op == "call" and arg[2].set_running_or_notify_cancel():
+                arg[2].set_exception(RuntimeError("the engine is closed"))
 
     def _recover(self, exc: Exception) -> None:
         """A failure outside any one request's model step (scheduling, a step listener's caller, text work):
@@ -467,11 +502,20 @@ class LLMEngine:
                 return False
             if op == "add":
                 for state in arg:
+                    if state.cache_key is not None and self._answer_from_cache(state):
+                        continue
                     self._states[state.request_id] = state
                     self._by_seq[state.seq.seq_id] = state
                     self.scheduler.add(state.seq)
             elif op == "cancel" and arg in self._states:
                 self._finish(self._states[arg], "cancelled")
+            elif op == "call":   # work that touches KV blocks: here, between steps, never during one
+                fn, args, future = arg
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as exc:   # the caller gets it; the engine thread goes on
+                        future.set_exception(exc)
 
     def _step(self) -> bool:
         """One engine step. With `overlap_steps`, the previous step's text work runs after this step is queued
@@ -714,14 +758,162 @@ class LLMEngine:
             return
         del self._states[state.request_id]
         del self._by_seq[state.seq.seq_id]
+        if reason in ("stop", "length"):
+            self._remember(state)
         self.scheduler.finish(state.seq, failed=failed_step)
         with self._ids_lock:
             self._live_ids.discard(state.request_id)
-        self._deliver(state, final_event(state, reason, text, new_tokens, new_logprobs, error,
-                                         step=state.last_step or self.num_steps))
+        event = final_event(state, reason, text, new_tokens, new_logprobs, error,
+                            step=state.last_step or self.num_steps)
+        if state.cache_key is not None and event.result is not None:
+            self.result_cache.put(state.cache_key, event.result)
+        self._deliver(state, event)
 
     def _deliver(self, state: RequestState, event: StreamEvent) -> None:
         try:
             state.sink.put(event)
         except Exception:  # a listener's failure is its own; the engine goes on
             log.exception("delivering an event of request %s failed", state.request_id)
+
+    # ----------------------------------------------------------------- NPC memory (issue #23)
+    @property
+    def identity(self) -> SnapshotIdentity:
+        """The model's identity for snapshots and cached results (digests computed once, on first use)."""
+        with self._identity_lock:
+            if self._identity is None:
+                cfg = self.model_config
+                self._identity = SnapshotIdentity(
+                    model=weights_digest(self.model, cfg), tokenizer=tokenizer_digest(self.tokenizer),
+                    dtype=dtype_name(self.dtype), layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
+                    head_dim=cfg.head_dim)
+            return self._identity
+
+    def snapshot(self, source: list[int] | str, *, encoding: str = "raw", timeout: float | None = 60.0) -> bytes:
+        """The KV of a conversation as a blob for the save game: `source` is a finished request's id (its prompt
+        and output) or token ids. Holds the longest prefix of whole KV blocks the prefix cache has of them
+        (`snapshot_tokens(blob)` says how many); `encoding` "raw" (the cache's bytes) or "int8" (about half)."""
+        identity = self.identity
+        return self._on_engine_thread(self.sessions.export, identity, source, encoding, timeout=timeout)
+
+    @staticmethod
+    def snapshot_tokens(blob: bytes) -> int:
+        """How many tokens a snapshot holds (read from its header; the blob is not checked further)."""
+        return read_header(blob)[0]["tokens"]
+
+    def restore(self, blob: bytes, *, timeout: float | None = 60.0) -> RestoreInfo:
+        """Put a snapshot's KV into the prefix cache: the next request that starts with its tokens skips their
+        prefill. A `gllm.kv.snapshot.SnapshotError` (typed) for another model's, a damaged or a too large blob."""
+        snap = decode(blob, self.identity, max_tokens=self.gen_params.max_seq_len)   # checks, off the engine thread
+        return self._on_engine_thread(self.sessions.restore, snap, timeout=timeout)
+
+    def pin(self, what: list[int] | str | list[dict[str, Any]], *, timeout: float | None = 120.0) -> str:
+        """Keep the KV of a prefix resident (never evicted) until `unpin`: token ids, a text (a raw prompt) or
+        chat messages (rendered without a generation prompt). Computes the prefix first if it is not cached.
+        Returns the pin's id (the same for the same tokens). `PinRefused` if it would starve requests."""
+        if isinstance(what, str):
+            token_ids = self.tokenizer.encode(what, special_tokens_as_text=not self.gen_params.prompt_special_tokens)
+        elif isinstance(what, list) and what and all(isinstance(m, dict) for m in what):
+            token_ids = self.tokenizer.encode_chat(what, add_generation_prompt=False)
+        elif isinstance(what, (list, tuple)):
+            token_ids = list(what)
+        else:
+            raise RequestRejected("pin takes token ids, a text or chat messages", "pin")
+        if len(token_ids) >= self.gen_params.max_seq_len:
+            raise PinRefused(f"a pin of {len(token_ids)} tokens does not fit max_seq_len "
+                             f"{self.gen_params.max_seq_len}", "pin")
+        for _ in range(3):   # a prefix computed and then evicted before it was pinned (pool pressure): again
+            pin_id = self._on_engine_thread(self.sessions.pin, token_ids, timeout=timeout)
+            if pin_id is not None:
+                return pin_id
+            # One token more than the prefix, so that every block of the prefix is computed and published.
+            self.generate(GenerationRequest(prompt_token_ids=token_ids + token_ids[-1:], max_new_tokens=1,
+                                            temperature=0, cache_result=False), timeout=timeout)
+        raise PinRefused("the prefix's KV blocks were evicted before they could be pinned (the pool is too busy)",
+                         "pin")
+
+    def unpin(self, pin_id: str, *, timeout: float | None = 60.0) -> bool:
+        """Let a pin's blocks be evicted again; False if there is no such pin."""
+        return self._on_engine_thread(self.sessions.unpin, pin_id, timeout=timeout)
+
+    def embed(self, inputs: str | list[str] | list[int] | list[list[int]], *, pooling: str = "mean",
+              timeout: float | None = 120.0) -> Embeddings:
+        """Unit-length vectors of the loaded model's pooled final hidden states ("mean" over the tokens or the
+        "last" token's), one per input in order. Texts get BOS as prompts do; token id lists are taken as they
+        are. Each input runs on the engine thread between generation steps."""
+        if pooling not in POOLINGS:
+            raise RequestRejected(f"pooling must be one of {POOLINGS}, got {pooling!r}", "pooling")
+        items = check_inputs(inputs)
+        encoded = []
+        for item in items:
+            if isinstance(item, str):
+                self._check_text_fits("input", len(item))
+                item = self.tokenizer.encode(item, special_tokens_as_text=True)
+            if not item:
+                raise RequestRejected("an input must hold at least one token", "input")
+            if len(item) > self.gen_params.max_seq_len:
+                raise RequestTooLong(f"an input is {len(item)} tokens; max_seq_len is {self.gen_params.max_seq_len}",
+                                     "input")
+            if max(item) >= self.model_config.vocab_size or min(item) < 0:
+                raise RequestRejected(f"token ids must be in [0, {self.model_config.vocab_size})", "input")
+            encoded.append(item)
+        vectors = [self._on_engine_thread(embed_tokens, self.runner, self.block_manager, ids, pooling,
+                                          timeout=timeout) for ids in encoded]
+        return Embeddings(vectors, sum(map(len, encoded)))
+
+    def pins(self) -> dict[str, int]:
+        """Pin id -> tokens it keeps resident (a snapshot for monitoring)."""
+        bs = self.block_manager.block_size
+        return {pin_id: len(blocks) * bs for pin_id, blocks in list(self.sessions.pins.items())}
+
+    def _on_engine_thread(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
+        """Run `fn(*args)` on the engine thread between two steps and return what it returns (or raise)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, args, future)))
+        return future.result(timeout)
+
+    def _answer_from_cache(self, state: RequestState) -> bool:
+        """Answer a deterministic request from the result cache (engine thread): one event with all its tokens,
+        then the final one. False on a miss."""
+        cached = self.result_cache.get(state.cache_key)
+        if cached is None:
+            return False
+        now = time.perf_counter()
+        elapsed = (now - state.submitted) * 1000.0
+        cached.request_id = state.request_id
+        cached.usage.cached, cached.usage.cached_tokens = True, cached.usage.prompt_tokens
+        cached.timings = Timings(queued_ms=elapsed, ttft_ms=elapsed, total_ms=elapsed,
+                                 ttft_deadline_met=None if state.ttft_deadline_ms is None
+                                 else elapsed <= state.ttft_deadline_ms)
+        cached.num_preemptions = 0
+        with self._ids_lock:
+            self._live_ids.discard(state.request_id)
+        self._deliver(state, StreamEvent(state.request_id, cached.text, list(cached.tokens),
+                                         list(cached.logprobs) if cached.logprobs is not None else None))
+        self._deliver(state, StreamEvent(state.request_id, "", [], None, result=cached))
+        return True
+
+    def _remember(self, state: RequestState) -> None:
+        """A request ended by itself: keep its tokens for `snapshot(request_id)`, and pin its system part if it
+        asked (engine thread, before its blocks are freed)."""
+        self.sessions.remember(state.request_id, state.prompt_ids + state.output_ids)
+        if state.pin_tokens:
+            try:
+                self.sessions.pin(state.pin_tokens)
+            except PinRefused as exc:
+                log.warning("request %s: pin_prefix refused: %s", state.request_id, exc)
+
+    def _system_part(self, req: GenerationRequest, prompt_ids: list[int]) -> list[int]:
+        """The prompt ids of a request's leading system messages (for messages), else the whole prompt."""
+        if req.messages is None:
+            return list(prompt_ids)
+        system = list(itertools.takewhile(lambda m: isinstance(m, dict) and m.get("role") == "system", req.messages))
+        if not system:
+            return []
+        ids = self.tokenizer.encode_chat(system, add_generation_prompt=False)
+        common = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
+        return list(prompt_ids[:common])
+

@@ -22,3 +22,8 @@ class RequestTooLong(RequestRejected):
 class EngineBusy(RequestRejected):
     """Too many requests in flight: retry later."""
     code = "busy"
+
+
+class PinRefused(RequestRejected):
+    """A pin that would leave running requests too few KV blocks (or a prefix that could not be cached)."""
+    code = "too_long"

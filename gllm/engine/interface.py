@@ -63,3 +63,27 @@ class EngineAPI(Protocol):
 
     def remove_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
         """Stop calling `listener`."""
+
+    # NPC memory (issue #23)
+    def embed(self, inputs: Any, *, pooling: str = "mean", timeout: float | None = 120.0) -> Any:
+        """`Embeddings` (vectors, prompt_tokens) of the inputs; blocks the calling thread (call it off an event
+        loop). Raises ValueError (`RequestRejected`) for bad input, `EngineBusy` when KV blocks are short."""
+
+    def snapshot(self, source: list[int] | str, *, encoding: str = "raw", timeout: float | None = 60.0) -> bytes:
+        """A KV snapshot blob of a finished request (by id) or of token ids; `SnapshotError` if none is cached."""
+
+    def restore(self, blob: bytes, *, timeout: float | None = 60.0) -> Any:
+        """Put a snapshot into the prefix cache (`RestoreInfo`); `SnapshotError` (typed) for a bad blob."""
+
+    def pin(self, what: Any, *, timeout: float | None = 120.0) -> str:
+        """Keep a prefix's KV resident; its pin id. `PinRefused` when it would starve requests."""
+
+    def unpin(self, pin_id: str, *, timeout: float | None = 60.0) -> bool:
+        """Release a pin; False if there is none of that id."""
+
+    def snapshot_tokens(self, blob: bytes) -> int:
+        """How many tokens a snapshot blob holds (from its header)."""
+
+    def pins(self) -> dict[str, int]:
+        """Pin id -> tokens it keeps resident."""
+

@@ -47,6 +47,9 @@ class GeneratorParams:
     # "int4" (asymmetric, in groups of quant_group_size along K); None keeps them in `dtype`. CPU for now.
     quantization: str | None = None
     quant_group_size: int = 32
+    # NPC memory (issue #23): results of deterministic requests kept for repeats (0 entries = off).
+    result_cache_entries: int = 512
+    result_cache_mb: float = 16.0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len", "max_step_tokens", "max_waiting_requests"):
@@ -68,6 +71,10 @@ class GeneratorParams:
             raise ValueError(f"step_budget_ms must be > 0 (or None), got {self.step_budget_ms!r}")
         if not isinstance(self.compute_nice, int) or not 0 <= self.compute_nice <= 19:
             raise ValueError(f"compute_nice must be an integer in [0, 19], got {self.compute_nice!r}")
+        if not isinstance(self.result_cache_entries, int) or self.result_cache_entries < 0:
+            raise ValueError(f"result_cache_entries must be an integer >= 0, got {self.result_cache_entries!r}")
+        if not (isinstance(self.result_cache_mb, (int, float)) and self.result_cache_mb >= 0):
+            raise ValueError(f"result_cache_mb must be >= 0, got {self.result_cache_mb!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")
         if self.quantization is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from gllm.request_fields import SAMPLING_FIELDS, SCHEDULING_FIELDS
+from gllm.request_fields import ENGINE_FIELDS, SAMPLING_FIELDS, SCHEDULING_FIELDS
 from gllm.sampling import SamplingParams, TokenLogprobs
 
 
@@ -38,11 +38,14 @@ class GenerationRequest:
     tools: list[dict[str, Any]] | None = None       # function tools shown to the model by its chat template
     request_id: str | None = None                   # default: a fresh unique id
     logits_processor: Callable[[list[int], Any], Any] | None = None
+    # NPC memory (issue #23).
+    cache_result: bool = True                       # false: never answered from / stored in the result cache
+    pin_prefix: bool = False                        # keep the system part's KV resident (see LLMEngine.pin)
 
     def sampling_params(self) -> SamplingParams:
         """The sampling fields, validated against the request field table (`FieldError` names the field); the
         scheduling fields are checked too."""
-        for f in SCHEDULING_FIELDS:
+        for f in SCHEDULING_FIELDS + ENGINE_FIELDS:
             f.check(getattr(self, f.name))
         return SamplingParams(logits_processor=self.logits_processor,
                               **{f.name: getattr(self, f.name) for f in SAMPLING_FIELDS})
@@ -53,6 +56,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0          # prompt tokens served by the prefix cache
+    cached: bool = False            # the whole result came from the prompt-result cache
 
 
 @dataclass

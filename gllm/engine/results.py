@@ -38,6 +38,8 @@ class RequestState:
     pending: tuple[int, TokenLogprobs | None, int] | None = None
     last_step: int = 0          # the step that produced its last token (its final event's step)
     constraint: Constraint | None = None   # structured output: where the output stands in its grammar
+    cache_key: str | None = None         # its prompt-result cache key (a deterministic request that may be cached)
+    pin_tokens: list[int] | None = None  # pin_prefix: the prompt ids to pin once it has run
 
 
 @dataclass

@@ -36,6 +36,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--compute-nice", type=int, default=None, choices=range(0, 20), metavar="0-19",
                      help="lower the engine's compute threads' OS priority by this, so the game comes first "
                           "(default 10; 0 keeps the server's priority)")
+    eng.add_argument("--result-cache-entries", type=int, default=None, metavar="N",
+                     help="results of deterministic requests kept for repeats (default 512; 0: off)")
     eng.add_argument("--prompt-as-text", action="store_true",
                      help="encode special-token strings in a raw prompt as text too (chat messages always are)")
 
@@ -49,6 +51,7 @@ def generator_params(args: argparse.Namespace):
               "kv_cache_mb": args.kv_cache_mb, "cpu_threads": args.cpu_threads, "dtype": args.dtype,
               "max_waiting_requests": args.max_waiting_requests, "quantization": args.quantization,
               "quant_group_size": args.quant_group_size}
+    fields["result_cache_entries"] = getattr(args, "result_cache_entries", None)
     fields = {k: v for k, v in fields.items() if v is not None}
     if args.no_prefix_caching:
         fields["enable_prefix_caching"] = False

@@ -55,6 +55,16 @@ _SCALED_STATS = (
     (GaugeMetricFamily, "engine_step_p99_seconds", "99th percentile of the last 512 engine steps' times",
      "step_p99_us", 0, 1e6),
     (GaugeMetricFamily, "engine_step_budget_seconds", "The step-time budget (0: none)", "step_budget_us", 0, 1e6),
+    # NPC memory (issue #23)
+    (CounterMetricFamily, "result_cache_hits", "Deterministic requests answered from the prompt-result cache",
+     "result_cache_hits", 0, 1),
+    (CounterMetricFamily, "result_cache_misses", "Deterministic requests looked up and not found in the "
+     "prompt-result cache", "result_cache_misses", 0, 1),
+    (GaugeMetricFamily, "result_cache_entries", "Results held in the prompt-result cache", "result_cache_entries",
+     0, 1),
+    (GaugeMetricFamily, "result_cache_bytes", "Bytes held by the prompt-result cache (estimated)",
+     "result_cache_bytes", 0, 1),
+    (GaugeMetricFamily, "kv_blocks_pinned", "KV cache blocks kept resident by pins", "pinned_blocks", 0, 1),
 )
 
 

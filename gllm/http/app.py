@@ -7,6 +7,7 @@ Routes (all JSON errors in OpenAI's shape):
     GET  /v1/models             the served model;  GET /v1/models/{id}
     POST /v1/chat/completions   chat, streaming (SSE, ``data: [DONE]``) or not
     POST /v1/completions        raw-prompt completions, streaming or not
+    POST /v1/embeddings         the loaded model's pooled hidden states (gllm.http.embeddings_api)
     GET  /v1/gllm/live          the dashboard's JSON
 
 Each request goes to the engine with ``engine.add_request(req, on_event)``: submission is synchronous,
@@ -18,6 +19,7 @@ while waiting for a non-streaming answer) has its request cancelled, which frees
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -39,6 +41,7 @@ from gllm.frontend.helpers import short_model_name
 from gllm.frontend.metrics import Metrics
 from gllm.http import openai_api as oa
 from gllm.http.dashboard import dashboard_html
+from gllm.http.embeddings_api import embed_error, embeddings_response, parse_embeddings
 from gllm.http.errors import ApiError, error_body
 from gllm.http.guard import LocalOnly
 from gllm.memory import LARGE_TEXT_CHARS, release_free_memory
@@ -97,6 +100,7 @@ class OpenAIServer:
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/gllm/live", self.live, methods=["GET"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             ],
             middleware=middleware,
             exception_handlers={ApiError: self._api_error, HTTPException: self._http_error,
@@ -247,6 +251,25 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         return await self._completion_route(request, "completion")
+
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._json_body(request)
+            model = self._model_for(body)
+            parsed = parse_embeddings(body)
+        except ApiError as exc:
+            self.metrics.count_rejected("http", exc.code or {401: "unauthorized", 404: "not_found"}.get(
+                exc.status, "bad_request"))
+            raise
+        call = functools.partial(self.engine.embed, parsed.inputs, pooling=parsed.pooling)
+        try:   # tokenizing and waiting for the engine thread: off the event loop
+            result = await asyncio.get_running_loop().run_in_executor(None, call)
+        except (ValueError, RuntimeError) as exc:
+            err = embed_error(exc)
+            self.metrics.count_rejected("http", err.code or "bad_request")
+            raise err from None
+        return JSONResponse(embeddings_response(result.vectors, result.prompt_tokens, model, parsed.encoding_format))
 
     async def _completion_route(self, request: Request, kind: str) -> Response:
         try:

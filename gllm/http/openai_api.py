@@ -536,9 +536,12 @@ def completion_logprobs(lps: list[Any] | None, token_text: TokenText, offset: in
 # ----------------------------------------------------------------------------------------- responses
 def usage(result: GenerationResult) -> dict[str, Any]:
     u = result.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+    out = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+           "total_tokens": u.prompt_tokens + u.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+    if u.cached:   # gllm extension: the whole result came from the prompt-result cache
+        out["cached"] = True
+    return out
 
 
 def timings(result: GenerationResult) -> dict[str, Any]:

@@ -63,11 +63,15 @@ class BlockManager:
 
     def match_prefix(self, token_ids: list[int]) -> list[int]:
         """Cached blocks holding a prefix of `token_ids`; always leaves one token to compute."""
+        return self.cached_blocks(token_ids[:-1]) if token_ids else []
+
+    def cached_blocks(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks holding the full blocks of `token_ids`, in order, as far as they are cached."""
         if not self.enable_prefix_caching:
             return []
         matched: list[int] = []
         parent = None
-        for start in range(0, len(token_ids) - 1 - self.block_size + 1, self.block_size):
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
             tokens = tuple(token_ids[start:start + self.block_size])
             h = chain_hash(parent, tokens)
             block_id = self._hash_to_block.get(h)
@@ -159,3 +163,51 @@ class BlockManager:
             evicted.hash, evicted.token_ids = None, ()
         self.blocks[block_id].ref_count = 1
         return block_id
+
+    # --- snapshots and pins: blocks held outside any sequence ----------------------------------------
+
+    def import_blocks(self, token_ids: list[int]) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """Hold every full block of `token_ids` in the prefix cache: the cached ones as they are, fresh ones
+        registered under their hash for the rest (their KV is the caller's to write before any step runs).
+        Returns (every block held, in order; the fresh ones as (block index, block id)), or None (nothing
+        taken) when free blocks are short. Give them back with `release`."""
+        if not self.enable_prefix_caching:
+            return [], []
+        held = self.cached_blocks(token_ids)
+        total = len(token_ids) // self.block_size
+        reusable_free = sum(1 for b in held if self.blocks[b].ref_count == 0)
+        if total - len(held) + reusable_free > self.num_free_blocks:
+            return None
+        for block_id in held:   # first: allocating the fresh ones must not evict these
+            self._take(block_id)
+        parent = self.blocks[held[-1]].hash if held else None
+        fresh: list[tuple[int, int]] = []
+        for i in range(len(held), total):
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(parent, tokens)
+            if h in self._hash_to_block:   # cached past a hole in the chain: hold it; a collision: stop here
+                if self.blocks[self._hash_to_block[h]].token_ids != tokens:
+                    break
+                self._take(self._hash_to_block[h])
+                held.append(self._hash_to_block[h])
+                parent = h
+                continue
+            if not self.num_free_blocks:   # taking cached blocks above used free ones the count left for these
+                break
+            block = self.blocks[self._allocate_new()]
+            block.hash, block.token_ids = h, tokens
+            self._hash_to_block[h] = block.block_id
+            held.append(block.block_id)
+            fresh.append((i, block.block_id))
+            parent = h
+        return held, fresh
+
+    def hold(self, block_ids: list[int]) -> None:
+        """Take one more reference on each of these (cached or in use) blocks: they stay until `release`."""
+        for block_id in block_ids:
+            self._take(block_id)
+
+    def release(self, block_ids: list[int], uncache: bool = False) -> None:
+        """Drop the references `import_blocks` or `hold` took (the tail first, like `free`)."""
+        self.free(BlockTable(block_ids=list(block_ids)), uncache=uncache)
+

@@ -166,6 +166,16 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual), fused=kernels.fused)
         return F.linear(x, weight).float()
 
+    @torch.no_grad()
+    def hidden_states(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The final normalised hidden state of every token of the batch [T, hidden] (for embeddings): the
+        layers as a prefill runs them, without the LM head."""
+        x, residual = self._embed(batch), None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, self.kernels.fused)
+        x, _ = self.norm(x, residual, fused=self.kernels.fused)
+        return x
+
     def _embed(self, batch: ForwardBatch) -> torch.Tensor:
         if batch.token_source is None:
             return self.embed_tokens(batch.input_ids)

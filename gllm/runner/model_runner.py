@@ -99,6 +99,21 @@ class ModelRunner:
                 return StepOutput(graphs.run(chunks))
         return StepOutput(self.model(self.build_batch(out), self.kv_cache.layers))
 
+    def hidden_states(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
+        """One sequence's final hidden states [T, hidden], its whole KV written into `block_ids` (embeddings:
+        always eager and one sequence at a time, so a text's vector never depends on what else is computed)."""
+        n = len(token_ids)
+
+        def tensor(values: list) -> torch.Tensor:
+            return to_device(values, torch.int64, self.device)
+
+        block_tables, context_lens = tensor([block_ids]), tensor([n])
+        batch = ForwardBatch(input_ids=tensor(token_ids), positions=tensor(list(range(n))),
+                             slot_mapping=tensor(slots_of(block_ids, 0, n, self.block_size)),
+                             context_lens=context_lens, block_tables=block_tables, logits_indices=tensor([n - 1]),
+                             attention=self._attention_plan([n], [n], block_tables, context_lens))
+        return self.model.hidden_states(batch, self.kv_cache.layers)
+
     def run_ahead(self, out: SchedulerOutput, previous_tokens: torch.Tensor, rows: list[int]) -> StepOutput:
         """A decode step queued before its input tokens reach the host: sequence i's input is
         `previous_tokens[rows[i]]` and its position `num_computed_tokens` (see `Scheduler.schedule_ahead`)."""

@@ -33,6 +33,7 @@ void gllm_generate_options_init(gllm_generate_options* o) {
     o->top_k = -1;
     o->logprobs = -1;
     o->ignore_eos = -1;
+    o->cache_result = o->pin_prefix = -1;
 }
 
 gllm_client* gllm_client_new(void) { return new (std::nothrow) gllm_client(); }
@@ -122,6 +123,8 @@ int gllm_client_generate(gllm_client* c, const gllm_generate_options* in, char* 
         for (size_t i = 0; i < in->n_choice; i++) if (in->choice[i]) choice.emplace_back(in->choice[i]);
         o.choice = std::move(choice);
     }
+    if (in->cache_result >= 0) o.cache_result = in->cache_result != 0;
+    if (in->pin_prefix >= 0) o.pin_prefix = in->pin_prefix != 0;
     std::string id = c->client.generate(o);
     if (id_out) {
         if (id.size() + 1 > id_cap) return -1;

@@ -49,6 +49,7 @@ const char* const kKnownGenerateKeys[] = {
     "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
     "max_tokens_per_s", "ttft_deadline_ms",
     "json_schema", "regex", "grammar", "choice",
+    "cache_result", "pin_prefix",
 };
 bool known_key(const std::string& k) {
     for (const char* known : kKnownGenerateKeys)
@@ -79,7 +80,8 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
                + o.stop.has_value() + o.logprobs.has_value() + o.priority.has_value()
                + o.repetition_penalty.has_value() + o.presence_penalty.has_value() + o.frequency_penalty.has_value()
                + o.ignore_eos.has_value() + o.max_tokens_per_s.has_value() + o.ttft_deadline_ms.has_value()
-               + o.json_schema.has_value() + o.regex.has_value() + o.grammar.has_value() + o.choice.has_value();
+               + o.json_schema.has_value() + o.regex.has_value() + o.grammar.has_value() + o.choice.has_value()
+               + o.cache_result.has_value() + o.pin_prefix.has_value();
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) n += !known_key(o.extra.key_at(i));
     std::vector<uint8_t> out;
@@ -117,6 +119,8 @@ std::vector<uint8_t> generate(const std::string& id, const GenerateOptions& o) {
     if (o.regex) { w.str("regex"); w.str(*o.regex); }
     if (o.grammar) { w.str("grammar"); w.str(*o.grammar); }
     if (o.choice) write_strings(w, "choice", *o.choice);
+    if (o.cache_result) { w.str("cache_result"); w.boolean(*o.cache_result); }
+    if (o.pin_prefix) { w.str("pin_prefix"); w.boolean(*o.pin_prefix); }
     if (o.extra.is_map())
         for (size_t i = 0; i < o.extra.size(); i++) {
             if (known_key(o.extra.key_at(i))) continue;

@@ -55,6 +55,8 @@ typedef struct gllm_generate_options {
     const char* grammar;                     /* Lark or GBNF */
     const char* const* choice;
     size_t n_choice;
+    int cache_result;                        /* < 0: unset, 0: never from the server's result cache, 1: may be */
+    int pin_prefix;                          /* < 0: unset, 0 false, 1: keep the system messages' KV resident */
 } gllm_generate_options;
 
 typedef struct gllm_done {

@@ -47,6 +47,8 @@ struct GenerateOptions {
     std::optional<std::string> regex;              // the whole output matches it
     std::optional<std::string> grammar;            // Lark or GBNF
     std::optional<std::vector<std::string>> choice;  // the output is exactly one of these
+    std::optional<bool> cache_result;              // false: never answered from the server's result cache
+    std::optional<bool> pin_prefix;                // true: keep the system messages' KV resident on the server
     Value extra;
 };
 

@@ -65,6 +65,8 @@ const GENERATE_KEYS: Array[String] = [
 	"regex",
 	"grammar",
 	"choice",
+	"cache_result",
+	"pin_prefix",
 ]
 ## Structured output (at most one): json_schema is a Dictionary or its JSON text; regex and grammar are text.
 const TEXT_KEYS: Array[String] = ["regex", "grammar"]

@@ -62,6 +62,12 @@ namespace Gllm
         public string Regex;
         public string Grammar;
         public List<string> Choice;
+        /// <summary>false: never answer this request from the server's prompt-result cache (which answers a
+        /// repeated greedy or seeded request at once); null: the server's default (true).</summary>
+        public bool? CacheResult;
+        /// <summary>true: keep the KV of the request's system messages resident on the server (shared lore that
+        /// every NPC reuses) until unpinned.</summary>
+        public bool? PinPrefix;
         public MsgMap Extra;
 
         public GenerateOptions Clone()
@@ -195,6 +201,7 @@ namespace Gllm
             "logprobs", "priority", "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos",
             "max_tokens_per_s", "ttft_deadline_ms",
             "json_schema", "regex", "grammar", "choice",
+            "cache_result", "pin_prefix",
         };
 
         public static void WriteGenerate(MsgPackWriter w, string id, GenerateOptions o)
@@ -221,6 +228,8 @@ namespace Gllm
             if (o.Regex != null) n++;
             if (o.Grammar != null) n++;
             if (o.Choice != null) n++;
+            if (o.CacheResult.HasValue) n++;
+            if (o.PinPrefix.HasValue) n++;
             int extra = 0;
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
@@ -264,6 +273,8 @@ namespace Gllm
                 w.WriteArrayHeader(o.Choice.Count);
                 for (int i = 0; i < o.Choice.Count; i++) w.Write(o.Choice[i]);
             }
+            if (o.CacheResult.HasValue) { w.Write("cache_result"); w.Write(o.CacheResult.Value); }
+            if (o.PinPrefix.HasValue) { w.Write("pin_prefix"); w.Write(o.PinPrefix.Value); }
             if (o.Extra != null)
                 for (int i = 0; i < o.Extra.Count; i++)
                 {

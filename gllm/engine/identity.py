@@ -1,0 +1,51 @@
+"""What identifies a loaded model for the things that outlive the process (KV snapshots in a save game, cached
+results): a digest of its weights and one of its tokenizer + chat template.
+
+The weights digest hashes the config and, per tensor, its name, shape and 1,024 evenly spaced values (as
+float32): reading every byte of a 1B model would take seconds at load, and any other checkpoint (another
+fine-tune, another seed) differs in those samples. The tokenizer digest likewise hashes 4,096 evenly spaced
+vocabulary entries, every added token, the BOS/EOS ids and the chat template (serialising a 128k-token
+vocabulary takes half a second). Both are computed once, when first asked for (a few milliseconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from gllm.model import LlamaForCausalLM, ModelConfig
+from gllm.tokenizer import Tokenizer
+
+SAMPLES_PER_TENSOR = 1024
+VOCAB_SAMPLES = 4096
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """`count` evenly spaced indices in [0, n) (integer arithmetic: exact for any n)."""
+    count = min(count, n)
+    return [i * (n - 1) // max(count - 1, 1) for i in range(count)]
+
+
+@torch.no_grad()
+def weights_digest(model: LlamaForCausalLM, cfg: ModelConfig) -> str:
+    h = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True, default=str).encode())
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        index = torch.tensor(_spread(flat.numel(), SAMPLES_PER_TENSOR), dtype=torch.int64, device=flat.device)
+        h.update(f"{name}:{tuple(param.shape)}".encode())
+        h.update(flat[index].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    hf = tokenizer.hf_tokenizer
+    pieces = [hf.id_to_token(i) for i in _spread(tokenizer.vocab_size, VOCAB_SAMPLES)]
+    added = sorted((i, t.content, t.special) for i, t in hf.get_added_tokens_decoder().items())
+    h = hashlib.sha256(json.dumps([tokenizer.vocab_size, pieces, added, tokenizer.bos_token_id]).encode())
+    h.update(json.dumps(tokenizer.special_tokens, sort_keys=True).encode())
+    h.update(json.dumps(sorted(tokenizer.eos_token_ids)).encode())
+    if tokenizer.has_chat_template:
+        h.update(tokenizer.get_chat_template().source.encode())
+    return h.hexdigest()
