@@ -54,7 +54,7 @@ def serve_child(args: argparse.Namespace) -> int:
                             on_emit=lambda rid, step: emits.append((rid, step, time.perf_counter_ns())))
     else:
         from gllm.engine import GeneratorParams, LLMEngine
-        engine = LLMEngine(args.model, GeneratorParams(max_batch_size=args.batch, max_seq_len=args.max_seq_len,
+        engine = LLMEngine(args.model, GeneratorParams(result_cache_entries=0, max_batch_size=args.batch, max_seq_len=args.max_seq_len,
                                                        cpu_threads=args.cpu_threads), device=args.device)
         add = engine.add_request
 
@@ -155,7 +155,7 @@ def in_process(model: str, args: argparse.Namespace, n_requests: int, rounds: in
     """Delivery latency through the in-process asyncio path (or, with --spin, a consumer that checks a
     queue in a loop), same load, in ms."""
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
-    engine = LLMEngine(model, GeneratorParams(max_batch_size=args.batch, max_seq_len=args.max_seq_len,
+    engine = LLMEngine(model, GeneratorParams(result_cache_entries=0, max_batch_size=args.batch, max_seq_len=args.max_seq_len,
                                               cpu_threads=args.cpu_threads), device=args.device)
     lat: list[float] = []
     if args.spin:

@@ -38,7 +38,7 @@ def main() -> None:
     from gllm.engine.catalog import fetch_known_model
 
     gguf = fetch_known_model()
-    engine = LLMEngine(None, GeneratorParams(max_batch_size=8, max_seq_len=1024, cpu_threads=args.threads,
+    engine = LLMEngine(None, GeneratorParams(result_cache_entries=0, max_batch_size=8, max_seq_len=1024, cpu_threads=args.threads,
                                              dtype=args.dtype), device="cpu")
     dtype = str(engine.dtype).removeprefix("torch.")
     print(f"gllm dtype: {dtype} ({engine.dtype_reason})", flush=True)

@@ -253,7 +253,8 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
 
 class Server:
     def __init__(self, model: str | None, device: str | None, extra: list[str]) -> None:
-        cmd = [sys.executable, "-m", "gllm.cli", "serve", "--zmq", "tcp://127.0.0.1:*", *extra]
+        cmd = [sys.executable, "-m", "gllm.cli", "serve", "--zmq", "tcp://127.0.0.1:*", "--result-cache-entries", "0",
+               *extra]   # compute is what is measured: no reply from the result cache
         if model:
             cmd += ["--model", model]
         if device:

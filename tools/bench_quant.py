@@ -35,7 +35,8 @@ def main() -> None:
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
     formats = (None, "int8", "int4")
-    engines = {q: LLMEngine(args.model, GeneratorParams(max_batch_size=8, max_seq_len=1024, cpu_threads=args.threads,
+    engines = {q: LLMEngine(args.model, GeneratorParams(result_cache_entries=0, max_batch_size=8, max_seq_len=1024,
+                                                        cpu_threads=args.threads,
                                                         quantization=q, quant_group_size=args.group_size),
                             device="cpu") for q in formats}
     first = engines[None]

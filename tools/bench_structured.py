@@ -104,7 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     overlap = {"default": None, "on": True, "off": False}[args.overlap]
-    gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap)
+    gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap,
+                          result_cache_entries=0)   # measure compute: repeats must not be answered from the cache
     rows = []
     with LLMEngine(args.model, gen, device=args.device) as engine:
         run(engine, 1, 8, True, 0)            # warm-up: compiles the schema, builds llguidance's token trie
