@@ -72,7 +72,8 @@ def changed_values() -> dict[str, object]:
     """One changed value for every field that can change the output."""
     return {"max_new_tokens": 11, "temperature": 0.7, "top_k": 5, "top_p": 0.5, "min_p": 0.1, "seed": 4,
             "stop": ["zzz"], "logprobs": 1, "repetition_penalty": 1.3, "presence_penalty": 0.5,
-            "frequency_penalty": 0.5, "ignore_eos": False, "stop_token_ids": [5]}
+            "frequency_penalty": 0.5, "ignore_eos": False, "stop_token_ids": [5],
+            "json_schema": {"type": "string"}, "regex": "a+", "grammar": 'start: "a"', "choice": ["yes", "no"]}
 
 
 def test_any_changed_field_misses(eng):

@@ -17,7 +17,10 @@ def thread_nices() -> dict[int, int]:
     """tid -> nice of every thread of this process (field 19 of /proc/self/task/TID/stat)."""
     out = {}
     for task in Path("/proc/self/task").iterdir():
-        stat = (task / "stat").read_text()
+        try:
+            stat = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):   # a thread that ended while we looked
+            continue
         fields = stat[stat.rindex(")") + 2:].split()
         out[int(task.name)] = int(fields[16])
     return out
