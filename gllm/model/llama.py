@@ -50,8 +50,9 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), batch, rope, k_cache, v_cache, fused))
+                k_cache: torch.Tensor, v_cache: torch.Tensor, kernels: ModelKernels = PLAIN_KERNELS) -> torch.Tensor:
+        qkv = kernels.linear(self.qkv_proj, x)
+        return kernels.linear(self.o_proj, self.attend(qkv, batch, rope, k_cache, v_cache, kernels.fused))
 
     def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -78,12 +79,12 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if fused:
-            return self.down_proj(triton_fused.silu_and_mul(gate_up))
+    def forward(self, x: torch.Tensor, kernels: ModelKernels = PLAIN_KERNELS) -> torch.Tensor:
+        gate_up = kernels.linear(self.gate_up_proj, x)
+        if kernels.fused:
+            return kernels.linear(self.down_proj, triton_fused.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return kernels.linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -95,15 +96,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, rope: RotaryEmbedding,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, kernels: ModelKernels = PLAIN_KERNELS
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes and returns the pair (this sublayer's output, the residual stream before adding it)."""
+        fused = kernels.fused
         if residual is None:
             residual, x = x, self.input_layernorm(x, fused=fused)
         else:
             x, residual = self.input_layernorm(x, residual, fused=fused)
-        x = self.self_attn(x, batch, rope, k_cache, v_cache, fused)
+        x = self.self_attn(x, batch, rope, k_cache, v_cache, kernels)
         x, residual = self.post_attention_layernorm(x, residual, fused=fused)
-        return self.mlp(x, fused), residual
+        return self.mlp(x, kernels), residual
 
     def forward_streamed(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, dependent_launch: bool) -> torch.Tensor:
@@ -162,9 +165,9 @@ class LlamaForCausalLM(nn.Module):
                                       dependent_launch=kernels.dependent_launch)
         x, residual = self._embed(batch), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, kernels.fused)
+            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, kernels)
         x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual), fused=kernels.fused)
-        return F.linear(x, weight).float()
+        return kernels.product(x, weight).float()
 
     @torch.no_grad()
     def hidden_states(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -172,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
         layers as a prefill runs them, without the LM head."""
         x, residual = self._embed(batch), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, self.kernels.fused)
+            x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, self.kernels)
         x, _ = self.norm(x, residual, fused=self.kernels.fused)
         return x
 
