@@ -65,9 +65,10 @@ class ComputeWindows:
         with self._lock:
             return min(self._until.values())
 
-    def budget_s(self, now: float) -> float | None:
-        """How long a step started now may take: None when no game reports windows; 0 outside a window."""
-        closes = self.closes_at(now)
+    def budget_s(self, now: float, closes: float | None = None) -> float | None:
+        """How long a step started now may take: None when no game reports windows; 0 outside a window.
+        `closes`: `closes_at(now)`, when the caller has it already."""
+        closes = self.closes_at(now) if closes is None else closes
         if closes is None:
             return None
         return max(0.0, (closes - now) * self.config.share - self.config.margin_s)

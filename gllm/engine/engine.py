@@ -462,8 +462,8 @@ class LLMEngine:
         """Whether a step may start now, and under which budget: freely while no game reports idle windows;
         else only inside one, with the step held to what is left of it (strictly: decode rows too)."""
         now = time.monotonic()
-        budget = self.windows.budget_s(now)
         self._window_end = self.windows.closes_at(now)
+        budget = None if self._window_end is None else self.windows.budget_s(now, self._window_end)
         self.scheduler.strict_budget = budget is not None
         if budget is None:
             return True
@@ -472,16 +472,19 @@ class LLMEngine:
         first = self.windows.reports != self._window_seen
         self._window_seen = self.windows.reports
         self.scheduler.guarantee_progress = first
-        others = [b for b in (self.governor.step_budget_s(), self.scheduler.config.step_budget_s) if b is not None]
-        self.scheduler.step_budget_s = min([budget, *others])
+        self.scheduler.step_budget_s = min([budget, *self._step_budgets()])
         return True
+
+    def _step_budgets(self) -> list[float]:
+        """The step budgets in force besides a game's idle window: the governor's and the configured one."""
+        return [b for b in (self.governor.step_budget_s(), self.scheduler.config.step_budget_s) if b is not None]
 
     def _yield_to_the_game(self, step_s: float) -> None:
         """Sleep after a step as the frame governor asks (its duty cycle < 1 while the game's frames run over),
         and hold steps to its step budget meanwhile."""
         self.compute_s += step_s
         governing = self.governor.update(time.monotonic()) < 1.0
-        budgets = [b for b in (self.governor.step_budget_s(), self.scheduler.config.step_budget_s) if b is not None]
+        budgets = self._step_budgets()
         self.scheduler.step_budget_s = min(budgets) if budgets else None
         pause = self.governor.pause_after(step_s) if governing else 0.0
         if pause > 0:

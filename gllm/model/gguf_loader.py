@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gllm.formats.gguf import GGUFFile, gguf_file_from_reader, open_gguf
+from gllm.formats.gguf_quants import INT4_TYPES, int4_groups
 from gllm.model.config import ModelConfig, RopeConfig
 from gllm.model.llama import LlamaForCausalLM
 
@@ -314,8 +315,6 @@ class GGUFInt4Blocks:
         self._by_name = {t.name: t for t in self.reader.tensors}
 
     def groups(self, layer: int, projection: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        from gllm.formats.gguf_quants import INT4_TYPES, int4_groups
-
         tensors = [self._by_name.get(f"blk.{layer}.{part}.weight") for part in _PROJECTION_PARTS[projection]]
         if any(t is None or t.tensor_type.name not in INT4_TYPES for t in tensors):
             return None

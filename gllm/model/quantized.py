@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gllm.ops.quant import (
+    INT4_GROUP_SIZES,
     QuantizedWeight,
     check_int4_shape,
     pack_int4,
@@ -44,8 +45,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
-        if self.scheme == "int4" and check_int4_shape(8, self.group_size * 2, self.group_size):
-            raise ValueError(f"quant_group_size: {check_int4_shape(8, self.group_size * 2, self.group_size)}")
+        if self.scheme == "int4" and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quant_group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
 
 
 class QuantizedLinear(nn.Module):
