@@ -21,7 +21,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,13 +93,14 @@ class LLMEngine:
         self.kv_cache, self.block_manager, self.scheduler = rt.kv_cache, rt.block_manager, rt.scheduler
         self.cost_model, self.fast_path, self.runner, self.sampler = rt.cost_model, rt.fast_path, rt.runner, rt.sampler
         self.step_seconds: deque[float] = deque(maxlen=512)
-        # Structured output: constraints compiled once per content; their masks are computed on this worker
-        # while the model step runs, with one thread on the CPU (the model's are busy meanwhile) and up to 4
-        # of the idle cores beside a GPU.
+        # Structured output: constraints compiled once per content; their masks are computed on the engine
+        # thread once the step's forward is queued (on a GPU they take the time the device computes anyway),
+        # with one thread on the CPU (the model's are busy) and up to 4 of the idle cores beside a GPU. Not on
+        # a worker thread: handing the GIL back and forth with the busy engine thread cost 1.6 ms a step at
+        # batch 16, seven times the masks themselves (docs/benchmarks.md, issue 21).
         mask_threads = 1 if self.device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
         self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
                                  sorted(self.eos_token_ids), threads=mask_threads)
-        self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gllm-masks")
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
         # 16 steps), so the governor's step budget holds from its first decision; on a GPU only under a budget.
         self.scheduler.learn_shapes = self.device.type == "cpu"
@@ -131,6 +131,7 @@ class LLMEngine:
         self.paused_s = 0.0                      # wall time the governor paused between steps
         # NPC memory (issue #23): snapshots and pins (engine thread), the prompt-result cache (engine thread).
         self.sessions = SessionStore(self.block_manager, self.kv_cache, gen.max_seq_len)
+        self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None   # restores
         self.result_cache = ResultCache(gen.result_cache_entries, int(gen.result_cache_mb * 2**20))
         self._identity_lock = threading.Lock()
         # Now, at load (milliseconds; a quarter second for a memory-mapped CPU model's first reads), not inside
@@ -429,7 +430,6 @@ class LLMEngine:
         self._flush_deferred()
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
-        self._mask_worker.shutdown(wait=False)
         self.sessions.unpin_all()
         while True:   # calls queued behind the close: refuse them, so no caller waits forever
             try:
@@ -558,30 +558,25 @@ class LLMEngine:
                                  decode=all(s.num_tokens == 1 and s.samples for s in out.scheduled),
                                  window_end=self._window_end if self.scheduler.strict_budget else None)
         constrained = [st for st in samplers if st.constraint is not None]
-        masks: Future | None = None
-        if constrained:   # the grammar masks, computed on the CPU while the model computes the logits
-            masks = self._mask_worker.submit(self.grammars.fill_masks, [st.constraint for st in constrained])
         try:
             step = self.runner.run(out)
             self.scheduler.on_step_done(out)
-            mask_tensor = self._masks_of(launched, masks)
+            mask_tensor = self._masks_of(launched, constrained)   # while the device computes the logits
             mask_row = {st.request_id: i for i, st in enumerate(constrained)} if mask_tensor is not None else {}
             rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids,
                               mask_row=mask_row.get(st.request_id)) for st in samplers]
             launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, mask_tensor) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
-            if masks is not None:
-                masks.exception()   # let the worker finish with the matchers before the requests end
             self._fail_step(launched, exc)
         return launched
 
-    @staticmethod
-    def _masks_of(launched: _LaunchedStep, masks: Future | None) -> torch.Tensor | None:
-        """The step's grammar masks; if computing them failed, the constrained rows fail alone (in `_collect`)."""
-        if masks is None:
+    def _masks_of(self, launched: _LaunchedStep, constrained: list[RequestState]) -> torch.Tensor | None:
+        """The grammar masks of a step's constrained rows (None without any); if computing them fails, the
+        constrained rows fail alone (in `_collect`)."""
+        if not constrained:
             return None
         try:
-            return masks.result()
+            return self.grammars.fill_masks([st.constraint for st in constrained])
         except Exception as exc:
             log.exception("computing the grammar masks of step %d failed", launched.step)
             launched.mask_error = f"structured output failed: {type(exc).__name__}: {exc}"
@@ -632,15 +627,10 @@ class LLMEngine:
             # may allow nothing.
             live = [i for i, st in enumerate(ahead.samplers)
                     if st.constraint is not None and self._states.get(st.request_id) is st]
-            masks = None
-            if live:
-                try:
-                    masks = self.grammars.fill_masks([ahead.samplers[i].constraint for i in live])
-                    for k, i in enumerate(live):
-                        rows[i].mask_row = k
-                except Exception as exc:
-                    log.exception("computing the grammar masks of step %d failed", ahead.step)
-                    ahead.mask_error = f"structured output failed: {type(exc).__name__}: {exc}"
+            masks = self._masks_of(ahead, [ahead.samplers[i] for i in live])
+            if masks is not None:
+                for k, i in enumerate(live):
+                    rows[i].mask_row = k
             ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
         except Exception as exc:
             self._fail_step(ahead, exc)
@@ -806,7 +796,9 @@ class LLMEngine:
     def restore(self, blob: bytes, *, timeout: float | None = 60.0) -> RestoreInfo:
         """Put a snapshot's KV into the prefix cache: the next request that starts with its tokens skips their
         prefill. A `gllm.kv.snapshot.SnapshotError` (typed) for another model's, a damaged or a too large blob."""
-        snap = decode(blob, self.identity, max_tokens=self.gen_params.max_seq_len)   # checks, off the engine thread
+        # Checked and uploaded to the pool's device off the engine thread (on a side stream beside a GPU).
+        snap = decode(blob, self.identity, max_tokens=self.gen_params.max_seq_len, device=self.device,
+                      stream=self._upload_stream)
         return self._on_engine_thread(self.sessions.restore, snap, timeout=timeout)
 
     def pin(self, what: list[int] | str | list[dict[str, Any]], *, timeout: float | None = 120.0) -> str:
