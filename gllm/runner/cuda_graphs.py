@@ -138,7 +138,9 @@ def capture_graphs(sizes: list[int], make_step: Callable[[int], Callable[[], tor
             step()                            # warm-up: compile kernels, pick algorithms
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
+        # thread_local: another thread's CUDA calls (another engine, a restore, the game's own) do not
+        # invalidate this capture.
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             outputs[size] = step()
         pool = graph.pool()
         graphs[size] = graph
