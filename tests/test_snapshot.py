@@ -5,8 +5,10 @@ the engine serves on; every block comes back."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,11 +20,15 @@ HISTORY = ("Guard: Halt! Who goes there?\nPlayer: A traveller from the south, lo
 FOLLOW_UP = "\nPlayer: And what does he charge for a sword?\nGuard:"
 
 
-def engine(folder, **kw) -> LLMEngine:
+# GLLM_TEST_DEVICE=cuda runs this file on the GPU (the payload is checked and written there).
+DEVICE = os.environ.get("GLLM_TEST_DEVICE", "cpu")
+
+
+def engine(folder, device: str = DEVICE, **kw) -> LLMEngine:
     params = dict(block_size=16, max_batch_size=4, max_seq_len=512, cpu_threads=1, dtype="float32",
                   overlap_steps=False)
     params.update(kw)
-    return LLMEngine(folder, GeneratorParams(**params), device="cpu")
+    return LLMEngine(folder, GeneratorParams(**params), device=device)
 
 
 def greedy(ids: list[int], n: int = 24, **kw) -> GenerationRequest:
@@ -102,10 +108,11 @@ def test_int8_rounding_error_is_within_the_stated_tolerance():
     layers = [(torch.randn(40, 2, 16) * 300, torch.randn(40, 2, 16) * 1e-6) for _ in range(2)]
     identity = S.SnapshotIdentity("m", "t", "float32", 2, 2, 16)
     snap = S.decode(S.encode(identity, list(range(40)), layers, 16, "int8"), identity, max_tokens=100)
-    for pair, back in zip(layers, snap.layers):
-        for x, y in zip(pair, (b.dense() for b in back)):
-            bound = 1.19 * x.abs().amax(dim=-1, keepdim=True) / 254
-            assert ((x - y).abs() <= bound + 1e-12).all()
+    back = snap.dense()
+    assert back.shape == (4, 40, 2, 16)
+    for i, x in enumerate(t for pair in layers for t in pair):
+        bound = 1.19 * x.abs().amax(dim=-1, keepdim=True) / 254
+        assert ((x - back[i]).abs() <= bound + 1e-12).all()
 
 
 def test_raw_snapshot_size_is_the_kv_bytes_plus_ids_header_and_checksum(llama32_dir):
@@ -195,6 +202,52 @@ def test_header_and_format_version_are_checked():
         S.decode(blob, identity, max_tokens=4, max_bytes=len(blob) - 1)
     with pytest.raises(S.SnapshotMismatch):
         S.decode(blob, S.SnapshotIdentity("m", "t", "float32", 1, 1, 8), max_tokens=4)
-    future = blob.replace(b'"format":1', b'"format":9')
+    future = blob.replace(b'"format":2', b'"format":9')
     with pytest.raises(S.SnapshotMismatch, match="format 9"):
         S.decode(future, identity, max_tokens=4)
+
+
+def test_payload_checksum_is_the_stated_weighted_sum_and_sees_any_one_bit_flip():
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 8 * 40, dtype=np.uint8)
+    words = [int(w) for w in data.view("<i8")]
+    want = sum((2 * i + 1) * w for i, w in enumerate(words)) % 2**64   # Python integers: no wrapping involved
+    assert S.payload_checksum(torch.from_numpy(data.copy())) == want
+    for bit in rng.choice(8 * data.size, 50, replace=False):
+        flipped = data.copy()
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert S.payload_checksum(torch.from_numpy(flipped)) != want
+
+
+def test_the_payload_starts_8_aligned_and_any_changed_payload_byte_is_corrupt():
+    identity = S.SnapshotIdentity("m", "t", "float32", 1, 1, 4)
+    for n in (1, 3, 4, 7):
+        blob = S.encode(identity, list(range(n)), [(torch.randn(n, 1, 4), torch.randn(n, 1, 4))], 4, "int8")
+        header, head_len = S.read_header(blob)
+        assert (len(S.MAGIC) + 4 + head_len + 4 * n) % 8 == 0
+        assert S.decode(blob, identity, max_tokens=8).token_ids == list(range(n))
+        start = len(S.MAGIC) + 4 + head_len + 4 * n
+        for at in range(start, len(blob) - 40):
+            damaged = bytearray(blob)
+            damaged[at] ^= 0x80
+            with pytest.raises(S.SnapshotCorrupt):
+                S.decode(bytes(damaged), identity, max_tokens=8)
+
+
+def test_a_snapshot_made_on_the_cpu_restores_on_this_device_and_back(llama32_dir):
+    """The checksum is computed where the KV lives: a CPU blob checks on the GPU, a GPU blob on the CPU."""
+    with engine(llama32_dir, device="cpu") as cpu_engine:
+        _, follow, _, cpu_blob = talk(cpu_engine, encoding="int8")
+    with engine(llama32_dir) as eng:
+        assert eng.restore(cpu_blob).tokens == LLMEngine.snapshot_tokens(cpu_blob)
+        assert eng.generate(greedy(follow))[0].usage.cached_tokens == LLMEngine.snapshot_tokens(cpu_blob)
+        device_blob = talk(eng, encoding="int8")[3]
+    with engine(llama32_dir, device="cpu") as cpu_engine:
+        assert cpu_engine.restore(device_blob).tokens == LLMEngine.snapshot_tokens(device_blob)
+
+
+def test_raw_payload_decodes_to_the_exact_kv():
+    layers = [(torch.randn(5, 2, 8), torch.randn(5, 2, 8)) for _ in range(3)]
+    identity = S.SnapshotIdentity("m", "t", "float32", 3, 2, 8)
+    snap = S.decode(S.encode(identity, list(range(5)), layers, 4), identity, max_tokens=5)
+    assert torch.equal(snap.dense(), torch.stack([t for pair in layers for t in pair]))

@@ -41,7 +41,7 @@ from gllm.engine.results import Ending, RequestState, final_event, token_text
 from gllm.engine.sessions import RestoreInfo, SessionStore
 from gllm.engine.sinks import AsyncSink, CallbackSink, EventSink, RequestHandle
 from gllm.engine.thread_priority import lower_this_thread
-from gllm.kv.snapshot import SnapshotIdentity, decode, dtype_name, read_header
+from gllm.kv.snapshot import PayloadUploader, SnapshotIdentity, decode, dtype_name, read_header
 from gllm.model import ModelConfig
 from gllm.sampling import PendingSample, SampleRow, StopChecker, StopResult, TokenLogprobs
 from gllm.sampling.grammar import Grammars
@@ -131,7 +131,7 @@ class LLMEngine:
         self.paused_s = 0.0                      # wall time the governor paused between steps
         # NPC memory (issue #23): snapshots and pins (engine thread), the prompt-result cache (engine thread).
         self.sessions = SessionStore(self.block_manager, self.kv_cache, gen.max_seq_len)
-        self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None   # restores
+        self._uploader = PayloadUploader(self.device)   # restores: the payload to the pool's device
         self.result_cache = ResultCache(gen.result_cache_entries, int(gen.result_cache_mb * 2**20))
         self._identity_lock = threading.Lock()
         # Now, at load (milliseconds; a quarter second for a memory-mapped CPU model's first reads), not inside
@@ -431,6 +431,7 @@ class LLMEngine:
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
         self.sessions.unpin_all()
+        self._uploader.close()
         while True:   # calls queued behind the close: refuse them, so no caller waits forever
             try:
                 op, arg = self._inbox.get_nowait()
@@ -797,8 +798,7 @@ class LLMEngine:
         """Put a snapshot's KV into the prefix cache: the next request that starts with its tokens skips their
         prefill. A `gllm.kv.snapshot.SnapshotError` (typed) for another model's, a damaged or a too large blob."""
         # Checked and uploaded to the pool's device off the engine thread (on a side stream beside a GPU).
-        snap = decode(blob, self.identity, max_tokens=self.gen_params.max_seq_len, device=self.device,
-                      stream=self._upload_stream)
+        snap = decode(blob, self.identity, max_tokens=self.gen_params.max_seq_len, uploader=self._uploader)
         return self._on_engine_thread(self.sessions.restore, snap, timeout=timeout)
 
     def pin(self, what: list[int] | str | list[dict[str, Any]], *, timeout: float | None = 120.0) -> str:

@@ -31,11 +31,19 @@ def _spread(n: int, count: int) -> list[int]:
 @torch.no_grad()
 def weights_digest(model: LlamaForCausalLM, cfg: ModelConfig) -> str:
     h = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True, default=str).encode())
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+    params = sorted(model.named_parameters(), key=lambda item: item[0])
+    samples = []   # gathered where the weights are, then copied to the host at once (one sync on a GPU)
+    for _, param in params:
         flat = param.detach().reshape(-1)
-        index = torch.tensor(_spread(flat.numel(), SAMPLES_PER_TENSOR), dtype=torch.int64, device=flat.device)
+        count = min(SAMPLES_PER_TENSOR, flat.numel())
+        index = torch.arange(count, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+        samples.append(flat[index].float())
+    values = torch.cat(samples).cpu().numpy() if samples else None
+    start = 0
+    for (name, param), sample in zip(params, samples):
         h.update(f"{name}:{tuple(param.shape)}".encode())
-        h.update(flat[index].float().cpu().numpy().tobytes())
+        h.update(values[start:start + sample.numel()].tobytes())
+        start += sample.numel()
     return h.hexdigest()
 
 
