@@ -15,6 +15,11 @@ at most `max_ms` (0: not at all). It keeps the session's lease alive by itself f
 `AsyncBridgeClient` is the asyncio form: `await client.generate(...)` returns the `Done`;
 `async for ev in client.stream(...)` yields `Token`s and finally the `Done`.
 
+NPC memory (PROTOCOL.md §5.3) on both: `snapshot(conversation)` returns the save-game blob (`Snapshot`, bytes
+with a `tokens` count), `restore(blob)` a `Restored`, `pin(...)` a `Pinned` whose `pin` `unpin` takes, `embed(texts)`
+the vectors (`Embeddings`); the `BridgeClient` methods block like `stats` (other events stay queued for `poll`), and
+a server error raises `BridgeError` with the server's code. `idle(ms)` reports a window the device is the engine's.
+
 Neither needs torch: this module imports only pyzmq, msgpack and the protocol module.
 """
 
@@ -86,7 +91,49 @@ class StatsReply:
     values: dict[str, Any]
 
 
-Event = Welcome | Token | Done | Error | Pong | StatsReply
+class Snapshot(bytes):
+    """A snapshot blob (opaque bytes for the save game) that also knows how many tokens of KV it holds."""
+    tokens: int = 0
+
+    def __new__(cls, blob: bytes, tokens: int = 0) -> "Snapshot":
+        obj = super().__new__(cls, blob)
+        obj.tokens = tokens
+        return obj
+
+
+@dataclass
+class Restored:
+    tokens: int                             # tokens of KV now in the server's prefix cache
+    new_blocks: int                         # KV blocks the restore added (0: they were cached already)
+
+
+@dataclass
+class Pinned:
+    pin: str                                # the pin's name, for unpin (the same prefix always gets the same name)
+    tokens: int                             # tokens kept resident (whole KV blocks)
+
+
+class Embeddings(list):
+    """One unit-length vector (a list of floats) per input, in order; `prompt_tokens` is what they cost."""
+    prompt_tokens: int = 0
+
+    def __init__(self, vectors: list[list[float]], prompt_tokens: int = 0) -> None:
+        super().__init__(vectors)
+        self.prompt_tokens = prompt_tokens
+
+
+@dataclass
+class MemoryReply:
+    """The reply to an NPC-memory op (snapshot, restore, pin, unpin, embed): `op` is the reply's op
+    ("snapshot", "restored", "pinned", "unpinned", "embeddings"), `value` what the client's method returns."""
+    id: str
+    op: str
+    value: Any
+
+
+Event = Welcome | Token | Done | Error | Pong | StatsReply | MemoryReply
+
+MEMORY_REPLIES = ("snapshot", "restored", "pinned", "unpinned", "embeddings")
 
 
 class BridgeError(Exception):
@@ -113,12 +160,28 @@ def events_from_message(msg: Any) -> list[Event]:
             return [Pong(msg.get("t"))]
         if op == "stats":
             return [StatsReply({k: v for k, v in msg.items() if k != "op"})]
+        if op in MEMORY_REPLIES:
+            return [MemoryReply(msg["id"], op, _memory_value(op, msg))]
         if op == "welcome":
             return [Welcome(msg["v"], msg.get("model", ""), msg.get("max_seq_len", 0), msg.get("server", ""),
                             msg.get("lease_ms", 5000), msg.get("max_inflight", 0), msg.get("max_message_bytes", 0))]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         pass
     return []
+
+
+def _memory_value(op: str, msg: dict[str, Any]) -> Any:
+    if op == "snapshot":
+        if not isinstance(msg["blob"], (bytes, bytearray)):
+            raise TypeError("snapshot.blob is not bin")
+        return Snapshot(bytes(msg["blob"]), int(msg["tokens"]))
+    if op == "restored":
+        return Restored(int(msg["tokens"]), int(msg["new_blocks"]))
+    if op == "pinned":
+        return Pinned(str(msg["pin"]), int(msg["tokens"]))
+    if op == "unpinned":
+        return bool(msg["found"])
+    return Embeddings([[float(x) for x in v] for v in msg["vectors"]], int(msg.get("prompt_tokens", 0)))
 
 
 def _decode(frame: bytes) -> Any:
@@ -272,6 +335,67 @@ class BridgeClient:
                 self._pending.append(ev)
         raise TimeoutError(f"no stats in {timeout_s} s")
 
+    # -- NPC memory (PROTOCOL.md §5.3): blocking conveniences like `stats`; other events stay queued for `poll`
+    def snapshot(self, conversation: str | None = None, *, tokens: list[int] | None = None,
+                 encoding: str | None = None, id: str | None = None, timeout_s: float = 60.0) -> Snapshot:
+        """Export the KV cache of a conversation (the id of one of this client's generates that has ended) or of
+        token ids, for the save game: an opaque blob (`bytes`) whose `tokens` says how many tokens it holds.
+        `encoding` "int8" makes it about half the size. Raises `BridgeError` (e.g. `too_long` when the snapshot
+        would exceed the server's max_message_bytes, `bad_request` for an unknown conversation)."""
+        if (conversation is None) == (tokens is None):
+            raise ValueError("give exactly one of conversation and tokens")
+        rid = self._op_id(id)
+        self._send(P.snapshot_request(rid, conversation=conversation, tokens=tokens, encoding=encoding))
+        return self._wait_reply(rid, "snapshot", timeout_s)
+
+    def restore(self, blob: bytes, *, id: str | None = None, timeout_s: float = 60.0) -> Restored:
+        """Load a snapshot back into the server's prefix cache: the next generate whose prompt starts with its
+        tokens skips their prefill. A blob of another model, or damaged in any byte, raises `BridgeError`
+        (`bad_request`); one larger than the free KV, `too_long`."""
+        rid = self._op_id(id)
+        self._send(P.restore(rid, bytes(blob)))
+        return self._wait_reply(rid, "restored", timeout_s)
+
+    def pin(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+            tokens: list[int] | None = None, id: str | None = None, timeout_s: float = 60.0) -> Pinned:
+        """Keep a prefix (a raw prompt, chat messages rendered without a generation prompt, or token ids)
+        resident on the server, never evicted, until `unpin`; computed first if it is not cached."""
+        if sum(x is not None for x in (prompt, messages, tokens)) != 1:
+            raise ValueError("give exactly one of prompt, messages and tokens")
+        rid = self._op_id(id)
+        self._send(P.pin(rid, prompt=prompt, messages=messages, tokens=tokens))
+        return self._wait_reply(rid, "pinned", timeout_s)
+
+    def unpin(self, pin: str, *, id: str | None = None, timeout_s: float = 60.0) -> bool:
+        """Let a pin's blocks be evicted again; returns whether the server had that pin."""
+        rid = self._op_id(id)
+        self._send(P.unpin(rid, pin))
+        return self._wait_reply(rid, "unpinned", timeout_s)
+
+    def embed(self, texts: str | list[str], *, pooling: str | None = None, id: str | None = None,
+              timeout_s: float = 60.0) -> Embeddings:
+        """One unit-length vector per text, in order (the model's final hidden states, pooled: "mean", the
+        default, or "last"), for lore retrieval."""
+        rid = self._op_id(id)
+        self._send(P.embed(rid, texts if isinstance(texts, str) else list(texts), pooling))
+        return self._wait_reply(rid, "embeddings", timeout_s)
+
+    def _op_id(self, id: str | None) -> str:
+        return id if id is not None else f"m{next(self._ids)}"
+
+    def _wait_reply(self, id: str, op: str, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for ev in self._receive(max(0.0, deadline - time.monotonic()) * 1000, stop_at_first=True):
+                if isinstance(ev, MemoryReply) and ev.id == id and ev.op == op:
+                    return ev.value
+                if isinstance(ev, Error) and (ev.id == id or (ev.code == P.NO_SESSION and ev.id is None)):
+                    raise BridgeError(ev.code, ev.message, id)
+                self._pending.append(ev)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no {op} reply to {id} in {timeout_s} s")
+            self._keepalive()
+
     def _receive(self, max_ms: float, stop_at_first: bool = False) -> list[Event]:
         out: list[Event] = []
         deadline = time.monotonic() + max_ms / 1000.0
@@ -356,6 +480,7 @@ class AsyncBridgeClient:
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._abandoned: set[str] = set()
         self._waiters: dict[str, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
+        self._ops: dict[str, tuple[str, asyncio.Future]] = {}      # NPC-memory ops awaiting their reply
         self._ids = itertools.count(1)
         self._reader: asyncio.Task | None = None
         self._keeper: asyncio.Task | None = None
@@ -451,6 +576,53 @@ class AsyncBridgeClient:
                     frames: int | None = None, over: int | None = None) -> None:
         await self._send(P.frame(ms, target_ms, max_ms, frames, over))
 
+    async def idle(self, ms: float) -> None:
+        """The game will not need the device for the next `ms` milliseconds (see `BridgeClient.idle`)."""
+        await self._send(P.idle(ms))
+
+    # -- NPC memory (PROTOCOL.md §5.3): each awaits its one reply; a server error raises `BridgeError`
+    async def snapshot(self, conversation: str | None = None, *, tokens: list[int] | None = None,
+                       encoding: str | None = None, id: str | None = None, timeout_s: float = 60.0) -> Snapshot:
+        """See `BridgeClient.snapshot`."""
+        if (conversation is None) == (tokens is None):
+            raise ValueError("give exactly one of conversation and tokens")
+        return await self._call(id, lambda rid: P.snapshot_request(rid, conversation=conversation, tokens=tokens,
+                                                                   encoding=encoding), "snapshot", timeout_s)
+
+    async def restore(self, blob: bytes, *, id: str | None = None, timeout_s: float = 60.0) -> Restored:
+        """See `BridgeClient.restore`."""
+        return await self._call(id, lambda rid: P.restore(rid, bytes(blob)), "restored", timeout_s)
+
+    async def pin(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                  tokens: list[int] | None = None, id: str | None = None, timeout_s: float = 60.0) -> Pinned:
+        """See `BridgeClient.pin`."""
+        if sum(x is not None for x in (prompt, messages, tokens)) != 1:
+            raise ValueError("give exactly one of prompt, messages and tokens")
+        return await self._call(id, lambda rid: P.pin(rid, prompt=prompt, messages=messages, tokens=tokens),
+                                "pinned", timeout_s)
+
+    async def unpin(self, pin: str, *, id: str | None = None, timeout_s: float = 60.0) -> bool:
+        """See `BridgeClient.unpin`."""
+        return await self._call(id, lambda rid: P.unpin(rid, pin), "unpinned", timeout_s)
+
+    async def embed(self, texts: str | list[str], *, pooling: str | None = None, id: str | None = None,
+                    timeout_s: float = 60.0) -> Embeddings:
+        """See `BridgeClient.embed`."""
+        return await self._call(id, lambda rid: P.embed(rid, texts if isinstance(texts, str) else list(texts),
+                                                        pooling), "embeddings", timeout_s)
+
+    async def _call(self, id: str | None, build: Any, op: str, timeout_s: float) -> Any:
+        rid = id if id is not None else f"m{next(self._ids)}"
+        if rid in self._ops or rid in self._queues:
+            raise ValueError(f"id {rid!r} is already in flight")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._ops[rid] = (op, fut)
+        try:
+            await self._send(build(rid))
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._ops.pop(rid, None)
+
     # -- internals
     def _expect(self, key: str) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -483,6 +655,15 @@ class AsyncBridgeClient:
                 self._dispatch(ev)
 
     def _dispatch(self, ev: Event) -> None:
+        op = self._ops.get(ev.id) if isinstance(ev, (MemoryReply, Error)) and ev.id is not None else None
+        if op is not None:
+            want, fut = op
+            if not fut.done():
+                if isinstance(ev, Error):
+                    fut.set_exception(BridgeError(ev.code, ev.message, ev.id))
+                elif ev.op == want:
+                    fut.set_result(ev.value)
+            return
         if isinstance(ev, (Token, Done)) or (isinstance(ev, Error) and ev.id is not None):
             if ev.id in self._abandoned:
                 if not isinstance(ev, Token):
@@ -505,6 +686,9 @@ class AsyncBridgeClient:
                 # the server forgot us (lease expired, restarted): fail what was in flight, say hello again
                 for rid, q in list(self._queues.items()):
                     q.put_nowait(Error(rid, P.NO_SESSION, ev.message))
+                for rid, (_, fut) in list(self._ops.items()):
+                    if not fut.done():
+                        fut.set_exception(BridgeError(P.NO_SESSION, ev.message, rid))
                 if not self._closed:
                     asyncio.get_running_loop().create_task(self._send(P.hello(self.name, self.token)))
             elif ev.code in (P.UNAUTHORIZED, P.BUSY, P.BAD_REQUEST) and self._waiters.get("welcome"):

@@ -65,7 +65,7 @@ std::string Client::generate(const GenerateOptions& o) {
         return id;
     }
     Cmd c;
-    c.kind = CmdKind::Generate;
+    c.kind = CmdKind::Request;
     c.id = id;
     c.payload = messages::generate(id, o);
     enqueue(std::move(c));
@@ -128,6 +128,76 @@ void Client::ping() {
     Cmd c;
     c.payload = messages::ping(Value::integer(now_us()));
     enqueue(std::move(c));
+}
+
+void Client::report_idle(double ms) {
+    if (!started_ || std::isnan(ms) || ms < 0) return;
+    Cmd c;
+    c.payload = messages::idle(std::min(ms, 1e9));
+    enqueue(std::move(c));
+}
+
+std::string Client::start_op(const std::string& given,
+                             const std::function<std::vector<uint8_t>(const std::string&)>& build,
+                             const char* invalid) {
+    std::string id = given.empty() ? "m" + std::to_string(++next_id_) : given;
+    live_++;
+    if (invalid || !started_ || stop_) {
+        Ev e;
+        e.kind = EvKind::Failed;
+        e.id = id;
+        e.code = invalid ? "bad_request" : kDisconnected;
+        e.message = invalid ? invalid : started_ ? "the client was closed" : "call connect first";
+        push_local(std::move(e));
+        return id;
+    }
+    Cmd c;
+    c.kind = CmdKind::Request;
+    c.id = id;
+    c.payload = build(id);
+    enqueue(std::move(c));
+    return id;
+}
+
+std::string Client::snapshot(const std::string& conversation, const std::string& encoding, const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::snapshot(rid, conversation, {}, encoding); },
+                    conversation.empty() ? "snapshot needs a conversation id" : nullptr);
+}
+
+std::string Client::snapshot_tokens(const std::vector<int64_t>& tokens, const std::string& encoding,
+                                    const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::snapshot(rid, "", tokens, encoding); },
+                    tokens.empty() ? "snapshot needs 1 or more token ids" : nullptr);
+}
+
+std::string Client::restore(const std::vector<uint8_t>& blob, const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::restore(rid, blob); },
+                    blob.empty() ? "the blob is empty" : nullptr);
+}
+
+std::string Client::pin(const std::vector<ChatMessage>& msgs, const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::pin(rid, nullptr, &msgs, nullptr); },
+                    msgs.empty() ? "pin needs 1 or more messages" : nullptr);
+}
+
+std::string Client::pin_prompt(const std::string& prompt, const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::pin(rid, &prompt, nullptr, nullptr); },
+                    prompt.empty() ? "pin needs a non-empty prompt" : nullptr);
+}
+
+std::string Client::pin_tokens(const std::vector<int64_t>& tokens, const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::pin(rid, nullptr, nullptr, &tokens); },
+                    tokens.empty() ? "pin needs 1 or more token ids" : nullptr);
+}
+
+std::string Client::unpin(const std::string& pin_name, const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::unpin(rid, pin_name); },
+                    pin_name.empty() ? "unpin needs the pin's name" : nullptr);
+}
+
+std::string Client::embed(const std::vector<std::string>& inputs, const std::string& pooling, const std::string& id) {
+    return start_op(id, [&](const std::string& rid) { return messages::embed(rid, inputs, pooling); },
+                    inputs.empty() ? "embed needs 1 or more texts" : nullptr);
 }
 
 int Client::poll(std::chrono::microseconds budget) {
@@ -276,6 +346,13 @@ void Client::dispatch(Ev& e) {
             break;
         case EvKind::Pong:
             if (on_pong) on_pong(e.value);
+            break;
+        case EvKind::Reply:
+            if (e.text == "snapshot") { if (on_snapshot) on_snapshot(e.id, SnapshotInfo::from_message(e.map)); }
+            else if (e.text == "restored") { if (on_restored) on_restored(e.id, RestoreInfo::from_message(e.map)); }
+            else if (e.text == "pinned") { if (on_pinned) on_pinned(e.id, PinInfo::from_message(e.map)); }
+            else if (e.text == "unpinned") { if (on_unpinned) on_unpinned(e.id, UnpinInfo::from_message(e.map)); }
+            else if (on_embeddings) on_embeddings(e.id, EmbeddingsInfo::from_message(e.map));
             break;
     }
     listeners_.erase(std::remove(listeners_.begin(), listeners_.end(), nullptr), listeners_.end());
@@ -589,6 +666,22 @@ void Client::on_message(const std::shared_ptr<Conn>& c, const Value& m) {
         e.kind = EvKind::Stats;
         e.map = m;
         emit(std::move(e));
+    } else if (*op == "snapshot" || *op == "restored" || *op == "pinned" || *op == "unpinned" || *op == "embeddings") {
+        const std::string* id = m.get_string("id");
+        if (!id || !inflight_.erase(*id)) return;
+        Ev e;
+        e.id = *id;
+        const Value* blob = m.find("blob");
+        if (*op == "snapshot" && (!blob || blob->type() != Value::Type::Bin)) {
+            e.kind = EvKind::Failed;
+            e.code = "bad_request";
+            e.message = "the snapshot reply carries no bin blob";
+        } else {
+            e.kind = EvKind::Reply;
+            e.text = *op;
+            e.map = m;
+        }
+        emit_end(std::move(e));
     }
     // unknown ops: ignored (§4.3)
 }
@@ -605,7 +698,7 @@ void Client::process_commands(const std::shared_ptr<Conn>& c) {
         cmds.pop_front();
         bool ready = state_.load() == static_cast<int>(ConnectionState::Connected);
         switch (cmd.kind) {
-            case CmdKind::Generate:
+            case CmdKind::Request:
                 if (ready) send_generate(c, cmd);
                 else waiting_.push_back(std::move(cmd));
                 break;
@@ -624,7 +717,7 @@ void Client::drain_commands_while_down() {
     std::deque<Cmd> cmds = take_commands();
     for (Cmd& cmd : cmds) {
         if (cmd.kind == CmdKind::Cancel) { cancel_waiting(cmd.id); continue; }
-        if (cmd.kind != CmdKind::Generate) continue;
+        if (cmd.kind != CmdKind::Request) continue;
         std::string le = last_error();
         Ev e;
         e.kind = EvKind::Failed;

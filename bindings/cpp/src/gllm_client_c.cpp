@@ -16,6 +16,17 @@ struct gllm_client {
 namespace {
 std::optional<double> opt_double(double v) { return std::isnan(v) ? std::nullopt : std::optional<double>(v); }
 std::optional<int64_t> opt_int(int64_t v) { return v < 0 ? std::nullopt : std::optional<int64_t>(v); }
+int copy_id(const std::string& id, char* id_out, size_t id_cap) {
+    if (id_out) {
+        if (id.size() + 1 > id_cap) return -1;
+        std::memcpy(id_out, id.c_str(), id.size() + 1);
+    }
+    return static_cast<int>(id.size());
+}
+std::string str(const char* s) { return s ? std::string(s) : std::string(); }
+std::vector<int64_t> token_list(const int64_t* tokens, size_t n) {
+    return tokens ? std::vector<int64_t>(tokens, tokens + n) : std::vector<int64_t>();
+}
 }  // namespace
 
 extern "C" {
@@ -73,6 +84,30 @@ void gllm_client_set_callbacks(gllm_client* c, const gllm_callbacks* cb) {
     };
     c->client.on_stats = [k](const gllm::Value& m) {
         if (k->on_stats) k->on_stats(k->user, gllm::json::serialize(m).c_str());
+    };
+    c->client.on_snapshot = [k](const std::string& id, const gllm::SnapshotInfo& r) {
+        if (k->on_snapshot) k->on_snapshot(k->user, id.c_str(), r.tokens, r.blob.data(), r.blob.size());
+    };
+    c->client.on_restored = [k](const std::string& id, const gllm::RestoreInfo& r) {
+        if (k->on_restored) k->on_restored(k->user, id.c_str(), r.tokens, r.new_blocks);
+    };
+    c->client.on_pinned = [k](const std::string& id, const gllm::PinInfo& r) {
+        if (k->on_pinned) k->on_pinned(k->user, id.c_str(), r.pin.c_str(), r.tokens);
+    };
+    c->client.on_unpinned = [k](const std::string& id, const gllm::UnpinInfo& r) {
+        if (k->on_unpinned) k->on_unpinned(k->user, id.c_str(), r.pin.c_str(), r.found ? 1 : 0);
+    };
+    c->client.on_embeddings = [k](const std::string& id, const gllm::EmbeddingsInfo& r) {
+        if (!k->on_embeddings) return;
+        size_t dim = r.vectors.empty() ? 0 : r.vectors[0].size();
+        std::vector<float> flat;
+        flat.reserve(r.vectors.size() * dim);
+        for (const auto& v : r.vectors) {
+            std::vector<float> row(v);
+            row.resize(dim, 0.0f);   // the server sends one dimension; keep the layout rectangular regardless
+            flat.insert(flat.end(), row.begin(), row.end());
+        }
+        k->on_embeddings(k->user, id.c_str(), flat.data(), r.vectors.size(), dim, r.prompt_tokens);
     };
 }
 
@@ -143,6 +178,61 @@ void gllm_client_report_frame(gllm_client* c, double ms, double target_ms) {
 
 void gllm_client_stats(gllm_client* c) {
     if (c) c->client.stats();
+}
+
+void gllm_client_report_idle(gllm_client* c, double ms) {
+    if (c) c->client.report_idle(ms);
+}
+
+int gllm_client_snapshot(gllm_client* c, const char* conversation, const char* encoding, const char* id,
+                         char* id_out, size_t id_cap) {
+    if (!c) return -1;
+    return copy_id(c->client.snapshot(str(conversation), str(encoding), str(id)), id_out, id_cap);
+}
+
+int gllm_client_snapshot_tokens(gllm_client* c, const int64_t* tokens, size_t n_tokens, const char* encoding,
+                                const char* id, char* id_out, size_t id_cap) {
+    if (!c) return -1;
+    return copy_id(c->client.snapshot_tokens(token_list(tokens, n_tokens), str(encoding), str(id)), id_out, id_cap);
+}
+
+int gllm_client_restore(gllm_client* c, const uint8_t* blob, size_t blob_len, const char* id, char* id_out,
+                        size_t id_cap) {
+    if (!c) return -1;
+    std::vector<uint8_t> bytes = blob ? std::vector<uint8_t>(blob, blob + blob_len) : std::vector<uint8_t>();
+    return copy_id(c->client.restore(bytes, str(id)), id_out, id_cap);
+}
+
+int gllm_client_pin(gllm_client* c, const gllm_chat_message* messages, size_t n_messages, const char* id,
+                    char* id_out, size_t id_cap) {
+    if (!c) return -1;
+    std::vector<gllm::ChatMessage> list;
+    for (size_t i = 0; messages && i < n_messages; i++) list.push_back({str(messages[i].role), str(messages[i].content)});
+    return copy_id(c->client.pin(list, str(id)), id_out, id_cap);
+}
+
+int gllm_client_pin_prompt(gllm_client* c, const char* prompt, const char* id, char* id_out, size_t id_cap) {
+    if (!c) return -1;
+    return copy_id(c->client.pin_prompt(str(prompt), str(id)), id_out, id_cap);
+}
+
+int gllm_client_pin_tokens(gllm_client* c, const int64_t* tokens, size_t n_tokens, const char* id, char* id_out,
+                           size_t id_cap) {
+    if (!c) return -1;
+    return copy_id(c->client.pin_tokens(token_list(tokens, n_tokens), str(id)), id_out, id_cap);
+}
+
+int gllm_client_unpin(gllm_client* c, const char* pin, const char* id, char* id_out, size_t id_cap) {
+    if (!c) return -1;
+    return copy_id(c->client.unpin(str(pin), str(id)), id_out, id_cap);
+}
+
+int gllm_client_embed(gllm_client* c, const char* const* texts, size_t n_texts, const char* pooling, const char* id,
+                      char* id_out, size_t id_cap) {
+    if (!c) return -1;
+    std::vector<std::string> list;
+    for (size_t i = 0; texts && i < n_texts; i++) list.push_back(str(texts[i]));
+    return copy_id(c->client.embed(list, str(pooling), str(id)), id_out, id_cap);
 }
 
 int gllm_client_poll(gllm_client* c, int64_t budget_us) {

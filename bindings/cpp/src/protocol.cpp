@@ -42,6 +42,58 @@ WelcomeInfo WelcomeInfo::from_message(const Value& m) {
     return w;
 }
 
+SnapshotInfo SnapshotInfo::from_message(const Value& m) {
+    SnapshotInfo r;
+    if (const std::string* s = m.get_string("id")) r.id = *s;
+    r.tokens = m.get_int("tokens").value_or(0);
+    const Value* blob = m.find("blob");
+    if (blob && blob->type() == Value::Type::Bin) {
+        r.blob.assign(blob->as_string().begin(), blob->as_string().end());
+        r.has_blob = true;
+    }
+    return r;
+}
+
+RestoreInfo RestoreInfo::from_message(const Value& m) {
+    RestoreInfo r;
+    if (const std::string* s = m.get_string("id")) r.id = *s;
+    r.tokens = m.get_int("tokens").value_or(0);
+    r.new_blocks = m.get_int("new_blocks").value_or(0);
+    return r;
+}
+
+PinInfo PinInfo::from_message(const Value& m) {
+    PinInfo r;
+    if (const std::string* s = m.get_string("id")) r.id = *s;
+    if (const std::string* s = m.get_string("pin")) r.pin = *s;
+    r.tokens = m.get_int("tokens").value_or(0);
+    return r;
+}
+
+UnpinInfo UnpinInfo::from_message(const Value& m) {
+    UnpinInfo r;
+    if (const std::string* s = m.get_string("id")) r.id = *s;
+    if (const std::string* s = m.get_string("pin")) r.pin = *s;
+    r.found = m.get_bool("found").value_or(false);
+    return r;
+}
+
+EmbeddingsInfo EmbeddingsInfo::from_message(const Value& m) {
+    EmbeddingsInfo r;
+    if (const std::string* s = m.get_string("id")) r.id = *s;
+    if (const Value* vs = m.get_array("vectors")) {
+        r.vectors.resize(vs->size());
+        for (size_t i = 0; i < vs->size(); i++) {
+            const Value& v = vs->at(i);
+            if (!v.is_array()) continue;
+            r.vectors[i].reserve(v.size());
+            for (size_t j = 0; j < v.size(); j++) r.vectors[i].push_back(static_cast<float>(v.at(j).as_double()));
+        }
+    }
+    r.prompt_tokens = m.get_int("prompt_tokens").value_or(0);
+    return r;
+}
+
 namespace messages {
 namespace {
 const char* const kKnownGenerateKeys[] = {
@@ -167,6 +219,91 @@ std::vector<uint8_t> stats_request() {
     msgpack::Writer w(&out);
     w.map_header(1);
     w.str("op"); w.str("stats");
+    return out;
+}
+
+std::vector<uint8_t> idle(double ms) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(2);
+    w.str("op"); w.str("idle");
+    w.str("ms"); w.float64(ms);
+    return out;
+}
+
+namespace {
+void write_tokens(msgpack::Writer& w, const std::vector<int64_t>& tokens) {
+    w.str("tokens");
+    w.array_header(tokens.size());
+    for (int64_t t : tokens) w.integer(t);
+}
+}  // namespace
+
+std::vector<uint8_t> snapshot(const std::string& id, const std::string& conversation, const std::vector<int64_t>& tokens,
+                              const std::string& encoding) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(3 + !encoding.empty());
+    w.str("op"); w.str("snapshot");
+    w.str("id"); w.str(id);
+    if (!conversation.empty()) { w.str("conversation"); w.str(conversation); }
+    else write_tokens(w, tokens);
+    if (!encoding.empty()) { w.str("encoding"); w.str(encoding); }
+    return out;
+}
+
+std::vector<uint8_t> restore(const std::string& id, const std::vector<uint8_t>& blob) {
+    std::vector<uint8_t> out;
+    out.reserve(blob.size() + 48);
+    msgpack::Writer w(&out);
+    w.map_header(3);
+    w.str("op"); w.str("restore");
+    w.str("id"); w.str(id);
+    w.str("blob"); w.bin(std::string_view(reinterpret_cast<const char*>(blob.data()), blob.size()));
+    return out;
+}
+
+std::vector<uint8_t> pin(const std::string& id, const std::string* prompt, const std::vector<ChatMessage>* msgs,
+                         const std::vector<int64_t>* tokens) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(3);
+    w.str("op"); w.str("pin");
+    w.str("id"); w.str(id);
+    if (prompt) { w.str("prompt"); w.str(*prompt); }
+    else if (msgs) {
+        w.str("messages");
+        w.array_header(msgs->size());
+        for (const ChatMessage& m : *msgs) {
+            w.map_header(2);
+            w.str("role"); w.str(m.role);
+            w.str("content"); w.str(m.content);
+        }
+    } else if (tokens) write_tokens(w, *tokens);
+    else { w.str("tokens"); w.array_header(0); }
+    return out;
+}
+
+std::vector<uint8_t> unpin(const std::string& id, const std::string& pin) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(3);
+    w.str("op"); w.str("unpin");
+    w.str("id"); w.str(id);
+    w.str("pin"); w.str(pin);
+    return out;
+}
+
+std::vector<uint8_t> embed(const std::string& id, const std::vector<std::string>& input, const std::string& pooling) {
+    std::vector<uint8_t> out;
+    msgpack::Writer w(&out);
+    w.map_header(3 + !pooling.empty());
+    w.str("op"); w.str("embed");
+    w.str("id"); w.str(id);
+    w.str("input");
+    w.array_header(input.size());
+    for (const std::string& s : input) w.str(s);
+    if (!pooling.empty()) { w.str("pooling"); w.str(pooling); }
     return out;
 }
 

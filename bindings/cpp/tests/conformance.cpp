@@ -4,6 +4,7 @@
 // Prints `PASS name` / `FAIL name: why` per scenario, `METRIC name k=v ...`, and `N passed, N failed`.
 // No exceptions: a scenario returns "" when it passed, else why it failed (CHECK returns early).
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -103,6 +104,12 @@ struct Tracker {
     std::vector<Value> stats;
     std::vector<double> pongs;
     std::map<std::string, std::vector<Value>> logprobs;
+    // the NPC-memory answers, by op id
+    std::map<std::string, SnapshotInfo> snapshots;
+    std::map<std::string, RestoreInfo> restores;
+    std::map<std::string, PinInfo> pins;
+    std::map<std::string, UnpinInfo> unpins;
+    std::map<std::string, EmbeddingsInfo> embeddings;
     std::vector<std::string>* order = nullptr;
     std::string bad;
     std::function<void(const std::string&, const DoneInfo&)> on_completed;
@@ -137,6 +144,22 @@ struct Tracker {
         c.on_logprobs = [this](const std::string& id, const Value& entries) {
             for (size_t i = 0; i < entries.size(); i++) logprobs[id].push_back(entries.at(i));
         };
+        c.on_snapshot = [this](const std::string& id, const SnapshotInfo& r) { reply(id, r.id); snapshots[id] = r; };
+        c.on_restored = [this](const std::string& id, const RestoreInfo& r) { reply(id, r.id); restores[id] = r; };
+        c.on_pinned = [this](const std::string& id, const PinInfo& r) { reply(id, r.id); pins[id] = r; };
+        c.on_unpinned = [this](const std::string& id, const UnpinInfo& r) { reply(id, r.id); unpins[id] = r; };
+        c.on_embeddings = [this](const std::string& id, const EmbeddingsInfo& r) { reply(id, r.id); embeddings[id] = r; };
+    }
+    void reply(const std::string& id, const std::string& reply_id) {
+        end(id);
+        if (reply_id != id) breach("the answer to " + id + " carries the id " + reply_id);
+    }
+    // "" when op `id` was answered (its answer is in `answers`), else why not
+    template <class T>
+    std::string answered(const std::string& id, const std::map<std::string, T>& answers) const {
+        if (failures.count(id)) return id + " failed: " + failure(id);
+        if (!answers.count(id)) return id + " got no answer of the expected kind";
+        return "";
     }
     void end(const std::string& id) {
         if (!end_at.count(id)) end_at[id] = Clock::now();
@@ -241,6 +264,8 @@ GenerateOptions OptionsFrom(const Value& v) {
         for (size_t i = 0; i < choice->size(); i++) list.push_back(choice->at(i).as_string());
         o.choice = list;
     }
+    o.cache_result = v.get_bool("cache_result");
+    o.pin_prefix = v.get_bool("pin_prefix");
     return o;
 }
 
@@ -268,6 +293,34 @@ std::vector<uint8_t> Build(const std::string& name, const Value& v, bool& built)
     if (op == "generate") return messages::generate(*v.get_string("id"), OptionsFrom(v));
     if (op == "cancel") return messages::cancel(*v.get_string("id"));
     if (op == "ping") return messages::ping(*v.find("t"));
+    if (op == "idle") return messages::idle(*v.get_double("ms"));
+    if (op == "snapshot" && !v.find("blob")) {
+        std::vector<int64_t> tokens;
+        if (const Value* ts = v.get_array("tokens"))
+            for (size_t i = 0; i < ts->size(); i++) tokens.push_back(ts->at(i).as_int());
+        const std::string* conv = v.get_string("conversation");
+        const std::string* enc = v.get_string("encoding");
+        return messages::snapshot(*v.get_string("id"), conv ? *conv : "", tokens, enc ? *enc : "");
+    }
+    if (op == "pin") {
+        std::vector<ChatMessage> msgs;
+        std::vector<int64_t> tokens;
+        if (const Value* ms = v.get_array("messages"))
+            for (size_t i = 0; i < ms->size(); i++)
+                msgs.push_back({*ms->at(i).get_string("role"), *ms->at(i).get_string("content")});
+        if (const Value* ts = v.get_array("tokens"))
+            for (size_t i = 0; i < ts->size(); i++) tokens.push_back(ts->at(i).as_int());
+        return messages::pin(*v.get_string("id"), v.get_string("prompt"), v.get_array("messages") ? &msgs : nullptr,
+                             v.get_array("tokens") ? &tokens : nullptr);
+    }
+    if (op == "unpin") return messages::unpin(*v.get_string("id"), *v.get_string("pin"));
+    if (op == "embed") {
+        std::vector<std::string> input;
+        const Value* in = v.get_array("input");
+        for (size_t i = 0; in && i < in->size(); i++) input.push_back(in->at(i).as_string());
+        const std::string* pooling = v.get_string("pooling");
+        return messages::embed(*v.get_string("id"), input, pooling ? *pooling : "");
+    }
     if (op == "frame")
         return messages::frame(*v.get_double("ms"), v.get_double("target_ms"), v.get_double("max_ms"),
                                v.get_int("frames"), v.get_int("over"));
@@ -285,6 +338,29 @@ std::string CheckServerMessage(const std::string& name, const Value& m) {
         EQUAL(*m.get_int("lease_ms"), static_cast<int64_t>(w.lease_ms), name + " lease_ms");
         EQUAL(*m.get_int("max_inflight"), static_cast<int64_t>(w.max_inflight), name + " max_inflight");
         EQUAL(*m.get_int("max_message_bytes"), w.max_message_bytes, name + " max_message_bytes");
+    } else if (op == "restored") {
+        RestoreInfo r = RestoreInfo::from_message(m);
+        EQUAL(*m.get_string("id"), r.id, name + " id");
+        EQUAL(*m.get_int("tokens"), r.tokens, name + " tokens");
+        EQUAL(*m.get_int("new_blocks"), r.new_blocks, name + " new_blocks");
+    } else if (op == "pinned") {
+        PinInfo r = PinInfo::from_message(m);
+        EQUAL(*m.get_string("pin"), r.pin, name + " pin");
+        EQUAL(*m.get_int("tokens"), r.tokens, name + " tokens");
+    } else if (op == "unpinned") {
+        UnpinInfo r = UnpinInfo::from_message(m);
+        EQUAL(*m.get_string("pin"), r.pin, name + " pin");
+        CHECK(*m.get_bool("found") == r.found, name + " found");
+    } else if (op == "embeddings") {
+        EmbeddingsInfo r = EmbeddingsInfo::from_message(m);
+        const Value* vs = m.get_array("vectors");
+        EQUAL(vs->size(), r.vectors.size(), name + " vectors");
+        for (size_t i = 0; i < vs->size(); i++) {
+            EQUAL(vs->at(i).size(), r.vectors[i].size(), name + " vector length");
+            for (size_t j = 0; j < vs->at(i).size(); j++)
+                CHECK(static_cast<float>(vs->at(i).at(j).as_double()) == r.vectors[i][j], name + " a vector value");
+        }
+        EQUAL(*m.get_int("prompt_tokens"), r.prompt_tokens, name + " prompt_tokens");
     } else if (op == "done") {
         DoneInfo d = DoneInfo::from_message(m);
         const Value* usage = m.get_map("usage");
@@ -489,12 +565,13 @@ std::string Vectors() {
         if (has_builder) {
             TRY(SameBytes(bytes, mine, name + ": the client's builder"));
             built++;
-        } else if (op && (*op == "hello" || *op == "generate" || *op == "cancel" || *op == "ping" || *op == "frame")) {
+        } else if (op && (*op == "hello" || *op == "generate" || *op == "cancel" || *op == "ping" || *op == "frame" ||
+                          *op == "idle" || *op == "pin" || *op == "unpin" || *op == "embed")) {
             return name + ": a client message vector with no builder check";
         }
         TRY(CheckServerMessage(name, expected));
     }
-    CHECK(built >= 8, "only " + std::to_string(built) + " client vectors were built");
+    CHECK(built >= 15, "only " + std::to_string(built) + " client vectors were built");
     TRY(CheckZmtp(zb, n_zmtp));
     TRY(CodecEdges());
     std::printf("METRIC vectors msgpack=%d built=%d zmtp=%d\n", n_msgpack, built, n_zmtp);
@@ -1059,6 +1136,264 @@ std::string ServerRestart(const Value& sc) {
     return "";
 }
 
+// ------------------------------------------------------------------------------ NPC memory, idle, structured
+std::string StatsValue(Client& c, Tracker& t, const char* key, int64_t& out) {
+    size_t n = t.stats.size();
+    c.stats();
+    TRY(PumpUntil(c, [&] { return t.stats.size() > n; }, 30, "the stats"));
+    auto v = t.stats.back().get_int(key);
+    CHECK(v.has_value(), std::string("stats carries no ") + key + ": " + json::serialize(t.stats.back()));
+    out = *v;
+    return "";
+}
+
+bool Contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
+std::string IdleWindow() {
+    Tracker t;
+    Client c;
+    TRY(NewClient(c, t));
+    int64_t before = 0, after = 0, steps = 0, steps_after = 0;
+    TRY(StatsValue(c, t, "window_reports", before));
+    for (int i = 0; i < 3; i++) c.report_idle(4.0);
+    c.report_idle(-1.0);
+    c.report_idle(std::nan(""));
+    TRY(StatsValue(c, t, "window_reports", after));
+    EQUAL(before + 3, after, "window_reports after 3 report_idle (and 2 invalid)");
+    TRY(StatsValue(c, t, "window_steps", steps));
+    std::string id = c.generate(Long("In the idle windows the engine", 8));
+    auto t0 = Clock::now();
+    while (!t.ended(id)) {
+        CHECK(Clock::now() - t0 < std::chrono::seconds(60), "timed out waiting for the generate inside idle windows");
+        sleep_ms(4);                  // the frame's work
+        c.poll(std::chrono::milliseconds(1));
+        c.report_idle(12.0);          // the rest of the 16 ms frame is the engine's
+        sleep_ms(12);
+    }
+    CHECK(t.done.count(id), "the generate inside idle windows did not complete: " + t.failure(id));
+    EQUAL(int64_t{8}, t.done[id].completion_tokens, "completion_tokens inside idle windows");
+    TRY(StatsValue(c, t, "window_steps", steps_after));
+    CHECK(steps_after > steps, "window_steps did not grow (" + std::to_string(steps) + " -> " +
+                                   std::to_string(steps_after) + "): the engine did not step in the windows");
+    TRY(NoBreach(t));
+    return "";
+}
+
+std::string StructuredOutput(const Value& sc) {
+    const Value* refs = sc.get_array("reference");
+    Tracker t;
+    Client c;
+    TRY(NewClient(c, t));
+    std::vector<std::string> ids;
+    for (size_t i = 0; i < refs->size(); i++) ids.push_back(c.generate(OptionsFrom(refs->at(i))));
+    GenerateOptions bs;
+    bs.prompt = "x";
+    bs.max_tokens = 4;
+    bs.json_schema = "{not json";
+    std::string bad_schema = c.generate(bs);
+    GenerateOptions two;
+    two.prompt = "x";
+    two.max_tokens = 4;
+    two.regex = "[0-9]";
+    two.choice = std::vector<std::string>{"a"};
+    std::string two_at_once = c.generate(two);
+    ids.push_back(bad_schema);
+    ids.push_back(two_at_once);
+    TRY(PumpUntil(c, [&] { for (auto& id : ids) if (!t.ended(id)) return false; return true; }, 120,
+                  "the structured requests"));
+    for (size_t i = 0; i < refs->size(); i++) {
+        const Value& r = refs->at(i);
+        std::string id = *r.get_string("id");
+        CHECK(t.done.count(id), id + " failed: " + t.failure(id));
+        const DoneInfo& d = t.done[id];
+        EQUAL(std::string("stop"), d.finish_reason, id + ": finish_reason");
+        EQUAL(d.text, t.text(id), id + ": the streamed text vs done.text");
+        EQUAL(*r.get_string("expected_text"), d.text, id + ": the text vs the Python client's");
+        if (r.get_string("json_schema")) {
+            Value obj;
+            std::string err;
+            CHECK(json::parse(d.text, obj, &err) && obj.is_map(), id + ": the text is not a JSON object: " + d.text);
+            const std::string* action = obj.get_string("action");
+            const std::string* mood = obj.get_string("mood");
+            CHECK(action && (*action == "open_gate" || *action == "wait"), id + ": action in " + d.text);
+            CHECK(mood && (*mood == "calm" || *mood == "angry"), id + ": mood in " + d.text);
+        } else if (const Value* choice = r.get_array("choice")) {
+            bool one = false;
+            for (size_t j = 0; j < choice->size(); j++) one = one || choice->at(j).as_string() == d.text;
+            CHECK(one, id + ": " + Q(d.text) + " is not one of the choices");
+        } else {
+            const std::string& x = d.text;
+            CHECK(x.size() == 5 && std::isdigit(static_cast<unsigned char>(x[0])) &&
+                      std::isdigit(static_cast<unsigned char>(x[1])) && x[2] == '-' &&
+                      std::isdigit(static_cast<unsigned char>(x[3])) && std::isdigit(static_cast<unsigned char>(x[4])),
+                  id + ": " + Q(x) + " does not match the regex");
+        }
+    }
+    CHECK(t.failures.count(bad_schema), "the malformed json_schema did not fail");
+    EQUAL(std::string("bad_request"), t.failures[bad_schema].first, "the malformed json_schema's code");
+    CHECK(Contains(t.failures[bad_schema].second, "json_schema"), "the message does not name json_schema: " + t.failure(bad_schema));
+    CHECK(t.failures.count(two_at_once), "regex with choice did not fail");
+    EQUAL(std::string("bad_request"), t.failures[two_at_once].first, "regex with choice: the code");
+    CHECK(Contains(t.failures[two_at_once].second, "regex") && Contains(t.failures[two_at_once].second, "choice"),
+          "the message does not name regex and choice: " + t.failure(two_at_once));
+    std::string ok = c.generate(Long("Still serving", 4));
+    TRY(PumpUntil(c, [&] { return t.ended(ok); }, 60, "a request after the errors"));
+    CHECK(t.done.count(ok), "the request after the errors did not complete");
+    TRY(NoBreach(t));
+    return "";
+}
+
+const char* kPinnedPrompt =
+    "The river spirits guard the old stone bridge of Eldmoor, and every traveller who "
+    "crosses it after dark leaves a copper coin on the parapet for them.";
+
+std::string PinUnpin(const Value& sc) {
+    std::vector<ChatMessage> lore;
+    const Value* l = sc.get_array("lore");
+    for (size_t i = 0; i < l->size(); i++) lore.push_back({*l->at(i).get_string("role"), *l->at(i).get_string("content")});
+    Tracker t;
+    Client c;
+    TRY(NewClient(c, t));
+    std::string p1 = c.pin(lore);
+    TRY(PumpUntil(c, [&] { return t.ended(p1); }, 60, "the pin"));
+    TRY(t.answered(p1, t.pins));
+    PinInfo pin = t.pins[p1];
+    CHECK(pin.pin.rfind("pin-", 0) == 0 && pin.tokens > 0, "pinned " + pin.pin + " of " + std::to_string(pin.tokens) + " tokens");
+    int64_t pins = -1, blocks = -1;
+    TRY(StatsValue(c, t, "pins", pins));
+    EQUAL(int64_t{1}, pins, "stats pins after pin");
+    TRY(StatsValue(c, t, "pinned_blocks", blocks));
+    CHECK(blocks > 0, "stats pinned_blocks is 0 after pin");
+    std::string p2 = c.pin(lore);
+    TRY(PumpUntil(c, [&] { return t.ended(p2); }, 60, "the second pin"));
+    TRY(t.answered(p2, t.pins));
+    EQUAL(pin.pin, t.pins[p2].pin, "the same lore's pin name");
+    std::string u1 = c.unpin(pin.pin), u2 = c.unpin(pin.pin);
+    TRY(PumpUntil(c, [&] { return t.ended(u1) && t.ended(u2); }, 60, "the unpins"));
+    TRY(t.answered(u1, t.unpins));
+    TRY(t.answered(u2, t.unpins));
+    CHECK(t.unpins[u1].found && t.unpins[u1].pin == pin.pin, "the first unpin did not find the pin");
+    CHECK(!t.unpins[u2].found, "the second unpin found the pin");
+    TRY(StatsValue(c, t, "pins", pins));
+    EQUAL(int64_t{0}, pins, "stats pins after unpin");
+    std::vector<int64_t> many;
+    for (int i = 0; i < ServerInt("max_seq_len") + 44; i++) many.push_back(1000 + i);
+    std::string big = c.pin_tokens(many);
+    std::string pp = c.pin_prompt(kPinnedPrompt);
+    TRY(PumpUntil(c, [&] { return t.ended(big) && t.ended(pp); }, 60, "pin_tokens and pin_prompt"));
+    CHECK(t.failures.count(big), "a pin longer than max_seq_len did not fail");
+    EQUAL(std::string("too_long"), t.failures[big].first, "the long pin's code");
+    TRY(t.answered(pp, t.pins));
+    const PinInfo& prompt = t.pins[pp];
+    CHECK(prompt.tokens > 0 && prompt.pin != pin.pin, "pin_prompt: " + prompt.pin + " of " + std::to_string(prompt.tokens) + " tokens");
+    std::string u3 = c.unpin(prompt.pin);
+    TRY(PumpUntil(c, [&] { return t.ended(u3); }, 60, "the prompt's unpin"));
+    TRY(t.answered(u3, t.unpins));
+    CHECK(t.unpins[u3].found, "the prompt's pin was not found");
+    TRY(StatsValue(c, t, "pins", pins));
+    EQUAL(int64_t{0}, pins, "stats pins at the end");
+    EQUAL(0, c.in_flight(), "in_flight after every op ended");
+    TRY(NoBreach(t));
+    return "";
+}
+
+std::string Embed(const Value& sc) {
+    const Value* er = sc.get_map("embed_reference");
+    const Value* in = er->get_array("input");
+    const Value* expected = er->get_array("expected_vectors");
+    std::vector<std::string> input;
+    for (size_t i = 0; i < in->size(); i++) input.push_back(in->at(i).as_string());
+    CHECK(input.size() == 3 && input[0] == input[2] && input[0] != input[1], "the scenario's input is not [a, b, a]");
+    Tracker t;
+    Client c;
+    TRY(NewClient(c, t));
+    std::string e1 = c.embed(input);
+    std::string e2 = c.embed({input[1]});
+    std::string bad = c.embed({""});
+    TRY(PumpUntil(c, [&] { return t.ended(e1) && t.ended(e2) && t.ended(bad); }, 60, "the embeddings"));
+    TRY(t.answered(e1, t.embeddings));
+    TRY(t.answered(e2, t.embeddings));
+    const EmbeddingsInfo& got = t.embeddings[e1];
+    EQUAL(size_t{3}, got.vectors.size(), "vectors for 3 inputs");
+    CHECK(got.prompt_tokens > 0, "prompt_tokens " + std::to_string(got.prompt_tokens));
+    for (size_t i = 0; i < 3; i++) {
+        EQUAL(expected->at(i).size(), got.vectors[i].size(), "the dimension of vector " + std::to_string(i));
+        double norm = 0;
+        for (size_t j = 0; j < got.vectors[i].size(); j++) {
+            double want = expected->at(i).at(j).as_double();
+            CHECK(std::fabs(want - got.vectors[i][j]) < 1e-6,
+                  "vector " + std::to_string(i) + "[" + std::to_string(j) + "] is " + F(got.vectors[i][j]) +
+                      ", the Python client got " + F(want));
+            norm += static_cast<double>(got.vectors[i][j]) * got.vectors[i][j];
+        }
+        CHECK(std::fabs(std::sqrt(norm) - 1) < 1e-5, "vector " + std::to_string(i) + " has norm " + F(std::sqrt(norm)));
+    }
+    CHECK(got.vectors[0] == got.vectors[2], "identical texts gave different vectors");
+    CHECK(got.vectors[0] != got.vectors[1], "different texts gave the same vector");
+    const EmbeddingsInfo& alone = t.embeddings[e2];
+    CHECK(alone.vectors.size() == 1 && alone.vectors[0] == got.vectors[1], "the second text alone gave another vector");
+    CHECK(t.failures.count(bad), "an empty input did not fail");
+    EQUAL(std::string("bad_request"), t.failures[bad].first, "the empty input's code");
+    CHECK(Contains(t.failures[bad].second, "input"), "the message does not name input: " + t.failure(bad));
+    TRY(NoBreach(t));
+    return "";
+}
+
+std::string SnapshotRestore(const Value& sc) {
+    const Value& r1 = sc.get_array("reference")->at(0);
+    const Value& r2 = sc.get_array("reference")->at(1);
+    Tracker t;
+    Client c;
+    ClientOptions o = Opts();
+    o.reconnect_min_ms = 100;
+    o.reconnect_max_ms = 1000;
+    TRY(NewClient(c, t, o));
+    GenerateOptions o1 = OptionsFrom(r1);
+    c.generate(o1);
+    TRY(PumpUntil(c, [&] { return t.ended(o1.id); }, 60, "the conversation"));
+    TRY(CompareWithReference(t, r1));
+    std::string s = c.snapshot(o1.id, "int8");
+    TRY(PumpUntil(c, [&] { return t.ended(s); }, 60, "the snapshot"));
+    TRY(t.answered(s, t.snapshots));
+    SnapshotInfo snap = t.snapshots[s];
+    const DoneInfo& d = t.done[o1.id];
+    CHECK(!snap.blob.empty(), "the snapshot blob is empty");
+    CHECK(snap.tokens > 0 && snap.tokens <= d.prompt_tokens + d.completion_tokens,
+          "the snapshot holds " + std::to_string(snap.tokens) + " tokens of a " +
+              std::to_string(d.prompt_tokens + d.completion_tokens) + "-token conversation");
+    std::printf("@@ restart-server\n");
+    std::fflush(stdout);
+    std::string reply;
+    std::getline(std::cin, reply);
+    while (!reply.empty() && (reply.back() == '\r' || reply.back() == ' ')) reply.pop_back();
+    CHECK(reply == "@@ restarted", "the harness did not restart the server: " + reply);
+    TRY(PumpUntil(c, [&] { return t.connection.size() >= 3 && c.is_connected(); }, 90, "the reconnect"));
+    EQUAL(std::string("True,False,True"), t.conn_str(), "on_connection_changed events");
+    std::vector<uint8_t> damaged = snap.blob;
+    damaged[damaged.size() / 2] ^= 0x01;
+    std::string bad = c.restore(damaged);
+    TRY(PumpUntil(c, [&] { return t.ended(bad); }, 60, "the damaged restore"));
+    CHECK(t.failures.count(bad), "a damaged blob was restored");
+    EQUAL(std::string("bad_request"), t.failures[bad].first, "the damaged blob's code");
+    CHECK(!t.failures[bad].second.empty(), "the damaged blob's error has no message");
+    std::string rs = c.restore(snap.blob);
+    TRY(PumpUntil(c, [&] { return t.ended(rs); }, 60, "the restore"));
+    TRY(t.answered(rs, t.restores));
+    const RestoreInfo& restored = t.restores[rs];
+    EQUAL(snap.tokens, restored.tokens, "the restored tokens");
+    CHECK(restored.new_blocks > 0, "the restore added no KV blocks to the fresh server");
+    GenerateOptions o2 = OptionsFrom(r2);
+    c.generate(o2);
+    TRY(PumpUntil(c, [&] { return t.ended(o2.id); }, 60, "the continuation"));
+    TRY(CompareWithReference(t, r2));
+    CHECK(t.done[o2.id].cached_tokens >= restored.tokens,
+          "the continuation reports " + std::to_string(t.done[o2.id].cached_tokens) + " cached tokens; " +
+              std::to_string(restored.tokens) + " were restored");
+    EQUAL(0, c.in_flight(), "in_flight after every op ended");
+    TRY(NoBreach(t));
+    return "";
+}
+
 double Pct(std::vector<double> xs, double p) {
     std::sort(xs.begin(), xs.end());
     int i = static_cast<int>(std::ceil(p / 100.0 * static_cast<double>(xs.size()))) - 1;
@@ -1199,6 +1534,11 @@ std::string Run(const std::string& name, const Value& sc) {
     if (name == "poll-budget") return PollBudget();
     if (name == "lease-stall") return LeaseStall();
     if (name == "session-dropped") return SessionDropped();
+    if (name == "idle-window") return IdleWindow();
+    if (name == "structured-output") return StructuredOutput(sc);
+    if (name == "pin-unpin") return PinUnpin(sc);
+    if (name == "embed") return Embed(sc);
+    if (name == "snapshot-restore") return SnapshotRestore(sc);
     if (name == "server-restart") return ServerRestart(sc);
     if (name == "poll-cost") return PollCost();
     if (name == "shutdown") return Shutdown();

@@ -9,11 +9,15 @@ const GllmClientScript := preload("res://addons/gllm/gllm_client.gd")
 const Conversation := preload("res://addons/gllm/gllm_npc_conversation.gd")
 const MsgPack := preload("res://addons/gllm/msgpack.gd")
 const Zmtp := preload("res://addons/gllm/zmtp.gd")
-const CLIENT_OPS: Array[String] = ["hello", "generate", "cancel", "ping", "frame"]
+const CLIENT_OPS: Array[String] = ["hello", "generate", "cancel", "ping", "frame", "idle", "pin", "unpin", "embed"]
 const LORE := (
 	"You are a character in Eldmoor, a cold river town ruled by Duke Aldric from the grey keep on the "
 	+ "hill. The old stone bridge is guarded by river spirits, the north road is closed since the dragon woke, "
 	+ "merchants trade furs and salt at the market, and the bards sing of the fallen king every night at the inn."
+)
+const PINNED_PROMPT := (
+	"The river spirits guard the old stone bridge of Eldmoor, and every traveller who "
+	+ "crosses it after dark leaves a copper coin on the parapet for them."
 )
 
 var _spec: Dictionary = {}
@@ -34,6 +38,7 @@ class Tracker:
 	var stats: Array = []
 	var pongs: Array = []
 	var logprobs := {}
+	var replies := {}  # id -> [op, values...]: the NPC-memory answers
 	var bad := ""
 	var on_completed := Callable()
 
@@ -46,6 +51,17 @@ class Tracker:
 		c.stats_received.connect(func(m: Dictionary) -> void: stats.append(m))
 		c.pong_received.connect(func(rtt: float) -> void: pongs.append(rtt))
 		c.logprobs_received.connect(_on_logprobs)
+		c.snapshot_received.connect(
+			func(id: String, n: int, blob: PackedByteArray) -> void: _reply(id, ["snapshot", n, blob])
+		)
+		c.restored.connect(func(id: String, n: int, blocks: int) -> void: _reply(id, ["restored", n, blocks]))
+		c.pinned.connect(func(id: String, pin: String, n: int) -> void: _reply(id, ["pinned", pin, n]))
+		c.unpinned.connect(func(id: String, pin: String, found: bool) -> void: _reply(id, ["unpinned", pin, found]))
+		c.embeddings_received.connect(func(id: String, v: Array, n: int) -> void: _reply(id, ["embeddings", v, n]))
+
+	func _reply(id: String, answer: Array) -> void:
+		_end(id)
+		replies[id] = answer
 
 	func _on_text(id: String, delta: String, full: String) -> void:
 		if ends.has(id):
@@ -173,6 +189,16 @@ func _run(name: String, sc: Dictionary) -> void:
 			_lease_stall()
 		"session-dropped":
 			_session_dropped()
+		"idle-window":
+			_idle_window()
+		"structured-output":
+			_structured_output(sc)
+		"pin-unpin":
+			_pin_unpin(sc)
+		"embed":
+			_embed(sc)
+		"snapshot-restore":
+			_snapshot_restore(sc)
 		"server-restart":
 			_server_restart(sc)
 		"poll-cost":
@@ -288,7 +314,7 @@ func all_ended(t: Tracker, ids: Array) -> bool:
 static func options_from(v: Dictionary) -> Dictionary:
 	var o := {}
 	for k: String in v:
-		if k != "expected_text" and k != "op":
+		if not (k in ["expected_text", "op", "continues", "suffix"]):
 			o[k] = v[k]
 	return o
 
@@ -342,7 +368,7 @@ func _vectors() -> void:
 		elif m.get("op") in CLIENT_OPS:
 			check(false, name + ": a client message vector with no builder check")
 		_check_server_message(name, m)
-	check(built >= 8, "only %d client vectors were built" % built)
+	check(built >= 15, "only %d client vectors were built" % built)
 	var n_zmtp := _check_zmtp(zmtp_bytes)
 	_codec_edges()
 	print("METRIC vectors msgpack=%d built=%d zmtp=%d" % [n_msgpack, built, n_zmtp])
@@ -360,6 +386,26 @@ func _build(name: String, v: Dictionary) -> Variant:
 			return built[0]
 		"cancel":
 			return GllmClientScript.build_cancel(v["id"])
+		"idle":
+			return GllmClientScript.build_idle(v["ms"])
+		"snapshot":
+			if v.has("blob"):
+				return null  # the server's reply
+			return _built(
+				name,
+				GllmClientScript.build_snapshot(
+					v["id"], v.get("conversation", ""), v.get("tokens", []), v.get("encoding", "")
+				)
+			)
+		"pin":
+			return _built(
+				name,
+				GllmClientScript.build_pin(v["id"], v.get("prompt", ""), v.get("messages", []), v.get("tokens", []))
+			)
+		"unpin":
+			return _built(name, GllmClientScript.build_unpin(v["id"], v["pin"]))
+		"embed":
+			return _built(name, GllmClientScript.build_embed(v["id"], v["input"], v.get("pooling", "")))
 		"ping":
 			return GllmClientScript.build_ping(v.get("t"))
 		"frame":
@@ -369,6 +415,11 @@ func _build(name: String, v: Dictionary) -> Variant:
 	return null
 
 
+func _built(name: String, built: Array) -> Variant:
+	check(built[1] == "", name + ": the builder refused it: " + str(built[1]))
+	return built[0]
+
+
 ## The typed views of server messages read the vectors' fields.
 func _check_server_message(name: String, m: Dictionary) -> void:
 	if m.get("op") == "welcome":
@@ -376,6 +427,12 @@ func _check_server_message(name: String, m: Dictionary) -> void:
 		equal(1, w["v"], name + " v")
 		for key: String in ["model", "max_seq_len", "lease_ms", "max_inflight", "max_message_bytes", "server"]:
 			equal(m[key], w[key], name + " " + key)
+	elif m.get("op") == "embeddings":
+		var vs := GllmClientScript.embedding_vectors(m)
+		equal(m["vectors"].size(), vs.size(), name + " vectors")
+		for i in vs.size():
+			check(vs[i] is PackedFloat32Array, name + " vector %d is not a PackedFloat32Array" % i)
+			equal(PackedFloat32Array(m["vectors"][i]), vs[i], name + " vector %d" % i)
 	elif m.get("op") == "done":
 		var d := GllmClientScript.done_info(m)
 		for key: String in ["id", "finish_reason", "text"]:
@@ -1212,6 +1269,257 @@ func _server_restart(sc: Dictionary) -> void:
 	compare_with_reference(t, r)
 	no_breach(t)
 	print("METRIC server-restart reconnects=%d" % c.reconnects)
+	c.close()
+
+
+# ------------------------------------------------------------------------------------ NPC memory, idle, structured
+func stats_value(c: GllmClientScript, t: Tracker, key: String) -> int:
+	var n := t.stats.size()
+	c.stats()
+	if not pump_until(c, func() -> bool: return t.stats.size() > n, 30, "the stats"):
+		return -1
+	var m: Dictionary = t.stats[-1]
+	check(m.get(key) is int, "stats carries no %s: %s" % [key, JsonTyped.dump(m)])
+	return m.get(key, -1)
+
+
+## The answer [op, ...] to an NPC-memory op, or [] (and a failed check) when it failed or has another op.
+func answer(t: Tracker, id: String, op: String) -> Array:
+	if not check(not t.failures.has(id), id + " failed: " + t.failure(id)):
+		return []
+	if not check(t.replies.has(id), id + " got no answer"):
+		return []
+	var a: Array = t.replies[id]
+	if not check(a[0] == op, "%s was answered with %s, not %s" % [id, a[0], op]):
+		return []
+	return a
+
+
+func _idle_window() -> void:
+	var t := Tracker.new()
+	var c := new_client(t)
+	var before := stats_value(c, t, "window_reports")
+	for i in 3:
+		c.report_idle(4.0)
+	c.report_idle(-1.0)
+	c.report_idle(NAN)
+	equal(before + 3, stats_value(c, t, "window_reports"), "window_reports after 3 report_idle (and 2 invalid)")
+	var steps := stats_value(c, t, "window_steps")
+	var id := c.generate(long_request("In the idle windows the engine", 8))
+	var start := Time.get_ticks_msec()
+	while not t.ended(id) and _fail.is_empty():
+		if Time.get_ticks_msec() - start > 60000:
+			check(false, "timed out waiting for the generate inside idle windows")
+			break
+		OS.delay_usec(4000)  # the frame's work
+		c.poll(1000)
+		c.report_idle(12.0)  # the rest of the 16 ms frame is the engine's
+		OS.delay_usec(12000)
+	if (
+		_fail.is_empty()
+		and check(t.done.has(id), "the generate inside idle windows did not complete: " + t.failure(id))
+	):
+		equal(8, t.done[id]["completion_tokens"], "completion_tokens inside idle windows")
+	var after := stats_value(c, t, "window_steps")
+	check(
+		after > steps, "window_steps did not grow (%d -> %d): the engine did not step in the windows" % [steps, after]
+	)
+	no_breach(t)
+	c.close()
+
+
+func _structured_output(sc: Dictionary) -> void:
+	var refs: Array = sc["reference"]
+	var t := Tracker.new()
+	var c := new_client(t)
+	var ids: Array = []
+	for r: Dictionary in refs:
+		ids.append(c.generate(options_from(r)))
+	var bad_schema := c.generate({"prompt": "x", "max_tokens": 4, "json_schema": "{not json"})
+	var two_at_once := c.generate({"prompt": "x", "max_tokens": 4, "regex": "[0-9]", "choice": ["a"]})
+	ids.append_array([bad_schema, two_at_once])
+	pump_until(c, func() -> bool: return all_ended(t, ids), 120, "the structured requests")
+	for r: Dictionary in refs:
+		var id: String = r["id"]
+		if not _fail.is_empty() or not check(t.done.has(id), id + " failed: " + t.failure(id)):
+			break
+		var d: Dictionary = t.done[id]
+		equal("stop", d["finish_reason"], id + ": finish_reason")
+		equal(d["text"], t.text(id), id + ": the streamed text vs done.text")
+		equal(r["expected_text"], d["text"], id + ": the text vs the Python client's")
+		var text: String = d["text"]
+		if r.has("json_schema"):
+			var obj: Variant = JSON.parse_string(text)
+			if check(obj is Dictionary, id + ": the text is not a JSON object: " + text):
+				check(obj.get("action") in ["open_gate", "wait"], id + ": action " + str(obj.get("action")))
+				check(obj.get("mood") in ["calm", "angry"], id + ": mood " + str(obj.get("mood")))
+		elif r.has("choice"):
+			check(text in r["choice"], id + ": %s is not one of the choices" % JSON.stringify(text))
+		else:
+			var re := RegEx.create_from_string("^[0-9]{2}-[0-9]{2}$")
+			check(re.search(text) != null, id + ": %s does not match the regex" % JSON.stringify(text))
+	if _fail.is_empty() and check(t.failures.has(bad_schema), "the malformed json_schema did not fail"):
+		equal("bad_request", t.failures[bad_schema][0], "the malformed json_schema's code")
+		check(
+			t.failures[bad_schema][1].contains("json_schema"),
+			"the message does not name json_schema: " + t.failure(bad_schema)
+		)
+	if _fail.is_empty() and check(t.failures.has(two_at_once), "regex with choice did not fail"):
+		equal("bad_request", t.failures[two_at_once][0], "regex with choice: the code")
+		var msg: String = t.failures[two_at_once][1]
+		check(msg.contains("regex") and msg.contains("choice"), "the message does not name regex and choice: " + msg)
+	var ok := c.generate(long_request("Still serving", 4))
+	pump_until(c, func() -> bool: return t.ended(ok), 60, "a request after the errors")
+	check(t.done.has(ok), "the request after the errors did not complete")
+	no_breach(t)
+	c.close()
+
+
+func _pin_unpin(sc: Dictionary) -> void:
+	var lore: Array = sc["lore"]
+	var t := Tracker.new()
+	var c := new_client(t)
+	var p1 := c.pin(lore)
+	pump_until(c, func() -> bool: return t.ended(p1), 60, "the pin")
+	var first := answer(t, p1, "pinned")
+	if first.is_empty():
+		return
+	var pin_name: String = first[1]
+	check(pin_name.begins_with("pin-") and first[2] > 0, "pinned %s of %d tokens" % [pin_name, first[2]])
+	equal(1, stats_value(c, t, "pins"), "stats pins after pin")
+	check(stats_value(c, t, "pinned_blocks") > 0, "stats pinned_blocks is 0 after pin")
+	var p2 := c.pin(lore)
+	pump_until(c, func() -> bool: return t.ended(p2), 60, "the second pin")
+	var second := answer(t, p2, "pinned")
+	if not second.is_empty():
+		equal(pin_name, second[1], "the same lore's pin name")
+	var u1 := c.unpin(pin_name)
+	var u2 := c.unpin(pin_name)
+	pump_until(c, func() -> bool: return t.ended(u1) and t.ended(u2), 60, "the unpins")
+	var a1 := answer(t, u1, "unpinned")
+	var a2 := answer(t, u2, "unpinned")
+	if not a1.is_empty() and not a2.is_empty():
+		check(a1[2] == true and a1[1] == pin_name, "the first unpin: found %s, pin %s" % [a1[2], a1[1]])
+		check(a2[2] == false, "the second unpin found the pin")
+	equal(0, stats_value(c, t, "pins"), "stats pins after unpin")
+	var many := PackedInt64Array()
+	for i in server_int("max_seq_len") + 44:
+		many.append(1000 + i)
+	var big := c.pin(many)
+	var pp := c.pin(PINNED_PROMPT)
+	pump_until(c, func() -> bool: return t.ended(big) and t.ended(pp), 60, "the token and prompt pins")
+	if _fail.is_empty() and check(t.failures.has(big), "a pin longer than max_seq_len did not fail"):
+		equal("too_long", t.failures[big][0], "the long pin's code")
+	var prompt := answer(t, pp, "pinned")
+	if not prompt.is_empty():
+		check(prompt[2] > 0 and prompt[1] != pin_name, "the prompt's pin: %s of %d tokens" % [prompt[1], prompt[2]])
+		var u3 := c.unpin(prompt[1])
+		pump_until(c, func() -> bool: return t.ended(u3), 60, "the prompt's unpin")
+		var a3 := answer(t, u3, "unpinned")
+		check(not a3.is_empty() and a3[2] == true, "the prompt's pin was not found")
+	equal(0, stats_value(c, t, "pins"), "stats pins at the end")
+	equal(0, c.in_flight(), "in_flight after every op ended")
+	no_breach(t)
+	c.close()
+
+
+func _embed(sc: Dictionary) -> void:
+	var er: Dictionary = sc["embed_reference"]
+	var input: Array = er["input"]
+	var expected: Array = er["expected_vectors"]
+	if not check(input.size() == 3 and input[0] == input[2] and input[0] != input[1], "the input is not [a, b, a]"):
+		return
+	var t := Tracker.new()
+	var c := new_client(t)
+	var e1 := c.embed(PackedStringArray(input))
+	var e2 := c.embed(input[1])
+	var bad := c.embed([""])
+	pump_until(c, func() -> bool: return t.ended(e1) and t.ended(e2) and t.ended(bad), 60, "the embeddings")
+	var got := answer(t, e1, "embeddings")
+	var alone := answer(t, e2, "embeddings")
+	if got.is_empty() or alone.is_empty():
+		return
+	var vs: Array = got[1]
+	if not equal(3, vs.size(), "vectors for 3 inputs"):
+		return
+	check(got[2] > 0, "prompt_tokens %d" % got[2])
+	for i in 3:
+		var v: PackedFloat32Array = vs[i]
+		if not equal(expected[i].size(), v.size(), "the dimension of vector %d" % i):
+			return
+		var norm := 0.0
+		for j in v.size():
+			var want := float(expected[i][j])
+			if not check(
+				absf(want - v[j]) < 1e-6, "vector %d[%d] is %s, the Python client got %s" % [i, j, v[j], want]
+			):
+				return
+			norm += v[j] * v[j]
+		check(absf(sqrt(norm) - 1.0) < 1e-5, "vector %d has norm %s" % [i, sqrt(norm)])
+	check(vs[0] == vs[2], "identical texts gave different vectors")
+	check(vs[0] != vs[1], "different texts gave the same vector")
+	check(alone[1].size() == 1 and alone[1][0] == vs[1], "the second text alone gave another vector")
+	if _fail.is_empty() and check(t.failures.has(bad), "an empty input did not fail"):
+		equal("bad_request", t.failures[bad][0], "the empty input's code")
+		check(t.failures[bad][1].contains("input"), "the message does not name input: " + t.failure(bad))
+	no_breach(t)
+	c.close()
+
+
+func _snapshot_restore(sc: Dictionary) -> void:
+	var r1: Dictionary = sc["reference"][0]
+	var r2: Dictionary = sc["reference"][1]
+	var t := Tracker.new()
+	var c := GllmClientScript.new()
+	c.client_name = "godot-conformance/0.1"
+	c.reconnect_min_ms = 100
+	c.reconnect_max_ms = 1000
+	t.attach(c)
+	c.connect_to_server(_host, _port)
+	pump_until(c, func() -> bool: return c.is_connected_to_server(), 30, "the welcome")
+	var conv := c.generate(options_from(r1))
+	pump_until(c, func() -> bool: return t.ended(conv), 60, "the conversation")
+	compare_with_reference(t, r1)
+	var s := c.snapshot(conv, "int8")
+	pump_until(c, func() -> bool: return t.ended(s), 60, "the snapshot")
+	var snap := answer(t, s, "snapshot")
+	if snap.is_empty():
+		return
+	var blob: PackedByteArray = snap[2]
+	var tokens: int = snap[1]
+	var d: Dictionary = t.done[conv]
+	check(not blob.is_empty(), "the snapshot blob is empty")
+	var total: int = d["prompt_tokens"] + d["completion_tokens"]
+	check(tokens > 0 and tokens <= total, "the snapshot holds %d tokens of a %d-token conversation" % [tokens, total])
+	print("@@ restart-server")
+	var reply := OS.read_string_from_stdin(1024).strip_edges()  # blocks the main thread meanwhile
+	check(reply == "@@ restarted", "the harness did not restart the server: " + reply)
+	pump_until(c, func() -> bool: return t.connection.size() >= 3 and c.is_connected_to_server(), 90, "the reconnect")
+	equal([true, false, true], t.connection, "connection_changed events")
+	var damaged := blob.duplicate()
+	damaged[damaged.size() / 2] ^= 0x01
+	var bad := c.restore(damaged)
+	pump_until(c, func() -> bool: return t.ended(bad), 60, "the damaged restore")
+	if _fail.is_empty() and check(t.failures.has(bad), "a damaged blob was restored"):
+		equal("bad_request", t.failures[bad][0], "the damaged blob's code")
+		check(not t.failures[bad][1].is_empty(), "the damaged blob's error has no message")
+	var rs := c.restore(blob)
+	pump_until(c, func() -> bool: return t.ended(rs), 60, "the restore")
+	var restored := answer(t, rs, "restored")
+	if restored.is_empty():
+		return
+	equal(tokens, restored[1], "the restored tokens")
+	check(restored[2] > 0, "the restore added no KV blocks to the fresh server")
+	var cont := c.generate(options_from(r2))
+	pump_until(c, func() -> bool: return t.ended(cont), 60, "the continuation")
+	compare_with_reference(t, r2)
+	if _fail.is_empty():
+		var cached: int = t.done[cont]["cached_tokens"]
+		check(
+			cached >= restored[1], "the continuation reports %d cached tokens; %d were restored" % [cached, restored[1]]
+		)
+	equal(0, c.in_flight(), "in_flight after every op ended")
+	no_breach(t)
 	c.close()
 
 

@@ -73,6 +73,12 @@ public:
     std::function<void(const Value& stats)> on_stats;
     std::function<void(double rtt_ms)> on_pong;
     std::function<void(const std::string& id, const Value& entries)> on_logprobs;
+    // the answers to the NPC-memory ops (each op ends with exactly one of these or on_failed)
+    std::function<void(const std::string& id, const SnapshotInfo& snapshot)> on_snapshot;
+    std::function<void(const std::string& id, const RestoreInfo& info)> on_restored;
+    std::function<void(const std::string& id, const PinInfo& info)> on_pinned;
+    std::function<void(const std::string& id, const UnpinInfo& info)> on_unpinned;
+    std::function<void(const std::string& id, const EmbeddingsInfo& info)> on_embeddings;
 
     Client();
     ~Client();
@@ -95,6 +101,32 @@ public:
     void report_frame(double ms, double target_ms);
     void stats();   // the answer comes as on_stats
     void ping();    // the round trip comes as on_pong (lease pings are automatic)
+    // The game will not need the device (the GPU or CPU it shares with the engine) for the next ms milliseconds:
+    // call it at the end of each frame's work, if the game knows its frame's phases; the engine then steps only
+    // inside such windows (PROTOCOL.md §5.1 idle). Not answered; dropped while not connected; negative/NaN: nothing.
+    void report_idle(double ms);
+
+    // NPC memory (PROTOCOL.md §5.3). Each op returns its id at once and ends exactly once, like a generate: with
+    // its answer callback (on_snapshot, on_restored, on_pinned, on_unpinned, on_embeddings) or on_failed (a server
+    // code such as bad_request, too_long, busy, or "disconnected"). Ops made while connecting wait for the
+    // welcome. Keep their ids (empty: the client picks one) distinct from generate ids in flight.
+    //
+    // The KV cache of a conversation (the id of one of this client's generates that has ended), as an opaque blob
+    // for the save game. encoding: "" (raw) or "int8" (about half the size). Over max_message_bytes: too_long.
+    std::string snapshot(const std::string& conversation, const std::string& encoding = "", const std::string& id = "");
+    std::string snapshot_tokens(const std::vector<int64_t>& tokens, const std::string& encoding = "",
+                                const std::string& id = "");
+    // Loads a snapshot blob back into the server's prefix cache: the next generate whose prompt starts with its
+    // tokens skips their prefill. Another model's blob, or one changed in any byte: bad_request.
+    std::string restore(const std::vector<uint8_t>& blob, const std::string& id = "");
+    // Keeps a prefix resident on the server (never evicted) until unpin: chat messages (rendered without a
+    // generation prompt: typically the shared lore), a raw prompt, or token ids.
+    std::string pin(const std::vector<ChatMessage>& messages, const std::string& id = "");
+    std::string pin_prompt(const std::string& prompt, const std::string& id = "");
+    std::string pin_tokens(const std::vector<int64_t>& tokens, const std::string& id = "");
+    std::string unpin(const std::string& pin, const std::string& id = "");
+    // One unit-length vector per text (1 to 256 non-empty texts), in order; pooling "" (mean) or "last".
+    std::string embed(const std::vector<std::string>& inputs, const std::string& pooling = "", const std::string& id = "");
     // Dispatches queued events on the calling thread until the budget is spent (at least one event when any is
     // waiting). Text of one request is merged into one event per poll. Returns how many events were dispatched.
     int poll(std::chrono::microseconds budget);
@@ -110,11 +142,11 @@ public:
     std::optional<WelcomeInfo> welcome() const;
     std::string last_error() const;
     int64_t reconnects() const { return reconnects_.load(); }
-    int in_flight() const { return live_.load(); }      // started, not ended as the I/O side sees it
+    int in_flight() const { return live_.load(); }      // requests and NPC-memory ops started, not ended (I/O side)
     size_t pending_requests() const { return open_.size(); }   // started, end not dispatched yet
 
 private:
-    enum class EvKind { Text, Completed, Failed, Connection, Error, Stats, Pong };
+    enum class EvKind { Text, Completed, Failed, Connection, Error, Stats, Pong, Reply };   // Reply: map, op in text
     struct Ev {
         EvKind kind = EvKind::Text;
         std::string id, text, code, message;
@@ -123,7 +155,7 @@ private:
         Value map, logprobs;
         double value = 0.0;
     };
-    enum class CmdKind { Generate, Cancel, Send };
+    enum class CmdKind { Request, Cancel, Send };   // Request: a generate or an NPC-memory op (one end each)
     struct Cmd {
         CmdKind kind = CmdKind::Send;
         std::string id;
@@ -139,6 +171,9 @@ private:
     using Clock = std::chrono::steady_clock;
 
     // game thread
+    // an NPC-memory op: built with its id, sent like a generate (invalid: why the arguments are refused, or null)
+    std::string start_op(const std::string& id, const std::function<std::vector<uint8_t>(const std::string&)>& build,
+                         const char* invalid);
     void enqueue(Cmd c);
     void push_local(Ev e);
     void stage(Ev e);

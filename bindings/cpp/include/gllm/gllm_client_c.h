@@ -76,6 +76,14 @@ typedef struct gllm_callbacks {
     void (*on_failed)(void* user, const char* id, const char* code, const char* message);
     void (*on_connection_changed)(void* user, int connected);
     void (*on_stats)(void* user, const char* stats_json);
+    /* The answers to the NPC-memory ops (each op ends with exactly one of these or on_failed). */
+    void (*on_snapshot)(void* user, const char* id, int64_t tokens, const uint8_t* blob, size_t blob_len);
+    void (*on_restored)(void* user, const char* id, int64_t tokens, int64_t new_blocks);
+    void (*on_pinned)(void* user, const char* id, const char* pin, int64_t tokens);
+    void (*on_unpinned)(void* user, const char* id, const char* pin, int found);
+    /* n_vectors unit-length vectors of dim floats each, row after row, in the order of the inputs. */
+    void (*on_embeddings)(void* user, const char* id, const float* vectors, size_t n_vectors, size_t dim,
+                          int64_t prompt_tokens);
 } gllm_callbacks;
 
 GLLM_C_API const char* gllm_version(void);
@@ -93,6 +101,26 @@ GLLM_C_API void gllm_client_cancel(gllm_client* c, const char* id);
  * the longest frame, the frame count and the count over 1.1 x target_ms since the previous report. */
 GLLM_C_API void gllm_client_report_frame(gllm_client* c, double ms, double target_ms);
 GLLM_C_API void gllm_client_stats(gllm_client* c);
+/* The device is the engine's for the next ms milliseconds (the game's frame work is done): not answered. */
+GLLM_C_API void gllm_client_report_idle(gllm_client* c, double ms);
+/* NPC memory (PROTOCOL.md §5.3). Each returns like gllm_client_generate (the op's id in id_out; id NULL: the
+ * client picks one) and the op ends with exactly one answer callback or on_failed. encoding / pooling: NULL for
+ * the server's default ("raw" / "mean"). */
+GLLM_C_API int gllm_client_snapshot(gllm_client* c, const char* conversation, const char* encoding, const char* id,
+                                    char* id_out, size_t id_cap);
+GLLM_C_API int gllm_client_snapshot_tokens(gllm_client* c, const int64_t* tokens, size_t n_tokens,
+                                           const char* encoding, const char* id, char* id_out, size_t id_cap);
+GLLM_C_API int gllm_client_restore(gllm_client* c, const uint8_t* blob, size_t blob_len, const char* id,
+                                   char* id_out, size_t id_cap);
+GLLM_C_API int gllm_client_pin(gllm_client* c, const gllm_chat_message* messages, size_t n_messages, const char* id,
+                               char* id_out, size_t id_cap);
+GLLM_C_API int gllm_client_pin_prompt(gllm_client* c, const char* prompt, const char* id, char* id_out,
+                                      size_t id_cap);
+GLLM_C_API int gllm_client_pin_tokens(gllm_client* c, const int64_t* tokens, size_t n_tokens, const char* id,
+                                      char* id_out, size_t id_cap);
+GLLM_C_API int gllm_client_unpin(gllm_client* c, const char* pin, const char* id, char* id_out, size_t id_cap);
+GLLM_C_API int gllm_client_embed(gllm_client* c, const char* const* texts, size_t n_texts, const char* pooling,
+                                 const char* id, char* id_out, size_t id_cap);
 GLLM_C_API int gllm_client_poll(gllm_client* c, int64_t budget_us);   /* events dispatched */
 GLLM_C_API int gllm_client_is_connected(const gllm_client* c);
 GLLM_C_API int gllm_client_in_flight(const gllm_client* c);

@@ -77,6 +77,41 @@ struct WelcomeInfo {
     static WelcomeInfo from_message(const Value& m);
 };
 
+// The answers to the NPC-memory ops (PROTOCOL.md §5.3).
+// snapshot: an opaque blob for the save game holding the KV of `tokens` tokens (give it to restore).
+struct SnapshotInfo {
+    std::string id;
+    int64_t tokens = 0;
+    std::vector<uint8_t> blob;
+    bool has_blob = false;       // false when the reply carried no bin blob (the client then fails the op)
+    static SnapshotInfo from_message(const Value& m);
+};
+// restored: `tokens` tokens of KV are in the server's prefix cache; `new_blocks` KV blocks were not cached before.
+struct RestoreInfo {
+    std::string id;
+    int64_t tokens = 0, new_blocks = 0;
+    static RestoreInfo from_message(const Value& m);
+};
+// pinned: the pin's name (for unpin; the same prefix always gets the same name) and its resident tokens.
+struct PinInfo {
+    std::string id, pin;
+    int64_t tokens = 0;
+    static PinInfo from_message(const Value& m);
+};
+// unpinned: whether the server had the pin.
+struct UnpinInfo {
+    std::string id, pin;
+    bool found = false;
+    static UnpinInfo from_message(const Value& m);
+};
+// embeddings: one unit-length vector per input, in order, and the tokens they cost.
+struct EmbeddingsInfo {
+    std::string id;
+    std::vector<std::vector<float>> vectors;
+    int64_t prompt_tokens = 0;
+    static EmbeddingsInfo from_message(const Value& m);
+};
+
 // Builders of the client's messages (msgpack bytes, canonical key order).
 namespace messages {
 std::vector<uint8_t> hello(const std::string& client, const std::string* token = nullptr, int v = kProtocolVersion);
@@ -88,6 +123,16 @@ std::vector<uint8_t> ping(const Value& t);   // t is echoed back (nil for keepal
 std::vector<uint8_t> frame(double ms, std::optional<double> target_ms, std::optional<double> max_ms = std::nullopt,
                            std::optional<int64_t> frames = std::nullopt, std::optional<int64_t> over = std::nullopt);
 std::vector<uint8_t> stats_request();
+std::vector<uint8_t> idle(double ms);   // an idle window: the device is the engine's for the next ms milliseconds
+// NPC memory (§5.3). snapshot: exactly one of a conversation (non-empty) and tokens; an empty encoding is left out.
+std::vector<uint8_t> snapshot(const std::string& id, const std::string& conversation, const std::vector<int64_t>& tokens,
+                              const std::string& encoding);
+std::vector<uint8_t> restore(const std::string& id, const std::vector<uint8_t>& blob);
+// pin: exactly one of prompt, messages, tokens (null pointers: not given).
+std::vector<uint8_t> pin(const std::string& id, const std::string* prompt, const std::vector<ChatMessage>* messages,
+                         const std::vector<int64_t>* tokens);
+std::vector<uint8_t> unpin(const std::string& id, const std::string& pin);
+std::vector<uint8_t> embed(const std::string& id, const std::vector<std::string>& input, const std::string& pooling);
 }  // namespace messages
 
 }  // namespace gllm

@@ -33,10 +33,23 @@ signal stats_received(stats: Dictionary)
 signal pong_received(rtt_ms: float)
 ## Per-token log-probabilities of a request that asked for them (each entry: token, logprob, top).
 signal logprobs_received(id: String, entries: Array)
+## The answer to [method snapshot]: the opaque blob for the save game, holding the KV
+## of [param tokens] tokens.
+signal snapshot_received(id: String, tokens: int, blob: PackedByteArray)
+## The answer to [method restore]: [param tokens] tokens of KV are in the server's prefix cache again
+## ([param new_blocks] KV blocks of them were not cached before).
+signal restored(id: String, tokens: int, new_blocks: int)
+## The answer to [method pin]: the pin's name (for [method unpin];
+## the same prefix always gets the same name) and how many tokens stay resident.
+signal pinned(id: String, pin_name: String, tokens: int)
+## The answer to [method unpin]: whether the server had the pin.
+signal unpinned(id: String, pin_name: String, found: bool)
+## The answer to [method embed]: one unit-length [PackedFloat32Array] per input, in order.
+signal embeddings_received(id: String, vectors: Array, prompt_tokens: int)
 
 enum State { IDLE, CONNECTING, CONNECTED, RECONNECTING, CLOSED }
 ## The kinds of queued events (internal).
-enum EventKind { TEXT, COMPLETED, FAILED, CONNECTION, ERROR, STATS, PONG }
+enum EventKind { TEXT, COMPLETED, FAILED, CONNECTION, ERROR, STATS, PONG, REPLY }
 
 const PROTOCOL_VERSION := 1
 const DISCONNECTED := "disconnected"
@@ -157,7 +170,8 @@ func is_connected_to_server() -> bool:
 	return _state == State.CONNECTED
 
 
-## Requests started with [method generate] that have not ended on the wire (sent or waiting for the session).
+## Requests started with [method generate] (and NPC-memory ops) that have not ended on the wire (sent or waiting
+## for the session).
 func in_flight() -> int:
 	return _inflight.size() + _waiting.size()
 
@@ -201,7 +215,12 @@ func generate(options: Dictionary) -> String:
 	if built[1] != "":
 		_emit(EventKind.FAILED, id, "bad_request", built[1])
 		return id
-	var payload: PackedByteArray = built[0]
+	_start(id, built[0])
+	return id
+
+
+## Sends a request (a generate or an NPC-memory op), or queues it for the welcome, or fails it at once.
+func _start(id: String, payload: PackedByteArray) -> void:
 	if _state == State.CONNECTED:
 		_send_generate(id, payload)
 	elif _attempt_under_way():
@@ -213,7 +232,6 @@ func generate(options: Dictionary) -> String:
 		elif last_error != "":
 			why += " (" + last_error + ")"
 		_emit(EventKind.FAILED, id, DISCONNECTED, why)
-	return id
 
 
 ## Asks the server to end a request; it then ends with [signal completed] (finish_reason "cancelled", or whatever
@@ -280,6 +298,96 @@ func stats() -> void:
 func ping() -> void:
 	if _state == State.CONNECTED:
 		_send_message(build_ping(Time.get_ticks_usec()))
+
+
+## The game will not need the device (the GPU or CPU it shares with the engine) for the next [param ms]
+## milliseconds: call it at the end of each frame's work, if the game knows its frame's phases; the engine then
+## steps only inside such windows (PROTOCOL.md §5.1 idle). Not answered; dropped while not connected; a negative
+## or NaN [param ms] sends nothing.
+func report_idle(ms: float) -> void:
+	if _state == State.CONNECTED and not is_nan(ms) and ms >= 0.0:
+		_send_message(build_idle(minf(ms, 1e9)))
+
+
+# NPC memory (PROTOCOL.md §5.3). Each op returns its id at once and ends exactly once, like a generate: with its
+# answer signal (snapshot_received, restored, pinned, unpinned, embeddings_received) or with [signal failed]
+# (a server code such as bad_request, too_long, busy, or "disconnected"). Made while connecting, they wait for
+# the welcome. Keep their ids ("": the client picks one) distinct from generate ids in flight.
+
+
+## Exports the KV cache of a conversation for the save game: [param source] is the id (a String) of one of this
+## client's generates that has ended, or token ids (an Array or packed array of ints). The blob comes as
+## [signal snapshot_received]. [param encoding]: "" (raw) or "int8" (about half the size). A snapshot over the
+## server's max_message_bytes fails with too_long.
+func snapshot(source: Variant, encoding: String = "", id: String = "") -> String:
+	var rid := _op_id(id)
+	if source is String or source is StringName:
+		return _op(rid, build_snapshot(rid, str(source), [], encoding))
+	if _is_array(source):
+		return _op(rid, build_snapshot(rid, "", Array(source), encoding))
+	return _op(rid, [PackedByteArray(), "snapshot takes a conversation id (String) or token ids (an Array of ints)"])
+
+
+## Loads a snapshot blob back into the server's prefix cache (answered by [signal restored]): the next generate
+## whose prompt starts with its tokens skips their prefill. A blob of another model, or changed in any byte,
+## fails with bad_request; one larger than the free KV, with too_long.
+func restore(blob: PackedByteArray, id: String = "") -> String:
+	var rid := _op_id(id)
+	return _op(rid, build_restore(rid, blob))
+
+
+## Keeps a prefix resident on the server, never evicted, until [method unpin]; answered by [signal pinned].
+## [param what] is chat messages (an Array of {role, content}: rendered without a generation prompt; typically
+## the shared system prompt and lore), a raw prompt (a String; BOS added, as in a generate), or token ids (an
+## Array or packed array of ints).
+func pin(what: Variant, id: String = "") -> String:
+	var rid := _op_id(id)
+	if what is String or what is StringName:
+		return _op(rid, build_pin(rid, str(what), [], []))
+	if _is_array(what):
+		var items := Array(what)
+		if not items.is_empty() and items[0] is Dictionary:
+			return _op(rid, build_pin(rid, "", items, []))
+		return _op(rid, build_pin(rid, "", [], items))
+	return _op(rid, [PackedByteArray(), "pin takes messages (an Array of Dictionaries), a prompt or token ids"])
+
+
+## Lets a pin's blocks be evicted again; answered by [signal unpinned] (whether the server had it).
+func unpin(pin_name: String, id: String = "") -> String:
+	var rid := _op_id(id)
+	return _op(rid, build_unpin(rid, pin_name))
+
+
+## Embeddings of 1 to 256 non-empty texts (an Array or PackedStringArray of Strings, or one String), for lore
+## retrieval; answered by
+## [signal embeddings_received] with one unit-length vector per text, in order. [param pooling]: "" (mean over
+## the tokens) or "last".
+func embed(inputs: Variant, pooling: String = "", id: String = "") -> String:
+	var rid := _op_id(id)
+	if inputs is String:
+		inputs = [inputs]
+	if not _is_array(inputs):
+		return _op(rid, [PackedByteArray(), "embed takes an Array of Strings"])
+	return _op(rid, build_embed(rid, Array(inputs), pooling))
+
+
+static func _is_array(v: Variant) -> bool:
+	return v is Array or v is PackedInt32Array or v is PackedInt64Array or v is PackedStringArray
+
+
+func _op_id(id: String) -> String:
+	if id.is_empty():
+		_next_id += 1
+		return "m%d" % _next_id
+	return id
+
+
+func _op(id: String, built: Array) -> String:
+	if built[1] != "":
+		_emit(EventKind.FAILED, id, "bad_request", built[1])
+	else:
+		_start(id, built[0])
+	return id
 
 
 ## Once per frame: [method receive], then emits queued events until [param budget_usec] is spent (at least one
@@ -472,6 +580,88 @@ static func build_stats() -> PackedByteArray:
 	return MsgPack.encode({"op": "stats"})
 
 
+## An idle window (vector idle).
+static func build_idle(ms: float) -> PackedByteArray:
+	return MsgPack.encode({"op": "idle", "ms": float(ms)})
+
+
+## A snapshot of a conversation ("" for none) or of token ids (vector snapshot-request): [code][bytes, error][/code].
+static func build_snapshot(id: String, conversation: String, tokens: Array, encoding: String) -> Array:
+	if conversation.is_empty() == tokens.is_empty():
+		return [PackedByteArray(), "give exactly one of a conversation and tokens"]
+	var m := {"op": "snapshot", "id": id}
+	if not conversation.is_empty():
+		m["conversation"] = conversation
+	else:
+		var why := _tokens_problem(tokens)
+		if why != "":
+			return [PackedByteArray(), why]
+		m["tokens"] = tokens
+	if not encoding.is_empty():
+		m["encoding"] = encoding
+	return _encoded(m)
+
+
+## A restore of a snapshot blob (bin): [code][bytes, error][/code].
+static func build_restore(id: String, blob: PackedByteArray) -> Array:
+	if blob.is_empty():
+		return [PackedByteArray(), "the blob is empty"]
+	return _encoded({"op": "restore", "id": id, "blob": blob})
+
+
+## A pin of exactly one of a prompt ("" for none), messages, token ids (vector pin): [code][bytes, error][/code].
+static func build_pin(id: String, prompt: String, messages: Array, tokens: Array) -> Array:
+	var given := int(not prompt.is_empty()) + int(not messages.is_empty()) + int(not tokens.is_empty())
+	if given != 1:
+		return [PackedByteArray(), "give exactly one of a prompt, messages and tokens"]
+	var m := {"op": "pin", "id": id}
+	if not prompt.is_empty():
+		m["prompt"] = prompt
+	elif not messages.is_empty():
+		m["messages"] = _messages(messages)
+	else:
+		var why := _tokens_problem(tokens)
+		if why != "":
+			return [PackedByteArray(), why]
+		m["tokens"] = tokens
+	return _encoded(m)
+
+
+## An unpin (vector unpin): [code][bytes, error][/code].
+static func build_unpin(id: String, pin_name: String) -> Array:
+	if pin_name.is_empty():
+		return [PackedByteArray(), "the pin name is empty"]
+	return _encoded({"op": "unpin", "id": id, "pin": pin_name})
+
+
+## An embed of texts (vector embed): [code][bytes, error][/code]. [param pooling] "" is left out (mean).
+static func build_embed(id: String, inputs: Array, pooling: String) -> Array:
+	if inputs.is_empty():
+		return [PackedByteArray(), "give 1 to 256 texts to embed"]
+	for text: Variant in inputs:
+		if not (text is String or text is StringName):
+			return [PackedByteArray(), "embed inputs must be Strings, not %s" % type_string(typeof(text))]
+	var m := {"op": "embed", "id": id, "input": inputs.map(func(x: Variant) -> String: return str(x))}
+	if not pooling.is_empty():
+		m["pooling"] = pooling
+	return _encoded(m)
+
+
+static func _tokens_problem(tokens: Array) -> String:
+	for t: Variant in tokens:
+		if typeof(t) != TYPE_INT:
+			return "token ids must be ints, not %s" % type_string(typeof(t))
+	return ""
+
+
+static func _encoded(m: Dictionary) -> Array:
+	if _s(m.get("id")).is_empty() or _s(m.get("id")).to_utf8_buffer().size() > 128:
+		return [PackedByteArray(), "the request id must be 1 to 128 bytes"]
+	var out := PackedByteArray()
+	var err := MsgPack.write(out, m)
+	return [out, err]
+
+
 ## A frame report (vector frame): [param ms] the (smoothed) frame time, [param max_ms] the longest frame,
 ## [param frames] the frames and [param over] those over 1.1 x target since the previous report. target_ms <= 0
 ## and negative max_ms, frames, over are left out.
@@ -610,6 +800,32 @@ func _dispatch(ev: Array) -> void:
 			stats_received.emit(ev[2])
 		EventKind.PONG:
 			pong_received.emit(ev[2])
+		EventKind.REPLY:
+			_dispatch_reply(id, ev[2], ev[3])
+
+
+func _dispatch_reply(id: String, op: String, m: Dictionary) -> void:
+	match op:
+		"snapshot":
+			snapshot_received.emit(id, _i(m.get("tokens")), m["blob"])
+		"restored":
+			restored.emit(id, _i(m.get("tokens")), _i(m.get("new_blocks")))
+		"pinned":
+			pinned.emit(id, _s(m.get("pin")), _i(m.get("tokens")))
+		"unpinned":
+			unpinned.emit(id, _s(m.get("pin")), m.get("found") == true)
+		"embeddings":
+			embeddings_received.emit(id, embedding_vectors(m), _i(m.get("prompt_tokens")))
+
+
+## The vectors of an embeddings message, each a [PackedFloat32Array].
+static func embedding_vectors(m: Dictionary) -> Array:
+	var out := []
+	var vectors: Variant = m.get("vectors")
+	if vectors is Array:
+		for v: Variant in vectors:
+			out.append(PackedFloat32Array(v) if v is Array else PackedFloat32Array())
+	return out
 
 
 func _open_connection() -> void:
@@ -744,6 +960,15 @@ func _on_message(m: Dictionary) -> void:
 				_emit(EventKind.PONG, "", (Time.get_ticks_usec() - t) / 1000.0)
 		"stats":
 			_emit(EventKind.STATS, "", m)
+		"snapshot", "restored", "pinned", "unpinned", "embeddings":
+			var id: Variant = m.get("id")
+			if not (id is String) or not _inflight.has(id):
+				return
+			_inflight.erase(id)
+			if m.get("op") == "snapshot" and not (m.get("blob") is PackedByteArray):
+				_emit(EventKind.FAILED, id, "bad_request", "the snapshot reply carries no bin blob")
+				return
+			_emit(EventKind.REPLY, id, m.get("op"), m)
 		# unknown ops: ignored (§4.3)
 
 

@@ -4,6 +4,7 @@
 ## shortest header, every float as float64, dictionaries in their insertion order (string keys only).
 ## [method decode] accepts every encoding of §3 and returns [code][value, error][/code]: [code]error[/code] is
 ## [code]""[/code] on success. GDScript integers are signed 64-bit: a uint64 above 2^63-1 decodes to a float.
+## bin (the snapshot blob of §5.3) is a [PackedByteArray] both ways.
 class_name GllmMsgPack
 extends RefCounted
 
@@ -11,7 +12,7 @@ const MAX_DEPTH := 64
 
 
 ## The msgpack bytes of a value: null, bool, int, float, String/StringName, Array (or a packed array),
-## Dictionary with String keys. Returns an empty array and pushes an error for anything else.
+## Dictionary with String keys, PackedByteArray (bin). Returns an empty array and pushes an error for anything else.
 static func encode(value: Variant) -> PackedByteArray:
 	var out := PackedByteArray()
 	var err := write(out, value)
@@ -46,6 +47,8 @@ static func write(out: PackedByteArray, value: Variant, depth: int = 0) -> Strin
 				var err := write(out, d[key], depth + 1)
 				if err != "":
 					return err
+		TYPE_PACKED_BYTE_ARRAY:
+			write_bin(out, value)
 		TYPE_ARRAY, TYPE_PACKED_STRING_ARRAY, TYPE_PACKED_INT64_ARRAY, TYPE_PACKED_FLOAT64_ARRAY:
 			var items: Array = Array(value)
 			write_array_header(out, items.size())
@@ -112,6 +115,21 @@ static func write_string(out: PackedByteArray, s: String) -> void:
 		_be(out, n, 2)
 	else:
 		out.append(0xdb)
+		_be(out, n, 4)
+	out.append_array(b)
+
+
+## bin 8/16/32: the header in the shortest form, then the bytes.
+static func write_bin(out: PackedByteArray, b: PackedByteArray) -> void:
+	var n := b.size()
+	if n <= 0xff:
+		out.append(0xc4)
+		_be(out, n, 1)
+	elif n <= 0xffff:
+		out.append(0xc5)
+		_be(out, n, 2)
+	else:
+		out.append(0xc6)
 		_be(out, n, 4)
 	out.append_array(b)
 
@@ -208,6 +226,13 @@ class Reader:
 		pos += n
 		return s
 
+	func _bin(n: int) -> Variant:
+		if n < 0 or not _need(n):
+			return null
+		var b := data.slice(pos, pos + n)
+		pos += n
+		return b
+
 	func _float(n: int) -> Variant:
 		if not _need(n):
 			return null
@@ -282,6 +307,12 @@ class Reader:
 			0xd0, 0xd1, 0xd2, 0xd3:
 				var n: int = 1 << (b - 0xd0)
 				return _sint(n) if _need(n) else null
+			0xc4:
+				return _bin(_count(1))
+			0xc5:
+				return _bin(_count(2))
+			0xc6:
+				return _bin(_count(4))
 			0xca:
 				return _float(4)
 			0xcb:

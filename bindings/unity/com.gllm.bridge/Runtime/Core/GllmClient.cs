@@ -77,9 +77,19 @@ namespace Gllm
         public event Action<double> PongReceived;
         /// <summary>(id, entries): per-token log-probabilities, for requests that asked for them.</summary>
         public event Action<string, List<object>> LogprobsReceived;
+        /// <summary>(id, snapshot): the answer to Snapshot/SnapshotTokens: the blob for the save game.</summary>
+        public event Action<string, SnapshotInfo> SnapshotReceived;
+        /// <summary>(id, info): the answer to Restore: the blob's KV is in the server's prefix cache.</summary>
+        public event Action<string, RestoreInfo> Restored;
+        /// <summary>(id, info): the answer to Pin/PinPrompt/PinTokens: the pin's name and its resident tokens.</summary>
+        public event Action<string, PinInfo> Pinned;
+        /// <summary>(id, info): the answer to Unpin: whether the server had the pin.</summary>
+        public event Action<string, UnpinInfo> Unpinned;
+        /// <summary>(id, info): the answer to Embed: one unit-length vector per input, in order.</summary>
+        public event Action<string, EmbeddingsInfo> EmbeddingsReceived;
 
         // ---------------------------------------------------------------------------------- shared state
-        enum EvKind { Text, Completed, Failed, Connection, Error, Stats, Pong }
+        enum EvKind { Text, Completed, Failed, Connection, Error, Stats, Pong, Reply }
 
         sealed class Ev
         {
@@ -90,9 +100,10 @@ namespace Gllm
             public MsgMap Map;
             public double Value;
             public List<object> Logprobs;
+            public object Reply;              // an NPC-memory op's answer: SnapshotInfo, RestoreInfo, PinInfo, ...
         }
 
-        enum CmdKind { Generate, Cancel, Send }
+        enum CmdKind { Request, Cancel, Send }   // Request: a generate or an NPC-memory op (one end each)
 
         sealed class Cmd
         {
@@ -157,8 +168,9 @@ namespace Gllm
         public string LastError { get { return _lastError; } }
         /// <summary>How many times a connection attempt was started after the first.</summary>
         public long Reconnects { get { return Interlocked.Read(ref _reconnects); } }
-        /// <summary>Requests started with Generate that have not ended as the I/O thread sees it (sent or waiting
-        /// for the session, no done/error yet). When it is 0, every end is queued for Poll.</summary>
+        /// <summary>Requests started with Generate (and NPC-memory ops: Snapshot, Restore, Pin, Unpin, Embed) that
+        /// have not ended as the I/O thread sees it (sent or waiting for the session, no reply yet). When it is 0,
+        /// every end is queued for Poll.</summary>
         public int InFlight { get { return Volatile.Read(ref _live); } }
         /// <summary>Requests started with Generate whose Completed/Failed has not been dispatched yet.</summary>
         public int PendingRequests { get { return _open.Count; } }
@@ -199,7 +211,7 @@ namespace Gllm
             string id = options.Id ?? ("g" + (++_nextId).ToString(System.Globalization.CultureInfo.InvariantCulture));
             if (!_open.ContainsKey(id)) _open[id] = new StringBuilder();
             Interlocked.Increment(ref _live);
-            Enqueue(new Cmd { Kind = CmdKind.Generate, Id = id, Payload = Messages.Generate(id, options) });
+            Enqueue(new Cmd { Kind = CmdKind.Request, Id = id, Payload = Messages.Generate(id, options) });
             return id;
         }
 
@@ -273,6 +285,99 @@ namespace Gllm
             RequireStarted();
             long t = Now();
             Enqueue(new Cmd { Kind = CmdKind.Send, Payload = Messages.Ping(t) });
+        }
+
+        /// <summary>The game will not need the device (the GPU or CPU it shares with the engine) for the next ms
+        /// milliseconds: call it at the end of each frame's work, if the game knows its frame's phases; the engine
+        /// then steps only inside such windows (PROTOCOL.md §5.1 idle). Not answered; dropped while not connected
+        /// (like ReportFrame); a negative or NaN ms sends nothing.</summary>
+        public void ReportIdle(double ms)
+        {
+            if (_thread == null || double.IsNaN(ms) || ms < 0) return;
+            Enqueue(new Cmd { Kind = CmdKind.Send, Payload = Messages.Idle(Math.Min(ms, MaxFrameMs)) });
+        }
+
+        // ---------------------------------------------------------------------------------- NPC memory (§5.3)
+        // Each op returns its id at once and ends exactly once, like a generate: with its answer event
+        // (SnapshotReceived, Restored, Pinned, Unpinned, EmbeddingsReceived) or with Failed(id, code, message):
+        // a server code (bad_request, too_long, busy) or "disconnected". Ops made while not connected wait for the
+        // session, as generates do. Keep their ids distinct from generate ids in flight (null: the client picks).
+
+        /// <summary>Exports the KV cache of a conversation (the id of one of this client's generates that has
+        /// ended) for the save game; the blob comes as SnapshotReceived. encoding: null ("raw") or "int8" (about
+        /// half the size). A snapshot over the server's max_message_bytes fails with too_long.</summary>
+        public string Snapshot(string conversation, string encoding = null, string id = null)
+        {
+            if (string.IsNullOrEmpty(conversation)) throw new ArgumentException("conversation");
+            return StartOp(id, opId => Messages.Snapshot(opId, conversation, null, encoding));
+        }
+
+        /// <summary>Exports the KV cache of token ids (1 to 2^20 of them), as Snapshot does.</summary>
+        public string SnapshotTokens(IList<int> tokens, string encoding = null, string id = null)
+        {
+            if (tokens == null || tokens.Count == 0) throw new ArgumentException("tokens");
+            var copy = new List<int>(tokens);
+            return StartOp(id, opId => Messages.Snapshot(opId, null, copy, encoding));
+        }
+
+        /// <summary>Loads a snapshot blob back into the server's prefix cache (answered by Restored): the next
+        /// generate whose prompt starts with its tokens skips their prefill. A blob of another model, or changed in
+        /// any byte, fails with bad_request; one larger than the free KV, with too_long.</summary>
+        public string Restore(byte[] blob, string id = null)
+        {
+            if (blob == null || blob.Length == 0) throw new ArgumentException("blob");
+            var copy = (byte[])blob.Clone();
+            return StartOp(id, opId => Messages.Restore(opId, copy));
+        }
+
+        /// <summary>Keeps the KV of chat messages (rendered without a generation prompt: typically the shared
+        /// system prompt and lore) resident on the server, never evicted, until Unpin; answered by Pinned.</summary>
+        public string Pin(IList<ChatMessage> messages, string id = null)
+        {
+            if (messages == null || messages.Count == 0) throw new ArgumentException("messages");
+            var copy = new List<ChatMessage>(messages);
+            return StartOp(id, opId => Messages.Pin(opId, null, copy, null));
+        }
+
+        /// <summary>Pin of a raw prompt (BOS added, as in a generate).</summary>
+        public string PinPrompt(string prompt, string id = null)
+        {
+            if (string.IsNullOrEmpty(prompt)) throw new ArgumentException("prompt");
+            return StartOp(id, opId => Messages.Pin(opId, prompt, null, null));
+        }
+
+        /// <summary>Pin of token ids.</summary>
+        public string PinTokens(IList<int> tokens, string id = null)
+        {
+            if (tokens == null || tokens.Count == 0) throw new ArgumentException("tokens");
+            var copy = new List<int>(tokens);
+            return StartOp(id, opId => Messages.Pin(opId, null, null, copy));
+        }
+
+        /// <summary>Lets a pin's blocks be evicted again; answered by Unpinned (Found: whether the server had it).</summary>
+        public string Unpin(string pin, string id = null)
+        {
+            if (string.IsNullOrEmpty(pin)) throw new ArgumentException("pin");
+            return StartOp(id, opId => Messages.Unpin(opId, pin));
+        }
+
+        /// <summary>Embeddings of 1 to 256 non-empty texts, for lore retrieval; answered by EmbeddingsReceived with
+        /// one unit-length vector per text, in order. pooling: null ("mean" over the tokens) or "last".</summary>
+        public string Embed(IList<string> inputs, string pooling = null, string id = null)
+        {
+            if (inputs == null || inputs.Count == 0) throw new ArgumentException("inputs");
+            var copy = new List<string>(inputs);
+            return StartOp(id, opId => Messages.Embed(opId, copy, pooling));
+        }
+
+        string StartOp(string id, Func<string, byte[]> build)
+        {
+            RequireStarted();
+            string opId = id ?? ("m" + (++_nextId).ToString(System.Globalization.CultureInfo.InvariantCulture));
+            byte[] payload = build(opId);
+            Interlocked.Increment(ref _live);
+            Enqueue(new Cmd { Kind = CmdKind.Request, Id = opId, Payload = payload });
+            return opId;
         }
 
         /// <summary>Dispatches queued events on the calling thread until budgetMs is spent (at least one event when
@@ -406,7 +511,19 @@ namespace Gllm
                     if (h != null) h(e.Value);
                     return;
                 }
+                case EvKind.Reply:
+                    DispatchReply(e.Id, e.Reply);
+                    return;
             }
+        }
+
+        void DispatchReply(string id, object reply)
+        {
+            if (reply is SnapshotInfo) { var h = SnapshotReceived; if (h != null) h(id, (SnapshotInfo)reply); }
+            else if (reply is RestoreInfo) { var h = Restored; if (h != null) h(id, (RestoreInfo)reply); }
+            else if (reply is PinInfo) { var h = Pinned; if (h != null) h(id, (PinInfo)reply); }
+            else if (reply is UnpinInfo) { var h = Unpinned; if (h != null) h(id, (UnpinInfo)reply); }
+            else if (reply is EmbeddingsInfo) { var h = EmbeddingsReceived; if (h != null) h(id, (EmbeddingsInfo)reply); }
         }
 
         // ---------------------------------------------------------------------------------- I/O thread
@@ -743,6 +860,32 @@ namespace Gllm
                 case "stats":
                     Emit(new Ev { Kind = EvKind.Stats, Map = m });
                     return;
+                case "snapshot":
+                case "restored":
+                case "pinned":
+                case "unpinned":
+                case "embeddings":
+                {
+                    string id = m.GetString("id");
+                    if (id == null || !_inflight.Remove(id)) return;
+                    object reply;
+                    if (op == "snapshot")
+                    {
+                        var snap = SnapshotInfo.FromMessage(m);
+                        if (snap.Blob == null)
+                        {
+                            EmitEnd(new Ev { Kind = EvKind.Failed, Id = id, Code = "bad_request", Message = "the snapshot reply carries no bin blob" });
+                            return;
+                        }
+                        reply = snap;
+                    }
+                    else if (op == "restored") reply = RestoreInfo.FromMessage(m);
+                    else if (op == "pinned") reply = PinInfo.FromMessage(m);
+                    else if (op == "unpinned") reply = UnpinInfo.FromMessage(m);
+                    else reply = EmbeddingsInfo.FromMessage(m);
+                    EmitEnd(new Ev { Kind = EvKind.Reply, Id = id, Reply = reply });
+                    return;
+                }
             }
             // unknown ops: ignored (§4.3)
         }
@@ -755,7 +898,7 @@ namespace Gllm
                 bool ready = _state == (int)ConnectionState.Connected;
                 switch (cmd.Kind)
                 {
-                    case CmdKind.Generate:
+                    case CmdKind.Request:
                         if (ready) SendGenerate(c, cmd);
                         else _waiting.Add(cmd);
                         break;
@@ -775,7 +918,7 @@ namespace Gllm
             Cmd cmd;
             while (_commands.TryDequeue(out cmd))
             {
-                if (cmd.Kind == CmdKind.Generate) _waiting.Add(cmd);
+                if (cmd.Kind == CmdKind.Request) _waiting.Add(cmd);
                 else if (cmd.Kind == CmdKind.Cancel) CancelWaiting(cmd.Id);
             }
         }
@@ -785,7 +928,7 @@ namespace Gllm
             Cmd cmd;
             while (_commands.TryDequeue(out cmd))
             {
-                if (cmd.Kind != CmdKind.Generate) continue;
+                if (cmd.Kind != CmdKind.Request) continue;
                 string why = _stop ? "the client was closed" : "not connected to the gllm server at " + _host + ":" + _port
                              + (_lastError != null ? " (" + _lastError + ")" : "");
                 EmitEnd(new Ev { Kind = EvKind.Failed, Id = cmd.Id, Code = DisconnectedCode, Message = why });

@@ -172,6 +172,79 @@ namespace Gllm
         }
     }
 
+    /// <summary>The reply to Snapshot/SnapshotTokens (§5.3): an opaque blob for the save game, holding the KV of
+    /// Tokens tokens (whole KV blocks of the conversation). Give Blob to Restore to load it back.</summary>
+    public sealed class SnapshotInfo
+    {
+        public string Id;
+        public long Tokens;
+        public byte[] Blob;
+
+        public static SnapshotInfo FromMessage(MsgMap m)
+        {
+            return new SnapshotInfo { Id = m.GetString("id"), Tokens = m.GetLong("tokens") ?? 0, Blob = m["blob"] as byte[] };
+        }
+    }
+
+    /// <summary>The reply to Restore (§5.3): Tokens tokens of KV are in the server's prefix cache (the next generate
+    /// whose prompt starts with them skips their prefill), NewBlocks of them were not cached before.</summary>
+    public sealed class RestoreInfo
+    {
+        public string Id;
+        public long Tokens, NewBlocks;
+
+        public static RestoreInfo FromMessage(MsgMap m)
+        {
+            return new RestoreInfo { Id = m.GetString("id"), Tokens = m.GetLong("tokens") ?? 0, NewBlocks = m.GetLong("new_blocks") ?? 0 };
+        }
+    }
+
+    /// <summary>The reply to Pin/PinPrompt/PinTokens (§5.3): the pin's name (give it to Unpin; the same prefix always
+    /// gets the same name) and how many tokens stay resident (whole KV blocks).</summary>
+    public sealed class PinInfo
+    {
+        public string Id, Pin;
+        public long Tokens;
+
+        public static PinInfo FromMessage(MsgMap m)
+        {
+            return new PinInfo { Id = m.GetString("id"), Pin = m.GetString("pin") ?? "", Tokens = m.GetLong("tokens") ?? 0 };
+        }
+    }
+
+    /// <summary>The reply to Unpin (§5.3): whether the server had the pin.</summary>
+    public sealed class UnpinInfo
+    {
+        public string Id, Pin;
+        public bool Found;
+
+        public static UnpinInfo FromMessage(MsgMap m)
+        {
+            return new UnpinInfo { Id = m.GetString("id"), Pin = m.GetString("pin") ?? "", Found = m.GetBool("found") ?? false };
+        }
+    }
+
+    /// <summary>The reply to Embed (§5.3): one unit-length vector per input, in order, and the tokens they cost.</summary>
+    public sealed class EmbeddingsInfo
+    {
+        public string Id;
+        public float[][] Vectors;
+        public long PromptTokens;
+
+        public static EmbeddingsInfo FromMessage(MsgMap m)
+        {
+            var list = m.GetList("vectors") ?? new List<object>();
+            var vectors = new float[list.Count][];
+            for (int i = 0; i < list.Count; i++)
+            {
+                var v = list[i] as List<object> ?? new List<object>();
+                vectors[i] = new float[v.Count];
+                for (int j = 0; j < v.Count; j++) vectors[i][j] = (float)(MsgValue.AsDouble(v[j]) ?? double.NaN);
+            }
+            return new EmbeddingsInfo { Id = m.GetString("id"), Vectors = vectors, PromptTokens = m.GetLong("prompt_tokens") ?? 0 };
+        }
+    }
+
     /// <summary>Builders of the client's messages (msgpack bytes, canonical key order).</summary>
     public static class Messages
     {
@@ -329,6 +402,89 @@ namespace Gllm
             w.WriteMapHeader(1);
             w.Write("op"); w.Write("stats");
             return w.ToArray();
+        }
+
+        /// <summary>An idle window: the game will not need the device for the next ms milliseconds.</summary>
+        public static byte[] Idle(double ms)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(24));
+            w.WriteMapHeader(2);
+            w.Write("op"); w.Write("idle");
+            w.Write("ms"); w.Write(ms);
+            return w.ToArray();
+        }
+
+        /// <summary>A snapshot of a finished conversation (a generate's id) or of token ids: exactly one of them.
+        /// encoding: null (the server's "raw") or "int8".</summary>
+        public static byte[] Snapshot(string id, string conversation, IList<int> tokens, string encoding)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(64 + (tokens != null ? 5 * tokens.Count : 0)));
+            w.WriteMapHeader(3 + (encoding != null ? 1 : 0));
+            w.Write("op"); w.Write("snapshot");
+            w.Write("id"); w.Write(id);
+            if (conversation != null) { w.Write("conversation"); w.Write(conversation); }
+            else WriteTokens(w, tokens);
+            if (encoding != null) { w.Write("encoding"); w.Write(encoding); }
+            return w.ToArray();
+        }
+
+        public static byte[] Restore(string id, byte[] blob)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(48 + blob.Length));
+            w.WriteMapHeader(3);
+            w.Write("op"); w.Write("restore");
+            w.Write("id"); w.Write(id);
+            w.Write("blob"); w.WriteBin(blob, 0, blob.Length);
+            return w.ToArray();
+        }
+
+        /// <summary>A pin of exactly one of: a raw prompt, chat messages, token ids.</summary>
+        public static byte[] Pin(string id, string prompt, IList<ChatMessage> messages, IList<int> tokens)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(256));
+            w.WriteMapHeader(3);
+            w.Write("op"); w.Write("pin");
+            w.Write("id"); w.Write(id);
+            if (prompt != null) { w.Write("prompt"); w.Write(prompt); }
+            else if (messages != null)
+            {
+                w.Write("messages");
+                w.WriteArrayHeader(messages.Count);
+                for (int i = 0; i < messages.Count; i++) messages[i].WriteTo(w);
+            }
+            else WriteTokens(w, tokens);
+            return w.ToArray();
+        }
+
+        public static byte[] Unpin(string id, string pin)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(64));
+            w.WriteMapHeader(3);
+            w.Write("op"); w.Write("unpin");
+            w.Write("id"); w.Write(id);
+            w.Write("pin"); w.Write(pin);
+            return w.ToArray();
+        }
+
+        /// <summary>Embeddings of 1-256 non-empty texts; pooling: null (the server's "mean") or "last".</summary>
+        public static byte[] Embed(string id, IList<string> input, string pooling)
+        {
+            var w = new MsgPackWriter(new ByteBuffer(128));
+            w.WriteMapHeader(3 + (pooling != null ? 1 : 0));
+            w.Write("op"); w.Write("embed");
+            w.Write("id"); w.Write(id);
+            w.Write("input");
+            w.WriteArrayHeader(input.Count);
+            for (int i = 0; i < input.Count; i++) w.Write(input[i]);
+            if (pooling != null) { w.Write("pooling"); w.Write(pooling); }
+            return w.ToArray();
+        }
+
+        static void WriteTokens(MsgPackWriter w, IList<int> tokens)
+        {
+            w.Write("tokens");
+            w.WriteArrayHeader(tokens.Count);
+            for (int i = 0; i < tokens.Count; i++) w.Write((long)tokens[i]);
         }
     }
 }

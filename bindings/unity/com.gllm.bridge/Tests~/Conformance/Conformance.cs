@@ -32,6 +32,7 @@ namespace Gllm.Conformance
         public readonly List<string[]> Errors = new List<string[]>();
         public readonly List<MsgMap> Stats = new List<MsgMap>();
         public readonly List<double> Pongs = new List<double>();
+        public readonly Dictionary<string, object> Replies = new Dictionary<string, object>();   // NPC-memory answers
         public string Bad;
         public Action<string, DoneInfo> OnCompleted;
 
@@ -62,6 +63,28 @@ namespace Gllm.Conformance
             c.ErrorReceived += (id, code, message) => Errors.Add(new[] { id, code, message });
             c.StatsReceived += m => Stats.Add(m);
             c.PongReceived += rtt => Pongs.Add(rtt);
+            c.SnapshotReceived += (id, r) => Reply(id, r, r.Id);
+            c.Restored += (id, r) => Reply(id, r, r.Id);
+            c.Pinned += (id, r) => Reply(id, r, r.Id);
+            c.Unpinned += (id, r) => Reply(id, r, r.Id);
+            c.EmbeddingsReceived += (id, r) => Reply(id, r, r.Id);
+        }
+
+        void Reply(string id, object reply, string replyId)
+        {
+            End(id);
+            Replies[id] = reply;
+            if (replyId != id) Breach("the answer to " + id + " carries the id " + replyId);
+        }
+
+        public T Answer<T>(string id) where T : class
+        {
+            if (Failures.ContainsKey(id)) throw new CheckFailed(id + " failed: " + string.Join(": ", Failures[id]));
+            object r;
+            if (!Replies.TryGetValue(id, out r)) throw new CheckFailed(id + " got no answer");
+            var typed = r as T;
+            if (typed == null) throw new CheckFailed(id + " was answered with a " + r.GetType().Name + ", not a " + typeof(T).Name);
+            return typed;
         }
 
         void End(string id)
@@ -154,6 +177,11 @@ namespace Gllm.Conformance
                 case "poll-budget": PollBudget(); return;
                 case "lease-stall": LeaseStall(); return;
                 case "session-dropped": SessionDropped(); return;
+                case "idle-window": IdleWindow(); return;
+                case "structured-output": StructuredOutput(sc); return;
+                case "pin-unpin": PinUnpin(sc); return;
+                case "embed": EmbedScenario(sc); return;
+                case "snapshot-restore": SnapshotRestore(sc); return;
                 case "server-restart": ServerRestart(sc); return;
                 case "poll-cost": PollCost(); return;
                 case "shutdown": Shutdown(); return;
@@ -266,6 +294,8 @@ namespace Gllm.Conformance
             o.Grammar = v.GetString("grammar");
             var choice = v.GetList("choice");
             if (choice != null) o.Choice = choice.Cast<string>().ToList();
+            o.CacheResult = v.GetBool("cache_result");
+            o.PinPrefix = v.GetBool("pin_prefix");
             return o;
         }
 
@@ -277,7 +307,7 @@ namespace Gllm.Conformance
         static int ServerInt(string key) { return (int)_server.GetLong(key).Value; }
 
         // ------------------------------------------------------------------------------ vectors
-        static readonly string[] ClientOps = { "hello", "generate", "cancel", "ping", "frame" };
+        static readonly string[] ClientOps = { "hello", "generate", "cancel", "ping", "frame", "idle", "pin", "unpin", "embed" };
 
         static void Vectors()
         {
@@ -309,7 +339,7 @@ namespace Gllm.Conformance
                     throw new CheckFailed(name + ": a client message vector with no builder check");
                 CheckServerMessage(name, m);
             }
-            Check(built >= 8, "only " + built + " client vectors were built");
+            Check(built >= 15, "only " + built + " client vectors were built");
             PacingFieldsEncoding();
             zmtp = CheckZmtp(zmtpBytes);
             CodecEdges();
@@ -350,6 +380,25 @@ namespace Gllm.Conformance
                 case "generate": return Messages.Generate(v.GetString("id"), OptionsFrom(v));
                 case "cancel": return Messages.Cancel(v.GetString("id"));
                 case "ping": return Messages.Ping(v["t"]);
+                case "idle": return Messages.Idle(v.GetDouble("ms").Value);
+                case "snapshot":
+                {
+                    if (v.ContainsKey("blob")) return null;   // the server's reply
+                    var tokens = v.GetList("tokens");
+                    return Messages.Snapshot(v.GetString("id"), v.GetString("conversation"),
+                                             tokens == null ? null : tokens.Select(x => (int)MsgValue.AsLong(x).Value).ToList(),
+                                             v.GetString("encoding"));
+                }
+                case "pin":
+                {
+                    var msgs = v.GetList("messages");
+                    var tokens = v.GetList("tokens");
+                    return Messages.Pin(v.GetString("id"), v.GetString("prompt"),
+                                        msgs == null ? null : msgs.Cast<MsgMap>().Select(x => new ChatMessage(x.GetString("role"), x.GetString("content"))).ToList(),
+                                        tokens == null ? null : tokens.Select(x => (int)MsgValue.AsLong(x).Value).ToList());
+                }
+                case "unpin": return Messages.Unpin(v.GetString("id"), v.GetString("pin"));
+                case "embed": return Messages.Embed(v.GetString("id"), v.GetList("input").Cast<string>().ToList(), v.GetString("pooling"));
                 case "frame":
                 {
                     var bytes = Messages.Frame(v.GetDouble("ms").Value, v.GetDouble("target_ms"), v.GetDouble("max_ms"),
@@ -383,6 +432,40 @@ namespace Gllm.Conformance
                 Equal((int)m.GetLong("lease_ms").Value, w.LeaseMs, name + " lease_ms");
                 Equal((int)m.GetLong("max_inflight").Value, w.MaxInflight, name + " max_inflight");
                 Equal(m.GetLong("max_message_bytes").Value, w.MaxMessageBytes, name + " max_message_bytes");
+            }
+            else if (op == "restored")
+            {
+                var r = RestoreInfo.FromMessage(m);
+                Equal(m.GetString("id"), r.Id, name + " id");
+                Equal(m.GetLong("tokens").Value, r.Tokens, name + " tokens");
+                Equal(m.GetLong("new_blocks").Value, r.NewBlocks, name + " new_blocks");
+            }
+            else if (op == "pinned")
+            {
+                var r = PinInfo.FromMessage(m);
+                Equal(m.GetString("id"), r.Id, name + " id");
+                Equal(m.GetString("pin"), r.Pin, name + " pin");
+                Equal(m.GetLong("tokens").Value, r.Tokens, name + " tokens");
+            }
+            else if (op == "unpinned")
+            {
+                var r = UnpinInfo.FromMessage(m);
+                Equal(m.GetString("pin"), r.Pin, name + " pin");
+                Equal(m.GetBool("found").Value, r.Found, name + " found");
+            }
+            else if (op == "embeddings")
+            {
+                var r = EmbeddingsInfo.FromMessage(m);
+                var vs = m.GetList("vectors");
+                Equal(vs.Count, r.Vectors.Length, name + " vectors");
+                for (int i = 0; i < vs.Count; i++)
+                {
+                    var row = (List<object>)vs[i];
+                    Equal(row.Count, r.Vectors[i].Length, name + " vector " + i + " length");
+                    for (int j = 0; j < row.Count; j++)
+                        Equal((float)MsgValue.AsDouble(row[j]).Value, r.Vectors[i][j], name + " vector " + i + "[" + j + "]");
+                }
+                Equal(m.GetLong("prompt_tokens").Value, r.PromptTokens, name + " prompt_tokens");
             }
             else if (op == "done")
             {
@@ -1122,6 +1205,220 @@ namespace Gllm.Conformance
                 CompareWithReference(t, r);
                 NoBreach(t);
                 Console.WriteLine("METRIC server-restart reconnects=" + c.Reconnects);
+            }
+        }
+
+        // ------------------------------------------------------------------------------ NPC memory, idle, structured
+        static long StatsValue(GllmClient c, Tracker t, string key)
+        {
+            int n = t.Stats.Count;
+            c.Stats();
+            PumpUntil(c, () => t.Stats.Count > n, 30, "the stats");
+            long? v = t.Stats[t.Stats.Count - 1].GetLong(key);
+            Check(v.HasValue, "stats carries no " + key + ": " + Json.Serialize(t.Stats[t.Stats.Count - 1]));
+            return v.Value;
+        }
+
+        static void IdleWindow()
+        {
+            var t = new Tracker();
+            using (var c = NewClient(t))
+            {
+                long before = StatsValue(c, t, "window_reports");
+                for (int i = 0; i < 3; i++) c.ReportIdle(4.0);
+                c.ReportIdle(-1.0);
+                c.ReportIdle(double.NaN);
+                Equal(before + 3, StatsValue(c, t, "window_reports"), "window_reports after 3 ReportIdle (and 2 invalid)");
+                long steps = StatsValue(c, t, "window_steps");
+                string id = c.Generate(Long("In the idle windows the engine", 8));
+                var sw = Stopwatch.StartNew();
+                while (!t.Ended(id))
+                {
+                    if (sw.Elapsed.TotalSeconds > 60) throw new CheckFailed("timed out waiting for the generate inside idle windows");
+                    Thread.Sleep(4);              // the frame's work
+                    c.Poll(1);
+                    c.ReportIdle(12.0);           // the rest of the 16 ms frame is the engine's
+                    Thread.Sleep(12);
+                }
+                Check(t.Done.ContainsKey(id), "the generate inside idle windows did not complete: " + (t.Failures.ContainsKey(id) ? string.Join(": ", t.Failures[id]) : ""));
+                Equal(8L, t.Done[id].CompletionTokens, "completion_tokens inside idle windows");
+                long after = StatsValue(c, t, "window_steps");
+                Check(after > steps, "window_steps did not grow (" + steps + " -> " + after + "): the engine did not step in the windows");
+                NoBreach(t);
+            }
+        }
+
+        static void StructuredOutput(MsgMap sc)
+        {
+            var refs = sc.GetList("reference").Cast<MsgMap>().ToList();
+            var t = new Tracker();
+            using (var c = NewClient(t))
+            {
+                foreach (var r in refs) c.Generate(OptionsFrom(r));
+                string badSchema = c.Generate(new GenerateOptions { Prompt = "x", MaxTokens = 4, JsonSchema = "{not json" });
+                string twoAtOnce = c.Generate(new GenerateOptions { Prompt = "x", MaxTokens = 4, Regex = "[0-9]", Choice = new List<string> { "a" } });
+                PumpUntil(c, () => refs.All(r => t.Ended(r.GetString("id"))) && t.Ended(badSchema) && t.Ended(twoAtOnce), 120, "the structured requests");
+                foreach (var r in refs)
+                {
+                    string id = r.GetString("id");
+                    Check(t.Done.ContainsKey(id), id + " failed: " + (t.Failures.ContainsKey(id) ? string.Join(": ", t.Failures[id]) : ""));
+                    var d = t.Done[id];
+                    Equal("stop", d.FinishReason, id + ": finish_reason");
+                    Equal(d.Text, t.Text(id), id + ": the streamed text vs done.text");
+                    Equal(r.GetString("expected_text"), d.Text, id + ": the text vs the Python client's");
+                    if (r.GetString("json_schema") != null)
+                    {
+                        var obj = Json.Parse(d.Text) as MsgMap;
+                        Check(obj != null, id + ": the text is not a JSON object: " + d.Text);
+                        Check(new[] { "open_gate", "wait" }.Contains(obj.GetString("action")), id + ": action " + Json.Serialize(obj["action"]));
+                        Check(new[] { "calm", "angry" }.Contains(obj.GetString("mood")), id + ": mood " + Json.Serialize(obj["mood"]));
+                    }
+                    else if (r.GetList("choice") != null)
+                        Check(r.GetList("choice").Cast<string>().Contains(d.Text), id + ": " + Json.Serialize(d.Text) + " is not one of the choices");
+                    else
+                        Check(d.Text.Length == 5 && char.IsDigit(d.Text[0]) && char.IsDigit(d.Text[1]) && d.Text[2] == '-'
+                              && char.IsDigit(d.Text[3]) && char.IsDigit(d.Text[4]), id + ": " + Json.Serialize(d.Text) + " does not match the regex");
+                }
+                Check(t.Failures.ContainsKey(badSchema), "the malformed json_schema did not fail");
+                Equal("bad_request", t.Failures[badSchema][0], "the malformed json_schema's code");
+                Check(t.Failures[badSchema][1].Contains("json_schema"), "the message does not name json_schema: " + t.Failures[badSchema][1]);
+                Check(t.Failures.ContainsKey(twoAtOnce), "regex with choice did not fail");
+                Equal("bad_request", t.Failures[twoAtOnce][0], "regex with choice: the code");
+                Check(t.Failures[twoAtOnce][1].Contains("regex") && t.Failures[twoAtOnce][1].Contains("choice"),
+                      "the message does not name regex and choice: " + t.Failures[twoAtOnce][1]);
+                string ok = c.Generate(Long("Still serving", 4));
+                PumpUntil(c, () => t.Ended(ok), 60, "a request after the errors");
+                Check(t.Done.ContainsKey(ok), "the request after the errors did not complete");
+                NoBreach(t);
+            }
+        }
+
+        const string PinnedPrompt = "The river spirits guard the old stone bridge of Eldmoor, and every traveller who "
+            + "crosses it after dark leaves a copper coin on the parapet for them.";
+
+        static void PinUnpin(MsgMap sc)
+        {
+            var lore = sc.GetList("lore").Cast<MsgMap>().Select(m => new ChatMessage(m.GetString("role"), m.GetString("content"))).ToList();
+            var t = new Tracker();
+            using (var c = NewClient(t))
+            {
+                string p1 = c.Pin(lore);
+                PumpUntil(c, () => t.Ended(p1), 60, "the pin");
+                var pin = t.Answer<PinInfo>(p1);
+                Check(pin.Pin.StartsWith("pin-", StringComparison.Ordinal) && pin.Tokens > 0, "Pinned " + pin.Pin + " of " + pin.Tokens + " tokens");
+                Equal(1L, StatsValue(c, t, "pins"), "stats pins after Pin");
+                Check(StatsValue(c, t, "pinned_blocks") > 0, "stats pinned_blocks is 0 after Pin");
+                string p2 = c.Pin(lore);
+                PumpUntil(c, () => t.Ended(p2), 60, "the second pin");
+                Equal(pin.Pin, t.Answer<PinInfo>(p2).Pin, "the same lore's pin name");
+                string u1 = c.Unpin(pin.Pin);
+                string u2 = c.Unpin(pin.Pin);
+                PumpUntil(c, () => t.Ended(u1) && t.Ended(u2), 60, "the unpins");
+                var first = t.Answer<UnpinInfo>(u1);
+                Check(first.Found && first.Pin == pin.Pin, "the first Unpin: found " + first.Found + ", pin " + first.Pin);
+                Check(!t.Answer<UnpinInfo>(u2).Found, "the second Unpin found the pin");
+                Equal(0L, StatsValue(c, t, "pins"), "stats pins after Unpin");
+                var many = Enumerable.Range(1000, ServerInt("max_seq_len") + 44).ToList();
+                string big = c.PinTokens(many);
+                string pp = c.PinPrompt(PinnedPrompt);
+                PumpUntil(c, () => t.Ended(big) && t.Ended(pp), 60, "PinTokens and PinPrompt");
+                Check(t.Failures.ContainsKey(big), "a pin longer than max_seq_len did not fail");
+                Equal("too_long", t.Failures[big][0], "the long pin's code");
+                var prompt = t.Answer<PinInfo>(pp);
+                Check(prompt.Tokens > 0 && prompt.Pin != pin.Pin, "PinPrompt: " + prompt.Pin + " of " + prompt.Tokens + " tokens");
+                string u3 = c.Unpin(prompt.Pin);
+                PumpUntil(c, () => t.Ended(u3), 60, "the prompt's unpin");
+                Check(t.Answer<UnpinInfo>(u3).Found, "the prompt's pin was not found");
+                Equal(0L, StatsValue(c, t, "pins"), "stats pins at the end");
+                Equal(0, c.InFlight, "InFlight after every op ended");
+                NoBreach(t);
+            }
+        }
+
+        static void EmbedScenario(MsgMap sc)
+        {
+            var er = sc.GetMap("embed_reference");
+            var input = er.GetList("input").Cast<string>().ToList();
+            var expected = er.GetList("expected_vectors").Cast<List<object>>().ToList();
+            Check(input.Count == 3 && input[0] == input[2] && input[0] != input[1], "the scenario's input is not [a, b, a]");
+            var t = new Tracker();
+            using (var c = NewClient(t))
+            {
+                string e1 = c.Embed(input);
+                string e2 = c.Embed(new[] { input[1] });
+                string bad = c.Embed(new[] { "" });
+                PumpUntil(c, () => t.Ended(e1) && t.Ended(e2) && t.Ended(bad), 60, "the embeddings");
+                var got = t.Answer<EmbeddingsInfo>(e1);
+                Equal(3, got.Vectors.Length, "vectors for 3 inputs");
+                Check(got.PromptTokens > 0, "prompt_tokens " + got.PromptTokens);
+                for (int i = 0; i < 3; i++)
+                {
+                    Equal(expected[i].Count, got.Vectors[i].Length, "the dimension of vector " + i);
+                    double norm = 0;
+                    for (int j = 0; j < got.Vectors[i].Length; j++)
+                    {
+                        double want = MsgValue.AsDouble(expected[i][j]).Value;
+                        Check(Math.Abs(want - got.Vectors[i][j]) < 1e-6, "vector " + i + "[" + j + "] is " + got.Vectors[i][j] + ", the Python client got " + want);
+                        norm += (double)got.Vectors[i][j] * got.Vectors[i][j];
+                    }
+                    Check(Math.Abs(Math.Sqrt(norm) - 1) < 1e-5, "vector " + i + " has norm " + Math.Sqrt(norm));
+                }
+                Check(got.Vectors[0].SequenceEqual(got.Vectors[2]), "identical texts gave different vectors");
+                Check(!got.Vectors[0].SequenceEqual(got.Vectors[1]), "different texts gave the same vector");
+                var alone = t.Answer<EmbeddingsInfo>(e2);
+                Check(alone.Vectors.Length == 1 && alone.Vectors[0].SequenceEqual(got.Vectors[1]), "the second text alone gave another vector");
+                Check(t.Failures.ContainsKey(bad), "an empty input did not fail");
+                Equal("bad_request", t.Failures[bad][0], "the empty input's code");
+                Check(t.Failures[bad][1].Contains("input"), "the message does not name input: " + t.Failures[bad][1]);
+                NoBreach(t);
+            }
+        }
+
+        static void SnapshotRestore(MsgMap sc)
+        {
+            var refs = sc.GetList("reference").Cast<MsgMap>().ToList();
+            MsgMap r1 = refs[0], r2 = refs[1];
+            var t = new Tracker();
+            var opts = new GllmClientOptions { ClientName = "unity-conformance/0.1", ReconnectMinMs = 100, ReconnectMaxMs = 1000 };
+            using (var c = NewClient(t, opts))
+            {
+                var o1 = OptionsFrom(r1);
+                c.Generate(o1);
+                PumpUntil(c, () => t.Ended(o1.Id), 60, "the conversation");
+                CompareWithReference(t, r1);
+                string s = c.Snapshot(o1.Id, "int8");
+                PumpUntil(c, () => t.Ended(s), 60, "the snapshot");
+                var snap = t.Answer<SnapshotInfo>(s);
+                var done = t.Done[o1.Id];
+                Check(snap.Blob != null && snap.Blob.Length > 0, "the snapshot blob is empty");
+                Check(snap.Tokens > 0 && snap.Tokens <= done.PromptTokens + done.CompletionTokens,
+                      "the snapshot holds " + snap.Tokens + " tokens of a " + (done.PromptTokens + done.CompletionTokens) + "-token conversation");
+                Console.WriteLine("@@ restart-server");
+                Console.Out.Flush();
+                string reply = Console.In.ReadLine();
+                Check(reply != null && reply.Trim() == "@@ restarted", "the harness did not restart the server: " + reply);
+                PumpUntil(c, () => t.Connection.Count >= 3, 90, "the reconnect");
+                Equal("True,False,True", string.Join(",", t.Connection), "ConnectionChanged events");
+                var damaged = (byte[])snap.Blob.Clone();
+                damaged[damaged.Length / 2] ^= 0x01;
+                string bad = c.Restore(damaged);
+                PumpUntil(c, () => t.Ended(bad), 60, "the damaged restore");
+                Check(t.Failures.ContainsKey(bad), "a damaged blob was restored");
+                Equal("bad_request", t.Failures[bad][0], "the damaged blob's code");
+                Check(t.Failures[bad][1].Length > 0, "the damaged blob's error has no message");
+                string rs = c.Restore(snap.Blob);
+                PumpUntil(c, () => t.Ended(rs), 60, "the restore");
+                var restored = t.Answer<RestoreInfo>(rs);
+                Equal(snap.Tokens, restored.Tokens, "the restored tokens");
+                Check(restored.NewBlocks > 0, "the restore added no KV blocks to the fresh server");
+                var o2 = OptionsFrom(r2);
+                c.Generate(o2);
+                PumpUntil(c, () => t.Ended(o2.Id), 60, "the continuation");
+                CompareWithReference(t, r2);
+                Check(t.Done[o2.Id].CachedTokens >= restored.Tokens,
+                      "the continuation reports " + t.Done[o2.Id].CachedTokens + " cached tokens; " + restored.Tokens + " were restored");
+                Equal(0, c.InFlight, "InFlight after every op ended");
+                NoBreach(t);
             }
         }
 
