@@ -138,6 +138,39 @@ def test_auto_is_text_or_a_valid_call_and_none_is_text(client):
     assert r.choices[0].finish_reason in ("stop", "length") and not r.choices[0].message.tool_calls
 
 
+def test_response_format_with_tools_is_a_valid_call_or_schema_valid_text(client):
+    seen = set()
+    for seed in range(6):
+        r = client.chat.completions.create(model=MODEL_ID, messages=CHAT, tools=TOOLS, max_tokens=120, seed=seed,
+                                           temperature=1.5, response_format=response_format())
+        choice = r.choices[0]
+        if choice.finish_reason == "tool_calls":
+            check_call(choice.message.tool_calls[0])
+            seen.add("call")
+        else:
+            assert choice.finish_reason == "stop" and not choice.message.tool_calls
+            jsonschema.validate(json.loads(choice.message.content), DECISION)
+            seen.add("text")
+    assert seen
+    stream = client.chat.completions.create(model=MODEL_ID, messages=CHAT, tools=TOOLS, max_tokens=120, seed=2,
+                                            temperature=1.5, response_format=response_format(), stream=True)
+    calls, content, finish = [], "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    if finish == "tool_calls":
+        check_call(calls[0])
+    else:
+        jsonschema.validate(json.loads(content), DECISION)
+    # A forced call is the call: response_format shapes text, and there is none.
+    r = client.chat.completions.create(model=MODEL_ID, messages=CHAT, tools=TOOLS, tool_choice="required",
+                                       max_tokens=120, seed=1, response_format=response_format())
+    assert r.choices[0].finish_reason == "tool_calls"
+    check_call(r.choices[0].message.tool_calls[0])
+
+
 def test_tool_results_come_back_as_tool_messages(client):
     messages = CHAT + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
@@ -154,6 +187,7 @@ def test_tool_results_come_back_as_tool_messages(client):
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_object"}, "regex": "a"}, "response_format"),
+    ({"tools": TOOLS, "tool_choice": "required", "regex": "a"}, "tools"),
     ({"regex": "(("}, "regex"),
     ({"json_schema": {"type": "nope"}}, "json_schema"),
     ({"regex": "a", "choice": ["a"]}, "choice"),

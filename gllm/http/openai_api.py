@@ -14,8 +14,9 @@ since SDKs send their ``extra_body`` as top-level fields. gllm's own extras: ``t
 Structured output: ``response_format`` (``json_object``, ``json_schema``) becomes the request's
 ``json_schema``; ``tools`` with ``tool_choice`` ``required`` or a named function constrain the reply to a
 call ``{"name": ..., "parameters": {...}}`` (the Llama 3.1 form) valid under the function's parameter schema,
-``auto`` to either such a call or text that does not start with ``{``; a reply that is a call comes back as
-``tool_calls`` with ``finish_reason: "tool_calls"``.
+``auto`` to either such a call or text that does not start with ``{`` (with ``response_format`` too: a call
+or the JSON it asks for; a forced call ignores it, there being no text to shape); a reply that is a call
+comes back as ``tool_calls`` with ``finish_reason: "tool_calls"``.
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ def parse_tool_call(plan: ToolPlan | None, text: str) -> dict[str, Any] | None:
         call = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(call, dict) or call.get("name") not in plan.names:
+    # Exactly a call's two keys: with response_format beside tools, other JSON objects are text.
+    if not isinstance(call, dict) or set(call) != {"name", "parameters"} or call["name"] not in plan.names:
         return None
     return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call.get("parameters", {}), ensure_ascii=False)}}
@@ -370,20 +372,20 @@ def parse_tool_call(plan: ToolPlan | None, text: str) -> dict[str, Any] | None:
 
 def _structured_fields(body: dict[str, Any], fields: dict[str, Any], plan: ToolPlan | None) -> dict[str, str]:
     """Put response_format's schema or the tools' constraint into `fields`; returns the body's names of the
-    engine fields so set (for errors)."""
+    engine fields so set (for errors). With both: a forced call is the call (response_format shapes text, and
+    there is none); with tool_choice "auto" the reply is a call or text following response_format."""
     schema = _response_format(body)
     given = [f.name for f in REQUEST_FIELDS if f.constraint and fields.get(f.name) not in (None, ())]
-    if schema is not None:
-        if given:
-            raise bad_request(f"response_format cannot be combined with {given[0]}", param="response_format")
-        if plan is not None and plan.constrained:
-            raise bad_request("response_format together with tools is not supported: send tool_choice \"none\" "
-                              "or leave response_format out", param="response_format")
+    tools = plan is not None and plan.constrained
+    if given and (schema is not None or tools):
+        first = "response_format" if schema is not None else "tools"
+        raise bad_request(f"{first} cannot be combined with {given[0]}", param=first)
+    if schema is not None and not (tools and plan.always):
+        if tools:   # a call, or the text response_format asks for (told apart by `parse_tool_call`)
+            schema = {"anyOf": [tool_call_schema(plan), schema]}
         fields["json_schema"] = _table_field({"json_schema": schema}, FIELDS_BY_NAME["json_schema"], "response_format")
         return {"json_schema": "response_format"}
-    if plan is not None and plan.constrained:
-        if given:
-            raise bad_request(f"tools cannot be combined with {given[0]}", param="tools")
+    if tools:
         extra = _tool_constraint(plan)
         for name in extra:
             fields[name] = _table_field(extra, FIELDS_BY_NAME[name], "tools")
