@@ -122,6 +122,7 @@ def main() -> None:
             sync()
             restore8_s = time.perf_counter() - started
         rounds.append({"prefill_s": prefill_s, "export_s": export_s, "restore_s": restore_s,
+                       "restore_check_s": info.check_s, "restore_write_s": info.write_s,
                        "restore_plus_first_token_s": restore_s + continue_s, "restore_int8_s": restore8_s,
                        "snapshot_tokens": n, "raw_bytes": len(blob), "int8_bytes": len(blob8)})
         print(f"round {r + 1}: prefill {prefill_s * 1e3:.0f} ms, restore {restore_s * 1e3:.1f} ms "
@@ -137,6 +138,7 @@ def main() -> None:
         "prefill_ms": med("prefill_s") * 1e3, "restore_ms": med("restore_s") * 1e3,
         "restore_plus_first_token_ms": med("restore_plus_first_token_s") * 1e3,
         "restore_int8_ms": med("restore_int8_s") * 1e3, "export_ms": med("export_s") * 1e3,
+        "restore_check_ms": med("restore_check_s") * 1e3, "restore_write_ms": med("restore_write_s") * 1e3,
         "restore_over_prefill": med("restore_s") / med("prefill_s"),
         "restore_plus_first_token_over_prefill": med("restore_plus_first_token_s") / med("prefill_s"),
         "raw_bytes_per_token": rounds[0]["raw_bytes"] / n, "int8_bytes_per_token": rounds[0]["int8_bytes"] / n,
@@ -147,6 +149,10 @@ def main() -> None:
           f"{args.history_tokens}-token history, {n} tokens in the snapshot, medians of {args.repeats}:")
     rows = [("re-prefill (first token)", summary["prefill_ms"], 1.0),
             ("restore", summary["restore_ms"], summary["restore_over_prefill"]),
+            ("  of which checks + upload", summary["restore_check_ms"],
+             summary["restore_check_ms"] / summary["prefill_ms"]),
+            ("  of which engine thread", summary["restore_write_ms"],
+             summary["restore_write_ms"] / summary["prefill_ms"]),
             ("restore + first token", summary["restore_plus_first_token_ms"],
              summary["restore_plus_first_token_over_prefill"]),
             ("restore (int8 blob)", summary["restore_int8_ms"], summary["restore_int8_ms"] / summary["prefill_ms"]),

@@ -58,12 +58,14 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
         return out
 
     ends: list[float | None] = []   # when each step was reported (None: not a full-batch decode step)
+    reported: list[float] = []      # when each step was reported, every step (the timeline)
 
     def on_step(info) -> None:
         full = info.num_decodes == batch and info.num_tokens == batch
         if full:
             steps.append(info.seconds)
-        ends.append(time.perf_counter() if full else None)
+        reported.append(time.perf_counter())
+        ends.append(reported[-1] if full else None)
 
     engine.grammars.fill_masks = timed_fill
     engine.add_step_listener(on_step)
@@ -88,7 +90,8 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             "interval_ms_median": 1000 * statistics.median(intervals) if intervals else None,
             "mask_ms_median": 1000 * statistics.median(mask_s) if mask_s else None,
             "tokens": sum(r.usage.completion_tokens for r in results), "wall_s": wall,
-            "steps_ahead": engine.num_steps_ahead - ahead_before, "parsed": parsed}
+            "steps_ahead": engine.num_steps_ahead - ahead_before, "parsed": parsed,
+            "timeline_s": [t - t0 for t in reported]}
 
 
 def _parses(text: str) -> bool:
@@ -109,7 +112,13 @@ def main() -> None:
     parser.add_argument("--overlap", choices=("default", "on", "off"), default="default",
                         help="overlap_steps (default: on for CUDA, off on the CPU)")
     parser.add_argument("--out", default="bench_structured.json")
+    parser.add_argument("--plot", default=None, help="PNG: the step timeline of the largest batch, free and "
+                        "constrained (matplotlib, a tool dependency only)")
+    parser.add_argument("--replot", default=None, help="draw --plot from an earlier --out JSON and exit")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args.plot or "bench_structured.png")
+        return
     batches = [int(b) for b in args.batches.split(",")]
     overlap = {"default": None, "on": True, "off": False}[args.overlap]
     gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap,
@@ -145,6 +154,30 @@ def main() -> None:
               f"{f['steps_ahead']:>11}/{c['steps_ahead']:<12} {c['parsed']:>3}/{r['batch']}")
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
+    if args.plot:
+        plot({"meta": meta, "rows": rows}, args.plot)
+
+
+def plot(report: dict, path: str) -> None:
+    """Time between consecutive steps over each run of the largest batch: a host stall is a step that comes
+    late, so it shows as a spike of the constrained line over the free one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    row = max(report["rows"], key=lambda r: r["batch"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for key, label in (("free", "free"), ("constrained", "10-field JSON Schema")):
+        t = row[key]["timeline_s"]
+        ax.plot([1000 * x for x in t[1:]], [1000 * (b - a) for a, b in zip(t, t[1:])], lw=0.8,
+                label=f"{label} (median step interval {row[key]['interval_ms_median']:.2f} ms)")
+    meta = report["meta"]
+    ax.set_xlabel("ms since the batch was submitted")
+    ax.set_ylabel("ms since the previous step")
+    ax.set_title(f"Batch {row['batch']}, {meta['model'].split('/')[-1]} on {meta['device']}: step timeline")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import math
@@ -797,9 +798,12 @@ class LLMEngine:
     def restore(self, blob: bytes, *, timeout: float | None = 60.0) -> RestoreInfo:
         """Put a snapshot's KV into the prefix cache: the next request that starts with its tokens skips their
         prefill. A `gllm.kv.snapshot.SnapshotError` (typed) for another model's, a damaged or a too large blob."""
-        # Checked and uploaded to the pool's device off the engine thread (on a side stream beside a GPU).
+        # Checked and put on the pool's device on the caller's thread; the block writes wait for the engine thread.
+        started = time.perf_counter()
         snap = decode(blob, self.identity, max_tokens=self.gen_params.max_seq_len, uploader=self._uploader)
-        return self._on_engine_thread(self.sessions.restore, snap, timeout=timeout)
+        checked = time.perf_counter()
+        info = self._on_engine_thread(self.sessions.restore, snap, timeout=timeout)
+        return dataclasses.replace(info, check_s=checked - started, write_s=time.perf_counter() - checked)
 
     def pin(self, what: list[int] | str | list[dict[str, Any]], *, timeout: float | None = 120.0) -> str:
         """Keep the KV of a prefix resident (never evicted) until `unpin`: token ids, a text (a raw prompt) or

@@ -23,6 +23,8 @@ RECENT_REQUESTS = 256
 class RestoreInfo:
     tokens: int          # tokens of the snapshot now in the prefix cache (whole blocks of this engine)
     new_blocks: int      # blocks written (the rest were cached already)
+    check_s: float = 0.0   # checking the blob and putting its KV on the pool's device (caller's thread)
+    write_s: float = 0.0   # waiting for the engine thread, taking blocks and queueing the KV writes
 
 
 def pin_id_of(token_ids: list[int]) -> str:
