@@ -94,6 +94,17 @@ def check_call(call, name=None):
     jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
 
 
+def collect(stream) -> tuple[list, str, str | None]:
+    """A streamed chat reply's tool calls, text and finish reason."""
+    calls, content, finish = [], "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    return calls, content, finish
+
+
 def test_forced_and_named_tool_calls_return_valid_tool_calls(client):
     for seed in range(3):
         r = client.chat.completions.create(model=MODEL_ID, messages=CHAT, tools=TOOLS, tool_choice="required",
@@ -110,12 +121,7 @@ def test_forced_and_named_tool_calls_return_valid_tool_calls(client):
 def test_a_forced_tool_call_streams_as_tool_calls(client):
     stream = client.chat.completions.create(model=MODEL_ID, messages=CHAT, tools=TOOLS, tool_choice="required",
                                             max_tokens=120, seed=3, stream=True)
-    calls, content, finish = [], "", None
-    for chunk in stream:
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            calls += choice.delta.tool_calls or []
-            finish = choice.finish_reason or finish
+    calls, content, finish = collect(stream)
     assert finish == "tool_calls" and content == "" and len(calls) == 1
     check_call(calls[0])
 
@@ -154,12 +160,7 @@ def test_response_format_with_tools_is_a_valid_call_or_schema_valid_text(client)
     assert seen
     stream = client.chat.completions.create(model=MODEL_ID, messages=CHAT, tools=TOOLS, max_tokens=120, seed=2,
                                             temperature=1.5, response_format=response_format(), stream=True)
-    calls, content, finish = [], "", None
-    for chunk in stream:
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            calls += choice.delta.tool_calls or []
-            finish = choice.finish_reason or finish
+    calls, content, finish = collect(stream)
     if finish == "tool_calls":
         check_call(calls[0])
     else:
