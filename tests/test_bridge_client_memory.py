@@ -10,8 +10,16 @@ import time
 
 import pytest
 
-from gllm.bridge.client import (AsyncBridgeClient, BridgeClient, BridgeError, Done, Embeddings, Pinned, Restored,
-                                Snapshot)
+from gllm.bridge.client import (
+    AsyncBridgeClient,
+    BridgeClient,
+    BridgeError,
+    Done,
+    Embeddings,
+    Pinned,
+    Restored,
+    Snapshot,
+)
 
 from bridge_doubles import ServerProcess
 

@@ -1,0 +1,107 @@
+"""Decode-sized matmuls over 4- and 8-bit weights on the GPU: gllm/ops/triton_quant_gemv.py against a bfloat16
+F.linear (cuBLAS) of the same shape, measured the same way as tools/bench_gemv.py (CALLS calls in one CUDA graph,
+weights rotated over enough copies that L2 never holds them).
+
+Printed per shape (Llama-3.2-1B and Llama-3.1-8B projections) and row count: µs per call, the bytes read (codes,
+scales, offsets) per second and as a share of a device-to-device copy, and the speed-up over bfloat16.
+`--sweep` also times a few launch configs per shape at one row and prints the best.
+
+    python3 tools/bench_quant_gemv.py [--rows 1,4] [--models 1b,8b] [--sweep] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gemv import CALLS, L2_FLUSH_BYTES, graph_time, shapes  # noqa: E402
+from bench_gpu import copy_bandwidth  # noqa: E402
+
+import gllm.model  # noqa: E402,F401  (gllm.ops cannot be the first gllm package imported: import cycle)
+from gllm.ops import triton_quant_gemv as Q  # noqa: E402
+
+FORMATS = {"int4 g32": (4, 32, False), "int8 g32": (8, 32, True)}
+SWEEP = [Q.QuantGemvConfig(bn, bk, w, s) for bn, bk, w, s in
+         [(4, 256, 4, 3), (8, 256, 4, 3), (16, 256, 4, 3), (8, 512, 4, 3), (16, 128, 4, 4), (32, 128, 8, 3),
+          (4, 512, 4, 3), (2, 1024, 4, 2)]]
+
+
+def copies(w: Q.QuantWeight) -> list[Q.QuantWeight]:
+    count = max(1, min(CALLS, -(-L2_FLUSH_BYTES // w.nbytes)))
+    return [w] + [Q.QuantWeight(w.q.clone(), w.scale.clone(), None if w.zero is None else w.zero.clone(),
+                                w.bits, w.group, w.in_features) for _ in range(count - 1)]
+
+
+def dense_time(dense: torch.Tensor, x: torch.Tensor) -> float:
+    n, k = dense.shape
+    ws = [dense] + [dense.clone() for _ in range(max(1, min(CALLS, -(-L2_FLUSH_BYTES // (n * k * 2)))) - 1)]
+    return graph_time(lambda i: F.linear(x, ws[i % len(ws)]))
+
+
+def quant_time(w: Q.QuantWeight, x: torch.Tensor, config: Q.QuantGemvConfig = Q.DEFAULT_CONFIG) -> float:
+    ws = copies(w)
+    return graph_time(lambda i: Q.quant_gemv(x, ws[i % len(ws)], config))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,4")
+    parser.add_argument("--models", default="1b,8b")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    results: dict = {"copy_bandwidth": bandwidth, "shapes": [], "sweep": []}
+    print(f"{'shape':<14}{'N x K':>14}{'M':>3} | {'bf16 µs':>8}{'%copy':>6} | " + " | ".join(
+        f"{name + ' µs':>12}{'%copy':>6}{'x bf16':>7}{'err':>8}" for name in FORMATS))
+    for model, m in itertools.product(args.models.split(","), rows):
+        for proj, n, k, _ in shapes(model):
+            dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = dense_time(dense, x)
+            line = f"{model + ' ' + proj:<14}{f'{n}x{k}':>14}{m:>3} | {t_bf16 * 1e6:>8.1f}" \
+                   f"{100 * n * k * 2 / t_bf16 / bandwidth:>6.0f}"
+            row = dict(model=model, proj=proj, n=n, k=k, m=m, bf16_s=t_bf16)
+            for name, (bits, group, symmetric) in FORMATS.items():
+                w = Q.quantize(dense, bits, group, symmetric)
+                want = (x.float() @ Q.dequantize(w).T)
+                err = ((Q.quant_gemv(x, w).float() - want).abs().max() / want.abs().max()).item()
+                t = quant_time(w, x)
+                line += f" | {t * 1e6:>12.1f}{100 * w.nbytes / t / bandwidth:>6.0f}{t_bf16 / t:>7.2f}{err:>8.1e}"
+                row[name] = dict(seconds=t, bytes=w.nbytes, max_rel_err=err)
+            print(line, flush=True)
+            results["shapes"].append(row)
+    if args.sweep:
+        print("\nsweep, one row, int4 g32: µs per config (block_n, block_k, warps, stages)")
+        for model in args.models.split(","):
+            for proj, n, k, _ in shapes(model):
+                w = Q.quantize(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 32)
+                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                timings = []
+                for config in SWEEP:
+                    try:
+                        timings.append((quant_time(w, x, config), config))
+                    except Exception as exc:   # a config the compiler refuses (registers, shared memory)
+                        print(f"  {config}: {type(exc).__name__}")
+                best = min(timings, key=lambda tc: tc[0])
+                print(f"{model + ' ' + proj:<14} " + "  ".join(f"{tuple(c)}={t * 1e6:.1f}" for t, c in timings)
+                      + f"  best {tuple(best[1])} ({100 * w.nbytes / best[0] / bandwidth:.0f}% copy)", flush=True)
+                results["sweep"].append(dict(model=model, proj=proj, n=n, k=k,
+                                             timings=[(t, list(c)) for t, c in timings]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
