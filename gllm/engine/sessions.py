@@ -11,9 +11,11 @@ import json
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from gllm.engine.errors import PinRefused
 from gllm.kv import BlockManager, KVCache
-from gllm.kv.snapshot import Snapshot, SnapshotError, SnapshotIdentity, SnapshotTooLarge, encode, read_kv, write_kv
+from gllm.kv.snapshot import Snapshot, SnapshotError, SnapshotTooLarge, read_kv, write_kv
 
 # Finished requests whose token ids are remembered for `snapshot(request_id)`.
 RECENT_REQUESTS = 256
@@ -56,8 +58,9 @@ class SessionStore:
             raise SnapshotError("snapshot takes a request id or a list of token ids")
         return list(source)
 
-    def export(self, identity: SnapshotIdentity, source: list[int] | str, encoding: str) -> bytes:
-        """The blob of the longest prefix of whole blocks of `source` that the prefix cache holds."""
+    def read(self, source: list[int] | str) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The longest prefix of whole blocks of `source` that the prefix cache holds: its token ids and a copy of
+        its KV per layer (on the pool's device; encoding it into a blob is the caller's, off the engine thread)."""
         token_ids = self.tokens_of(source)
         held = self.blocks.cached_blocks(token_ids)
         if not held:
@@ -69,7 +72,7 @@ class SessionStore:
             layers = read_kv(self.kv_cache, held, n)
         finally:
             self.blocks.release(held)
-        return encode(identity, token_ids[:n], layers, self.blocks.block_size, encoding)
+        return token_ids[:n], layers
 
     def restore(self, snap: Snapshot) -> RestoreInfo:
         """Put a decoded snapshot's whole blocks into the prefix cache (evictable like any cached block)."""
