@@ -9,6 +9,12 @@ packing `torch._convert_weight_to_int4pack_for_cpu` does once at load). Activati
 
 (the int4 form is torch's: `zero` is the value of q = 8, so an affine group min + scale * q maps onto it
 exactly; GGUF's Q4_0, Q4_1 and Q4_K blocks are of that form too.)
+
+An int4 weight may hold its K inputs as several planes (`planes` > 1: GGUF's 5, 6 and 8-bit blocks, see
+`gllm.formats.gguf_quants`): the kernel then sees `planes` x K inputs, chunk by chunk each plane's values side
+by side, and the activations are widened to match (each chunk repeated once a plane, times the plane's
+multiplier) — one kernel call, exact, at twice the kernel's work. A projection whose parts differ in layout is a
+`StackedWeight`: one product a part, outputs side by side.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ class Int4Weight:
     scales_and_zeros: torch.Tensor    # [K // group_size, N, 2]: (scale, zero) per group, the activations' dtype
     group_size: int
     n: int
-    k: int
+    k: int                            # the inputs the layer takes (the kernel sees planes x k)
+    planes: int = 1
+    chunk: int = 32                   # planes > 1: inputs a chunk
+    multipliers: torch.Tensor | None = None   # planes > 1: [planes], the activations' dtype
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -52,8 +61,31 @@ class Int4Weight:
         return self.packed.numel() * self.packed.element_size() + \
             self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
 
+    def widen(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations [M, k] -> [M, planes * k] as the planes expect them (see the module docstring)."""
+        if self.planes == 1:
+            return x
+        m = x.shape[0]
+        chunks = x.reshape(m, self.k // self.chunk, 1, self.chunk)
+        return (chunks * self.multipliers.view(1, 1, self.planes, 1)).reshape(m, self.planes * self.k)
 
-QuantizedWeight = Int8Weight | Int4Weight
+
+@dataclass
+class StackedWeight:
+    """Row blocks of one projection in different layouts (a fused q/k/v whose parts a file stores in different
+    types): one product a part, concatenated along N."""
+    parts: tuple[Int8Weight | Int4Weight, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+QuantizedWeight = Int8Weight | Int4Weight | StackedWeight
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
@@ -70,8 +102,8 @@ def check_int4_shape(n: int, k: int, group_size: int) -> str | None:
         return f"group size must be one of {INT4_GROUP_SIZES}, got {group_size}"
     if k % group_size:
         return f"K ({k}) is not a multiple of the group size ({group_size})"
-    if k % (16 * _INNER_K_TILES) or n % 8:
-        return f"int4 packing needs K % {16 * _INNER_K_TILES} == 0 and N % 8 == 0, got N={n}, K={k}"
+    if k % (16 * _INNER_K_TILES) or n % 16:
+        return f"int4 packing needs K % {16 * _INNER_K_TILES} == 0 and N % 16 == 0, got N={n}, K={k}"
     return None
 
 
@@ -89,21 +121,33 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4W
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, group_min: torch.Tensor, group_size: int,
-              dtype: torch.dtype) -> Int4Weight:
-    """From q [N, K] in [0, 15] with w = group_min + scale * q per group ([N, K // group_size] each)."""
+              dtype: torch.dtype, multipliers: tuple[float, ...] = (1.0,), chunk: int = 32) -> Int4Weight:
+    """From q [N, K'] in [0, 15] with w = group_min + scale * q per group ([N, K' // group_size] each).
+    With several `multipliers`, K' holds that many planes of the layer's K inputs, `chunk` at a time."""
     n, k = q.shape
+    planes = len(multipliers)
+    problem = check_int4_shape(n, k, group_size)
+    if problem or k % (planes * chunk):
+        raise ValueError(f"int4: {problem or f'{k} values do not hold {planes} planes in chunks of {chunk}'}")
     packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INNER_K_TILES)
     zero = group_min.float() + 8.0 * scale.float()          # torch's zero: the value of q = 8
     scales_and_zeros = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
-    return Int4Weight(packed, scales_and_zeros, group_size, n, k)
+    mult = torch.tensor(multipliers, dtype=dtype) if planes > 1 else None
+    return Int4Weight(packed, scales_and_zeros, group_size, n, k // planes, planes, chunk, mult)
 
 
 def quant_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [..., K] @ w.T -> [..., N] in x's dtype, reading w quantized."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if isinstance(weight, Int8Weight):
-        y = torch._weight_int8pack_mm(x2, weight.q, weight.scale)
-    else:
-        y = torch._weight_int4pack_mm_for_cpu(x2, weight.packed, weight.group_size, weight.scales_and_zeros)
+    y = _matmul_2d(x2, weight)
     return y.reshape(*lead, y.shape[-1])
+
+
+def _matmul_2d(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    if isinstance(weight, Int8Weight):
+        return torch._weight_int8pack_mm(x, weight.q, weight.scale)
+    if isinstance(weight, StackedWeight):
+        return torch.cat([_matmul_2d(x, part) for part in weight.parts], dim=-1)
+    return torch._weight_int4pack_mm_for_cpu(weight.widen(x), weight.packed, weight.group_size,
+                                             weight.scales_and_zeros)
