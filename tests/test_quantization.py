@@ -285,3 +285,21 @@ def test_the_engine_runs_a_gguf_on_its_blocks_and_counts_their_bytes(tmp_path):
     assert flt.weight_format == "float16"
     others = flt.weight_bytes - LAYERS * per_layer * 2                       # embeddings, norms, RoPE tables
     assert others >= VOCAB * HIDDEN * 2 and rt.weight_bytes == planes + others
+
+
+@pytest.mark.parametrize("embeddings, output", [("Q8_0", "F32"), ("F16", "Q6_K")])
+def test_embeddings_and_head_are_dequantized_row_chunk_by_row_chunk(tmp_path, monkeypatch, embeddings, output):
+    """Non-projection tensors are dequantized by gguf into the model's dtype a few rows at a time (the peak
+    memory of a load): the same values as gguf's dequantizer on the whole tensor."""
+    import gguf
+    import numpy as np
+
+    from gllm.formats.gguf_quants import PLANE_TYPES
+    from gllm.model.gguf_loader import GGUFTensor, load_gguf
+    monkeypatch.setattr(GGUFTensor, "CHUNK_ROWS", 96)                 # 320 rows: 4 chunks, the last short
+    path = write_gguf(tmp_path / "head.gguf", GGUF_FORMATS["Q4_K"][0], embeddings, output)
+    model = load_gguf(path, dtype=torch.float32, device="cpu", max_positions=64, keep_types=PLANE_TYPES)[0]
+    stored = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type))       # a copy: F32 is the file
+              for t in gguf.GGUFReader(path).tensors}
+    assert torch.equal(model.embed_tokens.weight, torch.from_numpy(stored["token_embd.weight"]))
+    assert torch.equal(model.lm_head.weight, torch.from_numpy(stored["output.weight"].reshape(VOCAB, HIDDEN)))

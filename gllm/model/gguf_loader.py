@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -219,38 +220,69 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize_tensor(tensor, where: str = "GGUF") -> np.ndarray:
-    """A GGUF reader tensor as float32 in HF layout (outermost dimension first)."""
+def dequantize_tensor(tensor, where: str = "GGUF", rows: slice = slice(None)) -> np.ndarray:
+    """A GGUF reader tensor (or some of its outermost rows) as float32 in HF layout (outermost dimension
+    first)."""
     from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    data = tensor.data if rows == slice(None) else tensor.data[rows]
     try:
-        w = dequantize(tensor.data, tensor.tensor_type)
+        w = dequantize(data, tensor.tensor_type)
     except NotImplementedError:
         raise ValueError(f"{where!r}: tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, "
                          f"which gguf cannot dequantize (unsupported tensor type)") from None
     except Exception as exc:
         raise ValueError(f"{where!r}: cannot dequantize tensor {tensor.name!r} "
                          f"({tensor.tensor_type.name}): {type(exc).__name__}: {exc}") from exc
-    return np.asarray(w, dtype=np.float32).reshape(shape)
+    return np.asarray(w, dtype=np.float32).reshape(-1, *shape[1:])
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A GGUF tensor still in the (memory-mapped) file. `copy_to` dequantizes it into a parameter some
+    thousand rows at a time: gguf's dequantizer makes float32 temporaries a few times the size of what it
+    is given, which for a whole embedding (49,152 x 576 in the default model) raised a load's peak memory
+    by ~300 MB."""
+    tensor: Any
+    shape: tuple[int, ...]
+    heads: int | None          # attn_q / attn_k: rows un-permuted over this many heads
+    where: str
+
+    CHUNK_ROWS = 4096
+
+    def load(self) -> torch.Tensor:
+        w = dequantize_tensor(self.tensor, self.where).reshape(self.shape)
+        if self.heads is not None:
+            w = unpermute_qk(w, self.heads)
+        if not w.flags.writeable or not w.flags.c_contiguous:
+            w = np.array(w, dtype=np.float32, order="C")  # F32 tensors are views of the file
+        return torch.from_numpy(w)
+
+    def copy_to(self, out: torch.Tensor) -> None:
+        if self.heads is not None or len(self.shape) < 2:
+            out.copy_(self.load())
+            return
+        for start in range(0, self.shape[0], self.CHUNK_ROWS):
+            rows = slice(start, min(start + self.CHUNK_ROWS, self.shape[0]))
+            chunk = dequantize_tensor(self.tensor, self.where, rows)
+            out[rows].copy_(torch.from_numpy(chunk if chunk.flags.writeable else chunk.copy()))   # F32: the file
 
 
 def iter_gguf_weights(reader, cfg: ModelConfig, where: str = "GGUF",
-                      skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named float32 tensors from a GGUF reader, one dequantized tensor alive at a time (not those whose
-    GGUF names are in `skip`)."""
+                      skip: Collection[str] = ()) -> Iterator[tuple[str, GGUFTensor]]:
+    """HF-named tensors of a GGUF reader, still in the file (not those whose GGUF names are in `skip`)."""
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None or tensor.name in skip:
             continue
-        w = dequantize_tensor(tensor, where)
+        heads = None
         if tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
-            w = unpermute_qk(w, cfg.num_attention_heads)
+            heads = cfg.num_attention_heads
         elif tensor.name.startswith("blk.") and ".attn_k." in tensor.name:
-            w = unpermute_qk(w, cfg.num_key_value_heads)
-        if not w.flags.writeable or not w.flags.c_contiguous:
-            w = np.array(w, dtype=np.float32, order="C")  # F32 tensors are views of the file
-        yield name, torch.from_numpy(w)
+            heads = cfg.num_key_value_heads
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        yield name, GGUFTensor(tensor, shape, heads, where)
 
 
 def _check_tensor_types(reader, where: str) -> None:
@@ -310,7 +342,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     weights = with_progress(iter_gguf_weights(reader, cfg, where, skip), len(info.tensor_types) - len(skip),
                             "reading GGUF", progress)
     if weight_transform is not None:
-        weights = ((name, weight_transform(name, t)) for name, t in weights)
+        weights = ((name, weight_transform(name, t.load())) for name, t in weights)
     try:
         model = build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions,
                             prepare=keep_quantized if kept else None)
@@ -328,7 +360,8 @@ _PROJECTION_PARTS = {
 }
 
 
-def kept_projections(by_name: dict, cfg: ModelConfig, keep_types: Collection[str]) -> dict[tuple[int, str], list[str]]:
+def kept_projections(by_name: dict, cfg: ModelConfig,
+                     keep_types: Collection[str]) -> dict[tuple[int, str], list[str]]:
     """(layer, fused projection) -> its GGUF tensor names, for every projection whose parts are all stored in
     `keep_types` and whose planes the int4 kernel packs (else it is dequantized like any other tensor)."""
     unknown = set(keep_types) - set(PLANE_TYPES)
@@ -337,6 +370,8 @@ def kept_projections(by_name: dict, cfg: ModelConfig, keep_types: Collection[str
     kept = {}
     for layer in range(cfg.num_hidden_layers):
         for projection in PROJECTIONS:
+            if cfg.attention_bias if projection.startswith("self_attn") else cfg.mlp_bias:
+                continue          # biased projections stay float (rare in Llama files; kept simple)
             names = [f"blk.{layer}.{part}.weight" for part in _PROJECTION_PARTS[projection]]
             tensors = [by_name.get(name) for name in names]
             if any(t is None or t.tensor_type.name not in keep_types for t in tensors):
