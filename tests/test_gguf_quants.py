@@ -12,7 +12,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from gllm.formats.gguf_quants import GROUP, PLANE_TYPES, int4_planes
 from gllm.model.quantized import planes_weight
-from gllm.ops.quant import StackedWeight, quant_matmul
+from gllm.ops.quant import WIDE_ROWS, StackedWeight, dequantize_t, quant_matmul
 
 # where each block stores its float16 scale(s): random bytes there could be inf or NaN
 SCALE_BYTES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
@@ -51,14 +51,15 @@ def test_planes_are_the_gguf_dequantizer_exactly(type_name):
     assert np.array_equal(from_planes(planes), reference(type_name, data, 512))
 
 
+@pytest.mark.parametrize("rows", [5, WIDE_ROWS])          # the int4 kernel; dequantized + one float32 GEMM
 @pytest.mark.parametrize("type_name", PLANE_TYPES)
-def test_the_int4_kernel_computes_with_the_planes(type_name):
+def test_the_int4_kernel_computes_with_the_planes(type_name, rows):
     """float32 products: the file's weights within float32 rounding; bfloat16: within bfloat16 rounding of the
     activations and scales (a stated 2 % of the largest output)."""
     k = 512
     data = random_blocks(type_name, 32, k, seed=1)
     w = torch.from_numpy(reference(type_name, data, k))
-    x = torch.randn(5, k)
+    x = torch.randn(rows, k)
     want = x @ w.T
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.02)):
         qw = planes_weight([int4_planes(type_name, data, k)], dtype)
@@ -87,3 +88,21 @@ def test_types_and_rows_the_planes_cannot_take_are_clear_errors():
         int4_planes("Q4_1", np.zeros((2, 20), np.uint8), 64)
     with pytest.raises(ValueError, match="do not hold 512 weights"):
         int4_planes("Q6_K", np.zeros((2, 210), np.uint8), 512)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_wide_products_dequantize_block_by_block(type_name, monkeypatch):
+    """The wide path reads torch's packed layout right for any block of output rows (blocks of 64 here), and a
+    weight whose rows are not whole blocks of 32 keeps the kernel."""
+    import gllm.ops.quant as quant
+    monkeypatch.setattr(quant, "_WIDE_BLOCK", 64)
+    k = 256
+    data = random_blocks(type_name, 160, k, seed=3)
+    qw = planes_weight([int4_planes(type_name, data, k)], torch.float32)
+    w = torch.from_numpy(reference(type_name, data, k))
+    assert torch.allclose(dequantize_t(qw), w.T, rtol=0, atol=1e-6 * w.abs().max().item())
+    x = torch.randn(WIDE_ROWS, k)
+    assert torch.allclose(quant_matmul(x, qw), x @ w.T, rtol=0, atol=1e-5 * (x @ w.T).abs().max().item())
+    odd = planes_weight([int4_planes(type_name, random_blocks(type_name, 48, k), k)], torch.float32)
+    w48 = torch.from_numpy(reference(type_name, random_blocks(type_name, 48, k), k))
+    assert torch.allclose(quant_matmul(x, odd), x @ w48.T, rtol=0, atol=1e-5 * (x @ w48.T).abs().max().item())

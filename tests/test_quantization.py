@@ -303,3 +303,27 @@ def test_embeddings_and_head_are_dequantized_row_chunk_by_row_chunk(tmp_path, mo
               for t in gguf.GGUFReader(path).tensors}
     assert torch.equal(model.embed_tokens.weight, torch.from_numpy(stored["token_embd.weight"]))
     assert torch.equal(model.lm_head.weight, torch.from_numpy(stored["output.weight"].reshape(VOCAB, HIDDEN)))
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q8_0"])
+def test_a_long_prefill_dequantizes_and_gives_the_same_logits(tmp_path, name):
+    """A 300-token prefill runs the wide products (weights dequantized block by block, one float32 GEMM), then
+    8 decode steps the int4 kernel: both against the file dequantized by gguf, as in the test above."""
+    from gllm.formats.gguf_quants import PLANE_TYPES
+    from gllm.model.gguf_loader import load_gguf
+    from gllm.ops.quant import WIDE_ROWS
+    path = write_gguf(tmp_path / f"{name}.gguf", *GGUF_FORMATS[name])
+
+    def steps(model) -> torch.Tensor:
+        stepper = Stepper(model, 16, num_blocks=64)
+        logits = [stepper.feed([(5 * i + 3) % VOCAB for i in range(300)])]
+        logits += [stepper.feed([(7 * t + 11) % VOCAB]) for t in range(8)]
+        return torch.cat(logits)
+
+    assert 300 >= WIDE_ROWS
+    reference = steps(load_gguf(path, dtype=torch.float32, device="cpu", max_positions=1024)[0])
+    for compute, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.03)):
+        model = load_gguf(path, dtype=torch.float32, device="cpu", max_positions=1024, keep_types=PLANE_TYPES,
+                          compute_dtype=compute)[0]
+        got = steps(model)
+        assert (got - reference).abs().max() <= tol * reference.abs().max(), (compute, (got - reference).abs().max())
