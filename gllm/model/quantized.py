@@ -63,7 +63,7 @@ class QuantizedLinear(nn.Module):
         return self.qweight.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_matmul(x.to(self.compute_dtype), self.qweight).to(x.dtype)
+        y = quant_matmul(x, self.qweight)          # the kernels cast x to compute_dtype (the scales' dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -137,10 +137,11 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, group_min: torch.Tensor, gro
 
 
 def quant_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """x [..., K] @ w.T -> [..., N] in x's dtype, reading w quantized."""
+    """x [..., K] @ w.T -> [..., N] in x's dtype, reading w quantized. The kernels compute in the scales' dtype
+    (x is cast to it); wide products take x as it is, in float32."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = _matmul_2d(x2, weight)
+    y = _matmul_2d(x2, weight).to(x.dtype)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -154,12 +155,13 @@ _WIDE_BLOCK = 1024          # output rows dequantized at a time: a few MB of flo
 
 def _matmul_2d(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if isinstance(weight, Int8Weight):
-        return torch._weight_int8pack_mm(x, weight.q, weight.scale)
+        return torch._weight_int8pack_mm(x.to(weight.scale.dtype), weight.q, weight.scale)
     if isinstance(weight, StackedWeight):
         return torch.cat([_matmul_2d(x, part) for part in weight.parts], dim=-1)
     if x.shape[0] * weight.planes >= WIDE_ROWS and weight.n % 32 == 0:
         return _wide_matmul(x, weight)
-    return torch._weight_int4pack_mm_for_cpu(weight.widen(x), weight.packed, weight.group_size,
+    dtype = weight.scales_and_zeros.dtype
+    return torch._weight_int4pack_mm_for_cpu(weight.widen(x.to(dtype)), weight.packed, weight.group_size,
                                              weight.scales_and_zeros)
 
 
@@ -169,7 +171,7 @@ def _wide_matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     for start in range(0, weight.n, _WIDE_BLOCK):
         stop = min(start + _WIDE_BLOCK, weight.n)
         torch.matmul(x32, dequantize_t(weight, start, stop), out=out[:, start:stop])
-    return out.to(x.dtype)
+    return out
 
 
 def dequantize_t(weight: Int4Weight, start: int = 0, stop: int | None = None) -> torch.Tensor:
