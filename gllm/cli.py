@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print text, tokens, logprobs, usage, timings as JSON")
     _add_constraint_flags(gen)
 
-    sub.add_parser("models", help="known and cached models")
+    models = sub.add_parser("models", help="known and cached models")
+    models.add_argument("--clean", action="store_true",
+                        help="delete the float32 copies of GGUF files that earlier gllm versions kept in its cache")
     fetch = sub.add_parser("fetch", help="download the default (or a known) model into the cache")
     fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     fetch.add_argument("--quiet", action="store_true")
@@ -106,9 +108,9 @@ def _engine(args: argparse.Namespace):
     from gllm.engine import LLMEngine
     engine = LLMEngine(args.model, device=args.device, quiet=args.quiet)
     if not args.quiet:
-        how = "from the converted cache" if engine.loaded_warm else "cold"
-        print(f"gllm: {engine.model_name} on {engine.device}, {engine.weight_format} ({engine.dtype_reason}; {how}, "
-              f"{engine.load_seconds:.2f} s)", file=sys.stderr)
+        print(f"gllm: {engine.model_name} on {engine.device}, {engine.weight_format} ({engine.dtype_reason}; "
+              f"{engine.weight_bytes / 2**20:.0f} MiB of weights, loaded in {engine.load_seconds:.2f} s)",
+              file=sys.stderr)
     return engine
 
 
@@ -250,13 +252,30 @@ def _load_chat(engine, path: str) -> list[dict[str, str]] | None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from gllm.engine.loading import old_conversions, remove_old_conversions
     print(f"cache: {gllm_home()}")
     for name, model in KNOWN_MODELS.items():
         path = cached_gguf_path(name)
-        state = "cached" if path.exists() else "not fetched"
+        state = f"cached: {_gguf_weights(path)}" if path.exists() else "not fetched"
         default = " (default)" if name == DEFAULT_MODEL else ""
         print(f"  {name}{default}: {model.description} [{state}]")
+    if args.clean:
+        print(f"removed old float32 conversions: {remove_old_conversions() / 2**20:.0f} MiB freed")
+    elif old_conversions():
+        print(f"old float32 conversions nothing reads any more ({', '.join(map(str, old_conversions()))}): "
+              f"remove them with `gllm models --clean`")
     return 0
+
+
+def _gguf_weights(path) -> str:
+    """E.g. "GGUF, 94 MiB: 210 Q4_1, 61 F32, 1 Q8_0 tensors; on the CPU the quantized ones run as they are"."""
+    from gllm.formats.gguf import gguf_file_from_reader, open_gguf
+    from gllm.formats.gguf_quants import PLANE_TYPES
+    counts = gguf_file_from_reader(open_gguf(path), path).type_counts()
+    kept = sum(n for t, n in counts.items() if t in PLANE_TYPES)
+    listed = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda item: -item[1]))
+    return (f"GGUF, {path.stat().st_size / 2**20:.0f} MiB: {listed} tensors"
+            + ("; on the CPU its quantized projections run in their own blocks" if kept else ""))
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:

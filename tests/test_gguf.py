@@ -167,6 +167,40 @@ def has_numeric(text: str) -> bool:
     return any(unicodedata.category(c).startswith("N") for c in text)
 
 
+def test_smollm2_runs_on_its_own_q4_1_blocks_without_a_copy_on_disk(smollm2, smollm2_gguf, tmp_path, monkeypatch):
+    """The default model kept in its Q4_1 blocks: a 300-token prefill in float32 (the wide products: weights
+    dequantized from the blocks; torch's int4 kernel in float32 is unvectorized and takes ~45 s) gives the
+    logits of the model dequantized by gguf within float32 rounding; through the engine (the int4 kernel,
+    bfloat16 products), the same 16 greedy tokens as that model; and the engine writes nothing to gllm's
+    cache."""
+    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+    from gllm.formats.gguf_quants import PLANE_TYPES
+    from gllm.model.quantized import QuantizedLinear
+    reference, _, tok = smollm2
+    kept = load_gguf(smollm2_gguf, dtype=torch.float32, device="cpu", max_positions=MAX_POSITIONS,
+                     keep_types=PLANE_TYPES, compute_dtype=torch.float32)[0]
+    assert sum(isinstance(m, QuantizedLinear) for m in kept.modules()) == 4 * 30
+    ids = tok.encode_chat(MESSAGES)
+    long = (ids * 6)[:300]
+    got, want = Stepper(kept, 16).feed(long), Stepper(reference, 16).feed(long)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+    stepper, greedy = Stepper(reference, 16), []
+    logits = stepper.feed(ids)
+    for _ in range(16):
+        greedy.append(int(logits[-1].argmax()))
+        logits = stepper.feed(greedy[-1:])
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("GLLM_HOME", str(home))
+    params = GeneratorParams(max_seq_len=256, max_batch_size=1, dtype="float32")
+    with LLMEngine(str(smollm2_gguf), params, device="cpu") as eng:
+        assert eng.weight_format.startswith("120 Q4_1 projections (GGUF blocks kept as they are)")
+        request = GenerationRequest(prompt_token_ids=ids, max_new_tokens=16, temperature=0, ignore_eos=True)
+        assert eng.generate([request])[0].tokens == greedy
+    assert not any(home.rglob("*"))
+
+
 def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_hf_tokenizer):
     """Same ids as transformers' GGUF tokenizer, and decoding gives the text back.
 

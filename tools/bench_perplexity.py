@@ -1,4 +1,4 @@
-"""Perplexity of gllm's float, int8 and int4 weights on a fixed English text that ships with Python.
+"""Perplexity of gllm's weight formats (float, a GGUF's own blocks, int8, int4) on a fixed English text that ships with Python.
 
 The text is the start of `pydoc_data.topics` (the help topics of this Python, so the figure depends on the
 Python version: it is printed), tokenized by the model's tokenizer without special tokens, cut to `--tokens`
@@ -6,7 +6,7 @@ and scored in windows of `--window` tokens (each window a fresh sequence, every 
 scored), through each engine's own model and a paged KV cache, in the engine's dtype.
 
     python tools/bench_perplexity.py [--model NAME_OR_PATH] [--tokens 4096] [--window 1024] [--threads 2]
-                                     [--formats float,int8,int4] [--out bench_perplexity.json]
+                                     [--formats float,file,int8,int4] [--out bench_perplexity.json]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--formats", default="float,int8,int4")
+    parser.add_argument("--formats", default="float,file,int8,int4")
     parser.add_argument("--out", default="bench_perplexity.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +64,7 @@ def main() -> None:
     text = "\n\n".join(topics[k] for k in sorted(topics))
     results = {}
     for fmt in args.formats.split(","):
-        quantization = None if fmt == "float" else fmt
+        quantization = None if fmt == "file" else fmt      # file: a GGUF's own blocks, the engine's default
         engine = LLMEngine(args.model, GeneratorParams(max_seq_len=max(args.window, 256), cpu_threads=args.threads,
                                                        quantization=quantization), device="cpu")
         ids = engine.tokenizer.encode(text, add_special_tokens=False)[: args.tokens]

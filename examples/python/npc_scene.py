@@ -122,9 +122,8 @@ def main() -> None:
     live = sys.stdout.isatty() and not args.plain and os.environ.get("TERM") != "dumb"
     with LLMEngine(args.model, GeneratorParams(max_batch_size=8, max_seq_len=1024), device=args.device,
                    quiet=False) as engine:
-        how = "warm, from the converted cache" if engine.loaded_warm else "cold: fetched/converted"
-        dtype = str(engine.dtype).removeprefix("torch.")
-        print(f"model {engine.model_name} on {engine.device}, {dtype}, loaded in {engine.load_seconds:.2f} s ({how})")
+        print(f"model {engine.model_name} on {engine.device}, {engine.weight_format}, "
+              f"{engine.weight_bytes / 2**20:.0f} MiB of weights, loaded in {engine.load_seconds:.2f} s")
         if args.model is None:
             print(SMALL_MODEL_NOTE)
         print()

@@ -14,9 +14,10 @@ import torch
 from gllm.engine.device_dtype import auto_dtype
 from gllm.engine.loading import LoadedModel, load
 from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
+from gllm.formats.gguf_quants import INT4_TYPES, PLANE_TYPES
 from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import LlamaForCausalLM, ModelConfig, parse_dtype
-from gllm.model.quantized import QuantConfig, quantize_layers, weight_bytes
+from gllm.model.quantized import QuantConfig, QuantizedLinear, projection_formats, quantize_layers, weight_bytes
 from gllm.runner import FastPath, ModelRunner, RunnerConfig, choose_fast_path
 from gllm.sampling import Sampler
 from gllm.scheduler import Scheduler, SchedulerConfig
@@ -64,24 +65,22 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
     if gen.dtype != "auto":
         dtype_reason = "set by GeneratorParams.dtype"
     dtype = parse_dtype(auto if gen.dtype == "auto" else gen.dtype)
+    quantize = gen.quantization in ("int8", "int4")
+    if quantize and dev.type != "cpu":
+        raise ValueError(f"quantization={gen.quantization!r} runs on the CPU for now (its GPU kernels are "
+                         f"issue #22's next step); use device='cpu' or leave quantization unset")
+    # A GGUF's quantized blocks kept as they are (CPU kernels only): all of them by default, the 4-bit ones
+    # for int4 (the rest is requantized from floats), none for "float" or int8.
+    keep = () if dev.type != "cpu" else {None: PLANE_TYPES, "int4": INT4_TYPES}.get(gen.quantization, ())
     loaded = model if isinstance(model, LoadedModel) else load(
-        model, dtype=dtype, device=dev, max_positions=gen.max_seq_len, quiet=quiet)
+        model, dtype=dtype, device=dev, max_positions=gen.max_seq_len, quiet=quiet, keep_gguf_types=keep)
     cfg: ModelConfig = loaded.config
-    weight_format = str(dtype).removeprefix("torch.")
-    if gen.quantization is not None:
-        if dev.type != "cpu":
-            raise ValueError(f"quantization={gen.quantization!r} runs on the CPU for now (its GPU kernels are "
-                             f"issue #22's next step); use device='cpu' or leave quantization unset")
-        exact = None
-        if gen.quantization == "int4" and loaded.source.kind == "gguf":   # its 4-bit blocks, as they are
-            from gllm.model.gguf_loader import GGUFInt4Blocks
-            exact = GGUFInt4Blocks(loaded.source.path, cfg).groups
-        report = quantize_layers(loaded.model, QuantConfig(gen.quantization, gen.quant_group_size), exact)
-        weight_format = f"{gen.quantization} projections (bfloat16 products), {weight_format} activations"
-        if report.exact:
-            weight_format += f"; {report.exact} projections from the file's 4-bit blocks"
-        if report.fallbacks:
-            weight_format += f" ({len(report.fallbacks)} projections int8: their shapes do not pack as int4)"
+    fallbacks = []
+    if quantize:
+        fallbacks = quantize_layers(loaded.model, QuantConfig(gen.quantization, gen.quant_group_size)).fallbacks
+    weight_format = describe_weights(loaded.model, dtype)
+    if fallbacks:
+        weight_format += f" ({len(fallbacks)} projections int8: their shapes do not pack as int4)"
     if gen.max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len {gen.max_seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
@@ -104,6 +103,21 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
                    block_manager=block_manager, cost_model=cost_model, scheduler=scheduler, fast_path=fast_path,
                    runner=runner, sampler=Sampler(cfg.vocab_size, dev), weight_format=weight_format,
                    weight_bytes=weight_bytes(loaded.model))
+
+
+def describe_weights(model: LlamaForCausalLM, dtype: torch.dtype) -> str:
+    """E.g. "float16", "int4 projections (bfloat16 products), float16 activations", "150 Q4_K + 30 Q4_K/Q6_K
+    projections (GGUF blocks kept as they are) (bfloat16 products), float16 activations"."""
+    name = str(dtype).removeprefix("torch.")
+    formats = projection_formats(model)
+    if not formats:
+        return name
+    products = next(m.compute_dtype for m in model.modules() if isinstance(m, QuantizedLinear))
+    files = sum(n for label, n in formats.items() if label not in ("int8", "int4"))
+    labels = " + ".join(f"{n} {label}" for label, n in formats.items()) if len(formats) > 1 or files \
+        else next(iter(formats))
+    return (f"{labels} projections{' (GGUF blocks kept as they are)' if files else ''} "
+            f"({str(products).removeprefix('torch.')} products), {name} activations")
 
 
 def _kv_blocks(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,

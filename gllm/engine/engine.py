@@ -88,7 +88,7 @@ class LLMEngine:
         loaded = rt.loaded
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.model_name, self.model_source = loaded.source.name, loaded.source
-        self.load_seconds, self.loaded_warm = loaded.load_seconds, loaded.warm
+        self.load_seconds = loaded.load_seconds
         cfg: ModelConfig = self.model_config
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.kv_cache, self.block_manager, self.scheduler = rt.kv_cache, rt.block_manager, rt.scheduler

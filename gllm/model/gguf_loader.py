@@ -1,9 +1,12 @@
-"""Load a Llama 3.x model from a GGUF file (llama.cpp's format), dequantizing every tensor on load.
+"""Load a Llama 3.x model from a GGUF file (llama.cpp's format), memory-mapped, with no converted copy on disk.
 
 The file is read with the `gguf` package (llama.cpp's own Python reader). Its `llama.*` metadata
-becomes a HF-style config dict and then a `ModelConfig`; its tensors are dequantized one at a time
-to float32 (`gguf.quants.dequantize`: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants,
-the IQ types...), renamed to HF checkpoint names, and streamed into `build_model`.
+becomes a HF-style config dict and then a `ModelConfig`. The decoder projections stored in a type that
+maps onto int4 planes (`keep_types`: Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0; see
+`gllm.formats.gguf_quants`) stay quantized, read from the blocks' bits into the CPU int4 kernel's layout;
+every other tensor is dequantized one at a time to float32 (`gguf.quants.dequantize`: F32, F16, BF16, the
+quantized types, the IQ types...), renamed to HF checkpoint names, and streamed into `build_model` in the
+model's dtype.
 
 Two things llama.cpp's converter does to a HF checkpoint are undone here:
 - the rows of `attn_q`/`attn_k` are permuted so that RoPE rotates interleaved pairs (GPT-J style);
@@ -16,6 +19,8 @@ The tokenizer lives in the same file's metadata: see `gllm.tokenizer.gguf_tokeni
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,9 +28,11 @@ import numpy as np
 import torch
 
 from gllm.formats.gguf import GGUFFile, gguf_file_from_reader, open_gguf
-from gllm.formats.gguf_quants import INT4_TYPES, int4_groups
+from gllm.formats.gguf_quants import PLANE_TYPES, int4_planes
 from gllm.model.config import ModelConfig, RopeConfig
 from gllm.model.llama import LlamaForCausalLM
+from gllm.model.quantized import PROJECTIONS, QuantizedLinear, planes_weight
+from gllm.ops.quant import check_int4_shape
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
@@ -213,36 +220,69 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize_tensor(tensor, where: str = "GGUF") -> np.ndarray:
-    """A GGUF reader tensor as float32 in HF layout (outermost dimension first)."""
+def dequantize_tensor(tensor, where: str = "GGUF", rows: slice = slice(None)) -> np.ndarray:
+    """A GGUF reader tensor (or some of its outermost rows) as float32 in HF layout (outermost dimension
+    first)."""
     from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    data = tensor.data if rows == slice(None) else tensor.data[rows]
     try:
-        w = dequantize(tensor.data, tensor.tensor_type)
+        w = dequantize(data, tensor.tensor_type)
     except NotImplementedError:
         raise ValueError(f"{where!r}: tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, "
                          f"which gguf cannot dequantize (unsupported tensor type)") from None
     except Exception as exc:
         raise ValueError(f"{where!r}: cannot dequantize tensor {tensor.name!r} "
                          f"({tensor.tensor_type.name}): {type(exc).__name__}: {exc}") from exc
-    return np.asarray(w, dtype=np.float32).reshape(shape)
+    return np.asarray(w, dtype=np.float32).reshape(-1, *shape[1:])
 
 
-def iter_gguf_weights(reader, cfg: ModelConfig, where: str = "GGUF") -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named float32 tensors from a GGUF reader, one dequantized tensor alive at a time."""
-    for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
-        if name is None:
-            continue
-        w = dequantize_tensor(tensor, where)
-        if tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
-            w = unpermute_qk(w, cfg.num_attention_heads)
-        elif tensor.name.startswith("blk.") and ".attn_k." in tensor.name:
-            w = unpermute_qk(w, cfg.num_key_value_heads)
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A GGUF tensor still in the (memory-mapped) file. `copy_to` dequantizes it into a parameter some
+    thousand rows at a time: gguf's dequantizer makes float32 temporaries a few times the size of what it
+    is given, which for a whole embedding (49,152 x 576 in the default model) raised a load's peak memory
+    by ~300 MB."""
+    tensor: Any
+    shape: tuple[int, ...]
+    heads: int | None          # attn_q / attn_k: rows un-permuted over this many heads
+    where: str
+
+    CHUNK_ROWS = 4096
+
+    def load(self) -> torch.Tensor:
+        w = dequantize_tensor(self.tensor, self.where).reshape(self.shape)
+        if self.heads is not None:
+            w = unpermute_qk(w, self.heads)
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, dtype=np.float32, order="C")  # F32 tensors are views of the file
-        yield name, torch.from_numpy(w)
+        return torch.from_numpy(w)
+
+    def copy_to(self, out: torch.Tensor) -> None:
+        if self.heads is not None or len(self.shape) < 2:
+            out.copy_(self.load())
+            return
+        for start in range(0, self.shape[0], self.CHUNK_ROWS):
+            rows = slice(start, min(start + self.CHUNK_ROWS, self.shape[0]))
+            chunk = dequantize_tensor(self.tensor, self.where, rows)
+            out[rows].copy_(torch.from_numpy(chunk if chunk.flags.writeable else chunk.copy()))   # F32: the file
+
+
+def iter_gguf_weights(reader, cfg: ModelConfig, where: str = "GGUF",
+                      skip: Collection[str] = ()) -> Iterator[tuple[str, GGUFTensor]]:
+    """HF-named tensors of a GGUF reader, still in the file (not those whose GGUF names are in `skip`)."""
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None or tensor.name in skip:
+            continue
+        heads = None
+        if tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
+            heads = cfg.num_attention_heads
+        elif tensor.name.startswith("blk.") and ".attn_k." in tensor.name:
+            heads = cfg.num_key_value_heads
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        yield name, GGUFTensor(tensor, shape, heads, where)
 
 
 def _check_tensor_types(reader, where: str) -> None:
@@ -261,14 +301,16 @@ def _check_tensor_types(reader, where: str) -> None:
 
 def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch.device, max_positions: int,
               weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-              progress: bool = False) -> tuple[LlamaForCausalLM, ModelConfig, GGUFFile]:
+              progress: bool = False, keep_types: Collection[str] = (),
+              compute_dtype: torch.dtype = torch.bfloat16) -> tuple[LlamaForCausalLM, ModelConfig, GGUFFile]:
     """Load a `llama`-architecture GGUF file into a gllm model.
 
-    Returns (model, config, file info). Every tensor is dequantized to float32, put in HF layout and
-    copied into the model in ``dtype`` on ``device``; ``weight_transform(hf_name, tensor)`` (the
-    loader's quantization hook) sees each one first. The tokenizer comes from
-    `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the returned file info to
-    avoid parsing the file twice).
+    Returns (model, config, file info). A decoder projection whose every part is stored in one of
+    ``keep_types`` (a subset of `PLANE_TYPES`; CPU only) is kept quantized: a `QuantizedLinear` whose
+    products run in ``compute_dtype``. Every other tensor is dequantized to float32, put in HF layout and
+    copied into the model in ``dtype`` on ``device``; ``weight_transform(hf_name, tensor)`` sees each one
+    first. The tokenizer comes from `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the
+    returned file info to avoid parsing the file twice).
     """
     from gllm.model.loader import build_model, with_progress  # loader may route .gguf paths here: import late
 
@@ -283,12 +325,27 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     _check_tensor_types(reader, where)
     for name in info.tensor_types:
         hf_tensor_name(name)  # fail on a foreign tensor before allocating the model
-    weights = with_progress(iter_gguf_weights(reader, cfg, where), len(info.tensor_types), "dequantizing GGUF",
-                            progress)
+    kept = kept_projections(by_name, cfg, keep_types)
+    if kept and torch.device(device).type != "cpu":
+        raise ValueError("GGUF blocks are kept quantized on the CPU only for now (GPU kernels: issue #22)")
+    skip = {name for parts in kept.values() for name in parts}
+
+    def keep_quantized(model: LlamaForCausalLM) -> None:
+        for (layer, projection), parts in kept.items():
+            tensors = [by_name[name] for name in parts]
+            pieces = [_planes(t, cfg) for t in tensors]
+            owner, attr = projection.split(".")
+            label = "/".join(dict.fromkeys(t.tensor_type.name for t in tensors))
+            setattr(getattr(model.layers[layer], owner), attr,
+                    QuantizedLinear(planes_weight(pieces, compute_dtype), None, label, compute_dtype))
+
+    weights = with_progress(iter_gguf_weights(reader, cfg, where, skip), len(info.tensor_types) - len(skip),
+                            "reading GGUF", progress)
     if weight_transform is not None:
-        weights = ((name, weight_transform(name, t)) for name, t in weights)
+        weights = ((name, weight_transform(name, t.load())) for name, t in weights)
     try:
-        model = build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions)
+        model = build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions,
+                            prepare=keep_quantized if kept else None)
     except ValueError as exc:
         raise ValueError(f"{where!r}: {exc}") from exc
     return model, cfg, info
@@ -303,27 +360,34 @@ _PROJECTION_PARTS = {
 }
 
 
-class GGUFInt4Blocks:
-    """A GGUF file's 4-bit projections as int4 groups (see `gllm.formats.gguf_quants`), for quantizing on
-    load without requantizing: `groups(layer, projection)` gives the fused projection's (q, scale, group_min)
-    when every part of it is stored in a 4-bit affine type, else None (that projection is quantized from its
-    float values instead)."""
+def kept_projections(by_name: dict, cfg: ModelConfig,
+                     keep_types: Collection[str]) -> dict[tuple[int, str], list[str]]:
+    """(layer, fused projection) -> its GGUF tensor names, for every projection whose parts are all stored in
+    `keep_types` and whose planes the int4 kernel packs (else it is dequantized like any other tensor)."""
+    unknown = set(keep_types) - set(PLANE_TYPES)
+    if unknown:
+        raise ValueError(f"GGUF types {sorted(unknown)} cannot be kept quantized (only {', '.join(PLANE_TYPES)})")
+    kept = {}
+    for layer in range(cfg.num_hidden_layers):
+        for projection in PROJECTIONS:
+            if cfg.attention_bias if projection.startswith("self_attn") else cfg.mlp_bias:
+                continue          # biased projections stay float (rare in Llama files; kept simple)
+            names = [f"blk.{layer}.{part}.weight" for part in _PROJECTION_PARTS[projection]]
+            tensors = [by_name.get(name) for name in names]
+            if any(t is None or t.tensor_type.name not in keep_types for t in tensors):
+                continue
+            k = int(tensors[0].shape[0])                          # GGUF shapes are innermost first
+            if all(check_int4_shape(int(t.shape[1]), k, 32) is None for t in tensors):
+                kept[(layer, projection)] = names
+    return kept
 
-    def __init__(self, path: str | Path, cfg: ModelConfig) -> None:
-        self.reader = open_gguf(path)
-        self.cfg = cfg
-        self._by_name = {t.name: t for t in self.reader.tensors}
 
-    def groups(self, layer: int, projection: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        tensors = [self._by_name.get(f"blk.{layer}.{part}.weight") for part in _PROJECTION_PARTS[projection]]
-        if any(t is None or t.tensor_type.name not in INT4_TYPES for t in tensors):
-            return None
-        pieces = []
-        for part, t in zip(_PROJECTION_PARTS[projection], tensors):
-            k = int(t.shape[0])                       # GGUF shapes are innermost first
-            q, scale, group_min = int4_groups(t.tensor_type.name, t.data, k)
-            heads = {"attn_q": self.cfg.num_attention_heads, "attn_k": self.cfg.num_key_value_heads}.get(part)
-            if heads is not None:                     # the same row order the float path restores
-                q, scale, group_min = (unpermute_qk(a, heads) for a in (q, scale, group_min))
-            pieces.append((q, scale, group_min))
-        return tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
+def _planes(tensor, cfg: ModelConfig):
+    """One GGUF tensor as int4 planes, its rows in HF order (Q and K un-permuted as the float path does)."""
+    k = int(tensor.shape[0])
+    planes = int4_planes(tensor.tensor_type.name, tensor.data, k)
+    part = tensor.name.split(".")[2]
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(part)
+    if heads is None:
+        return planes
+    return planes.rows(unpermute_qk(np.arange(planes.q.shape[0]), heads))

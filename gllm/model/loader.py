@@ -134,11 +134,16 @@ def load_hf_folder(folder: str | Path, *, dtype: str | torch.dtype, device: str 
 
 
 def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], *, dtype: str | torch.dtype,
-                device: str | torch.device, max_positions: int) -> LlamaForCausalLM:
-    """Allocate the model directly on `device` in `dtype` and stream the weights into it."""
+                device: str | torch.device, max_positions: int,
+                prepare: Callable[[LlamaForCausalLM], None] | None = None) -> LlamaForCausalLM:
+    """Allocate the model directly on `device` in `dtype` and stream the weights into it. `prepare` may swap
+    modules (quantized projections, built from their own data) before anything is allocated: the weights then
+    need not hold the swapped modules' parameters."""
     torch_dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
+    if prepare is not None:
+        prepare(model)
     model = model.to_empty(device=device).to(torch_dtype)
     # Meta tensors carry no values: rebuild the cos/sin tables, kept in float32 whatever the dtype.
     model.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions).to(device)

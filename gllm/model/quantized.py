@@ -4,20 +4,22 @@ output channel or int4 in groups, kept quantized in memory (see `gllm.ops.quant`
 The embeddings, the norms and the output head stay in the model's dtype: the head decides every token and
 (tied or not) is a small share of a model's bytes past the smallest ones, as in llama.cpp's Q4_K_M (which keeps
 it at 6 bits). A projection whose shape int4 cannot pack falls back to int8, and the report says which.
+A GGUF's own quantized blocks become int4 planes as they are (`planes_weight`; no requantization).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from gllm.formats.gguf_quants import GROUP, Int4Planes
 from gllm.ops.quant import (
     INT4_GROUP_SIZES,
     QuantizedWeight,
+    StackedWeight,
     check_int4_shape,
     pack_int4,
     quant_matmul,
@@ -25,11 +27,7 @@ from gllm.ops.quant import (
     quantize_int8,
 )
 
-# (layer, projection) -> the projection's int4 groups as the file stores them, (q, scale, group_min), or None
-ExactInt4 = Callable[[int, str], "tuple[np.ndarray, np.ndarray, np.ndarray] | None"]
-EXACT_GROUP_SIZE = 32      # GGUF's 4-bit blocks
-
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4")     # quantization on load ("float" and None are the engine's: no quantization)
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
@@ -44,7 +42,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+            raise ValueError(f"quantization must be one of float, {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.scheme == "int4" and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
 
@@ -65,7 +63,7 @@ class QuantizedLinear(nn.Module):
         return self.qweight.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_matmul(x.to(self.compute_dtype), self.qweight).to(x.dtype)
+        y = quant_matmul(x, self.qweight)          # the kernels cast x to compute_dtype (the scales' dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -77,15 +75,12 @@ class QuantReport:
     scheme: str
     float_bytes: int = 0                  # the projections before
     quantized_bytes: int = 0              # and after
-    exact: int = 0                        # projections taken from the file's own 4-bit blocks
     fallbacks: list[str] = field(default_factory=list)   # int4 asked, int8 given (shape), with the reason
 
 
-def quantize_layers(model: nn.Module, config: QuantConfig, exact: ExactInt4 | None = None) -> QuantReport:
-    """Replace every decoder layer's projections by quantized ones, in place (already quantized: left alone).
-    With int4, `exact` may give a projection's groups as a quantized file stores them (GGUF Q4_0 / Q4_1):
-    those are packed as they are, in groups of 32, instead of requantizing their float values.
-    The CPU kernels only: the model must be on the CPU."""
+def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
+    """Replace every decoder layer's float projections by quantized ones, in place (already quantized ones, such
+    as a GGUF's own blocks, are left as they are). The CPU kernels only: the model must be on the CPU."""
     report = QuantReport(config.scheme)
     for i, layer in enumerate(model.layers):
         for path in PROJECTIONS:
@@ -106,22 +101,41 @@ def quantize_layers(model: nn.Module, config: QuantConfig, exact: ExactInt4 | No
                     scheme = "int8"
                     report.fallbacks.append(f"layers.{i}.{path}: {problem}")
             dtype = config.compute_dtype
-            stored = exact(i, path) if exact is not None and scheme == "int4" else None
-            if stored is not None and check_int4_shape(*w.shape, EXACT_GROUP_SIZE) is None:
-                q, scale, group_min = (torch.from_numpy(np.ascontiguousarray(a)) for a in stored)
-                qw = pack_int4(q, scale, group_min, EXACT_GROUP_SIZE, dtype)
-                report.exact += 1
-            elif scheme == "int4":
-                qw = quantize_int4(w, config.group_size, dtype)
-            else:
-                qw = quantize_int8(w, dtype)
+            qw = quantize_int4(w, config.group_size, dtype) if scheme == "int4" else quantize_int8(w, dtype)
             q = QuantizedLinear(qw, linear.bias, scheme, dtype)
             setattr(owner, attr, q)
             report.quantized_bytes += q.nbytes
     return report
 
 
+def planes_weight(parts: list[Int4Planes], dtype: torch.dtype) -> QuantizedWeight:
+    """A projection from its parts' int4 planes (stacked along N in order): parts of one layout share one
+    product; a change of layout starts another (a `StackedWeight`)."""
+    runs: list[list[Int4Planes]] = []
+    for part in parts:
+        if runs and runs[-1][0].layout == part.layout:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    packed = []
+    for run in runs:
+        q, scale, group_min = (torch.from_numpy(np.concatenate([getattr(p, a) for p in run]))
+                               for a in ("q", "scale", "group_min"))
+        packed.append(pack_int4(q, scale, group_min, GROUP, dtype, run[0].multipliers, run[0].chunk))
+    return packed[0] if len(packed) == 1 else StackedWeight(tuple(packed))
+
+
 def weight_bytes(model: nn.Module) -> int:
     """What the model's weights take in memory, quantized ones at their packed size."""
     total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     return total + sum(m.qweight.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def projection_formats(model: nn.Module) -> dict[str, int]:
+    """How many decoder projections hold each quantized format ("int8", "int4", a GGUF type such as "Q4_K" or
+    "Q4_K/Q6_K" for a fused one with parts in both); float projections are not counted."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            counts[m.scheme] = counts.get(m.scheme, 0) + 1
+    return counts

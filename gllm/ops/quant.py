@@ -9,6 +9,12 @@ packing `torch._convert_weight_to_int4pack_for_cpu` does once at load). Activati
 
 (the int4 form is torch's: `zero` is the value of q = 8, so an affine group min + scale * q maps onto it
 exactly; GGUF's Q4_0, Q4_1 and Q4_K blocks are of that form too.)
+
+An int4 weight may hold its K inputs as several planes (`planes` > 1: GGUF's 5, 6 and 8-bit blocks, see
+`gllm.formats.gguf_quants`): the kernel then sees `planes` x K inputs, chunk by chunk each plane's values side
+by side, and the activations are widened to match (each chunk repeated once a plane, times the plane's
+multiplier) — one kernel call, exact, at twice the kernel's work. A projection whose parts differ in layout is a
+`StackedWeight`: one product a part, outputs side by side.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ class Int4Weight:
     scales_and_zeros: torch.Tensor    # [K // group_size, N, 2]: (scale, zero) per group, the activations' dtype
     group_size: int
     n: int
-    k: int
+    k: int                            # the inputs the layer takes (the kernel sees planes x k)
+    planes: int = 1
+    chunk: int = 32                   # planes > 1: inputs a chunk
+    multipliers: torch.Tensor | None = None   # planes > 1: [planes], the activations' dtype
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -52,8 +61,31 @@ class Int4Weight:
         return self.packed.numel() * self.packed.element_size() + \
             self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
 
+    def widen(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations [M, k] -> [M, planes * k] as the planes expect them (see the module docstring)."""
+        if self.planes == 1:
+            return x
+        m = x.shape[0]
+        chunks = x.reshape(m, self.k // self.chunk, 1, self.chunk)
+        return (chunks * self.multipliers.view(1, 1, self.planes, 1)).reshape(m, self.planes * self.k)
 
-QuantizedWeight = Int8Weight | Int4Weight
+
+@dataclass
+class StackedWeight:
+    """Row blocks of one projection in different layouts (a fused q/k/v whose parts a file stores in different
+    types): one product a part, concatenated along N."""
+    parts: tuple[Int8Weight | Int4Weight, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+QuantizedWeight = Int8Weight | Int4Weight | StackedWeight
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
@@ -70,8 +102,8 @@ def check_int4_shape(n: int, k: int, group_size: int) -> str | None:
         return f"group size must be one of {INT4_GROUP_SIZES}, got {group_size}"
     if k % group_size:
         return f"K ({k}) is not a multiple of the group size ({group_size})"
-    if k % (16 * _INNER_K_TILES) or n % 8:
-        return f"int4 packing needs K % {16 * _INNER_K_TILES} == 0 and N % 8 == 0, got N={n}, K={k}"
+    if k % (16 * _INNER_K_TILES) or n % 16:
+        return f"int4 packing needs K % {16 * _INNER_K_TILES} == 0 and N % 16 == 0, got N={n}, K={k}"
     return None
 
 
@@ -89,21 +121,72 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4W
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, group_min: torch.Tensor, group_size: int,
-              dtype: torch.dtype) -> Int4Weight:
-    """From q [N, K] in [0, 15] with w = group_min + scale * q per group ([N, K // group_size] each)."""
+              dtype: torch.dtype, multipliers: tuple[float, ...] = (1.0,), chunk: int = 32) -> Int4Weight:
+    """From q [N, K'] in [0, 15] with w = group_min + scale * q per group ([N, K' // group_size] each).
+    With several `multipliers`, K' holds that many planes of the layer's K inputs, `chunk` at a time."""
     n, k = q.shape
+    planes = len(multipliers)
+    problem = check_int4_shape(n, k, group_size)
+    if problem or k % (planes * chunk):
+        raise ValueError(f"int4: {problem or f'{k} values do not hold {planes} planes in chunks of {chunk}'}")
     packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INNER_K_TILES)
     zero = group_min.float() + 8.0 * scale.float()          # torch's zero: the value of q = 8
     scales_and_zeros = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
-    return Int4Weight(packed, scales_and_zeros, group_size, n, k)
+    mult = torch.tensor(multipliers, dtype=dtype) if planes > 1 else None
+    return Int4Weight(packed, scales_and_zeros, group_size, n, k // planes, planes, chunk, mult)
 
 
 def quant_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """x [..., K] @ w.T -> [..., N] in x's dtype, reading w quantized."""
+    """x [..., K] @ w.T -> [..., N] in x's dtype, reading w quantized. The kernels compute in the scales' dtype
+    (x is cast to it); wide products take x as it is, in float32."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if isinstance(weight, Int8Weight):
-        y = torch._weight_int8pack_mm(x2, weight.q, weight.scale)
-    else:
-        y = torch._weight_int4pack_mm_for_cpu(x2, weight.packed, weight.group_size, weight.scales_and_zeros)
+    y = _matmul_2d(x2, weight).to(x.dtype)
     return y.reshape(*lead, y.shape[-1])
+
+
+# Rows from which an int4 product dequantizes its weight, a block of output rows at a time, and runs one float32
+# GEMM instead of the int4 kernel (a GEMV at heart: its cost grows with the rows, and twice as fast with two
+# planes). One 3072 x 576 product on 2 cores, one plane / two: 29 / 67 ms in the kernel at 256 rows against
+# 19 / 39 ms dequantized (16.5 ms for the float32 GEMM alone); even at 128 rows. Halved for two planes.
+WIDE_ROWS = 256
+_WIDE_BLOCK = 1024          # output rows dequantized at a time: a few MB of float32, not the whole weight
+
+
+def _matmul_2d(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    if isinstance(weight, Int8Weight):
+        return torch._weight_int8pack_mm(x.to(weight.scale.dtype), weight.q, weight.scale)
+    if isinstance(weight, StackedWeight):
+        return torch.cat([_matmul_2d(x, part) for part in weight.parts], dim=-1)
+    if x.shape[0] * weight.planes >= WIDE_ROWS and weight.n % 32 == 0:
+        return _wide_matmul(x, weight)
+    dtype = weight.scales_and_zeros.dtype
+    return torch._weight_int4pack_mm_for_cpu(weight.widen(x.to(dtype)), weight.packed, weight.group_size,
+                                             weight.scales_and_zeros)
+
+
+def _wide_matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    x32 = x.float()
+    out = torch.empty(x.shape[0], weight.n, dtype=torch.float32)
+    for start in range(0, weight.n, _WIDE_BLOCK):
+        stop = min(start + _WIDE_BLOCK, weight.n)
+        torch.matmul(x32, dequantize_t(weight, start, stop), out=out[:, start:stop])
+    return out
+
+
+def dequantize_t(weight: Int4Weight, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Output rows [start, stop) of an int4 weight (multiples of 32), dequantized and transposed: float32
+    [k, stop - start]. torch's CPU packing stores each block of 32 output rows as [K, 16] bytes, byte (k, i)
+    holding row i (low nibble) and row 16 + i (high nibble) at input k."""
+    stop = weight.n if stop is None else stop
+    n, kp = stop - start, weight.k * weight.planes
+    blocks = weight.packed.view(weight.n // 32, kp, 16)[start // 32:stop // 32]
+    q = torch.stack([blocks & 15, blocks >> 4], dim=2).permute(1, 0, 2, 3).reshape(kp // weight.group_size,
+                                                                                   weight.group_size, n)
+    sz = weight.scales_and_zeros[:, start:stop].float()
+    scale, offset = sz[..., 0:1].transpose(1, 2), (sz[..., 1] - 8 * sz[..., 0]).unsqueeze(1)
+    w = torch.addcmul(offset, q.float(), scale).view(kp, n)
+    if weight.planes > 1:
+        w = (w.view(weight.k // weight.chunk, weight.planes, weight.chunk, n)
+             * weight.multipliers.float().view(1, -1, 1, 1)).sum(1).view(weight.k, n)
+    return w

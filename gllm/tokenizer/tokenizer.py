@@ -115,21 +115,6 @@ class Tokenizer:
         eos.extend(files.generation_eos_ids)
         return cls(hf, bos_token=bos, eos_tokens=eos, chat_template=files.chat_template, special_tokens=named)
 
-    def save_dir(self, path: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and generation_config.json so that
-        `from_dir(path)` gives back an equivalent tokenizer (used to cache converted GGUF models)."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._hf.save(str(folder / "tokenizer.json"))
-        config: dict[str, object] = dict(self._named_tokens)
-        if self._templates:
-            sources = {name: t.source for name, t in self._templates.items()}
-            config["chat_template"] = (sources[DEFAULT_TEMPLATE_NAME] if list(sources) == [DEFAULT_TEMPLATE_NAME]
-                                       else [{"name": n, "template": t} for n, t in sources.items()])
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
-        generation = {"eos_token_id": self._eos_ids, "bos_token_id": self._bos_id}
-        (folder / "generation_config.json").write_text(json.dumps(generation))
-
     # --- vocabulary -----------------------------------------------------------------------------
 
     @property

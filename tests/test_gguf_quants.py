@@ -1,0 +1,108 @@
+"""GGUF blocks as int4 planes (gllm.formats.gguf_quants): for every type, random valid blocks read as planes give
+exactly the `gguf` package's own dequantized weights, and the int4 kernel fed those planes (activations widened)
+computes the product with them."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGML_QUANT_SIZES
+
+from gllm.formats.gguf_quants import GROUP, PLANE_TYPES, int4_planes
+from gllm.model.quantized import planes_weight
+from gllm.ops.quant import WIDE_ROWS, StackedWeight, dequantize_t, quant_matmul
+
+# where each block stores its float16 scale(s): random bytes there could be inf or NaN
+SCALE_BYTES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(type_name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random bytes in the type's block layout with finite, modest float16 scales: a valid encoding."""
+    rng = np.random.default_rng(seed)
+    weights, size = GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, type_name)]
+    data = rng.integers(0, 256, (rows, k // weights * size), dtype=np.uint8)
+    blocks = data.reshape(rows, k // weights, size)
+    for at in SCALE_BYTES[type_name]:
+        scales = rng.uniform(-0.01, 0.01, (rows, k // weights)).astype(np.float16)
+        blocks[..., at:at + 2] = scales[..., None].view(np.uint8)
+    return data
+
+
+def reference(type_name: str, data: np.ndarray, k: int) -> np.ndarray:
+    return gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, type_name)).reshape(-1, k)
+
+
+def from_planes(p) -> np.ndarray:
+    """The planes' arithmetic written out: sum over planes of multiplier x (group_min + scale q)."""
+    rows, planes = p.q.shape[0], len(p.multipliers)
+    w = p.group_min.repeat(GROUP, 1) + p.scale.repeat(GROUP, 1) * p.q
+    w = w.reshape(rows, -1, planes, p.chunk) * np.asarray(p.multipliers, np.float32).reshape(1, 1, planes, 1)
+    return w.sum(2).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", PLANE_TYPES)
+def test_planes_are_the_gguf_dequantizer_exactly(type_name):
+    data = random_blocks(type_name, 16, 512)
+    planes = int4_planes(type_name, data, 512)
+    assert planes.q.dtype == np.uint8 and planes.q.max() <= 15
+    assert np.array_equal(from_planes(planes), reference(type_name, data, 512))
+
+
+@pytest.mark.parametrize("rows", [5, WIDE_ROWS])          # the int4 kernel; dequantized + one float32 GEMM
+@pytest.mark.parametrize("type_name", PLANE_TYPES)
+def test_the_int4_kernel_computes_with_the_planes(type_name, rows):
+    """float32 products: the file's weights within float32 rounding; bfloat16: within bfloat16 rounding of the
+    activations and scales (a stated 2 % of the largest output)."""
+    k = 512
+    data = random_blocks(type_name, 32, k, seed=1)
+    w = torch.from_numpy(reference(type_name, data, k))
+    x = torch.randn(rows, k)
+    want = x @ w.T
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.02)):
+        qw = planes_weight([int4_planes(type_name, data, k)], dtype)
+        assert qw.shape == (32, k)
+        y = quant_matmul(x.to(dtype), qw).float()
+        assert (y - want).abs().max() <= tol * want.abs().max(), (dtype, (y - want).abs().max())
+
+
+def test_parts_in_different_layouts_are_stacked_in_row_order():
+    """A fused projection stored as Q4_K, Q4_K and Q6_K parts (q, k, v of a Q4_K_M file): q and k share one
+    product, v takes another; rows come out in the parts' order."""
+    k = 256
+    parts = [("Q4_K", 16), ("Q4_K", 16), ("Q6_K", 16)]
+    datas = [random_blocks(t, rows, k, seed=i) for i, (t, rows) in enumerate(parts)]
+    qw = planes_weight([int4_planes(t, d, k) for (t, _), d in zip(parts, datas)], torch.float32)
+    assert isinstance(qw, StackedWeight) and [p.shape[0] for p in qw.parts] == [32, 16]
+    w = torch.from_numpy(np.concatenate([reference(t, d, k) for (t, _), d in zip(parts, datas)]))
+    x = torch.randn(3, k)
+    assert torch.allclose(quant_matmul(x, qw), x @ w.T, rtol=0, atol=1e-5 * (x @ w.T).abs().max().item())
+
+
+def test_types_and_rows_the_planes_cannot_take_are_clear_errors():
+    with pytest.raises(ValueError, match="do not map onto int4 planes"):
+        int4_planes("Q2_K", np.zeros((2, 84), np.uint8), 256)
+    with pytest.raises(ValueError, match="do not hold 64 weights"):
+        int4_planes("Q4_1", np.zeros((2, 20), np.uint8), 64)
+    with pytest.raises(ValueError, match="do not hold 512 weights"):
+        int4_planes("Q6_K", np.zeros((2, 210), np.uint8), 512)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_wide_products_dequantize_block_by_block(type_name, monkeypatch):
+    """The wide path reads torch's packed layout right for any block of output rows (blocks of 64 here), and a
+    weight whose rows are not whole blocks of 32 keeps the kernel."""
+    import gllm.ops.quant as quant
+    monkeypatch.setattr(quant, "_WIDE_BLOCK", 64)
+    k = 256
+    data = random_blocks(type_name, 160, k, seed=3)
+    qw = planes_weight([int4_planes(type_name, data, k)], torch.float32)
+    w = torch.from_numpy(reference(type_name, data, k))
+    assert torch.allclose(dequantize_t(qw), w.T, rtol=0, atol=1e-6 * w.abs().max().item())
+    x = torch.randn(WIDE_ROWS, k)
+    assert torch.allclose(quant_matmul(x, qw), x @ w.T, rtol=0, atol=1e-5 * (x @ w.T).abs().max().item())
+    odd = planes_weight([int4_planes(type_name, random_blocks(type_name, 48, k), k)], torch.float32)
+    w48 = torch.from_numpy(reference(type_name, random_blocks(type_name, 48, k), k))
+    assert torch.allclose(quant_matmul(x, odd), x @ w48.T, rtol=0, atol=1e-5 * (x @ w48.T).abs().max().item())
