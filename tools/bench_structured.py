@@ -168,11 +168,12 @@ def plot(report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     for key, label in (("free", "free"), ("constrained", "10-field JSON Schema")):
         t = row[key]["timeline_s"]
-        ax.plot([1000 * x for x in t[1:]], [1000 * (b - a) for a, b in zip(t, t[1:])], lw=0.8,
+        ax.plot([1000 * x for x in t[1:]], [1000 * (b - a) for a, b in zip(t, t[1:])], ".", ms=3,
                 label=f"{label} (median step interval {row[key]['interval_ms_median']:.2f} ms)")
     meta = report["meta"]
     ax.set_xlabel("ms since the batch was submitted")
     ax.set_ylabel("ms since the previous step")
+    ax.set_yscale("log")
     ax.set_title(f"Batch {row['batch']}, {meta['model'].split('/')[-1]} on {meta['device']}: step timeline")
     ax.legend(fontsize=8)
     fig.tight_layout()
