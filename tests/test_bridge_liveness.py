@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import msgpack
@@ -212,7 +213,12 @@ def test_sigkilled_client_is_cleaned_up_and_others_never_notice(server, ctx):
         victim = subprocess.Popen([sys.executable, "-c", VICTIM, ep, TOKEN, str(NEVER_ENDING)], stdout=subprocess.PIPE,
                                   text=True)
         try:
-            assert victim.stdout.readline().strip() == "streaming"
+            line: list[str] = []
+            reader = threading.Thread(target=lambda: line.append(victim.stdout.readline().strip()), daemon=True)
+            reader.start()
+            while reader.is_alive():   # the watcher keeps its lease while the victim starts (slow when loaded)
+                assert not watcher.poll(50)
+            assert line == ["streaming"]
             monitor = Raw(ep, ctx)                # from here on it talks at every token: its lease never lapses
             assert monitor.stats()["clients"] >= 3
             killed: dict[str, float] = {}
