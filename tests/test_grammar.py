@@ -124,3 +124,26 @@ def test_sampler_masks_only_the_constrained_rows_and_logprobs_stay_raw(llama3):
     raw = torch.log_softmax(logits[1], -1)
     assert out.logprobs[1].top == free.logprobs[1].top                 # from the unfiltered distribution
     assert out.logprobs[1].logprob == pytest.approx(raw[out.token_ids[1]].item(), abs=1e-6)
+
+
+def test_threads_get_their_own_originals_with_the_same_masks(tokenizer_dir):
+    """With mask threads, requests take turns over one compiled original per thread (copies of one original
+    share its lexer and would not compute in parallel); every copy allows the same tokens at the same place,
+    and several rows' masks computed together equal each computed alone."""
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    grammars = Grammars(lambda: tok.hf_tokenizer.to_str(), tok.vocab_size, tok.eos_token_ids, threads=3)
+    source = json.dumps(SCHEMA)
+    constraints = [grammars.start("json_schema", source) for _ in range(7)]
+    assert grammars.compiled == 1
+    assert len(grammars._cache[("json_schema", source)]._originals) == 3
+    prefix = tok.encode('{"action":"open', add_special_tokens=False)
+    for c in constraints:
+        for token in prefix:
+            assert c.advance(token) is None
+    together = grammars.fill_masks(constraints)
+    fresh = [grammars.start("json_schema", source) for _ in range(7)]
+    for c in fresh:
+        for token in prefix:
+            assert c.advance(token) is None
+        assert torch.equal(grammars.fill_masks([c])[0], together[0])
+    assert all(torch.equal(row, together[0]) for row in together)

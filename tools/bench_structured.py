@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine  # noqa: E402
@@ -94,6 +96,49 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             "timeline_s": [t - t0 for t in reported]}
 
 
+def probe_masks(engine: LLMEngine, rows: int, seed: int = 0) -> dict:
+    """One row's mask at a time, one thread: what each position of a reply costs, by how many characters remain
+    in the string being written (the schema's strings are bounded). Tokens are drawn uniformly from those the
+    mask allows, as random weights do."""
+    import random
+    rng = random.Random(seed)
+    grammars = engine.grammars
+    cost: dict[str, list[float]] = {}
+    limits = {k: v.get("maxLength") for k, v in SCHEMA["properties"].items()}
+    for _ in range(rows):
+        constraint, text = grammars.start("json_schema", json.dumps(SCHEMA)), ""
+        while not constraint.complete:
+            t = time.perf_counter()
+            mask = grammars.fill_masks([constraint])[0]
+            dt = time.perf_counter() - t
+            bits = ((mask[:, None] >> torch.arange(32)) & 1).reshape(-1)[:grammars.vocab_size]
+            allowed = bits.nonzero().flatten().tolist()
+            cost.setdefault(_where(text, limits), []).append(dt)
+            token = allowed[rng.randrange(len(allowed))]
+            if constraint.advance(token) is not None:
+                break
+            text += engine.tokenizer.decode([token])
+    return {k: {"n": len(v), "median_ms": 1000 * statistics.median(v), "mean_ms": 1000 * statistics.fmean(v),
+                "max_ms": 1000 * max(v)} for k, v in sorted(cost.items(), key=_left)}
+
+
+def _where(text: str, limits: dict) -> str:
+    """'structure', or the characters left in the bounded string being written (bucketed)."""
+    key_end = text.rfind('":"')
+    if key_end < 0 or '"' in text[key_end + 3:]:
+        return "structure"
+    key = text[text.rfind('"', 0, key_end) + 1:key_end]
+    limit = limits.get(key)
+    if limit is None:
+        return "structure"
+    left = limit - len(text[key_end + 3:])
+    return "string, " + next(f"<= {b} chars left" for b in (2, 5, 10, 20, 40, 80) if left <= b)
+
+
+def _left(item: tuple[str, list[float]]) -> int:
+    return int(item[0].split()[2]) if item[0].startswith("string") else 10**6
+
+
 def _parses(text: str) -> bool:
     try:
         json.loads(text)
@@ -114,6 +159,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench_structured.json")
     parser.add_argument("--plot", default=None, help="PNG: the step timeline of the largest batch, free and "
                         "constrained (matplotlib, a tool dependency only)")
+    parser.add_argument("--grammar-threads", type=int, default=None, help="GeneratorParams.grammar_threads")
+    parser.add_argument("--probe", type=int, default=0, metavar="ROWS",
+                        help="also time ROWS replies' masks one at a time, by position (1 thread)")
     parser.add_argument("--replot", default=None, help="draw --plot from an earlier --out JSON and exit")
     args = parser.parse_args()
     if args.replot:
@@ -122,9 +170,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     overlap = {"default": None, "on": True, "off": False}[args.overlap]
     gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap,
-                          result_cache_entries=0)   # measure compute: repeats must not be answered from the cache
+                          result_cache_entries=0, grammar_threads=args.grammar_threads)   # measure compute: repeats must not be answered from the cache
     rows = []
     with LLMEngine(args.model, gen, device=args.device) as engine:
+        probe = probe_masks(engine, args.probe) if args.probe else None
         run(engine, 1, 8, True, 0)            # warm-up: compiles the schema, builds llguidance's token trie
         run(engine, max(batches), 8, False, 0)
         for batch in batches:
@@ -140,7 +189,8 @@ def main() -> None:
             rows.append({"batch": batch, "free": free, "constrained": cons, "step_overhead_pct": overhead,
                          "interval_overhead_pct": interval})
         meta = {"model": engine.model_name, "device": str(engine.device), "dtype": str(engine.dtype),
-                "overlap_steps": engine.overlap_steps, "tokens": args.tokens, "schema_fields": len(SCHEMA["properties"])}
+                "overlap_steps": engine.overlap_steps, "tokens": args.tokens, "schema_fields": len(SCHEMA["properties"]),
+                "grammar_threads": engine.grammars.threads}
     print(f"model {meta['model']} on {meta['device']} ({meta['dtype']}, overlap_steps={meta['overlap_steps']}); "
           f"10-field schema, up to {args.tokens} tokens")
     print(f"{'batch':>5} {'free ms/step':>13} {'schema ms/step':>15} {'overhead':>9} "
@@ -152,7 +202,12 @@ def main() -> None:
               f"{r['step_overhead_pct']:>8.1f}% {f['interval_ms_median'] or 0:>11.2f}/{c['interval_ms_median'] or 0:<12.2f}"
               f"{gap} {c['mask_ms_median']:>8.3f} "
               f"{f['steps_ahead']:>11}/{c['steps_ahead']:<12} {c['parsed']:>3}/{r['batch']}")
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if probe:
+        print(f"masks one row at a time ({args.probe} replies, 1 thread), by position:")
+        for where, c in probe.items():
+            print(f"  {where:<28} n={c['n']:>5}  median {c['median_ms']:.3f} ms  mean {c['mean_ms']:.3f}  "
+                  f"max {c['max_ms']:.2f}")
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "probe": probe}, indent=1))
     print(f"wrote {args.out}")
     if args.plot:
         plot({"meta": meta, "rows": rows}, args.plot)

@@ -96,10 +96,11 @@ class LLMEngine:
         self.step_seconds: deque[float] = deque(maxlen=512)
         # Structured output: constraints compiled once per content; their masks are computed on the engine
         # thread once the step's forward is queued (on a GPU they take the time the device computes anyway),
-        # with one thread on the CPU (the model's are busy) and up to 4 of the idle cores beside a GPU. Not on
-        # a worker thread: handing the GIL back and forth with the busy engine thread cost 1.6 ms a step at
-        # batch 16, seven times the masks themselves (docs/benchmarks.md, issue 21).
-        mask_threads = 1 if self.device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
+        # with one thread on the CPU (the model's are busy) and half the usable cores (up to 8) beside a GPU.
+        # Not on a worker thread: handing the GIL back and forth with the busy engine thread cost 1.6 ms a step
+        # at batch 16, seven times the masks themselves (docs/benchmarks.md, issue 21).
+        usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        mask_threads = gen.grammar_threads or (1 if self.device.type == "cpu" else max(1, min(8, usable_cores // 2)))
         self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
                                  sorted(self.eos_token_ids), threads=mask_threads)
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every

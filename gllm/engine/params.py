@@ -33,6 +33,9 @@ class GeneratorParams:
     prompt_special_tokens: bool = True
     dtype: str = "auto"                # "auto" (see gllm/engine/device_dtype.py), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
+    # Threads computing a step's structured-output masks; default 1 on the CPU (the model's threads are busy),
+    # half the cores up to 4 beside a GPU.
+    grammar_threads: int | None = None
     # Raise the engine's compute threads' nice value by this (Linux; below-normal priority on Windows), so the
     # game's threads win when cores are short. 0: the caller's priority. Servers use SERVER_COMPUTE_NICE.
     compute_nice: int = 0
@@ -77,7 +80,9 @@ class GeneratorParams:
             raise ValueError(f"result_cache_entries must be an integer >= 0, got {self.result_cache_entries!r}")
         if not (isinstance(self.result_cache_mb, (int, float)) and self.result_cache_mb >= 0):
             raise ValueError(f"result_cache_mb must be >= 0, got {self.result_cache_mb!r}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads!r}")
+        for name in ("cpu_threads", "grammar_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.quantization not in (None, "float"):
             QuantConfig(self.quantization, self.quant_group_size)   # raises ValueError naming what is wrong

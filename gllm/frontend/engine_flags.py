@@ -15,6 +15,8 @@ _SIZING = (("--max-batch-size", int, "sequences decoding at once"),
            ("--kv-cache-tokens", int, "KV cache capacity in tokens"),
            ("--kv-cache-mb", float, "or a KV cache budget in MiB"),
            ("--cpu-threads", int, "torch threads on CPU"),
+           ("--grammar-threads", int, "threads computing structured-output masks (default: 1 on the CPU, half "
+                                      "the cores up to 8 beside a GPU)"),
            ("--max-waiting-requests", int, "requests queued beyond which new ones are refused (busy / 503)"))
 
 
@@ -50,6 +52,7 @@ def generator_params(args: argparse.Namespace):
     fields = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len, "block_size": args.block_size,
               "max_step_tokens": args.max_step_tokens, "kv_cache_tokens": args.kv_cache_tokens,
               "kv_cache_mb": args.kv_cache_mb, "cpu_threads": args.cpu_threads, "dtype": args.dtype,
+              "grammar_threads": args.grammar_threads,
               "max_waiting_requests": args.max_waiting_requests, "quantization": args.quantization,
               "quant_group_size": args.quant_group_size}
     fields["result_cache_entries"] = getattr(args, "result_cache_entries", None)
