@@ -92,51 +92,102 @@ def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool | None
 
 
 @triton.jit
-def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def _quant_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The codes are read as 32-bit words (8 four-bit or 4 eight-bit codes: 16-byte loads along K). A code
+    # becomes a float without a conversion instruction: OR-ed into the mantissa of 2^23 and the 2^23 taken off
+    # again (exact). Each word's codes are multiplied by x and summed in the thread; the group's scale (and
+    # offset times the sum of x) is applied once per word, and the sum over K is reduced once, at the end.
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    MASK: tl.constexpr = (1 << BITS) - 1
+    FLIP: tl.constexpr = 0 if BITS == 4 else 0x80            # int8: two's complement to offset-128 binary
+    OFFSET: tl.constexpr = 8388608.0 if BITS == 4 else 8388736.0   # 2^23 (+ 128 for int8)
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     rows = tl.arange(0, ROWS)
     m_ok = rows < M
+    row_words = K // PER_WORD
     groups = K // GROUP
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    if BITS == 4:
-        HALF: tl.constexpr = BLOCK_K // 2
-        for k0 in range(0, K, BLOCK_K):
-            js = k0 // 2 + tl.arange(0, HALF)              # byte j holds elements 2j and 2j + 1
-            j_ok = js < K // 2
-            w_ok = n_ok[:, None] & j_ok[None, :]
-            b = tl.load(q_ptr + ns[:, None] * (K // 2) + js[None, :], mask=w_ok, other=0)
-            g = (2 * js) // GROUP
-            s = tl.load(s_ptr + ns[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
-            lo = (b & 0xF).to(tl.float32) * s
-            hi = (b >> 4).to(tl.float32) * s
-            if HAS_ZERO:
-                z = tl.load(z_ptr + ns[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
-                lo += z
-                hi += z
-            x_ok = m_ok[:, None] & j_ok[None, :]
-            xe = tl.load(x_ptr + rows[:, None] * stride_xm + 2 * js[None, :], mask=x_ok, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + rows[:, None] * stride_xm + 2 * js[None, :] + 1, mask=x_ok,
-                         other=0.0).to(tl.float32)
-            acc += tl.sum(xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :], axis=2)
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            w_ok = n_ok[:, None] & k_ok[None, :]
-            q = tl.load(q_ptr + ns[:, None] * K + ks[None, :], mask=w_ok, other=0)
-            g = ks // GROUP
-            w = q.to(tl.float32) * tl.load(s_ptr + ns[:, None] * groups + g[None, :], mask=w_ok,
-                                           other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                w += tl.load(z_ptr + ns[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    out = acc.to(out_ptr.dtype.element_ty)
+    shifts = BITS * tl.arange(0, PER_WORD)
+    lanes = tl.arange(0, PER_WORD)
+    acc = tl.zeros([ROWS, BLOCK_N, WORDS], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        js = k0 // PER_WORD + tl.arange(0, WORDS)
+        j_ok = js < row_words
+        w_ok = n_ok[:, None] & j_ok[None, :]
+        words = tl.load(w_ptr + ns[:, None] * row_words + js[None, :], mask=w_ok, other=0)
+        codes = (((words[:, :, None] >> shifts[None, None, :]) & MASK) ^ FLIP) | 0x4B000000
+        q = codes.to(tl.float32, bitcast=True) - OFFSET                            # [BLOCK_N, WORDS, PER_WORD]
+        ks = js[:, None] * PER_WORD + lanes[None, :]
+        x = tl.load(x_ptr + rows[:, None, None] * stride_xm + ks[None, :, :],
+                    mask=m_ok[:, None, None] & j_ok[None, :, None], other=0.0).to(tl.float32)  # [ROWS, WORDS, PER_WORD]
+        part = tl.sum(x[:, None, :, :] * q[None, :, :, :], axis=3)                # [ROWS, BLOCK_N, WORDS]
+        g = (js * PER_WORD) // GROUP
+        s = tl.load(s_ptr + ns[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
+        acc += part * s[None, :, :]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + ns[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(x, axis=2)[:, None, :] * z[None, :, :]
+    out = tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_om + ns[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                           GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One row of x. The codes are loaded as [BLOCK_N, groups, words of a group] 32-bit words (a group of 32
+    # four-bit codes is one 16-byte load). The i-th code of every word is taken out in turn and OR-ed into the
+    # top of the mantissa of 1.0: f = 1 + u / 2^BITS, exact, with no conversion instruction (u: the code as
+    # offset binary). x comes permuted and in float32 (xp[i, j] = x[PER_WORD * j + i]), so its values for code
+    # i are one contiguous load. Per group: sum(u x) = 2^BITS (sum(f x) - sum(x)); the scale and offset are
+    # applied once per group, and the sum along K is reduced once, at the end.
+    PER_WORD: tl.constexpr = 32 // BITS
+    GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    MASK: tl.constexpr = (1 << BITS) - 1
+    TOP: tl.constexpr = 23 - BITS                           # where a code sits in the mantissa
+    FLIP: tl.constexpr = 0 if BITS == 4 else 0x80            # int8: two's complement to offset binary
+    SPAN: tl.constexpr = 1 << BITS
+    BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0         # int8: code = u - 128
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    row_words = K // PER_WORD
+    groups = K // GROUP
+    in_group = tl.arange(0, GROUP_WORDS)
+    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for g0 in range(0, groups, GROUPS):
+        gs = g0 + tl.arange(0, GROUPS)
+        g_ok = gs < groups
+        js = gs[:, None] * GROUP_WORDS + in_group[None, :]                           # [GROUPS, GROUP_WORDS]
+        w_ok = n_ok[:, None, None] & g_ok[None, :, None]
+        words = tl.load(w_ptr + ns[:, None, None] * row_words + js[None, :, :], mask=w_ok, other=0)
+        part = tl.zeros([BLOCK_N, GROUPS, GROUP_WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([GROUPS, GROUP_WORDS], dtype=tl.float32)
+        for i in tl.static_range(PER_WORD):
+            xi = tl.load(xp_ptr + i * row_words + js, mask=g_ok[:, None], other=0.0)
+            if TOP >= BITS * i:
+                moved = words << (TOP - BITS * i)
+            else:
+                moved = words >> (BITS * i - TOP)
+            if FLIP:
+                moved = moved ^ (FLIP << TOP)
+            f = ((moved & (MASK << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+            part += f * xi[None, :, :]
+            x_sum += xi
+        fx = tl.sum(part, axis=2)                                                    # [BLOCK_N, GROUPS]
+        xs = tl.sum(x_sum, axis=1)[None, :]                                          # [1, GROUPS]
+        scale = tl.load(s_ptr + ns[:, None] * groups + gs[None, :], mask=n_ok[:, None] & g_ok[None, :],
+                        other=0.0).to(tl.float32)
+        acc += scale * (SPAN * (fx - xs) - BIAS * xs)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + ns[:, None] * groups + gs[None, :], mask=n_ok[:, None] & g_ok[None, :],
+                           other=0.0).to(tl.float32)
+            acc += zero * xs
+    out = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + ns, out, mask=n_ok)
 
 
 class QuantGemvConfig(NamedTuple):
@@ -146,7 +197,7 @@ class QuantGemvConfig(NamedTuple):
     num_stages: int = 3
 
 
-DEFAULT_CONFIG = QuantGemvConfig(block_n=8, block_k=256)
+DEFAULT_CONFIG = QuantGemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
 
 
 def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
@@ -159,9 +210,21 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig = DEFAUL
     n = w.out_features
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     rows = max(1, triton.next_power_of_2(m))
+    per_word = 32 // w.bits
+    if w.group % per_word or w.q.stride(-1) != 1:
+        raise ValueError(f"quant_gemv needs groups of a multiple of {per_word} codes and contiguous codes")
+    words = w.q.view(torch.int32)            # [N, K // per_word]: the codes as little-endian 32-bit words
+    block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
     grid = (triton.cdiv(n, config.block_n),)
-    _quant_gemv_kernel[grid](x, w.q, w.scale, w.zero if w.zero is not None else w.scale, out, m, n, k,
+    if m == 1:
+        xp = x.float().view(k // per_word, per_word).t().contiguous()   # xp[i, j] = x[per_word * j + i]
+        _quant_gemv_row_kernel[grid](xp, words, w.scale, w.zero if w.zero is not None else w.scale, out, n, k,
+                                     GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
+                                     BLOCK_N=config.block_n, BLOCK_K=block_k,
+                                     num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
+    _quant_gemv_kernel[grid](x, words, w.scale, w.zero if w.zero is not None else w.scale, out, m, n, k,
                              x.stride(0), out.stride(0), GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
-                             ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                             ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=block_k,
                              num_warps=config.num_warps, num_stages=config.num_stages)
     return out
