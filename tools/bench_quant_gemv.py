@@ -30,15 +30,15 @@ import gllm.model  # noqa: E402,F401  (gllm.ops cannot be the first gllm package
 from gllm.ops import triton_quant_gemv as Q  # noqa: E402
 
 FORMATS = {"int4 g32": (4, 32, False), "int8 g32": (8, 32, True)}
-SWEEP = [Q.QuantGemvConfig(bn, bk, w, s) for bn, bk, w, s in
-         [(4, 2048, 4, 2), (4, 2048, 2, 2), (4, 2048, 4, 1), (4, 2048, 4, 3), (4, 2048, 4, 4), (8, 2048, 4, 3),
-          (4, 4096, 4, 3), (2, 2048, 2, 3), (8, 1024, 2, 3), (16, 1024, 4, 3), (4, 1024, 2, 4), (8, 1024, 4, 2)]]
+SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # one row: (row quads, block_k, warps, stages)
+         [(1, 2048, 2, 3), (1, 4096, 4, 2), (1, 2048, 4, 3), (2, 2048, 4, 3), (1, 1024, 2, 3), (2, 1024, 2, 3),
+          (4, 1024, 4, 2), (1, 4096, 8, 2)]]
 
 
 def copies(w: Q.QuantWeight) -> list[Q.QuantWeight]:
     count = max(1, min(CALLS, -(-L2_FLUSH_BYTES // w.nbytes)))
-    return [w] + [Q.QuantWeight(w.q.clone(), w.scale.clone(), None if w.zero is None else w.zero.clone(),
-                                w.bits, w.group, w.in_features) for _ in range(count - 1)]
+    return [w] + [w._replace(words=w.words.clone(), scale=w.scale.clone(),
+                             zero=None if w.zero is None else w.zero.clone()) for _ in range(count - 1)]
 
 
 def dense_time(dense: torch.Tensor, x: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ def dense_time(dense: torch.Tensor, x: torch.Tensor) -> float:
     return graph_time(lambda i: F.linear(x, ws[i % len(ws)]))
 
 
-def quant_time(w: Q.QuantWeight, x: torch.Tensor, config: Q.QuantGemvConfig = Q.DEFAULT_CONFIG) -> float:
+def quant_time(w: Q.QuantWeight, x: torch.Tensor, config: Q.QuantGemvConfig | None = None) -> float:
     ws = copies(w)
     return graph_time(lambda i: Q.quant_gemv(x, ws[i % len(ws)], config))
 
@@ -83,7 +83,7 @@ def main() -> None:
             print(line, flush=True)
             results["shapes"].append(row)
     if args.sweep:
-        print("\nsweep, one row, int4 g32: µs per config (block_n, block_k, warps, stages)")
+        print("\nsweep, one row, int4 g32: µs per config (row quads, block_k, warps, stages)")
         for model in args.models.split(","):
             for proj, n, k, _ in shapes(model):
                 w = Q.quantize(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 32)

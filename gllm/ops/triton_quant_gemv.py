@@ -1,16 +1,21 @@
-"""Decode-sized matmuls over weights kept in 4 or 8 bits, dequantized in registers (a first step of issue 22's GPU
-path: the kernel and its reference; the model does not call it yet).
+"""Decode-sized matmuls over weights kept in 4 or 8 bits, dequantized in registers (issue 22's GPU path: the
+kernels and their reference; the model does not call them yet).
 
-A weight is stored as `QuantWeight`: integer codes q, and per group of `group` consecutive K elements of an
-output row a scale and (optionally) an offset, so w[n, k] = q[n, k] * scale[n, g] + zero[n, g], g = k // group.
-That one affine form holds the formats a game ships: GGUF Q4_0 / Q8_0 (zero = -8 * scale / none), Q4_1 and
-Q4_K's sub-blocks (scale d * sc, zero -dmin * m), gllm's own int4/int8 quantization. Four-bit codes are packed
-two a byte, element 2j in the low nibble of byte j, element 2j + 1 in the high one; eight-bit codes are int8.
+A weight is w[n, k] = code[n, k] * scale[n, g] + zero[n, g], g = k // group: integer codes and, per group of
+`group` consecutive K elements of an output row, a scale and (optionally) an offset. That one affine form holds
+the formats a game ships: GGUF Q4_0 / Q8_0 (zero = -8 * scale / none), Q4_1 and Q4_K's sub-blocks (scale
+d * sc, zero -dmin * m), gllm's own int4/int8 quantization.
+
+Layout (`QuantWeight`, made by `QuantWeight.from_rows` once, at load): the codes as little-endian 32-bit words
+(8 four-bit codes, element 8j + i in bits 4i..4i+3 of word j; or 4 int8 codes), and output rows interleaved in
+fours: word j of rows 4a..4a+3 are one 16-byte vector, words[a, j, r]. A thread then loads four rows' codes
+for the same K positions at once and multiplies them by the same x values: x is read from cache once for four
+weights instead of once per weight, which was what bounded a row-major kernel (session 11, docs/benchmarks.md).
+Scales and offsets are interleaved the same way; rows are padded to a multiple of four.
 
 At batch 1 a linear layer's time is its weight's bytes over memory bandwidth, so reading 4.5 bits a weight
-instead of 16 is the whole point: each program owns `BLOCK_N` output columns over all of K (no split-K: one
-fixed summation order, no atomics), loads each weight tile once and uses it for every row (up to `MAX_ROWS`).
-The product accumulates in float32 and is rounded to x's dtype, as a linear's output would be.
+instead of 16 is the whole point. Each program owns whole output rows over all of K (no split-K: one fixed
+summation order, no atomics); products accumulate in float32 and are rounded to x's dtype, as a linear's are.
 """
 
 from __future__ import annotations
@@ -21,24 +26,50 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 8   # more rows: dequantize once (`dequantize`) and use a dense matmul
+MAX_ROWS = 8        # more rows: dequantize once (`dequantize`) and use a dense matmul
+INTERLEAVE = 4      # output rows sharing one 16-byte vector of codes
 
 
 class QuantWeight(NamedTuple):
-    q: torch.Tensor                # [N, K // 2] uint8 (bits 4) or [N, K] int8 (bits 8)
-    scale: torch.Tensor            # [N, K // group] float16
-    zero: torch.Tensor | None      # [N, K // group] float16, or None (w = q * scale)
+    words: torch.Tensor            # [ceil(N / 4), K // codes_per_word, 4] int32
+    scale: torch.Tensor            # [ceil(N / 4), K // group, 4] float16
+    zero: torch.Tensor | None      # like scale, or None (w = code * scale)
     bits: int
     group: int
     in_features: int
-
-    @property
-    def out_features(self) -> int:
-        return self.q.shape[0]
+    out_features: int
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero) if t is not None)
+
+    @staticmethod
+    def from_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                  group: int) -> QuantWeight:
+        """Row-major codes ([N, K // 2] uint8 packed by `pack_int4` for 4 bits, [N, K] int8 for 8) and
+        [N, K // group] scales/offsets, in the kernels' layout."""
+        n = codes.shape[0]
+        per_word = 32 // bits
+        k = codes.shape[1] * (2 if bits == 4 else 1)
+        if k % group or group % per_word:
+            raise ValueError(f"in_features {k} must be a multiple of the group {group}, itself of {per_word}")
+        words = codes.contiguous().view(torch.int32)
+        pad = -n % INTERLEAVE
+
+        def interleave(t: torch.Tensor) -> torch.Tensor:
+            t = torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+            return t.view(-1, INTERLEAVE, t.shape[1]).transpose(1, 2).contiguous()
+
+        return QuantWeight(interleave(words), interleave(scale.half()),
+                           None if zero is None else interleave(zero.half()), bits, group, k, n)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Row-major [N, K // codes_per_word] words and [N, K // group] scales/offsets (the inverse of
+        `from_rows`)."""
+        def deinterleave(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).reshape(-1, t.shape[1])[:self.out_features]
+        return (deinterleave(self.words), deinterleave(self.scale),
+                None if self.zero is None else deinterleave(self.zero))
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -53,12 +84,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[N, K] weights (the reference for the kernel, and the prefill path: dequantize once, then a dense matmul)."""
-    codes = unpack_int4(w.q) if w.bits == 4 else w.q
-    scale = w.scale.float().repeat_interleave(w.group, dim=1)
-    out = codes.float() * scale
-    if w.zero is not None:
-        out += w.zero.float().repeat_interleave(w.group, dim=1)
+    """[N, K] weights (the reference for the kernels, and the prefill path: dequantize once, then a dense
+    matmul)."""
+    words, scale, zero = w.rows()
+    raw = words.contiguous().view(torch.uint8 if w.bits == 4 else torch.int8)
+    codes = unpack_int4(raw) if w.bits == 4 else raw
+    out = codes.float() * scale.float().repeat_interleave(w.group, dim=1)
+    if zero is not None:
+        out += zero.float().repeat_interleave(w.group, dim=1)
     return out.to(dtype)
 
 
@@ -87,144 +120,144 @@ def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool | None
         codes = torch.round((w - zero.float()[..., None]) / scale[..., None]).clamp(0, top)
     codes = codes.view(n, k)
     q = pack_int4(codes) if bits == 4 else codes.to(torch.int8)
-    return QuantWeight(q.contiguous(), scale.half().contiguous(), None if zero is None else zero.contiguous(),
-                       bits, group, k)
+    return QuantWeight.from_rows(q, scale.half(), zero, bits, group)
 
 
 @triton.jit
-def _quant_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                       GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # The codes are read as 32-bit words (8 four-bit or 4 eight-bit codes: 16-byte loads along K). A code
-    # becomes a float without a conversion instruction: OR-ed into the mantissa of 2^23 and the 2^23 taken off
-    # again (exact). Each word's codes are multiplied by x and summed in the thread; the group's scale (and
-    # offset times the sum of x) is applied once per word, and the sum over K is reduced once, at the end.
+def _code_as_float(words, i: tl.constexpr, BITS: tl.constexpr):
+    """Code i of each word as 1 + u / 2^BITS (u: the code as offset binary), exact, without a conversion
+    instruction: the code is moved to the top of the mantissa and OR-ed into 1.0's bits."""
+    TOP: tl.constexpr = 23 - BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if TOP >= BITS * i:
+        moved = words << (TOP - BITS * i)
+    else:
+        moved = words >> (BITS * i - TOP)
+    if BITS == 8:
+        moved = moved ^ (0x80 << TOP)          # int8: two's complement to offset binary
+    return ((moved & (MASK << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                           GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
+    # One row of x; tiles [row quads, groups, words of a group, 4 rows]. x comes permuted and in float32
+    # (xp[i, j] = x[PER_WORD * j + i]), so its values for code i of a tile's words are one contiguous load.
+    # Per group: sum(u x) = 2^BITS (sum(f x) - sum(x)) for f = 1 + u / 2^BITS; the scale (and offset times
+    # sum(x)) is applied once per group, and the sum along K is reduced once, at the end.
+    PER_WORD: tl.constexpr = 32 // BITS
+    GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    SPAN: tl.constexpr = 1 << BITS
+    BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0     # int8: code = u - 128
+    quads = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    q_ok = quads < (N + R - 1) // R
+    row_words = K // PER_WORD
+    groups = K // GROUP
+    lanes = tl.arange(0, R)
+    acc = tl.zeros([BLOCK_R, GROUPS, R], dtype=tl.float32)
+    for g0 in range(0, groups, GROUPS):
+        gs = g0 + tl.arange(0, GROUPS)
+        g_ok = gs < groups
+        js = gs[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]             # [GROUPS, GROUP_WORDS]
+        words = tl.load(w_ptr + (quads[:, None, None, None] * row_words + js[None, :, :, None]) * R
+                        + lanes[None, None, None, :],
+                        mask=q_ok[:, None, None, None] & g_ok[None, :, None, None], other=0)
+        part = tl.zeros([BLOCK_R, GROUPS, GROUP_WORDS, R], dtype=tl.float32)
+        x_sum = tl.zeros([GROUPS, GROUP_WORDS], dtype=tl.float32)
+        for i in tl.static_range(PER_WORD):
+            xi = tl.load(xp_ptr + i * row_words + js, mask=g_ok[:, None], other=0.0)
+            part += _code_as_float(words, i, BITS) * xi[None, :, :, None]
+            x_sum += xi
+        fx = tl.sum(part, axis=2)                                                        # [BLOCK_R, GROUPS, R]
+        xs = tl.sum(x_sum, axis=1)[None, :, None]
+        at = (quads[:, None, None] * groups + gs[None, :, None]) * R + lanes[None, None, :]
+        ok = q_ok[:, None, None] & g_ok[None, :, None]
+        scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        acc += scale * (SPAN * (fx - xs) - BIAS * xs)
+        if HAS_ZERO:
+            acc += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32) * xs
+    ns = quads[:, None] * R + lanes[None, :]
+    tl.store(out_ptr + ns, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=ns < N)
+
+
+@triton.jit
+def _quant_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
+    # Up to MAX_ROWS rows of x, each weight tile loaded once for all of them (a first version: slower per
+    # weight than the one-row kernel).
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    MASK: tl.constexpr = (1 << BITS) - 1
-    FLIP: tl.constexpr = 0 if BITS == 4 else 0x80            # int8: two's complement to offset-128 binary
-    OFFSET: tl.constexpr = 8388608.0 if BITS == 4 else 8388736.0   # 2^23 (+ 128 for int8)
+    SPAN: tl.constexpr = 1 << BITS
+    BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     rows = tl.arange(0, ROWS)
     m_ok = rows < M
     row_words = K // PER_WORD
     groups = K // GROUP
-    shifts = BITS * tl.arange(0, PER_WORD)
     lanes = tl.arange(0, PER_WORD)
     acc = tl.zeros([ROWS, BLOCK_N, WORDS], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        js = k0 // PER_WORD + tl.arange(0, WORDS)
+    for j0 in range(0, row_words, WORDS):
+        js = j0 + tl.arange(0, WORDS)
         j_ok = js < row_words
         w_ok = n_ok[:, None] & j_ok[None, :]
-        words = tl.load(w_ptr + ns[:, None] * row_words + js[None, :], mask=w_ok, other=0)
-        codes = (((words[:, :, None] >> shifts[None, None, :]) & MASK) ^ FLIP) | 0x4B000000
-        q = codes.to(tl.float32, bitcast=True) - OFFSET                            # [BLOCK_N, WORDS, PER_WORD]
+        words = tl.load(w_ptr + ((ns[:, None] // R) * row_words + js[None, :]) * R + ns[:, None] % R,
+                        mask=w_ok, other=0)
+        codes = (words[:, :, None] >> (BITS * lanes)[None, None, :]) & ((1 << BITS) - 1)
+        if BITS == 8:
+            codes = codes ^ 0x80                                                    # offset binary
+        fs = ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)   # 1 + u / 2^BITS
         ks = js[:, None] * PER_WORD + lanes[None, :]
         x = tl.load(x_ptr + rows[:, None, None] * stride_xm + ks[None, :, :],
-                    mask=m_ok[:, None, None] & j_ok[None, :, None], other=0.0).to(tl.float32)  # [ROWS, WORDS, PER_WORD]
-        part = tl.sum(x[:, None, :, :] * q[None, :, :, :], axis=3)                # [ROWS, BLOCK_N, WORDS]
-        g = (js * PER_WORD) // GROUP
-        s = tl.load(s_ptr + ns[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
-        acc += part * s[None, :, :]
+                    mask=m_ok[:, None, None] & j_ok[None, :, None], other=0.0).to(tl.float32)
+        fx = tl.sum(x[:, None, :, :] * fs[None, :, :, :], axis=3)                  # [ROWS, BLOCK_N, WORDS]
+        xs = tl.sum(x, axis=2)[:, None, :]
+        at = ((ns[:, None] // R) * groups + (js[None, :] * PER_WORD) // GROUP) * R + ns[:, None] % R
+        scale = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)[None, :, :]
+        acc += scale * (SPAN * (fx - xs) - BIAS * xs)
         if HAS_ZERO:
-            z = tl.load(z_ptr + ns[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
-            acc += tl.sum(x, axis=2)[:, None, :] * z[None, :, :]
+            acc += tl.load(z_ptr + at, mask=w_ok, other=0.0).to(tl.float32)[None, :, :] * xs
     out = tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_om + ns[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-                           GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One row of x. The codes are loaded as [BLOCK_N, groups, words of a group] 32-bit words (a group of 32
-    # four-bit codes is one 16-byte load). The i-th code of every word is taken out in turn and OR-ed into the
-    # top of the mantissa of 1.0: f = 1 + u / 2^BITS, exact, with no conversion instruction (u: the code as
-    # offset binary). x comes permuted and in float32 (xp[i, j] = x[PER_WORD * j + i]), so its values for code
-    # i are one contiguous load. Per group: sum(u x) = 2^BITS (sum(f x) - sum(x)); the scale and offset are
-    # applied once per group, and the sum along K is reduced once, at the end.
-    PER_WORD: tl.constexpr = 32 // BITS
-    GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    MASK: tl.constexpr = (1 << BITS) - 1
-    TOP: tl.constexpr = 23 - BITS                           # where a code sits in the mantissa
-    FLIP: tl.constexpr = 0 if BITS == 4 else 0x80            # int8: two's complement to offset binary
-    SPAN: tl.constexpr = 1 << BITS
-    BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0         # int8: code = u - 128
-    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < N
-    row_words = K // PER_WORD
-    groups = K // GROUP
-    in_group = tl.arange(0, GROUP_WORDS)
-    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    for g0 in range(0, groups, GROUPS):
-        gs = g0 + tl.arange(0, GROUPS)
-        g_ok = gs < groups
-        js = gs[:, None] * GROUP_WORDS + in_group[None, :]                           # [GROUPS, GROUP_WORDS]
-        w_ok = n_ok[:, None, None] & g_ok[None, :, None]
-        words = tl.load(w_ptr + ns[:, None, None] * row_words + js[None, :, :], mask=w_ok, other=0)
-        part = tl.zeros([BLOCK_N, GROUPS, GROUP_WORDS], dtype=tl.float32)
-        x_sum = tl.zeros([GROUPS, GROUP_WORDS], dtype=tl.float32)
-        for i in tl.static_range(PER_WORD):
-            xi = tl.load(xp_ptr + i * row_words + js, mask=g_ok[:, None], other=0.0)
-            if TOP >= BITS * i:
-                moved = words << (TOP - BITS * i)
-            else:
-                moved = words >> (BITS * i - TOP)
-            if FLIP:
-                moved = moved ^ (FLIP << TOP)
-            f = ((moved & (MASK << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
-            part += f * xi[None, :, :]
-            x_sum += xi
-        fx = tl.sum(part, axis=2)                                                    # [BLOCK_N, GROUPS]
-        xs = tl.sum(x_sum, axis=1)[None, :]                                          # [1, GROUPS]
-        scale = tl.load(s_ptr + ns[:, None] * groups + gs[None, :], mask=n_ok[:, None] & g_ok[None, :],
-                        other=0.0).to(tl.float32)
-        acc += scale * (SPAN * (fx - xs) - BIAS * xs)
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + ns[:, None] * groups + gs[None, :], mask=n_ok[:, None] & g_ok[None, :],
-                           other=0.0).to(tl.float32)
-            acc += zero * xs
-    out = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + ns, out, mask=n_ok)
-
-
 class QuantGemvConfig(NamedTuple):
-    block_n: int
+    block: int        # one row: row quads per program; several rows: output rows per program
     block_k: int
-    num_warps: int = 4
+    num_warps: int = 2
     num_stages: int = 3
 
 
-DEFAULT_CONFIG = QuantGemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
+ROW_CONFIG = QuantGemvConfig(block=1, block_k=2048, num_warps=2, num_stages=3)
+ROWS_CONFIG = QuantGemvConfig(block=8, block_k=256, num_warps=4, num_stages=3)
 
 
-def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
+def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) times the dequantized weight, transposed: [M, N] in x's dtype."""
     m, k = x.shape
     if k != w.in_features or m > MAX_ROWS:
         raise ValueError(f"quant_gemv takes [<= {MAX_ROWS}, {w.in_features}] inputs, got {list(x.shape)}")
+    n, per_word = w.out_features, 32 // w.bits
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    zero = w.zero if w.zero is not None else w.scale
+    if m == 1:
+        config = config or ROW_CONFIG
+        xp = x.float().view(k // per_word, per_word).t().contiguous()   # xp[i, j] = x[per_word * j + i]
+        block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
+        grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
+        _quant_gemv_row_kernel[grid](xp, w.words, w.scale, zero, out, n, k, GROUP=w.group, BITS=w.bits,
+                                     HAS_ZERO=w.zero is not None, BLOCK_R=config.block, BLOCK_K=block_k,
+                                     R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
+    config = config or ROWS_CONFIG
     if x.stride(1) != 1:
         x = x.contiguous()
-    n = w.out_features
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    rows = max(1, triton.next_power_of_2(m))
-    per_word = 32 // w.bits
-    if w.group % per_word or w.q.stride(-1) != 1:
-        raise ValueError(f"quant_gemv needs groups of a multiple of {per_word} codes and contiguous codes")
-    words = w.q.view(torch.int32)            # [N, K // per_word]: the codes as little-endian 32-bit words
-    block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(n, config.block_n),)
-    if m == 1:
-        xp = x.float().view(k // per_word, per_word).t().contiguous()   # xp[i, j] = x[per_word * j + i]
-        _quant_gemv_row_kernel[grid](xp, words, w.scale, w.zero if w.zero is not None else w.scale, out, n, k,
-                                     GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
-                                     BLOCK_N=config.block_n, BLOCK_K=block_k,
-                                     num_warps=config.num_warps, num_stages=config.num_stages)
-        return out
-    _quant_gemv_kernel[grid](x, words, w.scale, w.zero if w.zero is not None else w.scale, out, m, n, k,
-                             x.stride(0), out.stride(0), GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
-                             ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=block_k,
-                             num_warps=config.num_warps, num_stages=config.num_stages)
+    block_k = min(config.block_k, max(per_word * 16, triton.next_power_of_2(k)))
+    _quant_gemv_rows_kernel[(triton.cdiv(n, config.block),)](
+        x, w.words, w.scale, zero, out, m, n, k, x.stride(0), out.stride(0), GROUP=w.group, BITS=w.bits,
+        HAS_ZERO=w.zero is not None, ROWS=triton.next_power_of_2(m), BLOCK_N=config.block, BLOCK_K=block_k,
+        R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
