@@ -33,6 +33,9 @@ FORMATS = {"int4 g32": (4, 32, False), "int8 g32": (8, 32, True)}
 SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # one row: (row quads, block_k, warps, stages)
          [(1, 2048, 2, 3), (1, 4096, 4, 2), (1, 2048, 4, 3), (2, 2048, 4, 3), (1, 1024, 2, 3), (2, 1024, 2, 3),
           (4, 1024, 4, 2), (1, 4096, 8, 2)]]
+ROWS_SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # several rows: (output rows, block_k, ...)
+              [(64, 256, 4, 3), (32, 256, 4, 3), (64, 512, 4, 3), (128, 256, 8, 3), (32, 512, 4, 3),
+               (16, 512, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3)]]
 
 
 def copies(w: Q.QuantWeight) -> list[Q.QuantWeight]:
@@ -83,22 +86,25 @@ def main() -> None:
             print(line, flush=True)
             results["shapes"].append(row)
     if args.sweep:
-        print("\nsweep, one row, int4 g32: µs per config (row quads, block_k, warps, stages)")
-        for model in args.models.split(","):
-            for proj, n, k, _ in shapes(model):
-                w = Q.quantize(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 32)
-                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-                timings = []
-                for config in SWEEP:
-                    try:
-                        timings.append((quant_time(w, x, config), config))
-                    except Exception as exc:   # a config the compiler refuses (registers, shared memory)
-                        print(f"  {config}: {type(exc).__name__}")
-                best = min(timings, key=lambda tc: tc[0])
-                print(f"{model + ' ' + proj:<14} " + "  ".join(f"{tuple(c)}={t * 1e6:.1f}" for t, c in timings)
-                      + f"  best {tuple(best[1])} ({100 * w.nbytes / best[0] / bandwidth:.0f}% copy)", flush=True)
-                results["sweep"].append(dict(model=model, proj=proj, n=n, k=k,
-                                             timings=[(t, list(c)) for t, c in timings]))
+        for m in rows:
+            configs = SWEEP if m == 1 else ROWS_SWEEP
+            print(f"\nsweep, {m} row(s), int4 g32: µs per config ({'row quads' if m == 1 else 'output rows'}, "
+                  "block_k, warps, stages)")
+            for model in args.models.split(","):
+                for proj, n, k, _ in shapes(model):
+                    w = Q.quantize(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 32)
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    timings = []
+                    for config in configs:
+                        try:
+                            timings.append((quant_time(w, x, config), config))
+                        except Exception as exc:   # a config the compiler refuses (registers, shared memory)
+                            print(f"  {config}: {type(exc).__name__}")
+                    best = min(timings, key=lambda tc: tc[0])
+                    print(f"{model + ' ' + proj:<14} " + "  ".join(f"{tuple(c)}={t * 1e6:.1f}" for t, c in timings)
+                          + f"  best {tuple(best[1])} ({100 * w.nbytes / best[0] / bandwidth:.0f}% copy)", flush=True)
+                    results["sweep"].append(dict(model=model, proj=proj, n=n, k=k, m=m,
+                                                 timings=[(t, list(c)) for t, c in timings]))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

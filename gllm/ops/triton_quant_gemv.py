@@ -183,13 +183,17 @@ def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
 
 
 @triton.jit
-def _quant_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def _quant_gemv_rows_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_om,
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ROWS: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
-    # Up to MAX_ROWS rows of x, each weight tile loaded once for all of them (a first version: slower per
-    # weight than the one-row kernel).
+    # Several rows of x (padded to ROWS >= 16 for the tensor cores): each tile of codes is dequantized once, in
+    # registers, to x's dtype and multiplied into every row with tl.dot. x comes permuted, xp[m, i, j] =
+    # x[m, PER_WORD * j + i], so code i of a tile's words meets a [ROWS, words] slice of x: one dot per code
+    # position. Weights are w = (f - 1) * 2^BITS * scale + zero for f = 1 + u / 2^BITS (u - 128 for int8),
+    # i.e. f * a + b with a = 2^BITS * scale and b = zero - a (- 128 scale), per group.
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
     SPAN: tl.constexpr = 1 << BITS
     BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -198,29 +202,25 @@ def _quant_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride
     m_ok = rows < M
     row_words = K // PER_WORD
     groups = K // GROUP
-    lanes = tl.arange(0, PER_WORD)
-    acc = tl.zeros([ROWS, BLOCK_N, WORDS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for j0 in range(0, row_words, WORDS):
         js = j0 + tl.arange(0, WORDS)
         j_ok = js < row_words
-        w_ok = n_ok[:, None] & j_ok[None, :]
-        words = tl.load(w_ptr + ((ns[:, None] // R) * row_words + js[None, :]) * R + ns[:, None] % R,
-                        mask=w_ok, other=0)
-        codes = (words[:, :, None] >> (BITS * lanes)[None, None, :]) & ((1 << BITS) - 1)
-        if BITS == 8:
-            codes = codes ^ 0x80                                                    # offset binary
-        fs = ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)   # 1 + u / 2^BITS
-        ks = js[:, None] * PER_WORD + lanes[None, :]
-        x = tl.load(x_ptr + rows[:, None, None] * stride_xm + ks[None, :, :],
-                    mask=m_ok[:, None, None] & j_ok[None, :, None], other=0.0).to(tl.float32)
-        fx = tl.sum(x[:, None, :, :] * fs[None, :, :, :], axis=3)                  # [ROWS, BLOCK_N, WORDS]
-        xs = tl.sum(x, axis=2)[:, None, :]
-        at = ((ns[:, None] // R) * groups + (js[None, :] * PER_WORD) // GROUP) * R + ns[:, None] % R
-        scale = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)[None, :, :]
-        acc += scale * (SPAN * (fx - xs) - BIAS * xs)
+        w_ok = j_ok[:, None] & n_ok[None, :]
+        words = tl.load(w_ptr + ((ns[None, :] // R) * row_words + js[:, None]) * R + ns[None, :] % R,
+                        mask=w_ok, other=0)                                          # [WORDS, BLOCK_N]
+        at = ((ns[None, :] // R) * groups + js[:, None] // GROUP_WORDS) * R + ns[None, :] % R
+        scale = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
+        a = SPAN * scale
+        b = -a - BIAS * scale
         if HAS_ZERO:
-            acc += tl.load(z_ptr + at, mask=w_ok, other=0.0).to(tl.float32)[None, :, :] * xs
-    out = tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty)
+            b += tl.load(z_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
+        for i in tl.static_range(PER_WORD):
+            w = (_code_as_float(words, i, BITS) * a + b).to(xp_ptr.dtype.element_ty)
+            xi = tl.load(xp_ptr + (rows[:, None] * PER_WORD + i) * row_words + js[None, :],
+                         mask=m_ok[:, None] & j_ok[None, :], other=0.0)             # [ROWS, WORDS]
+            acc += tl.dot(xi, w, input_precision="ieee")
+    out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_om + ns[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -232,7 +232,7 @@ class QuantGemvConfig(NamedTuple):
 
 
 ROW_CONFIG = QuantGemvConfig(block=1, block_k=2048, num_warps=2, num_stages=3)
-ROWS_CONFIG = QuantGemvConfig(block=8, block_k=256, num_warps=4, num_stages=3)
+ROWS_CONFIG = QuantGemvConfig(block=64, block_k=256, num_warps=4, num_stages=3)
 
 
 def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None = None) -> torch.Tensor:
@@ -253,11 +253,10 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None =
                                      R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     config = config or ROWS_CONFIG
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    xp = x.view(m, k // per_word, per_word).transpose(1, 2).contiguous()   # xp[m, i, j] = x[m, per_word * j + i]
     block_k = min(config.block_k, max(per_word * 16, triton.next_power_of_2(k)))
     _quant_gemv_rows_kernel[(triton.cdiv(n, config.block),)](
-        x, w.words, w.scale, zero, out, m, n, k, x.stride(0), out.stride(0), GROUP=w.group, BITS=w.bits,
-        HAS_ZERO=w.zero is not None, ROWS=triton.next_power_of_2(m), BLOCK_N=config.block, BLOCK_K=block_k,
-        R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
+        xp, w.words, w.scale, zero, out, m, n, k, out.stride(0), GROUP=w.group, BITS=w.bits,
+        HAS_ZERO=w.zero is not None, ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=config.block,
+        BLOCK_K=block_k, R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
