@@ -23,9 +23,21 @@ if TYPE_CHECKING:   # Triton is optional: these types exist only where it is ins
 
 @dataclass
 class SdpaPlan:
-    """Plain PyTorch: the step's query and context lengths on the host, so grouping costs no device sync."""
+    """Plain PyTorch: the step's query and context lengths on the host, so grouping costs no device sync.
+    What every layer would compute alike (rows, block tables, masks) is built at the first layer."""
     query_lens: list[int]
     context_lens: list[int]
+    groups: list[_SdpaGroup] | None = None
+
+
+@dataclass
+class _SdpaGroup:
+    """Sequences sharing one SDPA call: all the decodes, or one prefill chunk."""
+    rows: torch.Tensor | None          # their rows of the flat batch; None: all rows, in order
+    tables: torch.Tensor               # [n, blocks] their block tables, cut to the longest context
+    max_ctx: int
+    q_len: int
+    mask: torch.Tensor | None          # [n, 1, q_len, max_ctx] or None (plain causal)
 
 
 @dataclass
@@ -105,16 +117,38 @@ def _sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     plan: SdpaPlan, scale: float) -> torch.Tensor:
     """Decodes (one query each) share one padded SDPA call; each prefill chunk gets its own, so a long chunk
     never pads every decode up to its length."""
+    if plan.groups is None:
+        plan.groups = _sdpa_groups(plan, block_tables, k_cache.shape[1], q.shape[0], q.device)
+    if len(plan.groups) == 1 and plan.groups[0].rows is None:
+        return _attend(q, k_cache, v_cache, plan.groups[0], scale)
     out = torch.empty_like(q)
+    for group in plan.groups:
+        out[group.rows] = _attend(q[group.rows], k_cache, v_cache, group, scale)
+    return out
+
+
+def _sdpa_groups(plan: SdpaPlan, block_tables: torch.Tensor, block_size: int, num_rows: int,
+                 device: torch.device) -> list[_SdpaGroup]:
     starts = _starts(plan.query_lens)
     decodes = [i for i, n in enumerate(plan.query_lens) if n == 1]
-    groups = [decodes] if decodes else []
-    groups += [[i] for i, n in enumerate(plan.query_lens) if n > 1]
-    for seqs in groups:
-        rows = torch.cat([torch.arange(starts[i], starts[i] + plan.query_lens[i]) for i in seqs])
-        rows = rows.to(q.device)
-        out[rows] = _attend(q, k_cache, v_cache, block_tables, plan, seqs, rows, scale)
-    return out
+    members = [decodes] if decodes else []
+    members += [[i] for i, n in enumerate(plan.query_lens) if n > 1]
+    groups = []
+    for seqs in members:
+        q_len = plan.query_lens[seqs[0]]
+        ctx_lens = [plan.context_lens[i] for i in seqs]
+        max_ctx = max(ctx_lens)
+        row_ids = [r for i in seqs for r in range(starts[i], starts[i] + q_len)]
+        rows = None if row_ids == list(range(num_rows)) else to_device(row_ids, torch.int64, device)
+        tables = block_tables[to_device(seqs, torch.int64, device), : (max_ctx + block_size - 1) // block_size]
+        mask = None
+        if not (len(seqs) == 1 and ctx_lens[0] == q_len):   # else a whole prompt: plain causal attention
+            # Query i sits at position ctx - q_len + i and sees keys 0..that position.
+            ctx = to_device(ctx_lens, torch.int64, device)
+            q_pos = (ctx - q_len)[:, None] + torch.arange(q_len, device=device)[None, :]
+            mask = (torch.arange(max_ctx, device=device)[None, None, :] <= q_pos[:, :, None])[:, None]
+        groups.append(_SdpaGroup(rows, tables, max_ctx, q_len, mask))
+    return groups
 
 
 def _mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -137,26 +171,14 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            plan: SdpaPlan, seqs: list[int], rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention for sequences that all have the same query length (1, or a single prefill)."""
-    n, q_len = len(seqs), plan.query_lens[seqs[0]]
-    ctx_lens = [plan.context_lens[i] for i in seqs]
-    max_ctx, block_size = max(ctx_lens), k_cache.shape[1]
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: _SdpaGroup,
+            scale: float) -> torch.Tensor:
+    """Attention for one group's query rows `q` ([n * q_len, Hq, D])."""
+    n, q_len, max_ctx = group.tables.shape[0], group.q_len, group.max_ctx
     num_heads, head_dim = q.shape[1], q.shape[2]
-    seq_index = to_device(seqs, torch.int64, q.device)
-    tables = block_tables[seq_index, : (max_ctx + block_size - 1) // block_size]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)        # [n, Hkv, ctx, D]
-    values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)
-    queries = q[rows].view(n, q_len, num_heads, head_dim).transpose(1, 2)    # [n, Hq, q_len, D]
-    if n == 1 and ctx_lens[0] == q_len:
-        mask, causal = None, True          # a whole prompt: plain causal attention
-    else:
-        # Query i sits at position ctx - q_len + i and sees keys 0..that position.
-        ctx = to_device(ctx_lens, torch.int64, q.device)
-        q_pos = (ctx - q_len)[:, None] + torch.arange(q_len, device=q.device)[None, :]
-        mask = torch.arange(max_ctx, device=q.device)[None, None, :] <= q_pos[:, :, None]
-        mask, causal = mask[:, None], False
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=causal,
+    keys = k_cache[group.tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)        # [n, Hkv, ctx, D]
+    values = v_cache[group.tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)
+    queries = q.view(n, q_len, num_heads, head_dim).transpose(1, 2)                 # [n, Hq, q_len, D]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, is_causal=group.mask is None,
                                          scale=scale, enable_gqa=keys.shape[1] != num_heads)
     return out.transpose(1, 2).reshape(n * q_len, num_heads, head_dim)
