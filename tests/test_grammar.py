@@ -147,3 +147,30 @@ def test_threads_get_their_own_originals_with_the_same_masks(tokenizer_dir):
             assert c.advance(token) is None
         assert torch.equal(grammars.fill_masks([c])[0], together[0])
     assert all(torch.equal(row, together[0]) for row in together)
+
+
+def test_length_slices_change_no_mask(llama3):
+    """The slices only speed masks up: along random replies through bounded strings (every position up to the
+    string's end), each mask equals the one llguidance computes with its default slices."""
+    import random
+
+    import llguidance
+    tok, grammars = llama3
+    schema = json.dumps({"type": "object", "properties": {"say": {"type": "string", "maxLength": 12},
+                                                          "mood": {"enum": ["calm", "angry"]}},
+                         "required": ["say", "mood"], "additionalProperties": False})
+    plain = llguidance.LLTokenizer(tok.hf_tokenizer.to_str(), n_vocab=tok.vocab_size,
+                                   eos_token=list(tok.eos_token_ids) or None)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    rng = random.Random(0)
+    compared = 0
+    for _ in range(3):
+        ours, reference = grammars.start("json_schema", schema), llguidance.LLMatcher(plain, grammar, log_level=0)
+        while not ours.complete:
+            mask = grammars.fill_masks([ours])[0]
+            want = torch.frombuffer(bytearray(reference.compute_bitmask()), dtype=torch.int32)
+            assert torch.equal(mask, want[:mask.numel()])
+            compared += 1
+            token = rng.choice(sorted(allowed(grammars, ours)))
+            assert ours.advance(token) is None and reference.consume_token(token)
+    assert compared > 15

@@ -24,6 +24,11 @@ DEFAULT_CACHE_SIZE = 128
 # JSON without optional whitespace: a game parses it, nobody reads it, and a small model cannot then
 # wander off into newlines and spaces until its token limit.
 JSON_OPTIONS = {"whitespace_flexible": False}
+# llguidance's slicer allows a whole slice of the vocabulary at once where the lexer accepts every token in it.
+# With its default slices a JSON string within 10 characters of its maxLength walks all 128k tokens (~2 ms a
+# row); slices by length cut that by a third and the mean mask by a quarter (docs/benchmarks.md, issue 21).
+_STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'
+SLICES = [r"[\x20\x0A\x0D\x09]+", *(f"{_STRING_CHAR}{{1,{n}}}" for n in (2, 4, 6, 8, 10, 20, 30)), f"{_STRING_CHAR}+"]
 
 
 class Constraint:
@@ -69,7 +74,7 @@ class Grammars:
         with self._lock:
             if self._tokenizer is None:
                 self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size,
-                                                         eos_token=self._eos or None)
+                                                         eos_token=self._eos or None, slices=SLICES)
             return self._tokenizer
 
     @property
