@@ -34,7 +34,7 @@ class GeneratorParams:
     dtype: str = "auto"                # "auto" (see gllm/engine/device_dtype.py), "float32", "bfloat16", "float16"
     cpu_threads: int | None = None     # torch threads for CPU inference; default half the cores (max 8)
     # Threads computing a step's structured-output masks; default 1 on the CPU (the model's threads are busy),
-    # half the cores up to 4 beside a GPU.
+    # half the usable cores up to 8 beside a GPU.
     grammar_threads: int | None = None
     # Raise the engine's compute threads' nice value by this (Linux; below-normal priority on Windows), so the
     # game's threads win when cores are short. 0: the caller's priority. Servers use SERVER_COMPUTE_NICE.
