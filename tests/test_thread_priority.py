@@ -40,9 +40,28 @@ def test_engine_threads_get_the_lower_priority_and_the_callers_keep_theirs(llama
         assert len(lowered) >= 2, new         # the engine thread and the compute thread it started
 
 
+def test_compute_idle_puts_the_engine_threads_in_the_idle_class(llama32_dir):
+    before = set(thread_nices())
+    params = GeneratorParams(max_seq_len=128, max_batch_size=2, cpu_threads=2, compute_idle=True, dtype="float32")
+    with LLMEngine(llama32_dir, params, device="cpu") as eng:
+        eng.generate([GenerationRequest(prompt="Once upon a time " * 8, max_new_tokens=8, temperature=0)])
+        policies = {}
+        for tid in set(thread_nices()) - before:
+            try:
+                policies[tid] = os.sched_getscheduler(tid)
+            except ProcessLookupError:    # a thread that ended while we looked
+                pass
+        assert eng.thread_priority == "idle class (SCHED_IDLE)"
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE                # the caller's (the game's) thread
+        idle = [tid for tid, policy in policies.items() if policy == os.SCHED_IDLE]
+        assert len(idle) >= 2, policies       # the engine thread and the compute thread it started
+
+
 def test_compute_nice_is_checked():
     with pytest.raises(ValueError, match="compute_nice"):
         GeneratorParams(compute_nice=40)
+    with pytest.raises(ValueError, match="compute_idle"):
+        GeneratorParams(compute_idle="yes")
 
 
 def test_a_server_lowers_its_engine_by_default(llama32_dir):

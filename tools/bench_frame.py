@@ -10,11 +10,13 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
 - `llm-plain`: beside `gllm serve --compute-nice 0`, the game sending no frame reports (the engine as it
   was before it yielded to games);
 - `llm-nice`: the server's default lower thread priority, no frame reports;
+- `llm-idle`: the engine's threads in the OS's idle scheduling class (`--compute-idle`), no frame reports;
 - `llm-governed`: the defaults a game gets: lower priority, and frame reports (about 4 a second, as the
   clients send them: the smoothed time, the longest frame, the frames and those over 1.1x target since the
   previous report) driving the frame governor;
 - `llm-windowed`: as `llm-governed`, and at the end of each frame's work the game also sends `idle` with the
-  time left until its next frame: the engine computes only in those windows.
+  time left until its next frame: the engine computes only in those windows;
+- `llm-idle-governed`: as `llm-governed`, with the idle scheduling class.
 `--serve-args` adds `gllm serve` flags to every server run.
 
 Prints frame time (work + poll: what the game's own frame costs) p50/p99/max, the fraction of frames over
@@ -134,6 +136,7 @@ class RunResult:
     ttft_ms: list[float] = field(default_factory=list)
     seconds: float = 0.0
     errors: int = 0
+    error_codes: dict = field(default_factory=dict)   # code -> count (the bridge's error codes)
     duty: list[tuple[float, int]] = field(default_factory=list)   # (s, the engine's governor duty cycle %)
     server: dict = field(default_factory=dict)   # the server's last stats (steps, step times, governor)
 
@@ -146,7 +149,7 @@ class RunResult:
                 "npc_tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
                 "server_stats": self.server,
                 "ttft_p50_ms": percentile(self.ttft_ms, 50), "ttft_p99_ms": percentile(self.ttft_ms, 99),
-                "errors": self.errors}
+                "errors": self.errors, "error_codes": self.error_codes}
 
 
 class Npcs:
@@ -215,6 +218,7 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
                 elif isinstance(ev, Error):
                     npc.live.discard(ev.id)
                     result.errors += 1
+                    result.error_codes[ev.code] = result.error_codes.get(ev.code, 0) + 1
                 elif isinstance(ev, StatsReply) and frame_start >= measure_from:
                     result.duty.append((frame_start - measure_from, ev.values.get("governor_duty_pct", 100)))
                     result.server = dict(ev.values)
@@ -330,7 +334,8 @@ def main() -> None:
           flush=True)
     results = []
     runs = {"no-llm": None, "llm-plain": (["--compute-nice", "0"], False), "llm-nice": ([], False),
-            "llm-governed": ([], True), "llm-windowed": ([], "windows")}
+            "llm-governed": ([], True), "llm-windowed": ([], "windows"), "llm-idle": (["--compute-idle"], False),
+            "llm-idle-governed": (["--compute-idle"], True)}
     for label in args.runs.split(","):
         if label not in runs:
             parser.error(f"unknown run {label!r}; runs: {', '.join(runs)}")

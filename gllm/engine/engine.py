@@ -400,7 +400,7 @@ class LLMEngine:
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
         # Before any tensor work on this thread: the compute threads it starts inherit the priority.
-        self.thread_priority = lower_this_thread(self.gen_params.compute_nice)
+        self.thread_priority = lower_this_thread(self.gen_params.compute_nice, self.gen_params.compute_idle)
         torch.set_num_threads(self.cpu_threads)  # per thread under OpenMP: set it where the maths runs
         wait: float | None = 0.0
         while True:

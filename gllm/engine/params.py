@@ -39,6 +39,9 @@ class GeneratorParams:
     # Raise the engine's compute threads' nice value by this (Linux; below-normal priority on Windows), so the
     # game's threads win when cores are short. 0: the caller's priority. Servers use SERVER_COMPUTE_NICE.
     compute_nice: int = 0
+    # Or the OS's idle scheduling class (Linux SCHED_IDLE, Windows idle priority): the engine computes only on
+    # cores no other thread wants, whatever compute_nice says.
+    compute_idle: bool = False
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
     prefill_graph_tokens: int = 2048   # and prefill-only steps up to this many tokens (0: prefill stays eager)
@@ -74,6 +77,8 @@ class GeneratorParams:
         if self.step_budget_ms is not None and not (isinstance(self.step_budget_ms, (int, float))
                                                     and self.step_budget_ms > 0):
             raise ValueError(f"step_budget_ms must be > 0 (or None), got {self.step_budget_ms!r}")
+        if not isinstance(self.compute_idle, bool):
+            raise ValueError(f"compute_idle must be True or False, got {self.compute_idle!r}")
         if not isinstance(self.compute_nice, int) or not 0 <= self.compute_nice <= 19:
             raise ValueError(f"compute_nice must be an integer in [0, 19], got {self.compute_nice!r}")
         if not isinstance(self.result_cache_entries, int) or self.result_cache_entries < 0:

@@ -4,6 +4,9 @@ Call it on the engine thread before its first tensor operation: the compute thre
 OpenMP pool belongs to the thread that first runs a parallel region) inherit the lower priority, while the
 caller's other threads (the game's) keep theirs. Linux: the thread's nice value (per thread there); Windows: a
 below-normal thread priority; elsewhere nothing (the result says so).
+
+`idle` goes further: the OS's idle class (Linux `SCHED_IDLE`, Windows `THREAD_PRIORITY_IDLE`), where a thread
+runs only on a core no other thread wants, whatever its nice value: the game's threads always go first.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import sys
 import threading
 
 
-def lower_this_thread(nice: int) -> str:
-    """Raise this thread's nice value by `nice` (0: leave it); returns what was done, for the log and stats."""
+def lower_this_thread(nice: int, idle: bool = False) -> str:
+    """Raise this thread's nice value by `nice` (0: leave it), or with `idle` put it in the idle scheduling
+    class; returns what was done, for the log and stats."""
+    if idle:
+        return _idle_class()
     if nice <= 0:
         return "unchanged"
     if sys.platform.startswith("linux"):
@@ -29,3 +35,15 @@ def lower_this_thread(nice: int) -> str:
         kernel32.SetThreadPriority(kernel32.GetCurrentThread(), level)
         return "below-normal thread priority" if level == -1 else "lowest thread priority"
     return f"unchanged ({sys.platform} has no per-thread priority here)"
+
+
+def _idle_class() -> str:
+    if sys.platform.startswith("linux"):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        return "idle class (SCHED_IDLE)"
+    if sys.platform == "win32":
+        import ctypes
+        kernel32 = ctypes.windll.kernel32                      # type: ignore[attr-defined]
+        kernel32.SetThreadPriority(kernel32.GetCurrentThread(), -15)   # THREAD_PRIORITY_IDLE
+        return "idle thread priority"
+    return f"unchanged ({sys.platform} has no idle class here)"

@@ -39,6 +39,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--compute-nice", type=int, default=None, choices=range(0, 20), metavar="0-19",
                      help="lower the engine's compute threads' OS priority by this, so the game comes first "
                           "(default 10; 0 keeps the server's priority)")
+    eng.add_argument("--compute-idle", action="store_true",
+                     help="run the engine's compute threads in the OS's idle scheduling class (Linux SCHED_IDLE, "
+                          "Windows idle priority): they use only cores the game leaves free")
     eng.add_argument("--result-cache-entries", type=int, default=None, metavar="N",
                      help="results of deterministic requests kept for repeats (default 512; 0: off)")
     eng.add_argument("--prompt-as-text", action="store_true",
@@ -62,4 +65,6 @@ def generator_params(args: argparse.Namespace):
     if args.prompt_as_text:
         fields["prompt_special_tokens"] = False
     fields["compute_nice"] = SERVER_COMPUTE_NICE if args.compute_nice is None else args.compute_nice
+    if getattr(args, "compute_idle", False):
+        fields["compute_idle"] = True
     return GeneratorParams(**fields)
