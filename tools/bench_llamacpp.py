@@ -10,6 +10,11 @@ dependency only:
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --target /tmp/llamacpp llama-cpp-python
     PYTHONPATH=/tmp/llamacpp python tools/bench_llamacpp.py [--gguf FILE] [--threads 2] [--tokens 4096]
         [--window 1024] [--new-tokens 64] [--quantization auto|float|int4] [--out bench_llamacpp.json]
+
+Then each side alone in a fresh process (only what it imports to run: torch and gllm, or llama_cpp): load,
+with the same 1,024-token KV budget, prefill `--prefill-tokens` of the same ids (TTFT and prefill tok/s, a fresh process's first), greedy decode of
+`--new-tokens` after a 64-token prompt (median step), and the process's peak RSS. In the shared process each
+side's threads can still be winding down while the other computes; the alone figures are the fair ones.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +49,67 @@ def llamacpp_nll(llm, ids: list[int]) -> tuple[float, int]:
     return float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).sum()), len(ids) - 1
 
 
+# Each side in a fresh process: prefill the ids, decode greedily, report the peak RSS of that process (VmHWM;
+# ru_maxrss would carry over the parent's high-water mark through fork and exec).
+PEAK = """
+def PEAK():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+ALONE = {
+    "gllm": """
+import json, statistics, sys, time
+from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+gguf, threads, quant, n_new, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, int(sys.argv[4]), json.loads(sys.stdin.read())
+t0 = time.perf_counter()
+engine = LLMEngine(gguf, GeneratorParams(max_seq_len=1024, kv_cache_tokens=1024, cpu_threads=threads,
+                                         quantization=quant, result_cache_entries=0, enable_prefix_caching=False),
+                   device="cpu")
+load = time.perf_counter() - t0
+t0 = time.perf_counter()
+engine.generate(GenerationRequest(prompt_token_ids=ids, max_new_tokens=1, temperature=0))
+ttft = time.perf_counter() - t0
+steps = []
+engine.add_step_listener(lambda info: steps.append(info.seconds) if info.num_tokens == 1 else None)
+engine.generate(GenerationRequest(prompt_token_ids=ids[:64], max_new_tokens=n_new + 1, temperature=0, ignore_eos=True))
+engine.close()
+print(json.dumps({"load_s": load, "ttft_s": ttft, "decode_tok_s": 1 / statistics.median(steps), "peak_rss_mb": PEAK()}))
+""",
+    "llama.cpp": """
+import json, statistics, sys, time
+import numpy as np
+import llama_cpp
+gguf, threads, quant, n_new, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), json.loads(sys.stdin.read())
+t0 = time.perf_counter()
+llm = llama_cpp.Llama(model_path=gguf, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                      verbose=False)
+load = time.perf_counter() - t0
+t0 = time.perf_counter()
+llm.eval(ids)
+ttft = time.perf_counter() - t0
+llm.reset()
+llm.eval(ids[:64])
+token, steps = int(np.argmax(llm.scores[63])), []
+for _ in range(n_new):
+    t0 = time.perf_counter()
+    llm.eval([token])
+    steps.append(time.perf_counter() - t0)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+print(json.dumps({"load_s": load, "ttft_s": ttft, "decode_tok_s": 1 / statistics.median(steps), "peak_rss_mb": PEAK()}))
+""",
+}
+
+
+def alone(side: str, gguf: Path, threads: int, quantization: str | None, new_tokens: int, ids: list[int]) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", PEAK + ALONE[side], str(gguf), str(threads), quantization or "",
+                          str(new_tokens)],
+                         input=json.dumps(ids), capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", default=None, help="default: the default model's GGUF (gllm fetch)")
@@ -51,6 +119,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantization", default=None, help="gllm's GeneratorParams.quantization (default: its own)")
+    parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--out", default="bench_llamacpp.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,6 +187,17 @@ def main() -> None:
           f"{statistics.median(llama_rates):.1f} tok/s; perplexity ratio gllm / llama.cpp "
           f"{report['perplexity_ratio']:.4f}")
     engine.close()
+    prefill_ids = ids[: args.prefill_tokens]
+    for side in ("gllm", "llama.cpp"):
+        report[side]["alone"] = r = alone(side, gguf, args.threads, args.quantization, args.new_tokens, prefill_ids)
+        print(f"{side} alone: load {r['load_s']:.2f} s, TTFT of {len(prefill_ids)} tokens {r['ttft_s'] * 1000:.0f} ms "
+              f"({len(prefill_ids) / r['ttft_s']:.0f} tok/s prefill), decode {r['decode_tok_s']:.1f} tok/s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    a, b = report["gllm"]["alone"], report["llama.cpp"]["alone"]
+    report["alone_ratios"] = {"decode": a["decode_tok_s"] / b["decode_tok_s"], "prefill": b["ttft_s"] / a["ttft_s"],
+                              "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
+    print("alone, gllm / llama.cpp: decode {decode:.2f}x, prefill {prefill:.2f}x, peak RSS {peak_rss:.2f}x"
+          .format(**report["alone_ratios"]))
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 
