@@ -16,7 +16,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gllm.bridge import protocol as P
@@ -347,14 +347,17 @@ def test_any_bytes_give_a_message_or_a_protocol_error(raw):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(op=st.sampled_from(list(P.CLIENT_OPS) + ["nope"]),
        fields=st.dictionaries(field_names, msgpack_values, max_size=6))
+@example(op="restore", fields={"id": "0"})     # a memory op's error carries its id, as a generate's does
+@example(op="snapshot", fields={"id": "0"})
 def test_any_map_gives_a_message_or_a_protocol_error(op, fields):
     raw = P.encode({**fields, "op": op})
     try:
         m = P.parse_client_message(raw)
     except P.ProtocolError as e:
         assert e.code in P.ERROR_CODES
-        if e.request_id is not None:
-            assert op == "generate" and e.request_id == fields.get("id")
+        if e.request_id is not None:   # generate and the memory ops (PROTOCOL.md 5.3) answer errors with their id
+            assert op in ("generate", "snapshot", "restore", "pin", "unpin", "embed")
+            assert e.request_id == fields.get("id")
         P.encode(e.to_message())
         return
     assert type(m).__name__.lower() == op
