@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine  # noqa: E402
+from gllm.sampling.grammar import unpack_masks  # noqa: E402
 
 # Ten fields, as an NPC's full decision might carry: enums, bounded numbers, booleans, short strings, an array.
 SCHEMA = {
@@ -103,6 +104,7 @@ def probe_masks(engine: LLMEngine, rows: int, seed: int = 0) -> dict:
     import random
     rng = random.Random(seed)
     grammars = engine.grammars
+    shifts = torch.arange(32, dtype=torch.int32)
     cost: dict[str, list[float]] = {}
     limits = {k: v.get("maxLength") for k, v in SCHEMA["properties"].items()}
     for _ in range(rows):
@@ -111,8 +113,7 @@ def probe_masks(engine: LLMEngine, rows: int, seed: int = 0) -> dict:
             t = time.perf_counter()
             mask = grammars.fill_masks([constraint])[0]
             dt = time.perf_counter() - t
-            bits = ((mask[:, None] >> torch.arange(32)) & 1).reshape(-1)[:grammars.vocab_size]
-            allowed = bits.nonzero().flatten().tolist()
+            allowed = unpack_masks(mask[None], grammars.vocab_size, shifts)[0].nonzero().flatten().tolist()
             cost.setdefault(_where(text, limits), []).append(dt)
             token = allowed[rng.randrange(len(allowed))]
             if constraint.advance(token) is not None:

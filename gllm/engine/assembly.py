@@ -36,8 +36,9 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def default_cpu_threads() -> int:
-    # Leave cores to the game: half of them, at most 8.
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    # Leave cores to the game: half of those this process may run on, at most 8.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(8, usable // 2))
 
 
 @dataclass

@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import queue
 import secrets
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gllm.engine.assembly import assemble
+from gllm.engine.assembly import assemble, default_cpu_threads
 from gllm.engine.compute_windows import ComputeWindows
 from gllm.engine.embeddings import POOLINGS, Embeddings, check_inputs, embed_tokens
 from gllm.engine.errors import EngineBusy, PinRefused, RequestRejected, RequestTooLong
@@ -99,8 +98,7 @@ class LLMEngine:
         # with one thread on the CPU (the model's are busy) and half the usable cores (up to 8) beside a GPU.
         # Not on a worker thread: handing the GIL back and forth with the busy engine thread cost 1.6 ms a step
         # at batch 16, seven times the masks themselves (docs/benchmarks.md, issue 21).
-        usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        mask_threads = gen.grammar_threads or (1 if self.device.type == "cpu" else max(1, min(8, usable_cores // 2)))
+        mask_threads = gen.grammar_threads or (1 if self.device.type == "cpu" else default_cpu_threads())
         self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
                                  sorted(self.eos_token_ids), threads=mask_threads)
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
