@@ -32,12 +32,14 @@ def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
 
 
 class Stepper:
-    """Drives one sequence through a gllm model with a real paged cache, chunk by chunk."""
+    """Drives one sequence through a gllm model with a real paged cache, chunk by chunk (on the model's device)."""
 
     def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int = 64) -> None:
         cfg = model.cfg
         self.model, self.block_size = model, block_size
-        self.cache = KVCache(cfg, num_blocks, block_size, next(model.parameters()).dtype, "cpu")
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache(cfg, num_blocks, block_size, param.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         # Scatter the sequence over non-contiguous blocks so the block table really matters.
         self.blocks._free_plain.rotate(num_blocks // 3)
@@ -49,11 +51,14 @@ class Stepper:
         start, n, bs = self.length, len(token_ids), self.block_size
         assert self.blocks.grow(self.table, start + n)
         blocks = self.table.block_ids
+
+        def on(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device)
         batch = ForwardBatch(
-            input_ids=torch.tensor(token_ids), positions=torch.arange(start, start + n),
-            slot_mapping=torch.tensor(slots_of(blocks, start, start + n, bs)),
-            context_lens=torch.tensor([start + n]),
-            block_tables=torch.tensor([blocks]), logits_indices=torch.arange(n),
+            input_ids=on(torch.tensor(token_ids)), positions=on(torch.arange(start, start + n)),
+            slot_mapping=on(torch.tensor(slots_of(blocks, start, start + n, bs))),
+            context_lens=on(torch.tensor([start + n])),
+            block_tables=on(torch.tensor([blocks])), logits_indices=on(torch.arange(n)),
             attention=SdpaPlan([n], [start + n]))
         self.length += n
         return self.model(batch, self.cache.layers)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from gguf.constants import GGML_QUANT_SIZES
 
-from gllm.formats.gguf_quants import GROUP, PLANE_TYPES, int4_planes
+from gllm.formats.gguf_quants import GROUP, PLANE_TYPES, affine_codes, int4_planes
 from gllm.model.quantized import planes_weight
 from gllm.ops.quant import WIDE_ROWS, StackedWeight, dequantize_t, quant_matmul
+from gllm.ops.quant_layout import QuantWeight, dequantize, pack_nibbles
 
 # where each block stores its float16 scale(s): random bytes there could be inf or NaN
 SCALE_BYTES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
@@ -106,3 +107,25 @@ def test_wide_products_dequantize_block_by_block(type_name, monkeypatch):
     odd = planes_weight([int4_planes(type_name, random_blocks(type_name, 48, k), k)], torch.float32)
     w48 = torch.from_numpy(reference(type_name, random_blocks(type_name, 48, k), k))
     assert torch.allclose(quant_matmul(x, odd), x @ w48.T, rtol=0, atol=1e-5 * (x @ w48.T).abs().max().item())
+
+
+@pytest.mark.parametrize("type_name", PLANE_TYPES)
+def test_affine_codes_are_the_gguf_dequantizer_exactly(type_name):
+    """code * scale + zero in float32 is gguf's dequantized weight; the GPU layout (float16 scales) is within
+    float16 rounding of the scales."""
+    k = 512
+    data = random_blocks(type_name, 12, k, seed=5)
+    a = affine_codes(type_name, data, k)
+    assert a.codes.shape == (12, k) and a.scale.shape == (12, k // a.group)
+    assert a.codes.dtype == (np.uint8 if a.bits == 4 else np.int8)
+    w = a.codes.astype(np.float32) * a.scale.repeat(a.group, 1)
+    if a.zero is not None:
+        w += a.zero.repeat(a.group, 1)
+    want = reference(type_name, data, k)
+    assert np.allclose(w, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    packed = pack_nibbles(torch.from_numpy(a.codes)) if a.bits == 4 else torch.from_numpy(a.codes)
+    qw = QuantWeight.from_rows(packed, torch.from_numpy(a.scale),
+                               None if a.zero is None else torch.from_numpy(a.zero), a.bits, a.group)
+    assert np.allclose(dequantize(qw).numpy(), want, rtol=0, atol=2 ** -10 * np.abs(want).max())
+    rows = a.rows(np.array([3, 0]))
+    assert np.array_equal(rows.codes, a.codes[[3, 0]]) and np.array_equal(rows.scale, a.scale[[3, 0]])

@@ -166,6 +166,8 @@ def main() -> None:
                         help="decode kernels without programmatic dependent launch (to measure what it gives)")
     parser.add_argument("--throughput-runs", type=int, default=1,
                         help="repeat the throughput run (same requests each time) and report the median")
+    parser.add_argument("--quantization", choices=("int8", "int4"), default=None,
+                        help="quantize the random weights on load (the floor then counts the quantized bytes)")
     parser.add_argument("--kv-tokens", type=int, default=None,
                         help="fixed KV pool in tokens instead of 85%% of the card's memory")
     args = parser.parse_args()
@@ -184,7 +186,14 @@ def main() -> None:
         sizing = {"kv_cache_tokens": args.kv_tokens} if args.kv_tokens else {"gpu_memory_mb": budget_mb}
         if args.no_dependent_launch:
             sizing["dependent_launch"] = False
+        if args.quantization:
+            sizing["quantization"] = args.quantization
         engine = make_engine(cfg, tokenizer, max_batch_size=256, max_seq_len=2304, max_step_tokens=4096, **sizing)
+        if args.quantization:     # the floor: reading every weight once, at its stored size
+            weight_bytes = engine.weight_bytes
+            floor_ms = weight_bytes / bandwidth * 1000
+            row.update(weight_bytes=weight_bytes, floor_ms=floor_ms, weight_format=engine.weight_format)
+            print(f"[{shape}] {engine.weight_format}: {weight_bytes / 2**30:.2f} GiB of weights", flush=True)
         row["gpu_memory_budget_GiB"] = budget_mb / 1024
         row["kv_pool_tokens"] = engine.block_manager.num_blocks * engine.gen_params.block_size
         ms = bench_decode(engine, rng)

@@ -27,6 +27,7 @@ from bench_gemv import CALLS, L2_FLUSH_BYTES, graph_time, shapes  # noqa: E402
 from bench_gpu import copy_bandwidth  # noqa: E402
 
 import gllm.model  # noqa: E402,F401  (gllm.ops cannot be the first gllm package imported: import cycle)
+from gllm.ops import quant_layout as L  # noqa: E402
 from gllm.ops import triton_quant_gemv as Q  # noqa: E402
 
 FORMATS = {"int4 g32": (4, 32, False), "int8 g32": (8, 32, True)}
@@ -38,7 +39,7 @@ ROWS_SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # several rows
                (16, 512, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3)]]
 
 
-def copies(w: Q.QuantWeight) -> list[Q.QuantWeight]:
+def copies(w: L.QuantWeight) -> list[L.QuantWeight]:
     count = max(1, min(CALLS, -(-L2_FLUSH_BYTES // w.nbytes)))
     return [w] + [w._replace(words=w.words.clone(), scale=w.scale.clone(),
                              zero=None if w.zero is None else w.zero.clone()) for _ in range(count - 1)]
@@ -50,7 +51,7 @@ def dense_time(dense: torch.Tensor, x: torch.Tensor) -> float:
     return graph_time(lambda i: F.linear(x, ws[i % len(ws)]))
 
 
-def quant_time(w: Q.QuantWeight, x: torch.Tensor, config: Q.QuantGemvConfig | None = None) -> float:
+def quant_time(w: L.QuantWeight, x: torch.Tensor, config: Q.QuantGemvConfig | None = None) -> float:
     ws = copies(w)
     return graph_time(lambda i: Q.quant_gemv(x, ws[i % len(ws)], config))
 
@@ -77,8 +78,8 @@ def main() -> None:
                    f"{100 * n * k * 2 / t_bf16 / bandwidth:>6.0f}"
             row = dict(model=model, proj=proj, n=n, k=k, m=m, bf16_s=t_bf16)
             for name, (bits, group, symmetric) in FORMATS.items():
-                w = Q.quantize(dense, bits, group, symmetric)
-                want = (x.float() @ Q.dequantize(w).T)
+                w = L.quantize(dense, bits, group, symmetric)
+                want = (x.float() @ L.dequantize(w).T)
                 err = ((Q.quant_gemv(x, w).float() - want).abs().max() / want.abs().max()).item()
                 t = quant_time(w, x)
                 line += f" | {t * 1e6:>12.1f}{100 * w.nbytes / t / bandwidth:>6.0f}{t_bf16 / t:>7.2f}{err:>8.1e}"
@@ -92,7 +93,7 @@ def main() -> None:
                   "block_k, warps, stages)")
             for model in args.models.split(","):
                 for proj, n, k, _ in shapes(model):
-                    w = Q.quantize(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 32)
+                    w = L.quantize(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 32)
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     timings = []
                     for config in configs:

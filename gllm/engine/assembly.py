@@ -5,6 +5,7 @@ and recorded (`dtype_reason`, `fast_path`); nothing downstream re-decides them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
 from gllm.formats.gguf_quants import INT4_TYPES, PLANE_TYPES
 from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import LlamaForCausalLM, ModelConfig, parse_dtype
-from gllm.model.quantized import QuantConfig, QuantizedLinear, projection_formats, quantize_layers, weight_bytes
+from gllm.model.quantized import QUANTIZED_LINEARS, QuantConfig, projection_formats, quantize_layers, weight_bytes
 from gllm.runner import FastPath, ModelRunner, RunnerConfig, choose_fast_path
 from gllm.sampling import Sampler
 from gllm.scheduler import Scheduler, SchedulerConfig
@@ -67,12 +68,17 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
         dtype_reason = "set by GeneratorParams.dtype"
     dtype = parse_dtype(auto if gen.dtype == "auto" else gen.dtype)
     quantize = gen.quantization in ("int8", "int4")
-    if quantize and dev.type != "cpu":
-        raise ValueError(f"quantization={gen.quantization!r} runs on the CPU for now (its GPU kernels are "
-                         f"issue #22's next step); use device='cpu' or leave quantization unset")
-    # A GGUF's quantized blocks kept as they are (CPU kernels only): all of them by default, the 4-bit ones
-    # for int4 (the rest is requantized from floats), none for "float" or int8.
-    keep = () if dev.type != "cpu" else {None: PLANE_TYPES, "int4": INT4_TYPES}.get(gen.quantization, ())
+    if quantize and dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"quantization={gen.quantization!r} runs on the CPU and on CUDA GPUs, not on {dev.type}")
+    # A GGUF's quantized blocks kept as they are: all of them by default, the 4-bit ones for int4 (the rest is
+    # requantized from floats), none for "float" or int8. On a GPU without Triton they are dequantized.
+    keep = {None: PLANE_TYPES, "int4": INT4_TYPES}.get(gen.quantization, ())
+    no_triton = dev.type == "cuda" and importlib.util.find_spec("triton") is None
+    if quantize and no_triton:
+        raise ValueError(f"quantization={gen.quantization!r} on a GPU needs Triton (its kernels); install triton "
+                         f"or leave quantization unset")
+    if dev.type not in ("cpu", "cuda") or no_triton:
+        keep = ()
     loaded = model if isinstance(model, LoadedModel) else load(
         model, dtype=dtype, device=dev, max_positions=gen.max_seq_len, quiet=quiet, keep_gguf_types=keep)
     cfg: ModelConfig = loaded.config
@@ -113,7 +119,7 @@ def describe_weights(model: LlamaForCausalLM, dtype: torch.dtype) -> str:
     formats = projection_formats(model)
     if not formats:
         return name
-    products = next(m.compute_dtype for m in model.modules() if isinstance(m, QuantizedLinear))
+    products = next(m.compute_dtype for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)) or dtype
     files = sum(n for label, n in formats.items() if label not in ("int8", "int4"))
     labels = " + ".join(f"{n} {label}" for label, n in formats.items()) if len(formats) > 1 or files \
         else next(iter(formats))

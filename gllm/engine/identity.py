@@ -16,7 +16,7 @@ import json
 import torch
 
 from gllm.model import LlamaForCausalLM, ModelConfig
-from gllm.model.quantized import QuantizedLinear
+from gllm.model.quantized import QUANTIZED_LINEARS
 from gllm.tokenizer import Tokenizer
 
 SAMPLES_PER_TENSOR = 1024
@@ -35,7 +35,7 @@ def weights_digest(model: LlamaForCausalLM, cfg: ModelConfig) -> str:
     # quantized projections (no parameters): their format and bytes, so a snapshot taken with a GGUF's own
     # blocks is refused by the same file dequantized, whose KV differs slightly
     h.update(json.dumps([(name, m.scheme, m.nbytes) for name, m in model.named_modules()
-                         if isinstance(m, QuantizedLinear)]).encode())
+                         if isinstance(m, QUANTIZED_LINEARS)]).encode())
     params = sorted(model.named_parameters(), key=lambda item: item[0])
     samples = []   # gathered where the weights are, then copied to the host at once (one sync on a GPU)
     for _, param in params:

@@ -136,7 +136,9 @@ def _q5_k(b: np.ndarray):
     return [_k_low(b[..., 48:176]), high], [scale, 16.0 * scale], [mn, np.zeros_like(mn)]
 
 
-def _q6_k(b: np.ndarray):
+def _q6_k_parts(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K: per 16-weight sub-block, [rows, blocks, 16, 16] low 4 bits and high 2 bits of q, and the scale d sc
+    [rows, blocks, 16]."""
     lead = b.shape[:-1]
     # weight 128 h + 32 s + i: low 4 bits in byte 64 h + 32 (s % 2) + i (nibble s // 2), high 2 bits in
     # byte 128 + 32 h + i (bits 2 s)
@@ -145,8 +147,12 @@ def _q6_k(b: np.ndarray):
     qh = b[..., 128:192].reshape(*lead, 2, 1, 32)
     high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3          # [.., h, s, i]
     scale = _f16(b, 208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)   # [.., 16]
-    low, high = low.reshape(*lead, 16, 16), (2 * high + 5).reshape(*lead, 16, 16)
-    return [low, high], [scale, scale], [-8.0 * scale, -8.0 * scale]
+    return low.reshape(*lead, 16, 16), high.reshape(*lead, 16, 16), scale
+
+
+def _q6_k(b: np.ndarray):
+    low, high, scale = _q6_k_parts(b)
+    return [low, 2 * high + 5], [scale, scale], [-8.0 * scale, -8.0 * scale]
 
 
 # type -> (block weights, block bytes, decoder, chunk, multipliers)
@@ -181,3 +187,70 @@ def int4_planes(type_name: str, data: np.ndarray, k: int) -> Int4Planes:
     q, scale, group_min = _interleave(values, scales, mins, chunk)
     return Int4Planes(q.astype(np.uint8), scale.astype(np.float32), group_min.astype(np.float32), chunk,
                       multipliers)
+
+
+@dataclass(frozen=True)
+class AffineCodes:
+    """One tensor's rows as integer codes with a scale and an optional offset per `group` weights,
+    w = code * scale + zero: the form the GPU kernels read (`gllm.ops.quant_layout.QuantWeight`). 4-bit types keep
+    their 4-bit codes; 5-, 6- and 8-bit ones take 8-bit codes."""
+    codes: np.ndarray                   # [rows, k]: uint8 0..15 (bits 4) or int8 (bits 8)
+    scale: np.ndarray                   # float32 [rows, k / group]
+    zero: np.ndarray | None             # like scale; None: w = code * scale
+    bits: int
+    group: int
+
+    def rows(self, index: np.ndarray) -> AffineCodes:
+        return AffineCodes(self.codes[index], self.scale[index], None if self.zero is None else self.zero[index],
+                           self.bits, self.group)
+
+
+def _affine_q5(b: np.ndarray, at: int) -> tuple[np.ndarray, ...]:
+    """Q5_0 / Q5_1: the 5-bit q of every weight, [rows, blocks, 32]."""
+    return _nibbles(b[..., at + 4:at + 20]).reshape(*b.shape[:2], 32) + 16 * _bits(b[..., at:at + 4])
+
+
+def _affine(type_name: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int]:
+    """(codes [rows, blocks, ...], scale, zero or None, bits, group) of blocks `b` [rows, blocks, bytes]."""
+    i8 = np.int8
+    if type_name == "Q4_0":
+        d = _f16(b, 0)
+        return _nibbles(b[..., 2:18]), d, -8.0 * d, 4, 32
+    if type_name == "Q4_1":
+        return _nibbles(b[..., 4:20]), _f16(b, 0), _f16(b, 2), 4, 32
+    if type_name == "Q4_K":
+        scale, mn = _k_lead(b)
+        return _k_low(b[..., 16:144]), scale, mn, 4, 32
+    if type_name == "Q5_0":
+        return (_affine_q5(b, 2).astype(i8) - 16), _f16(b, 0), None, 8, 32
+    if type_name == "Q5_1":
+        return _affine_q5(b, 4).astype(i8), _f16(b, 0), _f16(b, 2), 8, 32
+    if type_name == "Q5_K":
+        scale, mn = _k_lead(b)
+        qh = b[..., 16:48]
+        high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+        return (_k_low(b[..., 48:176]) + 16 * high).astype(i8), scale, mn, 8, 32
+    if type_name == "Q8_0":
+        return b[..., 2:34].view(i8), _f16(b, 0), None, 8, 32
+    if type_name == "Q6_K":
+        low, high, scale = _q6_k_parts(b)
+        return (low + 16 * high).astype(i8) - 32, scale, None, 8, 16
+    raise ValueError(f"{type_name} blocks have no affine codes (only {', '.join(PLANE_TYPES)} do)")
+
+
+def affine_codes(type_name: str, data: np.ndarray, k: int) -> AffineCodes:
+    """A tensor's rows (`data`: [rows, bytes] uint8 as the GGUF reader gives them, `k` weights a row) as affine
+    codes. Exact: w = code * scale + zero in float32 is the `gguf` package's dequantized weight (the GPU layout
+    then stores scale and zero in float16, which rounds the K-quants' d * sc products)."""
+    if type_name not in _TYPES:
+        raise ValueError(f"{type_name} blocks have no affine codes (only {', '.join(PLANE_TYPES)} do)")
+    weights, size = _TYPES[type_name][:2]
+    rows = data.shape[0]
+    if k % weights or data.shape[1] != k // weights * size:
+        raise ValueError(f"{type_name}: {data.shape[1]} bytes a row do not hold {k} weights")
+    blocks = np.ascontiguousarray(data).reshape(rows, k // weights, size)
+    codes, scale, zero, bits, group = _affine(type_name, blocks)
+    codes = np.ascontiguousarray(codes).reshape(rows, k).astype(np.uint8 if bits == 4 else np.int8)
+    scale = np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, k // group)
+    zero = None if zero is None else np.ascontiguousarray(zero, dtype=np.float32).reshape(rows, k // group)
+    return AffineCodes(codes, scale, zero, bits, group)

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from gllm.formats.gguf import GGUFFile, gguf_file_from_reader, open_gguf
-from gllm.formats.gguf_quants import PLANE_TYPES, int4_planes
+from gllm.formats.gguf_quants import PLANE_TYPES, affine_codes, int4_planes
 from gllm.model.config import ModelConfig, RopeConfig
 from gllm.model.llama import LlamaForCausalLM
-from gllm.model.quantized import PROJECTIONS, QuantizedLinear, planes_weight
+from gllm.model.quantized import PROJECTIONS, GpuQuantizedLinear, QuantizedLinear, affine_weight, planes_weight
 from gllm.ops.quant import check_int4_shape
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
@@ -306,11 +306,12 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     """Load a `llama`-architecture GGUF file into a gllm model.
 
     Returns (model, config, file info). A decoder projection whose every part is stored in one of
-    ``keep_types`` (a subset of `PLANE_TYPES`; CPU only) is kept quantized: a `QuantizedLinear` whose
-    products run in ``compute_dtype``. Every other tensor is dequantized to float32, put in HF layout and
-    copied into the model in ``dtype`` on ``device``; ``weight_transform(hf_name, tensor)`` sees each one
-    first. The tokenizer comes from `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the
-    returned file info to avoid parsing the file twice).
+    ``keep_types`` (a subset of `PLANE_TYPES`) is kept quantized: on the CPU a `QuantizedLinear` whose
+    products run in ``compute_dtype``, on a GPU a `GpuQuantizedLinear` (the Triton kernels' layout). Every
+    other tensor is dequantized to float32, put in HF layout and copied into the model in ``dtype`` on
+    ``device``; ``weight_transform(hf_name, tensor)`` sees each one first. The tokenizer comes from
+    `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the returned file info to avoid parsing the
+    file twice).
     """
     from gllm.model.loader import build_model, with_progress  # loader may route .gguf paths here: import late
 
@@ -325,19 +326,22 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     _check_tensor_types(reader, where)
     for name in info.tensor_types:
         hf_tensor_name(name)  # fail on a foreign tensor before allocating the model
-    kept = kept_projections(by_name, cfg, keep_types)
-    if kept and torch.device(device).type != "cpu":
-        raise ValueError("GGUF blocks are kept quantized on the CPU only for now (GPU kernels: issue #22)")
+    gpu = torch.device(device).type == "cuda"
+    kept = kept_projections(by_name, cfg, keep_types, gpu=gpu)
     skip = {name for parts in kept.values() for name in parts}
 
     def keep_quantized(model: LlamaForCausalLM) -> None:
         for (layer, projection), parts in kept.items():
             tensors = [by_name[name] for name in parts]
-            pieces = [_planes(t, cfg) for t in tensors]
             owner, attr = projection.split(".")
             label = "/".join(dict.fromkeys(t.tensor_type.name for t in tensors))
-            setattr(getattr(model.layers[layer], owner), attr,
-                    QuantizedLinear(planes_weight(pieces, compute_dtype), None, label, compute_dtype))
+            if gpu:
+                codes = [_rows_in_hf_order(t, cfg, affine_codes) for t in tensors]
+                module = GpuQuantizedLinear(affine_weight(codes, torch.device(device)), label)
+            else:
+                pieces = [_rows_in_hf_order(t, cfg, int4_planes) for t in tensors]
+                module = QuantizedLinear(planes_weight(pieces, compute_dtype), None, label, compute_dtype)
+            setattr(getattr(model.layers[layer], owner), attr, module)
 
     weights = with_progress(iter_gguf_weights(reader, cfg, where, skip), len(info.tensor_types) - len(skip),
                             "reading GGUF", progress)
@@ -360,10 +364,11 @@ _PROJECTION_PARTS = {
 }
 
 
-def kept_projections(by_name: dict, cfg: ModelConfig,
-                     keep_types: Collection[str]) -> dict[tuple[int, str], list[str]]:
+def kept_projections(by_name: dict, cfg: ModelConfig, keep_types: Collection[str],
+                     gpu: bool = False) -> dict[tuple[int, str], list[str]]:
     """(layer, fused projection) -> its GGUF tensor names, for every projection whose parts are all stored in
-    `keep_types` and whose planes the int4 kernel packs (else it is dequantized like any other tensor)."""
+    `keep_types` and whose blocks the kernels take (else it is dequantized like any other tensor): on the CPU
+    the int4 kernel's packing constrains the shape, the GPU kernels take every block type as it is."""
     unknown = set(keep_types) - set(PLANE_TYPES)
     if unknown:
         raise ValueError(f"GGUF types {sorted(unknown)} cannot be kept quantized (only {', '.join(PLANE_TYPES)})")
@@ -377,17 +382,18 @@ def kept_projections(by_name: dict, cfg: ModelConfig,
             if any(t is None or t.tensor_type.name not in keep_types for t in tensors):
                 continue
             k = int(tensors[0].shape[0])                          # GGUF shapes are innermost first
-            if all(check_int4_shape(int(t.shape[1]), k, 32) is None for t in tensors):
+            if gpu or all(check_int4_shape(int(t.shape[1]), k, 32) is None for t in tensors):
                 kept[(layer, projection)] = names
     return kept
 
 
-def _planes(tensor, cfg: ModelConfig):
-    """One GGUF tensor as int4 planes, its rows in HF order (Q and K un-permuted as the float path does)."""
+def _rows_in_hf_order(tensor, cfg: ModelConfig, read):
+    """One GGUF tensor read by `read` (`int4_planes` or `affine_codes`), its rows in HF order (Q and K
+    un-permuted as the float path does)."""
     k = int(tensor.shape[0])
-    planes = int4_planes(tensor.tensor_type.name, tensor.data, k)
+    decoded = read(tensor.tensor_type.name, tensor.data, k)
     part = tensor.name.split(".")[2]
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(part)
     if heads is None:
-        return planes
-    return planes.rows(unpermute_qk(np.arange(planes.q.shape[0]), heads))
+        return decoded
+    return decoded.rows(unpermute_qk(np.arange(int(tensor.shape[1])), heads))

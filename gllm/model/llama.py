@@ -188,13 +188,19 @@ class LlamaForCausalLM(nn.Module):
 
     def use_kernels(self, kernels: ModelKernels) -> None:
         """Run the layers with `kernels` (see `gllm.runner.fast_path`, which decides them once)."""
-        if kernels.streamed_rows and (self.cfg.attention_bias or self.cfg.mlp_bias):
-            raise ValueError("the weight-streaming kernels have no bias epilogue")
+        if kernels.streamed_rows and not self.supports_streamed_kernels:
+            raise ValueError("the weight-streaming kernels take float projections without biases")
         self.kernels = kernels
 
     @property
     def supports_streamed_kernels(self) -> bool:
-        return not (self.cfg.attention_bias or self.cfg.mlp_bias)
+        """The bfloat16 weight-streaming kernels: float projections without biases (quantized ones run their
+        own GEMV inside the fused path)."""
+        projections = [m for layer in self.layers
+                       for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                 layer.mlp.down_proj)]
+        return not (self.cfg.attention_bias or self.cfg.mlp_bias) and all(isinstance(m, nn.Linear)
+                                                                             for m in projections)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""

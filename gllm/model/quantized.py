@@ -5,6 +5,10 @@ The embeddings, the norms and the output head stay in the model's dtype: the hea
 (tied or not) is a small share of a model's bytes past the smallest ones, as in llama.cpp's Q4_K_M (which keeps
 it at 6 bits). A projection whose shape int4 cannot pack falls back to int8, and the report says which.
 A GGUF's own quantized blocks become int4 planes as they are (`planes_weight`; no requantization).
+
+On a GPU the projections are `GpuQuantizedLinear`s instead: the Triton kernels' layout (`QuantWeight`): int4 in
+groups (asymmetric), int8 in groups of up to 128 (symmetric), a GGUF's blocks as affine codes
+(`gllm.formats.gguf_quants.affine_codes`), all dequantized in registers by the decode GEMV.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gllm.formats.gguf_quants import GROUP, Int4Planes
+from gllm.formats.gguf_quants import GROUP, AffineCodes, Int4Planes
 from gllm.ops.quant import (
     INT4_GROUP_SIZES,
     QuantizedWeight,
@@ -26,6 +31,8 @@ from gllm.ops.quant import (
     quantize_int4,
     quantize_int8,
 )
+from gllm.ops.quant_layout import QuantWeight, pack_nibbles
+from gllm.ops.quant_layout import quantize as quantize_grouped
 
 SCHEMES = ("int8", "int4")     # quantization on load ("float" and None are the engine's: no quantization)
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -70,6 +77,103 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.scheme}"
 
 
+class GpuQuantizedLinear(nn.Module):
+    """A projection kept in the GPU kernels' layout, as one or more parts stacked along its outputs (a fused
+    q/k/v whose parts a file stores in different types). Decode-sized inputs (up to the GEMV's `MAX_ROWS` rows)
+    run the quantized GEMV, reading the weight once in 4 or 8 bits; wider ones dequantize it and run one dense
+    matmul."""
+
+    compute_dtype = None          # products in the activations' dtype, accumulated in float32
+
+    def __init__(self, parts: list[QuantWeight], scheme: str, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError("the parts of a quantized projection must share in_features")
+        self.scheme = scheme
+        # A plain attribute, not buffers: `build_model` swaps modules in on the meta device and then calls
+        # `to_empty` and `.to(dtype)`, which would wipe buffers and turn the float16 scales into the model dtype.
+        self.parts = list(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def qweight_bytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight_bytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from gllm.ops import triton_quant_gemv as kernels  # Triton: imported where a GPU runs it
+        flat = x.reshape(-1, self.in_features)
+        parts, rows = self.parts, flat.shape[0]
+        if rows <= kernels.MAX_ROWS:
+            if len(parts) == 1:
+                y = kernels.quant_gemv(flat, parts[0])
+            else:
+                y = torch.empty((rows, self.out_features), dtype=x.dtype, device=x.device)
+                at = 0
+                for part in parts:
+                    kernels.quant_gemv(flat, part, out=y[:, at:at + part.out_features])
+                    at += part.out_features
+        else:
+            weight = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
+            at = 0
+            for part in parts:
+                kernels.dequantize_dense(part, x.dtype, out=weight[at:at + part.out_features])
+                at += part.out_features
+            y = F.linear(flat, weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme}"
+
+
+def gpu_int8_group(k: int) -> int | None:
+    """int8 on a GPU: groups of 128 along K where K allows (8.1 bits a weight; the kernels need groups, not
+    one scale per output channel), else the largest of 64, 32, 16 that divides K."""
+    return next((g for g in (128, 64, 32, 16) if k % g == 0), None)
+
+
+def gpu_quantized(weight: torch.Tensor, scheme: str, group_size: int) -> tuple[QuantWeight | None, str]:
+    """`weight` [N, K] (on the GPU) in the kernels' layout: (weight, scheme given) — int4 falls back to int8
+    where K is no multiple of the group, and (None, why) where neither fits."""
+    k = weight.shape[1]
+    if scheme == "int4" and k % group_size == 0:
+        return quantize_grouped(weight, 4, group_size), "int4"
+    group = gpu_int8_group(k)
+    if group is None:
+        return None, f"K ({k}) is not a multiple of 16"
+    return quantize_grouped(weight, 8, group), "int8"
+
+
+def affine_weight(parts: list[AffineCodes], device: torch.device) -> list[QuantWeight]:
+    """A projection's GGUF parts (stacked along N in order) in the kernels' layout on `device`: consecutive parts
+    of the same bits and group share one `QuantWeight`."""
+    runs: list[list[AffineCodes]] = []
+    for part in parts:
+        if runs and (runs[-1][0].bits, runs[-1][0].group, runs[-1][0].zero is None) == \
+                (part.bits, part.group, part.zero is None):
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    out = []
+    for run in runs:
+        codes = torch.from_numpy(np.concatenate([p.codes for p in run])).to(device)
+        scale = torch.from_numpy(np.concatenate([p.scale for p in run])).to(device)
+        zero = None if run[0].zero is None else torch.from_numpy(np.concatenate([p.zero for p in run])).to(device)
+        packed = pack_nibbles(codes) if run[0].bits == 4 else codes
+        out.append(QuantWeight.from_rows(packed, scale, zero, run[0].bits, run[0].group))
+    return out
+
+
+QUANTIZED_LINEARS = (QuantizedLinear, GpuQuantizedLinear)
+
+
 @dataclass
 class QuantReport:
     scheme: str
@@ -80,29 +184,41 @@ class QuantReport:
 
 def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
     """Replace every decoder layer's float projections by quantized ones, in place (already quantized ones, such
-    as a GGUF's own blocks, are left as they are). The CPU kernels only: the model must be on the CPU."""
+    as a GGUF's own blocks, are left as they are): the CPU kernels' formats on the CPU, the Triton kernels' layout
+    on a GPU."""
     report = QuantReport(config.scheme)
     for i, layer in enumerate(model.layers):
         for path in PROJECTIONS:
             owner_name, attr = path.split(".")
             owner = getattr(layer, owner_name)
             linear = getattr(owner, attr)
-            if isinstance(linear, QuantizedLinear):
+            if isinstance(linear, QUANTIZED_LINEARS):
                 report.quantized_bytes += linear.nbytes
                 continue
             w = linear.weight
-            if w.device.type != "cpu":
-                raise ValueError("int8/int4 weights run on the CPU for now (GPU kernels: issue #22)")
-            report.float_bytes += w.nbytes + (0 if linear.bias is None else linear.bias.nbytes)
-            scheme = config.scheme
-            if scheme == "int4":
-                problem = check_int4_shape(*w.shape, config.group_size)
-                if problem:
-                    scheme = "int8"
-                    report.fallbacks.append(f"layers.{i}.{path}: {problem}")
-            dtype = config.compute_dtype
-            qw = quantize_int4(w, config.group_size, dtype) if scheme == "int4" else quantize_int8(w, dtype)
-            q = QuantizedLinear(qw, linear.bias, scheme, dtype)
+            before = w.nbytes + (0 if linear.bias is None else linear.bias.nbytes)
+            if w.device.type == "cuda":
+                qw, scheme = gpu_quantized(w.detach(), config.scheme, config.group_size)
+                if qw is None:
+                    report.fallbacks.append(f"layers.{i}.{path}: kept float, {scheme}")
+                    continue
+                if scheme != config.scheme:
+                    report.fallbacks.append(f"layers.{i}.{path}: K ({w.shape[1]}) is not a multiple of the "
+                                            f"group size ({config.group_size})")
+                q = GpuQuantizedLinear([qw], scheme, linear.bias)
+            elif w.device.type == "cpu":
+                scheme = config.scheme
+                if scheme == "int4":
+                    problem = check_int4_shape(*w.shape, config.group_size)
+                    if problem:
+                        scheme = "int8"
+                        report.fallbacks.append(f"layers.{i}.{path}: {problem}")
+                dtype = config.compute_dtype
+                qw = quantize_int4(w, config.group_size, dtype) if scheme == "int4" else quantize_int8(w, dtype)
+                q = QuantizedLinear(qw, linear.bias, scheme, dtype)
+            else:
+                raise ValueError(f"int8/int4 weights run on the CPU and on CUDA GPUs, not on {w.device.type}")
+            report.float_bytes += before
             setattr(owner, attr, q)
             report.quantized_bytes += q.nbytes
     return report
@@ -128,7 +244,8 @@ def planes_weight(parts: list[Int4Planes], dtype: torch.dtype) -> QuantizedWeigh
 def weight_bytes(model: nn.Module) -> int:
     """What the model's weights take in memory, quantized ones at their packed size."""
     total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-    return total + sum(m.qweight.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    return total + sum(m.qweight.nbytes if isinstance(m, QuantizedLinear) else m.qweight_bytes
+                       for m in model.modules() if isinstance(m, QUANTIZED_LINEARS))
 
 
 def projection_formats(model: nn.Module) -> dict[str, int]:
@@ -136,6 +253,6 @@ def projection_formats(model: nn.Module) -> dict[str, int]:
     "Q4_K/Q6_K" for a fused one with parts in both); float projections are not counted."""
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, QUANTIZED_LINEARS):
             counts[m.scheme] = counts.get(m.scheme, 0) + 1
     return counts

@@ -72,6 +72,9 @@ def choose_fast_path(device: torch.device, model: LlamaForCausalLM, config: Runn
                     f"runs without the Triton kernel and CUDA graphs")
     notes: list[str] = []
     streamed = triton_gemv is not None and model.supports_streamed_kernels
+    if not streamed and not (model.cfg.attention_bias or model.cfg.mlp_bias):
+        notes.append("quantized projections: decode runs their quantized GEMV inside the fused path, not the "
+                     "bfloat16 weight-streaming kernels")
     dependent = streamed and _dependent_launch(config.dependent_launch, device, notes)
     kernels = ModelKernels(fused=True, streamed_rows=triton_gemv.MAX_ROWS if streamed else 0,
                            dependent_launch=dependent)
