@@ -76,3 +76,37 @@ def test_quant_gemv_writes_into_a_column_slice(rows):
     Q.quant_gemv(x, parts[1], out=out[:, 40:])
     want = x @ torch.cat([L.dequantize(w) for w in parts]).T
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prologue, residual", [("norm", False), ("silu", True), (None, True), (None, False)])
+def test_one_row_with_its_prologue_and_the_residual_add(bits, group, dtype, prologue, residual):
+    """The decode row path: `row_inputs` (RMSNorm, or SiLU·mul, then the permutation) and `quant_gemv_row` (the
+    residual add folded in) give the unfused chain's values (each step rounded to the dtype as the model's
+    kernels round it)."""
+    torch.manual_seed(5)
+    n, k, eps = 130, 640, 1e-5
+    w = L.quantize(torch.randn(n, k) * 0.05, bits, group)
+    w = L.QuantWeight(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w))
+    x = torch.randn(1, 2 * k if prologue == "silu" else k, device=DEVICE).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    h = torch.randn(1, n, device=DEVICE).to(dtype)
+    xin = x
+    if prologue == "norm":
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        xin = (norm_weight.float() * normed.float()).to(dtype)
+    elif prologue == "silu":
+        gate, up = x.float().split(k, dim=-1)
+        xin = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype)
+    want = (xin.float() @ L.dequantize(w).T).to(dtype)
+    if residual:
+        want = (h.float() + want.float()).to(dtype)
+    xp = Q.row_inputs(x, bits, norm_weight=norm_weight if prologue == "norm" else None, eps=eps,
+                      silu_mul=prologue == "silu")
+    target = h.clone()
+    got = Q.quant_gemv_row(xp, w, residual=target if residual else None, dtype=dtype)
+    assert got.dtype == dtype and (got.data_ptr() == target.data_ptr()) == residual
+    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

@@ -15,6 +15,7 @@ from test_quantization import GGUF_FORMATS, LAYERS, VOCAB, write_gguf  # noqa: E
 from gllm.formats.gguf_quants import PLANE_TYPES  # noqa: E402
 from gllm.model import load_hf_folder  # noqa: E402
 from gllm.model.gguf_loader import load_gguf  # noqa: E402
+from gllm.model.kernels import ModelKernels  # noqa: E402
 from gllm.model.quantized import PROJECTIONS, GpuQuantizedLinear, QuantConfig, quantize_layers  # noqa: E402
 from gllm.ops.quant_layout import dequantize  # noqa: E402
 
@@ -46,7 +47,8 @@ def test_a_gguf_runs_on_its_own_blocks_on_the_gpu(gguf_file, block_size):
     """Every projection stays in the file's blocks (affine codes, no float copy), and prefill + 16 decode steps
     give the logits of the same file dequantized to float32 by gguf: float32 activations within 0.5 % of the
     largest logit (the kernels' layout stores scales in float16, which rounds the K-quants' d x sc products;
-    the other types' scales are float16 in the file), bfloat16 activations within 3 % (cosine > 0.999)."""
+    the other types' scales are float16 in the file), bfloat16 activations within 5 % (cosine > 0.999: the fused
+    decode path's head is the bfloat16 streamed GEMV, whose rounding differs from a plain linear's)."""
     name, path = gguf_file
     reference = steps(load_gguf(path, dtype=torch.float32, device=CUDA, max_positions=1024)[0], block_size=block_size)
     model = load_gguf(path, dtype=torch.float32, device=CUDA, max_positions=1024, keep_types=PLANE_TYPES)[0]
@@ -57,10 +59,16 @@ def test_a_gguf_runs_on_its_own_blocks_on_the_gpu(gguf_file, block_size):
     exact = name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")        # float16 scales in the file: nothing rounds
     tol = 1e-4 if exact else 5e-3
     assert (got - reference).abs().max() <= tol * reference.abs().max(), (name, (got - reference).abs().max())
-    bf16 = steps(load_gguf(path, dtype=torch.bfloat16, device=CUDA, max_positions=1024, keep_types=PLANE_TYPES)[0],
-                 block_size=block_size)
-    assert (bf16 - reference).abs().max() <= 0.03 * reference.abs().max(), (name, (bf16 - reference).abs().max())
-    assert torch.nn.functional.cosine_similarity(bf16, reference, dim=-1).min() > 0.999
+    model.use_kernels(ModelKernels(fused=True, streamed_rows=1))      # decode rows through the fused row kernel
+    fused = steps(model, block_size=block_size)
+    assert (fused - reference).abs().max() <= tol * reference.abs().max(), (name, (fused - reference).abs().max())
+    bf16_model = load_gguf(path, dtype=torch.bfloat16, device=CUDA, max_positions=1024, keep_types=PLANE_TYPES)[0]
+    for kernels in (None, ModelKernels(fused=True, streamed_rows=1)):
+        if kernels is not None:
+            bf16_model.use_kernels(kernels)
+        bf16 = steps(bf16_model, block_size=block_size)
+        assert (bf16 - reference).abs().max() <= 0.05 * reference.abs().max(), (name, (bf16 - reference).abs().max())
+        assert torch.nn.functional.cosine_similarity(bf16, reference, dim=-1).min() > 0.999
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -77,6 +85,12 @@ def test_quantization_on_load_computes_exactly_its_quantized_weights(llama32_dir
         linear.weight.data = torch.cat([dequantize(part) for part in q.parts])
     got, want = steps(model), steps(reference)
     assert torch.allclose(got, want, rtol=0, atol=1e-4 * want.abs().max().item()), (got - want).abs().max()
+    # the fast path's decode: one row through the fused row kernel (norms and residual adds folded in)
+    model.use_kernels(ModelKernels(fused=True, streamed_rows=1))
+    fused = steps(model)
+    assert torch.allclose(fused, want, rtol=0, atol=1e-4 * want.abs().max().item()), (fused - want).abs().max()
+    with pytest.raises(ValueError, match="one row at a time"):
+        model.use_kernels(ModelKernels(fused=True, streamed_rows=4))
 
 
 def test_the_engine_runs_quantized_weights_on_the_gpu_with_the_same_greedy_text_in_every_mode(llama32_dir):
@@ -91,7 +105,7 @@ def test_the_engine_runs_quantized_weights_on_the_gpu_with_the_same_greedy_text_
         params = GeneratorParams(quantization="int4", dtype="float32", overlap_steps=overlap, max_seq_len=256)
         with LLMEngine(llama32_dir, params, device="cuda") as eng:
             assert eng.weight_format.startswith("int4 projections"), eng.weight_format
-            assert eng.fast_path.decode_graphs and not eng.fast_path.kernels.streamed_rows
+            assert eng.fast_path.decode_graphs and eng.fast_path.kernels.streamed_rows == 1
             reqs = [GenerationRequest(prompt=p, max_new_tokens=12, temperature=0.0, ignore_eos=True)
                     for p in prompts]
             if together:

@@ -86,7 +86,7 @@ def make_engine(cfg: ModelConfig, tokenizer: Tokenizer, **params) -> LLMEngine:
     gen = GeneratorParams(dtype="bfloat16", result_cache_entries=0, **params)
     torch.cuda.empty_cache()
     model = random_model(cfg, gen.max_seq_len)
-    loaded = LoadedModel(model, cfg, tokenizer, ModelSource("random", Path("."), "random"), 0.0, False)
+    loaded = LoadedModel(model, cfg, tokenizer, ModelSource("random", Path("."), "random"), 0.0)
     return LLMEngine(loaded, gen, device="cuda")
 
 

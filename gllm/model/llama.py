@@ -114,6 +114,8 @@ class DecoderLayer(nn.Module):
         before, RoPE and the K/V cache writes after q/k/v, SiLU·mul after gate_up and the residual adds
         after o and down; `h` is the residual stream, updated in place."""
         attn, mlp, cfg = self.self_attn, self.mlp, self.self_attn.cfg
+        if not isinstance(attn.qkv_proj, nn.Linear):
+            return self._forward_quantized_row(h, batch, rope, k_cache, v_cache)
         rope_kv = triton_gemv.RopeKV(rope.cos, rope.sin, batch.positions, batch.slot_mapping,
                                      k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:]),
                                      cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
@@ -127,6 +129,19 @@ class DecoderLayer(nn.Module):
                                  eps=self.post_attention_layernorm.eps, silu_mul=True,
                                  dependent_launch=dependent_launch)
         return triton_gemv.linear(act, mlp.down_proj.weight, residual=h, dependent_launch=dependent_launch)
+
+
+    def _forward_quantized_row(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
+                               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """`forward_streamed` for one row through quantized projections (`GpuQuantizedLinear.row`): the norms
+        and SiLU·mul done where each product's input is prepared, the residual adds by o and down; RoPE with
+        the K/V writes stays a kernel of its own."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps)
+        attn.o_proj.row(attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True), residual=h)
+        gate_up = mlp.gate_up_proj.row(h, norm_weight=norm2.weight, eps=norm2.eps)
+        return mlp.down_proj.row(gate_up, silu_mul=True, residual=h)
 
 
 # HF checkpoint names of the projections that live inside a fused parameter: (fused name, slice index).
@@ -189,18 +204,20 @@ class LlamaForCausalLM(nn.Module):
     def use_kernels(self, kernels: ModelKernels) -> None:
         """Run the layers with `kernels` (see `gllm.runner.fast_path`, which decides them once)."""
         if kernels.streamed_rows and not self.supports_streamed_kernels:
-            raise ValueError("the weight-streaming kernels take float projections without biases")
+            raise ValueError("the weight-streaming kernels have no bias epilogue")
+        if kernels.streamed_rows > 1 and self.quantized_projections:
+            raise ValueError("quantized projections stream one row at a time")
         self.kernels = kernels
 
     @property
     def supports_streamed_kernels(self) -> bool:
-        """The bfloat16 weight-streaming kernels: float projections without biases (quantized ones run their
-        own GEMV inside the fused path)."""
-        projections = [m for layer in self.layers
-                       for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                                 layer.mlp.down_proj)]
-        return not (self.cfg.attention_bias or self.cfg.mlp_bias) and all(isinstance(m, nn.Linear)
-                                                                             for m in projections)
+        """Decode steps through the weight-streaming path (`forward_streamed`): projections without biases."""
+        return not (self.cfg.attention_bias or self.cfg.mlp_bias)
+
+    @property
+    def quantized_projections(self) -> bool:
+        """The decoder's projections are kept quantized for the GPU kernels: their streamed path takes one row."""
+        return not isinstance(self.layers[0].self_attn.qkv_proj, nn.Linear)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""

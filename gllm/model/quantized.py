@@ -129,6 +129,28 @@ class GpuQuantizedLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def row(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode row [1, K] through the row kernel, with the RMSNorm before it (`norm_weight`) or the
+        SiLU·mul of a [1, 2K] gate/up row (`silu_mul`) done by the launch that prepares its input, and the
+        residual add after it (`residual`, [1, N], updated in place and returned) done by the kernel."""
+        from gllm.ops.triton_quant_gemv import quant_gemv_row, row_inputs
+        if self.bias is not None:
+            raise ValueError("the row kernel has no bias epilogue")
+        dtype = x.dtype
+        out = residual if residual is not None else torch.empty((1, self.out_features), dtype=dtype,
+                                                                 device=x.device)
+        inputs: dict[int, torch.Tensor] = {}      # by code width: the permutation depends on it
+        at = 0
+        for part in self.parts:
+            if part.bits not in inputs:
+                inputs[part.bits] = row_inputs(x, part.bits, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul)
+            view = out[:, at:at + part.out_features]
+            quant_gemv_row(inputs[part.bits], part, residual=view if residual is not None else None,
+                           out=None if residual is not None else view)
+            at += part.out_features
+        return out
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme}"
 

@@ -37,6 +37,7 @@ def _code_as_float(words, i: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
     # One row of x; tiles [row quads, groups, words of a group, 4 rows]. x comes permuted and in float32
     # (xp[i, j] = x[PER_WORD * j + i]), so its values for code i of a tile's words are one contiguous load.
@@ -75,7 +76,40 @@ def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
         if HAS_ZERO:
             acc += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32) * xs
     ns = quads[:, None] * R + lanes[None, :]
-    tl.store(out_ptr + ns, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=ns < N)
+    y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:   # out is the residual stream, updated in place: the product rounded, then the sum
+        y = (tl.load(out_ptr + ns, mask=ns < N, other=0.0).to(tl.float32) + y.to(tl.float32)).to(y.dtype)
+    tl.store(out_ptr + ns, y, mask=ns < N)
+
+
+@triton.jit
+def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, K, eps, PER_WORD: tl.constexpr, HAS_NORM: tl.constexpr,
+                       SILU_MUL: tl.constexpr, BLOCK: tl.constexpr):
+    # One row's input to the row kernel: x (RMS-normed with `norm_ptr` if HAS_NORM; or SiLU(gate) * up of a
+    # [gate | up] row of 2K if SILU_MUL), rounded as the unfused kernels round it, then widened to float32 and
+    # stored permuted: xp[i, j] = x[PER_WORD * j + i].
+    dtype = x_ptr.dtype.element_ty
+    inv = 0.0
+    if HAS_NORM:
+        sq = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            ks = k0 + tl.arange(0, BLOCK)
+            xf = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+            sq += xf * xf
+        inv = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+    row_words = K // PER_WORD
+    for k0 in range(0, K, BLOCK):
+        ks = k0 + tl.arange(0, BLOCK)
+        ok = ks < K
+        x = tl.load(x_ptr + ks, mask=ok, other=0.0)
+        if HAS_NORM:   # as _rms_norm_kernel: normalise in fp32, round, scale in fp32, round
+            nw = tl.load(norm_ptr + ks, mask=ok, other=0.0)
+            x = (nw.to(tl.float32) * (x.to(tl.float32) * inv).to(dtype).to(tl.float32)).to(dtype)
+        if SILU_MUL:   # as _silu_mul_kernel
+            g = x.to(tl.float32)
+            up = tl.load(x_ptr + K + ks, mask=ok, other=0.0).to(tl.float32)
+            x = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up).to(dtype)
+        tl.store(xp_ptr + (ks % PER_WORD) * row_words + ks // PER_WORD, x.to(tl.float32), mask=ok)
 
 
 @triton.jit
@@ -150,7 +184,8 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None =
         block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
         grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
         _quant_gemv_row_kernel[grid](xp, w.words, w.scale, zero, out, n, k, GROUP=w.group, BITS=w.bits,
-                                     HAS_ZERO=w.zero is not None, BLOCK_R=config.block, BLOCK_K=block_k,
+                                     HAS_ZERO=w.zero is not None, HAS_RESIDUAL=False, BLOCK_R=config.block,
+                                     BLOCK_K=block_k,
                                      R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     config = config or ROWS_CONFIG
@@ -166,31 +201,24 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None =
 @triton.jit
 def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                       BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr):
-    # Tiles [row quads, words, 4 rows]; code i of word j is element PER_WORD * j + i of its row. w = f * a + b
-    # with f = 1 + u / 2^BITS, a = 2^BITS * scale, b = zero - a (- 128 scale for int8), as in the rows kernel.
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
+    # One output element per lane, in the output's row-major order (contiguous stores): each reads the word
+    # holding its code (eight neighbours read the same word, from cache) and its group's scale.
     PER_WORD: tl.constexpr = 32 // BITS
-    GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
-    SPAN: tl.constexpr = 1 << BITS
-    BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0
-    quads = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    js = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    lanes = tl.arange(0, R)
-    row_words = K // PER_WORD
-    groups = K // GROUP
-    ns = quads[:, None, None] * R + lanes[None, None, :]                                  # [BLOCK_Q, 1, R]
-    ok = (ns < N) & (js[None, :, None] < row_words)
-    words = tl.load(w_ptr + (quads[:, None, None] * row_words + js[None, :, None]) * R + lanes[None, None, :],
-                    mask=ok, other=0)
-    at = (quads[:, None, None] * groups + js[None, :, None] // GROUP_WORDS) * R + lanes[None, None, :]
-    scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    a = SPAN * scale
-    b = -a - BIAS * scale
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (ns[:, None] < N) & (ks[None, :] < K)
+    quad, lane = ns[:, None] // R, ns[:, None] % R
+    words = tl.load(w_ptr + (quad * (K // PER_WORD) + ks[None, :] // PER_WORD) * R + lane, mask=ok, other=0)
+    code = (words >> ((ks[None, :] % PER_WORD) * BITS)) & MASK
+    if BITS == 8:
+        code = (code ^ 0x80) - 0x80                        # int8: two's complement
+    at = (quad * (K // GROUP) + ks[None, :] // GROUP) * R + lane
+    value = code.to(tl.float32) * tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
     if HAS_ZERO:
-        b += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    base = out_ptr + ns * K + PER_WORD * js[None, :, None]
-    for i in tl.static_range(PER_WORD):
-        tl.store(base + i, (_code_as_float(words, i, BITS) * a + b).to(out_ptr.dtype.element_ty), mask=ok)
+        value += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + ns[:, None] * K + ks[None, :], value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,9 +229,47 @@ def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | Non
         out = torch.empty((n, k), dtype=dtype, device=w.words.device)
     elif out.shape != (n, k) or out.stride(1) != 1 or out.stride(0) != k:
         raise ValueError(f"out must be a contiguous [{n}, {k}] tensor")
-    block_q, block_w = 8, 64
-    grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), block_q), triton.cdiv(k * w.bits // 32, block_w))
+    block_n, block_k = 16, 256
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](w.words, w.scale, w.zero if w.zero is not None else w.scale, out, n, k,
-                             GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None, BLOCK_Q=block_q,
-                             BLOCK_W=block_w, R=INTERLEAVE, num_warps=4)
+                             GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None, BLOCK_N=block_n,
+                             BLOCK_K=block_k, R=INTERLEAVE, num_warps=4)
     return out
+
+
+
+def row_inputs(x: torch.Tensor, bits: int, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+               silu_mul: bool = False) -> torch.Tensor:
+    """One row x [1, K] (or [1, 2K] of [gate | up] with `silu_mul`) as `quant_gemv_row` reads it: RMS-normed
+    with `norm_weight`, or SiLU(gate) * up, rounded to x's dtype as the unfused kernels would, then in float32
+    and permuted for codes of `bits` bits. One launch in place of the norm (or SiLU·mul) and a permutation."""
+    k = x.shape[1] // (2 if silu_mul else 1)
+    if x.shape[0] != 1 or x.stride(1) != 1:
+        raise ValueError(f"row_inputs takes one contiguous row, got {list(x.shape)}")
+    per_word = 32 // bits
+    xp = torch.empty((per_word, k // per_word), dtype=torch.float32, device=x.device)
+    _row_inputs_kernel[(1,)](x, norm_weight if norm_weight is not None else x, xp, k, eps, PER_WORD=per_word,
+                             HAS_NORM=norm_weight is not None, SILU_MUL=silu_mul,
+                             BLOCK=min(4096, triton.next_power_of_2(k)), num_warps=8)
+    return xp
+
+
+def quant_gemv_row(xp: torch.Tensor, w: QuantWeight, *, residual: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One row from `row_inputs` times the dequantized weight: [1, N] (into `out`, or `dtype` when new); with
+    `residual` ([1, N], contiguous) the product is added into it, in place, and it is returned."""
+    n, k = w.out_features, w.in_features
+    if xp.numel() != k or xp.shape[0] != 32 // w.bits:
+        raise ValueError(f"xp must be row_inputs(x, bits={w.bits}) of a row of {k}")
+    target = residual if residual is not None else out
+    if target is None:
+        target = torch.empty((1, n), dtype=dtype, device=xp.device)
+    elif target.shape != (1, n) or target.stride(1) != 1:
+        raise ValueError(f"residual / out must be a [1, {n}] row")
+    block_k = min(ROW_CONFIG.block_k, max(w.group, triton.next_power_of_2(k)))
+    grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), ROW_CONFIG.block),)
+    _quant_gemv_row_kernel[grid](xp, w.words, w.scale, w.zero if w.zero is not None else w.scale, target, n, k,
+                                 GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
+                                 HAS_RESIDUAL=residual is not None, BLOCK_R=ROW_CONFIG.block, BLOCK_K=block_k,
+                                 R=INTERLEAVE, num_warps=ROW_CONFIG.num_warps, num_stages=ROW_CONFIG.num_stages)
+    return target

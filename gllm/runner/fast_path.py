@@ -72,12 +72,12 @@ def choose_fast_path(device: torch.device, model: LlamaForCausalLM, config: Runn
                     f"runs without the Triton kernel and CUDA graphs")
     notes: list[str] = []
     streamed = triton_gemv is not None and model.supports_streamed_kernels
-    if not streamed and not (model.cfg.attention_bias or model.cfg.mlp_bias):
-        notes.append("quantized projections: decode runs their quantized GEMV inside the fused path, not the "
-                     "bfloat16 weight-streaming kernels")
+    streamed_rows = 0 if not streamed else 1 if model.quantized_projections else triton_gemv.MAX_ROWS
+    if streamed and model.quantized_projections:
+        notes.append("quantized projections: one-row decode steps stream them with the norms and residual adds "
+                     "folded in; wider steps run their GEMV or a dequantized matmul in the fused path")
     dependent = streamed and _dependent_launch(config.dependent_launch, device, notes)
-    kernels = ModelKernels(fused=True, streamed_rows=triton_gemv.MAX_ROWS if streamed else 0,
-                           dependent_launch=dependent)
+    kernels = ModelKernels(fused=True, streamed_rows=streamed_rows, dependent_launch=dependent)
     graphs = config.cuda_graphs
     prefill_tokens = min(config.max_step_tokens, config.prefill_graph_tokens) if graphs else 0
     return FastPath(triton=True, decode_graphs=graphs, prefill_graph_tokens=prefill_tokens, kernels=kernels,
