@@ -50,9 +50,9 @@ class GeneratorParams:
     # capability 9.0+, i.e. Hopper and later); None: on where the GPU has it. False turns it off.
     dependent_launch: bool | None = None
     # The decoder layers' projections. None: as the source stores them (a GGUF's quantized blocks kept as they
-    # are on the CPU, floats in `dtype` otherwise). "float": dequantized to `dtype`. Weight-only quantization
-    # on load: "int8" (per output channel) or "int4" (asymmetric, in groups of quant_group_size along K; a
-    # GGUF's 4-bit blocks are kept as they are). CPU for now.
+    # are, on the CPU and on a GPU with Triton; floats in `dtype` otherwise). "float": dequantized to `dtype`.
+    # Weight-only quantization on load: "int8" (per output channel on the CPU, groups of 128 on a GPU) or
+    # "int4" (asymmetric, in groups of quant_group_size along K; a GGUF's 4-bit blocks are kept as they are).
     quantization: str | None = None
     quant_group_size: int = 32
     # NPC memory (issue #23): results of deterministic requests kept for repeats (0 entries = off).
