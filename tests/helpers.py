@@ -62,3 +62,22 @@ class Stepper:
             attention=SdpaPlan([n], [start + n]))
         self.length += n
         return self.model(batch, self.cache.layers)
+
+
+def greedy_in_every_mode(folder: Path, device: str, check, max_new_tokens: int = 10, **params) -> None:
+    """The engine's greedy tokens for three prompts are the same in lock-step alone, overlap batched and
+    lock-step batched; `check(engine)` runs on each engine first (what it loaded, how)."""
+    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+    prompts = ["The old gate", "A merchant says", "Rain on the roof"]
+
+    def run(overlap: bool, together: bool) -> list[list[int]]:
+        with LLMEngine(folder, GeneratorParams(overlap_steps=overlap, **params), device=device) as eng:
+            check(eng)
+            reqs = [GenerationRequest(prompt=p, max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+                    for p in prompts]
+            if together:
+                return [r.tokens for r in eng.generate(reqs)]
+            return [eng.generate([r])[0].tokens for r in reqs]
+
+    baseline = run(False, False)
+    assert run(True, True) == baseline and run(False, True) == baseline

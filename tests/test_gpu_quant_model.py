@@ -19,7 +19,7 @@ from gllm.model.kernels import ModelKernels  # noqa: E402
 from gllm.model.quantized import PROJECTIONS, GpuQuantizedLinear, QuantConfig, quantize_layers  # noqa: E402
 from gllm.ops.quant_layout import dequantize  # noqa: E402
 
-from helpers import Stepper  # noqa: E402
+from helpers import Stepper, greedy_in_every_mode  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -98,19 +98,9 @@ def test_the_engine_runs_quantized_weights_on_the_gpu_with_the_same_greedy_text_
     and batched; the weight format says what is loaded. float32 activations: one row and several rows take
     different kernels (summing in different orders), which bfloat16 rounding could turn into a different
     argmax on a random model's near-ties."""
-    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
-    prompts = ["The old gate", "A merchant says", "Rain on the roof"]
+    def check(eng) -> None:
+        assert eng.weight_format.startswith("int4 projections"), eng.weight_format
+        assert eng.fast_path.decode_graphs and eng.fast_path.kernels.streamed_rows == 1
 
-    def run(overlap: bool, together: bool) -> list[list[int]]:
-        params = GeneratorParams(quantization="int4", dtype="float32", overlap_steps=overlap, max_seq_len=256)
-        with LLMEngine(llama32_dir, params, device="cuda") as eng:
-            assert eng.weight_format.startswith("int4 projections"), eng.weight_format
-            assert eng.fast_path.decode_graphs and eng.fast_path.kernels.streamed_rows == 1
-            reqs = [GenerationRequest(prompt=p, max_new_tokens=12, temperature=0.0, ignore_eos=True)
-                    for p in prompts]
-            if together:
-                return [r.tokens for r in eng.generate(reqs)]
-            return [eng.generate([r])[0].tokens for r in reqs]
-
-    baseline = run(False, False)
-    assert run(True, True) == baseline and run(False, True) == baseline
+    greedy_in_every_mode(llama32_dir, "cuda", check, max_new_tokens=12, quantization="int4", dtype="float32",
+                         max_seq_len=256)

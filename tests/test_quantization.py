@@ -11,7 +11,7 @@ from gllm.model import load_hf_folder
 from gllm.model.quantized import PROJECTIONS, QuantConfig, QuantizedLinear, quantize_layers
 from gllm.ops.quant import check_int4_shape, quant_matmul, quantize_int4, quantize_int8
 
-from helpers import Stepper
+from helpers import Stepper, greedy_in_every_mode
 
 PROMPT = list(range(300, 340))
 
@@ -125,22 +125,11 @@ def test_quantized_logits_stay_close_to_the_float_model(llama32_dir, scheme, tol
 
 
 def test_the_engine_runs_quantized_weights_with_the_same_greedy_text_in_every_mode(llama32_dir):
-    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
-    prompts = ["The old gate", "A merchant says", "Rain on the roof"]
+    def check(eng) -> None:
+        assert eng.weight_format.startswith("int4 projections")
+        assert eng.stats()["weight_bytes"] == eng.weight_bytes
 
-    def run(overlap: bool, together: bool) -> list[list[int]]:
-        params = GeneratorParams(quantization="int4", dtype="float32", cpu_threads=1, overlap_steps=overlap)
-        with LLMEngine(llama32_dir, params, device="cpu") as eng:
-            assert eng.weight_format.startswith("int4 projections")
-            assert eng.stats()["weight_bytes"] == eng.weight_bytes
-            reqs = [GenerationRequest(prompt=p, max_new_tokens=10, temperature=0.0, ignore_eos=True)
-                    for p in prompts]
-            if together:
-                return [r.tokens for r in eng.generate(reqs)]
-            return [eng.generate([r])[0].tokens for r in reqs]
-
-    baseline = run(False, False)
-    assert run(True, True) == baseline and run(False, True) == baseline
+    greedy_in_every_mode(llama32_dir, "cpu", check, quantization="int4", dtype="float32", cpu_threads=1)
 
 
 # --- GGUF files kept quantized --------------------------------------------------------------------------
