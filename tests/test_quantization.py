@@ -316,3 +316,19 @@ def test_a_long_prefill_dequantizes_and_gives_the_same_logits(tmp_path, name):
                           compute_dtype=compute)[0]
         got = steps(model)
         assert (got - reference).abs().max() <= tol * reference.abs().max(), (compute, (got - reference).abs().max())
+
+
+def test_the_streamed_decode_path_needs_projections_all_float_or_all_quantized(llama32_dir):
+    """`forward_streamed` runs either the bfloat16 kernels or the quantized row kernels for every layer: a model
+    mixing float and quantized projections (a file storing some in F16) keeps the fused path's products."""
+    from gllm.model.kernels import ModelKernels
+    model = load(llama32_dir)
+    assert model.supports_streamed_kernels and not model.quantized_projections
+    layer = model.layers[1]
+    layer.mlp.down_proj = QuantizedLinear(quantize_int8(layer.mlp.down_proj.weight, torch.float32), None, "int8",
+                                          torch.float32)
+    assert not model.supports_streamed_kernels and not model.quantized_projections
+    with pytest.raises(ValueError, match="all float or all quantized"):
+        model.use_kernels(ModelKernels(fused=True, streamed_rows=1))
+    quantize_layers(model, QuantConfig("int8"))
+    assert model.supports_streamed_kernels and model.quantized_projections

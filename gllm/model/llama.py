@@ -130,7 +130,6 @@ class DecoderLayer(nn.Module):
                                  dependent_launch=dependent_launch)
         return triton_gemv.linear(act, mlp.down_proj.weight, residual=h, dependent_launch=dependent_launch)
 
-
     def _forward_quantized_row(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """`forward_streamed` for one row through quantized projections (`GpuQuantizedLinear.row`): the norms
@@ -204,20 +203,27 @@ class LlamaForCausalLM(nn.Module):
     def use_kernels(self, kernels: ModelKernels) -> None:
         """Run the layers with `kernels` (see `gllm.runner.fast_path`, which decides them once)."""
         if kernels.streamed_rows and not self.supports_streamed_kernels:
-            raise ValueError("the weight-streaming kernels have no bias epilogue")
+            raise ValueError("the weight-streaming kernels take projections without biases, all float or all "
+                             "quantized")
         if kernels.streamed_rows > 1 and self.quantized_projections:
             raise ValueError("quantized projections stream one row at a time")
         self.kernels = kernels
 
     @property
     def supports_streamed_kernels(self) -> bool:
-        """Decode steps through the weight-streaming path (`forward_streamed`): projections without biases."""
-        return not (self.cfg.attention_bias or self.cfg.mlp_bias)
+        """Decode steps through the weight-streaming path (`forward_streamed`): projections without biases,
+        all float or all quantized (a file mixing both runs the fused path, whose products take either)."""
+        return not (self.cfg.attention_bias or self.cfg.mlp_bias) and len(self._projection_kinds()) == 1
 
     @property
     def quantized_projections(self) -> bool:
-        """The decoder's projections are kept quantized for the GPU kernels: their streamed path takes one row."""
-        return not isinstance(self.layers[0].self_attn.qkv_proj, nn.Linear)
+        """Every decoder projection is kept quantized for the GPU kernels: their streamed path takes one row."""
+        return self._projection_kinds() == {"quantized"}
+
+    def _projection_kinds(self) -> set[str]:
+        return {"float" if isinstance(m, nn.Linear) else "quantized" for layer in self.layers
+                for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                          layer.mlp.down_proj)}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...)."""
