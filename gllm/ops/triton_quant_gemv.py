@@ -179,15 +179,7 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None =
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} view with contiguous rows")
     zero = w.zero if w.zero is not None else w.scale
     if m == 1:
-        config = config or ROW_CONFIG
-        xp = x.float().reshape(k // per_word, per_word).t().contiguous()   # xp[i, j] = x[per_word * j + i]
-        block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
-        grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
-        _quant_gemv_row_kernel[grid](xp, w.words, w.scale, zero, out, n, k, GROUP=w.group, BITS=w.bits,
-                                     HAS_ZERO=w.zero is not None, HAS_RESIDUAL=False, BLOCK_R=config.block,
-                                     BLOCK_K=block_k,
-                                     R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
-        return out
+        return quant_gemv_row(row_inputs(x.contiguous(), w.bits), w, out=out, config=config)
     config = config or ROWS_CONFIG
     xp = x.reshape(m, k // per_word, per_word).transpose(1, 2).contiguous()   # xp[m, i, j] = x[m, per_word * j + i]
     block_k = min(config.block_k, max(per_word * 16, triton.next_power_of_2(k)))
@@ -237,7 +229,6 @@ def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | Non
     return out
 
 
-
 def row_inputs(x: torch.Tensor, bits: int, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                silu_mul: bool = False) -> torch.Tensor:
     """One row x [1, K] (or [1, 2K] of [gate | up] with `silu_mul`) as `quant_gemv_row` reads it: RMS-normed
@@ -255,7 +246,8 @@ def row_inputs(x: torch.Tensor, bits: int, *, norm_weight: torch.Tensor | None =
 
 
 def quant_gemv_row(xp: torch.Tensor, w: QuantWeight, *, residual: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                   config: QuantGemvConfig | None = None) -> torch.Tensor:
     """One row from `row_inputs` times the dequantized weight: [1, N] (into `out`, or `dtype` when new); with
     `residual` ([1, N], contiguous) the product is added into it, in place, and it is returned."""
     n, k = w.out_features, w.in_features
@@ -266,10 +258,11 @@ def quant_gemv_row(xp: torch.Tensor, w: QuantWeight, *, residual: torch.Tensor |
         target = torch.empty((1, n), dtype=dtype, device=xp.device)
     elif target.shape != (1, n) or target.stride(1) != 1:
         raise ValueError(f"residual / out must be a [1, {n}] row")
-    block_k = min(ROW_CONFIG.block_k, max(w.group, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), ROW_CONFIG.block),)
+    config = config or ROW_CONFIG
+    block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
+    grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
     _quant_gemv_row_kernel[grid](xp, w.words, w.scale, w.zero if w.zero is not None else w.scale, target, n, k,
                                  GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
-                                 HAS_RESIDUAL=residual is not None, BLOCK_R=ROW_CONFIG.block, BLOCK_K=block_k,
-                                 R=INTERLEAVE, num_warps=ROW_CONFIG.num_warps, num_stages=ROW_CONFIG.num_stages)
+                                 HAS_RESIDUAL=residual is not None, BLOCK_R=config.block, BLOCK_K=block_k,
+                                 R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
     return target
