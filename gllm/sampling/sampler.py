@@ -193,6 +193,8 @@ class Sampler:
         bits = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host.to(
             self.device)
         allowed = unpack_masks(bits, logits.shape[1], self._shifts)
+        if len(masked) == logits.shape[0]:     # every row constrained: one pass, no gather and scatter
+            return logits.masked_fill(~allowed, float("-inf"))
         index = to_device(masked, torch.int64, self.device)
         logits = logits.clone()
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
