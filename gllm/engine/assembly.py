@@ -72,13 +72,12 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
         raise ValueError(f"quantization={gen.quantization!r} runs on the CPU and on CUDA GPUs, not on {dev.type}")
     # A GGUF's quantized blocks kept as they are: all of them by default, the 4-bit ones for int4 (the rest is
     # requantized from floats), none for "float" or int8. On a GPU without Triton they are dequantized.
-    keep = {None: PLANE_TYPES, "int4": INT4_TYPES}.get(gen.quantization, ())
     no_triton = dev.type == "cuda" and importlib.util.find_spec("triton") is None
     if quantize and no_triton:
         raise ValueError(f"quantization={gen.quantization!r} on a GPU needs Triton (its kernels); install triton "
                          f"or leave quantization unset")
-    if dev.type not in ("cpu", "cuda") or no_triton:
-        keep = ()
+    kernels_here = dev.type == "cpu" or (dev.type == "cuda" and not no_triton)
+    keep = {None: PLANE_TYPES, "int4": INT4_TYPES}.get(gen.quantization, ()) if kernels_here else ()
     loaded = model if isinstance(model, LoadedModel) else load(
         model, dtype=dtype, device=dev, max_positions=gen.max_seq_len, quiet=quiet, keep_gguf_types=keep)
     cfg: ModelConfig = loaded.config

@@ -101,9 +101,14 @@ def _q4_1(b: np.ndarray):
     return [_nibbles(b[..., 4:20])], [_f16(b, 0)], [_f16(b, 2)]
 
 
+def _q5_bits(b: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_0 / Q5_1 (their 4 bytes of high bits at `at`): the low 4 bits and the high bit of every weight's q,
+    [rows, blocks, 32] each."""
+    return _nibbles(b[..., at + 4:at + 20]).reshape(*b.shape[:2], 32), _bits(b[..., at:at + 4])
+
+
 def _q5(b: np.ndarray, d: np.ndarray, m: np.ndarray, at: int):
-    high = _bits(b[..., at:at + 4])
-    low = _nibbles(b[..., at + 4:at + 20]).reshape(*b.shape[:2], 32)
+    low, high = _q5_bits(b, at)
     return [low, high], [d, 16.0 * d], [m, np.zeros_like(d)]
 
 
@@ -129,11 +134,14 @@ def _q4_k(b: np.ndarray):
     return [_k_low(b[..., 16:144])], [scale], [mn]
 
 
+def _k5_high(b: np.ndarray) -> np.ndarray:
+    """Q5_K: the high bit of every weight's q, [rows, blocks, 8, 32] (bit j of byte i: sub-block j, weight i)."""
+    return (b[..., 16:48][..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+
+
 def _q5_k(b: np.ndarray):
     scale, mn = _k_lead(b)
-    qh = b[..., 16:48]                                                  # bit j of byte i: sub-block j, weight i
-    high = ((qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1)
-    return [_k_low(b[..., 48:176]), high], [scale, 16.0 * scale], [mn, np.zeros_like(mn)]
+    return [_k_low(b[..., 48:176]), _k5_high(b)], [scale, 16.0 * scale], [mn, np.zeros_like(mn)]
 
 
 def _q6_k_parts(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -205,9 +213,10 @@ class AffineCodes:
                            self.bits, self.group)
 
 
-def _affine_q5(b: np.ndarray, at: int) -> tuple[np.ndarray, ...]:
+def _affine_q5(b: np.ndarray, at: int) -> np.ndarray:
     """Q5_0 / Q5_1: the 5-bit q of every weight, [rows, blocks, 32]."""
-    return _nibbles(b[..., at + 4:at + 20]).reshape(*b.shape[:2], 32) + 16 * _bits(b[..., at:at + 4])
+    low, high = _q5_bits(b, at)
+    return low + 16 * high
 
 
 def _affine(type_name: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int]:
@@ -227,9 +236,7 @@ def _affine(type_name: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
         return _affine_q5(b, 4).astype(i8), _f16(b, 0), _f16(b, 2), 8, 32
     if type_name == "Q5_K":
         scale, mn = _k_lead(b)
-        qh = b[..., 16:48]
-        high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
-        return (_k_low(b[..., 48:176]) + 16 * high).astype(i8), scale, mn, 8, 32
+        return (_k_low(b[..., 48:176]) + 16 * _k5_high(b)).astype(i8), scale, mn, 8, 32
     if type_name == "Q8_0":
         return b[..., 2:34].view(i8), _f16(b, 0), None, 8, 32
     if type_name == "Q6_K":

@@ -66,8 +66,12 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @property
+    def qweight_bytes(self) -> int:
+        return self.qweight.nbytes
+
+    @property
     def nbytes(self) -> int:
-        return self.qweight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        return self.qweight_bytes + (0 if self.bias is None else self.bias.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_matmul(x, self.qweight)          # the kernels cast x to compute_dtype (the scales' dtype)
@@ -105,25 +109,25 @@ class GpuQuantizedLinear(nn.Module):
     def nbytes(self) -> int:
         return self.qweight_bytes + (0 if self.bias is None else self.bias.nbytes)
 
+    def _spans(self) -> list[tuple[QuantWeight, slice]]:
+        """Each part with the output columns it fills."""
+        spans, at = [], 0
+        for part in self.parts:
+            spans.append((part, slice(at, at + part.out_features)))
+            at += part.out_features
+        return spans
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from gllm.ops import triton_quant_gemv as kernels  # Triton: imported where a GPU runs it
         flat = x.reshape(-1, self.in_features)
-        parts, rows = self.parts, flat.shape[0]
-        if rows <= kernels.MAX_ROWS:
-            if len(parts) == 1:
-                y = kernels.quant_gemv(flat, parts[0])
-            else:
-                y = torch.empty((rows, self.out_features), dtype=x.dtype, device=x.device)
-                at = 0
-                for part in parts:
-                    kernels.quant_gemv(flat, part, out=y[:, at:at + part.out_features])
-                    at += part.out_features
+        if flat.shape[0] <= kernels.MAX_ROWS:
+            y = torch.empty((flat.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+            for part, cols in self._spans():
+                kernels.quant_gemv(flat, part, out=y[:, cols])
         else:
             weight = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
-            at = 0
-            for part in parts:
-                kernels.dequantize_dense(part, x.dtype, out=weight[at:at + part.out_features])
-                at += part.out_features
+            for part, rows in self._spans():
+                kernels.dequantize_dense(part, x.dtype, out=weight[rows])
             y = F.linear(flat, weight)
         if self.bias is not None:
             y = y + self.bias
@@ -137,18 +141,15 @@ class GpuQuantizedLinear(nn.Module):
         from gllm.ops.triton_quant_gemv import quant_gemv_row, row_inputs
         if self.bias is not None:
             raise ValueError("the row kernel has no bias epilogue")
-        dtype = x.dtype
-        out = residual if residual is not None else torch.empty((1, self.out_features), dtype=dtype,
+        out = residual if residual is not None else torch.empty((1, self.out_features), dtype=x.dtype,
                                                                  device=x.device)
         inputs: dict[int, torch.Tensor] = {}      # by code width: the permutation depends on it
-        at = 0
-        for part in self.parts:
+        for part, cols in self._spans():
             if part.bits not in inputs:
                 inputs[part.bits] = row_inputs(x, part.bits, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul)
-            view = out[:, at:at + part.out_features]
+            view = out[:, cols]
             quant_gemv_row(inputs[part.bits], part, residual=view if residual is not None else None,
                            out=None if residual is not None else view)
-            at += part.out_features
         return out
 
     def extra_repr(self) -> str:
@@ -266,8 +267,7 @@ def planes_weight(parts: list[Int4Planes], dtype: torch.dtype) -> QuantizedWeigh
 def weight_bytes(model: nn.Module) -> int:
     """What the model's weights take in memory, quantized ones at their packed size."""
     total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-    return total + sum(m.qweight.nbytes if isinstance(m, QuantizedLinear) else m.qweight_bytes
-                       for m in model.modules() if isinstance(m, QUANTIZED_LINEARS))
+    return total + sum(m.qweight_bytes for m in model.modules() if isinstance(m, QUANTIZED_LINEARS))
 
 
 def projection_formats(model: nn.Module) -> dict[str, int]:
