@@ -251,3 +251,18 @@ def test_raw_payload_decodes_to_the_exact_kv():
     identity = S.SnapshotIdentity("m", "t", "float32", 3, 2, 8)
     snap = S.decode(S.encode(identity, list(range(5)), layers, 4), identity, max_tokens=5)
     assert torch.equal(snap.dense(), torch.stack([t for pair in layers for t in pair]))
+
+
+def test_the_uploader_puts_payloads_larger_than_its_ring_on_the_device_byte_for_byte():
+    """More pieces than ring slots, a short last piece, and a second upload reusing slots whose copies may still
+    be in flight."""
+    uploader = S.PayloadUploader(DEVICE, threads=2)
+    try:
+        rng = np.random.default_rng(0)
+        for size in (5 * S.PayloadUploader.PIECE + 3, 2 * S.PayloadUploader.PIECE + 5):
+            data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+            out = uploader.upload(memoryview(data))
+            assert out.device.type == torch.device(DEVICE).type and out.numel() == size + -size % 8
+            assert out[:size].cpu().numpy().tobytes() == data and not out[size:].any()
+    finally:
+        uploader.close()

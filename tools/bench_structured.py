@@ -49,7 +49,21 @@ SCHEMA = {
 }
 
 
-def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int) -> dict:
+# The engine thread's parts of a step, timed with --phases (_collect includes waiting for the step's tokens).
+PHASES = ("_launch_ahead", "_flush_deferred", "_collect", "_accept_token", "_sample_ahead")
+
+
+def _timed(fn, name: str, total: dict[str, float]):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total[name] = total.get(name, 0.0) + time.perf_counter() - t
+    return wrapper
+
+
+def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int, phases: bool = False) -> dict:
     steps: list[float] = []
     mask_s: list[float] = []
     fill = engine.grammars.fill_masks
@@ -71,6 +85,12 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
         ends.append(reported[-1] if full else None)
 
     engine.grammars.fill_masks = timed_fill
+    phase_s: dict[str, float] = {}
+    if phases:   # the engine thread's host work per step, by part (wrappers on this engine's methods only)
+        for name in PHASES:
+            setattr(engine, name, _timed(getattr(engine, name), name, phase_s))
+        sampler_launch = engine.sampler.launch
+        engine.sampler.launch = _timed(sampler_launch, "sampler.launch", phase_s)
     engine.add_step_listener(on_step)
     ahead_before = engine.num_steps_ahead
     try:
@@ -83,6 +103,10 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
     finally:
         engine.remove_step_listener(on_step)
         engine.grammars.fill_masks = fill
+        for name in PHASES if phases else ():
+            delattr(engine, name)
+        if phases:
+            engine.sampler.launch = sampler_launch
     # Steps overlap (the next is queued before this one's tokens are in), so a step's own span can exceed the
     # time it adds: the interval between consecutive full-batch steps is what the batch pays per token.
     intervals = [b - a for a, b in zip(ends, ends[1:]) if a is not None and b is not None]
@@ -94,6 +118,8 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             "mask_ms_median": 1000 * statistics.median(mask_s) if mask_s else None,
             "tokens": sum(r.usage.completion_tokens for r in results), "wall_s": wall,
             "steps_ahead": engine.num_steps_ahead - ahead_before, "parsed": parsed,
+            "phase_ms_per_step": {k: 1000 * v / max(1, len(reported)) for k, v in phase_s.items()},
+            "mask_ms_per_step": 1000 * sum(mask_s) / max(1, len(reported)),
             "timeline_s": [t - t0 for t in reported]}
 
 
@@ -163,6 +189,8 @@ def main() -> None:
     parser.add_argument("--grammar-threads", type=int, default=None, help="GeneratorParams.grammar_threads")
     parser.add_argument("--probe", type=int, default=0, metavar="ROWS",
                         help="also time ROWS replies' masks one at a time, by position (1 thread)")
+    parser.add_argument("--phases", action="store_true", help="also time the engine thread's parts of a step "
+                        "(mean ms per step; adds a little host time of its own)")
     parser.add_argument("--replot", default=None, help="draw --plot from an earlier --out JSON and exit")
     args = parser.parse_args()
     if args.replot:
@@ -181,7 +209,7 @@ def main() -> None:
             tries: dict[bool, list[dict]] = {False: [], True: []}
             for k in range(args.repeats):     # alternated, so drifting machine load hits both alike
                 for constrained in (False, True):
-                    tries[constrained].append(run(engine, batch, args.tokens, constrained, 100 * k))
+                    tries[constrained].append(run(engine, batch, args.tokens, constrained, 100 * k, args.phases))
             best = {c: min(t, key=lambda r: r["step_ms_median"] or float("inf")) for c, t in tries.items()}
             free, cons = best[False], best[True]
             overhead = (cons["step_ms_median"] / free["step_ms_median"] - 1) * 100
@@ -203,6 +231,12 @@ def main() -> None:
               f"{r['step_overhead_pct']:>8.1f}% {f['interval_ms_median'] or 0:>11.2f}/{c['interval_ms_median'] or 0:<12.2f}"
               f"{gap} {c['mask_ms_median']:>8.3f} "
               f"{f['steps_ahead']:>11}/{c['steps_ahead']:<12} {c['parsed']:>3}/{r['batch']}")
+    if args.phases:
+        print("engine thread, mean ms per step (all steps of the best run):")
+        for r in rows:
+            for key in ("free", "constrained"):
+                parts = {**r[key]["phase_ms_per_step"], "fill_masks": r[key]["mask_ms_per_step"]}
+                print(f"  batch {r['batch']:>2} {key:<12} " + "  ".join(f"{k.strip('_')} {v:.3f}" for k, v in parts.items()))
     if probe:
         print(f"masks one row at a time ({args.probe} replies, 1 thread), by position:")
         for where, c in probe.items():
