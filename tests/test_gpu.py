@@ -309,3 +309,57 @@ def test_graph_greedy_tokens_and_run_ahead_inputs_match_eager_for_mixed_sampling
             a, b = graphed.generate(reqs), eager.generate(reqs)
             assert [r.tokens for r in a] == [r.tokens for r in b]
         assert graphed.num_steps_ahead > 0
+
+
+def test_fused_race_gives_the_torch_race_tokens_with_masks_greedy_rows_and_ties():
+    """The kernel computes the same float32 scores as the torch formula (IEEE division, libdevice log): the same
+    tokens, for sampled and greedy rows, masked or not, on a padded view and a vocabulary no chunk divides."""
+    from gllm.sampling.grammar import unpack_masks
+    from gllm.sampling.noise import NoiseTable, row_key
+    from gllm.sampling.triton_race import race
+    torch.manual_seed(0)
+    for rows, vocab in ((1, 128256), (16, 128256), (7, 4096 * 2 + 45)):
+        noise = NoiseTable(vocab, "cuda")
+        logits = (torch.randn(rows, vocab + 3, device="cuda") * 4)[:, :vocab]
+        temps = torch.tensor([[0.8, 1.0, 0.0, 1.7, 0.3][i % 5] for i in range(rows)], device="cuda")
+        for step in range(6):
+            keys = torch.tensor([row_key(1000 + i, step) for i in range(rows)], device="cuda")
+            words = (vocab + 31) // 32
+            masks = torch.randint(-2**31, 2**31 - 1, (3, words), dtype=torch.int32, device="cuda")
+            masks[2] = 0                      # nothing allowed: token 0, as an argmax over -inf gives
+            mask_rows = torch.tensor([[-1, 0, 1, 2][i % 4] for i in range(rows)], dtype=torch.int32, device="cuda")
+            allowed = unpack_masks(masks, vocab, torch.arange(32, dtype=torch.int32, device="cuda"))
+            scores = torch.where(temps[:, None] > 0, logits / temps.clamp_min(1e-30)[:, None]
+                                 - noise.exponential(keys).log(), logits)
+            for with_masks in (False, True):
+                want = scores.clone()
+                if with_masks:
+                    has = mask_rows >= 0
+                    want[has] = want[has].masked_fill(~allowed[mask_rows[has].long()], float("-inf"))
+                got = race(logits, temps, keys, noise.token_hash, masks if with_masks else None,
+                           mask_rows if with_masks else None)
+                assert got.tolist() == want.argmax(-1).tolist(), (rows, vocab, step, with_masks)
+
+
+def test_cuda_sampler_draws_the_cpu_sampler_tokens_for_masked_mixed_batches():
+    """The fused path (CUDA) and the torch path (CPU) draw the same tokens: seeded noise depends only on (seed,
+    step, token), and masks, greedy rows and temperatures mean the same on both."""
+    from gllm.sampling.params import SamplingParams
+    from gllm.sampling.sampler import Sampler, SampleRow
+    vocab = 128256
+    cpu, gpu = Sampler(vocab, "cpu"), Sampler(vocab, "cuda")
+    assert gpu._fused_race is not None
+    torch.manual_seed(1)
+    words = (vocab + 31) // 32
+    masks = torch.randint(-2**31, 2**31 - 1, (2, words), dtype=torch.int32)
+    masks[1, 100:] = 0                       # a narrow mask: only tokens below 3,200
+    for step in range(8):
+        logits = torch.randn(6, vocab) * 3
+        params = [SamplingParams(temperature=t) for t in (0.8, 0.0, 1.2, 0.0, 0.6, 1.0)]
+        mask_rows = [0, 1, None, 0, 1, None]
+        rows = [SampleRow(p, 50 + i, step, [1], [], mask_row=m) for i, (p, m) in enumerate(zip(params, mask_rows))]
+        want = cpu.sample(logits, rows, masks).token_ids
+        got = gpu.sample(logits.cuda(), rows, masks).token_ids
+        assert got == want, step
+        free = [SampleRow(p, 50 + i, step, [1], []) for i, p in enumerate(params)]
+        assert gpu.sample(logits.cuda(), free).token_ids == cpu.sample(logits, free).token_ids

@@ -44,11 +44,14 @@ SCHEMAS = {
 }
 PROMPT = "The guard decides:"
 
+# GLLM_TEST_DEVICE=cuda runs this file on the GPU (masks applied by the fused sampling kernel there).
+DEVICE = os.environ.get("GLLM_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="module", params=[False, True], ids=["lockstep", "overlap"])
 def eng(llama32_dir, request):
     e = LLMEngine(llama32_dir, GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=512, cpu_threads=2,
-                                               dtype="float32", overlap_steps=request.param), device="cpu")
+                                               dtype="float32", overlap_steps=request.param), device=DEVICE)
     yield e
     e.close()
 
@@ -100,7 +103,7 @@ def test_greedy_constrained_output_is_the_same_in_any_batch_and_either_step_mode
 
     def run(overlap: bool, batch: list[GenerationRequest]) -> list[list[int]]:
         e = LLMEngine(llama32_dir, GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=512, cpu_threads=2,
-                                                   dtype="float32", overlap_steps=overlap), device="cpu")
+                                                   dtype="float32", overlap_steps=overlap), device=DEVICE)
         try:
             return [r.tokens for r in e.generate(batch)]
         finally:

@@ -100,7 +100,7 @@ class LLMEngine:
         # at batch 16, seven times the masks themselves (docs/benchmarks.md, issue 21).
         mask_threads = gen.grammar_threads or (1 if self.device.type == "cpu" else default_cpu_threads())
         self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
-                                 sorted(self.eos_token_ids), threads=mask_threads)
+                                 sorted(self.eos_token_ids), threads=mask_threads, pinned=self.device.type == "cuda")
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
         # 16 steps), so the governor's step budget holds from its first decision; on a GPU only under a budget.
         self.scheduler.learn_shapes = self.device.type == "cpu"

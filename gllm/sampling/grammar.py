@@ -56,10 +56,10 @@ class Grammars:
     """Compiled constraints for one tokenizer, cached by content (thread-safe: requests are checked on the
     callers' threads). `tokenizer_json` gives the tokenizer's `tokenizers` JSON; it is read once, on the first
     constraint (building llguidance's token trie takes a second for a 128k vocabulary). `threads` compute a
-    batch's masks in parallel."""
+    batch's masks in parallel; `pinned` puts the masks in pinned memory (for a GPU)."""
 
     def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: Sequence[int],
-                 cache_size: int = DEFAULT_CACHE_SIZE, threads: int = 1) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, threads: int = 1, pinned: bool = False) -> None:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self._eos = list(eos_token_ids)
@@ -69,6 +69,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._executor: llguidance.LLExecutor | None = None
         self._threads = threads             # for a batch's masks (rows in parallel)
+        self._pinned = pinned               # masks in pinned memory, for a GPU sampler to copy without staging
         self.compiled = 0                   # cache misses (for tests and stats)
 
     @property
@@ -129,7 +130,7 @@ class Grammars:
         """The allowed-token bitmasks of `constraints`, one int32 row each (bit t of word t // 32 set: token t
         allowed), on the host. One caller at a time (the engine thread's step)."""
         n, words = len(constraints), self.mask_words
-        masks = torch.empty((n, words), dtype=torch.int32)
+        masks = torch.empty((n, words), dtype=torch.int32, pin_memory=self._pinned)
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=self._threads)
         self._executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)],

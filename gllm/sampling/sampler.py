@@ -76,6 +76,17 @@ class PendingSample:
         return SampleOutput(token_list, logprobs, self.errors)
 
 
+def _race_for(device: torch.device):
+    """The fused race kernel on CUDA with Triton (`gllm.sampling.triton_race`), else None (torch's ops)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from gllm.sampling.triton_race import race
+    except ImportError:
+        return None
+    return race
+
+
 def _argmax_for(device: torch.device):
     """Row-wise argmax: the chunked Triton kernels on CUDA (torch's spends ~28 µs on one 128k row), else torch's."""
     if device.type == "cuda":
@@ -93,6 +104,7 @@ class Sampler:
         self.device = torch.device(device)
         self.noise = NoiseTable(vocab_size, device)
         self._argmax = _argmax_for(self.device)
+        self._fused_race = _race_for(self.device)
         self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow], masks: torch.Tensor | None = None) -> SampleOutput:
@@ -138,14 +150,21 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
         logits, errors = self._apply_processors(logits, rows)
         masked = [i for i, r in enumerate(rows) if r.mask_row is not None]
-        if masked:
-            logits = self._apply_masks(logits, rows, masked, masks)
-        if any(r.params.has_penalties for r in rows):
-            logits = self._apply_penalties(logits, rows)
-        if masked or any(r.params.has_penalties or r.params.logits_processor is not None for r in rows):
-            greedy_tokens = None
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if not sampled_rows:
+        penalties = any(r.params.has_penalties for r in rows)
+        # One kernel for noise, mask and argmax where nothing needs the masked logits themselves (filters sort
+        # them, penalties change them); a batch of greedy rows without masks has its argmax already.
+        fused = self._fused_race is not None and not penalties and not any(_filters(r) for r in rows) \
+            and bool(masked or sampled_rows)
+        if masked and not fused:
+            logits = self._apply_masks(logits, rows, masked, masks)
+        if penalties:
+            logits = self._apply_penalties(logits, rows)
+        if masked or penalties or any(r.params.logits_processor is not None for r in rows):
+            greedy_tokens = None
+        if fused:
+            tokens = self._race_rows(logits, rows, masks if masked else None)
+        elif not sampled_rows:
             tokens = self._argmax(logits) if greedy_tokens is None else greedy_tokens
         elif len(sampled_rows) == len(rows):      # no greedy row: no argmax pass, no row copies
             tokens = self._sample_random(logits, rows)
@@ -200,6 +219,16 @@ class Sampler:
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return logits
 
+    def _race_rows(self, logits: torch.Tensor, rows: list[SampleRow], masks: torch.Tensor | None) -> torch.Tensor:
+        temperature = to_device([0.0 if r.params.is_greedy else r.params.temperature for r in rows], torch.float32,
+                                self.device)
+        keys = to_device([row_key(r.seed, r.step) for r in rows], torch.int64, self.device)
+        mask_rows = None
+        if masks is not None:
+            masks = (masks if masks.is_pinned() else masks.pin_memory()).to(self.device, non_blocking=True)
+            mask_rows = to_device([-1 if r.mask_row is None else r.mask_row for r in rows], torch.int32, self.device)
+        return self._fused_race(logits, temperature, keys, self.noise.token_hash, masks, mask_rows)
+
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         batch, vocab = logits.shape
         output_counts = torch.zeros(batch, vocab, device=self.device)
@@ -221,7 +250,7 @@ class Sampler:
         vocab = logits.shape[1]
         temperature = self._column([r.params.temperature for r in rows])
         keys = to_device([row_key(r.seed, r.step) for r in rows], torch.int64, self.device)
-        filtered = any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in rows)
+        filtered = any(_filters(r) for r in rows)
         if not filtered and not logits.is_cuda:
             # Plain temperature on the CPU: logit/T wins only if logit >= max - MARGIN*T, so the race runs
             # over those contenders alone, on the unscaled logits (no full-vocabulary copy).
@@ -263,3 +292,8 @@ class Sampler:
 
     def _column(self, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return to_device(values, dtype, self.device)[:, None]
+
+
+def _filters(row: SampleRow) -> bool:
+    """The row's sampling keeps only part of the distribution (top-k, top-p or min-p)."""
+    return row.params.top_k > 0 or row.params.top_p < 1 or row.params.min_p > 0
