@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"gllm serve: error: {exc}", file=sys.stderr)
         return 1
-    print(f"gllm serve: {engine.model_name} on {engine.device} (loaded in {engine.load_seconds:.1f} s)",
-          file=sys.stderr, flush=True)
+    # Before listening: built later, on the first constrained request, it would hold up every client.
+    grammar_s = engine.prepare_structured_output()
+    print(f"gllm serve: {engine.model_name} on {engine.device} (loaded in {engine.load_seconds:.1f} s, "
+          f"structured output ready in {grammar_s:.1f} s)", file=sys.stderr, flush=True)
     front = bridge = None
     try:
         metrics = None

@@ -324,6 +324,7 @@ def test_fused_race_gives_the_torch_race_tokens_with_masks_greedy_rows_and_ties(
         temps = torch.tensor([[0.8, 1.0, 0.0, 1.7, 0.3][i % 5] for i in range(rows)], device="cuda")
         for step in range(6):
             keys = torch.tensor([row_key(1000 + i, step) for i in range(rows)], device="cuda")
+            kernel_keys = keys.to(torch.int32) if step % 2 else keys   # the sampler passes int32 words
             words = (vocab + 31) // 32
             masks = torch.randint(-2**31, 2**31 - 1, (3, words), dtype=torch.int32, device="cuda")
             masks[2] = 0                      # nothing allowed: token 0, as an argmax over -inf gives
@@ -336,7 +337,7 @@ def test_fused_race_gives_the_torch_race_tokens_with_masks_greedy_rows_and_ties(
                 if with_masks:
                     has = mask_rows >= 0
                     want[has] = want[has].masked_fill(~allowed[mask_rows[has].long()], float("-inf"))
-                got = race(logits, temps, keys, noise.token_hash, masks if with_masks else None,
+                got = race(logits, temps, kernel_keys, noise.token_hash, masks if with_masks else None,
                            mask_rows if with_masks else None)
                 assert got.tolist() == want.argmax(-1).tolist(), (rows, vocab, step, with_masks)
 

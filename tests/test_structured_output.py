@@ -239,3 +239,15 @@ def test_the_npc_actions_example_parses_every_reply_on_the_default_model(smollm2
                           env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4/4 replies parsed" in proc.stdout and proc.stdout.count("[game] ") == 4, proc.stdout
+
+
+def test_prepare_builds_the_token_index_once_and_requests_use_it(llama32_dir):
+    """`prepare_structured_output` takes the one-off index build off the first constrained request's thread."""
+    with LLMEngine(llama32_dir, GeneratorParams(block_size=16, max_batch_size=2, max_seq_len=256, cpu_threads=1,
+                                                dtype="float32"), device=DEVICE) as e:
+        assert not e.grammars.prepared
+        assert e.prepare_structured_output() > 0 and e.grammars.prepared
+        index = e.grammars.tokenizer
+        assert e.prepare_structured_output() == 0.0
+        out = e.generate(GenerationRequest(prompt=PROMPT, max_new_tokens=8, seed=1, choice=["open", "shut"]))[0]
+        assert out.text in ("open", "shut") and e.grammars.tokenizer is index

@@ -81,6 +81,15 @@ class Grammars:
             return self._tokenizer
 
     @property
+    def prepared(self) -> bool:
+        """Whether the token index is built (by `prepare` or the first constraint)."""
+        return self._tokenizer is not None
+
+    def prepare(self) -> None:
+        """Build the token index now rather than at the first constraint (see `LLMEngine.prepare_structured_output`)."""
+        self.tokenizer  # noqa: B018 (the property builds it)
+
+    @property
     def threads(self) -> int:
         """Threads a batch's masks are computed on."""
         return self._threads

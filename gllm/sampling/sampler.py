@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gllm.sampling.grammar import unpack_masks
@@ -220,14 +221,18 @@ class Sampler:
         return logits
 
     def _race_rows(self, logits: torch.Tensor, rows: list[SampleRow], masks: torch.Tensor | None) -> torch.Tensor:
-        temperature = to_device([0.0 if r.params.is_greedy else r.params.temperature for r in rows], torch.float32,
-                                self.device)
-        keys = to_device([row_key(r.seed, r.step) for r in rows], torch.int64, self.device)
-        mask_rows = None
+        # The rows' temperatures (0: greedy), noise keys and mask rows go up in one copy: int32 words, the
+        # temperatures' float32 bits and the keys' 32 bits as they are.
+        packed = np.empty((3, len(rows)), dtype=np.int32)
+        packed[0] = np.array([0.0 if r.params.is_greedy else r.params.temperature for r in rows],
+                             dtype=np.float32).view(np.int32)
+        packed[1] = np.array([row_key(r.seed, r.step) for r in rows], dtype=np.uint32).view(np.int32)
+        packed[2] = [-1 if r.mask_row is None else r.mask_row for r in rows]
+        columns = torch.from_numpy(packed).pin_memory().to(self.device, non_blocking=True)
         if masks is not None:
             masks = (masks if masks.is_pinned() else masks.pin_memory()).to(self.device, non_blocking=True)
-            mask_rows = to_device([-1 if r.mask_row is None else r.mask_row for r in rows], torch.int32, self.device)
-        return self._fused_race(logits, temperature, keys, self.noise.token_hash, masks, mask_rows)
+        return self._fused_race(logits, columns[0].view(torch.float32), columns[1], self.noise.token_hash, masks,
+                                columns[2] if masks is not None else None)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         batch, vocab = logits.shape

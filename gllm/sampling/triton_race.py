@@ -67,8 +67,8 @@ def race(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, to
     """[B] int64 tokens: per row argmax over the vocabulary of logit / T - log(E) (E the row's seeded Exp(1)
     draws, `NoiseTable`), or of the logits where T is 0, over the tokens row `mask_rows[i]` of `masks` allows
     ([n, ceil(V/32)] int32 bitmasks; -1: no mask). logits [B, V] float32 contiguous along V; temperature [B]
-    float32; keys [B] int64; token_hash [V] int64. Ties go to the smallest token id; a row with nothing allowed
-    gives 0."""
+    float32; keys [B] int32 or int64 (their low 32 bits count); token_hash [V] int64. Ties go to the smallest
+    token id; a row with nothing allowed gives 0."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("logits must be contiguous along the vocabulary")
