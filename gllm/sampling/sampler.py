@@ -107,6 +107,17 @@ class Sampler:
         self._argmax = _argmax_for(self.device)
         self._fused_race = _race_for(self.device)
         self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        if self._fused_race is not None:   # compiled now, at load, not on the first sampled step (a second or so)
+            self._warm_up_race()
+
+    def _warm_up_race(self) -> None:
+        logits = torch.zeros(1, self.vocab_size, device=self.device)
+        one = torch.ones(1, device=self.device)
+        zero = torch.zeros(1, dtype=torch.int32, device=self.device)
+        masks = torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32, device=self.device)
+        for with_masks in (False, True):
+            self._fused_race(logits, one, zero, self.noise.token_hash, masks if with_masks else None,
+                             zero if with_masks else None)
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow], masks: torch.Tensor | None = None) -> SampleOutput:
         """logits: [B, V] float32, one row per entry of `rows`."""
