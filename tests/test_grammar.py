@@ -174,3 +174,34 @@ def test_length_slices_change_no_mask(llama3):
             token = rng.choice(sorted(allowed(grammars, ours)))
             assert ours.advance(token) is None and reference.consume_token(token)
     assert compared > 15
+
+
+def test_masks_started_on_the_mask_thread_equal_those_filled_here_and_signal_when_done(tokenizer_dir):
+    """`start_masks` computes beside the caller: the same masks as `fill_masks`, `then` called once they are
+    written; a failure reaches `wait` and `then` still runs (whatever waits for it must never wait forever)."""
+    import threading
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    grammars = Grammars(lambda: tok.hf_tokenizer.to_str(), tok.vocab_size, tok.eos_token_ids, threads=2)
+    try:
+        constraints = [grammars.start("json_schema", json.dumps(SCHEMA)) for _ in range(3)]
+        for token in tok.encode('{"action":"open', add_special_tokens=False):
+            assert constraints[1].advance(token) is None
+        want = grammars.fill_masks(constraints)
+        done = []
+        job = grammars.start_masks(constraints, then=lambda: done.append(threading.current_thread().name))
+        job.wait()
+        assert torch.equal(job.masks, want) and not torch.equal(want[0], want[1])
+        assert done and done[0].startswith("gllm-masks")
+
+        def broken(constraints, masks):
+            raise RuntimeError("no masks today")
+
+        grammars._fill = broken
+        failed = []
+        job = grammars.start_masks(constraints, then=lambda: failed.append(True))
+        with pytest.raises(RuntimeError, match="no masks today"):
+            job.wait()
+        assert failed == [True]
+    finally:
+        grammars.close()

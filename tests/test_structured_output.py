@@ -215,20 +215,23 @@ def test_compiled_constraints_are_reused_across_requests(eng):
 def test_a_failure_computing_masks_fails_only_the_constrained_rows(eng):
     free = GenerationRequest(prompt="The smith said", max_new_tokens=12, temperature=0, ignore_eos=True)
     alone = eng.generate(free)[0]
-    fill, calls = eng.grammars.fill_masks, []
+    fill, calls = eng.grammars._fill, []
 
-    def broken(constraints):
+    def broken(constraints, masks):   # the third step's masks fail (in overlap on CUDA: on the mask thread)
         calls.append(len(constraints))
-        raise RuntimeError("mask buffer lost")
+        if len(calls) >= 3:
+            raise RuntimeError("mask buffer lost")
+        fill(constraints, masks)
 
-    eng.grammars.fill_masks = broken
+    eng.grammars._fill = broken
     try:
-        bad, ok = eng.generate([GenerationRequest(prompt=PROMPT, regex="[a-z]+", max_new_tokens=8),
+        bad, ok = eng.generate([GenerationRequest(prompt=PROMPT, regex="[a-z]+", max_new_tokens=8, ignore_eos=True),
                                 GenerationRequest(prompt="The smith said", max_new_tokens=12, temperature=0,
                                                   ignore_eos=True)])
     finally:
-        eng.grammars.fill_masks = fill
-    assert calls and bad.finish_reason == "error" and "mask buffer lost" in bad.error
+        del eng.grammars._fill
+    assert len(calls) == 3 and bad.finish_reason == "error" and "mask buffer lost" in bad.error
+    assert len(bad.tokens) == 2
     assert ok.finish_reason == "length" and ok.tokens == alone.tokens
     finished_clean(eng)
 

@@ -50,7 +50,7 @@ SCHEMA = {
 
 
 # The engine thread's parts of a step, timed with --phases (_collect includes waiting for the step's tokens).
-PHASES = ("_launch_ahead", "_flush_deferred", "_collect", "_accept_token", "_sample_ahead")
+PHASES = ("_launch_ahead", "_flush_deferred", "_collect", "_await_masks", "_accept_token", "_sample_ahead")
 
 
 def _timed(fn, name: str, total: dict[str, float]):
@@ -66,13 +66,12 @@ def _timed(fn, name: str, total: dict[str, float]):
 def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int, phases: bool = False) -> dict:
     steps: list[float] = []
     mask_s: list[float] = []
-    fill = engine.grammars.fill_masks
+    fill = engine.grammars._fill
 
-    def timed_fill(constraints):           # the mask work as the engine does it (on its worker thread)
+    def timed_fill(constraints, masks):    # llguidance's work, on the engine thread or the mask thread
         t = time.perf_counter()
-        out = fill(constraints)
+        fill(constraints, masks)
         mask_s.append(time.perf_counter() - t)
-        return out
 
     ends: list[float | None] = []   # when each step was reported (None: not a full-batch decode step)
     reported: list[float] = []      # when each step was reported, every step (the timeline)
@@ -84,7 +83,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
         reported.append(time.perf_counter())
         ends.append(reported[-1] if full else None)
 
-    engine.grammars.fill_masks = timed_fill
+    engine.grammars._fill = timed_fill
     phase_s: dict[str, float] = {}
     if phases:   # the engine thread's host work per step, by part (wrappers on this engine's methods only)
         for name in PHASES:
@@ -102,7 +101,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
         wall = time.perf_counter() - t0
     finally:
         engine.remove_step_listener(on_step)
-        engine.grammars.fill_masks = fill
+        del engine.grammars._fill
         for name in PHASES if phases else ():
             delattr(engine, name)
         if phases:
@@ -187,6 +186,8 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG: the step timeline of the largest batch, free and "
                         "constrained (matplotlib, a tool dependency only)")
     parser.add_argument("--grammar-threads", type=int, default=None, help="GeneratorParams.grammar_threads")
+    parser.add_argument("--no-gate", action="store_true", help="GeneratorParams.gate_masks=False: masks computed "
+                        "on the engine thread, then sampled (the way before session 14)")
     parser.add_argument("--probe", type=int, default=0, metavar="ROWS",
                         help="also time ROWS replies' masks one at a time, by position (1 thread)")
     parser.add_argument("--phases", action="store_true", help="also time the engine thread's parts of a step "
@@ -199,7 +200,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     overlap = {"default": None, "on": True, "off": False}[args.overlap]
     gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap,
-                          result_cache_entries=0, grammar_threads=args.grammar_threads)   # measure compute: repeats must not be answered from the cache
+                          result_cache_entries=0, grammar_threads=args.grammar_threads,
+                          gate_masks=not args.no_gate)   # measure compute: repeats must not be answered from the cache
     rows = []
     with LLMEngine(args.model, gen, device=args.device) as engine:
         probe = probe_masks(engine, args.probe) if args.probe else None
@@ -219,8 +221,9 @@ def main() -> None:
                          "interval_overhead_pct": interval})
         meta = {"model": engine.model_name, "device": str(engine.device), "dtype": str(engine.dtype),
                 "overlap_steps": engine.overlap_steps, "tokens": args.tokens, "schema_fields": len(SCHEMA["properties"]),
-                "grammar_threads": engine.grammars.threads}
-    print(f"model {meta['model']} on {meta['device']} ({meta['dtype']}, overlap_steps={meta['overlap_steps']}); "
+                "grammar_threads": engine.grammars.threads, "mask_gate": engine._mask_gate is not None}
+    print(f"model {meta['model']} on {meta['device']} ({meta['dtype']}, overlap_steps={meta['overlap_steps']}, "
+          f"mask gate {meta['mask_gate']}); "
           f"10-field schema, up to {args.tokens} tokens")
     print(f"{'batch':>5} {'free ms/step':>13} {'schema ms/step':>15} {'overhead':>9} "
           f"{'interval free/schema ms':>24} {'overhead':>9} {'mask ms':>8} {'steps ahead free/schema':>24} {'parsed':>7}")

@@ -9,7 +9,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gllm-gpu}"; mkdir -p "$OUT"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 tools/make_test_models.py
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant_gemv.py tests/test_gpu_quant_model.py 2>&1 | tee "$OUT/test_gpu.log"
-GLLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_engine.py 2>&1 | tee "$OUT/test_engine_cuda.log"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant_gemv.py tests/test_gpu_quant_model.py \
+  tests/test_stream_gate.py 2>&1 | tee "$OUT/test_gpu.log"
+GLLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_structured_output.py \
+  tests/test_snapshot.py 2>&1 | tee "$OUT/test_engine_cuda.log"
 python3 tools/bench_gpu.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
 python3 tools/bench_quant_gemv.py --rows 1,4 --models 8b,1b --out "$OUT/bench_quant_gemv.json" 2>&1 | tee "$OUT/bench_quant_gemv.log"

@@ -43,8 +43,9 @@ from gllm.engine.sinks import AsyncSink, CallbackSink, EventSink, RequestHandle
 from gllm.engine.thread_priority import lower_this_thread
 from gllm.kv.snapshot import ENCODINGS, PayloadUploader, SnapshotIdentity, decode, dtype_name, encode, read_header
 from gllm.model import ModelConfig
+from gllm.ops.stream_gate import StreamGate
 from gllm.sampling import PendingSample, SampleRow, StopChecker, StopResult, TokenLogprobs
-from gllm.sampling.grammar import Grammars
+from gllm.sampling.grammar import Grammars, MaskJob
 from gllm.scheduler import SchedulerOutput, Sequence
 from gllm.tokenizer import IncrementalDetokenizer
 
@@ -70,6 +71,9 @@ class _LaunchedStep:
     # A step queued ahead with constrained rows: its logits and rows, sampled once the previous step's tokens
     # have moved the grammars on (`_sample_ahead`), while the device computes it.
     unsampled: tuple[Any, list[SampleRow]] | None = None
+    masks_job: MaskJob | None = None   # its masks, computed while its sampling waits at a stream gate
+    gate_ticket: int | None = None     # that gate
+    masks_waited: bool = False
 
 
 _NOT_FINISHED = StopResult(False)
@@ -93,11 +97,11 @@ class LLMEngine:
         self.kv_cache, self.block_manager, self.scheduler = rt.kv_cache, rt.block_manager, rt.scheduler
         self.cost_model, self.fast_path, self.runner, self.sampler = rt.cost_model, rt.fast_path, rt.runner, rt.sampler
         self.step_seconds: deque[float] = deque(maxlen=512)
-        # Structured output: constraints compiled once per content; their masks are computed on the engine
-        # thread once the step's forward is queued (on a GPU they take the time the device computes anyway),
-        # with one thread on the CPU (the model's are busy) and half the usable cores (up to 8) beside a GPU.
-        # Not on a worker thread: handing the GIL back and forth with the busy engine thread cost 1.6 ms a step
-        # at batch 16, seven times the masks themselves (docs/benchmarks.md, issue 21).
+        # Structured output: constraints compiled once per content; their masks are computed once the step's
+        # forward is queued (on a GPU they take the time the device computes anyway), with one thread on the
+        # CPU (the model's are busy) and half the usable cores (up to 8) beside a GPU. On the engine thread,
+        # except for a step queued ahead on CUDA (below): a worker the engine thread waits for has to get the GIL
+        # back from it, which cost 1.6 ms a step at batch 16 (docs/benchmarks.md, issue 21).
         mask_threads = gen.grammar_threads or (1 if self.device.type == "cpu" else default_cpu_threads())
         self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
                                  sorted(self.eos_token_ids), threads=mask_threads, pinned=self.device.type == "cuda")
@@ -108,6 +112,9 @@ class LLMEngine:
         self.overlap_steps = self.device.type == "cuda" if gen.overlap_steps is None else gen.overlap_steps
         self._deferred: tuple[StepInfo, list[RequestState]] | None = None   # engine thread only
         self._inflight: _LaunchedStep | None = None   # a step queued ahead, whose tokens are not collected yet
+        # On CUDA a step queued ahead samples behind a gate the masks' thread opens: the engine thread queues the
+        # sampling and the next forward while llguidance computes (GIL released), instead of before or after.
+        self._mask_gate = StreamGate.create(self.device) if gen.gate_masks and self.overlap_steps else None
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._live_ids: set[str] = set()          # ids submitted and not yet finished (any thread)
@@ -119,6 +126,7 @@ class LLMEngine:
         self._step_listeners: list[Callable[[StepInfo], None]] = []
         self.num_steps = 0
         self.num_steps_ahead = 0     # of those, steps queued before the previous step's tokens were on the host
+        self.late_mask_gates = 0     # constrained steps whose masks missed their stream gate (see StreamGate)
         self.governor = FrameGovernor()          # yields to the game when its reported frames run over
         self.windows = ComputeWindows()          # the game's idle phases, where it reports them
         self._window_seen = 0                    # windows.reports at the last step: a new window since?
@@ -204,7 +212,8 @@ class LLMEngine:
         return [h.result(timeout) for h in handles]
 
     def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
-        """Call `listener(StepInfo)` on the engine thread after every step; it must return at once."""
+        """Call `listener(StepInfo)` on the engine thread after every step; it must return at once, and must
+        not wait for the GPU (a step queued ahead may wait there for the engine's own mask thread)."""
         self._step_listeners = [*self._step_listeners, listener]   # copy-on-write: the loop iterates a snapshot
 
     def remove_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
@@ -432,6 +441,7 @@ class LLMEngine:
             self._finish(state, "cancelled")
         self.sessions.unpin_all()
         self._uploader.close()
+        self.grammars.close()
         while True:   # calls queued behind the close: refuse them, so no caller waits forever
             try:
                 op, arg = self._inbox.get_nowait()
@@ -445,6 +455,8 @@ class LLMEngine:
         what is in flight can no longer be trusted, so every live request ends with an error and gives its
         blocks back; the engine thread goes on serving new requests."""
         log.exception("engine loop failed; ending the %d requests in flight", len(self._states))
+        if self._inflight is not None:
+            self._await_masks(self._inflight)   # its gate opens: nothing on the device waits for a dead step
         self._inflight = self._deferred = None
         message = f"engine failure: {type(exc).__name__}: {exc}"
         for state in list(self._states.values()):
@@ -515,6 +527,8 @@ class LLMEngine:
                 self._finish(self._states[arg], "cancelled")
             elif op == "call":   # work that touches KV blocks: here, between steps, never during one
                 fn, args, future = arg
+                if self._inflight is not None:   # it may wait for the device: first open the gate (masks done)
+                    self._await_masks(self._inflight)
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn(*args))
@@ -620,7 +634,8 @@ class LLMEngine:
 
     def _sample_ahead(self, ahead: _LaunchedStep) -> None:
         """Sample a step queued ahead whose rows include constrained ones: the previous step's tokens are in,
-        so the grammars have moved on; their masks are computed here while the device computes the step."""
+        so the grammars have moved on; their masks are computed now, while the device computes the step —
+        behind a stream gate where there is one (`_sample_behind_gate`), else here and then sampled."""
         step, rows = ahead.unsampled
         ahead.unsampled = None
         try:
@@ -628,15 +643,51 @@ class LLMEngine:
             # may allow nothing.
             live = [i for i, st in enumerate(ahead.samplers)
                     if st.constraint is not None and self._states.get(st.request_id) is st]
+            for k, i in enumerate(live):
+                rows[i].mask_row = k
+            if self._mask_gate is not None and live and self.sampler.fuses(rows):
+                self._sample_behind_gate(ahead, step, rows, live)
+                return
             masks = self._masks_of(ahead, [ahead.samplers[i] for i in live])
-            if masks is not None:
-                for k, i in enumerate(live):
-                    rows[i].mask_row = k
+            if masks is None:
+                for i in live:
+                    rows[i].mask_row = None
             ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
         except Exception as exc:
             self._fail_step(ahead, exc)
 
+    def _sample_behind_gate(self, ahead: _LaunchedStep, step: Any, rows: list[SampleRow], live: list[int]) -> None:
+        """Start the masks on the mask thread, which opens a gate when they are written, and queue the sampling
+        behind that gate now; `_collect` waits for the job before the tokens. The engine thread meanwhile queues
+        the next forward and does the text work (docs/benchmarks.md, issue 21)."""
+        gate = self._mask_gate
+        ticket = ahead.gate_ticket = gate.next_ticket()
+        ahead.masks_job = self.grammars.start_masks([ahead.samplers[i].constraint for i in live],
+                                                   then=lambda: gate.open(ticket))
+        try:
+            ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, ahead.masks_job.masks,
+                                               masks_upload=lambda host: gate.copy_when_open(ticket, host))
+        except Exception:   # sampled again once the gate is open, where each row can be sampled alone
+            masks = self._await_masks(ahead)
+            ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
+
+    def _await_masks(self, launched: _LaunchedStep) -> torch.Tensor | None:
+        """Wait for a step's masks still being computed (its gate is open after this); a failure voids the
+        step's constrained rows (`mask_error`). Before anything waits for the device or advances a grammar.
+        The job (its pinned buffer, which the device reads) stays with the step until the step is dropped."""
+        job = launched.masks_job
+        if job is None or launched.masks_waited:
+            return None if job is None else job.masks
+        launched.masks_waited = True
+        try:
+            job.wait()
+        except Exception as exc:
+            log.exception("computing the grammar masks of step %d failed", launched.step)
+            launched.mask_error = f"structured output failed: {type(exc).__name__}: {exc}"
+        return job.masks
+
     def _fail_step(self, launched: _LaunchedStep, exc: Exception) -> None:
+        self._await_masks(launched)
         log.exception("engine step %d failed (%d sequences, %d tokens)", self.num_steps, len(launched.out.scheduled),
                       launched.out.num_tokens)
         for state in launched.states:
@@ -648,11 +699,15 @@ class LLMEngine:
         out = launched.out
         step = launched.step
         deferred: list[RequestState] = []
+        self._await_masks(launched)   # their thread opens the gate the step's sampling waits at
         try:
             sampled = launched.sample.result() if launched.sample is not None else None
         except Exception as exc:
             self._fail_step(launched, exc)
             sampled = None
+        if launched.gate_ticket is not None and self._mask_gate.was_late(launched.gate_ticket):
+            self.late_mask_gates += 1   # sampled under all-ones masks: each token is still checked by its grammar
+            log.warning("step %d: its grammar masks came later than the stream gate's timeout", step)
         # A step that outlasted its idle window shared the device with the game's next frame. Its time is still
         # taught to the cost model: learning only from steps that fit left the model unfitted when none did,
         # and unfitted it let whole batches through, every one of them spilling (docs/benchmarks.md, session 9).

@@ -46,6 +46,9 @@ class GeneratorParams:
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
     prefill_graph_tokens: int = 2048   # and prefill-only steps up to this many tokens (0: prefill stays eager)
     overlap_steps: bool | None = None  # detokenize/deliver step N while step N+1 runs; None: on for CUDA
+    # With overlap on CUDA: a step queued ahead samples behind a stream gate its grammar masks' thread opens, so
+    # the masks are computed beside the engine thread's Python. False: they are computed, then sampled.
+    gate_masks: bool = True
     # Decode kernels start while the one before them finishes (programmatic dependent launch: compute
     # capability 9.0+, i.e. Hopper and later); None: on where the GPU has it. False turns it off.
     dependent_launch: bool | None = None

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import numpy as np
@@ -68,6 +69,7 @@ class Grammars:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._executor: llguidance.LLExecutor | None = None
+        self._mask_thread: ThreadPoolExecutor | None = None   # for masks computed beside the engine's Python
         self._threads = threads             # for a batch's masks (rows in parallel)
         self._pinned = pinned               # masks in pinned memory, for a GPU sampler to copy without staging
         self.compiled = 0                   # cache misses (for tests and stats)
@@ -137,14 +139,60 @@ class Grammars:
 
     def fill_masks(self, constraints: Sequence[Constraint]) -> torch.Tensor:
         """The allowed-token bitmasks of `constraints`, one int32 row each (bit t of word t // 32 set: token t
-        allowed), on the host. One caller at a time (the engine thread's step)."""
-        n, words = len(constraints), self.mask_words
-        masks = torch.empty((n, words), dtype=torch.int32, pin_memory=self._pinned)
+        allowed), on the host. One caller at a time (the engine thread's step), never while a `MaskJob` runs."""
+        masks = self._new_masks(len(constraints))
+        self._fill(constraints, masks)
+        return masks
+
+    def start_masks(self, constraints: Sequence[Constraint], then: Callable[[], None]) -> "MaskJob":
+        """Compute `constraints`' masks on the mask thread while the caller goes on; `then` runs there once they
+        are written, or have failed (the caller's signal to whatever waits for them: a gate the device waits at).
+        Returns once the thread is inside llguidance, which lets go of the GIL: the caller's Python then runs
+        beside the masks, not before them. The constraints must not advance until `MaskJob.wait` returned."""
+        job = MaskJob(self._new_masks(len(constraints)))
+        started = threading.Event()
+
+        def work() -> None:
+            try:
+                started.set()
+                self._fill(constraints, job.masks)
+            finally:
+                then()
+
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="gllm-masks")
+        job.future = self._mask_thread.submit(work)
+        started.wait()
+        return job
+
+    def close(self) -> None:
+        """Stop the mask thread (after the job it may be running)."""
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=True)
+            self._mask_thread = None
+
+    def _new_masks(self, rows: int) -> torch.Tensor:
+        return torch.empty((rows, self.mask_words), dtype=torch.int32, pin_memory=self._pinned)
+
+    def _fill(self, constraints: Sequence[Constraint], masks: torch.Tensor) -> None:
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=self._threads)
         self._executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)],
-                                               masks.data_ptr(), words * 4, n)
-        return masks
+                                               masks.data_ptr(), self.mask_words * 4, len(constraints))
+
+
+class MaskJob:
+    """Masks being computed on the mask thread (`Grammars.start_masks`): `masks` is their host buffer, written
+    by the time `wait` returns."""
+
+    def __init__(self, masks: torch.Tensor) -> None:
+        self.masks = masks
+        self.future: Future[None] | None = None
+
+    def wait(self) -> None:
+        """Until the masks are written; raises what computing them raised."""
+        if self.future is not None:
+            self.future.result()
 
 
 class _Compiled:

@@ -9,6 +9,7 @@ from the filtered distribution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,17 +108,20 @@ class Sampler:
         self._argmax = _argmax_for(self.device)
         self._fused_race = _race_for(self.device)
         self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
-        if self._fused_race is not None:   # compiled now, at load, not on the first sampled step (a second or so)
-            self._warm_up_race()
+        if self._fused_race is not None:
+            self._warm_up()
 
-    def _warm_up_race(self) -> None:
-        logits = torch.zeros(1, self.vocab_size, device=self.device)
-        one = torch.ones(1, device=self.device)
-        zero = torch.zeros(1, dtype=torch.int32, device=self.device)
-        masks = torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32, device=self.device)
-        for with_masks in (False, True):
-            self._fused_race(logits, one, zero, self.noise.token_hash, masks if with_masks else None,
-                             zero if with_masks else None)
+    def _warm_up(self) -> None:
+        """Compile the race kernel and launch what follows a batch's masks once, now, at load: not in a step (a
+        second or so), and not behind a stream gate (with CUDA's lazy loading a kernel's first launch waits
+        for the device)."""
+        logits = torch.zeros(2, self.vocab_size, device=self.device)
+        masks = torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32).pin_memory()
+        for logprobs in (None, 0, 20):
+            for mask_row in (None, 0):
+                rows = [SampleRow(SamplingParams(temperature=t, logprobs=logprobs), 0, 0, [], [], mask_row=mask_row)
+                        for t in (0.0, 1.0)]
+                self.launch(logits, rows, masks=masks if mask_row is not None else None).result()
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow], masks: torch.Tensor | None = None) -> SampleOutput:
         """logits: [B, V] float32, one row per entry of `rows`."""
@@ -125,17 +129,23 @@ class Sampler:
 
     @torch.inference_mode()
     def launch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None = None,
-               masks: torch.Tensor | None = None) -> PendingSample:
+               masks: torch.Tensor | None = None,
+               masks_upload: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PendingSample:
         """Queue the sampling of `logits` and the copy of its results to the host; does not wait for the GPU
         (unless a logits processor does). `greedy_tokens`, if given, is each row's argmax of `logits` already
         computed (a decode graph's); the greedy rows take it unless processors, masks or penalties change the
         logits. `masks` ([n, ceil(V/32)] int32 bitmasks on the host, see `gllm.sampling.grammar`) holds the allowed
-        tokens of the rows whose `mask_row` points into it.
+        tokens of the rows whose `mask_row` points into it. `masks_upload`, on CUDA, puts them on the device
+        instead of a plain copy (`StreamGate.copy_when_open`: masks the host is still writing); only for a
+        batch that `fuses`.
         If sampling the batch fails, each row is sampled alone: a row that still fails gets an error (its
-        token is void) and the other rows their tokens, so one request's values never fail its neighbours."""
+        token is void) and the other rows their tokens, so one request's values never fail its neighbours.
+        Not with `masks_upload` (a gate the host cannot wait for here): then the failure is raised."""
         try:
-            return self._launch_batch(logits, rows, greedy_tokens, masks)
+            return self._launch_batch(logits, rows, greedy_tokens, masks, masks_upload)
         except Exception:
+            if masks_upload is not None:
+                raise
             return self._launch_each(logits, rows, greedy_tokens, masks)
 
     def _launch_each(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None,
@@ -157,17 +167,23 @@ class Sampler:
                              ready=SampleOutput(tokens, logprobs, errors))
 
     def _launch_batch(self, logits: torch.Tensor, rows: list[SampleRow], greedy_tokens: torch.Tensor | None,
-                      masks: torch.Tensor | None = None) -> PendingSample:
+                      masks: torch.Tensor | None = None,
+                      masks_upload: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PendingSample:
         logits = logits[:, : self.vocab_size]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
         logits, errors = self._apply_processors(logits, rows)
         masked = [i for i, r in enumerate(rows) if r.mask_row is not None]
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         penalties = any(r.params.has_penalties for r in rows)
-        # One kernel for noise, mask and argmax where nothing needs the masked logits themselves (filters sort
-        # them, penalties change them); a batch of greedy rows without masks has its argmax already.
-        fused = self._fused_race is not None and not penalties and not any(_filters(r) for r in rows) \
-            and bool(masked or sampled_rows)
+        fused = self.fuses(rows)
+        if masks_upload is not None and not (fused and masked):
+            raise ValueError("masks_upload is for a batch with masks that fuses")
+        top = None
+        if raw_logprobs is not None:   # before the masks: nothing after them that the GPU may not have loaded
+            max_n = max(r.params.logprobs or 0 for r in rows)
+            top = raw_logprobs.topk(max_n, dim=-1) if max_n else None
+        if masked:
+            masks = masks_upload(masks) if masks_upload is not None else self._masks_to_device(masks)
         if masked and not fused:
             logits = self._apply_masks(logits, rows, masked, masks)
         if penalties:
@@ -188,9 +204,7 @@ class Sampler:
         pending = PendingSample(rows, errors, self._to_host(tokens), device_tokens=tokens)
         if raw_logprobs is not None:
             pending.chosen = self._to_host(raw_logprobs.gather(1, tokens[:, None])[:, 0])
-            max_n = max(r.params.logprobs or 0 for r in rows)
-            top_vals, top_ids = (raw_logprobs.topk(max_n, dim=-1) if max_n
-                                 else (raw_logprobs[:, :0], tokens[:, None][:, :0]))
+            top_vals, top_ids = top if top is not None else (raw_logprobs[:, :0], tokens[:, None][:, :0])
             pending.top_vals, pending.top_ids = self._to_host(top_vals), self._to_host(top_ids)
         if tokens.is_cuda:
             pending.done = torch.cuda.Event()
@@ -217,12 +231,25 @@ class Sampler:
                     errors[i] = f"logits_processor failed: {type(exc).__name__}: {exc}"
         return logits, errors
 
+    def fuses(self, rows: list[SampleRow]) -> bool:
+        """Whether the batch samples in the fused race kernel: noise, mask and argmax in one pass, where nothing
+        needs the masked logits themselves (filters sort them, penalties change them; a batch of greedy rows
+        without masks has its argmax already)."""
+        return self._fused_race is not None and not any(r.params.has_penalties or _filters(r) for r in rows) \
+            and any(r.mask_row is not None or not r.params.is_greedy for r in rows)
+
+    def _masks_to_device(self, masks: torch.Tensor) -> torch.Tensor:
+        """The whole host buffer at once, in stream order, where the sampling runs."""
+        if self.device.type != "cuda":
+            return masks.to(self.device)
+        return (masks if masks.is_pinned() else masks.pin_memory()).to(self.device, non_blocking=True)
+
     def _apply_masks(self, logits: torch.Tensor, rows: list[SampleRow], masked: list[int],
                      masks: torch.Tensor) -> torch.Tensor:
         """-inf for the tokens each masked row's grammar forbids (the other rows' logits stay as they are)."""
-        host = masks[[rows[i].mask_row for i in masked]]
-        bits = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host.to(
-            self.device)
+        mask_rows = [rows[i].mask_row for i in masked]
+        bits = masks if mask_rows == list(range(masks.shape[0])) else masks[
+            to_device(mask_rows, torch.int64, self.device)]
         allowed = unpack_masks(bits, logits.shape[1], self._shifts)
         if len(masked) == logits.shape[0]:     # every row constrained: one pass, no gather and scatter
             return logits.masked_fill(~allowed, float("-inf"))
@@ -240,8 +267,6 @@ class Sampler:
         packed[1] = np.array([row_key(r.seed, r.step) for r in rows], dtype=np.uint32).view(np.int32)
         packed[2] = [-1 if r.mask_row is None else r.mask_row for r in rows]
         columns = torch.from_numpy(packed).pin_memory().to(self.device, non_blocking=True)
-        if masks is not None:
-            masks = (masks if masks.is_pinned() else masks.pin_memory()).to(self.device, non_blocking=True)
         return self._fused_race(logits, columns[0].view(torch.float32), columns[1], self.noise.token_hash, masks,
                                 columns[2] if masks is not None else None)
 
