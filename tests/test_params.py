@@ -34,3 +34,10 @@ def test_engine_flags_become_params():
     assert defaults.grammar_threads is None and defaults.compute_idle is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--grammar-threads", "0"])
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "4", None])
+def test_mask_gate_rows_is_a_count(value):
+    with pytest.raises(ValueError, match="mask_gate_rows"):
+        GeneratorParams(mask_gate_rows=value)
+    assert GeneratorParams(mask_gate_rows=0).mask_gate_rows == 0

@@ -117,7 +117,7 @@ def test_masks_written_after_the_sampling_was_queued_are_the_ones_it_uses(gate):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_constrained_steps_behind_the_gate_give_the_tokens_of_masks_computed_first(llama32_dir, dtype):
-    """Overlap on CUDA: sampling behind the gate (the default) and after the masks (gate_masks=False) give the
+    """Overlap on CUDA: sampling behind the gate and after the masks (mask_gate_rows=0) give the
     same tokens, greedy and seeded, constrained rows beside free ones, and every block comes back."""
     from test_structured_output import SCHEMAS
 
@@ -130,7 +130,7 @@ def test_constrained_steps_behind_the_gate_give_the_tokens_of_masks_computed_fir
     results = {}
     for gated in (True, False):
         e = LLMEngine(llama32_dir, GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=512, dtype=dtype,
-                                                   gate_masks=gated), device="cuda")
+                                                   mask_gate_rows=1 if gated else 0), device="cuda")
         try:
             assert (e._mask_gate is not None) == gated
             results[gated] = [(r.tokens, r.finish_reason) for r in e.generate(batch())]

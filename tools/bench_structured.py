@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG: the step timeline of the largest batch, free and "
                         "constrained (matplotlib, a tool dependency only)")
     parser.add_argument("--grammar-threads", type=int, default=None, help="GeneratorParams.grammar_threads")
-    parser.add_argument("--no-gate", action="store_true", help="GeneratorParams.gate_masks=False: masks computed "
+    parser.add_argument("--no-gate", action="store_true", help="GeneratorParams.mask_gate_rows=0: masks computed "
                         "on the engine thread, then sampled (the way before session 14)")
     parser.add_argument("--probe", type=int, default=0, metavar="ROWS",
                         help="also time ROWS replies' masks one at a time, by position (1 thread)")
@@ -201,7 +201,7 @@ def main() -> None:
     overlap = {"default": None, "on": True, "off": False}[args.overlap]
     gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap,
                           result_cache_entries=0, grammar_threads=args.grammar_threads,
-                          gate_masks=not args.no_gate)   # measure compute: repeats must not be answered from the cache
+                          mask_gate_rows=0 if args.no_gate else GeneratorParams.mask_gate_rows)   # measure compute: repeats must not be answered from the cache
     rows = []
     with LLMEngine(args.model, gen, device=args.device) as engine:
         probe = probe_masks(engine, args.probe) if args.probe else None

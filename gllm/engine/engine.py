@@ -114,7 +114,7 @@ class LLMEngine:
         self._inflight: _LaunchedStep | None = None   # a step queued ahead, whose tokens are not collected yet
         # On CUDA a step queued ahead samples behind a gate the masks' thread opens: the engine thread queues the
         # sampling and the next forward while llguidance computes (GIL released), instead of before or after.
-        self._mask_gate = StreamGate.create(self.device) if gen.gate_masks and self.overlap_steps else None
+        self._mask_gate = StreamGate.create(self.device) if gen.mask_gate_rows and self.overlap_steps else None
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._live_ids: set[str] = set()          # ids submitted and not yet finished (any thread)
@@ -551,6 +551,7 @@ class LLMEngine:
                 return False
             launched = self._launch(out, started)
         ahead = self._launch_ahead(launched) if self.overlap_steps else None
+        self._let_masks_open_their_gate(launched)
         self._flush_deferred()
         self._collect(launched)
         if ahead is not None:
@@ -645,7 +646,7 @@ class LLMEngine:
                     if st.constraint is not None and self._states.get(st.request_id) is st]
             for k, i in enumerate(live):
                 rows[i].mask_row = k
-            if self._mask_gate is not None and live and self.sampler.fuses(rows):
+            if self._mask_gate is not None and len(live) >= self.gen_params.mask_gate_rows and self.sampler.fuses(rows):
                 self._sample_behind_gate(ahead, step, rows, live)
                 return
             masks = self._masks_of(ahead, [ahead.samplers[i] for i in live])
@@ -670,6 +671,15 @@ class LLMEngine:
         except Exception:   # sampled again once the gate is open, where each row can be sampled alone
             masks = self._await_masks(ahead)
             ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
+        self._let_masks_open_their_gate(ahead)
+
+    @staticmethod
+    def _let_masks_open_their_gate(launched: _LaunchedStep) -> None:
+        """Hand the GIL over for a moment while a step's masks may be done: their thread needs it to open the
+        gate, and would otherwise wait for this thread to block (up to the interpreter's 5 ms switch interval),
+        holding back the sampling the device is ready for. Costs a microsecond when nobody waits."""
+        if launched.masks_job is not None and not launched.masks_waited:
+            time.sleep(0)
 
     def _await_masks(self, launched: _LaunchedStep) -> torch.Tensor | None:
         """Wait for a step's masks still being computed (its gate is open after this); a failure voids the
