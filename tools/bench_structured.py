@@ -186,8 +186,9 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG: the step timeline of the largest batch, free and "
                         "constrained (matplotlib, a tool dependency only)")
     parser.add_argument("--grammar-threads", type=int, default=None, help="GeneratorParams.grammar_threads")
-    parser.add_argument("--no-gate", action="store_true", help="GeneratorParams.mask_gate_rows=0: masks computed "
-                        "on the engine thread, then sampled (the way before session 14)")
+    parser.add_argument("--mask-gate-rows", type=int, default=GeneratorParams.mask_gate_rows,
+                        help="GeneratorParams.mask_gate_rows (0: masks computed on the engine thread, then sampled, "
+                        "the way before session 14)")
     parser.add_argument("--probe", type=int, default=0, metavar="ROWS",
                         help="also time ROWS replies' masks one at a time, by position (1 thread)")
     parser.add_argument("--phases", action="store_true", help="also time the engine thread's parts of a step "
@@ -201,7 +202,7 @@ def main() -> None:
     overlap = {"default": None, "on": True, "off": False}[args.overlap]
     gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap,
                           result_cache_entries=0, grammar_threads=args.grammar_threads,
-                          mask_gate_rows=0 if args.no_gate else GeneratorParams.mask_gate_rows)   # measure compute: repeats must not be answered from the cache
+                          mask_gate_rows=args.mask_gate_rows)   # measure compute: repeats must not be answered from the cache
     rows = []
     with LLMEngine(args.model, gen, device=args.device) as engine:
         probe = probe_masks(engine, args.probe) if args.probe else None
@@ -221,9 +222,9 @@ def main() -> None:
                          "interval_overhead_pct": interval})
         meta = {"model": engine.model_name, "device": str(engine.device), "dtype": str(engine.dtype),
                 "overlap_steps": engine.overlap_steps, "tokens": args.tokens, "schema_fields": len(SCHEMA["properties"]),
-                "grammar_threads": engine.grammars.threads, "mask_gate": engine._mask_gate is not None}
+                "grammar_threads": engine.grammars.threads, "mask_gate_rows": args.mask_gate_rows if engine._mask_gate is not None else 0}
     print(f"model {meta['model']} on {meta['device']} ({meta['dtype']}, overlap_steps={meta['overlap_steps']}, "
-          f"mask gate {meta['mask_gate']}); "
+          f"mask gate from {meta['mask_gate_rows']} rows (0: off)); "
           f"10-field schema, up to {args.tokens} tokens")
     print(f"{'batch':>5} {'free ms/step':>13} {'schema ms/step':>15} {'overhead':>9} "
           f"{'interval free/schema ms':>24} {'overhead':>9} {'mask ms':>8} {'steps ahead free/schema':>24} {'parsed':>7}")
