@@ -63,7 +63,7 @@ def test_a_gate_left_shut_gives_all_ones_after_its_timeout_and_says_so():
     out = gate.copy_when_open(ticket, host)
     torch.special.bessel_j1(torch.ones(7, device=DEVICE, dtype=torch.float64))   # a kernel never launched before
     torch.cuda.current_stream().synchronize()
-    assert 0.02 < time.perf_counter() - t0 < 5   # polls are about a microsecond each
+    assert 0.005 < time.perf_counter() - t0 < 5   # it waited (polls take about a microsecond each)
     assert torch.equal(out.cpu(), torch.full((100,), -1, dtype=torch.int32)) and gate.was_late(ticket)
     ok = gate.next_ticket()
     gate.open(ok)

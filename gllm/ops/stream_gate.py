@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 1.0
+DEFAULT_TIMEOUT_S = 2.0    # nominal: polls are counted, not timed, and may run faster than POLL_S
 POLL_S = 1e-6          # about one read of host memory from the GPU (a bus round trip): polls = timeout / this
 BLOCK = 1024            # int32 words a program copies
 
