@@ -15,3 +15,9 @@ GLLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_engine
   tests/test_snapshot.py 2>&1 | tee "$OUT/test_engine_cuda.log"
 python3 tools/bench_gpu.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
 python3 tools/bench_quant_gemv.py --rows 1,4 --models 8b,1b --out "$OUT/bench_quant_gemv.json" 2>&1 | tee "$OUT/bench_quant_gemv.log"
+# Structured output at batch 1, 4 and 16: masks computed then sampled (0), and behind the stream gate from 1 and 4 rows.
+python3 tools/make_random_model.py --shape 1b --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --out /tmp/gllm-llama-1b > /dev/null
+for rows in 0 1 4; do
+  python3 tools/bench_structured.py --model /tmp/gllm-llama-1b --device cuda --tokens 256 --batches 1,4,16 --repeats 3 \
+    --phases --mask-gate-rows "$rows" --out "$OUT/bench_structured_gate$rows.json" 2>&1 | tee -a "$OUT/bench_structured.log"
+done
