@@ -271,6 +271,7 @@ class LLMEngine:
             "window_steps": self.window_steps,
             "window_waits": self.window_waits,
             "window_spills": self.window_spills,
+            "late_mask_gates": self.late_mask_gates,   # structured output (issue 21): see StreamGate
             # NPC memory (issue #23)
             "result_cache_hits": self.result_cache.stats.hits,
             "result_cache_misses": self.result_cache.stats.misses,
