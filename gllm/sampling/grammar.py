@@ -149,19 +149,19 @@ class Grammars:
         are written, or have failed (the caller's signal to whatever waits for them: a gate the device waits at).
         Returns once the thread is inside llguidance, which lets go of the GIL: the caller's Python then runs
         beside the masks, not before them. The constraints must not advance until `MaskJob.wait` returned."""
-        job = MaskJob(self._new_masks(len(constraints)))
+        masks = self._new_masks(len(constraints))
         started = threading.Event()
 
         def work() -> None:
             try:
                 started.set()
-                self._fill(constraints, job.masks)
+                self._fill(constraints, masks)
             finally:
                 then()
 
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="gllm-masks")
-        job.future = self._mask_thread.submit(work)
+        job = MaskJob(masks, self._mask_thread.submit(work))
         started.wait()
         return job
 
@@ -185,14 +185,13 @@ class MaskJob:
     """Masks being computed on the mask thread (`Grammars.start_masks`): `masks` is their host buffer, written
     by the time `wait` returns."""
 
-    def __init__(self, masks: torch.Tensor) -> None:
+    def __init__(self, masks: torch.Tensor, future: Future[None]) -> None:
         self.masks = masks
-        self.future: Future[None] | None = None
+        self._future = future
 
     def wait(self) -> None:
         """Until the masks are written; raises what computing them raised."""
-        if self.future is not None:
-            self.future.result()
+        self._future.result()
 
 
 class _Compiled:
