@@ -176,32 +176,69 @@ def test_length_slices_change_no_mask(llama3):
     assert compared > 15
 
 
-def test_masks_started_on_the_mask_thread_equal_those_filled_here_and_signal_when_done(tokenizer_dir):
-    """`start_masks` computes beside the caller: the same masks as `fill_masks`, `then` called once they are
-    written; a failure reaches `wait` and `then` still runs (whatever waits for it must never wait forever)."""
+def test_a_mask_job_moves_the_grammars_on_then_computes_the_masks_and_signals_when_done(tokenizer_dir):
+    """`start_masks` does on the mask thread what the engine thread did: it consumes the previous step's tokens
+    (`advance` then returns the verdict it recorded, without touching the matcher) and computes the same masks
+    as `fill_masks` would after the same tokens; a grammar that ended or failed at its token gets an all-ones
+    row; `then` runs once the masks are written, and also when the job fails (whatever waits for it must never
+    wait forever), a failure before the tokens leaves the grammars as they were."""
     import threading
 
     tok = Tokenizer.from_dir(tokenizer_dir)
     grammars = Grammars(lambda: tok.hf_tokenizer.to_str(), tok.vocab_size, tok.eos_token_ids, threads=2)
-    try:
-        constraints = [grammars.start("json_schema", json.dumps(SCHEMA)) for _ in range(3)]
-        for token in tok.encode('{"action":"open', add_special_tokens=False):
-            assert constraints[1].advance(token) is None
-        want = grammars.fill_masks(constraints)
-        done = []
-        job = grammars.start_masks(constraints, then=lambda: done.append(threading.current_thread().name))
-        job.wait()
-        assert torch.equal(job.masks, want) and not torch.equal(want[0], want[1])
-        assert done and done[0].startswith("gllm-masks")
+    prefix = tok.encode('{"action":"', add_special_tokens=False)
+    opening, wrong, yes = (tok.encode(t, add_special_tokens=False)[0] for t in ("open", "x", "yes"))
 
-        def broken(constraints, masks):
+    def fresh():
+        rows = [grammars.start("json_schema", json.dumps(SCHEMA)) for _ in range(3)] + \
+            [grammars.start("choice", json.dumps(["yes", "no"]))]
+        for c in rows[:3]:
+            for token in prefix:
+                assert c.advance(token) is None
+        return rows
+
+    tokens = [opening, prefix[0], wrong, yes]   # row 1: '{' is a character of the string it is in
+    try:
+        reference = fresh()
+        verdicts = [c.advance(t) for c, t in zip(reference, tokens)]
+        assert verdicts[0] is None and verdicts[3] is None and "does not fit" in verdicts[2]
+        going = [c.going for c in reference]
+        assert going[0] and not going[2] and not going[3] and reference[3].complete
+        want = grammars.fill_masks([c for c, g in zip(reference, going) if g])
+
+        ours = fresh()
+        done = []
+        job = grammars.start_masks(ours, lambda: tokens, then=lambda: done.append(threading.current_thread().name))
+        job.wait()
+        assert job.advanced.is_set() and done and done[0].startswith("gllm-masks")
+        assert torch.equal(job.masks[[i for i, g in enumerate(going) if g]], want)
+        assert all(torch.all(job.masks[i] == -1) for i, g in enumerate(going) if not g)   # every token allowed
+        assert [c.advance(t) for c, t in zip(ours, tokens)] == verdicts
+        assert [c.complete for c in ours] == [c.complete for c in reference]
+        with pytest.raises(RuntimeError, match="consumed"):   # a job's verdict is for its own token only
+            job = grammars.start_masks(ours[:1], lambda: [opening], then=lambda: None)
+            job.wait()
+            ours[0].advance(wrong)
+
+        def no_tokens():
+            raise RuntimeError("the device failed")
+
+        again = fresh()
+        failed = []
+        job = grammars.start_masks(again, no_tokens, then=lambda: failed.append(True))
+        with pytest.raises(RuntimeError, match="the device failed"):
+            job.wait()
+        assert failed == [True] and job.advanced.is_set()
+        assert [c.advance(t) for c, t in zip(again, tokens)] == verdicts   # consumed here, as if no job had run
+
+        def broken(*args, **kwargs):
             raise RuntimeError("no masks today")
 
         grammars._fill = broken
-        failed = []
-        job = grammars.start_masks(constraints, then=lambda: failed.append(True))
+        job = grammars.start_masks(fresh(), lambda: tokens, then=lambda: failed.append(True))
         with pytest.raises(RuntimeError, match="no masks today"):
             job.wait()
-        assert failed == [True]
+        grammars.settle()
+        assert failed == [True, True]
     finally:
         grammars.close()

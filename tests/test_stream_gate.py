@@ -135,6 +135,7 @@ def test_constrained_steps_behind_the_gate_give_the_tokens_of_masks_computed_fir
             assert (e._mask_gate is not None) == gated
             results[gated] = [(r.tokens, r.finish_reason) for r in e.generate(batch())]
             assert e.num_steps_ahead > 20 and e.stats()["late_mask_gates"] == 0
+            assert not gated or e._mask_gate.next_ticket() > 20   # most steps went through a gate
             assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
         finally:
             e.close()

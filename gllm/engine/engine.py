@@ -457,7 +457,8 @@ class LLMEngine:
         blocks back; the engine thread goes on serving new requests."""
         log.exception("engine loop failed; ending the %d requests in flight", len(self._states))
         if self._inflight is not None:
-            self._await_masks(self._inflight)   # its gate opens: nothing on the device waits for a dead step
+            self._await_masks(self._inflight)
+        self.grammars.settle()   # every gate opens: nothing on the device waits for a dead step
         self._inflight = self._deferred = None
         message = f"engine failure: {type(exc).__name__}: {exc}"
         for state in list(self._states.values()):
@@ -530,6 +531,7 @@ class LLMEngine:
                 fn, args, future = arg
                 if self._inflight is not None:   # it may wait for the device: first open the gate (masks done)
                     self._await_masks(self._inflight)
+                    self.grammars.settle()
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn(*args))
@@ -554,7 +556,7 @@ class LLMEngine:
         ahead = self._launch_ahead(launched) if self.overlap_steps else None
         self._let_masks_open_their_gate(launched)
         self._flush_deferred()
-        self._collect(launched)
+        self._collect(launched, ahead)
         if ahead is not None:
             self.scheduler.commit_ahead(ahead.out)
             if ahead.unsampled is not None:
@@ -626,18 +628,22 @@ class LLMEngine:
             # Each row's token count is one more than now: the token being sampled is not appended yet.
             sample_rows = [SampleRow(st.params, st.seed, len(st.output_ids) + 1, st.prompt_ids, st.output_ids)
                            for st in keep]
-            if any(st.constraint is not None for st in keep):
-                ahead.unsampled = (step, sample_rows)   # a grammar's mask needs the token being sampled now
-            else:
+            constrained = [k for k, st in enumerate(keep) if st.constraint is not None]
+            if not constrained:
                 ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)
+            elif (self._mask_gate is not None and len(constrained) >= self.gen_params.mask_gate_rows
+                  and self.sampler.fuses(sample_rows)):
+                self._sample_behind_gate(ahead, step, sample_rows, constrained, launched.sample, rows)
+            else:
+                ahead.unsampled = (step, sample_rows)   # a grammar's mask needs the token being sampled now
         except Exception as exc:
             self._fail_step(ahead, exc)
         return ahead
 
     def _sample_ahead(self, ahead: _LaunchedStep) -> None:
-        """Sample a step queued ahead whose rows include constrained ones: the previous step's tokens are in,
-        so the grammars have moved on; their masks are computed now, while the device computes the step —
-        behind a stream gate where there is one (`_sample_behind_gate`), else here and then sampled."""
+        """Sample a step queued ahead whose constrained rows were not queued behind a gate: the previous step's
+        tokens are in, so the grammars have moved on; their masks are computed now, while the device computes
+        the step, and then it is sampled."""
         step, rows = ahead.unsampled
         ahead.unsampled = None
         try:
@@ -645,26 +651,32 @@ class LLMEngine:
             # may allow nothing.
             live = [i for i, st in enumerate(ahead.samplers)
                     if st.constraint is not None and self._states.get(st.request_id) is st]
-            for k, i in enumerate(live):
-                rows[i].mask_row = k
-            if self._mask_gate is not None and len(live) >= self.gen_params.mask_gate_rows and self.sampler.fuses(rows):
-                self._sample_behind_gate(ahead, step, rows, live)
-                return
             masks = self._masks_of(ahead, [ahead.samplers[i] for i in live])
-            if masks is None:
-                for i in live:
-                    rows[i].mask_row = None
+            if masks is not None:
+                for k, i in enumerate(live):
+                    rows[i].mask_row = k
             ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
         except Exception as exc:
             self._fail_step(ahead, exc)
 
-    def _sample_behind_gate(self, ahead: _LaunchedStep, step: Any, rows: list[SampleRow], live: list[int]) -> None:
-        """Start the masks on the mask thread, which opens a gate when they are written, and queue the sampling
-        behind that gate now; `_collect` waits for the job before the tokens. The engine thread meanwhile queues
-        the next forward and does the text work (docs/benchmarks.md, issue 21)."""
+    def _sample_behind_gate(self, ahead: _LaunchedStep, step: Any, rows: list[SampleRow], constrained: list[int],
+                            previous: PendingSample, sources: list[int]) -> None:
+        """Queue the sampling of a step queued ahead behind a stream gate, before the tokens that its masks
+        depend on exist. The mask thread waits for the previous step's tokens (`previous`; row `sources[i]`
+        there is row i here), moves the grammars on, computes the masks and opens the gate, with no turn of
+        the engine thread between the tokens and the masks; `_collect` takes the grammars' verdicts from it
+        (docs/benchmarks.md, issue 21)."""
         gate = self._mask_gate
         ticket = ahead.gate_ticket = gate.next_ticket()
-        ahead.masks_job = self.grammars.start_masks([ahead.samplers[i].constraint for i in live],
+        for k, i in enumerate(constrained):
+            rows[i].mask_row = k
+        from_rows = [sources[i] for i in constrained]
+
+        def tokens() -> list[int]:
+            ids = previous.token_ids()
+            return [ids[i] for i in from_rows]
+
+        ahead.masks_job = self.grammars.start_masks([ahead.samplers[i].constraint for i in constrained], tokens,
                                                    then=lambda: gate.open(ticket))
         try:
             ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, ahead.masks_job.masks,
@@ -672,7 +684,6 @@ class LLMEngine:
         except Exception:   # sampled again once the gate is open, where each row can be sampled alone
             masks = self._await_masks(ahead)
             ahead.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, masks)
-        self._let_masks_open_their_gate(ahead)
 
     @staticmethod
     def _let_masks_open_their_gate(launched: _LaunchedStep) -> None:
@@ -705,8 +716,9 @@ class LLMEngine:
             self._finish(state, "error", error=f"{type(exc).__name__}: {exc}", failed_step=True)
         launched.samplers, launched.sample = [], None
 
-    def _collect(self, launched: _LaunchedStep) -> None:
-        """Wait for the step's tokens and apply them by id; their text waits in `_deferred` when overlapping."""
+    def _collect(self, launched: _LaunchedStep, ahead: _LaunchedStep | None = None) -> None:
+        """Wait for the step's tokens and apply them by id; their text waits in `_deferred` when overlapping.
+        `ahead`: the step queued after it, whose mask job may consume these tokens into the grammars."""
         out = launched.out
         step = launched.step
         deferred: list[RequestState] = []
@@ -716,6 +728,8 @@ class LLMEngine:
         except Exception as exc:
             self._fail_step(launched, exc)
             sampled = None
+        if ahead is not None and ahead.masks_job is not None:
+            ahead.masks_job.advanced.wait()   # the grammars' verdicts on these tokens come from that job
         if launched.gate_ticket is not None and self._mask_gate.was_late(launched.gate_ticket):
             self.late_mask_gates += 1   # sampled under all-ones masks: each token is still checked by its grammar
             log.warning("step %d: its grammar masks came later than the stream gate's timeout", step)

@@ -35,22 +35,41 @@ SLICES = [r"[\x20\x0A\x0D\x09]+", *(f"{_STRING_CHAR}{{1,{n}}}" for n in (2, 4, 6
 
 
 class Constraint:
-    """One request's position in its grammar."""
+    """One request's position in its grammar. `complete`: the grammar has ended (no token but end-of-sequence
+    could follow)."""
 
     def __init__(self, matcher: llguidance.LLMatcher, field: str) -> None:
         self.matcher = matcher
         self.field = field
+        self.complete = matcher.is_stopped()
+        self._taken: tuple[int, str | None] | None = None   # a token the mask thread consumed ahead (see below)
 
     def advance(self, token: int) -> str | None:
-        """Consume a sampled token; the matcher's error when it does not fit (None: it did)."""
-        if self.matcher.consume_token(token):
-            return None
-        return f"{self.field}: token {token} does not fit the constraint: {self.matcher.get_error()}"
+        """Consume a sampled token; the matcher's error when it does not fit (None: it did). If a mask job
+        consumed it already (`Grammars.start_masks`), returns what happened then without touching the matcher,
+        which that job may be using."""
+        if self._taken is not None:
+            (taken, error), self._taken = self._taken, None
+            if taken != token:
+                raise RuntimeError(f"{self.field}: token {token} sampled, but the mask thread consumed {taken}")
+            return error
+        error = None if self.matcher.consume_token(token) else self._error(token)
+        self.complete = self.matcher.is_stopped()
+        return error
 
     @property
-    def complete(self) -> bool:
-        """The grammar has ended: no token but end-of-sequence could follow."""
-        return self.matcher.is_stopped()
+    def going(self) -> bool:
+        """Neither ended nor failed: the grammar says which tokens may come next."""
+        return not self.complete and not self.matcher.is_error()
+
+    def _taken_ahead(self, token: int, consumed: bool) -> None:
+        """Record a token consumed on the mask thread, for the engine's `advance` of it."""
+        error = None if consumed else self._error(token)
+        self.complete = self.matcher.is_stopped()
+        self._taken = (token, error)
+
+    def _error(self, token: int) -> str:
+        return f"{self.field}: token {token} does not fit the constraint: {self.matcher.get_error()}"
 
 
 class Grammars:
@@ -71,6 +90,7 @@ class Grammars:
         self._executor: llguidance.LLExecutor | None = None
         self._mask_thread: ThreadPoolExecutor | None = None   # for masks computed beside the engine's Python
         self._threads = threads             # for a batch's masks (rows in parallel)
+        self.originals = threads            # matchers compiled per constraint (see `_Compiled`)
         self._pinned = pinned               # masks in pinned memory, for a GPU sampler to copy without staging
         self.compiled = 0                   # cache misses (for tests and stats)
 
@@ -110,7 +130,7 @@ class Grammars:
             if compiled is not None:
                 self._cache.move_to_end(key)
         if compiled is None:
-            compiled = _Compiled(self._compile(field, source), self._threads)
+            compiled = _Compiled(self._compile(field, source), self.originals)
             with self._lock:
                 self._cache[key] = compiled
                 self.compiled += 1
@@ -144,26 +164,43 @@ class Grammars:
         self._fill(constraints, masks)
         return masks
 
-    def start_masks(self, constraints: Sequence[Constraint], then: Callable[[], None]) -> "MaskJob":
-        """Compute `constraints`' masks on the mask thread while the caller goes on; `then` runs there once they
-        are written, or have failed (the caller's signal to whatever waits for them: a gate the device waits at).
-        Returns once the thread is inside llguidance, which lets go of the GIL: the caller's Python then runs
-        beside the masks, not before them. The constraints must not advance until `MaskJob.wait` returned."""
+    def start_masks(self, constraints: Sequence[Constraint], tokens: Callable[[], Sequence[int]],
+                    then: Callable[[], None]) -> "MaskJob":
+        """The next step's masks, on the mask thread, after the jobs queued before: wait there for `tokens()`
+        (the previous step's sampled ids, one per constraint), advance each constraint by its token, then
+        compute the masks; `then` runs there once they are written, or the job failed (the signal to whatever
+        waits for them: a gate the device waits at). A constraint that ended or failed at its token gets an
+        all-ones row (its next token is void). Returns at once. Until `MaskJob.advanced` the caller must not
+        advance these constraints; after it, `advance` returns what the job's consuming did; and until
+        `MaskJob.wait` returned it touches them only through `advance` and `complete`."""
         masks = self._new_masks(len(constraints))
-        started = threading.Event()
+        advanced = threading.Event()
 
         def work() -> None:
             try:
-                started.set()
-                self._fill(constraints, masks)
+                try:
+                    ids = list(tokens())
+                    consumed = self._executor_().consume_token_par([(c.matcher, t) for c, t in zip(constraints, ids)])
+                    for c, t, ok in zip(constraints, ids, consumed):
+                        c._taken_ahead(t, ok)
+                finally:
+                    advanced.set()
+                going = [c.going for c in constraints]
+                if not all(going):
+                    masks[[i for i, g in enumerate(going) if not g]] = -1
+                self._fill([c for c, g in zip(constraints, going) if g], masks,
+                           rows=[i for i, g in enumerate(going) if g])
             finally:
                 then()
 
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="gllm-masks")
-        job = MaskJob(masks, self._mask_thread.submit(work))
-        started.wait()
-        return job
+        return MaskJob(masks, self._mask_thread.submit(work), advanced)
+
+    def settle(self) -> None:
+        """Until every mask job queued so far has ended (their `then` has run)."""
+        if self._mask_thread is not None:
+            self._mask_thread.submit(lambda: None).result()
 
     def close(self) -> None:
         """Stop the mask thread (after the job it may be running)."""
@@ -174,19 +211,27 @@ class Grammars:
     def _new_masks(self, rows: int) -> torch.Tensor:
         return torch.empty((rows, self.mask_words), dtype=torch.int32, pin_memory=self._pinned)
 
-    def _fill(self, constraints: Sequence[Constraint], masks: torch.Tensor) -> None:
+    def _executor_(self) -> llguidance.LLExecutor:
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=self._threads)
-        self._executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)],
-                                               masks.data_ptr(), self.mask_words * 4, len(constraints))
+        return self._executor
+
+    def _fill(self, constraints: Sequence[Constraint], masks: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+        """Write `constraints`' masks into `masks` (row i, or `rows[i]`)."""
+        if constraints:
+            self._executor_().unsafe_compute_mask_ptr(
+                [(c.matcher, i) for i, c in zip(rows if rows is not None else range(len(constraints)), constraints)],
+                masks.data_ptr(), self.mask_words * 4, masks.shape[0])
 
 
 class MaskJob:
     """Masks being computed on the mask thread (`Grammars.start_masks`): `masks` is their host buffer, written
-    by the time `wait` returns."""
+    by the time `wait` returns; `advanced` is set once the job has consumed the previous step's tokens (or
+    failed before)."""
 
-    def __init__(self, masks: torch.Tensor, future: Future[None]) -> None:
+    def __init__(self, masks: torch.Tensor, future: Future[None], advanced: threading.Event) -> None:
         self.masks = masks
+        self.advanced = advanced
         self._future = future
 
     def wait(self) -> None:

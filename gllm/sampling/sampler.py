@@ -61,6 +61,14 @@ class PendingSample:
     device_tokens: torch.Tensor | None = None  # [B] the tokens where they were sampled (input of a step ahead)
     ready: SampleOutput | None = None          # already on the host (rows sampled one by one)
 
+    def token_ids(self) -> list[int]:
+        """The sampled ids alone (waits for them as `result` does; any thread may ask)."""
+        if self.ready is not None:
+            return self.ready.token_ids
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tokens.tolist()
+
     def result(self) -> SampleOutput:
         if self.ready is not None:
             return self.ready
