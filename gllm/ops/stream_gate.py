@@ -2,20 +2,21 @@
 memory, so the device work that reads it can be queued before it exists.
 
 The engine queues a constrained step's sampling before its grammar masks are computed: `copy_when_open` queues
-one kernel that polls a pinned word until it reaches the gate's ticket and then copies the host buffer into
-device memory; the mask thread writes the buffer and opens the gate with a plain store (no CUDA call, any
-thread). Tickets come from `next_ticket()`; `open(t)` opens every gate up to `t` (a cyclic comparison: the
-counter may wrap).
+a one-program kernel that polls a pinned word until it reaches the gate's ticket, then a kernel that copies the
+host buffer into device memory (not the copy engine: the driver may take a small host-to-device copy's data
+when it is queued, not when it runs); the mask thread writes the buffer and opens the gate with a plain store
+(no CUDA call, any thread). Tickets come from `next_ticket()`; `open(t)` opens every gate up to `t` (a cyclic
+comparison: the counter may wrap).
 
 Why not the driver's `cuStreamWaitValue32`: where the GPU driver leaves stream memory operations off (its
 default), the wait is emulated on the host and the next launch on the stream blocks the caller until it opens.
 
 A gate that stays shut would hold the stream forever, and with it any host thread that waits for the device
 (with CUDA's lazy module loading, even the first launch of a kernel does). So the kernel gives up after about
-`timeout_s` (counted in reads of the word): it then copies all-ones words (every token allowed) and records the
-ticket as late. Masks that are a superset of the real ones keep a sample exact whenever the token drawn is
-allowed (the race's winner over all tokens, if allowed, is its winner over the allowed ones); the engine checks
-every token against its grammar.
+`timeout_s` (counted in reads of the word): it then records the ticket as late, and the copy writes all-ones
+words instead (every token allowed). Masks that are a
+superset of the real ones keep a sample exact whenever the token drawn is allowed (the race's winner over all
+tokens, if allowed, is its winner over the allowed ones); the engine checks every token against its grammar.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ POLL_S = 1e-6          # about one read of host memory from the GPU (a bus round
 BLOCK = 1024            # int32 words a program copies
 
 
-def _gate_kernel():
-    """The Triton kernel (None without Triton)."""
+def _gate_kernels():
+    """The Triton kernels (None without Triton)."""
     try:
-        from gllm.ops.triton_gate import copy_when_open
+        from gllm.ops import triton_gate
     except ImportError:
         return None
-    return copy_when_open
+    return triton_gate
 
 
 class StreamGate:
@@ -49,8 +50,9 @@ class StreamGate:
         self.max_polls = max(1, int(timeout_s / POLL_S))
         self._words = torch.zeros(2, dtype=torch.int32, pin_memory=True)   # [opened up to, last late ticket]
         self._view = self._words.numpy()       # stores go straight to the pinned words
+        self._late = torch.zeros(1, dtype=torch.int32, device=device)   # the last gate timed out (stream order)
         self._issued = 0
-        self._kernel = _gate_kernel()
+        self._kernels = _gate_kernels()
 
     @classmethod
     def create(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> "StreamGate | None":
@@ -58,7 +60,7 @@ class StreamGate:
         if device.type != "cuda":
             return None
         gate = cls(device, timeout_s)
-        if gate._kernel is None:
+        if gate._kernels is None:
             return None
         try:   # an open gate (and the kernel compiled now, not in a step): no risk of waiting
             ticket = gate.next_ticket()
@@ -82,8 +84,9 @@ class StreamGate:
         open; later work on the stream waits for it. All ones (-1) if the gate stays shut past the timeout."""
         out = torch.empty(host.shape, dtype=torch.int32, device=self.device)
         n = host.numel()
-        self._kernel[(max(1, -(-n // BLOCK)),)](self._words, self._as_int32(ticket), host, out, n, self.max_polls,
-                                                BLOCK=BLOCK, num_warps=4)
+        self._kernels.wait_for_ticket[(1,)](self._words, self._as_int32(ticket), self._late, self.max_polls,
+                                            num_warps=1)
+        self._kernels.copy_unless_late[(max(1, -(-n // BLOCK)),)](self._late, host, out, n, BLOCK=BLOCK, num_warps=4)
         return out
 
     def open(self, ticket: int) -> None:
