@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,25 +54,34 @@ SCHEMA = {
 PHASES = ("_launch_ahead", "_flush_deferred", "_collect", "_await_masks", "_accept_token", "_sample_ahead")
 
 
-def _timed(fn, name: str, total: dict[str, float]):
+def _timed(fn, name: str, total: dict[str, float], trace: list | None = None):
     def wrapper(*args, **kwargs):
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            total[name] = total.get(name, 0.0) + time.perf_counter() - t
+            end = time.perf_counter()
+            total[name] = total.get(name, 0.0) + end - t
+            if trace is not None:
+                trace.append((name, t, end))
     return wrapper
 
 
-def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int, phases: bool = False) -> dict:
+def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int, phases: bool = False,
+        trace: bool = False) -> dict:
     steps: list[float] = []
     mask_s: list[float] = []
     fill = engine.grammars._fill
 
-    def timed_fill(constraints, masks):    # llguidance's work, on the engine thread or the mask thread
+    fills: list[tuple[float, float]] = []   # (start, end) of each fill on the mask thread
+
+    def timed_fill(*args, **kwargs):    # llguidance's work, on the engine thread or the mask thread
         t = time.perf_counter()
-        fill(constraints, masks)
-        mask_s.append(time.perf_counter() - t)
+        fill(*args, **kwargs)
+        end = time.perf_counter()
+        mask_s.append(end - t)
+        if threading.current_thread().name.startswith("gllm-masks"):
+            fills.append((t, end))
 
     ends: list[float | None] = []   # when each step was reported (None: not a full-batch decode step)
     reported: list[float] = []      # when each step was reported, every step (the timeline)
@@ -84,10 +94,41 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
         ends.append(reported[-1] if full else None)
 
     engine.grammars._fill = timed_fill
+    gate_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []   # around each gated mask copy
+    jobs: list[dict[str, float]] = []   # each mask job's moments on the mask thread (perf_counter s)
+    gate, start_masks = engine._mask_gate, engine.grammars.start_masks
+    if gate is not None:
+        copy_when_open = gate.copy_when_open
+
+        def timed_copy(ticket, host):   # the device's wait at the gate, by CUDA events on the stream
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
+            out = copy_when_open(ticket, host)
+            after.record()
+            gate_events.append((before, after))
+            return out
+
+        def timed_start(constraints, tokens, then):
+            job: dict[str, float] = {}
+
+            def timed_tokens():
+                job["start"] = time.perf_counter()
+                ids = tokens()
+                job["tokens"] = time.perf_counter()
+                return ids
+
+            def opened():
+                then()
+                job["open"] = time.perf_counter()
+                jobs.append(job)
+            return start_masks(constraints, timed_tokens, opened)
+        gate.copy_when_open = timed_copy
+        engine.grammars.start_masks = timed_start
     phase_s: dict[str, float] = {}
+    calls: list | None = [] if trace else None   # (method, enter, exit) on the engine thread, with --trace
     if phases:   # the engine thread's host work per step, by part (wrappers on this engine's methods only)
         for name in PHASES:
-            setattr(engine, name, _timed(getattr(engine, name), name, phase_s))
+            setattr(engine, name, _timed(getattr(engine, name), name, phase_s, calls))
         sampler_launch = engine.sampler.launch
         engine.sampler.launch = _timed(sampler_launch, "sampler.launch", phase_s)
     engine.add_step_listener(on_step)
@@ -102,6 +143,8 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
     finally:
         engine.remove_step_listener(on_step)
         del engine.grammars._fill
+        if gate is not None:
+            del gate.copy_when_open, engine.grammars.start_masks
         for name in PHASES if phases else ():
             delattr(engine, name)
         if phases:
@@ -109,6 +152,21 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
     # Steps overlap (the next is queued before this one's tokens are in), so a step's own span can exceed the
     # time it adds: the interval between consecutive full-batch steps is what the batch pays per token.
     intervals = [b - a for a, b in zip(ends, ends[1:]) if a is not None and b is not None]
+    torch.cuda.synchronize() if gate_events else None
+    gate_ms = sorted(a.elapsed_time(b) for a, b in gate_events)
+    # The device's own time between one gate's end and the next gate's start (the forward, the sampling's
+    # first kernels), and the mask thread's chain, by part (jobs and fills pair up: one fill per job).
+    between_ms = sorted(a[1].elapsed_time(b[0]) for a, b in zip(gate_events, gate_events[1:]))
+    chain: dict[str, list[float]] = {"tokens_to_fill": [], "fill": [], "fill_to_open": [], "open_to_next_tokens": []}
+    if len(fills) == len(jobs):
+        for job, (f0, f1) in zip(jobs, fills):
+            if "tokens" in job:
+                chain["tokens_to_fill"].append(1000 * (f0 - job["tokens"]))
+                chain["fill"].append(1000 * (f1 - f0))
+                chain["fill_to_open"].append(1000 * (job["open"] - f1))
+        chain["open_to_next_tokens"] = [1000 * (b["tokens"] - a["open"]) for a, b in zip(jobs, jobs[1:])
+                                        if "tokens" in b]
+    job_ms = [1000 * (j["open"] - j["tokens"]) for j in jobs if "tokens" in j]
     parsed = sum(1 for r in results if r.finish_reason == "stop" and _parses(r.text)) if constrained else None
     return {"batch": batch, "constrained": constrained, "full_batch_steps": len(steps),
             "step_ms_median": 1000 * statistics.median(steps) if steps else None,
@@ -119,7 +177,19 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             "steps_ahead": engine.num_steps_ahead - ahead_before, "parsed": parsed,
             "phase_ms_per_step": {k: 1000 * v / max(1, len(reported)) for k, v in phase_s.items()},
             "mask_ms_per_step": 1000 * sum(mask_s) / max(1, len(reported)),
-            "timeline_s": [t - t0 for t in reported]}
+            "gated_steps": len(gate_ms), "gate_wait_ms": _spread(gate_ms), "mask_job_ms": _spread(sorted(job_ms)),
+            "device_between_gates_ms": _spread(between_ms), "chain_ms": {k: _spread(sorted(v)) for k, v in chain.items()},
+            "timeline_s": [t - t0 for t in reported],
+            "trace": {"engine": calls, "jobs": jobs, "fills": fills,
+                      "gate_ms": [a.elapsed_time(b) for a, b in gate_events]} if trace else None}
+
+
+def _spread(sorted_ms: list[float]) -> dict | None:
+    """Median, mean, p90 and max of sorted times (None when there are none)."""
+    if not sorted_ms:
+        return None
+    return {"median": statistics.median(sorted_ms), "mean": statistics.fmean(sorted_ms),
+            "p90": sorted_ms[int(0.9 * (len(sorted_ms) - 1))], "max": sorted_ms[-1], "sum": sum(sorted_ms)}
 
 
 def probe_masks(engine: LLMEngine, rows: int, seed: int = 0) -> dict:
@@ -193,18 +263,27 @@ def main() -> None:
                         help="also time ROWS replies' masks one at a time, by position (1 thread)")
     parser.add_argument("--phases", action="store_true", help="also time the engine thread's parts of a step "
                         "(mean ms per step; adds a little host time of its own)")
+    parser.add_argument("--grammar-originals", type=int, default=None,
+                        help="matchers compiled per constraint (default: one per mask thread)")
+    parser.add_argument("--switch-interval-us", type=float, default=None,
+                        help="sys.setswitchinterval for this run (how long a thread may wait for the GIL; default 5000)")
+    parser.add_argument("--trace", action="store_true", help="with --phases: every timed call's moments in the JSON")
     parser.add_argument("--replot", default=None, help="draw --plot from an earlier --out JSON and exit")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), args.plot or "bench_structured.png")
         return
     batches = [int(b) for b in args.batches.split(",")]
+    if args.switch_interval_us:
+        sys.setswitchinterval(args.switch_interval_us / 1e6)
     overlap = {"default": None, "on": True, "off": False}[args.overlap]
     gen = GeneratorParams(max_batch_size=max(batches), max_seq_len=512, overlap_steps=overlap,
                           result_cache_entries=0, grammar_threads=args.grammar_threads,
                           mask_gate_rows=args.mask_gate_rows)   # measure compute: repeats must not be answered from the cache
     rows = []
     with LLMEngine(args.model, gen, device=args.device) as engine:
+        if args.grammar_originals:
+            engine.grammars.originals = args.grammar_originals
         probe = probe_masks(engine, args.probe) if args.probe else None
         run(engine, 1, 8, True, 0)            # warm-up: compiles the schema, builds llguidance's token trie
         run(engine, max(batches), 8, False, 0)
@@ -212,7 +291,8 @@ def main() -> None:
             tries: dict[bool, list[dict]] = {False: [], True: []}
             for k in range(args.repeats):     # alternated, so drifting machine load hits both alike
                 for constrained in (False, True):
-                    tries[constrained].append(run(engine, batch, args.tokens, constrained, 100 * k, args.phases))
+                    tries[constrained].append(run(engine, batch, args.tokens, constrained, 100 * k, args.phases,
+                                                  args.trace))
             best = {c: min(t, key=lambda r: r["step_ms_median"] or float("inf")) for c, t in tries.items()}
             free, cons = best[False], best[True]
             overhead = (cons["step_ms_median"] / free["step_ms_median"] - 1) * 100
@@ -222,7 +302,8 @@ def main() -> None:
                          "interval_overhead_pct": interval})
         meta = {"model": engine.model_name, "device": str(engine.device), "dtype": str(engine.dtype),
                 "overlap_steps": engine.overlap_steps, "tokens": args.tokens, "schema_fields": len(SCHEMA["properties"]),
-                "grammar_threads": engine.grammars.threads, "mask_gate_rows": args.mask_gate_rows if engine._mask_gate is not None else 0}
+                "grammar_threads": engine.grammars.threads,
+                "grammar_originals": engine.grammars.originals, "mask_gate_rows": args.mask_gate_rows if engine._mask_gate is not None else 0}
     print(f"model {meta['model']} on {meta['device']} ({meta['dtype']}, overlap_steps={meta['overlap_steps']}, "
           f"mask gate from {meta['mask_gate_rows']} rows (0: off)); "
           f"10-field schema, up to {args.tokens} tokens")
@@ -241,6 +322,16 @@ def main() -> None:
             for key in ("free", "constrained"):
                 parts = {**r[key]["phase_ms_per_step"], "fill_masks": r[key]["mask_ms_per_step"]}
                 print(f"  batch {r['batch']:>2} {key:<12} " + "  ".join(f"{k.strip('_')} {v:.3f}" for k, v in parts.items()))
+        for r in rows:
+            c = r["constrained"]
+            if c["gate_wait_ms"]:
+                w, j = c["gate_wait_ms"], c["mask_job_ms"]
+                print(f"  batch {r['batch']:>2} gated steps {c['gated_steps']}: device waits at the gate median "
+                      f"{w['median']:.3f} mean {w['mean']:.3f} p90 {w['p90']:.3f} max {w['max']:.2f} ms; tokens in"
+                      f" -> gate open median {j['median']:.3f} mean {j['mean']:.3f} p90 {j['p90']:.3f} max {j['max']:.2f}")
+                d = c["device_between_gates_ms"]
+                print(f"    device between gates median {d['median']:.3f} mean {d['mean']:.3f}; mask thread, median (mean) ms: "
+                      + "  ".join(f"{k} {v['median']:.3f} ({v['mean']:.3f})" for k, v in c["chain_ms"].items() if v))
     if probe:
         print(f"masks one row at a time ({args.probe} replies, 1 thread), by position:")
         for where, c in probe.items():
