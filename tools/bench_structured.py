@@ -1,13 +1,16 @@
 """Per-step cost of structured output: decode steps with every row under a 10-field JSON Schema against the
 same batch unconstrained, at batch 1 and 16 (prints a table, writes JSON).
 
-A step's time is the engine's own (StepInfo.seconds: schedule, forward, masks, sample, deliver), taken from the
-steps where every row of the full batch decodes one token; the grammar-mask time is measured inside the step
-(the masks are computed on a worker thread while the model computes, so it overlaps the forward).
+What the batch pays per token is the interval between consecutive steps while every row of the full batch
+decodes (steps overlap, so a step's own span says less): its median, and its mean (the inverse of the
+throughput: the figure the issue's "throughput loss" is about). The grammar-mask time is measured where the
+masks are computed (the mask thread, beside the forward). With --phases, the engine thread's parts of a step,
+and on CUDA the device's wait at each stream gate and the mask thread's chain, by part.
 
 CPU (default model):
     python tools/bench_structured.py
-GPU (random weights in the Llama-3.2-1B shape; performance does not depend on weight values):
+GPU (random weights in the Llama-3.2-1B shape: the forward's speed does not depend on the weights, the masks'
+does: random weights write each bounded string up to its maxLength, where a mask costs most):
     python tools/make_random_model.py --shape 1b --tokenizer ~/.cache/gllm/test-fixtures/tokenizer-llama3 \\
         --out /tmp/llama-1b
     python tools/bench_structured.py --model /tmp/llama-1b --device cuda --tokens 256
@@ -172,6 +175,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             "step_ms_median": 1000 * statistics.median(steps) if steps else None,
             "step_ms_mean": 1000 * statistics.fmean(steps) if steps else None,
             "interval_ms_median": 1000 * statistics.median(intervals) if intervals else None,
+            "interval_ms_mean": 1000 * statistics.fmean(intervals) if intervals else None,   # 1 / throughput
             "mask_ms_median": 1000 * statistics.median(mask_s) if mask_s else None,
             "tokens": sum(r.usage.completion_tokens for r in results), "wall_s": wall,
             "steps_ahead": engine.num_steps_ahead - ahead_before, "parsed": parsed,
@@ -298,8 +302,10 @@ def main() -> None:
             overhead = (cons["step_ms_median"] / free["step_ms_median"] - 1) * 100
             interval = (cons["interval_ms_median"] / free["interval_ms_median"] - 1) * 100 \
                 if cons["interval_ms_median"] and free["interval_ms_median"] else None
+            mean = (cons["interval_ms_mean"] / free["interval_ms_mean"] - 1) * 100 \
+                if cons["interval_ms_mean"] and free["interval_ms_mean"] else None
             rows.append({"batch": batch, "free": free, "constrained": cons, "step_overhead_pct": overhead,
-                         "interval_overhead_pct": interval})
+                         "interval_overhead_pct": interval, "throughput_loss_pct": mean})
         meta = {"model": engine.model_name, "device": str(engine.device), "dtype": str(engine.dtype),
                 "overlap_steps": engine.overlap_steps, "tokens": args.tokens, "schema_fields": len(SCHEMA["properties"]),
                 "grammar_threads": engine.grammars.threads,
@@ -308,13 +314,15 @@ def main() -> None:
           f"mask gate from {meta['mask_gate_rows']} rows (0: off)); "
           f"10-field schema, up to {args.tokens} tokens")
     print(f"{'batch':>5} {'free ms/step':>13} {'schema ms/step':>15} {'overhead':>9} "
-          f"{'interval free/schema ms':>24} {'overhead':>9} {'mask ms':>8} {'steps ahead free/schema':>24} {'parsed':>7}")
+          f"{'interval free/schema ms':>24} {'overhead':>9} {'mean interval':>14} {'loss':>7} {'mask ms':>8} "
+          f"{'steps ahead free/schema':>24} {'parsed':>7}")
     for r in rows:
         f, c = r["free"], r["constrained"]
         gap = f"{r['interval_overhead_pct']:>8.1f}%" if r["interval_overhead_pct"] is not None else f"{'-':>9}"
         print(f"{r['batch']:>5} {f['step_ms_median']:>13.2f} {c['step_ms_median']:>15.2f} "
               f"{r['step_overhead_pct']:>8.1f}% {f['interval_ms_median'] or 0:>11.2f}/{c['interval_ms_median'] or 0:<12.2f}"
-              f"{gap} {c['mask_ms_median']:>8.3f} "
+              f"{gap} {f['interval_ms_mean'] or 0:>6.2f}/{c['interval_ms_mean'] or 0:<7.2f}"
+              f"{r['throughput_loss_pct'] if r['throughput_loss_pct'] is not None else 0:>6.1f}% {c['mask_ms_median']:>8.3f} "
               f"{f['steps_ahead']:>11}/{c['steps_ahead']:<12} {c['parsed']:>3}/{r['batch']}")
     if args.phases:
         print("engine thread, mean ms per step (all steps of the best run):")

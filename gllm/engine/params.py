@@ -47,10 +47,9 @@ class GeneratorParams:
     prefill_graph_tokens: int = 2048   # and prefill-only steps up to this many tokens (0: prefill stays eager)
     overlap_steps: bool | None = None  # detokenize/deliver step N while step N+1 runs; None: on for CUDA
     # With overlap on CUDA: a step queued ahead with at least this many constrained rows samples behind a stream
-    # gate its grammar masks' thread opens, so the masks are computed beside the engine thread's Python. Fewer
-    # rows' masks are too quick to pay for the hand-over (batch 1: +19 % a step against +2.5 %, measured once
-    # on an H200). 0: never; the masks are computed, then sampled.
-    mask_gate_rows: int = 4
+    # gate that its mask thread opens, so the masks are computed beside the engine thread (on an H200, batch 1:
+    # +0.6 % a step gated against +3-5 % not; docs/benchmarks.md). 0: never; the masks are computed, then sampled.
+    mask_gate_rows: int = 1
     # Decode kernels start while the one before them finishes (programmatic dependent launch: compute
     # capability 9.0+, i.e. Hopper and later); None: on where the GPU has it. False turns it off.
     dependent_launch: bool | None = None
