@@ -456,8 +456,6 @@ class LLMEngine:
         what is in flight can no longer be trusted, so every live request ends with an error and gives its
         blocks back; the engine thread goes on serving new requests."""
         log.exception("engine loop failed; ending the %d requests in flight", len(self._states))
-        if self._inflight is not None:
-            self._await_masks(self._inflight)
         self.grammars.settle()   # every gate opens: nothing on the device waits for a dead step
         self._inflight = self._deferred = None
         message = f"engine failure: {type(exc).__name__}: {exc}"
@@ -529,8 +527,7 @@ class LLMEngine:
                 self._finish(self._states[arg], "cancelled")
             elif op == "call":   # work that touches KV blocks: here, between steps, never during one
                 fn, args, future = arg
-                if self._inflight is not None:   # it may wait for the device: first open the gate (masks done)
-                    self._await_masks(self._inflight)
+                if self._inflight is not None:   # it may wait for the device: first every gate open (masks done)
                     self.grammars.settle()
                 if future.set_running_or_notify_cancel():
                     try:

@@ -180,16 +180,16 @@ class Grammars:
             try:
                 try:
                     ids = list(tokens())
-                    consumed = self._executor_().consume_token_par([(c.matcher, t) for c, t in zip(constraints, ids)])
+                    pairs = [(c.matcher, t) for c, t in zip(constraints, ids)]
+                    consumed = self._llg_executor().consume_token_par(pairs)
                     for c, t, ok in zip(constraints, ids, consumed):
                         c._taken_ahead(t, ok)
                 finally:
                     advanced.set()
-                going = [c.going for c in constraints]
-                if not all(going):
-                    masks[[i for i, g in enumerate(going) if not g]] = -1
-                self._fill([c for c, g in zip(constraints, going) if g], masks,
-                           rows=[i for i, g in enumerate(going) if g])
+                live = [i for i, c in enumerate(constraints) if c.going]
+                if len(live) < len(constraints):
+                    masks[sorted(set(range(len(constraints))) - set(live))] = -1
+                self._fill([constraints[i] for i in live], masks, rows=live)
             finally:
                 then()
 
@@ -211,7 +211,7 @@ class Grammars:
     def _new_masks(self, rows: int) -> torch.Tensor:
         return torch.empty((rows, self.mask_words), dtype=torch.int32, pin_memory=self._pinned)
 
-    def _executor_(self) -> llguidance.LLExecutor:
+    def _llg_executor(self) -> llguidance.LLExecutor:
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=self._threads)
         return self._executor
@@ -219,7 +219,7 @@ class Grammars:
     def _fill(self, constraints: Sequence[Constraint], masks: torch.Tensor, rows: Sequence[int] | None = None) -> None:
         """Write `constraints`' masks into `masks` (row i, or `rows[i]`)."""
         if constraints:
-            self._executor_().unsafe_compute_mask_ptr(
+            self._llg_executor().unsafe_compute_mask_ptr(
                 [(c.matcher, i) for i, c in zip(rows if rows is not None else range(len(constraints)), constraints)],
                 masks.data_ptr(), self.mask_words * 4, masks.shape[0])
 

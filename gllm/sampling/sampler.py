@@ -72,9 +72,7 @@ class PendingSample:
     def result(self) -> SampleOutput:
         if self.ready is not None:
             return self.ready
-        if self.done is not None:
-            self.done.synchronize()
-        token_list = self.tokens.tolist()
+        token_list = self.token_ids()
         if self.chosen is None:
             return SampleOutput(token_list, [None] * len(self.rows), self.errors)
         chosen, top_vals, top_ids = self.chosen.tolist(), self.top_vals.tolist(), self.top_ids.tolist()
