@@ -217,11 +217,11 @@ def test_a_failure_computing_masks_fails_only_the_constrained_rows(eng):
     alone = eng.generate(free)[0]
     fill, calls = eng.grammars._fill, []
 
-    def broken(constraints, masks):   # the third step's masks fail (in overlap on CUDA: on the mask thread)
+    def broken(constraints, masks, rows=None):   # the third step's masks fail (on CUDA: on the mask thread)
         calls.append(len(constraints))
         if len(calls) >= 3:
             raise RuntimeError("mask buffer lost")
-        fill(constraints, masks)
+        fill(constraints, masks, rows=rows)
 
     eng.grammars._fill = broken
     try:
@@ -230,7 +230,8 @@ def test_a_failure_computing_masks_fails_only_the_constrained_rows(eng):
                                                   ignore_eos=True)])
     finally:
         del eng.grammars._fill
-    assert len(calls) == 3 and bad.finish_reason == "error" and "mask buffer lost" in bad.error
+    # On CUDA the next step's mask job is queued before this failure is known, so it may run (and fail) too.
+    assert len(calls) >= 3 and bad.finish_reason == "error" and "mask buffer lost" in bad.error
     assert len(bad.tokens) == 2
     assert ok.finish_reason == "length" and ok.tokens == alone.tokens
     finished_clean(eng)
