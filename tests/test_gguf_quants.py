@@ -109,6 +109,33 @@ def test_wide_products_dequantize_block_by_block(type_name, monkeypatch):
     assert torch.allclose(quant_matmul(x, odd), x @ w48.T, rtol=0, atol=1e-5 * (x @ w48.T).abs().max().item())
 
 
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_the_wide_path_reads_torchs_int4_packing_on_every_instruction_set(capability):
+    """torch packs int4 weights differently for the kernels it dispatches to (blocks of 32 rows on AVX2, 64 on
+    AVX-512, adjacent pairs without vector kernels): a process forced to each (`ATEN_CPU_CAPABILITY`; a CPU
+    without it gets the best it has) finds its layout, and a wide product (dequantized, one float32 GEMM) is
+    the kernel's product, for 160 rows (AVX-512: two blocks of 64 and one of 32)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import json, torch\n"
+        "from gllm.ops.quant import WIDE_ROWS, packing_layout, quant_matmul, quantize_int4\n"
+        "torch.manual_seed(0)\n"
+        "q = quantize_int4(torch.randn(160, 256), 32, torch.float32)\n"
+        "x = torch.randn(WIDE_ROWS, 256)\n"
+        "kernel = torch._weight_int4pack_mm_for_cpu(x, q.packed, 32, q.scales_and_zeros)\n"
+        "print(json.dumps([torch.backends.cpu.get_cpu_capability(), packing_layout(160, 256),\n"
+        "                  ((quant_matmul(x, q) - kernel).abs().max() / kernel.abs().max()).item()]))\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    reported, layout, error = json.loads(out.stdout.strip().splitlines()[-1])
+    assert layout == {"DEFAULT": "pairs", "AVX2": "avx2", "AVX512": "avx512"}.get(reported, layout), reported
+    assert layout is not None and error < 1e-5, (reported, layout, error)
+
+
 @pytest.mark.parametrize("type_name", PLANE_TYPES)
 def test_affine_codes_are_the_gguf_dequantizer_exactly(type_name):
     """code * scale + zero in float32 is gguf's dequantized weight; the GPU layout (float16 scales) is within

@@ -19,6 +19,7 @@ multiplier) — one kernel call, exact, at twice the kernel's work. A projection
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +159,8 @@ def _matmul_2d(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         return torch._weight_int8pack_mm(x.to(weight.scale.dtype), weight.q, weight.scale)
     if isinstance(weight, StackedWeight):
         return torch.cat([_matmul_2d(x, part) for part in weight.parts], dim=-1)
-    if x.shape[0] * weight.planes >= WIDE_ROWS and weight.n % 32 == 0:
+    if x.shape[0] * weight.planes >= WIDE_ROWS and weight.n % 32 == 0 and \
+            packing_layout(weight.n, weight.k * weight.planes) is not None:
         return _wide_matmul(x, weight)
     dtype = weight.scales_and_zeros.dtype
     return torch._weight_int4pack_mm_for_cpu(weight.widen(x.to(dtype)), weight.packed, weight.group_size,
@@ -174,15 +176,60 @@ def _wide_matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     return out
 
 
+# torch's CPU int4 packing depends on the instruction set its kernels were dispatched for: blocks of 32 output
+# rows on AVX2 (byte (k, i): rows i and 16 + i), of 64 on AVX-512 (bytes (k, i) and (k, 16 + i): rows i, 32 + i
+# and 16 + i, 48 + i; a last block of fewer rows as adjacent pairs), adjacent pairs without vector kernels.
+_LAYOUTS = ("avx2", "avx512", "pairs")
+
+
+@functools.lru_cache(maxsize=64)
+def packing_layout(n: int, k: int) -> str | None:
+    """Which of `_LAYOUTS` torch packs an [n, k] int4 weight in here, found by packing a random one and reading
+    it back (None: none of them; wide products then keep the kernel)."""
+    probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n * 7919 + k))
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, _INNER_K_TILES)
+    want = probe.t().to(torch.uint8)
+    for layout in _LAYOUTS:
+        try:
+            if torch.equal(_codes(packed, n, k, 0, n, layout), want):
+                return layout
+        except RuntimeError:   # the bytes do not split into this layout's blocks
+            continue
+    return None
+
+
+def _codes(packed: torch.Tensor, n: int, k: int, start: int, stop: int, layout: str) -> torch.Tensor:
+    """Codes [k, stop - start] (uint8, 0..15) of output rows [start, stop) from torch's packing (`start` on a
+    block boundary; `stop` too, or n)."""
+    block = 64 if layout == "avx512" else 32
+    flat = packed.reshape(-1)
+    whole = min(stop, n // block * block)
+    parts = []
+    if whole > start:
+        b = flat[start * k // 2:whole * k // 2].view((whole - start) // block, k, block // 2)
+        if layout == "avx2":
+            q = torch.stack([b & 15, b >> 4], dim=2)                            # [nb, k, nibble, 16]
+        elif layout == "avx512":
+            b = b.view(b.shape[0], k, 2, 16)
+            q = torch.stack([b & 15, b >> 4], dim=2)                            # [nb, k, nibble, half, 16]
+        else:
+            q = torch.stack([b & 15, b >> 4], dim=3)                            # [nb, k, pair, nibble]
+        parts.append(q.transpose(0, 1).reshape(k, whole - start))
+    if stop > whole:   # a last block of fewer rows: adjacent pairs
+        b = flat[whole * k // 2:stop * k // 2].view(k, (stop - whole) // 2)
+        parts.append(torch.stack([b & 15, b >> 4], dim=2).reshape(k, stop - whole))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def dequantize_t(weight: Int4Weight, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Output rows [start, stop) of an int4 weight (multiples of 32), dequantized and transposed: float32
-    [k, stop - start]. torch's CPU packing stores each block of 32 output rows as [K, 16] bytes, byte (k, i)
-    holding row i (low nibble) and row 16 + i (high nibble) at input k."""
+    [k, stop - start] (for a weight whose `packing_layout` is known)."""
     stop = weight.n if stop is None else stop
     n, kp = stop - start, weight.k * weight.planes
-    blocks = weight.packed.view(weight.n // 32, kp, 16)[start // 32:stop // 32]
-    q = torch.stack([blocks & 15, blocks >> 4], dim=2).permute(1, 0, 2, 3).reshape(kp // weight.group_size,
-                                                                                   weight.group_size, n)
+    layout = packing_layout(weight.n, kp)
+    if layout is None:
+        raise ValueError("torch's int4 packing here is none of the layouts gllm reads")
+    q = _codes(weight.packed, weight.n, kp, start, stop, layout).view(kp // weight.group_size, weight.group_size, n)
     sz = weight.scales_and_zeros[:, start:stop].float()
     scale, offset = sz[..., 0:1].transpose(1, 2), (sz[..., 1] - 8 * sz[..., 0]).unsqueeze(1)
     w = torch.addcmul(offset, q.float(), scale).view(kp, n)
