@@ -110,3 +110,52 @@ def test_one_row_with_its_prologue_and_the_residual_add(bits, group, dtype, prol
     assert got.dtype == dtype and (got.data_ptr() == target.data_ptr()) == residual
     tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def _on_device(w):
+    return L.QuantWeight(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w))
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (8, 32, True), (8, 16, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_quantized_embedding_looks_up_the_dequantized_rows(bits, group, symmetric, dtype):
+    """Rows of the reference dequantizer for every token, the token taken from the host or (run ahead) from the
+    device's sampled ids, as `embed_tokens` does; rows 0..3 of a quad and the last, padded quad included."""
+    from gllm.ops.triton_embedding import embed_quantized_tokens
+    torch.manual_seed(5)
+    w = _on_device(L.quantize(torch.randn(70, 96) * 0.05, bits, group, symmetric))
+    table = L.dequantize(w).to(dtype)
+    ids = torch.tensor([0, 1, 2, 3, 69, 68, 37, 4], device=DEVICE)
+    got = embed_quantized_tokens(w, ids, dtype)
+    assert got.dtype == dtype and got.shape == (8, 96)
+    torch.testing.assert_close(got.float(), table[ids].float(), atol=0, rtol=0)
+    source = torch.tensor([11, 66, 5], device=DEVICE)               # a previous step's sampled ids
+    rows = torch.tensor([-1, 2, -1, 0, 1, -1, -1, -1], device=DEVICE)
+    got = embed_quantized_tokens(w, ids, dtype, (rows, source))
+    want = torch.tensor([0, 5, 2, 11, 66, 68, 37, 4], device=DEVICE)
+    torch.testing.assert_close(got.float(), table[want].float(), atol=0, rtol=0)
+
+
+def test_a_row_slice_is_those_rows_of_the_weight():
+    w = L.quantize(torch.randn(70, 64) * 0.05, 4, 32)
+    full = L.dequantize(w)
+    for start, stop in ((0, 8), (4, 70), (64, 200), (12, 13 + 3)):
+        torch.testing.assert_close(L.dequantize(w.row_slice(start, stop)), full[start:stop], atol=0, rtol=0)
+    for start, stop in ((2, 8), (4, 6), (8, 8)):
+        with pytest.raises(ValueError, match="quads"):
+            w.row_slice(start, stop)
+
+
+@pytest.mark.parametrize("dense_slice", [None, 64 * 24])
+def test_a_wide_product_over_a_large_weight_is_taken_in_slices(monkeypatch, dense_slice):
+    """Past the GEMV's rows a `GpuQuantizedLinear` dequantizes and multiplies; a weight over `DENSE_SLICE`
+    weights (an 8B model's head) a slice of rows at a time, with the same result."""
+    from gllm.model.quantized import GpuQuantizedLinear
+    torch.manual_seed(6)
+    parts = [_on_device(L.quantize(torch.randn(n, 64) * 0.05, bits, 32)) for n, bits in ((70, 4), (42, 8))]
+    linear = GpuQuantizedLinear(parts, "int4/int8")
+    if dense_slice is not None:
+        monkeypatch.setattr(GpuQuantizedLinear, "DENSE_SLICE", dense_slice)   # 24 rows a slice
+    x = torch.randn(Q.MAX_ROWS + 4, 64, device=DEVICE)
+    want = x @ torch.cat([L.dequantize(w) for w in parts]).T
+    torch.testing.assert_close(linear(x), want, atol=1e-4, rtol=1e-4)

@@ -18,7 +18,15 @@ from gllm.engine.params import DEFAULT_CPU_KV_MB, GeneratorParams
 from gllm.formats.gguf_quants import INT4_TYPES, PLANE_TYPES
 from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import LlamaForCausalLM, ModelConfig, parse_dtype
-from gllm.model.quantized import QUANTIZED_LINEARS, QuantConfig, projection_formats, quantize_layers, weight_bytes
+from gllm.model.quantized import (
+    QUANTIZED_LINEARS,
+    QuantConfig,
+    head_formats,
+    projection_formats,
+    quantize_embeddings,
+    quantize_layers,
+    weight_bytes,
+)
 from gllm.runner import FastPath, ModelRunner, RunnerConfig, choose_fast_path
 from gllm.sampling import Sampler
 from gllm.scheduler import Scheduler, SchedulerConfig
@@ -83,7 +91,9 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
     cfg: ModelConfig = loaded.config
     fallbacks = []
     if quantize:
-        fallbacks = quantize_layers(loaded.model, QuantConfig(gen.quantization, gen.quant_group_size)).fallbacks
+        config = QuantConfig(gen.quantization, gen.quant_group_size)
+        fallbacks = quantize_layers(loaded.model, config).fallbacks
+        quantize_embeddings(loaded.model, config)   # on a GPU
     weight_format = describe_weights(loaded.model, dtype)
     if fallbacks:
         weight_format += f" ({len(fallbacks)} projections int8: their shapes do not pack as int4)"
@@ -122,8 +132,9 @@ def describe_weights(model: LlamaForCausalLM, dtype: torch.dtype) -> str:
     files = sum(n for label, n in formats.items() if label not in ("int8", "int4"))
     labels = " + ".join(f"{n} {label}" for label, n in formats.items()) if len(formats) > 1 or files \
         else next(iter(formats))
+    ends = head_formats(model)
     return (f"{labels} projections{' (GGUF blocks kept as they are)' if files else ''} "
-            f"({str(products).removeprefix('torch.')} products), {name} activations")
+            f"({str(products).removeprefix('torch.')} products){', ' + ends if ends else ''}, {name} activations")
 
 
 def _kv_blocks(gen: GeneratorParams, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,

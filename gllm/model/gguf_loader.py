@@ -29,9 +29,16 @@ import torch
 
 from gllm.formats.gguf import GGUFFile, gguf_file_from_reader, open_gguf
 from gllm.formats.gguf_quants import PLANE_TYPES, affine_codes, int4_planes
-from gllm.model.config import ModelConfig, RopeConfig
+from gllm.model.config import ModelConfig, RopeConfig, parse_dtype
 from gllm.model.llama import LlamaForCausalLM
-from gllm.model.quantized import PROJECTIONS, GpuQuantizedLinear, QuantizedLinear, affine_weight, planes_weight
+from gllm.model.quantized import (
+    PROJECTIONS,
+    GpuQuantizedLinear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    affine_weight,
+    planes_weight,
+)
 from gllm.ops.quant import check_int4_shape
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
@@ -307,7 +314,8 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
 
     Returns (model, config, file info). A decoder projection whose every part is stored in one of
     ``keep_types`` (a subset of `PLANE_TYPES`) is kept quantized: on the CPU a `QuantizedLinear` whose
-    products run in ``compute_dtype``, on a GPU a `GpuQuantizedLinear` (the Triton kernels' layout). Every
+    products run in ``compute_dtype``, on a GPU a `GpuQuantizedLinear` (the Triton kernels' layout); on a GPU
+    the embeddings and the head stored in ``keep_types`` are kept so too (`QuantizedEmbedding`). Every
     other tensor is dequantized to float32, put in HF layout and copied into the model in ``dtype`` on
     ``device``; ``weight_transform(hf_name, tensor)`` sees each one first. The tokenizer comes from
     `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the returned file info to avoid parsing the
@@ -328,9 +336,22 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
         hf_tensor_name(name)  # fail on a foreign tensor before allocating the model
     gpu = torch.device(device).type == "cuda"
     kept = kept_projections(by_name, cfg, keep_types, gpu=gpu)
-    skip = {name for parts in kept.values() for name in parts}
+    # On a GPU the embeddings and the head stay in their blocks too (one weight when tied).
+    kept_ends = [n for n in ("token_embd.weight", "output.weight")
+                 if gpu and n in by_name and by_name[n].tensor_type.name in keep_types]
+    skip = {name for parts in kept.values() for name in parts} | set(kept_ends)
 
     def keep_quantized(model: LlamaForCausalLM) -> None:
+        for name in kept_ends:
+            tensor = by_name[name]
+            weight = affine_weight([_rows_in_hf_order(tensor, cfg, affine_codes)], torch.device(device))[0]
+            label = tensor.tensor_type.name
+            if name == "output.weight":
+                model.lm_head = GpuQuantizedLinear([weight], label)
+                continue
+            model.embed_tokens = QuantizedEmbedding(weight, label, parse_dtype(dtype))
+            if cfg.tie_word_embeddings:
+                model.lm_head = GpuQuantizedLinear([weight], label)
         for (layer, projection), parts in kept.items():
             tensors = [by_name[name] for name in parts]
             owner, attr = projection.split(".")
@@ -349,7 +370,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
         weights = ((name, weight_transform(name, t.load())) for name, t in weights)
     try:
         model = build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions,
-                            prepare=keep_quantized if kept else None)
+                            prepare=keep_quantized if kept or kept_ends else None)
     except ValueError as exc:
         raise ValueError(f"{where!r}: {exc}") from exc
     return model, cfg, info
@@ -392,7 +413,7 @@ def _rows_in_hf_order(tensor, cfg: ModelConfig, read):
     un-permuted as the float path does)."""
     k = int(tensor.shape[0])
     decoded = read(tensor.tensor_type.name, tensor.data, k)
-    part = tensor.name.split(".")[2]
+    part = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(part)
     if heads is None:
         return decoded

@@ -11,6 +11,7 @@ from torch import nn
 from gllm.model.batch import ForwardBatch
 from gllm.model.config import ModelConfig
 from gllm.model.kernels import PLAIN_KERNELS, ModelKernels
+from gllm.model.quantized import GpuQuantizedLinear, QuantizedEmbedding
 from gllm.model.rope import RotaryEmbedding
 from gllm.ops import paged_attention, triton_fused, triton_gemv, write_kv
 
@@ -167,21 +168,27 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace through inference tensors
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for `batch.logits_indices`."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         kernels = self.kernels
+        head = self.lm_head if isinstance(self.lm_head, GpuQuantizedLinear) else None
+        weight = None if head is not None else self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if kernels.streamed_rows and batch.num_tokens <= kernels.streamed_rows:
             # Decode-sized: bound by reading the weights, which the streamed kernels read once per step.
             h = self._embed(batch)
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
                 h = layer.forward_streamed(h, batch, self.rope, k_cache, v_cache, kernels.dependent_launch)
-            return triton_gemv.linear(batch.logits_rows(h), weight, norm_weight=self.norm.weight,
-                                      eps=self.norm.eps, out_dtype=torch.float32,
-                                      dependent_launch=kernels.dependent_launch)
+            rows = batch.logits_rows(h)
+            if head is None:
+                return triton_gemv.linear(rows, weight, norm_weight=self.norm.weight, eps=self.norm.eps,
+                                          out_dtype=torch.float32, dependent_launch=kernels.dependent_launch)
+            if rows.shape[0] == 1:   # the row kernel, the final norm folded into its input's launch
+                return head.row(rows.contiguous(), norm_weight=self.norm.weight, eps=self.norm.eps,
+                                out_dtype=torch.float32)
+            return head(self.norm(rows)).float()
         x, residual = self._embed(batch), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, kernels)
         x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual), fused=kernels.fused)
-        return kernels.product(x, weight).float()
+        return (head(x) if head is not None else kernels.product(x, weight)).float()
 
     @torch.no_grad()
     def hidden_states(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -194,6 +201,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def _embed(self, batch: ForwardBatch) -> torch.Tensor:
+        if isinstance(self.embed_tokens, QuantizedEmbedding):
+            return self.embed_tokens.lookup(batch.input_ids, batch.token_source, self.kernels.dependent_launch)
         if batch.token_source is None:
             return self.embed_tokens(batch.input_ids)
         from gllm.ops.triton_embedding import embed_tokens
@@ -236,7 +245,7 @@ class LlamaForCausalLM(nn.Module):
             name = hf_name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and (self.lm_head is None or self.cfg.tie_word_embeddings):
                 continue  # tied checkpoints sometimes carry a copy
             target, part = name, None
             for hf_part, (fused, index) in _FUSED.items():

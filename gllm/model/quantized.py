@@ -1,14 +1,16 @@
 """Weight-only quantization on load: the decoder layers' projections (q/k/v, o, gate/up, down) as int8 per
 output channel or int4 in groups, kept quantized in memory (see `gllm.ops.quant` for the formats).
 
-The embeddings, the norms and the output head stay in the model's dtype: the head decides every token and
-(tied or not) is a small share of a model's bytes past the smallest ones, as in llama.cpp's Q4_K_M (which keeps
-it at 6 bits). A projection whose shape int4 cannot pack falls back to int8, and the report says which.
-A GGUF's own quantized blocks become int4 planes as they are (`planes_weight`; no requantization).
+On the CPU the embeddings, the norms and the output head stay in the model's dtype. A projection whose shape
+int4 cannot pack falls back to int8, and the report says which. A GGUF's own quantized blocks become int4 planes
+as they are (`planes_weight`; no requantization).
 
 On a GPU the projections are `GpuQuantizedLinear`s instead: the Triton kernels' layout (`QuantWeight`): int4 in
 groups (asymmetric), int8 in groups of up to 128 (symmetric), a GGUF's blocks as affine codes
-(`gllm.formats.gguf_quants.affine_codes`), all dequantized in registers by the decode GEMV.
+(`gllm.formats.gguf_quants.affine_codes`), all dequantized in registers by the decode GEMV. There the embeddings
+and the head are kept quantized too (`QuantizedEmbedding`, a `GpuQuantizedLinear` head; one weight for both
+when they are tied): in an 8B model they are 2 GB of bfloat16, a quarter of an 8 GB card. On load the head
+takes int8 (it decides every token; llama.cpp's Q4_K_M keeps it at 6 bits) and the embeddings the scheme.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gllm.ops.quant import (
     quantize_int4,
     quantize_int8,
 )
-from gllm.ops.quant_layout import QuantWeight, pack_nibbles
+from gllm.ops.quant_layout import INTERLEAVE, QuantWeight, pack_nibbles
 from gllm.ops.quant_layout import quantize as quantize_grouped
 
 SCHEMES = ("int8", "int4")     # quantization on load ("float" and None are the engine's: no quantization)
@@ -117,6 +119,10 @@ class GpuQuantizedLinear(nn.Module):
             at += part.out_features
         return spans
 
+    # Wider products dequantize the weight first; one larger than this many weights (an output head: 525M in
+    # an 8B model) is dequantized and multiplied in slices, not into one transient of its full size.
+    DENSE_SLICE = 1 << 27
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from gllm.ops import triton_quant_gemv as kernels  # Triton: imported where a GPU runs it
         flat = x.reshape(-1, self.in_features)
@@ -124,24 +130,34 @@ class GpuQuantizedLinear(nn.Module):
             y = torch.empty((flat.shape[0], self.out_features), dtype=x.dtype, device=x.device)
             for part, cols in self._spans():
                 kernels.quant_gemv(flat, part, out=y[:, cols])
-        else:
+        elif self.out_features * self.in_features <= self.DENSE_SLICE:
             weight = torch.empty((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
             for part, rows in self._spans():
                 kernels.dequantize_dense(part, x.dtype, out=weight[rows])
             y = F.linear(flat, weight)
+        else:
+            y = torch.empty((flat.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+            step = max(INTERLEAVE, self.DENSE_SLICE // self.in_features // INTERLEAVE * INTERLEAVE)
+            for part, cols in self._spans():
+                for start in range(0, part.out_features, step):
+                    piece = part.row_slice(start, start + step)
+                    at = cols.start + start
+                    y[:, at:at + piece.out_features] = F.linear(flat, kernels.dequantize_dense(piece, x.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def row(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+            silu_mul: bool = False, residual: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """One decode row [1, K] through the row kernel, with the RMSNorm before it (`norm_weight`) or the
         SiLU·mul of a [1, 2K] gate/up row (`silu_mul`) done by the launch that prepares its input, and the
-        residual add after it (`residual`, [1, N], updated in place and returned) done by the kernel."""
+        residual add after it (`residual`, [1, N], updated in place and returned) done by the kernel. The
+        product comes in `out_dtype` (default x's; float32 for logits, from the float32 sums)."""
         from gllm.ops.triton_quant_gemv import quant_gemv_row, row_inputs
         if self.bias is not None:
             raise ValueError("the row kernel has no bias epilogue")
-        out = residual if residual is not None else torch.empty((1, self.out_features), dtype=x.dtype,
+        out = residual if residual is not None else torch.empty((1, self.out_features), dtype=out_dtype or x.dtype,
                                                                  device=x.device)
         inputs: dict[int, torch.Tensor] = {}      # by code width: the permutation depends on it
         for part, cols in self._spans():
@@ -154,6 +170,69 @@ class GpuQuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """The token embedding kept in the GPU kernels' layout (`QuantWeight`, [vocab, hidden]): a lookup
+    dequantizes only the rows it reads (`gllm.ops.triton_embedding.embed_quantized_tokens`), into `dtype`.
+    With tied embeddings the model's head is a `GpuQuantizedLinear` over the same weight."""
+
+    def __init__(self, weight: QuantWeight, scheme: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.qweight = weight          # a plain attribute, as `GpuQuantizedLinear.parts` (see there)
+        self.scheme = scheme
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
+
+    @property
+    def qweight_bytes(self) -> int:
+        return self.qweight.nbytes
+
+    def lookup(self, input_ids: torch.Tensor, token_source: tuple[torch.Tensor, torch.Tensor] | None = None,
+               dependent_launch: bool = False) -> torch.Tensor:
+        """Rows for `input_ids` (any shape), each token taken from the device's sampled ids where
+        `token_source` says so (see `gllm.ops.triton_embedding.embed_tokens`)."""
+        from gllm.ops.triton_embedding import embed_quantized_tokens  # Triton: imported where a GPU runs it
+        flat = embed_quantized_tokens(self.qweight, input_ids.reshape(-1), self.dtype, token_source,
+                                      dependent_launch)
+        return flat.reshape(*input_ids.shape, self.embedding_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(input_ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme}"
+
+
+def quantize_embeddings(model: nn.Module, config: QuantConfig) -> list[str]:
+    """On a GPU, the token embedding and the output head into the kernels' layout, in place: the head in int8
+    (groups of up to 128), an untied embedding in the scheme, a tied pair as one int8 weight. Ones already
+    quantized (a GGUF's kept blocks) are left as they are. Returns what was done, e.g. ["head int8",
+    "embeddings int4"] (nothing on the CPU)."""
+    embed, head = model.embed_tokens, model.lm_head
+    floats = [m.weight for m in (embed, head) if isinstance(m, (nn.Embedding, nn.Linear))]
+    if not floats or floats[0].device.type != "cuda":
+        return []
+    dtype, done = floats[0].dtype, []
+    if head is None:                    # tied: one weight, looked up and multiplied
+        if isinstance(embed, nn.Embedding):
+            weight, scheme = gpu_quantized(embed.weight.detach(), "int8", config.group_size)
+            if weight is not None:
+                model.embed_tokens = QuantizedEmbedding(weight, scheme, dtype)
+                model.lm_head = GpuQuantizedLinear([weight], scheme)
+                done += [f"head {scheme}", f"embeddings {scheme} (tied to the head)"]
+        return done
+    if isinstance(head, nn.Linear):
+        weight, scheme = gpu_quantized(head.weight.detach(), "int8", config.group_size)
+        if weight is not None:
+            model.lm_head = GpuQuantizedLinear([weight], scheme)
+            done.append(f"head {scheme}")
+    if isinstance(embed, nn.Embedding):
+        weight, scheme = gpu_quantized(embed.weight.detach(), config.scheme, config.group_size)
+        if weight is not None:
+            model.embed_tokens = QuantizedEmbedding(weight, scheme, dtype)
+            done.append(f"embeddings {scheme}")
+    return done
 
 
 def gpu_int8_group(k: int) -> int | None:
@@ -265,16 +344,37 @@ def planes_weight(parts: list[Int4Planes], dtype: torch.dtype) -> QuantizedWeigh
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """What the model's weights take in memory, quantized ones at their packed size."""
+    """What the model's weights take in memory, quantized ones at their packed size (a weight shared by a tied
+    embedding and head counted once)."""
     total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-    return total + sum(m.qweight_bytes for m in model.modules() if isinstance(m, QUANTIZED_LINEARS))
+    packed: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            total += m.qweight_bytes
+        elif isinstance(m, GpuQuantizedLinear):
+            packed.update((p.words.data_ptr(), p.nbytes) for p in m.parts)
+        elif isinstance(m, QuantizedEmbedding):
+            packed[m.qweight.words.data_ptr()] = m.qweight.nbytes
+    return total + sum(packed.values())
 
 
 def projection_formats(model: nn.Module) -> dict[str, int]:
     """How many decoder projections hold each quantized format ("int8", "int4", a GGUF type such as "Q4_K" or
     "Q4_K/Q6_K" for a fused one with parts in both); float projections are not counted."""
     counts: dict[str, int] = {}
-    for m in model.modules():
+    for m in model.layers.modules():
         if isinstance(m, QUANTIZED_LINEARS):
             counts[m.scheme] = counts.get(m.scheme, 0) + 1
     return counts
+
+
+def head_formats(model: nn.Module) -> str:
+    """The head's and the embeddings' formats where they are kept quantized, e.g. "head Q6_K, embeddings Q4_K"
+    ("" when both are in the model's dtype)."""
+    parts = []
+    if isinstance(model.lm_head, GpuQuantizedLinear):
+        parts.append(f"head {model.lm_head.scheme}")
+    if isinstance(model.embed_tokens, QuantizedEmbedding):
+        tied = isinstance(model.lm_head, GpuQuantizedLinear) and model.lm_head.parts[0] is model.embed_tokens.qweight
+        parts.append(f"embeddings {model.embed_tokens.scheme}{' (tied)' if tied else ''}")
+    return ", ".join(parts)

@@ -58,6 +58,16 @@ class QuantWeight(NamedTuple):
         return QuantWeight(interleave(words), interleave(scale.half()),
                            None if zero is None else interleave(zero.half()), bits, group, k, n)
 
+    def row_slice(self, start: int, stop: int) -> QuantWeight:
+        """Output rows start..stop as a weight of their own (views, no copy); `start` a multiple of the
+        interleave (4), `stop` too or the last row."""
+        stop = min(stop, self.out_features)
+        if start % INTERLEAVE or (stop % INTERLEAVE and stop != self.out_features) or not 0 <= start < stop:
+            raise ValueError(f"rows {start}..{stop} of {self.out_features} do not fall on quads of {INTERLEAVE}")
+        quads = slice(start // INTERLEAVE, -(-stop // INTERLEAVE))
+        return QuantWeight(self.words[quads], self.scale[quads], None if self.zero is None else self.zero[quads],
+                           self.bits, self.group, self.in_features, stop - start)
+
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Row-major [N, K // codes_per_word] words and [N, K // group] scales/offsets (the inverse of
         `from_rows`)."""

@@ -1,4 +1,5 @@
-"""Embedding lookup for decode steps, taking each input token from the host or from the device.
+"""Embedding lookup for decode steps, taking each input token from the host or from the device; also from an
+embedding kept quantized (`QuantWeight`), dequantizing only the rows looked up.
 
 A step queued ahead takes sequence i's input from the previous step's sampled ids on the device
 (`source[gather_rows[i]]`); the others come from the host (`gather_rows[i] < 0`: `input_ids[i]`).
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from gllm.ops.quant_layout import INTERLEAVE, QuantWeight
 
 
 @triton.jit
@@ -46,4 +49,57 @@ def embed_tokens(weight: torch.Tensor, input_ids: torch.Tensor, gather_rows: tor
         _embed_kernel[(n, triton.cdiv(hidden, block))](weight, input_ids, gather_rows, source, out, hidden,
                                                         weight.stride(0), out.stride(0), BLOCK=block,
                                                         USE_PDL=dependent_launch, num_warps=4, **pdl)
+    return out
+
+
+@triton.jit
+def _embed_quantized_kernel(w_ptr, s_ptr, z_ptr, ids_ptr, rows_ptr, source_ptr, out_ptr, K, stride_o,
+                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                            HAS_SOURCE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
+                            USE_PDL: tl.constexpr):
+    # As _embed_kernel, then the token's row dequantized as `_dequantize_kernel` does a whole weight.
+    PER_WORD: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    row = tl.program_id(0)
+    ks = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    token = tl.load(ids_ptr + row).to(tl.int64)
+    if HAS_SOURCE:
+        gather = tl.load(rows_ptr + row)
+        if gather >= 0:
+            token = tl.load(source_ptr + gather).to(tl.int64)
+    ok = ks < K
+    quad, lane = token // R, token % R
+    words = tl.load(w_ptr + (quad * (K // PER_WORD) + ks // PER_WORD) * R + lane, mask=ok, other=0)
+    code = (words >> ((ks % PER_WORD) * BITS)) & MASK
+    if BITS == 8:
+        code = (code ^ 0x80) - 0x80                        # int8: two's complement
+    at = (quad * (K // GROUP) + ks // GROUP) * R + lane
+    value = code.to(tl.float32) * tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        value += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + ks, value.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def embed_quantized_tokens(weight: QuantWeight, input_ids: torch.Tensor, dtype: torch.dtype,
+                           token_source: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           dependent_launch: bool = False) -> torch.Tensor:
+    """The dequantized rows of `weight` ([vocab, hidden] in the kernels' layout) for `input_ids` (1-D int64),
+    [N, hidden] in `dtype`; with `token_source` = (gather_rows, source), row i takes its token as
+    `embed_tokens` does."""
+    n, hidden = input_ids.shape[0], weight.in_features
+    out = torch.empty(n, hidden, dtype=dtype, device=weight.words.device)
+    if n:
+        rows, source = token_source if token_source is not None else (input_ids, input_ids)
+        if rows.shape[0] != n:
+            raise ValueError(f"gather_rows has {rows.shape[0]} rows, input_ids {n}")
+        block = min(1024, triton.next_power_of_2(hidden))
+        pdl = {"launch_pdl": True} if dependent_launch else {}
+        _embed_quantized_kernel[(n, triton.cdiv(hidden, block))](
+            weight.words, weight.scale, weight.zero if weight.zero is not None else weight.scale, input_ids, rows,
+            source, out, hidden, out.stride(0), GROUP=weight.group, BITS=weight.bits,
+            HAS_ZERO=weight.zero is not None, HAS_SOURCE=token_source is not None, BLOCK=block, R=INTERLEAVE,
+            USE_PDL=dependent_launch, num_warps=4, **pdl)
     return out
