@@ -16,7 +16,7 @@ import json
 import torch
 
 from gllm.model import LlamaForCausalLM, ModelConfig
-from gllm.model.quantized import QUANTIZED_LINEARS
+from gllm.model.quantized import QUANTIZED_LINEARS, GpuQuantizedLinear, QuantizedEmbedding
 from gllm.tokenizer import Tokenizer
 
 SAMPLES_PER_TENSOR = 1024
@@ -32,11 +32,14 @@ def _spread(n: int, count: int) -> list[int]:
 @torch.no_grad()
 def weights_digest(model: LlamaForCausalLM, cfg: ModelConfig) -> str:
     h = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True, default=str).encode())
-    # quantized projections (no parameters): their format and bytes, so a snapshot taken with a GGUF's own
-    # blocks is refused by the same file dequantized, whose KV differs slightly
+    # quantized projections and embeddings (no parameters): their format and bytes, so a snapshot taken with a
+    # GGUF's own blocks is refused by the same file dequantized, whose KV differs slightly
     h.update(json.dumps([(name, m.scheme, m.nbytes) for name, m in model.named_modules()
-                         if isinstance(m, QUANTIZED_LINEARS)]).encode())
+                         if isinstance(m, (*QUANTIZED_LINEARS, QuantizedEmbedding))]).encode())
     params = sorted(model.named_parameters(), key=lambda item: item[0])
+    # an embedding or head kept quantized (on a GPU) is sampled in its stored codes and scales, as it was in
+    # its values when it was a parameter
+    params += [(f"{name}.{part}", tensor) for name, part, tensor in _quantized_ends(model)]
     samples = []   # gathered where the weights are, then copied to the host at once (one sync on a GPU)
     for _, param in params:
         flat = param.detach().reshape(-1)
@@ -50,6 +53,17 @@ def weights_digest(model: LlamaForCausalLM, cfg: ModelConfig) -> str:
         h.update(values[start:start + sample.numel()].tobytes())
         start += sample.numel()
     return h.hexdigest()
+
+
+def _quantized_ends(model: LlamaForCausalLM) -> list[tuple[str, str, torch.Tensor]]:
+    found = []
+    for name in ("embed_tokens", "lm_head"):
+        module = getattr(model, name)
+        weights = [module.qweight] if isinstance(module, QuantizedEmbedding) else \
+            module.parts if isinstance(module, GpuQuantizedLinear) else []
+        for i, w in enumerate(weights):
+            found += [(name, f"{i}.words", w.words), (name, f"{i}.scale", w.scale)]
+    return found
 
 
 def tokenizer_digest(tokenizer: Tokenizer) -> str:

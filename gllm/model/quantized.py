@@ -188,6 +188,10 @@ class QuantizedEmbedding(nn.Module):
     def qweight_bytes(self) -> int:
         return self.qweight.nbytes
 
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes
+
     def lookup(self, input_ids: torch.Tensor, token_source: tuple[torch.Tensor, torch.Tensor] | None = None,
                dependent_launch: bool = False) -> torch.Tensor:
         """Rows for `input_ids` (any shape), each token taken from the device's sampled ids where
