@@ -118,3 +118,24 @@ def test_cpu_float16_runs_wide_products_in_float32_with_the_same_logits(llama32_
     narrow = Stepper(model, 16).feed(prompt[: CPU_UPCAST_ROWS - 1])
     model.use_kernels(PLAIN_KERNELS)
     assert torch.equal(narrow, Stepper(model, 16).feed(prompt[: CPU_UPCAST_ROWS - 1]))
+
+
+def test_small_cpu_steps_run_on_one_of_the_engines_threads(llama32_dir):
+    """With 2 CPU threads, decode steps of up to CPU_ONE_THREAD_TOKENS tokens run on one (waking the other for
+    each small operator costs more than it adds), wider steps and prefills on both; with 1 thread nothing
+    changes. Read on the engine thread, where the step ran, by a step listener."""
+    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+    from gllm.runner.fast_path import CPU_ONE_THREAD_TOKENS
+
+    for threads in (2, 1):
+        seen: list[tuple[int, int]] = []
+        with LLMEngine(llama32_dir, GeneratorParams(cpu_threads=threads, max_seq_len=128), device="cpu") as eng:
+            eng.add_step_listener(lambda info, seen=seen: seen.append((info.num_tokens, torch.get_num_threads())))
+            assert ("one thread" in eng.fast_path.describe()) == (threads > 1)
+            eng.generate(GenerationRequest(prompt="The smith said", max_new_tokens=4, ignore_eos=True))
+            batch = CPU_ONE_THREAD_TOKENS + 1
+            eng.generate([GenerationRequest(prompt=f"NPC {i} said", max_new_tokens=4, ignore_eos=True)
+                          for i in range(batch)])
+        assert all(t == (1 if n <= CPU_ONE_THREAD_TOKENS else threads) for n, t in seen), (threads, seen)
+        sizes = {n for n, _ in seen}
+        assert {1, batch} <= sizes and any(n > batch for n in sizes)   # decodes alone and batched, prefills

@@ -106,7 +106,8 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
                                  max_step_tokens=gen.max_step_tokens,
                                  max_blocks_per_seq=block_manager.blocks_needed(gen.max_seq_len),
                                  cuda_graphs=gen.cuda_graphs, prefill_graph_tokens=gen.prefill_graph_tokens,
-                                 dependent_launch=gen.dependent_launch)
+                                 dependent_launch=gen.dependent_launch,
+                                 cpu_threads=gen.cpu_threads or default_cpu_threads())
     fast_path = choose_fast_path(dev, loaded.model, runner_config)
     kv_cache = KVCache(cfg, num_blocks, gen.block_size, dtype, dev, scratch_block=fast_path.decode_graphs)
     cost_model = StepCostModel()

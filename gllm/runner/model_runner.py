@@ -18,6 +18,8 @@ class ModelRunner:
                  config: RunnerConfig) -> None:
         self.model, self.kv_cache, self.device = model, kv_cache, device
         self.fast_path = fast_path
+        self.cpu_threads = config.cpu_threads
+        self._threads = 0                 # what this runner last set on its (the engine's) thread; 0: not yet
         self.block_size = kv_cache.block_size
         model.use_kernels(fast_path.kernels)
         self.graph_decoder = self.prefill_graphs = None
@@ -84,6 +86,8 @@ class ModelRunner:
 
     def run(self, out: SchedulerOutput) -> StepOutput:
         """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order."""
+        if self.fast_path.one_thread_tokens:
+            self._use_threads(1 if out.num_tokens <= self.fast_path.one_thread_tokens else self.cpu_threads)
         if self.uses_graph(out):
             seqs = [s.seq for s in out.scheduled]
             return self.graph_decoder.run([q.token_ids[-1] for q in seqs], [len(q.token_ids) - 1 for q in seqs],
@@ -98,6 +102,12 @@ class ModelRunner:
             if graphs.padded_size(chunks) is not None:
                 return StepOutput(graphs.run(chunks))
         return StepOutput(self.model(self.build_batch(out), self.kv_cache.layers))
+
+    def _use_threads(self, threads: int) -> None:
+        """torch's compute threads for this step (per calling thread under OpenMP; changed only when it differs)."""
+        if threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
 
     def hidden_states(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
         """One sequence's final hidden states [T, hidden], its whole KV written into `block_ids` (embeddings:
