@@ -179,7 +179,8 @@ def test_smollm2_runs_on_its_own_q4_1_blocks_without_a_copy_on_disk(smollm2, smo
     reference, _, tok = smollm2
     kept = load_gguf(smollm2_gguf, dtype=torch.float32, device="cpu", max_positions=MAX_POSITIONS,
                      keep_types=PLANE_TYPES, compute_dtype=torch.float32)[0]
-    assert sum(isinstance(m, QuantizedLinear) for m in kept.modules()) == 4 * 30
+    assert sum(isinstance(m, QuantizedLinear) for m in kept.layers.modules()) == 4 * 30
+    assert isinstance(kept.lm_head, QuantizedLinear) and kept.lm_head.scheme == "Q8_0"   # the tied head too
     ids = tok.encode_chat(MESSAGES)
     long = (ids * 6)[:300]
     got, want = Stepper(kept, 16).feed(long), Stepper(reference, 16).feed(long)

@@ -229,7 +229,7 @@ def test_a_gguf_runs_on_its_own_blocks(gguf_file, block_size):
 
     reference = run_steps(model(), block_size)
     exact = model(keep_types=PLANE_TYPES, compute_dtype=torch.float32)
-    kept = [m for m in exact.modules() if isinstance(m, QuantizedLinear)]
+    kept = [m for m in exact.layers.modules() if isinstance(m, QuantizedLinear)]
     assert len(kept) == len(PROJECTIONS) * LAYERS
     assert not any(n.endswith(("proj.weight",)) for n, _ in exact.named_parameters())   # no float projection
     got = run_steps(exact, block_size)
@@ -283,15 +283,40 @@ def test_embeddings_and_head_are_dequantized_row_chunk_by_row_chunk(tmp_path, mo
     import gguf
     import numpy as np
 
-    from gllm.formats.gguf_quants import PLANE_TYPES
     from gllm.model.gguf_loader import GGUFTensor, load_gguf
     monkeypatch.setattr(GGUFTensor, "CHUNK_ROWS", 96)                 # 320 rows: 4 chunks, the last short
     path = write_gguf(tmp_path / "head.gguf", GGUF_FORMATS["Q4_K"][0], embeddings, output)
-    model = load_gguf(path, dtype=torch.float32, device="cpu", max_positions=64, keep_types=PLANE_TYPES)[0]
+    model = load_gguf(path, dtype=torch.float32, device="cpu", max_positions=64, keep_types=("Q4_K",))[0]
     stored = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type))       # a copy: F32 is the file
               for t in gguf.GGUFReader(path).tensors}
     assert torch.equal(model.embed_tokens.weight, torch.from_numpy(stored["token_embd.weight"]))
     assert torch.equal(model.lm_head.weight, torch.from_numpy(stored["output.weight"].reshape(VOCAB, HIDDEN)))
+
+
+@pytest.mark.parametrize("embeddings, output", [("Q8_0", None), ("F16", "Q6_K"), ("Q4_0", "F32")])
+def test_the_head_stays_in_its_blocks_on_the_cpu(tmp_path, embeddings, output):
+    """A GGUF's quantized head (or tied embedding) is kept as int4 planes on the CPU, its lookups reading the
+    float table: prefill + decode logits those of the file dequantized by gguf (float32 products: within 1e-4
+    of the largest, as the projections); a float head stays float."""
+    from gllm.formats.gguf_quants import PLANE_TYPES
+    from gllm.model.gguf_loader import load_gguf
+    from gllm.model.quantized import QuantizedLinear, head_formats
+    path = write_gguf(tmp_path / "head.gguf", GGUF_FORMATS["Q4_K"][0], embeddings, output)
+    reference = run_steps(load_gguf(path, dtype=torch.float32, device="cpu", max_positions=1024)[0], 16)
+    model = load_gguf(path, dtype=torch.float32, device="cpu", max_positions=1024, keep_types=PLANE_TYPES,
+                      compute_dtype=torch.float32)[0]
+    stored = output or embeddings
+    assert isinstance(model.lm_head, QuantizedLinear) == (stored != "F32")
+    assert head_formats(model) == ("" if stored == "F32" else f"head {stored}")
+    assert isinstance(model.embed_tokens, torch.nn.Embedding)
+    got = run_steps(model, 16)
+    assert (got - reference).abs().max() <= 1e-4 * reference.abs().max(), (got - reference).abs().max()
+    if output is None:   # tied: wide products may take the float table instead (ModelKernels.float_head_rows)
+        from gllm.model.kernels import ModelKernels
+        model.use_kernels(ModelKernels(float_head_rows=1))
+        wide = run_steps(model, 16)
+        assert (wide - reference).abs().max() <= 1e-4 * reference.abs().max()
+        assert not torch.equal(wide, got)                           # the float table really ran
 
 
 @pytest.mark.parametrize("name", ["Q4_K_M", "Q8_0"])

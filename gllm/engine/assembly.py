@@ -127,13 +127,13 @@ def describe_weights(model: LlamaForCausalLM, dtype: torch.dtype) -> str:
     projections (GGUF blocks kept as they are) (bfloat16 products), float16 activations"."""
     name = str(dtype).removeprefix("torch.")
     formats = projection_formats(model)
+    ends = head_formats(model)
     if not formats:
-        return name
+        return f"{name} ({ends})" if ends else name
     products = next(m.compute_dtype for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)) or dtype
     files = sum(n for label, n in formats.items() if label not in ("int8", "int4"))
     labels = " + ".join(f"{n} {label}" for label, n in formats.items()) if len(formats) > 1 or files \
         else next(iter(formats))
-    ends = head_formats(model)
     return (f"{labels} projections{' (GGUF blocks kept as they are)' if files else ''} "
             f"({str(products).removeprefix('torch.')} products){', ' + ends if ends else ''}, {name} activations")
 

@@ -314,8 +314,8 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
 
     Returns (model, config, file info). A decoder projection whose every part is stored in one of
     ``keep_types`` (a subset of `PLANE_TYPES`) is kept quantized: on the CPU a `QuantizedLinear` whose
-    products run in ``compute_dtype``, on a GPU a `GpuQuantizedLinear` (the Triton kernels' layout); on a GPU
-    the embeddings and the head stored in ``keep_types`` are kept so too (`QuantizedEmbedding`). Every
+    products run in ``compute_dtype``, on a GPU a `GpuQuantizedLinear` (the Triton kernels' layout); the head
+    stored in ``keep_types`` is kept so too, and on a GPU the embeddings (`QuantizedEmbedding`). Every
     other tensor is dequantized to float32, put in HF layout and copied into the model in ``dtype`` on
     ``device``; ``weight_transform(hf_name, tensor)`` sees each one first. The tokenizer comes from
     `gllm.tokenizer.gguf_tokenizer.tokenizer_from_gguf` (pass it the returned file info to avoid parsing the
@@ -336,12 +336,23 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
         hf_tensor_name(name)  # fail on a foreign tensor before allocating the model
     gpu = torch.device(device).type == "cuda"
     kept = kept_projections(by_name, cfg, keep_types, gpu=gpu)
-    # On a GPU the embeddings and the head stay in their blocks too (one weight when tied).
+    # On a GPU the embeddings and the head stay in their blocks too (one weight when tied). On the CPU the head
+    # does (the int4 kernel reads a third of a bfloat16 head's bytes, twice that for 8-bit blocks: the default
+    # model's Q8_0 head 6.2 -> ~3 ms a step on one thread); its embedding lookup keeps the float table.
     kept_ends = [n for n in ("token_embd.weight", "output.weight")
                  if gpu and n in by_name and by_name[n].tensor_type.name in keep_types]
+    head_name = "output.weight" if "output.weight" in by_name else "token_embd.weight"
+    head = by_name.get(head_name)
+    cpu_head = (not gpu and head is not None and head.tensor_type.name in keep_types
+                and check_int4_shape(int(head.shape[1]), int(head.shape[0]), 32) is None)
     skip = {name for parts in kept.values() for name in parts} | set(kept_ends)
+    if cpu_head and head_name == "output.weight":
+        skip.add(head_name)
 
     def keep_quantized(model: LlamaForCausalLM) -> None:
+        if cpu_head:
+            planes = planes_weight([_rows_in_hf_order(head, cfg, int4_planes)], compute_dtype)
+            model.lm_head = QuantizedLinear(planes, None, head.tensor_type.name, compute_dtype)
         for name in kept_ends:
             tensor = by_name[name]
             weight = affine_weight([_rows_in_hf_order(tensor, cfg, affine_codes)], torch.device(device))[0]
@@ -370,7 +381,7 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
         weights = ((name, weight_transform(name, t.load())) for name, t in weights)
     try:
         model = build_model(cfg, weights, dtype=dtype, device=device, max_positions=max_positions,
-                            prepare=keep_quantized if kept or kept_ends else None)
+                            prepare=keep_quantized if kept or kept_ends or cpu_head else None)
     except ValueError as exc:
         raise ValueError(f"{where!r}: {exc}") from exc
     return model, cfg, info

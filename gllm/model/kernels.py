@@ -18,6 +18,11 @@ class ModelKernels:
     # matmul costs the same per row at any row count (it is not blocked): 512 rows take 4.7x the float32
     # time, while a few decode rows are fastest in float16 (half the bytes to read).
     upcast_rows: int = 0
+    # A head kept quantized whose float values are at hand too (tied to a float embedding table, on the CPU):
+    # products of at least this many rows use the float table (0: never). The int4 kernel's cost grows with the
+    # rows, a float matmul's barely: the default model's Q8_0 head in 2 planes against bfloat16, 2 threads,
+    # 1.7 / 3.7 ms at 1 row, 2.9 / 3.9 at 4, 5.7 / 4.4 at 8.
+    float_head_rows: int = 0
 
     def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`layer(x)`, in float32 for a float16 product wide enough to be slow in float16 on the CPU."""

@@ -11,7 +11,7 @@ from torch import nn
 from gllm.model.batch import ForwardBatch
 from gllm.model.config import ModelConfig
 from gllm.model.kernels import PLAIN_KERNELS, ModelKernels
-from gllm.model.quantized import GpuQuantizedLinear, QuantizedEmbedding
+from gllm.model.quantized import GpuQuantizedLinear, QuantizedEmbedding, QuantizedLinear
 from gllm.model.rope import RotaryEmbedding
 from gllm.ops import paged_attention, triton_fused, triton_gemv, write_kv
 
@@ -169,8 +169,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for `batch.logits_indices`."""
         kernels = self.kernels
-        head = self.lm_head if isinstance(self.lm_head, GpuQuantizedLinear) else None
-        weight = None if head is not None else self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        head, weight = self._head()
         if kernels.streamed_rows and batch.num_tokens <= kernels.streamed_rows:
             # Decode-sized: bound by reading the weights, which the streamed kernels read once per step.
             h = self._embed(batch)
@@ -188,7 +187,18 @@ class LlamaForCausalLM(nn.Module):
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, kernels)
         x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual), fused=kernels.fused)
-        return (head(x) if head is not None else kernels.product(x, weight)).float()
+        if head is not None and (weight is None or not kernels.float_head_rows or x.shape[0] < kernels.float_head_rows):
+            return head(x).float()
+        return kernels.product(x, weight).float()
+
+    def _head(self) -> tuple[nn.Module | None, torch.Tensor | None]:
+        """The head kept quantized (or None), and the head's float weight where the model holds one (an untied
+        float head, or a float embedding table it is tied to)."""
+        head = self.lm_head if isinstance(self.lm_head, (GpuQuantizedLinear, QuantizedLinear)) else None
+        if isinstance(self.lm_head, nn.Linear):
+            return head, self.lm_head.weight
+        tied = self.lm_head is None or self.cfg.tie_word_embeddings
+        return head, self.embed_tokens.weight if tied and isinstance(self.embed_tokens, nn.Embedding) else None
 
     @torch.no_grad()
     def hidden_states(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

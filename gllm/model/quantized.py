@@ -1,7 +1,8 @@
 """Weight-only quantization on load: the decoder layers' projections (q/k/v, o, gate/up, down) as int8 per
 output channel or int4 in groups, kept quantized in memory (see `gllm.ops.quant` for the formats).
 
-On the CPU the embeddings, the norms and the output head stay in the model's dtype. A projection whose shape
+On the CPU the embeddings and the norms stay in the model's dtype (a GGUF's head stays in its blocks when the
+int4 kernel takes them: see `load_gguf`). A projection whose shape
 int4 cannot pack falls back to int8, and the report says which. A GGUF's own quantized blocks become int4 planes
 as they are (`planes_weight`; no requantization).
 
@@ -376,7 +377,7 @@ def head_formats(model: nn.Module) -> str:
     """The head's and the embeddings' formats where they are kept quantized, e.g. "head Q6_K, embeddings Q4_K"
     ("" when both are in the model's dtype)."""
     parts = []
-    if isinstance(model.lm_head, GpuQuantizedLinear):
+    if isinstance(model.lm_head, QUANTIZED_LINEARS):
         parts.append(f"head {model.lm_head.scheme}")
     if isinstance(model.embed_tokens, QuantizedEmbedding):
         tied = isinstance(model.lm_head, GpuQuantizedLinear) and model.lm_head.parts[0] is model.embed_tokens.qweight

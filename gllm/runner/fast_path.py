@@ -24,6 +24,8 @@ CPU_UPCAST_ROWS = 16
 # 2-core AVX-512 machine, one thread against two: batch-1 decode 26.5 against 30.6 ms a step, batch 2 29.2
 # against 32.4; even at 4 (37.1 / 36.4); two win from 8 (58.4 / 54.0) and in prefill (1.51 / 0.96 s for 512).
 CPU_ONE_THREAD_TOKENS = 2
+# A quantized head beside a float table (tied embeddings): from this many rows the float one (see ModelKernels).
+CPU_FLOAT_HEAD_ROWS = 6
 
 log = logging.getLogger("gllm.runner")
 
@@ -72,7 +74,8 @@ def choose_fast_path(device: torch.device, model: LlamaForCausalLM, config: Runn
             return FastPath()
         one_thread = CPU_ONE_THREAD_TOKENS if config.cpu_threads > 1 else 0
         upcast = CPU_UPCAST_ROWS if next(model.parameters()).dtype == torch.float16 else 0
-        return FastPath(kernels=ModelKernels(upcast_rows=upcast), one_thread_tokens=one_thread)
+        return FastPath(kernels=ModelKernels(upcast_rows=upcast, float_head_rows=CPU_FLOAT_HEAD_ROWS),
+                        one_thread_tokens=one_thread)
     if importlib.util.find_spec("triton") is None:
         return _off("Triton is not installed: the GPU runs the plain PyTorch path (no CUDA graphs, slower decode)")
     from gllm.ops import triton_gemv
