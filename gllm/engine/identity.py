@@ -16,7 +16,8 @@ import json
 import torch
 
 from gllm.model import LlamaForCausalLM, ModelConfig
-from gllm.model.quantized import QUANTIZED_LINEARS, GpuQuantizedLinear, QuantizedEmbedding
+from gllm.model.quantized import QUANTIZED_LINEARS, GpuQuantizedLinear, QuantizedEmbedding, QuantizedLinear
+from gllm.ops.quant import Int4Weight, QuantizedWeight, StackedWeight
 from gllm.tokenizer import Tokenizer
 
 SAMPLES_PER_TENSOR = 1024
@@ -37,8 +38,8 @@ def weights_digest(model: LlamaForCausalLM, cfg: ModelConfig) -> str:
     h.update(json.dumps([(name, m.scheme, m.nbytes) for name, m in model.named_modules()
                          if isinstance(m, (*QUANTIZED_LINEARS, QuantizedEmbedding))]).encode())
     params = sorted(model.named_parameters(), key=lambda item: item[0])
-    # an embedding or head kept quantized (on a GPU) is sampled in its stored codes and scales, as it was in
-    # its values when it was a parameter
+    # an embedding or head kept quantized is sampled in its stored codes and scales, as it was in its values
+    # when it was a parameter
     params += [(f"{name}.{part}", tensor) for name, part, tensor in _quantized_ends(model)]
     samples = []   # gathered where the weights are, then copied to the host at once (one sync on a GPU)
     for _, param in params:
@@ -59,11 +60,21 @@ def _quantized_ends(model: LlamaForCausalLM) -> list[tuple[str, str, torch.Tenso
     found = []
     for name in ("embed_tokens", "lm_head"):
         module = getattr(model, name)
-        weights = [module.qweight] if isinstance(module, QuantizedEmbedding) else \
-            module.parts if isinstance(module, GpuQuantizedLinear) else []
-        for i, w in enumerate(weights):
-            found += [(name, f"{i}.words", w.words), (name, f"{i}.scale", w.scale)]
+        if isinstance(module, QuantizedEmbedding | GpuQuantizedLinear):
+            weights = [module.qweight] if isinstance(module, QuantizedEmbedding) else module.parts
+            for i, w in enumerate(weights):
+                found += [(name, f"{i}.words", w.words), (name, f"{i}.scale", w.scale)]
+        elif isinstance(module, QuantizedLinear):   # the CPU's formats (gllm.ops.quant)
+            found += [(name, part, t) for part, t in _cpu_tensors(module.qweight)]
     return found
+
+
+def _cpu_tensors(weight: QuantizedWeight, at: str = "") -> list[tuple[str, torch.Tensor]]:
+    if isinstance(weight, StackedWeight):
+        return [item for i, part in enumerate(weight.parts) for item in _cpu_tensors(part, f"{at}{i}.")]
+    if isinstance(weight, Int4Weight):
+        return [(f"{at}packed", weight.packed), (f"{at}scales_and_zeros", weight.scales_and_zeros)]
+    return [(f"{at}q", weight.q), (f"{at}scale", weight.scale)]
 
 
 def tokenizer_digest(tokenizer: Tokenizer) -> str:
