@@ -60,12 +60,13 @@ def _quantized_ends(model: LlamaForCausalLM) -> list[tuple[str, str, torch.Tenso
     found = []
     for name in ("embed_tokens", "lm_head"):
         module = getattr(model, name)
-        if isinstance(module, QuantizedEmbedding | GpuQuantizedLinear):
-            weights = [module.qweight] if isinstance(module, QuantizedEmbedding) else module.parts
-            for i, w in enumerate(weights):
-                found += [(name, f"{i}.words", w.words), (name, f"{i}.scale", w.scale)]
-        elif isinstance(module, QuantizedLinear):   # the CPU's formats (gllm.ops.quant)
+        if isinstance(module, QuantizedLinear):   # the CPU's formats (gllm.ops.quant)
             found += [(name, part, t) for part, t in _cpu_tensors(module.qweight)]
+            continue
+        weights = [module.qweight] if isinstance(module, QuantizedEmbedding) else \
+            module.parts if isinstance(module, GpuQuantizedLinear) else []
+        for i, w in enumerate(weights):   # the GPU layout (gllm.ops.quant_layout)
+            found += [(name, f"{i}.words", w.words), (name, f"{i}.scale", w.scale)]
     return found
 
 

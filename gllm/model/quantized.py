@@ -186,10 +186,6 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
 
     @property
-    def qweight_bytes(self) -> int:
-        return self.qweight.nbytes
-
-    @property
     def nbytes(self) -> int:
         return self.qweight.nbytes
 
