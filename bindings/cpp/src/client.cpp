@@ -67,6 +67,7 @@ std::string Client::generate(const GenerateOptions& o) {
     Cmd c;
     c.kind = CmdKind::Request;
     c.id = id;
+    c.generate = true;
     c.payload = messages::generate(id, o);
     enqueue(std::move(c));
     return id;
@@ -619,6 +620,7 @@ void Client::on_message(const std::shared_ptr<Conn>& c, const Value& m) {
     } else if (*op == "done") {
         const std::string* id = m.get_string("id");
         if (id && inflight_.erase(*id)) {
+            generating_.erase(*id);
             Ev e;
             e.kind = EvKind::Completed;
             e.id = *id;
@@ -637,6 +639,7 @@ void Client::on_message(const std::shared_ptr<Conn>& c, const Value& m) {
             return;
         }
         if (idp && code != "duplicate_id" && inflight_.erase(id)) {
+            generating_.erase(id);
             Ev e;
             e.kind = EvKind::Failed;
             e.id = id;
@@ -668,7 +671,7 @@ void Client::on_message(const std::shared_ptr<Conn>& c, const Value& m) {
         emit(std::move(e));
     } else if (*op == "snapshot" || *op == "restored" || *op == "pinned" || *op == "unpinned" || *op == "embeddings") {
         const std::string* id = m.get_string("id");
-        if (!id || !inflight_.erase(*id)) return;
+        if (!id || generating_.count(*id) || !inflight_.erase(*id)) return;   // a generate ends with done/error
         Ev e;
         e.id = *id;
         const Value* blob = m.find("blob");
@@ -761,6 +764,7 @@ void Client::send_generate(const std::shared_ptr<Conn>& c, Cmd& cmd) {
         return;
     }
     if (!inflight_.insert(cmd.id).second) live_--;   // a duplicate: the server answers duplicate_id, no end of its own
+    else if (cmd.generate) generating_.insert(cmd.id);
     send_message(c, cmd.payload);
 }
 
@@ -817,6 +821,7 @@ void Client::fail_all(const std::string& why) {
         emit_end(std::move(e));
     }
     inflight_.clear();
+    generating_.clear();
     for (Cmd& cmd : waiting_) {
         Ev e;
         e.kind = EvKind::Failed;

@@ -160,6 +160,7 @@ private:
         CmdKind kind = CmdKind::Send;
         std::string id;
         std::vector<uint8_t> payload;
+        bool generate = false;   // a generate (ends with done/error), not another request (ends with its reply)
     };
     struct Conn {
         std::shared_ptr<ByteStream> stream;
@@ -223,6 +224,7 @@ private:
     // I/O side
     std::shared_ptr<Conn> conn_;
     std::unordered_set<std::string> inflight_;
+    std::unordered_set<std::string> generating_;   // the generates among inflight_: another op's reply never ends them
     std::vector<Cmd> waiting_;
     std::vector<uint8_t> send_buf_;
     std::vector<uint8_t> rx_;
