@@ -30,7 +30,8 @@ MAX_BYTES = 65536
 # during the fuzz, so it is still in flight (and must be undisturbed) whatever the machine's speed.
 NEVER_ENDING = 60_000
 SERVER_ARGS = ["--max-seq-len", "65536", "--kv-cache-tokens", str(2 * 65536), "--max-batch-size", "4",
-               "--cpu-threads", "1", "--max-inflight", "64", "--max-message-bytes", str(MAX_BYTES)]
+               "--cpu-threads", "1", "--max-inflight", "64", "--max-message-bytes", str(MAX_BYTES),
+               "--dtype", "float32"]   # the stream is compared with its baseline across batch compositions
 
 KINDS = {
     "generate": {"id": "id", "prompt": "str", "messages": "messages", "max_tokens": "int", "temperature": "float",

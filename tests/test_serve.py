@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from gllm.bridge.client import BridgeClient, BridgeError
+from gllm.bridge.client import BridgeClient, BridgeError, Done
 
 
 def test_bridge_and_http_share_one_engine(llama32_dir):
@@ -91,15 +91,18 @@ def test_metrics_count_both_front_ends(llama32_dir):
             assert out.usage.completion_tokens == 5
 
             # A game over its frame target while an NPC talks: the governor's state reaches /metrics and the panel.
-            long_id = client.generate("Once upon a time", max_tokens=200, ignore_eos=True)
+            # Paced at 20 tokens/s so that it is still talking when /metrics is read, however fast the machine.
+            long_id = client.generate("Once upon a time", max_tokens=200, ignore_eos=True, max_tokens_per_s=20)
             end = time.monotonic() + 1.5
+            events = []
             while time.monotonic() < end:
                 client.frame(40.0, 16.6, max_ms=45.0, frames=15, over=15)
-                client.poll(250)
+                events += client.poll(250)
             text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
             live = json.loads(urllib.request.urlopen(url + "/v1/gllm/live", timeout=10).read())
+            assert not [ev for ev in events if isinstance(ev, Done) and ev.id == long_id]
             client.cancel(long_id)
-            assert client.wait(long_id).finish_reason in ("cancelled", "length")
+            assert client.wait(long_id).finish_reason == "cancelled"
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
