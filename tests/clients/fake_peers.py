@@ -107,6 +107,8 @@ def _scripted(conn: _Conn) -> None:
         if msg.get("op") == "generate":
             gen = msg
     rid = gen["id"]
+    # Another op's reply carrying the generate's id (a confused or hostile server): it must not end the generate.
+    conn.sock.sendall(frame(msgpack.packb({"op": "restored", "id": rid, "conversation": "c", "tokens": 3})))
     done = msgpack.packb({"op": "done", "id": rid, "finish_reason": "stop", "text": "Hello", "extra": {"k": [1, 2]},
                           "usage": {"prompt_tokens": 5, "completion_tokens": 2, "cached_tokens": 3},
                           "timings": {"ttft_ms": None, "total_ms": 1.5}})

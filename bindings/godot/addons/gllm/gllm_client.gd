@@ -146,8 +146,8 @@ var _deadline_usec := 0
 var _backoff_ms := 200
 var _last_send_usec := 0
 var _rng := RandomNumberGenerator.new()
-var _inflight := {}  # id -> true: sent, no end yet
-var _waiting: Array = []  # [id, payload]: made before the welcome
+var _inflight := {}  # id -> true for a generate (ends with done/error), false for another op: sent, no end yet
+var _waiting: Array = []  # [id, payload, is a generate]: made before the welcome
 var _open := {}  # id -> text dispatched so far, until its end is dispatched
 var _carry: Array = []  # staged events, dispatched in order
 var _carry_pos := 0
@@ -215,16 +215,16 @@ func generate(options: Dictionary) -> String:
 	if built[1] != "":
 		_emit(EventKind.FAILED, id, "bad_request", built[1])
 		return id
-	_start(id, built[0])
+	_start(id, built[0], true)
 	return id
 
 
 ## Sends a request (a generate or an NPC-memory op), or queues it for the welcome, or fails it at once.
-func _start(id: String, payload: PackedByteArray) -> void:
+func _start(id: String, payload: PackedByteArray, is_generate: bool) -> void:
 	if _state == State.CONNECTED:
-		_send_generate(id, payload)
+		_send_generate(id, payload, is_generate)
 	elif _attempt_under_way():
-		_waiting.append([id, payload])
+		_waiting.append([id, payload, is_generate])
 	else:
 		var why := "not connected to the gllm server at %s:%d" % [host, port]
 		if _state == State.CLOSED:
@@ -386,7 +386,7 @@ func _op(id: String, built: Array) -> String:
 	if built[1] != "":
 		_emit(EventKind.FAILED, id, "bad_request", built[1])
 	else:
-		_start(id, built[0])
+		_start(id, built[0], false)
 	return id
 
 
@@ -915,7 +915,7 @@ func _on_message(m: Dictionary) -> void:
 				if _state != State.CONNECTED:
 					_waiting.append(item)
 				else:
-					_send_generate(item[0], item[1])
+					_send_generate(item[0], item[1], item[2])
 		"tokens":
 			var items: Variant = m.get("items")
 			if not (items is Array):
@@ -962,7 +962,7 @@ func _on_message(m: Dictionary) -> void:
 			_emit(EventKind.STATS, "", m)
 		"snapshot", "restored", "pinned", "unpinned", "embeddings":
 			var id: Variant = m.get("id")
-			if not (id is String) or not _inflight.has(id):
+			if not (id is String) or _inflight.get(id, true):  # not in flight, or a generate (ends with done/error)
 				return
 			_inflight.erase(id)
 			if m.get("op") == "snapshot" and not (m.get("blob") is PackedByteArray):
@@ -972,14 +972,15 @@ func _on_message(m: Dictionary) -> void:
 		# unknown ops: ignored (§4.3)
 
 
-func _send_generate(id: String, payload: PackedByteArray) -> void:
+func _send_generate(id: String, payload: PackedByteArray, is_generate: bool) -> void:
 	var limit: int = welcome.get("max_message_bytes", 1 << 20)
 	if payload.size() > limit:
 		if not _inflight.has(id):
 			var why := "the request is %d bytes; the server accepts at most %d" % [payload.size(), limit]
 			_emit(EventKind.FAILED, id, "too_long", why)
 		return
-	_inflight[id] = true  # a duplicate id: the server answers duplicate_id; it has no end of its own
+	if not _inflight.has(id):  # a duplicate id: the server answers duplicate_id; it has no end of its own
+		_inflight[id] = is_generate
 	_send_message(payload)
 
 

@@ -110,6 +110,7 @@ namespace Gllm
             public CmdKind Kind;
             public string Id;
             public byte[] Payload;
+            public bool Generate;   // a generate (ends with done/error), not another request (ends with its reply)
         }
 
         sealed class Conn
@@ -140,6 +141,7 @@ namespace Gllm
 
         // ---------------------------------------------------------------------------------- I/O thread state
         readonly HashSet<string> _inflight = new HashSet<string>();
+        readonly HashSet<string> _generating = new HashSet<string>();   // the generates among _inflight: another op's reply never ends them
         readonly List<Cmd> _waiting = new List<Cmd>();
         readonly ByteBuffer _sendBuf = new ByteBuffer(4096);
         long _lastSendTicks, _deadlineTicks, _nextAttemptTicks;
@@ -211,7 +213,7 @@ namespace Gllm
             string id = options.Id ?? ("g" + (++_nextId).ToString(System.Globalization.CultureInfo.InvariantCulture));
             if (!_open.ContainsKey(id)) _open[id] = new StringBuilder();
             Interlocked.Increment(ref _live);
-            Enqueue(new Cmd { Kind = CmdKind.Request, Id = id, Payload = Messages.Generate(id, options) });
+            Enqueue(new Cmd { Kind = CmdKind.Request, Id = id, Payload = Messages.Generate(id, options), Generate = true });
             return id;
         }
 
@@ -827,7 +829,10 @@ namespace Gllm
                 {
                     string id = m.GetString("id");
                     if (id != null && _inflight.Remove(id))
+                    {
+                        _generating.Remove(id);
                         EmitEnd(new Ev { Kind = EvKind.Completed, Id = id, Done = DoneInfo.FromMessage(m) });
+                    }
                     return;
                 }
                 case "error":
@@ -843,6 +848,7 @@ namespace Gllm
                     }
                     if (id != null && code != "duplicate_id" && _inflight.Remove(id))
                     {
+                        _generating.Remove(id);
                         EmitEnd(new Ev { Kind = EvKind.Failed, Id = id, Code = code, Message = message });
                         return;
                     }
@@ -867,7 +873,7 @@ namespace Gllm
                 case "embeddings":
                 {
                     string id = m.GetString("id");
-                    if (id == null || !_inflight.Remove(id)) return;
+                    if (id == null || _generating.Contains(id) || !_inflight.Remove(id)) return;   // a generate ends with done/error
                     object reply;
                     if (op == "snapshot")
                     {
@@ -960,7 +966,8 @@ namespace Gllm
                 return;
             }
             if (!_inflight.Add(cmd.Id)) Interlocked.Decrement(ref _live);   // a duplicate: the server answers
-            SendMessage(c, cmd.Payload);                                      // duplicate_id; it has no end of its own
+            else if (cmd.Generate) _generating.Add(cmd.Id);                   // duplicate_id; it has no end of its own
+            SendMessage(c, cmd.Payload);
         }
 
         void SendMessage(Conn c, byte[] payload)
@@ -1009,6 +1016,7 @@ namespace Gllm
             foreach (var id in _inflight)
                 EmitEnd(new Ev { Kind = EvKind.Failed, Id = id, Code = DisconnectedCode, Message = why });
             _inflight.Clear();
+            _generating.Clear();
             foreach (var cmd in _waiting)
                 EmitEnd(new Ev { Kind = EvKind.Failed, Id = cmd.Id, Code = DisconnectedCode, Message = why });
             _waiting.Clear();
