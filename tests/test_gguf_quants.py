@@ -82,6 +82,26 @@ def test_parts_in_different_layouts_are_stacked_in_row_order():
     assert torch.allclose(quant_matmul(x, qw), x @ w.T, rtol=0, atol=1e-5 * (x @ w.T).abs().max().item())
 
 
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q6_K"])
+def test_a_head_decoded_and_packed_in_row_blocks_is_the_whole(type_name):
+    """A large head is decoded and packed 64 rows at a time here (4,096 in the loader): the same bytes and
+    scales as the whole at once, and 160 rows (two blocks and a tail of 32) compute the file's product."""
+    from gllm.model.quantized import planes_weight_in_blocks
+    k = 256
+    data = random_blocks(type_name, 160, k, seed=4)
+    whole = planes_weight([int4_planes(type_name, data, k)], torch.float32)
+    blocks = planes_weight_in_blocks((int4_planes(type_name, data[a:a + 64], k) for a in range(0, 160, 64)),
+                                     torch.float32)
+    assert (blocks.n, blocks.k, blocks.planes) == (whole.n, whole.k, whole.planes) == (160, k, 2)
+    assert torch.equal(blocks.packed, whole.packed) and torch.equal(blocks.scales_and_zeros, whole.scales_and_zeros)
+    w = torch.from_numpy(reference(type_name, data, k))
+    x = torch.randn(3, k)
+    assert torch.allclose(quant_matmul(x, blocks), x @ w.T, rtol=0, atol=1e-5 * (x @ w.T).abs().max().item())
+    with pytest.raises(ValueError, match="whole row blocks"):
+        planes_weight_in_blocks((int4_planes(type_name, data[a:a + 48], k) for a in range(0, 160, 48)),
+                                torch.float32)
+
+
 def test_types_and_rows_the_planes_cannot_take_are_clear_errors():
     with pytest.raises(ValueError, match="do not map onto int4 planes"):
         int4_planes("Q2_K", np.zeros((2, 84), np.uint8), 256)
@@ -114,7 +134,8 @@ def test_the_wide_path_reads_torchs_int4_packing_on_every_instruction_set(capabi
     """torch packs int4 weights differently for the kernels it dispatches to (blocks of 32 rows on AVX2, 64 on
     AVX-512, adjacent pairs without vector kernels): a process forced to each (`ATEN_CPU_CAPABILITY`; a CPU
     without it gets the best it has) finds its layout, and a wide product (dequantized, one float32 GEMM) is
-    the kernel's product, for 160 rows (AVX-512: two blocks of 64 and one of 32)."""
+    the kernel's product, for 160 rows (AVX-512: two blocks of 64 and one of 32). Packed a block of rows at a
+    time (as large weights are), or as pieces stacked afterwards (a GGUF head), the bytes are the whole's."""
     import json
     import os
     import subprocess
@@ -126,14 +147,25 @@ def test_the_wide_path_reads_torchs_int4_packing_on_every_instruction_set(capabi
         "q = quantize_int4(torch.randn(160, 256), 32, torch.float32)\n"
         "x = torch.randn(WIDE_ROWS, 256)\n"
         "kernel = torch._weight_int4pack_mm_for_cpu(x, q.packed, 32, q.scales_and_zeros)\n"
+        "import gllm.ops.quant as Q\n"
+        "codes = torch.randint(0, 16, (160, 256), dtype=torch.int32)\n"
+        "scale, low = torch.rand(160, 8) + 0.1, torch.randn(160, 8)\n"
+        "whole = Q.pack_int4(codes, scale, low, 32, torch.float32)\n"
+        "Q._PACK_ROWS = 64\n"
+        "blockwise = Q.pack_int4(codes.to(torch.uint8), scale, low, 32, torch.float32)\n"
+        "stacked = Q.concat_int4([Q.pack_int4(codes[a:b], scale[a:b], low[a:b], 32, torch.float32)\n"
+        "                         for a, b in ((0, 64), (64, 128), (128, 160))])\n"
+        "same = all(torch.equal(w.packed, whole.packed) and torch.equal(w.scales_and_zeros, whole.scales_and_zeros)\n"
+        "           and w.n == 160 for w in (blockwise, stacked))\n"
         "print(json.dumps([torch.backends.cpu.get_cpu_capability(), packing_layout(160, 256),\n"
-        "                  ((quant_matmul(x, q) - kernel).abs().max() / kernel.abs().max()).item()]))\n")
+        "                  ((quant_matmul(x, q) - kernel).abs().max() / kernel.abs().max()).item(), same]))\n")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    reported, layout, error = json.loads(out.stdout.strip().splitlines()[-1])
+    reported, layout, error, same_bytes = json.loads(out.stdout.strip().splitlines()[-1])
     assert layout == {"DEFAULT": "pairs", "AVX2": "avx2", "AVX512": "avx512"}.get(reported, layout), reported
     assert layout is not None and error < 1e-5, (reported, layout, error)
+    assert same_bytes, reported
 
 
 @pytest.mark.parametrize("type_name", PLANE_TYPES)

@@ -6,6 +6,7 @@ GGUF files; this is the part they share, so neither imports the other's layer.
 
 from __future__ import annotations
 
+import mmap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,17 @@ class FastGGUFReader(GGUFReader):
 
     @data.setter
     def data(self, value):
+        self._gllm_map = getattr(value, "_mmap", None)        # numpy.memmap's mmap object
         self._gllm_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    def release_pages(self) -> None:
+        """Take the file's pages read so far out of this process's resident memory (clean pages of a read-only
+        mapping: touched again, they come back from the OS's page cache). A loader that has copied the
+        tensors out calls it, so that its peak RSS does not also count the whole file."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)          # not on Windows
+        mapping = getattr(self, "_gllm_map", None)
+        if mapping is not None and advice is not None:
+            mapping.madvise(advice)
 
 
 def open_gguf(path: str | Path):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from gllm.model.config import ModelConfig, parse_dtype
 from gllm.model.llama import LlamaForCausalLM
@@ -144,11 +145,28 @@ def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], *
         model = LlamaForCausalLM(cfg, max_positions)
     if prepare is not None:
         prepare(model)
-    model = model.to_empty(device=device).to(torch_dtype)
+    model = _materialize(model, torch.device(device), torch_dtype).to(torch_dtype)
     # Meta tensors carry no values: rebuild the cos/sin tables, kept in float32 whatever the dtype.
     model.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions).to(device)
     model.load_weights(weights)
     return model.eval().requires_grad_(False)
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`model.to_empty(device)` with floating tensors made in `dtype`: what is still on the meta device gets
+    uninitialised memory (the weights fill it). Not `to_empty` itself, which goes through torch's Python
+    reference ops and imports ~900 modules (sympy among them, ~75 MB for the process's life)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                empty = torch.empty(param.shape, device=device,
+                                    dtype=dtype if param.is_floating_point() else param.dtype)
+                setattr(module, name, nn.Parameter(empty, requires_grad=param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                setattr(module, name, torch.empty(buffer.shape, device=device,
+                                                  dtype=dtype if buffer.is_floating_point() else buffer.dtype))
+    return model
 
 
 def _with_eos(cfg: ModelConfig, extra: tuple[int, ...]) -> ModelConfig:

@@ -16,6 +16,7 @@ takes int8 (it decides every token; llama.cpp's Q4_K_M keeps it at 6 bits) and t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,9 +27,11 @@ from torch import nn
 from gllm.formats.gguf_quants import GROUP, AffineCodes, Int4Planes
 from gllm.ops.quant import (
     INT4_GROUP_SIZES,
+    Int4Weight,
     QuantizedWeight,
     StackedWeight,
     check_int4_shape,
+    concat_int4,
     pack_int4,
     quant_matmul,
     quantize_int4,
@@ -342,6 +345,13 @@ def planes_weight(parts: list[Int4Planes], dtype: torch.dtype) -> QuantizedWeigh
                                for a in ("q", "scale", "group_min"))
         packed.append(pack_int4(q, scale, group_min, GROUP, dtype, run[0].multipliers, run[0].chunk))
     return packed[0] if len(packed) == 1 else StackedWeight(tuple(packed))
+
+
+def planes_weight_in_blocks(blocks: Iterable[Int4Planes], dtype: torch.dtype) -> Int4Weight:
+    """One large weight (a head of 50-130 k rows) decoded and packed a block of rows at a time: its
+    temporaries (the decoded planes take a byte a code, torch packs from 4 bytes a code) stay a block's."""
+    return concat_int4([pack_int4(*(torch.from_numpy(getattr(b, a)) for a in ("q", "scale", "group_min")), GROUP,
+                                  dtype, b.multipliers, b.chunk) for b in blocks])
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -130,11 +130,42 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, group_min: torch.Tensor, gro
     problem = check_int4_shape(n, k, group_size)
     if problem or k % (planes * chunk):
         raise ValueError(f"int4: {problem or f'{k} values do not hold {planes} planes in chunks of {chunk}'}")
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INNER_K_TILES)
+    packed = _pack_rows(q)
     zero = group_min.float() + 8.0 * scale.float()          # torch's zero: the value of q = 8
     scales_and_zeros = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
     mult = torch.tensor(multipliers, dtype=dtype) if planes > 1 else None
     return Int4Weight(packed, scales_and_zeros, group_size, n, k // planes, planes, chunk, mult)
+
+
+# Output rows packed at a time: a multiple of every layout's block (64 rows), so the pieces are the whole's
+# bytes in order; the int32 copy torch packs from is then ~1 MB a thousand K, not 4 bytes a weight (the
+# default model's head as two planes: 226 MB, the load's peak).
+_PACK_ROWS = 4096
+_PACK_ROWS_BLOCK = 64      # the largest layout's block of rows (avx512)
+
+
+def _pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 packing of q [N, K] (values 0..15, any integer dtype), a block of rows at a time."""
+    n, k = q.shape
+    if n <= _PACK_ROWS:
+        return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), _INNER_K_TILES)
+    out = torch.empty(n, k // 2, dtype=torch.uint8)
+    for start in range(0, n, _PACK_ROWS):
+        piece = q[start:start + _PACK_ROWS].to(torch.int32).contiguous()
+        out[start:start + piece.shape[0]] = torch._convert_weight_to_int4pack_for_cpu(piece, _INNER_K_TILES)
+    return out
+
+
+def concat_int4(pieces: list[Int4Weight]) -> Int4Weight:
+    """One weight from pieces stacked along N (every piece but the last a multiple of 64 rows, so that the
+    packed bytes are the whole's in order), for weights too large to pack at once."""
+    first = pieces[0]
+    if any(p.k != first.k or p.planes != first.planes or p.chunk != first.chunk or p.group_size != first.group_size
+           for p in pieces) or any(p.n % _PACK_ROWS_BLOCK for p in pieces[:-1]):
+        raise ValueError("int4 pieces stack only with the same K, planes and groups, and whole row blocks")
+    return Int4Weight(torch.cat([p.packed for p in pieces]), torch.cat([p.scales_and_zeros for p in pieces], dim=1),
+                      first.group_size, sum(p.n for p in pieces), first.k, first.planes, first.chunk,
+                      first.multipliers)
 
 
 def quant_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
