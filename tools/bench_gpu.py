@@ -53,7 +53,7 @@ def model_config(shape: str) -> ModelConfig:
 def random_model(cfg: ModelConfig, max_positions: int) -> LlamaForCausalLM:
     from gllm.model.rope import RotaryEmbedding
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     model.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions).to("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -168,14 +168,16 @@ _FUSED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
+        # Made by whoever materialises the model (`build_model`), for its max positions: the model is constructed
+        # on the meta device, where the tables would carry no values (and building them imports ~900 modules).
+        self.rope: RotaryEmbedding | None = None
         self.kernels = PLAIN_KERNELS   # set once at setup (`use_kernels`), by the runner's fast-path choice
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace through inference tensors

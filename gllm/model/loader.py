@@ -142,11 +142,11 @@ def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], *
     need not hold the swapped modules' parameters."""
     torch_dtype = parse_dtype(dtype)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg)
     if prepare is not None:
         prepare(model)
     model = _materialize(model, torch.device(device), torch_dtype).to(torch_dtype)
-    # Meta tensors carry no values: rebuild the cos/sin tables, kept in float32 whatever the dtype.
+    # The cos/sin tables, kept in float32 whatever the dtype.
     model.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions).to(device)
     model.load_weights(weights)
     return model.eval().requires_grad_(False)

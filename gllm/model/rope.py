@@ -9,10 +9,8 @@ import torch
 from gllm.model.config import RopeConfig
 
 
-# The tables are computed on the CPU whatever device context is current: `build_model` constructs the model on
-# the meta device (and rebuilds them after), where `torch.arange` alone imports ~900 torch modules (76 MB).
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope.rope_type != "llama3":
         return inv_freq
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
@@ -33,7 +31,7 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(rope, head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
