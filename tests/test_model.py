@@ -120,6 +120,33 @@ def test_cpu_float16_runs_wide_products_in_float32_with_the_same_logits(llama32_
     assert torch.equal(narrow, Stepper(model, 16).feed(prompt[: CPU_UPCAST_ROWS - 1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_attention_computes_in_float32(llama32_dir, dtype):
+    """torch's CPU SDPA is several times slower in float16/bfloat16 than in float32 (casts included): the CPU
+    fast path's plans compute attention in float32 and cast back. A step mixing decodes and a prefill chunk
+    gives exactly the float32 attention of the same inputs, rounded once to the model's dtype."""
+    from gllm.ops import SdpaPlan, paged_attention
+    from gllm.runner import RunnerConfig, choose_fast_path
+
+    config = RunnerConfig(block_size=4, max_batch_size=4, max_step_tokens=64, max_blocks_per_seq=8)
+    assert choose_fast_path(torch.device("cpu"), load(llama32_dir)[0], config).float32_attention
+    torch.manual_seed(0)
+    heads, kv_heads, dim, blocks = 8, 2, 16, 12
+    k_cache = torch.randn(blocks, 4, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(blocks, 4, kv_heads, dim).to(dtype)
+    tables = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]])
+    query_lens, context_lens = [1, 1, 5], [10, 6, 14]
+    q = torch.randn(sum(query_lens), heads, dim).to(dtype)
+    got = paged_attention(q, k_cache, v_cache, tables, torch.tensor(context_lens),
+                          SdpaPlan(query_lens, context_lens, float32=True), 0.25)
+    want = paged_attention(q.float(), k_cache.float(), v_cache.float(), tables, torch.tensor(context_lens),
+                           SdpaPlan(query_lens, context_lens), 0.25).to(dtype)
+    native = paged_attention(q, k_cache, v_cache, tables, torch.tensor(context_lens),
+                             SdpaPlan(query_lens, context_lens), 0.25)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.allclose(native.float(), want.float(), atol=0.05) and not torch.equal(native, want)
+
+
 def test_small_cpu_steps_run_on_one_of_the_engines_threads(llama32_dir):
     """With 2 CPU threads, decode steps of up to CPU_ONE_THREAD_TOKENS tokens run on one (waking the other for
     each small operator costs more than it adds), wider steps and prefills on both; with 1 thread nothing

@@ -27,6 +27,7 @@ class SdpaPlan:
     What every layer would compute alike (rows, block tables, masks) is built at the first layer."""
     query_lens: list[int]
     context_lens: list[int]
+    float32: bool = False              # compute in float32 whatever q's dtype (on the CPU: see the fast path)
     groups: list[_SdpaGroup] | None = None
 
 
@@ -120,10 +121,10 @@ def _sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if plan.groups is None:
         plan.groups = _sdpa_groups(plan, block_tables, k_cache.shape[1], q.shape[0], q.device)
     if len(plan.groups) == 1 and plan.groups[0].rows is None:
-        return _attend(q, k_cache, v_cache, plan.groups[0], scale)
+        return _attend(q, k_cache, v_cache, plan.groups[0], scale, plan.float32)
     out = torch.empty_like(q)
     for group in plan.groups:
-        out[group.rows] = _attend(q[group.rows], k_cache, v_cache, group, scale)
+        out[group.rows] = _attend(q[group.rows], k_cache, v_cache, group, scale, plan.float32)
     return out
 
 
@@ -172,13 +173,14 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: _SdpaGroup,
-            scale: float) -> torch.Tensor:
-    """Attention for one group's query rows `q` ([n * q_len, Hq, D])."""
+            scale: float, float32: bool = False) -> torch.Tensor:
+    """Attention for one group's query rows `q` ([n * q_len, Hq, D]), in float32 if `float32`."""
     n, q_len, max_ctx = group.tables.shape[0], group.q_len, group.max_ctx
     num_heads, head_dim = q.shape[1], q.shape[2]
-    keys = k_cache[group.tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)        # [n, Hkv, ctx, D]
-    values = v_cache[group.tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2)
-    queries = q.view(n, q_len, num_heads, head_dim).transpose(1, 2)                 # [n, Hq, q_len, D]
+    dtype = torch.float32 if float32 else q.dtype
+    keys = k_cache[group.tables].flatten(1, 2)[:, :max_ctx].to(dtype).transpose(1, 2)   # [n, Hkv, ctx, D]
+    values = v_cache[group.tables].flatten(1, 2)[:, :max_ctx].to(dtype).transpose(1, 2)
+    queries = q.view(n, q_len, num_heads, head_dim).to(dtype).transpose(1, 2)          # [n, Hq, q_len, D]
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, is_causal=group.mask is None,
                                          scale=scale, enable_gqa=keys.shape[1] != num_heads)
-    return out.transpose(1, 2).reshape(n * q_len, num_heads, head_dim)
+    return out.transpose(1, 2).reshape(n * q_len, num_heads, head_dim).to(q.dtype)

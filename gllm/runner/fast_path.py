@@ -26,6 +26,10 @@ CPU_UPCAST_ROWS = 16
 CPU_ONE_THREAD_TOKENS = 2
 # A quantized head beside a float table (tied embeddings): from this many rows the float one (see ModelKernels).
 CPU_FLOAT_HEAD_ROWS = 6
+# torch's CPU attention (SDPA) is vectorised for float32: in float16 it took 2-5x the float32 time at every
+# shape measured (one query row over 300 keys: 445-532 against 76-83 us, casts included; 512 over 512: 15-16
+# against 7.2-7.4 ms), in bfloat16 3-4x for one query row and about the same for more (AVX2 and AVX-512
+# kernels, 2 threads). So on the CPU attention casts to float32 and back (docs/benchmarks.md, session 17).
 
 log = logging.getLogger("gllm.runner")
 
@@ -51,6 +55,7 @@ class FastPath:
     kernels: ModelKernels = PLAIN_KERNELS  # what the model's layers run
     notes: tuple[str, ...] = field(default=())   # why a part of the fast path is off
     one_thread_tokens: int = 0            # CPU: steps of up to this many tokens on one thread (see above)
+    float32_attention: bool = False       # CPU: plain SDPA computes in float32 whatever the dtype (see below)
 
     def describe(self) -> str:
         if not self.triton:
@@ -75,7 +80,7 @@ def choose_fast_path(device: torch.device, model: LlamaForCausalLM, config: Runn
         one_thread = CPU_ONE_THREAD_TOKENS if config.cpu_threads > 1 else 0
         upcast = CPU_UPCAST_ROWS if next(model.parameters()).dtype == torch.float16 else 0
         return FastPath(kernels=ModelKernels(upcast_rows=upcast, float_head_rows=CPU_FLOAT_HEAD_ROWS),
-                        one_thread_tokens=one_thread)
+                        one_thread_tokens=one_thread, float32_attention=True)
     if importlib.util.find_spec("triton") is None:
         return _off("Triton is not installed: the GPU runs the plain PyTorch path (no CUDA graphs, slower decode)")
     from gllm.ops import triton_gemv

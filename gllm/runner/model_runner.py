@@ -73,7 +73,7 @@ class ModelRunner:
                         context_lens_device: torch.Tensor) -> AttentionPlan:
         """An eager step's kernels: the Triton ones on the fast path, else plain SDPA."""
         if not self.fast_path.triton:
-            return SdpaPlan(query_lens, context_lens)
+            return SdpaPlan(query_lens, context_lens, float32=self.fast_path.float32_attention)
         cfg = self.model.cfg
         return MixedKernelPlan.build(query_lens, context_lens, block_tables, context_lens_device,
                                      cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
