@@ -17,7 +17,9 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
 - `llm-windowed`: as `llm-governed`, and at the end of each frame's work the game also sends `idle` with the
   time left until its next frame: the engine computes only in those windows;
 - `llm-idle-governed`: as `llm-governed`, with the idle scheduling class.
-`--serve-args` adds `gllm serve` flags to every server run.
+`--serve-args` adds `gllm serve` flags to every server run. `--repeats N` runs the list N times, interleaved
+(so that the machine's drift falls on every lever alike), and prints each run's medians and ranges: on a
+shared 2-core VM one run's p99 and share of frames over moved by more than the levers did.
 
 Prints frame time (work + poll: what the game's own frame costs) p50/p99/max, the fraction of frames over
 1.1x the target, the client's per-frame poll cost, NPC output tokens/s and TTFT p50/p99; writes JSON and
@@ -318,6 +320,8 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=1000)
     parser.add_argument("--long-every-s", type=float, default=2.0)
     parser.add_argument("--runs", default="no-llm,llm-plain,llm-nice,llm-governed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the list this many times, interleaved; medians (and ranges) per run are printed")
     parser.add_argument("--serve-args", default="", help="extra `gllm serve` flags for the llm runs")
     parser.add_argument("--out", default="bench_frame.json")
     parser.add_argument("--plot", default="bench_frame.png")
@@ -332,13 +336,54 @@ def main() -> None:
     where = "the GPU" if args.game_device == "cuda" else f"{args.game_threads} threads"
     print(f"game work: {calibrated * 1000:.1f} ms a frame on {where} ({calibrated / FRAME_S:.0%} of 16.7 ms)",
           flush=True)
-    results = []
     runs = {"no-llm": None, "llm-plain": (["--compute-nice", "0"], False), "llm-nice": ([], False),
             "llm-governed": ([], True), "llm-windowed": ([], "windows"), "llm-idle": (["--compute-idle"], False),
             "llm-idle-governed": (["--compute-idle"], True)}
-    for label in args.runs.split(","):
+    labels = args.runs.split(",")
+    for label in labels:
         if label not in runs:
             parser.error(f"unknown run {label!r}; runs: {', '.join(runs)}")
+    repeats: dict[str, list[dict]] = {label: [] for label in labels}
+    for _ in range(args.repeats):
+        results = run_list(labels, runs, work, args)
+        base = next((r for r in results if r.label == "no-llm"), None)
+        for r in results:
+            summary = r.summary()
+            if base is not None:
+                summary["p99_vs_no_llm"] = percentile(r.frame_ms, 99) / percentile(base.frame_ms, 99)
+            repeats[r.label].append(summary)
+    if args.repeats > 1:
+        print(f"medians of {args.repeats} interleaved repeats [min - max]:")
+        for label, summaries in repeats.items():
+            parts = [f"{label:>17}:"]
+            for key, name, scale, unit in (("p99_vs_no_llm", "p99", 1, "x"),
+                                           ("frames_over_1.1x_target", "over", 100, " %"),
+                                           ("npc_tokens_per_s", "NPCs", 1, " tok/s")):
+                values = [x[key] * scale for x in summaries if key in x]
+                if values and not (key == "npc_tokens_per_s" and label == "no-llm"):
+                    parts.append(f"{name} {statistics.median(values):.2f}{unit} [{min(values):.2f} - {max(values):.2f}]")
+            print(" ".join(parts), flush=True)
+    report = {"work_share": args.work, "work_ms": calibrated * 1000, "game_threads": args.game_threads,
+              "npcs": args.npcs, "long_tokens": args.long_tokens, "long_every_s": args.long_every_s,
+              "seconds": args.seconds, "cpu_count": os.cpu_count(), "game_device": args.game_device,
+              "runs": {label: summaries[-1] for label, summaries in repeats.items()},
+              "repeats": repeats,
+              # The last repeat's time series, so that `--replot` can draw them again where matplotlib is missing.
+              "series": {r.label: {"t": r.frame_t, "ms": r.frame_ms, "duty": r.duty} for r in results}}
+    with open(args.out, "w") as f:
+        json.dump(report, f)
+    try:
+        plot(results, args.plot, args.work)
+    except ImportError:
+        print(f"wrote {args.out}; no matplotlib here: draw it elsewhere with --replot {args.out}")
+        return
+    print(f"wrote {args.out} and {args.plot}")
+
+
+def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
+    """One pass over the runs, each printed as it ends."""
+    results = []
+    for label in labels:
         server = report = None
         if runs[label] is not None:
             serve_args, report = runs[label]
@@ -364,24 +409,11 @@ def main() -> None:
                   f"paused {v.get('governor_paused_ms', 0) / 1000:.1f} s; window steps {v.get('window_steps', 0)}, "
                   f"waits {v.get('window_waits', 0)}, spills {v.get('window_spills', 0)}", flush=True)
     base = next((r for r in results if r.label == "no-llm"), None)
-    report = {"work_share": args.work, "work_ms": calibrated * 1000, "game_threads": args.game_threads,
-              "npcs": args.npcs, "long_tokens": args.long_tokens, "long_every_s": args.long_every_s,
-              "seconds": args.seconds, "cpu_count": os.cpu_count(), "game_device": args.game_device,
-              "runs": {r.label: r.summary() for r in results},
-              # The time series, so that `--replot` can draw them again where matplotlib is missing.
-              "series": {r.label: {"t": r.frame_t, "ms": r.frame_ms, "duty": r.duty} for r in results}}
     if base is not None:
         for r in results:
-            report["runs"][r.label]["p99_vs_no_llm"] = percentile(r.frame_ms, 99) / percentile(base.frame_ms, 99)
-            print(f"{r.label:>8}: p99 frame = {report['runs'][r.label]['p99_vs_no_llm']:.2f}x the no-LLM p99")
-    with open(args.out, "w") as f:
-        json.dump(report, f)
-    try:
-        plot(results, args.plot, args.work)
-    except ImportError:
-        print(f"wrote {args.out}; no matplotlib here: draw it elsewhere with --replot {args.out}")
-        return
-    print(f"wrote {args.out} and {args.plot}")
+            print(f"{r.label:>8}: p99 frame = {percentile(r.frame_ms, 99) / percentile(base.frame_ms, 99):.2f}x "
+                  "the no-LLM p99")
+    return results
 
 
 def replot(report_path: str, png: str) -> None:
