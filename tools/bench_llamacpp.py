@@ -15,6 +15,13 @@ Then each side alone in a fresh process (only what it imports to run: torch and 
 with the same 1,024-token KV budget, prefill `--prefill-tokens` of the same ids (TTFT and prefill tok/s, a fresh process's first), greedy decode of
 `--new-tokens` after a 64-token prompt (median step), and the process's peak RSS. In the shared process each
 side's threads can still be winding down while the other computes; the alone figures are the fair ones.
+
+An AVX2 CPU on an AVX-512 machine: llama.cpp built for AVX2 only, torch's kernels held to AVX2 and gllm's
+activations in float16 (what `dtype="auto"` picks on an AVX2 CPU):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+        pip install --no-binary llama-cpp-python --target /tmp/llamacpp_avx2 llama-cpp-python
+    ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=/tmp/llamacpp_avx2 python tools/bench_llamacpp.py --dtype float16
 """
 
 from __future__ import annotations
@@ -62,9 +69,11 @@ ALONE = {
 import json, statistics, sys, time
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 gguf, threads, quant, n_new, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, int(sys.argv[4]), json.loads(sys.stdin.read())
+dtype = sys.argv[5]
 t0 = time.perf_counter()
 engine = LLMEngine(gguf, GeneratorParams(max_seq_len=1024, kv_cache_tokens=1024, cpu_threads=threads,
-                                         quantization=quant, result_cache_entries=0, enable_prefix_caching=False),
+                                         quantization=quant, result_cache_entries=0, enable_prefix_caching=False,
+                                         dtype=dtype),
                    device="cpu")
 load = time.perf_counter() - t0
 t0 = time.perf_counter()
@@ -101,11 +110,12 @@ print(json.dumps({"load_s": load, "ttft_s": ttft, "decode_tok_s": 1 / statistics
 }
 
 
-def alone(side: str, gguf: Path, threads: int, quantization: str | None, new_tokens: int, ids: list[int]) -> dict:
+def alone(side: str, gguf: Path, threads: int, quantization: str | None, new_tokens: int, ids: list[int],
+          dtype: str = "auto") -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", PEAK + ALONE[side], str(gguf), str(threads), quantization or "",
-                          str(new_tokens)],
+                          str(new_tokens), dtype],
                          input=json.dumps(ids), capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -120,6 +130,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantization", default=None, help="gllm's GeneratorParams.quantization (default: its own)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--dtype", default="auto", help="gllm's activations (auto: what this CPU gets; float16: "
+                                                        "what an AVX2 CPU gets, with ATEN_CPU_CAPABILITY=avx2)")
     parser.add_argument("--out", default="bench_llamacpp.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,7 +145,8 @@ def main() -> None:
 
     gguf = Path(args.gguf) if args.gguf else fetch_known_model(DEFAULT_MODEL, quiet=True)
     engine = LLMEngine(str(gguf), GeneratorParams(max_seq_len=max(args.window, 512), cpu_threads=args.threads,
-                                                  quantization=args.quantization, result_cache_entries=0),
+                                                  quantization=args.quantization, result_cache_entries=0,
+                                                  dtype=args.dtype),
                        device="cpu")
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(args.window, 512), n_threads=args.threads,
                           n_threads_batch=args.threads, n_batch=512, logits_all=True, verbose=False)
@@ -189,7 +202,7 @@ def main() -> None:
     engine.close()
     prefill_ids = ids[: args.prefill_tokens]
     for side in ("gllm", "llama.cpp"):
-        report[side]["alone"] = r = alone(side, gguf, args.threads, args.quantization, args.new_tokens, prefill_ids)
+        report[side]["alone"] = r = alone(side, gguf, args.threads, args.quantization, args.new_tokens, prefill_ids, args.dtype)
         print(f"{side} alone: load {r['load_s']:.2f} s, TTFT of {len(prefill_ids)} tokens {r['ttft_s'] * 1000:.0f} ms "
               f"({len(prefill_ids) / r['ttft_s']:.0f} tok/s prefill), decode {r['decode_tok_s']:.1f} tok/s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
