@@ -101,7 +101,7 @@ class GpuQuantizedLinear(nn.Module):
             raise ValueError("the parts of a quantized projection must share in_features")
         self.scheme = scheme
         # A plain attribute, not buffers: `build_model` swaps modules in on the meta device and then calls
-        # `to_empty` and `.to(dtype)`, which would wipe buffers and turn the float16 scales into the model dtype.
+        # `.to(dtype)`, which would turn the float16 scales into the model dtype.
         self.parts = list(parts)
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)

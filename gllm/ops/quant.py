@@ -138,8 +138,8 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, group_min: torch.Tensor, gro
 
 
 # Output rows packed at a time: a multiple of every layout's block (64 rows), so the pieces are the whole's
-# bytes in order; the int32 copy torch packs from is then ~1 MB a thousand K, not 4 bytes a weight (the
-# default model's head as two planes: 226 MB, the load's peak).
+# bytes in order. torch packs from an int32 copy (4 bytes a code): made for 4,096 rows at a time, not for the
+# whole weight (the default model's head as two planes: 226 MB, which set the load's peak).
 _PACK_ROWS = 4096
 _PACK_ROWS_BLOCK = 64      # the largest layout's block of rows (avx512)
 

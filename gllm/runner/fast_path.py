@@ -55,7 +55,7 @@ class FastPath:
     kernels: ModelKernels = PLAIN_KERNELS  # what the model's layers run
     notes: tuple[str, ...] = field(default=())   # why a part of the fast path is off
     one_thread_tokens: int = 0            # CPU: steps of up to this many tokens on one thread (see above)
-    float32_attention: bool = False       # CPU: plain SDPA computes in float32 whatever the dtype (see below)
+    float32_attention: bool = False       # CPU: plain SDPA computes in float32 whatever the dtype (see above)
 
     def describe(self) -> str:
         if not self.triton:
