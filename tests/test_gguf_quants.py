@@ -102,6 +102,30 @@ def test_a_head_decoded_and_packed_in_row_blocks_is_the_whole(type_name):
                                 torch.float32)
 
 
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q4_K", "Q8_0"])
+def test_an_embedding_decoded_in_row_blocks_is_the_whole_in_the_gpu_layout(type_name):
+    """A GPU embedding table or head is decoded and moved 4,096 rows at a time (64 here) into one weight: the
+    same words, scales and offsets as the whole decoded at once (the layout on the CPU, as the kernels take it);
+    150 rows end on a block of 22 (not whole quads: only the last block may)."""
+    from gllm.model.quantized import affine_weight, affine_weight_in_blocks
+    k = 256
+    data = random_blocks(type_name, 150, k, seed=6)
+    cpu = torch.device("cpu")
+    whole = affine_weight([affine_codes(type_name, data, k)], cpu)[0]
+    blocks = affine_weight_in_blocks((affine_codes(type_name, data[a:a + 64], k) for a in range(0, 150, 64)), 150,
+                                     cpu)
+    assert (blocks.bits, blocks.group, blocks.in_features, blocks.out_features) == \
+        (whole.bits, whole.group, whole.in_features, whole.out_features) == (whole.bits, whole.group, k, 150)
+    assert torch.equal(blocks.words, whole.words) and torch.equal(blocks.scale, whole.scale)
+    assert (blocks.zero is None) == (whole.zero is None) and (whole.zero is None or torch.equal(blocks.zero, whole.zero))
+    assert np.allclose(dequantize(blocks).numpy(), reference(type_name, data, k), rtol=0,
+                       atol=2 ** -10 * np.abs(reference(type_name, data, k)).max())
+    with pytest.raises(ValueError, match="do not stack"):
+        affine_weight_in_blocks((affine_codes(type_name, data[a:a + 30], k) for a in range(0, 150, 30)), 150, cpu)
+    with pytest.raises(ValueError, match="hold 128 rows, not 150"):
+        affine_weight_in_blocks((affine_codes(type_name, data[a:a + 64], k) for a in range(0, 128, 64)), 150, cpu)
+
+
 def test_types_and_rows_the_planes_cannot_take_are_clear_errors():
     with pytest.raises(ValueError, match="do not map onto int4 planes"):
         int4_planes("Q2_K", np.zeros((2, 84), np.uint8), 256)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from gllm.formats.gguf import GGUFFile, gguf_file_from_reader, open_gguf
-from gllm.formats.gguf_quants import PLANE_TYPES, Int4Planes, affine_codes, int4_planes
+from gllm.formats.gguf_quants import PLANE_TYPES, affine_codes, int4_planes
 from gllm.memory import release_free_memory
 from gllm.model.config import ModelConfig, RopeConfig, parse_dtype
 from gllm.model.llama import LlamaForCausalLM
@@ -38,13 +38,14 @@ from gllm.model.quantized import (
     QuantizedEmbedding,
     QuantizedLinear,
     affine_weight,
+    affine_weight_in_blocks,
     planes_weight,
     planes_weight_in_blocks,
 )
 from gllm.ops.quant import check_int4_shape
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
-HEAD_BLOCK_ROWS = 4096   # a CPU head's rows decoded and packed at a time (a multiple of the packing's blocks)
+HEAD_BLOCK_ROWS = 4096   # a head's or embedding's rows decoded at a time (a multiple of the layouts' row blocks)
 
 # GGUF tensor name (without the ".weight"/".bias" suffix) -> HF checkpoint name.
 _GLOBAL_NAMES = {
@@ -366,11 +367,12 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
 
     def keep_quantized(model: LlamaForCausalLM) -> None:
         if cpu_head:   # a head's rows are in HF order already (only attn_q / attn_k are permuted)
-            planes = planes_weight_in_blocks(_head_blocks(head, release_loading_memory), compute_dtype)
+            planes = planes_weight_in_blocks(_row_blocks(head, int4_planes, release_loading_memory), compute_dtype)
             model.lm_head = QuantizedLinear(planes, None, head.tensor_type.name, compute_dtype)
-        for name in kept_ends:
+        for name in kept_ends:   # rows in HF order already, as the CPU head's
             tensor = by_name[name]
-            weight = affine_weight([_rows_in_hf_order(tensor, cfg, affine_codes)], torch.device(device))[0]
+            weight = affine_weight_in_blocks(_row_blocks(tensor, affine_codes, release_loading_memory),
+                                             int(tensor.shape[1]), torch.device(device))
             label = tensor.tensor_type.name
             if name == "output.weight":
                 model.lm_head = GpuQuantizedLinear([weight], label)
@@ -404,12 +406,13 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
     return model, cfg, info
 
 
-def _head_blocks(head, between: Callable[[], None]) -> Iterator[Int4Planes]:
-    """A GGUF head's rows as int4 planes, `HEAD_BLOCK_ROWS` at a time, calling `between` after each block (a
-    whole Q8_0 head of 49,152 rows decoded at once took ~350 MB of temporaries)."""
-    k, rows = int(head.shape[0]), int(head.shape[1])
+def _row_blocks(tensor, read: Callable[[str, np.ndarray, int], Any], between: Callable[[], None]) -> Iterator[Any]:
+    """A large GGUF tensor's rows decoded by `read` (`int4_planes` or `affine_codes`) `HEAD_BLOCK_ROWS` at a
+    time, calling `between` after each block (the default model's Q8_0 head of 49,152 rows decoded at once
+    took ~350 MB of temporaries; an 8B Q6_K head ~2 GB)."""
+    k, rows = int(tensor.shape[0]), int(tensor.shape[1])
     for start in range(0, rows, HEAD_BLOCK_ROWS):
-        yield int4_planes(head.tensor_type.name, head.data[start:start + HEAD_BLOCK_ROWS], k)
+        yield read(tensor.tensor_type.name, tensor.data[start:start + HEAD_BLOCK_ROWS], k)
         between()
 
 

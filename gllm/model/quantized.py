@@ -277,6 +277,32 @@ def affine_weight(parts: list[AffineCodes], device: torch.device) -> list[QuantW
     return out
 
 
+def affine_weight_in_blocks(blocks: Iterable[AffineCodes], rows: int, device: torch.device) -> QuantWeight:
+    """One large GGUF tensor (an embedding table or head of 50-130 k rows) in the kernels' layout on `device`,
+    its blocks of rows (multiples of the layout's quads, but the last) decoded and moved one at a time into a
+    weight allocated once: decoded whole, an 8B Q6_K head made ~2 GB of host temporaries."""
+    quads = -(-rows // INTERLEAVE)
+    out: QuantWeight | None = None
+    at = 0                                           # quads of rows filled so far
+    for block in blocks:
+        piece = affine_weight([block], device)[0]
+        if out is None:
+            words, scale, zero = (None if t is None else t.new_empty(quads, *t.shape[1:])
+                                  for t in (piece.words, piece.scale, piece.zero))
+            out = QuantWeight(words, scale, zero, piece.bits, piece.group, piece.in_features, rows)
+        if at * INTERLEAVE + piece.out_features > rows or (piece.out_features % INTERLEAVE
+                                                            and at * INTERLEAVE + piece.out_features != rows):
+            raise ValueError(f"blocks of {piece.out_features} rows do not stack into {rows} on quads of {INTERLEAVE}")
+        span = slice(at, at + piece.words.shape[0])
+        out.words[span], out.scale[span] = piece.words, piece.scale
+        if out.zero is not None:
+            out.zero[span] = piece.zero
+        at = span.stop
+    if out is None or at != quads:
+        raise ValueError(f"the blocks hold {at * INTERLEAVE} rows, not {rows}")
+    return out
+
+
 QUANTIZED_LINEARS = (QuantizedLinear, GpuQuantizedLinear)
 
 
