@@ -117,9 +117,10 @@ def test_an_embedding_decoded_in_row_blocks_is_the_whole_in_the_gpu_layout(type_
     assert (blocks.bits, blocks.group, blocks.in_features, blocks.out_features) == \
         (whole.bits, whole.group, whole.in_features, whole.out_features) == (whole.bits, whole.group, k, 150)
     assert torch.equal(blocks.words, whole.words) and torch.equal(blocks.scale, whole.scale)
-    assert (blocks.zero is None) == (whole.zero is None) and (whole.zero is None or torch.equal(blocks.zero, whole.zero))
-    assert np.allclose(dequantize(blocks).numpy(), reference(type_name, data, k), rtol=0,
-                       atol=2 ** -10 * np.abs(reference(type_name, data, k)).max())
+    assert (blocks.zero is None) == (whole.zero is None)
+    assert whole.zero is None or torch.equal(blocks.zero, whole.zero)
+    want = reference(type_name, data, k)
+    assert np.allclose(dequantize(blocks).numpy(), want, rtol=0, atol=2 ** -10 * np.abs(want).max())
     with pytest.raises(ValueError, match="do not stack"):
         affine_weight_in_blocks((affine_codes(type_name, data[a:a + 30], k) for a in range(0, 150, 30)), 150, cpu)
     with pytest.raises(ValueError, match="hold 128 rows, not 150"):
