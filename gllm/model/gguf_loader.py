@@ -45,9 +45,7 @@ from gllm.model.quantized import (
 from gllm.ops.quant import check_int4_shape
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
-# Rows of a large tensor decoded at a time, into a float parameter or a kept layout (a multiple of the layouts'
-# row blocks, 64): the decoders' temporaries stay a block's.
-ROW_BLOCK = 4096
+HEAD_BLOCK_ROWS = 4096   # a head's or embedding's rows decoded at a time (a multiple of the layouts' row blocks)
 
 # GGUF tensor name (without the ".weight"/".bias" suffix) -> HF checkpoint name.
 _GLOBAL_NAMES = {
@@ -253,14 +251,16 @@ def dequantize_tensor(tensor, where: str = "GGUF", rows: slice = slice(None)) ->
 
 @dataclass(frozen=True)
 class GGUFTensor:
-    """A GGUF tensor still in the (memory-mapped) file. `copy_to` dequantizes it into a parameter `ROW_BLOCK`
-    rows at a time: gguf's dequantizer makes float32 temporaries a few times the size of what it
+    """A GGUF tensor still in the (memory-mapped) file. `copy_to` dequantizes it into a parameter some
+    thousand rows at a time: gguf's dequantizer makes float32 temporaries a few times the size of what it
     is given, which for a whole embedding (49,152 x 576 in the default model) raised a load's peak memory
     by ~300 MB."""
     tensor: Any
     shape: tuple[int, ...]
     heads: int | None          # attn_q / attn_k: rows un-permuted over this many heads
     where: str
+
+    CHUNK_ROWS = 4096
 
     def load(self) -> torch.Tensor:
         w = dequantize_tensor(self.tensor, self.where).reshape(self.shape)
@@ -274,11 +274,11 @@ class GGUFTensor:
         if self.heads is not None or len(self.shape) < 2:
             out.copy_(self.load())
             return
-        for start in range(0, self.shape[0], ROW_BLOCK):
-            rows = slice(start, min(start + ROW_BLOCK, self.shape[0]))
+        for start in range(0, self.shape[0], self.CHUNK_ROWS):
+            rows = slice(start, min(start + self.CHUNK_ROWS, self.shape[0]))
             chunk = dequantize_tensor(self.tensor, self.where, rows)
             out[rows].copy_(torch.from_numpy(chunk if chunk.flags.writeable else chunk.copy()))   # F32: the file
-            if self.shape[0] > ROW_BLOCK:
+            if self.shape[0] > self.CHUNK_ROWS:
                 del chunk
                 release_free_memory()      # glibc would keep the dequantizer's temporaries (~100 MB for 49k rows)
 
@@ -407,12 +407,12 @@ def load_gguf(path: str | Path, *, dtype: str | torch.dtype, device: str | torch
 
 
 def _row_blocks(tensor, read: Callable[[str, np.ndarray, int], Any], between: Callable[[], None]) -> Iterator[Any]:
-    """A large GGUF tensor's rows decoded by `read` (`int4_planes` or `affine_codes`) `ROW_BLOCK` at a
+    """A large GGUF tensor's rows decoded by `read` (`int4_planes` or `affine_codes`) `HEAD_BLOCK_ROWS` at a
     time, calling `between` after each block (the default model's Q8_0 head of 49,152 rows decoded at once
     took ~350 MB of temporaries; an 8B Q6_K head ~2 GB)."""
     k, rows = int(tensor.shape[0]), int(tensor.shape[1])
-    for start in range(0, rows, ROW_BLOCK):
-        yield read(tensor.tensor_type.name, tensor.data[start:start + ROW_BLOCK], k)
+    for start in range(0, rows, HEAD_BLOCK_ROWS):
+        yield read(tensor.tensor_type.name, tensor.data[start:start + HEAD_BLOCK_ROWS], k)
         between()
 
 
