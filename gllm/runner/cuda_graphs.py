@@ -16,6 +16,7 @@ cost more than the launches it saves whenever the batch samples.)
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import torch
@@ -139,9 +140,17 @@ def capture_graphs(sizes: list[int], make_step: Callable[[int], Callable[[], tor
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA calls (another engine, a restore, the game's own) do not
-        # invalidate this capture.
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            outputs[size] = step()
+        # invalidate this capture. This thread's own can: a garbage collection inside the capture that frees
+        # an earlier engine's graphs destroys them mid-capture ("operation not permitted when stream is
+        # capturing"), so the collector waits until the capture ends (torch.cuda.graph collects on entry).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                outputs[size] = step()
+        finally:
+            if collecting:
+                gc.enable()
         pool = graph.pool()
         graphs[size] = graph
         # A graph's first launch uploads it: do that now, not in a step (while this size's inputs are the
