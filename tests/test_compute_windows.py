@@ -106,6 +106,23 @@ def test_a_window_alternates_its_forced_progress_between_running_and_waiting_req
     assert [(x.seq.seq_id, x.num_tokens) for x in out.scheduled] in ([(1, 1)], [(2, 1)])
 
 
+def test_on_a_gpu_a_windows_forced_step_decodes_every_due_row_and_still_alternates_with_admissions():
+    """A GPU's decode step reads the weights once for all its rows: the window's forced step (no step fits)
+    decodes the whole batch there, not one row; prompts still get every other window, and the steps after a
+    window's first stay strict."""
+    s, decoders = strict(0.0010, rows=4, guarantee=True, model=with_prefill_steps())
+    s.config = SchedulerConfig(8, 512, forced_step_decodes_all=True)
+    assert {x.seq.seq_id for x in run_step(s).scheduled} == {1, 2, 3, 4}
+    newcomer = seq(9, 40)
+    s.add(newcomer)
+    shapes = [[(x.seq.seq_id, x.num_tokens) for x in run_step(s).scheduled] for _ in range(4)]
+    prompt_steps = [sh for sh in shapes if any(i == 9 for i, _ in sh)]
+    assert len(prompt_steps) == 2 and all(len(sh) == 1 for sh in prompt_steps)   # a piece of the prompt alone
+    assert sum(sorted(i for i, _ in sh) == [1, 2, 3, 4] for sh in shapes) == 2    # the whole batch, in turn
+    s.guarantee_progress = False
+    assert run_step(s).scheduled == []           # not the window's first step: nothing fits
+
+
 @pytest.fixture
 def tiny_engine(llama32_dir):
     from gllm.engine import GeneratorParams, LLMEngine

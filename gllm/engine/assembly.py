@@ -112,8 +112,8 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
     kv_cache = KVCache(cfg, num_blocks, gen.block_size, dtype, dev, scratch_block=fast_path.decode_graphs)
     cost_model = StepCostModel()
     budget_s = None if gen.step_budget_ms is None else gen.step_budget_ms / 1000
-    scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens, budget_s), block_manager,
-                          cost_model)
+    scheduler = Scheduler(SchedulerConfig(gen.max_batch_size, gen.max_step_tokens, budget_s,
+                                          forced_step_decodes_all=dev.type == "cuda"), block_manager, cost_model)
     runner = ModelRunner(loaded.model, kv_cache, dev, fast_path, runner_config)
     return Runtime(device=dev, dtype=dtype, dtype_reason=dtype_reason,
                    cpu_threads=gen.cpu_threads or default_cpu_threads(), loaded=loaded, kv_cache=kv_cache,

@@ -31,6 +31,10 @@ class SchedulerConfig:
     max_batch_size: int = 8        # sequences running at once
     max_step_tokens: int = 512     # tokens computed per step, prefill chunks included
     step_budget_s: float | None = None  # predicted seconds a step may take (prefill chunks sized to fit)
+    # A game's idle window's forced step (see `Scheduler.strict_budget`) decodes every due running row, not one:
+    # on a GPU a decode step reads the weights once for all its rows, so a whole batch costs about what one
+    # row does (False on a CPU, where each row is work of its own).
+    forced_step_decodes_all: bool = False
 
     def __post_init__(self) -> None:
         if self.step_budget_s is not None and not self.step_budget_s > 0:
@@ -89,6 +93,7 @@ class Scheduler:
         self.strict_budget = False
         self.guarantee_progress = True
         self._forced_running = False   # whether the last window's forced progress went to running sequences
+        self._forcing_decodes = False  # this step is a window's forced step that decodes every due row
         self._steps = 0
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -130,6 +135,8 @@ class Scheduler:
         # A window's forced progress alternates between the running and the waiting, so that a strict budget
         # no step fits cannot keep new requests out while running ones decode a row per window.
         admit_first = self.strict_budget and self.guarantee_progress and bool(self.waiting) and self._forced_running
+        self._forcing_decodes = (self.strict_budget and self.guarantee_progress and not admit_first
+                                 and self.config.forced_step_decodes_all)
         if admit_first:
             self._admit(out)
         while queue:
@@ -202,6 +209,8 @@ class Scheduler:
     def _decode_fits(self, out: SchedulerOutput, seq: Sequence, budget_s: float) -> bool:
         """Whether one more decode row still fits a strict budget (outside a game's idle window they all do)."""
         if not self.strict_budget or not self.cost.ready or self._may_force(out):
+            return True
+        if self._forcing_decodes and all(item.num_tokens == 1 for item in out.scheduled):
             return True
         base = self.shape(out)
         shape = StepShape(base.prefill_tokens, base.decode_rows + 1, base.kv_tokens + seq.num_computed_tokens + 1)
