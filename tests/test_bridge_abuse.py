@@ -77,12 +77,14 @@ def test_idle_sessions_do_not_lock_a_game_out(llama32_dir):
                 first.send(P.encode(P.ping(2)))
                 err = replies(first, 500)[0]
                 assert err["op"] == "error" and err["code"] == "no_session" and "evicted" in err["message"]
-                # sessions with requests in flight are never evicted: with both busy, a newcomer is refused
-                idle[1].send(P.encode(P.generate("long", prompt="Tell a story", max_tokens=400, ignore_eos=True)))
-                rid = game.generate("Once upon a time", max_tokens=400, ignore_eos=True)
+                # sessions with requests in flight are never evicted: with both busy, a newcomer is refused.
+                # Paced, so both are still in flight when it comes, however fast this machine decodes.
+                idle[1].send(P.encode(P.generate("long", prompt="Tell a story", max_tokens=400, ignore_eos=True,
+                                                 max_tokens_per_s=20)))
+                rid = game.generate("Once upon a time", max_tokens=400, ignore_eos=True, max_tokens_per_s=20)
                 late = dealer(ctx, srv.endpoint)
                 late.send(P.encode(P.hello("late")))
-                refused = [m for m in replies(late, 500) if m["op"] == "error"]
+                refused = [m for m in replies(late, 3000) if m["op"] == "error"]
                 assert refused and refused[0]["code"] == "busy", refused
                 game.cancel(rid)
                 assert game.wait(rid, timeout_s=60).finish_reason == "cancelled"
