@@ -110,7 +110,7 @@ def test_on_a_gpu_a_windows_forced_step_decodes_every_due_row_and_still_alternat
     """A GPU's decode step reads the weights once for all its rows: the window's forced step (no step fits)
     decodes the whole batch there, not one row; prompts still get every other window, and the steps after a
     window's first stay strict."""
-    s, decoders = strict(0.0010, rows=4, guarantee=True, model=with_prefill_steps())
+    s, _ = strict(0.0010, rows=4, guarantee=True, model=with_prefill_steps())
     s.config = SchedulerConfig(8, 512, forced_step_decodes_all=True)
     assert {x.seq.seq_id for x in run_step(s).scheduled} == {1, 2, 3, 4}
     newcomer = seq(9, 40)
