@@ -92,8 +92,9 @@ def test_the_worst_source_governs_and_the_floor_holds():
     assert gov.duty == 1.0
 
 
-def simulate_counted(gov: FrameGovernor, seconds: float, hitch_rate, start: float = 0.0) -> list[tuple]:
-    """60 fps frames of 12 ms; a frame is a 30 ms hitch at a rate `hitch_rate(duty)` per frame (the engine's
+def simulate_counted(gov: FrameGovernor, seconds: float, hitch_rate, start: float = 0.0,
+                     base_ms: float = 12.0) -> list[tuple]:
+    """60 fps frames of `base_ms`; a frame is a 30 ms hitch at a rate `hitch_rate(duty)` per frame (the engine's
     steps colliding with the game), counted deterministically. Reported as the clients do: every 0.25 s the
     smoothed time, the longest frame, the frame count and the count over 1.1 x target. Returns, per report,
     (time, duty, frames, over, smoothed ms)."""
@@ -104,7 +105,7 @@ def simulate_counted(gov: FrameGovernor, seconds: float, hitch_rate, start: floa
     for i in range(int(seconds * FPS)):
         t = start + i / FPS
         debt += hitch_rate(gov.duty)
-        ms = 12.0
+        ms = base_ms
         if debt >= 1.0:
             debt -= 1.0
             ms = 30.0
@@ -145,6 +146,23 @@ def test_counted_calm_frames_give_the_duty_back_after_the_cooldown():
     first_rise = next(t for t, duty, *_ in reports if duty > 0.1 + 1e-9)
     assert first_rise >= 3 + gov.config.cooldown_s
     assert gov.duty == 1.0
+
+
+def test_frames_inside_the_games_tolerance_and_rare_hitches_do_not_ratchet_the_duty_down():
+    """Beside the engine's steps (a GPU game computing in its idle windows) frames sit a little over the target,
+    within 1.1 x, and one in 400 is a hitch whatever the duty: under the 0.5 % the governor allows. One hitch in
+    a quarter second's 15 frames is 6.7 % of that window, but over the frames since the last decrease it is
+    rare, so the duty stays up (judged per window, it fell to the floor and stayed there)."""
+    gov = FrameGovernor()
+    reports = simulate_counted(gov, 30, lambda duty: 1 / 400, base_ms=1.05 * TARGET)
+    assert sum(r[3] for r in reports) >= 4                     # the hitches happened
+    assert min(r[1] for r in reports) >= 0.7 and gov.duty == 1.0, [r[1] for r in reports]
+
+
+def test_hitches_more_often_than_the_allowed_share_still_bring_the_duty_down():
+    gov = FrameGovernor()
+    simulate_counted(gov, 10, lambda duty: 1 / 60, base_ms=1.05 * TARGET)   # one hitch a second: 1.7 %
+    assert gov.duty == pytest.approx(gov.config.floor)
 
 
 def test_pause_after_a_step_gives_the_duty_cycle():

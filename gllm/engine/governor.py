@@ -7,11 +7,15 @@ governor sees every frame, hitches included, not only a smoothed time. Every `wi
 by its reports in that window and sets the engine's duty cycle, the fraction of wall time the engine computes
 (it sleeps between steps for the rest), from the worst source:
 
-- over: more than `over_share` of its counted frames over (without counts: the 90th percentile of its
-  `ms` / target, the "pressure", above 1): duty x `decrease` (multiplicative decrease: fast relief);
-- calm: no counted frame over and the longest under the target (without counts: pressure below
-  `headroom`), and at least `cooldown_s` since the last decrease: duty + `increase` (additive increase:
-  slow return);
+- over: a counted frame over 1.1 x target in this window, and more than `over_share` of the source's counted
+  frames over since the last decrease (at most `over_horizon_s` back) — the share a game may see, judged over
+  enough frames to mean something (one frame in a quarter second is 6.7 %); without counts: the 90th
+  percentile of its `ms` / target, the "pressure", above 1: duty x `decrease` (multiplicative decrease: fast
+  relief);
+- calm: no counted frame over this window (without counts: pressure below `headroom`), and at least
+  `cooldown_s` since the last decrease: duty + `increase` (additive increase: slow return). Frames between
+  the target and 1.1 x target are the game's own tolerance, so they count as calm: were they not, a game whose
+  frames sit just over its target beside the engine would only ever see the duty fall;
 - otherwise hold. The dead band and the cooldown are what make it settle instead of oscillating;
 - a decision made late (decisions follow engine steps, and a step can outlast several windows) counts an
   over verdict once per window that passed (at most 8);
@@ -43,7 +47,8 @@ class GovernorConfig:
     floor: float = 0.1         # the least duty: NPCs keep a tenth of the engine's time
     stale_s: float = 2.0       # a source that stopped reporting this long ago no longer counts
     min_frames: int = 1        # reports a source needs in a window to count in it (clients send ~4 a second)
-    over_share: float = 0.01   # counted frames over 1.1 x target beyond this share: over
+    over_share: float = 0.005  # counted frames over 1.1 x target beyond this share (since the last decrease): over
+    over_horizon_s: float = 4.0   # how far back that share looks at most
     cooldown_s: float = 1.0    # no increase until this long after a decrease
     step_budget_share: float = 0.5   # while a game reports, an engine step takes at most this share of a frame,
     headroom_share: float = 0.8      # and at most this share of the frame's headroom (target - the game's time),
@@ -52,7 +57,8 @@ class GovernorConfig:
     def __post_init__(self) -> None:
         if not (0 < self.floor <= 1 and 0 < self.decrease < 1 and 0 < self.increase <= 1
                 and 0 < self.headroom <= 1 and self.window_s > 0 and self.stale_s > 0 and self.min_frames >= 1
-                and 0 <= self.over_share < 1 and self.cooldown_s >= 0 and 0 < self.step_budget_share <= 10
+                and 0 <= self.over_share < 1 and self.over_horizon_s >= self.window_s and self.cooldown_s >= 0
+                and 0 < self.step_budget_share <= 10
                 and 0 < self.headroom_share <= 1 and self.min_step_budget_ms > 0):
             raise ValueError(f"invalid GovernorConfig: {self}")
 
@@ -64,6 +70,7 @@ class FrameGovernor:
         self.pressure: float | None = None              # the worst source's, at the last decision
         self.over_share: float | None = None            # the worst counted share of frames over, at the last decision
         self._frames: dict[str, deque[FrameReport]] = {}   # source -> its reports this window
+        self._counted: dict[str, deque[tuple[int, int]]] = {}   # source -> (frames, over) of its past windows
         self._last_seen: dict[str, float] = {}
         self._decided_at: float | None = None
         self._decreased_at = -float("inf")
@@ -103,17 +110,17 @@ class FrameGovernor:
         with self._lock:
             for source in [s for s, seen in self._last_seen.items() if now - seen > cfg.stale_s]:
                 self._forget(source)
-            windows = [list(frames) for frames in self._frames.values()]
+            windows = [(source, list(frames)) for source, frames in self._frames.items()]
             for frames in self._frames.values():
                 frames.clear()
-            latest = [w[-1] for w in windows if w]
+            latest = [w[-1] for _, w in windows if w]
             if latest:
                 self.target_ms = min(r.target_ms for r in latest)
                 self.headroom_ms = min(r.target_ms - r.ms for r in latest)
         # A decision may come late (it is made after an engine step, and a step can be long): an over verdict
         # then stands for every window that passed.
         windows_passed = max(1, min(8, int(elapsed / cfg.window_s)))
-        verdicts = [_judge(w, cfg) for w in windows if len(w) >= cfg.min_frames]
+        verdicts = [_judge(w, self._history(source, w), cfg) for source, w in windows if len(w) >= cfg.min_frames]
         pressures = [v.pressure for v in verdicts]
         shares = [v.over_share for v in verdicts if v.over_share is not None]
         if verdicts or not windows:   # a window in which live sources sent nothing keeps the last figures
@@ -122,6 +129,8 @@ class FrameGovernor:
         if any(v.over for v in verdicts):
             self.duty = max(cfg.floor, self.duty * cfg.decrease ** windows_passed)
             self._decreased_at = now
+            for history in self._counted.values():   # the next verdict judges the new duty's frames
+                history.clear()
         elif not verdicts and windows:
             pass                      # sources that reported too few frames this window: hold
         elif not self._last_seen:
@@ -130,8 +139,18 @@ class FrameGovernor:
             self.duty = min(1.0, self.duty + cfg.increase)
         return self.duty
 
+    def _history(self, source: str, reports: list[FrameReport]) -> deque[tuple[int, int]]:
+        """`source`'s counted (frames, over) since the last decrease, this window's included."""
+        horizon = max(1, round(self.config.over_horizon_s / self.config.window_s))
+        history = self._counted.setdefault(source, deque(maxlen=horizon))
+        counted = [r for r in reports if r.frames is not None]
+        if counted:
+            history.append((sum(r.frames for r in counted), sum(r.over or 0 for r in counted)))
+        return history
+
     def _forget(self, source: str) -> None:
         self._frames.pop(source, None)
+        self._counted.pop(source, None)
         self._last_seen.pop(source, None)
 
     def step_budget_s(self) -> float | None:
@@ -165,19 +184,20 @@ class _Verdict:
     over: bool
     calm: bool
     pressure: float                 # the 90th percentile of ms / target (or the longest frame's, with max_ms)
-    over_share: float | None        # counted frames over / counted frames; None without counts
+    over_share: float | None        # counted frames over / counted frames since the last decrease; None without
 
 
-def _judge(reports: list[FrameReport], cfg: GovernorConfig) -> _Verdict:
-    """One source's window of reports: over its target, calm, or neither."""
+def _judge(reports: list[FrameReport], history: deque[tuple[int, int]], cfg: GovernorConfig) -> _Verdict:
+    """One source's window of reports (and its counted windows since the last decrease, this one included):
+    over its target, calm, or neither."""
     counted = [r for r in reports if r.frames is not None]
     if counted:
-        frames = sum(r.frames for r in counted)
         over = sum(r.over or 0 for r in counted)
         longest = [r.max_ms / r.target_ms for r in counted if r.max_ms is not None]
         pressure = max(longest) if longest else _p90([r.ms / r.target_ms for r in counted])
-        share = over / frames if frames else 0.0
-        return _Verdict(over=share > cfg.over_share, calm=over == 0 and pressure < 1.0, pressure=pressure,
+        frames_since = sum(f for f, _ in history)
+        share = sum(o for _, o in history) / frames_since if frames_since else 0.0
+        return _Verdict(over=over > 0 and share > cfg.over_share, calm=over == 0, pressure=pressure,
                         over_share=share)
     pressure = _p90([r.ms / r.target_ms for r in reports])
     return _Verdict(over=pressure > 1.0, calm=pressure < cfg.headroom, pressure=pressure, over_share=None)
