@@ -90,7 +90,7 @@ def test_a_window_alternates_its_forced_progress_between_running_and_waiting_req
     each window goes to the running and the waiting in turn; and a prefill that does not fit never blocks a
     decode row that does."""
     s, decoders = strict(0.0010, rows=2, guarantee=True, model=with_prefill_steps())
-    newcomer = seq(9, 40)
+    newcomer = seq(9, 400)
     s.add(newcomer)
     firsts = []
     for _ in range(4):
@@ -113,7 +113,7 @@ def test_on_a_gpu_a_windows_forced_step_decodes_every_due_row_and_still_alternat
     s, _ = strict(0.0010, rows=4, guarantee=True, model=with_prefill_steps())
     s.config = SchedulerConfig(8, 512, forced_step_decodes_all=True)
     assert {x.seq.seq_id for x in run_step(s).scheduled} == {1, 2, 3, 4}
-    newcomer = seq(9, 40)
+    newcomer = seq(9, 400)
     s.add(newcomer)
     shapes = [[(x.seq.seq_id, x.num_tokens) for x in run_step(s).scheduled] for _ in range(4)]
     prompt_steps = [sh for sh in shapes if any(i == 9 for i, _ in sh)]

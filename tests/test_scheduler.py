@@ -240,15 +240,24 @@ def test_a_step_budget_splits_a_long_prompt_and_decodes_still_get_a_token_every_
     assert steps > 2000 // 512 + 1                         # more, smaller chunks than the token budget alone
 
 
-def test_decodes_that_fill_the_budget_still_leave_a_minimum_prefill():
-    from gllm.scheduler.scheduler import MIN_PREFILL_CHUNK
-    s = Scheduler(SchedulerConfig(4, 512, step_budget_s=0.001), BlockManager(1024, 16, True), fitted())
+def least_piece(model) -> dict[int, int]:
+    s = Scheduler(SchedulerConfig(4, 512, step_budget_s=0.001), BlockManager(1024, 16, True), model)
     s.add(seq(1, 3))
     run_step(s)
-    long = seq(2, 200)
-    s.add(long)
+    s.add(seq(2, 400))
     out = run_step(s)                                      # 2 ms fixed alone is over the 1 ms budget
-    assert {x.seq.seq_id: x.num_tokens for x in out.scheduled} == {1: 1, 2: MIN_PREFILL_CHUNK}
+    return {x.seq.seq_id: x.num_tokens for x in out.scheduled}
+
+
+def test_decodes_that_fill_the_budget_still_leave_a_minimum_prefill():
+    """Long prompts keep moving: at least MIN_PREFILL_CHUNK tokens, and more while a step of more is predicted to
+    cost at most a quarter more — on a CPU (each prompt token real work) about the minimum, on a GPU (a step of
+    a hundred tokens costs what one of sixteen does) a larger piece, up to LEAST_PIECE_MAX."""
+    from gllm.scheduler.scheduler import LEAST_PIECE_MAX, LEAST_PIECE_SLACK, MIN_PREFILL_CHUNK
+    cpu = least_piece(fitted(per_prefill=2e-3))            # 2 ms a prompt token: 16 cost 34 ms, 20 cost 42 ms
+    assert cpu[1] == 1 and cpu[2] == int((LEAST_PIECE_SLACK * (2.3 + 2 * MIN_PREFILL_CHUNK) - 2.3) / 2)
+    gpu = least_piece(fitted(per_prefill=1e-6))            # 1 us a prompt token
+    assert gpu == {1: 1, 2: LEAST_PIECE_MAX}
 
 
 def test_a_high_priority_arrival_into_a_full_batch_gets_its_first_token_within_two_steps():

@@ -21,6 +21,11 @@ from gllm.scheduler.step_cost import StepCostModel, StepShape
 # With a step-time budget, the least prefill a step still makes when its decodes fill the budget: long
 # prompts keep moving.
 MIN_PREFILL_CHUNK = 16
+# ... or more, where the cost model says more costs next to nothing: such a step is over its budget anyway, and
+# on a GPU a step of a few hundred prompt tokens takes about what one of 16 does (the weights are read once).
+# The least piece grows while its predicted time stays within this factor of a 16-token piece's.
+LEAST_PIECE_SLACK = 1.25
+LEAST_PIECE_MAX = 128     # and no further than this from a model fitted mostly on small steps
 # Under a step-time budget, before the cost model has seen enough of this device's steps to predict: at most
 # this many prefill tokens a step (a cautious guess beats an unbounded step).
 UNFITTED_PREFILL_TOKENS = 64
@@ -201,10 +206,13 @@ class Scheduler:
         def shape_with(n: int) -> StepShape:
             return StepShape(base.prefill_tokens + n, base.decode_rows, base.kv_tokens + n * (start + n))
 
-        fits = self.cost.largest_within(budget_s, min(left, len(seq.token_ids) - start), shape_with)
+        limit = min(left, len(seq.token_ids) - start)
+        fits = self.cost.largest_within(budget_s, limit, shape_with)
         if fits > 0 or base.prefill_tokens or (self.strict_budget and not self._may_force(out)):
             return fits
-        return min(left, MIN_PREFILL_CHUNK)
+        least = min(limit, MIN_PREFILL_CHUNK)
+        return max(least, self.cost.largest_within(LEAST_PIECE_SLACK * self.cost.predict(shape_with(least)),
+                                                   min(limit, LEAST_PIECE_MAX), shape_with))
 
     def _decode_fits(self, out: SchedulerOutput, seq: Sequence, budget_s: float) -> bool:
         """Whether one more decode row still fits a strict budget (outside a game's idle window they all do)."""
