@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
 
@@ -397,9 +398,10 @@ def test_overlapped_steps_queue_ahead_and_change_nothing(llama32_dir, overlap_mo
 
 def test_step_budget_in_the_engine_fits_predicted_steps_and_keeps_decodes_going(llama32_dir):
     """With step_budget_ms, once the cost model has learned this machine's steps, every step's predicted time
-    fits the budget (or makes only the minimum prefill progress), running decodes get a token every step,
-    and a 2,000-token prompt still completes."""
-    from gllm.scheduler.scheduler import MIN_PREFILL_CHUNK
+    fits the budget (or makes only the least prefill progress: 16 tokens, or more while that is predicted to
+    cost at most LEAST_PIECE_SLACK times as much), running decodes get a token every step, and a 2,000-token
+    prompt still completes."""
+    from gllm.scheduler.scheduler import LEAST_PIECE_MAX, LEAST_PIECE_SLACK, MIN_PREFILL_CHUNK, Scheduler
     eng = engine(llama32_dir, max_seq_len=4096, kv_cache_tokens=16384, step_budget_ms=3.0)
     try:
         # Warm-up: steps of many shapes, so the model is fitted.
@@ -411,8 +413,12 @@ def test_step_budget_in_the_engine_fits_predicted_steps_and_keeps_decodes_going(
 
         def recording_schedule(now=None):    # runs on the engine thread: the model as it was at this step
             out = schedule(now)
+            least = copy.copy(out)            # the same step with its prefill cut to 16 tokens
+            least.scheduled = [copy.copy(s) for s in out.scheduled]
+            for s in least.scheduled:
+                s.num_tokens = min(s.num_tokens, MIN_PREFILL_CHUNK)
             recorded.append((out, {s.seq.seq_id: s.num_tokens for s in out.scheduled},
-                             eng.cost_model.predict(out.shape)))
+                             eng.cost_model.predict(out.shape), eng.cost_model.predict(Scheduler.shape(least))))
             return out
 
         eng.scheduler.schedule_step = recording_schedule
@@ -425,12 +431,13 @@ def test_step_budget_in_the_engine_fits_predicted_steps_and_keeps_decodes_going(
         long = eng.submit(greedy(long_prompt, n=2))
         assert long.result(timeout=300).finish_reason == "length"
         budget = 3.0 / 1000
-        for out, _, predicted in recorded:
+        for out, _, predicted, least in recorded:
             prefill = out.shape.prefill_tokens
-            assert predicted <= budget + 1e-9 or prefill <= MIN_PREFILL_CHUNK or not out.shape.decode_rows \
-                and prefill <= MIN_PREFILL_CHUNK, (out.shape, predicted)
-        long_steps = [tokens for _, tokens, _ in recorded if any(n > 1 and i not in decoder_ids
-                                                                for i, n in tokens.items())]
+            assert predicted <= budget + 1e-9 or prefill <= MIN_PREFILL_CHUNK \
+                or prefill <= LEAST_PIECE_MAX and predicted <= LEAST_PIECE_SLACK * least + 1e-9, \
+                (out.shape, predicted, least)
+        long_steps = [tokens for _, tokens, *_ in recorded if any(n > 1 and i not in decoder_ids
+                                                                 for i, n in tokens.items())]
         assert long_steps
         for tokens in long_steps:           # the long prompt's prefill never cost a decode its token
             assert all(tokens.get(i) == 1 for i in decoder_ids), tokens
