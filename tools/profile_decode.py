@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's GPU time goes (a development tool, not a benchmark).
 
-    python tools/profile_decode.py --tokenizer DIR [--shape 1b] [--steps 32] [--out trace.json]
+    python tools/profile_decode.py --tokenizer DIR [--shape 1b] [--quantization int4] [--steps 32] [--out trace.json]
 
 Prints the engine's ms/token beside one graph replay alone, then runs a greedy batch-1
 generation (the `bench_gpu.py` decode case) under the torch profiler and reads the kernels back
@@ -78,10 +78,12 @@ def main() -> None:
     parser.add_argument("--out", help="also keep the chrome trace here")
     parser.add_argument("--no-dependent-launch", action="store_true")
     parser.add_argument("--times-only", action="store_true", help="stop after the engine and replay times")
+    parser.add_argument("--quantization", choices=("int8", "int4"), default=None, help="weights quantized on load")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(args.tokenizer)
     engine = make_engine(model_config(args.shape), tokenizer, max_batch_size=8, max_seq_len=1024,
-                         kv_cache_tokens=8192, dependent_launch=False if args.no_dependent_launch else None)
+                         kv_cache_tokens=8192, dependent_launch=False if args.no_dependent_launch else None,
+                         quantization=args.quantization)
     rng = random.Random(0)
 
     def generate(tokens: int) -> None:

@@ -158,17 +158,19 @@ class GpuQuantizedLinear(nn.Module):
         SiLU·mul of a [1, 2K] gate/up row (`silu_mul`) done by the launch that prepares its input, and the
         residual add after it (`residual`, [1, N], updated in place and returned) done by the kernel. The
         product comes in `out_dtype` (default x's; float32 for logits, from the float32 sums)."""
-        from gllm.ops.triton_quant_gemv import quant_gemv_row, row_inputs
+        from gllm.ops.triton_quant_gemv import RowInputs, quant_gemv_row, row_block, row_inputs
         if self.bias is not None:
             raise ValueError("the row kernel has no bias epilogue")
         out = residual if residual is not None else torch.empty((1, self.out_features), dtype=out_dtype or x.dtype,
                                                                  device=x.device)
-        inputs: dict[int, torch.Tensor] = {}      # by code width: the permutation depends on it
+        inputs: dict[tuple[int, int], RowInputs] = {}   # by code width and block: the packing depends on them
         for part, cols in self._spans():
-            if part.bits not in inputs:
-                inputs[part.bits] = row_inputs(x, part.bits, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul)
+            key = (part.bits, row_block(x.dtype, part.group))
+            if key not in inputs:
+                inputs[key] = row_inputs(x, part.bits, block=key[1], norm_weight=norm_weight, eps=eps,
+                                         silu_mul=silu_mul)
             view = out[:, cols]
-            quant_gemv_row(inputs[part.bits], part, residual=view if residual is not None else None,
+            quant_gemv_row(inputs[key], part, residual=view if residual is not None else None,
                            out=None if residual is not None else view)
         return out
 

@@ -4,10 +4,18 @@ registers, and the dequantization of a whole weight for wider products (issue 22
 At batch 1 a linear layer's time is its weight's bytes over memory bandwidth, so reading 4.5 bits a weight
 instead of 16 is the whole point. Each program owns whole output rows over all of K (no split-K: one fixed
 summation order, no atomics); products accumulate in float32 and are rounded to x's dtype, as a linear's are.
+
+A 16-bit row (bfloat16 / float16 models) goes through the weights on integer dot products: x is rounded to
+int8 per block of 32 (scale max|x| / 127, llama.cpp's Q8_1 idea) and each weight word meets it in `dp4a`
+instructions, four products and their sum in one, summed exactly in int32 within a block. Unpacking codes to
+floats took three instructions a weight and held the kernel near half the memory bandwidth; this takes about
+five for eight weights. x's rounding (at most max|x| / 254 an element) is of the order of its bfloat16
+rounding; float32 rows keep the exact float kernel.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -35,6 +43,15 @@ def _code_as_float(words, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _word_tile(w_ptr, quads, q_ok, js, js_ok, row_words, R: tl.constexpr):
+    """The code words [quads, *js.shape, R] of row quads `quads` at word positions `js` ([spans, words]; the
+    spans valid where `js_ok`): each quad's four rows sit side by side, so a quad's words load as one vector."""
+    return tl.load(w_ptr + (quads[:, None, None, None] * row_words + js[None, :, :, None]) * R
+                   + tl.arange(0, R)[None, None, None, :],
+                   mask=q_ok[:, None, None, None] & js_ok[None, :, None, None], other=0)
+
+
+@triton.jit
 def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                            HAS_RESIDUAL: tl.constexpr,
@@ -58,9 +75,7 @@ def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
         gs = g0 + tl.arange(0, GROUPS)
         g_ok = gs < groups
         js = gs[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]             # [GROUPS, GROUP_WORDS]
-        words = tl.load(w_ptr + (quads[:, None, None, None] * row_words + js[None, :, :, None]) * R
-                        + lanes[None, None, None, :],
-                        mask=q_ok[:, None, None, None] & g_ok[None, :, None, None], other=0)
+        words = _word_tile(w_ptr, quads, q_ok, js, g_ok, row_words, R)
         part = tl.zeros([BLOCK_R, GROUPS, GROUP_WORDS, R], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, GROUP_WORDS], dtype=tl.float32)
         for i in tl.static_range(PER_WORD):
@@ -83,11 +98,84 @@ def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
 
 
 @triton.jit
-def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, K, eps, PER_WORD: tl.constexpr, HAS_NORM: tl.constexpr,
-                       SILU_MUL: tl.constexpr, BLOCK: tl.constexpr):
+def _dot4(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
+    """c + the dot product of a's four bytes (unsigned, or signed with SIGNED_A) with b's (signed): `dp4a`.
+    EMULATE: the same with shifts, for the Triton interpreter, which runs no inline assembly."""
+    if EMULATE:
+        for i in tl.static_range(4):
+            if SIGNED_A:
+                ai = (a << (24 - 8 * i)) >> 24
+            else:
+                ai = (a >> (8 * i)) & 0xFF
+            c += ai * ((b << (24 - 8 * i)) >> 24)
+        return c
+    elif SIGNED_A:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                              GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                              HAS_RESIDUAL: tl.constexpr, QB: tl.constexpr, EMULATE: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
+    # One row of x as int8 per block of QB (`row_inputs`: xq holds its bytes packed as the weight words hold
+    # codes, xs each block's scale, xsum each block's sum of rounded x), tiles [row quads, x blocks, words of
+    # a block, 4 rows]. Per block: sum(w q xs) = scale (xs sum(u q)) + zero xsum, sum(u q) exact in int32;
+    # int8 codes are two's complement (w = c scale), int4 offset binary (w = u scale + zero).
+    PER_WORD: tl.constexpr = 32 // BITS
+    QBW: tl.constexpr = QB // PER_WORD           # words per block of x
+    NB: tl.constexpr = BLOCK_K // QB
+    BPG: tl.constexpr = GROUP // QB
+    quads = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    q_ok = quads < (N + R - 1) // R
+    row_words = K // PER_WORD
+    blocks = K // QB
+    groups = K // GROUP
+    lanes = tl.arange(0, R)
+    acc = tl.zeros([BLOCK_R, NB, R], dtype=tl.float32)
+    for b0 in range(0, blocks, NB):
+        bs = b0 + tl.arange(0, NB)
+        b_ok = bs < blocks
+        js = bs[:, None] * QBW + tl.arange(0, QBW)[None, :]                                  # [NB, QBW]
+        words = _word_tile(w_ptr, quads, q_ok, js, b_ok, row_words, R)
+        sums = tl.zeros([BLOCK_R, NB, QBW, R], dtype=tl.int32)
+        if BITS == 4:   # the low nibbles are codes 0, 2, 4, 6 of the word, the high ones 1, 3, 5, 7
+            x_even = tl.load(xq_ptr + js, mask=b_ok[:, None], other=0)
+            x_odd = tl.load(xq_ptr + row_words + js, mask=b_ok[:, None], other=0)
+            sums = _dot4(words & 0x0F0F0F0F, tl.broadcast_to(x_even[None, :, :, None], sums.shape), sums,
+                         False, EMULATE)
+            sums = _dot4((words >> 4) & 0x0F0F0F0F, tl.broadcast_to(x_odd[None, :, :, None], sums.shape), sums,
+                         False, EMULATE)
+        else:
+            xw = tl.load(xq_ptr + js, mask=b_ok[:, None], other=0)
+            sums = _dot4(words, tl.broadcast_to(xw[None, :, :, None], sums.shape), sums, True, EMULATE)
+        block_sum = tl.sum(sums, axis=2).to(tl.float32)                                     # [BLOCK_R, NB, R]
+        at = (quads[:, None, None] * groups + (bs // BPG)[None, :, None]) * R + lanes[None, None, :]
+        ok = q_ok[:, None, None] & b_ok[None, :, None]
+        scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        acc += scale * (block_sum * tl.load(xs_ptr + bs, mask=b_ok, other=0.0)[None, :, None])
+        if HAS_ZERO:
+            acc += (tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+                    * tl.load(xsum_ptr + bs, mask=b_ok, other=0.0)[None, :, None])
+    ns = quads[:, None] * R + lanes[None, :]
+    y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:   # as the float kernel: the product rounded, then the sum
+        y = (tl.load(out_ptr + ns, mask=ns < N, other=0.0).to(tl.float32) + y.to(tl.float32)).to(y.dtype)
+    tl.store(out_ptr + ns, y, mask=ns < N)
+
+
+@triton.jit
+def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps, PER_WORD: tl.constexpr,
+                       HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
     # One row's input to the row kernel: x (RMS-normed with `norm_ptr` if HAS_NORM; or SiLU(gate) * up of a
-    # [gate | up] row of 2K if SILU_MUL), rounded as the unfused kernels round it, then widened to float32 and
-    # stored permuted: xp[i, j] = x[PER_WORD * j + i].
+    # [gate | up] row of 2K if SILU_MUL), rounded as the unfused kernels round it, then (QB == 0) widened to
+    # float32 and stored permuted: xp[i, j] = x[PER_WORD * j + i]; or (QB > 0) rounded to int8 per block of QB
+    # (xs: the blocks' scales, xsum: their sums of rounded x) and its bytes packed as the weight words hold codes:
+    # 4-bit codes, xp[0, j] = x[8j + 0, 2, 4, 6] and xp[1, j] = x[8j + 1, 3, 5, 7]; 8-bit, xp[0, j] = x[4j .. 4j + 3].
     dtype = x_ptr.dtype.element_ty
     inv = 0.0
     if HAS_NORM:
@@ -109,7 +197,29 @@ def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, K, eps, PER_WORD: tl.constexpr, 
             g = x.to(tl.float32)
             up = tl.load(x_ptr + K + ks, mask=ok, other=0.0).to(tl.float32)
             x = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up).to(dtype)
-        tl.store(xp_ptr + (ks % PER_WORD) * row_words + ks // PER_WORD, x.to(tl.float32), mask=ok)
+        if QB == 0:
+            tl.store(xp_ptr + (ks % PER_WORD) * row_words + ks // PER_WORD, x.to(tl.float32), mask=ok)
+        else:
+            xb = tl.reshape(x.to(tl.float32), [BLOCK // QB, QB])
+            amax = tl.max(tl.abs(xb), axis=1)
+            bs = k0 // QB + tl.arange(0, BLOCK // QB)
+            v = xb * tl.where(amax > 0, 127.0 / amax, 0.0)[:, None]
+            q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)                  # round half away from zero
+            # The sum of the rounded x, not of x: offsets then meet the same x as the codes, and a weight's
+            # error is its own value times x's rounding (uncentred codes times it would be about twice that).
+            tl.store(xs_ptr + bs, amax / 127.0, mask=bs < K // QB)
+            tl.store(xsum_ptr + bs, tl.sum(q, axis=1).to(tl.float32) * (amax / 127.0), mask=bs < K // QB)
+            q = q & 0xFF
+            shifts = 8 * tl.arange(0, 4)
+            if PER_WORD == 8:
+                packed = tl.sum(tl.reshape(q, [BLOCK // 8, 4, 2]) << shifts[None, :, None], axis=1)   # [words, 2]
+                js = k0 // 8 + tl.arange(0, BLOCK // 8)
+                tl.store(xp_ptr + tl.arange(0, 2)[None, :] * row_words + js[:, None], packed,
+                         mask=js[:, None] < row_words)
+            else:
+                packed = tl.sum(tl.reshape(q, [BLOCK // 4, 4]) << shifts[None, :], axis=1)
+                js = k0 // 4 + tl.arange(0, BLOCK // 4)
+                tl.store(xp_ptr + js, packed, mask=js < row_words)
 
 
 @triton.jit
@@ -162,6 +272,10 @@ class QuantGemvConfig(NamedTuple):
 
 
 ROW_CONFIG = QuantGemvConfig(block=1, block_k=2048, num_warps=2, num_stages=3)
+# The integer row kernel (H200 sweep, tools/bench_quant_gemv.py): wide weights (4,096 row quads and more) run
+# best as many one-warp programs, narrow ones with four warps a program over long stretches of K.
+ROW_Q8_WIDE = QuantGemvConfig(block=1, block_k=512, num_warps=1, num_stages=4)
+ROW_Q8_NARROW = QuantGemvConfig(block=1, block_k=4096, num_warps=4, num_stages=2)
 ROWS_CONFIG = QuantGemvConfig(block=64, block_k=256, num_warps=4, num_stages=3)
 
 
@@ -179,7 +293,8 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None =
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} view with contiguous rows")
     zero = w.zero if w.zero is not None else w.scale
     if m == 1:
-        return quant_gemv_row(row_inputs(x.contiguous(), w.bits), w, out=out, config=config)
+        inputs = row_inputs(x.contiguous(), w.bits, block=row_block(x.dtype, w.group))
+        return quant_gemv_row(inputs, w, out=out, config=config)
     config = config or ROWS_CONFIG
     xp = x.reshape(m, k // per_word, per_word).transpose(1, 2).contiguous()   # xp[m, i, j] = x[m, per_word * j + i]
     block_k = min(config.block_k, max(per_word * 16, triton.next_power_of_2(k)))
@@ -229,39 +344,79 @@ def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | Non
     return out
 
 
-def row_inputs(x: torch.Tensor, bits: int, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-               silu_mul: bool = False) -> torch.Tensor:
+class RowInputs(NamedTuple):
+    """One row as `quant_gemv_row` reads it (`row_inputs`)."""
+    values: torch.Tensor          # float32 [per_word, K // per_word] permuted, or int32 [per_word // 4, K // per_word]
+    scales: torch.Tensor | None   # int8 rows: [K // block] float32, each block's scale
+    sums: torch.Tensor | None     # int8 rows: [K // block] float32, each block's sum of rounded x
+    bits: int
+    block: int                    # int8 rows: the block of x one scale covers; 0 for float32 rows
+
+
+def row_block(x_dtype: torch.dtype, group: int) -> int:
+    """The block a row of `x_dtype` is rounded to int8 in for a weight of `group`: 16-bit rows go through the
+    integer kernel in blocks of min(32, group) (one scale of x within one of the weight's); float32 rows stay
+    exact (0)."""
+    return min(32, group) if x_dtype in (torch.bfloat16, torch.float16) else 0
+
+
+def row_inputs(x: torch.Tensor, bits: int, *, block: int = 0, norm_weight: torch.Tensor | None = None,
+               eps: float = 0.0, silu_mul: bool = False) -> RowInputs:
     """One row x [1, K] (or [1, 2K] of [gate | up] with `silu_mul`) as `quant_gemv_row` reads it: RMS-normed
     with `norm_weight`, or SiLU(gate) * up, rounded to x's dtype as the unfused kernels would, then in float32
-    and permuted for codes of `bits` bits. One launch in place of the norm (or SiLU·mul) and a permutation."""
+    and permuted for codes of `bits` bits (`block` 0), or in int8 per `block` (`row_block`) and packed. One
+    launch in place of the norm (or SiLU·mul) and a permutation."""
     k = x.shape[1] // (2 if silu_mul else 1)
     if x.shape[0] != 1 or x.stride(1) != 1:
         raise ValueError(f"row_inputs takes one contiguous row, got {list(x.shape)}")
     per_word = 32 // bits
-    xp = torch.empty((per_word, k // per_word), dtype=torch.float32, device=x.device)
-    _row_inputs_kernel[(1,)](x, norm_weight if norm_weight is not None else x, xp, k, eps, PER_WORD=per_word,
-                             HAS_NORM=norm_weight is not None, SILU_MUL=silu_mul,
-                             BLOCK=min(4096, triton.next_power_of_2(k)), num_warps=8)
-    return xp
+    if block and (block & (block - 1) or block % per_word or k % block):
+        raise ValueError(f"block must be a power of two, a multiple of {per_word} and divide {k}; got {block}")
+    if block:
+        values = torch.empty((per_word // 4, k // per_word), dtype=torch.int32, device=x.device)
+        scales = torch.empty(k // block, dtype=torch.float32, device=x.device)
+        sums = torch.empty(k // block, dtype=torch.float32, device=x.device)
+    else:
+        values = torch.empty((per_word, k // per_word), dtype=torch.float32, device=x.device)
+        scales = sums = None
+    _row_inputs_kernel[(1,)](x, norm_weight if norm_weight is not None else x, values,
+                             scales if block else values, sums if block else values, k, eps, PER_WORD=per_word,
+                             HAS_NORM=norm_weight is not None, SILU_MUL=silu_mul, QB=block,
+                             BLOCK=min(4096, max(block, triton.next_power_of_2(k))), num_warps=8)
+    return RowInputs(values, scales, sums, bits, block)
 
 
-def quant_gemv_row(xp: torch.Tensor, w: QuantWeight, *, residual: torch.Tensor | None = None,
+def quant_gemv_row(inputs: RowInputs, w: QuantWeight, *, residual: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                    config: QuantGemvConfig | None = None) -> torch.Tensor:
     """One row from `row_inputs` times the dequantized weight: [1, N] (into `out`, or `dtype` when new); with
     `residual` ([1, N], contiguous) the product is added into it, in place, and it is returned."""
     n, k = w.out_features, w.in_features
-    if xp.numel() != k or xp.shape[0] != 32 // w.bits:
-        raise ValueError(f"xp must be row_inputs(x, bits={w.bits}) of a row of {k}")
+    if (inputs.bits != w.bits or inputs.values.shape[1] * (32 // w.bits) != k
+            or (inputs.block and w.group % inputs.block)):
+        raise ValueError(f"inputs must be row_inputs(x, bits={w.bits}) of a row of {k}, in blocks dividing "
+                         f"{w.group}")
     target = residual if residual is not None else out
     if target is None:
-        target = torch.empty((1, n), dtype=dtype, device=xp.device)
+        target = torch.empty((1, n), dtype=dtype, device=inputs.values.device)
     elif target.shape != (1, n) or target.stride(1) != 1:
         raise ValueError(f"residual / out must be a [1, {n}] row")
+    zero = w.zero if w.zero is not None else w.scale
+    if inputs.block:
+        config = config or (ROW_Q8_WIDE if triton.cdiv(n, INTERLEAVE) >= 4096 else ROW_Q8_NARROW)
+        block_k = min(config.block_k, max(inputs.block, triton.next_power_of_2(k)))
+        grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
+        _quant_gemv_row_q8_kernel[grid](inputs.values, inputs.scales, inputs.sums, w.words, w.scale, zero, target,
+                                        n, k, GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
+                                        HAS_RESIDUAL=residual is not None, QB=inputs.block,
+                                        EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_R=config.block,
+                                        BLOCK_K=block_k, R=INTERLEAVE, num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
+        return target
     config = config or ROW_CONFIG
     block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
     grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
-    _quant_gemv_row_kernel[grid](xp, w.words, w.scale, w.zero if w.zero is not None else w.scale, target, n, k,
+    _quant_gemv_row_kernel[grid](inputs.values, w.words, w.scale, zero, target, n, k,
                                  GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
                                  HAS_RESIDUAL=residual is not None, BLOCK_R=config.block, BLOCK_K=block_k,
                                  R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
