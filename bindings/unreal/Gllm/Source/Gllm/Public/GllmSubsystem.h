@@ -41,7 +41,7 @@ public:
 	float PollBudgetMs = 1.0f;
 
 	/** The frame time the game aims for, sent with each frame report (16.6 for 60 fps; 0: 60 fps). A frame longer than
-	 *  1.1 x this counts as over: when more than 1 % of a quarter second's frames are over, the server computes less. */
+	 *  1.1 x this counts as over: when more than 0.5 % of the frames are over, the server computes less. */
 	UPROPERTY(Config, EditAnywhere, BlueprintReadWrite, Category = "gllm")
 	float TargetFrameMs = 16.6f;
 
