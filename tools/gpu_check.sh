@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine: the GPU tests, the engine tests on CUDA, the benchmarks. Each part fits one 10-minute call;
 # name the parts to run (default: all, in this order):
-#   GLLM_TEST_HOME=.fixtures bash tools/gpu_check.sh [tests] [engine] [bench] [structured] [-- bench_gpu args...]
+#   GLLM_TEST_HOME=.fixtures bash tools/gpu_check.sh [tests] [engine] [bench] [structured] [frame] [quant8b]
+#       [-- bench_gpu args...]
+# (frame and quant8b are not in the default list: #18's GPU variant, and #22's 8B int4 decode with its profile.)
 # Needs the Llama 3 tokenizer folder in $GLLM_TEST_HOME/tokenizer-llama3 (the fixtures' models are rebuilt
 # there with transformers; no npm needed when the tokenizer is present).
 set -uo pipefail
@@ -34,6 +36,16 @@ for part in "${parts[@]}"; do
         python3 tools/bench_structured.py --model /tmp/gllm-llama-1b --device cuda --tokens 256 --batches 1,4,16 --repeats 3 \
           --phases --mask-gate-rows "$rows" --out "$OUT/bench_structured_gate$rows.json" 2>&1 | tee -a "$OUT/bench_structured.log"
       done ;;
-    *) echo "unknown part: $part (tests, engine, bench, structured)"; exit 2 ;;
+    frame)   # issue 18's GPU variant: a render at 90 % of the frame beside gllm serve (needs pyzmq, msgpack)
+      python3 tools/make_random_model.py --shape 1b --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --out /tmp/gllm-llama-1b > /dev/null
+      python3 tools/bench_frame.py --model /tmp/gllm-llama-1b --device cuda --game-device cuda --work 0.9 --seconds 20 \
+        --warmup-s 4 --runs no-llm,llm-plain,llm-windowed,llm-windowed --out "$OUT/bench_frame.json" \
+        --plot "$OUT/bench_frame.png" 2>&1 | tee "$OUT/bench_frame.log" ;;
+    quant8b)   # issue 22: 8B int4 on load, batch-1 decode against its floor, and where a token's time goes
+      python3 tools/bench_gpu.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --shapes 8b --skip-peer --skip-throughput \
+        --kv-tokens 65536 --quantization int4 2>&1 | tee "$OUT/bench_quant8b.log"
+      python3 tools/profile_decode.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --shape 8b --quantization int4 \
+        --steps 16 2>&1 | tee -a "$OUT/bench_quant8b.log" ;;
+    *) echo "unknown part: $part (tests, engine, bench, structured, frame, quant8b)"; exit 2 ;;
   esac
 done
