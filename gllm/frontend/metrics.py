@@ -49,7 +49,7 @@ _SCALED_STATS = (
     (GaugeMetricFamily, "governor_frame_pressure_ratio", "The worst reporting game's frame time over its target "
      "at the governor's last decision (0: no reports)", "governor_pressure_pct", 0, 100),
     (GaugeMetricFamily, "governor_frames_over_ratio", "The worst reporting game's share of frames over 1.1 x "
-     "target at the governor's last decision", "governor_frames_over_permille", 0, 1000),
+     "target since the governor last yielded (up to 4 s back)", "governor_frames_over_permille", 0, 1000),
     (GaugeMetricFamily, "engine_step_p50_seconds", "Median of the last 512 engine steps' times", "step_p50_us", 0,
      1e6),
     (GaugeMetricFamily, "engine_step_p99_seconds", "99th percentile of the last 512 engine steps' times",
