@@ -25,6 +25,7 @@ import triton.language as tl
 from gllm.ops.quant_layout import INTERLEAVE, QuantWeight
 
 MAX_ROWS = 8        # more rows: dequantize once (`dequantize_dense`) and use a dense matmul
+ROW_INPUTS_BLOCK = 512   # elements of a row a `row_inputs` program prepares (a 14,336 row: 28 programs)
 
 
 @triton.jit
@@ -170,56 +171,59 @@ def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out
 
 @triton.jit
 def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps, PER_WORD: tl.constexpr,
-                       HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
-    # One row's input to the row kernel: x (RMS-normed with `norm_ptr` if HAS_NORM; or SiLU(gate) * up of a
-    # [gate | up] row of 2K if SILU_MUL), rounded as the unfused kernels round it, then (QB == 0) widened to
-    # float32 and stored permuted: xp[i, j] = x[PER_WORD * j + i]; or (QB > 0) rounded to int8 per block of QB
-    # (xs: the blocks' scales, xsum: their sums of rounded x) and its bytes packed as the weight words hold codes:
-    # 4-bit codes, xp[0, j] = x[8j + 0, 2, 4, 6] and xp[1, j] = x[8j + 1, 3, 5, 7]; 8-bit, xp[0, j] = x[4j .. 4j + 3].
+                       HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr,
+                       NORM_BLOCK: tl.constexpr):
+    # One row's input to the row kernel, BLOCK elements a program: x (RMS-normed with `norm_ptr` if HAS_NORM; or
+    # SiLU(gate) * up of a [gate | up] row of 2K if SILU_MUL), rounded as the unfused kernels round it, then
+    # (QB == 0) widened to float32 and stored permuted: xp[i, j] = x[PER_WORD * j + i]; or (QB > 0) rounded to
+    # int8 per block of QB (xs: the blocks' scales, xsum: their sums of rounded x) and its bytes packed as the
+    # weight words hold codes: 4-bit codes, xp[0, j] = x[8j + 0, 2, 4, 6] and xp[1, j] = x[8j + 1, 3, 5, 7];
+    # 8-bit, xp[0, j] = x[4j .. 4j + 3]. With HAS_NORM every program sums the squares of the whole row itself
+    # (K reads from L2 cost less than a second launch or a grid-wide reduction).
     dtype = x_ptr.dtype.element_ty
     inv = 0.0
     if HAS_NORM:
-        sq = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            ks = k0 + tl.arange(0, BLOCK)
-            xf = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+        sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+        for n0 in range(0, K, NORM_BLOCK):
+            ns = n0 + tl.arange(0, NORM_BLOCK)
+            xf = tl.load(x_ptr + ns, mask=ns < K, other=0.0).to(tl.float32)
             sq += xf * xf
         inv = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
     row_words = K // PER_WORD
-    for k0 in range(0, K, BLOCK):
-        ks = k0 + tl.arange(0, BLOCK)
-        ok = ks < K
-        x = tl.load(x_ptr + ks, mask=ok, other=0.0)
-        if HAS_NORM:   # as _rms_norm_kernel: normalise in fp32, round, scale in fp32, round
-            nw = tl.load(norm_ptr + ks, mask=ok, other=0.0)
-            x = (nw.to(tl.float32) * (x.to(tl.float32) * inv).to(dtype).to(tl.float32)).to(dtype)
-        if SILU_MUL:   # as _silu_mul_kernel
-            g = x.to(tl.float32)
-            up = tl.load(x_ptr + K + ks, mask=ok, other=0.0).to(tl.float32)
-            x = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up).to(dtype)
-        if QB == 0:
-            tl.store(xp_ptr + (ks % PER_WORD) * row_words + ks // PER_WORD, x.to(tl.float32), mask=ok)
+    k0 = tl.program_id(0) * BLOCK
+    ks = k0 + tl.arange(0, BLOCK)
+    ok = ks < K
+    x = tl.load(x_ptr + ks, mask=ok, other=0.0)
+    if HAS_NORM:   # as _rms_norm_kernel: normalise in fp32, round, scale in fp32, round
+        nw = tl.load(norm_ptr + ks, mask=ok, other=0.0)
+        x = (nw.to(tl.float32) * (x.to(tl.float32) * inv).to(dtype).to(tl.float32)).to(dtype)
+    if SILU_MUL:   # as _silu_mul_kernel
+        g = x.to(tl.float32)
+        up = tl.load(x_ptr + K + ks, mask=ok, other=0.0).to(tl.float32)
+        x = ((g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up).to(dtype)
+    if QB == 0:
+        tl.store(xp_ptr + (ks % PER_WORD) * row_words + ks // PER_WORD, x.to(tl.float32), mask=ok)
+    else:
+        xb = tl.reshape(x.to(tl.float32), [BLOCK // QB, QB])
+        amax = tl.max(tl.abs(xb), axis=1)
+        bs = k0 // QB + tl.arange(0, BLOCK // QB)
+        v = xb * tl.where(amax > 0, 127.0 / amax, 0.0)[:, None]
+        q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)                  # round half away from zero
+        # The sum of the rounded x, not of x: offsets then meet the same x as the codes, and a weight's
+        # error is its own value times x's rounding (uncentred codes times it would be about twice that).
+        tl.store(xs_ptr + bs, amax / 127.0, mask=bs < K // QB)
+        tl.store(xsum_ptr + bs, tl.sum(q, axis=1).to(tl.float32) * (amax / 127.0), mask=bs < K // QB)
+        q = q & 0xFF
+        shifts = 8 * tl.arange(0, 4)
+        if PER_WORD == 8:
+            packed = tl.sum(tl.reshape(q, [BLOCK // 8, 4, 2]) << shifts[None, :, None], axis=1)   # [words, 2]
+            js = k0 // 8 + tl.arange(0, BLOCK // 8)
+            tl.store(xp_ptr + tl.arange(0, 2)[None, :] * row_words + js[:, None], packed,
+                     mask=js[:, None] < row_words)
         else:
-            xb = tl.reshape(x.to(tl.float32), [BLOCK // QB, QB])
-            amax = tl.max(tl.abs(xb), axis=1)
-            bs = k0 // QB + tl.arange(0, BLOCK // QB)
-            v = xb * tl.where(amax > 0, 127.0 / amax, 0.0)[:, None]
-            q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)                  # round half away from zero
-            # The sum of the rounded x, not of x: offsets then meet the same x as the codes, and a weight's
-            # error is its own value times x's rounding (uncentred codes times it would be about twice that).
-            tl.store(xs_ptr + bs, amax / 127.0, mask=bs < K // QB)
-            tl.store(xsum_ptr + bs, tl.sum(q, axis=1).to(tl.float32) * (amax / 127.0), mask=bs < K // QB)
-            q = q & 0xFF
-            shifts = 8 * tl.arange(0, 4)
-            if PER_WORD == 8:
-                packed = tl.sum(tl.reshape(q, [BLOCK // 8, 4, 2]) << shifts[None, :, None], axis=1)   # [words, 2]
-                js = k0 // 8 + tl.arange(0, BLOCK // 8)
-                tl.store(xp_ptr + tl.arange(0, 2)[None, :] * row_words + js[:, None], packed,
-                         mask=js[:, None] < row_words)
-            else:
-                packed = tl.sum(tl.reshape(q, [BLOCK // 4, 4]) << shifts[None, :], axis=1)
-                js = k0 // 4 + tl.arange(0, BLOCK // 4)
-                tl.store(xp_ptr + js, packed, mask=js < row_words)
+            packed = tl.sum(tl.reshape(q, [BLOCK // 4, 4]) << shifts[None, :], axis=1)
+            js = k0 // 4 + tl.arange(0, BLOCK // 4)
+            tl.store(xp_ptr + js, packed, mask=js < row_words)
 
 
 @triton.jit
@@ -379,10 +383,12 @@ def row_inputs(x: torch.Tensor, bits: int, *, block: int = 0, norm_weight: torch
     else:
         values = torch.empty((per_word, k // per_word), dtype=torch.float32, device=x.device)
         scales = sums = None
-    _row_inputs_kernel[(1,)](x, norm_weight if norm_weight is not None else x, values,
-                             scales if block else values, sums if block else values, k, eps, PER_WORD=per_word,
-                             HAS_NORM=norm_weight is not None, SILU_MUL=silu_mul, QB=block,
-                             BLOCK=min(4096, max(block, triton.next_power_of_2(k))), num_warps=8)
+    tile = min(ROW_INPUTS_BLOCK, max(block, triton.next_power_of_2(k)))
+    _row_inputs_kernel[(triton.cdiv(k, tile),)](x, norm_weight if norm_weight is not None else x, values,
+                                                scales if block else values, sums if block else values, k, eps,
+                                                PER_WORD=per_word, HAS_NORM=norm_weight is not None,
+                                                SILU_MUL=silu_mul, QB=block, BLOCK=tile,
+                                                NORM_BLOCK=min(2048, triton.next_power_of_2(k)), num_warps=4)
     return RowInputs(values, scales, sums, bits, block)
 
 
