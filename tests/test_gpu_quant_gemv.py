@@ -133,6 +133,20 @@ def test_one_row_with_its_prologue_and_the_residual_add(bits, group, dtype, prol
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (8, 32, True), (4, 64, False)])
+@pytest.mark.parametrize("config", [Q.QuantGemvConfig(1, 128, 1, 2), Q.QuantGemvConfig(2, 256, 2, 3), None])
+def test_the_integer_row_kernel_over_several_tiles_of_k(bits, group, symmetric, config):
+    """The integer row kernel loads the weight one tile of K ahead (the first before its dependent-launch
+    wait): over 10, 5 or 1 tiles, and 1 or 2 row quads a program, it gives the product of x rounded to int8."""
+    torch.manual_seed(1)
+    n, k = 72, 1280
+    w = _on_device(L.quantize(torch.randn(n, k) * 0.05, bits, group, symmetric))
+    x = torch.randn(1, k, device=DEVICE).to(torch.float16)
+    got = Q.quant_gemv_row(Q.row_inputs(x, bits, block=32), w, dtype=torch.float32, config=config)
+    want = int8_product(x, w, 32)
+    assert (got.double() - want).abs().max() <= 1e-3 * want.abs().max()
+
+
 def _on_device(w):
     return L.QuantWeight(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w))
 

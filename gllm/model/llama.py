@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
         after o and down; `h` is the residual stream, updated in place."""
         attn, mlp, cfg = self.self_attn, self.mlp, self.self_attn.cfg
         if not isinstance(attn.qkv_proj, nn.Linear):
-            return self._forward_quantized_row(h, batch, rope, k_cache, v_cache)
+            return self._forward_quantized_row(h, batch, rope, k_cache, v_cache, dependent_launch)
         rope_kv = triton_gemv.RopeKV(rope.cos, rope.sin, batch.positions, batch.slot_mapping,
                                      k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:]),
                                      cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
@@ -145,16 +145,17 @@ class DecoderLayer(nn.Module):
         return triton_gemv.linear(act, mlp.down_proj.weight, residual=h, dependent_launch=dependent_launch)
 
     def _forward_quantized_row(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                               k_cache: torch.Tensor, v_cache: torch.Tensor, dependent_launch: bool) -> torch.Tensor:
         """`forward_streamed` for one row through quantized projections (`GpuQuantizedLinear.row`): the norms
         and SiLU·mul done where each product's input is prepared, the residual adds by o and down; RoPE with
         the K/V writes stays a kernel of its own."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps)
-        attn.o_proj.row(attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True), residual=h)
-        gate_up = mlp.gate_up_proj.row(h, norm_weight=norm2.weight, eps=norm2.eps)
-        return mlp.down_proj.row(gate_up, silu_mul=True, residual=h)
+        pdl = dependent_launch
+        qkv = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps, dependent_launch=pdl)
+        attn.o_proj.row(attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True), residual=h, dependent_launch=pdl)
+        gate_up = mlp.gate_up_proj.row(h, norm_weight=norm2.weight, eps=norm2.eps, dependent_launch=pdl)
+        return mlp.down_proj.row(gate_up, silu_mul=True, residual=h, dependent_launch=pdl)
 
 
 # HF checkpoint names of the projections that live inside a fused parameter: (fused name, slice index).
@@ -196,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
                                           out_dtype=torch.float32, dependent_launch=kernels.dependent_launch)
             if rows.shape[0] == 1:   # the row kernel, the final norm folded into its input's launch
                 return head.row(rows.contiguous(), norm_weight=self.norm.weight, eps=self.norm.eps,
-                                out_dtype=torch.float32)
+                                out_dtype=torch.float32, dependent_launch=kernels.dependent_launch)
             return head(self.norm(rows)).float()
         x, residual = self._embed(batch), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):

@@ -119,30 +119,57 @@ def _dot4(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, b0, blocks, row_words, groups,
+                   QBW: tl.constexpr, NB: tl.constexpr, BPG: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr):
+    """The weight's share of blocks b0 .. b0 + NB of x for row quads `quads`: code words [quads, NB, QBW, R],
+    scales and offsets [quads, NB, R] in float32 (offsets: the scales again without HAS_ZERO)."""
+    bs = b0 + tl.arange(0, NB)
+    b_ok = bs < blocks
+    words = _word_tile(w_ptr, quads, q_ok, bs[:, None] * QBW + tl.arange(0, QBW)[None, :], b_ok, row_words, R)
+    at = (quads[:, None, None] * groups + (bs // BPG)[None, :, None]) * R + tl.arange(0, R)[None, None, :]
+    ok = q_ok[:, None, None] & b_ok[None, :, None]
+    scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    zero = scale
+    if HAS_ZERO:
+        zero = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return words, scale, zero
+
+
+@triton.jit
 def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                               HAS_RESIDUAL: tl.constexpr, QB: tl.constexpr, EMULATE: tl.constexpr,
-                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr,
+                              USE_PDL: tl.constexpr):
     # One row of x as int8 per block of QB (`row_inputs`: xq holds its bytes packed as the weight words hold
     # codes, xs each block's scale, xsum each block's sum of rounded x), tiles [row quads, x blocks, words of
     # a block, 4 rows]. Per block: sum(w q xs) = scale (xs sum(u q)) + zero xsum, sum(u q) exact in int32;
-    # int8 codes are two's complement (w = c scale), int4 offset binary (w = u scale + zero).
+    # int8 codes are two's complement (w = c scale), int4 offset binary (w = u scale + zero). The weight is
+    # loaded one tile ahead, the first tile before the dependent-launch wait (see `triton_gemv.linear`): HBM
+    # streams this kernel's weight while the kernel before it ends.
     PER_WORD: tl.constexpr = 32 // BITS
     QBW: tl.constexpr = QB // PER_WORD           # words per block of x
     NB: tl.constexpr = BLOCK_K // QB
     BPG: tl.constexpr = GROUP // QB
+    if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this one writes
+        tl.extra.cuda.gdc_launch_dependents()
     quads = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     q_ok = quads < (N + R - 1) // R
     row_words = K // PER_WORD
     blocks = K // QB
     groups = K // GROUP
-    lanes = tl.arange(0, R)
+    words_next, scale_next, zero_next = _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, 0, blocks, row_words,
+                                                       groups, QBW, NB, BPG, HAS_ZERO, R)
+    if USE_PDL:   # x and the residual come from the kernels before
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_R, NB, R], dtype=tl.float32)
     for b0 in range(0, blocks, NB):
+        words, scale, zero = words_next, scale_next, zero_next
+        words_next, scale_next, zero_next = _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, b0 + NB, blocks,
+                                                           row_words, groups, QBW, NB, BPG, HAS_ZERO, R)
         bs = b0 + tl.arange(0, NB)
         b_ok = bs < blocks
         js = bs[:, None] * QBW + tl.arange(0, QBW)[None, :]                                  # [NB, QBW]
-        words = _word_tile(w_ptr, quads, q_ok, js, b_ok, row_words, R)
         sums = tl.zeros([BLOCK_R, NB, QBW, R], dtype=tl.int32)
         if BITS == 4:   # the low nibbles are codes 0, 2, 4, 6 of the word, the high ones 1, 3, 5, 7
             x_even = tl.load(xq_ptr + js, mask=b_ok[:, None], other=0)
@@ -155,13 +182,10 @@ def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out
             xw = tl.load(xq_ptr + js, mask=b_ok[:, None], other=0)
             sums = _dot4(words, tl.broadcast_to(xw[None, :, :, None], sums.shape), sums, True, EMULATE)
         block_sum = tl.sum(sums, axis=2).to(tl.float32)                                     # [BLOCK_R, NB, R]
-        at = (quads[:, None, None] * groups + (bs // BPG)[None, :, None]) * R + lanes[None, None, :]
-        ok = q_ok[:, None, None] & b_ok[None, :, None]
-        scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
         acc += scale * (block_sum * tl.load(xs_ptr + bs, mask=b_ok, other=0.0)[None, :, None])
         if HAS_ZERO:
-            acc += (tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-                    * tl.load(xsum_ptr + bs, mask=b_ok, other=0.0)[None, :, None])
+            acc += zero * tl.load(xsum_ptr + bs, mask=b_ok, other=0.0)[None, :, None]
+    lanes = tl.arange(0, R)
     ns = quads[:, None] * R + lanes[None, :]
     y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
     if HAS_RESIDUAL:   # as the float kernel: the product rounded, then the sum
@@ -172,7 +196,7 @@ def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out
 @triton.jit
 def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps, PER_WORD: tl.constexpr,
                        HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr,
-                       NORM_BLOCK: tl.constexpr):
+                       NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     # One row's input to the row kernel, BLOCK elements a program: x (RMS-normed with `norm_ptr` if HAS_NORM; or
     # SiLU(gate) * up of a [gate | up] row of 2K if SILU_MUL), rounded as the unfused kernels round it, then
     # (QB == 0) widened to float32 and stored permuted: xp[i, j] = x[PER_WORD * j + i]; or (QB > 0) rounded to
@@ -181,6 +205,16 @@ def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps, PER_WO
     # 8-bit, xp[0, j] = x[4j .. 4j + 3]. With HAS_NORM every program sums the squares of the whole row itself
     # (K reads from L2 cost less than a second launch or a grid-wide reduction).
     dtype = x_ptr.dtype.element_ty
+    if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this one writes
+        tl.extra.cuda.gdc_launch_dependents()
+    k0 = tl.program_id(0) * BLOCK
+    ks = k0 + tl.arange(0, BLOCK)
+    ok = ks < K
+    nw = tl.zeros([BLOCK], dtype=dtype)
+    if HAS_NORM:
+        nw = tl.load(norm_ptr + ks, mask=ok, other=0.0)
+    if USE_PDL:   # x comes from the kernel before
+        tl.extra.cuda.gdc_wait()
     inv = 0.0
     if HAS_NORM:
         sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
@@ -190,12 +224,8 @@ def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps, PER_WO
             sq += xf * xf
         inv = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
     row_words = K // PER_WORD
-    k0 = tl.program_id(0) * BLOCK
-    ks = k0 + tl.arange(0, BLOCK)
-    ok = ks < K
     x = tl.load(x_ptr + ks, mask=ok, other=0.0)
     if HAS_NORM:   # as _rms_norm_kernel: normalise in fp32, round, scale in fp32, round
-        nw = tl.load(norm_ptr + ks, mask=ok, other=0.0)
         x = (nw.to(tl.float32) * (x.to(tl.float32) * inv).to(dtype).to(tl.float32)).to(dtype)
     if SILU_MUL:   # as _silu_mul_kernel
         g = x.to(tl.float32)
@@ -348,6 +378,10 @@ def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | Non
     return out
 
 
+def _pdl(dependent_launch: bool) -> dict:
+    return {"launch_pdl": True} if dependent_launch else {}
+
+
 class RowInputs(NamedTuple):
     """One row as `quant_gemv_row` reads it (`row_inputs`)."""
     values: torch.Tensor          # float32 [per_word, K // per_word] permuted, or int32 [per_word // 4, K // per_word]
@@ -365,11 +399,12 @@ def row_block(x_dtype: torch.dtype, group: int) -> int:
 
 
 def row_inputs(x: torch.Tensor, bits: int, *, block: int = 0, norm_weight: torch.Tensor | None = None,
-               eps: float = 0.0, silu_mul: bool = False) -> RowInputs:
+               eps: float = 0.0, silu_mul: bool = False, dependent_launch: bool = False) -> RowInputs:
     """One row x [1, K] (or [1, 2K] of [gate | up] with `silu_mul`) as `quant_gemv_row` reads it: RMS-normed
     with `norm_weight`, or SiLU(gate) * up, rounded to x's dtype as the unfused kernels would, then in float32
     and permuted for codes of `bits` bits (`block` 0), or in int8 per `block` (`row_block`) and packed. One
-    launch in place of the norm (or SiLU·mul) and a permutation."""
+    launch in place of the norm (or SiLU·mul) and a permutation. `dependent_launch`: as `triton_gemv.linear`'s
+    (the norm's weight is read before the wait)."""
     k = x.shape[1] // (2 if silu_mul else 1)
     if x.shape[0] != 1 or x.stride(1) != 1:
         raise ValueError(f"row_inputs takes one contiguous row, got {list(x.shape)}")
@@ -388,15 +423,17 @@ def row_inputs(x: torch.Tensor, bits: int, *, block: int = 0, norm_weight: torch
                                                 scales if block else values, sums if block else values, k, eps,
                                                 PER_WORD=per_word, HAS_NORM=norm_weight is not None,
                                                 SILU_MUL=silu_mul, QB=block, BLOCK=tile,
-                                                NORM_BLOCK=min(2048, triton.next_power_of_2(k)), num_warps=4)
+                                                NORM_BLOCK=min(4096, triton.next_power_of_2(k)),
+                                                USE_PDL=dependent_launch, num_warps=4, **_pdl(dependent_launch))
     return RowInputs(values, scales, sums, bits, block)
 
 
 def quant_gemv_row(inputs: RowInputs, w: QuantWeight, *, residual: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                   config: QuantGemvConfig | None = None) -> torch.Tensor:
+                   config: QuantGemvConfig | None = None, dependent_launch: bool = False) -> torch.Tensor:
     """One row from `row_inputs` times the dequantized weight: [1, N] (into `out`, or `dtype` when new); with
-    `residual` ([1, N], contiguous) the product is added into it, in place, and it is returned."""
+    `residual` ([1, N], contiguous) the product is added into it, in place, and it is returned.
+    `dependent_launch` (int8 rows): as `triton_gemv.linear`'s, the first weight tile streamed before the wait."""
     n, k = w.out_features, w.in_features
     if (inputs.bits != w.bits or inputs.values.shape[1] * (32 // w.bits) != k
             or (inputs.block and w.group % inputs.block)):
@@ -416,8 +453,9 @@ def quant_gemv_row(inputs: RowInputs, w: QuantWeight, *, residual: torch.Tensor 
                                         n, k, GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
                                         HAS_RESIDUAL=residual is not None, QB=inputs.block,
                                         EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_R=config.block,
-                                        BLOCK_K=block_k, R=INTERLEAVE, num_warps=config.num_warps,
-                                        num_stages=config.num_stages)
+                                        BLOCK_K=block_k, R=INTERLEAVE, USE_PDL=dependent_launch,
+                                        num_warps=config.num_warps, num_stages=config.num_stages,
+                                        **_pdl(dependent_launch))
         return target
     config = config or ROW_CONFIG
     block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
