@@ -69,8 +69,10 @@ class Attention(nn.Module):
         return kernels.linear(self.o_proj, self.attend(qkv, batch, rope, k_cache, v_cache, kernels.fused))
 
     def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """From the fused q/k/v projection to the attention output [T, q_size] (before o_proj)."""
+               k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False,
+               dependent_launch: bool = False) -> torch.Tensor:
+        """From the fused q/k/v projection to the attention output [T, q_size] (before o_proj); with `fused`,
+        `dependent_launch` launches the RoPE kernel as `triton_gemv.linear` does (decode steps only)."""
         cfg = self.cfg
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
@@ -78,7 +80,7 @@ class Attention(nn.Module):
         v = v.view(-1, cfg.num_key_value_heads, cfg.head_dim)
         if fused:   # RoPE on q in place, rotated k and v straight into their cache slots
             triton_fused.rope_and_write_kv(q, k, v, rope.cos, rope.sin, batch.positions, batch.slot_mapping,
-                                           k_cache, v_cache)
+                                           k_cache, v_cache, dependent_launch)
         else:
             q, k = rope(batch.positions, q, k)
             write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
@@ -153,7 +155,8 @@ class DecoderLayer(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         pdl = dependent_launch
         qkv = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps, dependent_launch=pdl)
-        attn.o_proj.row(attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True), residual=h, dependent_launch=pdl)
+        out = attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True, dependent_launch=pdl)
+        attn.o_proj.row(out, residual=h, dependent_launch=pdl)
         gate_up = mlp.gate_up_proj.row(h, norm_weight=norm2.weight, eps=norm2.eps, dependent_launch=pdl)
         return mlp.down_proj.row(gate_up, silu_mul=True, residual=h, dependent_launch=pdl)
 

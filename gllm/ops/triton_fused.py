@@ -72,13 +72,17 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, slo
                        stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_cs,
                        stride_c_slot, stride_c_h,
                        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                       Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr):
+                       Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this one writes
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     pos = tl.load(positions_ptr + token)
     slot = tl.load(slots_ptr + token)
     d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_cs + d)
     sin = tl.load(sin_ptr + pos * stride_cs + d)
+    if USE_PDL:   # the tables and the step's positions and slots (copied in, not computed) before the wait
+        tl.extra.cuda.gdc_wait()
 
     qh = tl.arange(0, Q_HEADS_PAD)
     q_ok = (qh < NUM_Q_HEADS)[:, None]
@@ -105,8 +109,9 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, slo
 
 def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       positions: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor) -> None:
-    """Rotate q in place; rotate k and store it and v into their cache slots.
+                      v_cache: torch.Tensor, dependent_launch: bool = False) -> None:
+    """Rotate q in place; rotate k and store it and v into their cache slots. `dependent_launch`: as
+    `triton_gemv.linear`'s (positions and slots must then come from a copy, not a kernel of the step).
 
     q: [T, Hq, D], k/v: [T, Hkv, D] (views with unit stride in D); cos/sin: [positions, D] float32
     tables (rotate-half layout, both halves equal); caches: [blocks, block_size, Hkv, D].
@@ -123,4 +128,4 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
         flat_k.stride(0), flat_k.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
         Q_HEADS_PAD=triton.next_power_of_2(num_q_heads), KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        num_warps=4)
+        USE_PDL=dependent_launch, num_warps=4, **({"launch_pdl": True} if dependent_launch else {}))
