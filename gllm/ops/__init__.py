@@ -9,6 +9,7 @@ from gllm.ops.attention import (
     MixedKernelPlan,
     PrefillKernelPlan,
     SdpaPlan,
+    decode_attention_partials,
     paged_attention,
     write_kv,
 )
@@ -19,4 +20,4 @@ except ImportError:
     triton_fused = triton_gemv = None  # type: ignore[assignment]
 
 __all__ = ["AttentionPlan", "DecodeKernelPlan", "MixedKernelPlan", "PrefillKernelPlan", "SdpaPlan",
-           "paged_attention", "triton_fused", "triton_gemv", "write_kv"]
+           "decode_attention_partials", "paged_attention", "triton_fused", "triton_gemv", "write_kv"]
