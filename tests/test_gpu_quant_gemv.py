@@ -191,28 +191,6 @@ def test_the_integer_row_kernel_with_the_rope_epilogue_is_the_kernel_then_rope(b
     assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want) and k_got.abs().sum() > 0
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("context", [5, 70])
-def test_row_inputs_merge_decode_attention_partials_as_the_merge_kernel_does(bits, context):
-    """o's input made from the decode kernel's split partials (the merge folded into the launch that prepares
-    it) equals the merge kernel's output prepared by `row_inputs`; short contexts leave splits without work."""
-    from gllm.ops import triton_attention as A
-    torch.manual_seed(3)
-    heads, kv_heads, head_dim, block_size = 4, 2, 32, 16
-    dtype = torch.float16
-    q = torch.randn(1, heads, head_dim, device=DEVICE).to(dtype)
-    k_cache, v_cache = (torch.randn(8, block_size, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(2))
-    block_tables = torch.tensor([[3, 1, 6, 0, 2]], dtype=torch.int32, device=DEVICE)
-    context_lens = torch.tensor([context], dtype=torch.int32, device=DEVICE)
-    workspace = A.DecodeAttentionWorkspace(1, heads, head_dim, 4, torch.device(DEVICE))
-    out = A.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, 0.2, workspace)
-    want = Q.row_inputs(out.view(1, -1), bits, block=32)
-    partials = A.decode_partials(q, k_cache, v_cache, block_tables, context_lens, 0.2, workspace)
-    got = Q.row_inputs(q.view(1, -1), bits, block=32, partials=partials)
-    assert torch.equal(got.values, want.values)
-    assert torch.equal(got.scales, want.scales) and torch.equal(got.sums, want.sums)
-
-
 def _on_device(w):
     return L.QuantWeight(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w))
 

@@ -13,7 +13,7 @@ from gllm.model.config import ModelConfig
 from gllm.model.kernels import PLAIN_KERNELS, ModelKernels
 from gllm.model.quantized import GpuQuantizedLinear, QuantizedEmbedding, QuantizedLinear
 from gllm.model.rope import RotaryEmbedding
-from gllm.ops import decode_attention_partials, paged_attention, triton_fused, triton_gemv, write_kv
+from gllm.ops import paged_attention, triton_fused, triton_gemv, write_kv
 
 
 # The model's weights always come from a checkpoint (`load_weights` refuses one that misses any), so its layers
@@ -73,14 +73,6 @@ class Attention(nn.Module):
                dependent_launch: bool = False) -> torch.Tensor:
         """From the fused q/k/v projection to the attention output [T, q_size] (before o_proj); with `fused`,
         `dependent_launch` launches the RoPE kernel as `triton_gemv.linear` does (decode steps only)."""
-        q = self.rotate_and_cache(qkv, batch, rope, k_cache, v_cache, fused, dependent_launch)
-        return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.attention,
-                               self.scale).reshape(-1, self.cfg.q_size)
-
-    def rotate_and_cache(self, qkv: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False,
-                         dependent_launch: bool = False) -> torch.Tensor:
-        """RoPE on q and k of the fused q/k/v projection, k and v into their cache slots; returns q [T, Hq, D]."""
         cfg = self.cfg
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
@@ -89,10 +81,11 @@ class Attention(nn.Module):
         if fused:   # RoPE on q in place, rotated k and v straight into their cache slots
             triton_fused.rope_and_write_kv(q, k, v, rope.cos, rope.sin, batch.positions, batch.slot_mapping,
                                            k_cache, v_cache, dependent_launch)
-            return q
-        q, k = rope(batch.positions, q, k)
-        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
-        return q
+        else:
+            q, k = rope(batch.positions, q, k)
+            write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.attention,
+                               self.scale).reshape(-1, cfg.q_size)
 
 
 class MLP(nn.Module):
@@ -157,8 +150,7 @@ class DecoderLayer(nn.Module):
                                k_cache: torch.Tensor, v_cache: torch.Tensor, dependent_launch: bool) -> torch.Tensor:
         """`forward_streamed` for one row through quantized projections (`GpuQuantizedLinear.row`): the norms
         and SiLU·mul done where each product's input is prepared, the residual adds by o and down, RoPE with
-        the K/V writes by the qkv kernel (a kernel of its own for float32 rows), the decode attention's merge by
-        the launch that prepares o's input."""
+        the K/V writes by the qkv kernel (a kernel of its own for float32 rows)."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         pdl, cfg = dependent_launch, attn.cfg
@@ -167,19 +159,13 @@ class DecoderLayer(nn.Module):
                                          k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:]),
                                          cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
             q = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps, dependent_launch=pdl, rope=rope_kv)
-            q = q.view(-1, cfg.num_attention_heads, cfg.head_dim)
+            out = paged_attention(q.view(-1, cfg.num_attention_heads, cfg.head_dim), k_cache, v_cache,
+                                  batch.block_tables, batch.context_lens, batch.attention,
+                                  attn.scale).reshape(-1, cfg.q_size)
         else:
             qkv = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps, dependent_launch=pdl)
-            q = attn.rotate_and_cache(qkv, batch, rope, k_cache, v_cache, fused=True, dependent_launch=pdl)
-        # The decode kernel's split partials are merged by the launch that prepares o's input.
-        partials = decode_attention_partials(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
-                                             batch.attention, attn.scale)
-        if partials is not None:
-            attn.o_proj.row(q.view(1, cfg.q_size), residual=h, dependent_launch=pdl, partials=partials)
-        else:
-            out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.attention,
-                                  attn.scale).reshape(-1, cfg.q_size)
-            attn.o_proj.row(out, residual=h, dependent_launch=pdl)
+            out = attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True, dependent_launch=pdl)
+        attn.o_proj.row(out, residual=h, dependent_launch=pdl)
         gate_up = mlp.gate_up_proj.row(h, norm_weight=norm2.weight, eps=norm2.eps, dependent_launch=pdl)
         return mlp.down_proj.row(gate_up, silu_mul=True, residual=h, dependent_launch=pdl)
 

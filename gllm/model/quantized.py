@@ -153,17 +153,14 @@ class GpuQuantizedLinear(nn.Module):
 
     def row(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             silu_mul: bool = False, residual: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None, dependent_launch: bool = False, rope=None,
-            partials=None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, dependent_launch: bool = False, rope=None) -> torch.Tensor:
         """One decode row [1, K] through the row kernel, with the RMSNorm before it (`norm_weight`) or the
         SiLU·mul of a [1, 2K] gate/up row (`silu_mul`) done by the launch that prepares its input, and the
         residual add after it (`residual`, [1, N], updated in place and returned) done by the kernel. The
         product comes in `out_dtype` (default x's; float32 for logits, from the float32 sums).
         `dependent_launch`: the launches overlap the kernel before each (see `triton_gemv.linear`). `rope` (a
         `triton_gemv.RopeKV`, where `rope_in_epilogue`): this is the fused q/k/v projection, and its kernels
-        rotate q and k and write k and v into their cache slots; returns q [1, q heads × head_dim]. `partials`
-        (`triton_attention.DecodePartials`): x is decode attention's output, merged from them by the launch
-        that prepares the input (x gives only its dtype and width)."""
+        rotate q and k and write k and v into their cache slots; returns q [1, q heads × head_dim]."""
         from gllm.ops.triton_quant_gemv import RowInputs, quant_gemv_row, row_block, row_inputs
         if self.bias is not None:
             raise ValueError("the row kernel has no bias epilogue")
@@ -177,7 +174,7 @@ class GpuQuantizedLinear(nn.Module):
             key = (part.bits, row_block(x.dtype, part.group))
             if key not in inputs:
                 inputs[key] = row_inputs(x, part.bits, block=key[1], norm_weight=norm_weight, eps=eps,
-                                         silu_mul=silu_mul, dependent_launch=dependent_launch, partials=partials)
+                                         silu_mul=silu_mul, dependent_launch=dependent_launch)
             if rope is not None:
                 quant_gemv_row(inputs[key], part, out=out, dependent_launch=dependent_launch, rope=rope,
                                first_head=cols.start // rope.head_dim)

@@ -9,7 +9,6 @@ from gllm.ops.attention import (
     MixedKernelPlan,
     PrefillKernelPlan,
     SdpaPlan,
-    decode_attention_partials,
     paged_attention,
     write_kv,
 )
@@ -20,4 +19,4 @@ except ImportError:
     triton_fused = triton_gemv = None  # type: ignore[assignment]
 
 __all__ = ["AttentionPlan", "DecodeKernelPlan", "MixedKernelPlan", "PrefillKernelPlan", "SdpaPlan",
-           "decode_attention_partials", "paged_attention", "triton_fused", "triton_gemv", "write_kv"]
+           "paged_attention", "triton_fused", "triton_gemv", "write_kv"]

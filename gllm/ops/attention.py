@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gllm.transfer import to_device
 
 if TYPE_CHECKING:   # Triton is optional: these types exist only where it is installed
-    from gllm.ops.triton_attention import DecodeAttentionWorkspace, DecodePartials
+    from gllm.ops.triton_attention import DecodeAttentionWorkspace
     from gllm.ops.triton_prefill import PrefillPlan
 
 
@@ -104,17 +104,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if isinstance(plan, MixedKernelPlan):
         return _mixed_attention(q, k_cache, v_cache, block_tables, plan, scale)
     return _sdpa_attention(q, k_cache, v_cache, block_tables, plan, scale)
-
-
-def decode_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_tables: torch.Tensor, context_lens: torch.Tensor, plan: AttentionPlan,
-                              scale: float) -> DecodePartials | None:
-    """Under a `DecodeKernelPlan`, the decode kernel's first launch only (`paged_attention` less the merge),
-    for a kernel that merges the partials itself; None under any other plan (nothing launched)."""
-    if not isinstance(plan, DecodeKernelPlan):
-        return None
-    from gllm.ops.triton_attention import decode_partials
-    return decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale, plan.workspace)
 
 
 def _starts(query_lens: list[int]) -> list[int]:

@@ -11,8 +11,6 @@ Plain Triton (`tl.dot`, masked loads): runs on Ampere, Ada and Hopper alike.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -175,38 +173,18 @@ class DecodeAttentionWorkspace:
         self.part_sum = torch.empty(max_batch, num_heads, num_splits, dtype=torch.float32, device=device)
 
 
-class DecodePartials(NamedTuple):
-    """What `decode_partials` leaves for `merge_partials` (or a kernel that merges them itself, e.g.
-    `triton_quant_gemv.row_inputs`): per sequence, head and split, the unnormalised output, max and sum."""
-    part_out: torch.Tensor       # [B+, Hq, splits, D] float32
-    part_max: torch.Tensor       # [B+, Hq, splits]
-    part_sum: torch.Tensor
-    context_lens: torch.Tensor   # [B] int32: which splits had work
-    num_splits: int
-    tokens_per_iter: int
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            workspace: DecodeAttentionWorkspace) -> torch.Tensor:
     """q: [B, Hq, D]; caches [blocks, block_size, Hkv, D]; block_tables [B, W] int32; context_lens [B] int32.
     Every context length must be >= 1; block_size and head_dim must be powers of 2. Returns [B, Hq, D]."""
-    out = torch.empty_like(q)
-    merge_partials(decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale, workspace), out,
-                   workspace.dependent_launch)
-    return out
-
-
-def decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                    workspace: DecodeAttentionWorkspace) -> DecodePartials:
-    """The first of `paged_decode_attention`'s two launches: each split of each context attended alone."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     splits = workspace.num_splits
     # Enough tokens per iteration to feed tl.dot (>= 16 rows) without over-reading short contexts.
     blocks_per_iter = max(1, 32 // block_size)
+    out = torch.empty_like(q)
     pdl = {"launch_pdl": True} if workspace.dependent_launch else {}
     _decode_partial_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens,
@@ -223,19 +201,12 @@ def decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=workspace.dependent_launch, num_warps=4, **pdl,
     )
-    return DecodePartials(workspace.part_out, workspace.part_max, workspace.part_sum, context_lens, splits,
-                          block_size * blocks_per_iter)
-
-
-def merge_partials(partials: DecodePartials, out: torch.Tensor, dependent_launch: bool = False) -> None:
-    """The second launch: each head's splits merged into out [B, Hq, D]."""
-    batch, num_heads, head_dim = out.shape
-    pdl = {"launch_pdl": True} if dependent_launch else {}
     _decode_merge_kernel[(batch, num_heads)](
-        partials.part_out, partials.part_max, partials.part_sum, out, partials.context_lens,
-        partials.part_out.stride(0), partials.part_out.stride(1), partials.part_out.stride(2),
-        partials.part_max.stride(0), partials.part_max.stride(1),
+        workspace.part_out, workspace.part_max, workspace.part_sum, out, context_lens,
+        workspace.part_out.stride(0), workspace.part_out.stride(1), workspace.part_out.stride(2),
+        workspace.part_max.stride(0), workspace.part_max.stride(1),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=partials.num_splits, HEAD_DIM=head_dim, TOKENS_PER_ITER=partials.tokens_per_iter,
-        USE_PDL=dependent_launch, num_warps=1, **pdl,
+        NUM_SPLITS=splits, HEAD_DIM=head_dim, TOKENS_PER_ITER=block_size * blocks_per_iter,
+        USE_PDL=workspace.dependent_launch, num_warps=1, **pdl,
     )
+    return out

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from gllm.ops.quant_layout import INTERLEAVE, QuantWeight
-from gllm.ops.triton_attention import DecodePartials
 from gllm.ops.triton_gemv import RopeKV, _rope_epilogue, _rope_inputs
 
 MAX_ROWS = 8        # more rows: dequantize once (`dequantize_dense`) and use a dense matmul
@@ -218,20 +217,16 @@ def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out
 
 
 @triton.jit
-def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps,
-                       part_out_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, stride_po_h, stride_po_s,
-                       stride_pm_h, PER_WORD: tl.constexpr,
+def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps, PER_WORD: tl.constexpr,
                        HAS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr,
-                       NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr, MERGE: tl.constexpr,
-                       NUM_SPLITS: tl.constexpr, TOKENS_PER_ITER: tl.constexpr):
+                       NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     # One row's input to the row kernel, BLOCK elements a program: x (RMS-normed with `norm_ptr` if HAS_NORM; or
     # SiLU(gate) * up of a [gate | up] row of 2K if SILU_MUL), rounded as the unfused kernels round it, then
     # (QB == 0) widened to float32 and stored permuted: xp[i, j] = x[PER_WORD * j + i]; or (QB > 0) rounded to
     # int8 per block of QB (xs: the blocks' scales, xsum: their sums of rounded x) and its bytes packed as the
     # weight words hold codes: 4-bit codes, xp[0, j] = x[8j + 0, 2, 4, 6] and xp[1, j] = x[8j + 1, 3, 5, 7];
     # 8-bit, xp[0, j] = x[4j .. 4j + 3]. With HAS_NORM every program sums the squares of the whole row itself
-    # (K reads from L2 cost less than a second launch or a grid-wide reduction). MERGE: x is decode attention's
-    # output, made here from its split partials as `_decode_merge_kernel` makes it (one head of BLOCK a program).
+    # (K reads from L2 cost less than a second launch or a grid-wide reduction).
     dtype = x_ptr.dtype.element_ty
     if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this one writes
         tl.extra.cuda.gdc_launch_dependents()
@@ -241,10 +236,6 @@ def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps,
     nw = tl.zeros([BLOCK], dtype=dtype)
     if HAS_NORM:
         nw = tl.load(norm_ptr + ks, mask=ok, other=0.0)
-    if MERGE:   # which splits had work follows from the context length, a step input set before the step
-        splits = tl.arange(0, NUM_SPLITS)
-        iters = tl.cdiv(tl.load(context_lens_ptr), TOKENS_PER_ITER)
-        has_work = splits * tl.cdiv(iters, NUM_SPLITS) < iters
     if USE_PDL:   # x comes from the kernel before
         tl.extra.cuda.gdc_wait()
     inv = 0.0
@@ -256,17 +247,7 @@ def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps,
             sq += xf * xf
         inv = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
     row_words = K // PER_WORD
-    if MERGE:
-        head = tl.program_id(0)
-        dims = tl.arange(0, BLOCK)
-        m = tl.load(part_max_ptr + head * stride_pm_h + splits, mask=has_work, other=float("-inf"))
-        part_sums = tl.load(part_sum_ptr + head * stride_pm_h + splits, mask=has_work, other=0.0)
-        acc = tl.load(part_out_ptr + head * stride_po_h + splits[:, None] * stride_po_s + dims[None, :],
-                      mask=has_work[:, None], other=0.0)
-        w = tl.where(has_work, tl.exp(m - tl.max(m, 0)), 0.0)
-        x = (tl.sum(acc * w[:, None], 0) / tl.sum(part_sums * w, 0)).to(dtype)
-    else:
-        x = tl.load(x_ptr + ks, mask=ok, other=0.0)
+    x = tl.load(x_ptr + ks, mask=ok, other=0.0)
     if HAS_NORM:   # as _rms_norm_kernel: normalise in fp32, round, scale in fp32, round
         x = (nw.to(tl.float32) * (x.to(tl.float32) * inv).to(dtype).to(tl.float32)).to(dtype)
     if SILU_MUL:   # as _silu_mul_kernel
@@ -441,15 +422,12 @@ def row_block(x_dtype: torch.dtype, group: int) -> int:
 
 
 def row_inputs(x: torch.Tensor, bits: int, *, block: int = 0, norm_weight: torch.Tensor | None = None,
-               eps: float = 0.0, silu_mul: bool = False, dependent_launch: bool = False,
-               partials: DecodePartials | None = None) -> RowInputs:
+               eps: float = 0.0, silu_mul: bool = False, dependent_launch: bool = False) -> RowInputs:
     """One row x [1, K] (or [1, 2K] of [gate | up] with `silu_mul`) as `quant_gemv_row` reads it: RMS-normed
     with `norm_weight`, or SiLU(gate) * up, rounded to x's dtype as the unfused kernels would, then in float32
     and permuted for codes of `bits` bits (`block` 0), or in int8 per `block` (`row_block`) and packed. One
     launch in place of the norm (or SiLU·mul) and a permutation. `dependent_launch`: as `triton_gemv.linear`'s
-    (the norm's weight is read before the wait). `partials` (of one sequence): the row is decode attention's
-    output [1, heads × head_dim], merged from them here in place of `merge_partials`' launch (x gives only
-    its dtype and width)."""
+    (the norm's weight is read before the wait)."""
     k = x.shape[1] // (2 if silu_mul else 1)
     if x.shape[0] != 1 or x.stride(1) != 1:
         raise ValueError(f"row_inputs takes one contiguous row, got {list(x.shape)}")
@@ -464,24 +442,12 @@ def row_inputs(x: torch.Tensor, bits: int, *, block: int = 0, norm_weight: torch
         values = torch.empty((per_word, k // per_word), dtype=torch.float32, device=x.device)
         scales = sums = None
     tile = min(ROW_INPUTS_BLOCK, max(block, triton.next_power_of_2(k)))
-    merge: tuple = (values,) * 4 + (0, 0, 0)
-    splits = tokens_per_iter = 1
-    if partials is not None:
-        head_dim = partials.part_out.shape[-1]
-        if (norm_weight is not None or silu_mul or k != partials.part_out.shape[1] * head_dim
-                or head_dim < max(block, per_word) or partials.part_out.shape[0] < 1):
-            raise ValueError(f"partials must be of attention over heads of {max(block, per_word)}+ making the row")
-        tile, splits, tokens_per_iter = head_dim, partials.num_splits, partials.tokens_per_iter
-        merge = (partials.part_out, partials.part_max, partials.part_sum, partials.context_lens,
-                 partials.part_out.stride(1), partials.part_out.stride(2), partials.part_max.stride(1))
     _row_inputs_kernel[(triton.cdiv(k, tile),)](x, norm_weight if norm_weight is not None else x, values,
                                                 scales if block else values, sums if block else values, k, eps,
-                                                *merge, PER_WORD=per_word, HAS_NORM=norm_weight is not None,
+                                                PER_WORD=per_word, HAS_NORM=norm_weight is not None,
                                                 SILU_MUL=silu_mul, QB=block, BLOCK=tile,
                                                 NORM_BLOCK=min(4096, triton.next_power_of_2(k)),
-                                                USE_PDL=dependent_launch, MERGE=partials is not None,
-                                                NUM_SPLITS=splits, TOKENS_PER_ITER=tokens_per_iter, num_warps=4,
-                                                **_pdl(dependent_launch))
+                                                USE_PDL=dependent_launch, num_warps=4, **_pdl(dependent_launch))
     return RowInputs(values, scales, sums, bits, block)
 
 
