@@ -147,50 +147,6 @@ def test_the_integer_row_kernel_over_several_tiles_of_k(bits, group, symmetric, 
     assert (got.double() - want).abs().max() <= 1e-3 * want.abs().max()
 
 
-@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (8, 32, True)])
-@pytest.mark.parametrize("split", [False, True])
-def test_the_integer_row_kernel_with_the_rope_epilogue_is_the_kernel_then_rope(bits, group, symmetric, split):
-    """A fused q/k/v row with RoPE and the K/V cache writes in the row kernel's epilogue gives exactly what the
-    row kernel followed by `triton_fused.rope_and_write_kv` gives: q, the k and v slots; also when q and k/v are
-    weights of their own (a GGUF's types may differ), each launched with its first head."""
-    from gllm.ops import triton_fused
-    from gllm.ops.triton_gemv import RopeKV
-    torch.manual_seed(2)
-    q_heads, kv_heads, head_dim, k = 4, 2, 16, 64
-    n = (q_heads + 2 * kv_heads) * head_dim
-    dtype = torch.float16
-    w = _on_device(L.quantize(torch.randn(n, k) * 0.1, bits, group, symmetric))
-    x = torch.randn(1, k, device=DEVICE).to(dtype)
-    inputs = Q.row_inputs(x, bits, block=32)
-    positions = torch.tensor([37], device=DEVICE)
-    slots = torch.tensor([5], device=DEVICE)
-    angles = torch.arange(64, device=DEVICE)[:, None] * torch.rand(head_dim // 2, device=DEVICE).repeat(2)[None, :]
-    cos, sin = angles.cos().float().contiguous(), angles.sin().float().contiguous()
-
-    def caches():
-        return [torch.zeros(8, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2)]
-
-    qkv = Q.quant_gemv_row(inputs, w, dtype=dtype)
-    q_want = qkv[:, :q_heads * head_dim].clone().view(1, q_heads, head_dim)
-    k_want, v_want = caches()
-    k_new = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(1, kv_heads, head_dim)
-    triton_fused.rope_and_write_kv(q_want, k_new,
-                                   qkv[:, (q_heads + kv_heads) * head_dim:].view(1, kv_heads, head_dim), cos, sin,
-                                   positions, slots, k_want.view(8, 1, kv_heads, head_dim),
-                                   v_want.view(8, 1, kv_heads, head_dim))
-    k_got, v_got = caches()
-    rope = RopeKV(cos, sin, positions, slots, k_got, v_got, q_heads, kv_heads, head_dim)
-    if split:   # q, then k and v
-        q_got = Q.quant_gemv_row(inputs, w.row_slice(0, q_heads * head_dim), dtype=dtype, rope=rope)
-        same = Q.quant_gemv_row(inputs, w.row_slice(q_heads * head_dim, n), out=q_got, rope=rope,
-                                first_head=q_heads)
-        assert same.data_ptr() == q_got.data_ptr()
-    else:
-        q_got = Q.quant_gemv_row(inputs, w, dtype=dtype, rope=rope)
-    assert torch.equal(q_got.view(1, q_heads, head_dim), q_want)
-    assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want) and k_got.abs().sum() > 0
-
-
 def _on_device(w):
     return L.QuantWeight(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w))
 

@@ -149,22 +149,13 @@ class DecoderLayer(nn.Module):
     def _forward_quantized_row(self, h: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
                                k_cache: torch.Tensor, v_cache: torch.Tensor, dependent_launch: bool) -> torch.Tensor:
         """`forward_streamed` for one row through quantized projections (`GpuQuantizedLinear.row`): the norms
-        and SiLU·mul done where each product's input is prepared, the residual adds by o and down, RoPE with
-        the K/V writes by the qkv kernel (a kernel of its own for float32 rows)."""
+        and SiLU·mul done where each product's input is prepared, the residual adds by o and down; RoPE with
+        the K/V writes stays a kernel of its own."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        pdl, cfg = dependent_launch, attn.cfg
-        if attn.qkv_proj.rope_in_epilogue(h.dtype, cfg.head_dim):   # RoPE and the K/V writes in the qkv kernel
-            rope_kv = triton_gemv.RopeKV(rope.cos, rope.sin, batch.positions, batch.slot_mapping,
-                                         k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:]),
-                                         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-            q = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps, dependent_launch=pdl, rope=rope_kv)
-            out = paged_attention(q.view(-1, cfg.num_attention_heads, cfg.head_dim), k_cache, v_cache,
-                                  batch.block_tables, batch.context_lens, batch.attention,
-                                  attn.scale).reshape(-1, cfg.q_size)
-        else:
-            qkv = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps, dependent_launch=pdl)
-            out = attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True, dependent_launch=pdl)
+        pdl = dependent_launch
+        qkv = attn.qkv_proj.row(h, norm_weight=norm1.weight, eps=norm1.eps, dependent_launch=pdl)
+        out = attn.attend(qkv, batch, rope, k_cache, v_cache, fused=True, dependent_launch=pdl)
         attn.o_proj.row(out, residual=h, dependent_launch=pdl)
         gate_up = mlp.gate_up_proj.row(h, norm_weight=norm2.weight, eps=norm2.eps, dependent_launch=pdl)
         return mlp.down_proj.row(gate_up, silu_mul=True, residual=h, dependent_launch=pdl)

@@ -153,44 +153,27 @@ class GpuQuantizedLinear(nn.Module):
 
     def row(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             silu_mul: bool = False, residual: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None, dependent_launch: bool = False, rope=None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, dependent_launch: bool = False) -> torch.Tensor:
         """One decode row [1, K] through the row kernel, with the RMSNorm before it (`norm_weight`) or the
         SiLU·mul of a [1, 2K] gate/up row (`silu_mul`) done by the launch that prepares its input, and the
         residual add after it (`residual`, [1, N], updated in place and returned) done by the kernel. The
         product comes in `out_dtype` (default x's; float32 for logits, from the float32 sums).
-        `dependent_launch`: the launches overlap the kernel before each (see `triton_gemv.linear`). `rope` (a
-        `triton_gemv.RopeKV`, where `rope_in_epilogue`): this is the fused q/k/v projection, and its kernels
-        rotate q and k and write k and v into their cache slots; returns q [1, q heads × head_dim]."""
+        `dependent_launch`: the launches overlap the kernel before each (see `triton_gemv.linear`)."""
         from gllm.ops.triton_quant_gemv import RowInputs, quant_gemv_row, row_block, row_inputs
         if self.bias is not None:
             raise ValueError("the row kernel has no bias epilogue")
-        if rope is not None:
-            out = torch.empty((1, rope.num_q_heads * rope.head_dim), dtype=x.dtype, device=x.device)
-        else:
-            out = residual if residual is not None else torch.empty((1, self.out_features),
-                                                                     dtype=out_dtype or x.dtype, device=x.device)
+        out = residual if residual is not None else torch.empty((1, self.out_features), dtype=out_dtype or x.dtype,
+                                                                 device=x.device)
         inputs: dict[tuple[int, int], RowInputs] = {}   # by code width and block: the packing depends on them
         for part, cols in self._spans():
             key = (part.bits, row_block(x.dtype, part.group))
             if key not in inputs:
                 inputs[key] = row_inputs(x, part.bits, block=key[1], norm_weight=norm_weight, eps=eps,
                                          silu_mul=silu_mul, dependent_launch=dependent_launch)
-            if rope is not None:
-                quant_gemv_row(inputs[key], part, out=out, dependent_launch=dependent_launch, rope=rope,
-                               first_head=cols.start // rope.head_dim)
-                continue
             view = out[:, cols]
             quant_gemv_row(inputs[key], part, residual=view if residual is not None else None,
                            out=None if residual is not None else view, dependent_launch=dependent_launch)
         return out
-
-    def rope_in_epilogue(self, dtype: torch.dtype, head_dim: int) -> bool:
-        """Whether `row` of x in `dtype` can take the RoPE epilogue: every part on the integer row kernel (16-bit
-        x) and made of whole heads."""
-        from gllm.ops.triton_quant_gemv import row_block
-        return head_dim % (2 * INTERLEAVE) == 0 and all(
-            row_block(dtype, part.group) and cols.start % head_dim == 0 and part.out_features % head_dim == 0
-            for part, cols in self._spans())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme}"

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from gllm.ops.quant_layout import INTERLEAVE, QuantWeight
-from gllm.ops.triton_gemv import RopeKV, _rope_epilogue, _rope_inputs
 
 MAX_ROWS = 8        # more rows: dequantize once (`dequantize_dense`) and use a dense matmul
 ROW_INPUTS_BLOCK = 512   # elements of a row a `row_inputs` program prepares (a 14,336 row: 28 programs)
@@ -138,45 +137,29 @@ def _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, b0, blocks, row_words, grou
 
 @triton.jit
 def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-                              cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_cs,
-                              stride_c_slot, head0,
                               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                               HAS_RESIDUAL: tl.constexpr, QB: tl.constexpr, EMULATE: tl.constexpr,
                               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr,
-                              USE_PDL: tl.constexpr, ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
-                              NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+                              USE_PDL: tl.constexpr):
     # One row of x as int8 per block of QB (`row_inputs`: xq holds its bytes packed as the weight words hold
     # codes, xs each block's scale, xsum each block's sum of rounded x), tiles [row quads, x blocks, words of
     # a block, 4 rows]. Per block: sum(w q xs) = scale (xs sum(u q)) + zero xsum, sum(u q) exact in int32;
     # int8 codes are two's complement (w = c scale), int4 offset binary (w = u scale + zero). The weight is
     # loaded one tile ahead, the first tile before the dependent-launch wait (see `triton_gemv.linear`): HBM
-    # streams this kernel's weight while the kernel before it ends. ROPE (this weight: heads head0 … of a fused
-    # q/k/v projection): a program's two quads are rows d .. d + 3 and d + HALF .. d + HALF + 3 of one head,
-    # rotated together by `triton_gemv._rope_epilogue` (q into out, k and v into their cache slots).
+    # streams this kernel's weight while the kernel before it ends.
     PER_WORD: tl.constexpr = 32 // BITS
     QBW: tl.constexpr = QB // PER_WORD           # words per block of x
     NB: tl.constexpr = BLOCK_K // QB
     BPG: tl.constexpr = GROUP // QB
     if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this one writes
         tl.extra.cuda.gdc_launch_dependents()
-    if ROPE:   # BLOCK_R == 2: quads j and j + HALF / R of head (program // (HALF / R))
-        pair = tl.program_id(0)
-        first = (pair // (HALF // R)) * (2 * HALF // R) + pair % (HALF // R)
-        quads = first + tl.arange(0, 2) * (HALF // R)
-    else:
-        quads = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    quads = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     q_ok = quads < (N + R - 1) // R
     row_words = K // PER_WORD
     blocks = K // QB
     groups = K // GROUP
     words_next, scale_next, zero_next = _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, 0, blocks, row_words,
                                                        groups, QBW, NB, BPG, HAS_ZERO, R)
-    lanes = tl.arange(0, R)
-    if ROPE:   # the step's positions and slots are copied in before it: read before the wait
-        pairs = ((first * R) // (2 * HALF) + head0) * HALF + (first * R) % (2 * HALF) + lanes
-        row0 = tl.arange(0, 1)
-        c, s, slot = _rope_inputs(row0, row0 < 1, pairs, pairs >= 0, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs,
-                                  out_ptr.dtype.element_ty, True, HALF)
     if USE_PDL:   # x and the residual come from the kernels before
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_R, NB, R], dtype=tl.float32)
@@ -202,13 +185,7 @@ def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out
         acc += scale * (block_sum * tl.load(xs_ptr + bs, mask=b_ok, other=0.0)[None, :, None])
         if HAS_ZERO:
             acc += zero * tl.load(xsum_ptr + bs, mask=b_ok, other=0.0)[None, :, None]
-    if ROPE:
-        y = tl.sum(acc, axis=1)                                                              # [2, R]
-        lo = tl.sum(tl.where(tl.arange(0, 2)[:, None] == 0, y, 0.0), axis=0)[None, :]
-        hi = tl.sum(tl.where(tl.arange(0, 2)[:, None] == 1, y, 0.0), axis=0)[None, :]
-        _rope_epilogue(lo, hi, c, s, slot, out_ptr, row0, row0 < 1, pairs, pairs >= 0, 0, k_cache_ptr,
-                       v_cache_ptr, stride_c_slot, out_ptr.dtype.element_ty, NUM_Q_HEADS, NUM_KV_HEADS, HALF)
-        return
+    lanes = tl.arange(0, R)
     ns = quads[:, None] * R + lanes[None, :]
     y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
     if HAS_RESIDUAL:   # as the float kernel: the product rounded, then the sum
@@ -453,52 +430,30 @@ def row_inputs(x: torch.Tensor, bits: int, *, block: int = 0, norm_weight: torch
 
 def quant_gemv_row(inputs: RowInputs, w: QuantWeight, *, residual: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                   config: QuantGemvConfig | None = None, dependent_launch: bool = False,
-                   rope: RopeKV | None = None, first_head: int = 0) -> torch.Tensor:
+                   config: QuantGemvConfig | None = None, dependent_launch: bool = False) -> torch.Tensor:
     """One row from `row_inputs` times the dequantized weight: [1, N] (into `out`, or `dtype` when new); with
     `residual` ([1, N], contiguous) the product is added into it, in place, and it is returned.
-    `dependent_launch` (int8 rows): as `triton_gemv.linear`'s, the first weight tile streamed before the wait.
-    `rope` (int8 rows): the weight is heads `first_head` … of a fused q/k/v projection, and the epilogue is
-    `triton_gemv.linear`'s RoPE one: q rotated into `out` (the whole projection's q, [1, q heads × head_dim];
-    new when None), k rotated and v as they are into their cache slots; returns `out`."""
+    `dependent_launch` (int8 rows): as `triton_gemv.linear`'s, the first weight tile streamed before the wait."""
     n, k = w.out_features, w.in_features
     if (inputs.bits != w.bits or inputs.values.shape[1] * (32 // w.bits) != k
             or (inputs.block and w.group % inputs.block)):
         raise ValueError(f"inputs must be row_inputs(x, bits={w.bits}) of a row of {k}, in blocks dividing "
                          f"{w.group}")
-    rope_args: tuple = (zero_arg := w.scale,) * 6 + (0, 0, 0)
-    if rope is not None:
-        q_width = rope.num_q_heads * rope.head_dim
-        if not inputs.block or residual is not None or n % rope.head_dim or rope.head_dim % (2 * INTERLEAVE):
-            raise ValueError("rope needs int8 rows, no residual, and whole heads of a head_dim of 8s")
-        if out is None:
-            out = torch.empty((1, q_width), dtype=dtype, device=inputs.values.device)
-        if out.shape != (1, q_width) or out.stride(1) != 1:
-            raise ValueError(f"out must be the [1, {q_width}] q row")
-        rope_args = (rope.cos, rope.sin, rope.positions, rope.slots, rope.k_cache, rope.v_cache,
-                     rope.cos.stride(0), rope.k_cache.stride(0), first_head)
-        target = out
-    else:
-        target = residual if residual is not None else out
-        if target is None:
-            target = torch.empty((1, n), dtype=dtype, device=inputs.values.device)
-        elif target.shape != (1, n) or target.stride(1) != 1:
-            raise ValueError(f"residual / out must be a [1, {n}] row")
-    zero = w.zero if w.zero is not None else zero_arg
+    target = residual if residual is not None else out
+    if target is None:
+        target = torch.empty((1, n), dtype=dtype, device=inputs.values.device)
+    elif target.shape != (1, n) or target.stride(1) != 1:
+        raise ValueError(f"residual / out must be a [1, {n}] row")
+    zero = w.zero if w.zero is not None else w.scale
     if inputs.block:
         config = config or (ROW_Q8_WIDE if triton.cdiv(n, INTERLEAVE) >= 4096 else ROW_Q8_NARROW)
-        if rope is not None:   # a program's two quads: a column and its rotate-half partner
-            config = config._replace(block=2)
         block_k = min(config.block_k, max(inputs.block, triton.next_power_of_2(k)))
         grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
         _quant_gemv_row_q8_kernel[grid](inputs.values, inputs.scales, inputs.sums, w.words, w.scale, zero, target,
-                                        n, k, *rope_args, GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
+                                        n, k, GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
                                         HAS_RESIDUAL=residual is not None, QB=inputs.block,
                                         EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_R=config.block,
                                         BLOCK_K=block_k, R=INTERLEAVE, USE_PDL=dependent_launch,
-                                        ROPE=rope is not None, NUM_Q_HEADS=rope.num_q_heads if rope else 1,
-                                        NUM_KV_HEADS=rope.num_kv_heads if rope else 1,
-                                        HALF=rope.head_dim // 2 if rope else 1,
                                         num_warps=config.num_warps, num_stages=config.num_stages,
                                         **_pdl(dependent_launch))
         return target
