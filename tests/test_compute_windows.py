@@ -203,3 +203,51 @@ def test_a_bridge_client_sending_idle_windows_paces_a_real_server(llama32_dir):
             assert errors[0].code == P.BAD_REQUEST and "ms" in errors[0].message
             again = c.generate("Free again", max_tokens=4, ignore_eos=True)
             assert c.wait(again, timeout_s=60).finish_reason == "length"
+
+
+def test_waiting_for_the_next_report_ends_at_a_report_or_the_timeout():
+    w = ComputeWindows()
+    seen = w.reports
+    started = time.perf_counter()
+    assert not w.wait_for_report(seen, 0.05) and time.perf_counter() - started >= 0.04
+    opener = threading.Timer(0.02, lambda: w.open("game", 0.005, time.monotonic()))
+    opener.start()
+    assert w.wait_for_report(seen, 10.0) and w.reports == seen + 1
+    opener.join()
+    assert w.wait_for_report(seen, 0.0)             # a report since `seen` already came: no wait
+
+
+def test_a_cpu_step_pauses_between_layers_for_the_next_window_and_computes_the_same_tokens(smollm2_gguf):
+    """The default model's step (30 layers, ~20 ms on one thread) inside 2 ms windows every 6 ms: it pauses
+    between layers until the game's next window instead of running through the game's frame, and its tokens
+    are those it computes without windows; with layer pauses off it does not pause."""
+    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+
+    def run(layer_pauses: bool) -> tuple[list[int], list[int], dict]:
+        params = GeneratorParams(max_seq_len=512, kv_cache_tokens=1024, max_batch_size=2, cpu_threads=1,
+                                 dtype="float32", layer_pauses=layer_pauses)
+        request = GenerationRequest(prompt="The gate of the old castle", max_new_tokens=6, temperature=0,
+                                    ignore_eos=True, cache_result=False)
+        with LLMEngine(smollm2_gguf, params, device="cpu") as eng:
+            free = eng.generate([request], timeout=120)[0].tokens
+            stop = threading.Event()
+
+            def game() -> None:
+                while not stop.is_set():
+                    eng.report_idle(2.0, source="test-game")
+                    time.sleep(0.006)
+
+            player = threading.Thread(target=game)
+            player.start()
+            try:
+                windowed = eng.generate([request], timeout=120)[0].tokens
+            finally:
+                stop.set()
+                player.join()
+            return free, windowed, eng.stats()
+
+    free, windowed, stats = run(layer_pauses=True)
+    assert windowed == free and len(free) == 6
+    assert stats["window_steps"] >= 6 and stats["layer_pauses"] > 0 and stats["layer_pause_ms"] > 0
+    free, windowed, stats = run(layer_pauses=False)
+    assert windowed == free and stats["window_steps"] >= 6 and stats["layer_pauses"] == 0

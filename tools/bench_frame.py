@@ -337,7 +337,8 @@ def main() -> None:
     print(f"game work: {calibrated * 1000:.1f} ms a frame on {where} ({calibrated / FRAME_S:.0%} of 16.7 ms)",
           flush=True)
     runs = {"no-llm": None, "llm-plain": (["--compute-nice", "0"], False), "llm-nice": ([], False),
-            "llm-governed": ([], True), "llm-windowed": ([], "windows"), "llm-idle": (["--compute-idle"], False),
+            "llm-governed": ([], True), "llm-windowed": ([], "windows"),
+            "llm-windowed-no-pauses": (["--no-layer-pauses"], "windows"), "llm-idle": (["--compute-idle"], False),
             "llm-idle-governed": (["--compute-idle"], True)}
     labels = args.runs.split(",")
     for label in labels:

@@ -9,7 +9,8 @@ cut to fit (one decode row) waits for the next window. Sources that stop reporti
 count; with none left the engine computes freely again.
 
 Several sources: the engine computes only where all their windows overlap (the tightest one governs).
-Pure logic with explicit time; `open` from any thread, the rest from the engine thread.
+Pure logic with explicit time; `open` from any thread, the rest from the engine thread (`wait_for_report`
+blocks it until the next report).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ComputeWindows:
         self._until: dict[str, float] = {}      # source -> when its current window closes (monotonic s)
         self._seen: dict[str, float] = {}       # source -> its last report
         self._lock = threading.Lock()
+        self._reported = threading.Condition(self._lock)
         self.reports = 0
 
     def open(self, source: str, seconds: float, now: float) -> None:
@@ -45,6 +47,13 @@ class ComputeWindows:
             self._until[source] = now + seconds
             self._seen[source] = now
             self.reports += 1
+            self._reported.notify_all()
+
+    def wait_for_report(self, seen: int, timeout_s: float) -> bool:
+        """Block until a report after the `seen`-th (`reports` then) arrives, or `timeout_s` passed; True if one
+        did."""
+        with self._reported:
+            return self._reported.wait_for(lambda: self.reports != seen, timeout_s)
 
     def forget(self, source: str) -> None:
         with self._lock:

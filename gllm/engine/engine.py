@@ -74,6 +74,7 @@ class _LaunchedStep:
     masks_job: MaskJob | None = None   # its masks, computed while its sampling waits at a stream gate
     gate_ticket: int | None = None     # that gate
     masks_waited: bool = False
+    paused_s: float = 0.0      # between its layers, waiting for the game's next idle window (CPU)
 
 
 _NOT_FINISHED = StopResult(False)
@@ -137,6 +138,10 @@ class LLMEngine:
         self.thread_priority = "unchanged"       # set by the engine thread as it starts
         self.compute_s = 0.0                     # wall time in steps (engine thread)
         self.paused_s = 0.0                      # wall time the governor paused between steps
+        self.layer_pauses = 0                    # CPU window steps: pauses between layers for the next window
+        self.layer_pause_s = 0.0                 # and their wall time
+        self._layer_mark = 0.0                   # when the layer now computing started (perf_counter)
+        self._step_paused = 0.0                  # the current step's layer pauses so far
         # NPC memory (issue #23): snapshots and pins (engine thread), the prompt-result cache (engine thread).
         self.sessions = SessionStore(self.block_manager, self.kv_cache, gen.max_seq_len)
         self._uploader = PayloadUploader(self.device)   # restores: the payload to the pool's device
@@ -266,6 +271,8 @@ class LLMEngine:
             "governor_frames_over_permille": round((self.governor.over_share or 0.0) * 1000),
             "governor_paused_ms": int(self.paused_s * 1000),
             "compute_ms": int(self.compute_s * 1000),
+            "layer_pauses": self.layer_pauses,
+            "layer_pause_ms": int(self.layer_pause_s * 1000),
             "weight_bytes": self.weight_bytes,
             "window_reports": self.windows.reports,
             "window_steps": self.window_steps,
@@ -424,9 +431,10 @@ class LLMEngine:
                         wait = IDLE_RECHECK_S    # outside the game's idle phase: its next report wakes us
                         continue
                     started = time.perf_counter()
+                    self._step_paused = 0.0
                     if self._step():
                         self.window_steps += self.scheduler.strict_budget
-                        self._yield_to_the_game(time.perf_counter() - started)
+                        self._yield_to_the_game(time.perf_counter() - started - self._step_paused)
                     else:   # nothing to compute now (running requests paced ahead): sleep until one is due
                         due = self.scheduler.seconds_until_due(time.monotonic())
                         wait = IDLE_RECHECK_S if due is None else max(due, 1e-4)
@@ -575,7 +583,10 @@ class LLMEngine:
                                  window_end=self._window_end if self.scheduler.strict_budget else None)
         constrained = [st for st in samplers if st.constraint is not None]
         try:
-            step = self.runner.run(out)
+            step = self.runner.run(out, self._between_layers if self._pause_between_layers(launched) else None)
+            if self._step_paused:   # it ran on in later windows: spills count against the last one
+                launched.paused_s = self._step_paused
+                launched.window_end = self.windows.closes_at(time.monotonic())
             self.scheduler.on_step_done(out)
             mask_tensor = self._masks_of(launched, constrained)   # while the device computes the logits
             mask_row = {st.request_id: i for i, st in enumerate(constrained)} if mask_tensor is not None else {}
@@ -585,6 +596,31 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its requests, never the engine
             self._fail_step(launched, exc)
         return launched
+
+    def _pause_between_layers(self, launched: _LaunchedStep) -> bool:
+        """A step inside a game's idle window on the CPU, where the layers run as the engine thread computes
+        them, may pause between them (`GeneratorParams.layer_pauses`)."""
+        if launched.window_end is None or self.device.type != "cpu" or not self.gen_params.layer_pauses:
+            return False
+        self._layer_mark = time.perf_counter()
+        return True
+
+    def _between_layers(self) -> None:
+        """Before the next layer of a window step: if the game's window closes before a layer as long as the
+        last one would end, wait for its next idle report (at most until a silent game stops counting), so the
+        step goes on in the next window instead of beside the game's frame."""
+        layer_s = time.perf_counter() - self._layer_mark
+        seen = self.windows.reports
+        now = time.monotonic()
+        closes = self.windows.closes_at(now)
+        if closes is not None and closes - now < layer_s:
+            waited = time.perf_counter()
+            self.windows.wait_for_report(seen, self.windows.config.stale_s)
+            paused = time.perf_counter() - waited
+            self.layer_pauses += 1
+            self.layer_pause_s += paused
+            self._step_paused += paused
+        self._layer_mark = time.perf_counter()
 
     def _masks_of(self, launched: _LaunchedStep, constrained: list[RequestState]) -> torch.Tensor | None:
         """The grammar masks of a step's constrained rows (None without any); if computing them fails, the
@@ -749,7 +785,8 @@ class LLMEngine:
                 except Exception as exc:
                     log.exception("request %s failed", state.request_id)
                     self._finish(state, "error", error=f"{type(exc).__name__}: {exc}")
-        info = StepInfo(step=step, seconds=time.perf_counter() - launched.started, num_tokens=out.num_tokens,
+        info = StepInfo(step=step, seconds=time.perf_counter() - launched.started - launched.paused_s,
+                        num_tokens=out.num_tokens,
                         num_seqs=len(out.scheduled),
                         num_decodes=sum(1 for s in out.scheduled if s.num_tokens == 1 and s.samples),
                         num_preempted=len(out.preempted), running=len(self.scheduler.running),

@@ -42,6 +42,9 @@ class GeneratorParams:
     # Or the OS's idle scheduling class (Linux SCHED_IDLE, Windows idle priority): the engine computes only on
     # cores no other thread wants, whatever compute_nice says.
     compute_idle: bool = False
+    # On the CPU, a step inside a game's idle windows (`LLMEngine.report_idle`) pauses between decoder layers
+    # when the window would close before the next layer ends, and goes on in the next window.
+    layer_pauses: bool = True
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
     prefill_graph_tokens: int = 2048   # and prefill-only steps up to this many tokens (0: prefill stays eager)
@@ -81,6 +84,8 @@ class GeneratorParams:
         if self.step_budget_ms is not None and not (isinstance(self.step_budget_ms, (int, float))
                                                     and self.step_budget_ms > 0):
             raise ValueError(f"step_budget_ms must be > 0 (or None), got {self.step_budget_ms!r}")
+        if not isinstance(self.layer_pauses, bool):
+            raise ValueError(f"layer_pauses must be True or False, got {self.layer_pauses!r}")
         if not isinstance(self.compute_idle, bool):
             raise ValueError(f"compute_idle must be True or False, got {self.compute_idle!r}")
         if not isinstance(self.compute_nice, int) or not 0 <= self.compute_nice <= 19:

@@ -42,6 +42,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--compute-idle", action="store_true",
                      help="run the engine's compute threads in the OS's idle scheduling class (Linux SCHED_IDLE, "
                           "Windows idle priority): they use only cores the game leaves free")
+    eng.add_argument("--no-layer-pauses", action="store_true",
+                     help="on the CPU, never pause a step between layers for the game's next idle window")
     eng.add_argument("--result-cache-entries", type=int, default=None, metavar="N",
                      help="results of deterministic requests kept for repeats (default 512; 0: off)")
     eng.add_argument("--prompt-as-text", action="store_true",
@@ -67,4 +69,6 @@ def generator_params(args: argparse.Namespace):
     fields["compute_nice"] = SERVER_COMPUTE_NICE if args.compute_nice is None else args.compute_nice
     if getattr(args, "compute_idle", False):
         fields["compute_idle"] = True
+    if getattr(args, "no_layer_pauses", False):
+        fields["layer_pauses"] = False
     return GeneratorParams(**fields)

@@ -6,6 +6,7 @@ single decode tokens alike) into these tensors, and chooses the step's attention
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ class ForwardBatch:
     # Set for decode graphs: (gather_rows [T], source [>= T]): a row with gather_rows >= 0 takes its input
     # token from source (the previous step's sampled ids on the device) instead of input_ids.
     token_source: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Called between decoder layers (eager CPU steps only, where the layers run as this thread computes them):
+    # the engine may pause there for a game's next idle window.
+    between_layers: Callable[[], None] | None = None
 
     def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """The rows of `hidden` that logits are wanted for. The indices increase, so as many of them as there

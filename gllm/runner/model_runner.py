@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gllm.kv import KVCache, slots_of
@@ -84,8 +86,9 @@ class ModelRunner:
         return (decoder is not None and decoder.padded_size(len(out.scheduled)) is not None
                 and all(s.num_tokens == 1 and s.samples for s in out.scheduled))
 
-    def run(self, out: SchedulerOutput) -> StepOutput:
-        """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order."""
+    def run(self, out: SchedulerOutput, between_layers: Callable[[], None] | None = None) -> StepOutput:
+        """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order.
+        `between_layers`: called between the decoder layers of an eager step (see `ForwardBatch`)."""
         if self.fast_path.one_thread_tokens:
             self._use_threads(1 if out.num_tokens <= self.fast_path.one_thread_tokens else self.cpu_threads)
         if self.uses_graph(out):
@@ -101,7 +104,9 @@ class ModelRunner:
                       for s in out.scheduled]
             if graphs.padded_size(chunks) is not None:
                 return StepOutput(graphs.run(chunks))
-        return StepOutput(self.model(self.build_batch(out), self.kv_cache.layers))
+        batch = self.build_batch(out)
+        batch.between_layers = between_layers
+        return StepOutput(self.model(batch, self.kv_cache.layers))
 
     def _use_threads(self, threads: int) -> None:
         """torch's compute threads for this step (per calling thread under OpenMP; changed only when it differs)."""
