@@ -15,7 +15,9 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
   clients send them: the smoothed time, the longest frame, the frames and those over 1.1x target since the
   previous report) driving the frame governor;
 - `llm-windowed`: as `llm-governed`, and at the end of each frame's work the game also sends `idle` with the
-  time left until its next frame: the engine computes only in those windows;
+  time left until its next frame: the engine computes only in those windows (on the CPU a step pauses
+  between layers for the next window);
+- `llm-windowed-no-pauses`: as `llm-windowed`, with the CPU's layer pauses off (`--no-layer-pauses`);
 - `llm-idle-governed`: as `llm-governed`, with the idle scheduling class.
 `--serve-args` adds `gllm serve` flags to every server run. `--repeats N` runs the list N times, interleaved
 (so that the machine's drift falls on every lever alike), and prints each run's medians and ranges: on a
