@@ -207,6 +207,8 @@ class LlamaForCausalLM(nn.Module):
             if i and batch.between_layers is not None:
                 batch.between_layers()
             x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, kernels)
+        if batch.between_layers is not None:   # the head too (on the CPU, a wide one costs a few layers)
+            batch.between_layers()
         x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual), fused=kernels.fused)
         if head is not None and (weight is None or not kernels.float_head_rows or x.shape[0] < kernels.float_head_rows):
             return head(x).float()
