@@ -13,7 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gllm.formats.gguf_quants import GROUP, PLANE_TYPES, affine_codes, int4_planes
 from gllm.model.quantized import planes_weight
 from gllm.ops.quant import WIDE_ROWS, StackedWeight, dequantize_t, quant_matmul
-from gllm.ops.quant_layout import QuantWeight, dequantize, pack_nibbles
+from gllm.ops.quant_layout import dequantize
 
 # where each block stores its float16 scale(s): random bytes there could be inf or NaN
 SCALE_BYTES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
@@ -195,21 +195,23 @@ def test_the_wide_path_reads_torchs_int4_packing_on_every_instruction_set(capabi
 
 @pytest.mark.parametrize("type_name", PLANE_TYPES)
 def test_affine_codes_are_the_gguf_dequantizer_exactly(type_name):
-    """code * scale + zero in float32 is gguf's dequantized weight; the GPU layout (float16 scales) is within
-    float16 rounding of the scales."""
+    """The codes with their scales (and offsets) are gguf's dequantized weight; in the GPU layout too, within
+    float16 rounding of an affine kind's scales — Q4_K and Q6_K keep their own bytes there (4.5 and 6.5625
+    bits a weight) and stay exact."""
+    from gllm.model.quantized import affine_weight
     k = 512
     data = random_blocks(type_name, 12, k, seed=5)
     a = affine_codes(type_name, data, k)
-    assert a.codes.shape == (12, k) and a.scale.shape == (12, k // a.group)
-    assert a.codes.dtype == (np.uint8 if a.bits == 4 else np.int8)
-    w = a.codes.astype(np.float32) * a.scale.repeat(a.group, 1)
-    if a.zero is not None:
-        w += a.zero.repeat(a.group, 1)
+    assert a.codes.shape == (12, k)
+    assert a.kind == {"Q4_K": "q4_k", "Q6_K": "q6_k"}.get(type_name, "affine")
+    assert a.codes.dtype == (np.int8 if a.bits == 8 else np.uint8)
     want = reference(type_name, data, k)
-    assert np.allclose(w, want, rtol=0, atol=1e-6 * np.abs(want).max())
-    packed = pack_nibbles(torch.from_numpy(a.codes)) if a.bits == 4 else torch.from_numpy(a.codes)
-    qw = QuantWeight.from_rows(packed, torch.from_numpy(a.scale),
-                               None if a.zero is None else torch.from_numpy(a.zero), a.bits, a.group)
-    assert np.allclose(dequantize(qw).numpy(), want, rtol=0, atol=2 ** -10 * np.abs(want).max())
+    assert np.allclose(a.weights(), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    qw = affine_weight([a], torch.device("cpu"))[0]
+    exact = a.kind != "affine" or type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+    atol = 0 if exact else 2 ** -10 * np.abs(want).max()
+    assert np.allclose(dequantize(qw).numpy(), want, rtol=0, atol=atol)
+    if a.kind != "affine":
+        assert qw.nbytes * 8 == {"q4_k": 4.5, "q6_k": 6.5625}[a.kind] * 12 * k
     rows = a.rows(np.array([3, 0]))
     assert np.array_equal(rows.codes, a.codes[[3, 0]]) and np.array_equal(rows.scale, a.scale[[3, 0]])

@@ -194,3 +194,113 @@ def test_a_wide_product_over_a_large_weight_is_taken_in_slices(monkeypatch, dens
     x = torch.randn(Q.MAX_ROWS + 4, 64, device=DEVICE)
     want = x @ torch.cat([L.dequantize(w) for w in parts]).T
     torch.testing.assert_close(linear(x), want, atol=1e-4, rtol=1e-4)
+
+
+# The K-quant kinds: GGUF Q4_K and Q6_K kept in their own scales (two levels: a 6- or 8-bit scale per group
+# under a float16 one per 256 weights) and, for Q6_K, six-bit codes. Rows of K = 512 and 768 (whole 256-weight
+# super-blocks; 768: three, so a tile of K is not a power of two of them).
+K_KINDS = ["q4_k", "q6_k"]
+
+
+def _k_weight(kind: str, n: int, k: int, seed: int) -> L.QuantWeight:
+    torch.manual_seed(seed)
+    return _on_device(L.quantize_k(torch.randn(n, k) * 0.05, kind))
+
+
+@pytest.mark.parametrize("kind", K_KINDS)
+def test_k_quant_weights_keep_their_bits_and_the_quantizer_is_close(kind):
+    """4.5 and 6.5625 bits a weight (rows padded to quads of 4), within half a step of the float weight."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 768) * 0.05
+    q = L.quantize_k(w, kind)
+    assert q.nbytes * 8 == {"q4_k": 4.5, "q6_k": 6.5625}[kind] * 40 * 768
+    step = {"q4_k": 15, "q6_k": 31}[kind]
+    err = (L.dequantize(q) - w).abs().max()
+    assert err <= 1.1 * w.abs().max() / step
+    full = L.dequantize(q)
+    torch.testing.assert_close(L.dequantize(q.row_slice(4, 40)), full[4:], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        L.quantize_k(torch.randn(4, 384), kind)
+
+
+@pytest.mark.parametrize("kind", K_KINDS)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(100, 512), (36, 768)])
+def test_k_quant_gemv_matches_the_dequantized_product(shape, dtype, rows, kind):
+    n, k = shape
+    w = _k_weight(kind, n, k, seed=rows)
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    got = Q.quant_gemv(x, w)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    block = Q.row_block(dtype, w.group) if rows == 1 else 0
+    want = int8_product(x, w, block) if block else x.float() @ L.dequantize(w).T
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", K_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_quant_dequantize_dense_and_the_embedding_are_the_reference(kind, dtype):
+    from gllm.ops.triton_embedding import embed_quantized_tokens
+    w = _k_weight(kind, 70, 512, seed=3)
+    table = L.dequantize(w).to(dtype)
+    torch.testing.assert_close(Q.dequantize_dense(w, dtype).float(), table.float(), atol=0, rtol=0)
+    ids = torch.tensor([0, 1, 2, 3, 69, 68, 37, 4], device=DEVICE)
+    torch.testing.assert_close(embed_quantized_tokens(w, ids, dtype).float(), table[ids].float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", K_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prologue, residual", [("norm", False), ("silu", True)])
+def test_k_quant_row_with_its_prologue_and_the_residual_add(kind, dtype, prologue, residual):
+    """As test_one_row_with_its_prologue_and_the_residual_add, for the K-quant kinds."""
+    n, k, eps = 130, 512, 1e-5
+    w = _k_weight(kind, n, k, seed=5)
+    x = torch.randn(1, 2 * k if prologue == "silu" else k, device=DEVICE).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    h = torch.randn(1, n, device=DEVICE).to(dtype)
+    if prologue == "norm":
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        xin = (norm_weight.float() * normed.float()).to(dtype)
+    else:
+        gate, up = x.float().split(k, dim=-1)
+        xin = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype)
+    block = Q.row_block(dtype, w.group)
+    want = (int8_product(xin, w, block) if block else xin.float() @ L.dequantize(w).T).to(dtype)
+    if residual:
+        want = (h.float() + want.float()).to(dtype)
+    inputs = Q.row_inputs(x, w.packing, block=block, norm_weight=norm_weight if prologue == "norm" else None,
+                          eps=eps, silu_mul=prologue == "silu")
+    target = h.clone()
+    got = Q.quant_gemv_row(inputs, w, residual=target if residual else None, dtype=dtype)
+    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    if kind == "q6_k" and block:
+        with pytest.raises(ValueError, match="six bits: 16"):
+            Q.quant_gemv_row(Q.row_inputs(xin, 4, block=8), w, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", K_KINDS)
+@pytest.mark.parametrize("config", [Q.QuantGemvConfig(1, 256, 1, 2), Q.QuantGemvConfig(2, 512, 2, 3), None])
+def test_the_integer_row_kernel_over_several_tiles_of_k_quants(kind, config):
+    w = _k_weight(kind, 72, 1280, seed=1)
+    x = torch.randn(1, 1280, device=DEVICE).to(torch.float16)
+    block = Q.row_block(torch.float16, w.group)
+    got = Q.quant_gemv_row(Q.row_inputs(x, w.packing, block=block), w, dtype=torch.float32, config=config)
+    want = int8_product(x, w, block)
+    assert (got.double() - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_a_projection_of_mixed_kinds_runs_each_part_in_its_own():
+    """A Q4_K_M file's q/k/v: q and k in Q4_K, v in Q6_K — one decode row, a few rows and a wide product."""
+    from gllm.model.quantized import GpuQuantizedLinear
+    parts = [_k_weight("q4_k", 64, 512, seed=7), _k_weight("q4_k", 16, 512, seed=8), _k_weight("q6_k", 16, 512, 9)]
+    linear = GpuQuantizedLinear(parts, "Q4_K/Q6_K")
+    weight = torch.cat([L.dequantize(w) for w in parts])
+    for rows in (1, 3, Q.MAX_ROWS + 4):
+        x = torch.randn(rows, 512, device=DEVICE)
+        torch.testing.assert_close(linear(x), x @ weight.T, atol=1e-4, rtol=1e-4)
+    x = torch.randn(1, 512, device=DEVICE)
+    torch.testing.assert_close(linear.row(x), x @ weight.T, atol=1e-4, rtol=1e-4)

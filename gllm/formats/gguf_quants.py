@@ -200,17 +200,39 @@ def int4_planes(type_name: str, data: np.ndarray, k: int) -> Int4Planes:
 @dataclass(frozen=True)
 class AffineCodes:
     """One tensor's rows as integer codes with a scale and an optional offset per `group` weights,
-    w = code * scale + zero: the form the GPU kernels read (`gllm.ops.quant_layout.QuantWeight`). 4-bit types keep
-    their 4-bit codes; 5-, 6- and 8-bit ones take 8-bit codes."""
-    codes: np.ndarray                   # [rows, k]: uint8 0..15 (bits 4) or int8 (bits 8)
-    scale: np.ndarray                   # float32 [rows, k / group]
-    zero: np.ndarray | None             # like scale; None: w = code * scale
+    w = code * scale + zero: the form the GPU kernels read (`gllm.ops.quant_layout.QuantWeight`, whose kinds
+    this follows). 4-bit types keep their 4-bit codes; Q5_x and Q8_0 take 8-bit codes with float scales (kind
+    affine); Q4_K and Q6_K keep their own scales (kinds q4_k: the blocks' 16-byte headers, and q6_k: int8
+    sub-scales and a float16 d per 256, its codes 0..63 offset by 32)."""
+    codes: np.ndarray                   # [rows, k]: uint8 0..15 (bits 4), uint8 0..63 (bits 6) or int8 (bits 8)
+    scale: np.ndarray                   # affine: float32 [rows, k / group]; q4_k: uint8 [rows, k / 256 * 16];
+                                        # q6_k: int8 [rows, k / 16]
+    zero: np.ndarray | None             # affine: like scale; None: w = code * scale (and the K-quants)
     bits: int
     group: int
+    kind: str = "affine"
+    lead: np.ndarray | None = None      # q6_k: float16 [rows, k / 256]
 
     def rows(self, index: np.ndarray) -> AffineCodes:
         return AffineCodes(self.codes[index], self.scale[index], None if self.zero is None else self.zero[index],
-                           self.bits, self.group)
+                           self.bits, self.group, self.kind, None if self.lead is None else self.lead[index])
+
+    def weights(self) -> np.ndarray:
+        """The float32 weights [rows, k] (the `gguf` package's dequantized ones, exactly)."""
+        rows = self.codes.shape[0]
+        if self.kind == "q4_k":
+            head = self.scale.reshape(rows, -1, 16)
+            sc, mn = _k_scales(head[..., 4:16])
+            scale, zero = _f16(head, 0)[..., None] * sc, -_f16(head, 2)[..., None] * mn
+        elif self.kind == "q6_k":
+            scale = self.lead.astype(np.float32).repeat(16, 1) * self.scale.astype(np.float32)
+            zero = -32.0 * scale
+        else:
+            scale, zero = self.scale, self.zero
+        w = self.codes.astype(np.float32) * scale.reshape(rows, -1).repeat(self.group, 1)
+        if zero is not None:
+            w += zero.reshape(rows, -1).repeat(self.group, 1)
+        return w
 
 
 def _affine_q5(b: np.ndarray, at: int) -> np.ndarray:
@@ -227,9 +249,6 @@ def _affine(type_name: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
         return _nibbles(b[..., 2:18]), d, -8.0 * d, 4, 32
     if type_name == "Q4_1":
         return _nibbles(b[..., 4:20]), _f16(b, 0), _f16(b, 2), 4, 32
-    if type_name == "Q4_K":
-        scale, mn = _k_lead(b)
-        return _k_low(b[..., 16:144]), scale, mn, 4, 32
     if type_name == "Q5_0":
         return (_affine_q5(b, 2).astype(i8) - 16), _f16(b, 0), None, 8, 32
     if type_name == "Q5_1":
@@ -239,16 +258,14 @@ def _affine(type_name: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
         return (_k_low(b[..., 48:176]) + 16 * _k5_high(b)).astype(i8), scale, mn, 8, 32
     if type_name == "Q8_0":
         return b[..., 2:34].view(i8), _f16(b, 0), None, 8, 32
-    if type_name == "Q6_K":
-        low, high, scale = _q6_k_parts(b)
-        return (low + 16 * high).astype(i8) - 32, scale, None, 8, 16
     raise ValueError(f"{type_name} blocks have no affine codes (only {', '.join(PLANE_TYPES)} do)")
 
 
 def affine_codes(type_name: str, data: np.ndarray, k: int) -> AffineCodes:
     """A tensor's rows (`data`: [rows, bytes] uint8 as the GGUF reader gives them, `k` weights a row) as affine
-    codes. Exact: w = code * scale + zero in float32 is the `gguf` package's dequantized weight (the GPU layout
-    then stores scale and zero in float16, which rounds the K-quants' d * sc products)."""
+    codes. Exact: `AffineCodes.weights` is the `gguf` package's dequantized weight (the GPU layout then stores an
+    affine kind's scale and zero in float16, which rounds Q5_K's d * sc products; Q4_K and Q6_K keep their
+    own bytes)."""
     if type_name not in _TYPES:
         raise ValueError(f"{type_name} blocks have no affine codes (only {', '.join(PLANE_TYPES)} do)")
     weights, size = _TYPES[type_name][:2]
@@ -256,6 +273,15 @@ def affine_codes(type_name: str, data: np.ndarray, k: int) -> AffineCodes:
     if k % weights or data.shape[1] != k // weights * size:
         raise ValueError(f"{type_name}: {data.shape[1]} bytes a row do not hold {k} weights")
     blocks = np.ascontiguousarray(data).reshape(rows, k // weights, size)
+    if type_name == "Q4_K":
+        codes = np.ascontiguousarray(_k_low(blocks[..., 16:144])).reshape(rows, k)
+        return AffineCodes(codes, np.ascontiguousarray(blocks[..., :16]).reshape(rows, -1), None, 4, 32, "q4_k")
+    if type_name == "Q6_K":
+        low, high, _ = _q6_k_parts(blocks)
+        codes = np.ascontiguousarray(low + 16 * high).reshape(rows, k)
+        sub = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).reshape(rows, -1)
+        lead = np.ascontiguousarray(blocks[..., 208:210]).view(np.float16).reshape(rows, -1)
+        return AffineCodes(codes, sub, None, 6, 16, "q6_k", lead)
     codes, scale, zero, bits, group = _affine(type_name, blocks)
     codes = np.ascontiguousarray(codes).reshape(rows, k).astype(np.uint8 if bits == 4 else np.int8)
     scale = np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, k // group)

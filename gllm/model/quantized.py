@@ -166,9 +166,9 @@ class GpuQuantizedLinear(nn.Module):
                                                                  device=x.device)
         inputs: dict[tuple[int, int], RowInputs] = {}   # by code width and block: the packing depends on them
         for part, cols in self._spans():
-            key = (part.bits, row_block(x.dtype, part.group))
+            key = (part.packing, row_block(x.dtype, part.group))
             if key not in inputs:
-                inputs[key] = row_inputs(x, part.bits, block=key[1], norm_weight=norm_weight, eps=eps,
+                inputs[key] = row_inputs(x, part.packing, block=key[1], norm_weight=norm_weight, eps=eps,
                                          silu_mul=silu_mul, dependent_launch=dependent_launch)
             view = out[:, cols]
             quant_gemv_row(inputs[key], part, residual=view if residual is not None else None,
@@ -262,21 +262,23 @@ def gpu_quantized(weight: torch.Tensor, scheme: str, group_size: int) -> tuple[Q
 
 def affine_weight(parts: list[AffineCodes], device: torch.device) -> list[QuantWeight]:
     """A projection's GGUF parts (stacked along N in order) in the kernels' layout on `device`: consecutive parts
-    of the same bits and group share one `QuantWeight`."""
+    of the same layout (kind, bits, group, offsets or not) share one `QuantWeight`."""
     runs: list[list[AffineCodes]] = []
     for part in parts:
-        if runs and (runs[-1][0].bits, runs[-1][0].group, runs[-1][0].zero is None) == \
-                (part.bits, part.group, part.zero is None):
+        key = (part.kind, part.bits, part.group, part.zero is None)
+        if runs and (runs[-1][0].kind, runs[-1][0].bits, runs[-1][0].group, runs[-1][0].zero is None) == key:
             runs[-1].append(part)
         else:
             runs.append([part])
     out = []
     for run in runs:
-        codes = torch.from_numpy(np.concatenate([p.codes for p in run])).to(device)
-        scale = torch.from_numpy(np.concatenate([p.scale for p in run])).to(device)
-        zero = None if run[0].zero is None else torch.from_numpy(np.concatenate([p.zero for p in run])).to(device)
-        packed = pack_nibbles(codes) if run[0].bits == 4 else codes
-        out.append(QuantWeight.from_rows(packed, scale, zero, run[0].bits, run[0].group))
+        def stacked(arrays: list[np.ndarray | None]) -> torch.Tensor | None:
+            return None if arrays[0] is None else torch.from_numpy(np.concatenate(arrays)).to(device)
+        first = run[0]
+        codes = stacked([p.codes for p in run])
+        packed = pack_nibbles(codes) if first.bits == 4 else codes
+        out.append(QuantWeight.from_rows(packed, stacked([p.scale for p in run]), stacked([p.zero for p in run]),
+                                         first.bits, first.group, first.kind, stacked([p.lead for p in run])))
     return out
 
 
@@ -290,16 +292,15 @@ def affine_weight_in_blocks(blocks: Iterable[AffineCodes], rows: int, device: to
     for block in blocks:
         piece = affine_weight([block], device)[0]
         if out is None:
-            words, scale, zero = (None if t is None else t.new_empty(quads, *t.shape[1:])
-                                  for t in (piece.words, piece.scale, piece.zero))
-            out = QuantWeight(words, scale, zero, piece.bits, piece.group, piece.in_features, rows)
+            out = piece._with(tuple(None if t is None else t.new_empty(quads, *t.shape[1:])
+                                    for t in piece._tensors()), rows)
         if at * INTERLEAVE + piece.out_features > rows or (piece.out_features % INTERLEAVE
                                                             and at * INTERLEAVE + piece.out_features != rows):
             raise ValueError(f"blocks of {piece.out_features} rows do not stack into {rows} on quads of {INTERLEAVE}")
         span = slice(at, at + piece.words.shape[0])
-        out.words[span], out.scale[span] = piece.words, piece.scale
-        if out.zero is not None:
-            out.zero[span] = piece.zero
+        for whole, part in zip(out._tensors(), piece._tensors()):
+            if whole is not None:
+                whole[span] = part
         at = span.stop
     if out is None or at != quads:
         raise ValueError(f"the blocks hold {at * INTERLEAVE} rows, not {rows}")

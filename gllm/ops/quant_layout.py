@@ -1,19 +1,30 @@
-"""`QuantWeight`: a weight kept in 4 or 8 bits in the layout the GPU kernels read (`gllm.ops.triton_quant_gemv`),
-with its reference dequantizer and a round-to-nearest quantizer. Plain torch: loaders and tests use it without
+"""`QuantWeight`: a weight kept in 4, 6 or 8 bits in the layout the GPU kernels read (`gllm.ops.triton_quant_gemv`),
+with its reference dequantizer and round-to-nearest quantizers. Plain torch: loaders and tests use it without
 Triton.
 
 A weight is w[n, k] = code[n, k] * scale[n, g] + zero[n, g], g = k // group: integer codes and, per group of
-`group` consecutive K elements of an output row, a scale and (optionally) an offset. That one affine form holds
-the formats a game ships: GGUF Q4_0 / Q8_0 (zero = -8 * scale / none), Q4_1 and Q4_K's sub-blocks (scale
-d * sc, zero -dmin * m), Q5_x and Q6_K as 8-bit codes (`gllm.formats.gguf_quants.affine_codes`), gllm's own
-int4/int8 quantization.
+`group` consecutive K elements of an output row, a scale and (optionally) an offset. How a group's scale and
+offset are stored is the weight's `kind`:
+
+    affine  float16 scale (and offset) per group. GGUF Q4_0 / Q8_0 (zero = -8 * scale / none), Q4_1, Q5_x
+            as 8-bit codes (`gllm.formats.gguf_quants.affine_codes`), gllm's own int4/int8 quantization.
+    q4_k    GGUF Q4_K as the file stores it: 4-bit codes, groups of 32, and per 256 weights a 16-byte header
+            (float16 d and dmin, then eight 6-bit scales sc and mins m packed in 12 bytes):
+            scale = d * sc, zero = -dmin * m. 4.5 bits a weight (the affine form of it took 5).
+    q6_k    GGUF Q6_K: 6-bit codes u (w = (u - 32) * scale), groups of 16 with an int8 sub-scale sc each and a
+            float16 d per 256: scale = d * sc, zero = -32 * scale. 6.5625 bits a weight (8-bit codes with
+            float16 scales took 9).
 
 Layout (made by `QuantWeight.from_rows` once, at load): the codes as little-endian 32-bit words (8 four-bit
 codes, element 8j + i in bits 4i..4i+3 of word j; or 4 int8 codes), and output rows interleaved in fours: word j
 of rows 4a..4a+3 are one 16-byte vector, words[a, j, r]. A thread then loads four rows' codes for the same K
 positions at once and multiplies them by the same x values: x is read from cache once for four weights instead
-of once per weight, which was what bounded a row-major kernel (session 11, docs/benchmarks.md). Scales and
-offsets are interleaved the same way; rows are padded to a multiple of four.
+of once per weight, which was what bounded a row-major kernel (session 11, docs/benchmarks.md). Scales, offsets
+and headers are interleaved the same way; rows are padded to a multiple of four. Six-bit codes keep their low
+four bits in the four-bit words and their top two bits in `high`, one word per 16 weights: for element
+16a + 8t + 2b + c (t: which of the pair of low words, b: its byte, c: low or high nibble) in bits
+8b + 4t + 2c of word a — so that `(high >> 4t) << 4` (and `<< 2`) puts a low word's even (odd) codes' top bits
+beside their low nibbles, byte for byte, as the integer kernel's dot products take them.
 """
 
 from __future__ import annotations
@@ -23,40 +34,82 @@ from typing import NamedTuple
 import torch
 
 INTERLEAVE = 4      # output rows sharing one 16-byte vector of codes
+SUPER_BLOCK = 256   # weights a K-quant header (q4_k) or lead scale (q6_k) covers
+KINDS = ("affine", "q4_k", "q6_k")
+_K_GROUP = {"q4_k": (4, 32), "q6_k": (6, 16)}   # kind -> (bits, group)
 
 
 class QuantWeight(NamedTuple):
-    words: torch.Tensor            # [ceil(N / 4), K // codes_per_word, 4] int32
-    scale: torch.Tensor            # [ceil(N / 4), K // group, 4] float16
-    zero: torch.Tensor | None      # like scale, or None (w = code * scale)
+    words: torch.Tensor            # [ceil(N / 4), K // codes_per_word, 4] int32 (six bits: the low four)
+    scale: torch.Tensor            # affine: [ceil(N / 4), K // group, 4] float16; q4_k: the headers,
+                                   # [ceil(N / 4), K // 256, 4, 16] uint8; q6_k: [ceil(N / 4), K // 16, 4] int8
+    zero: torch.Tensor | None      # affine: like scale, or None (w = code * scale); K-quants: None
     bits: int
     group: int
     in_features: int
     out_features: int
+    kind: str = "affine"
+    high: torch.Tensor | None = None   # six bits: the top two bits, [ceil(N / 4), K // 16, 4] int32
+    lead: torch.Tensor | None = None   # q6_k: d, [ceil(N / 4), K // 256, 4] float16
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
+
+    @property
+    def has_offset(self) -> bool:
+        """Whether the kernels add an offset per group (an affine zero, or a K-quant's)."""
+        return self.zero is not None or self.kind != "affine"
+
+    @property
+    def packing(self) -> int:
+        """The code width a row of x is packed for (`triton_quant_gemv.row_inputs`): six-bit codes are read as
+        their four-bit words."""
+        return 4 if self.bits == 6 else self.bits
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.words, self.scale, self.zero, self.high, self.lead)
+
+    def _with(self, tensors: tuple[torch.Tensor | None, ...], out_features: int) -> QuantWeight:
+        words, scale, zero, high, lead = tensors
+        return QuantWeight(words, scale, zero, self.bits, self.group, self.in_features, out_features, self.kind,
+                           high, lead)
 
     @staticmethod
     def from_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                  group: int) -> QuantWeight:
-        """Row-major codes ([N, K // 2] uint8 packed by `pack_nibbles` for 4 bits, [N, K] int8 for 8) and
-        [N, K // group] scales/offsets, in the kernels' layout."""
+                  group: int, kind: str = "affine", lead: torch.Tensor | None = None) -> QuantWeight:
+        """Row-major codes ([N, K // 2] uint8 packed by `pack_nibbles` for 4 bits, [N, K] int8 for 8, [N, K]
+        uint8 0..63 for 6) and per row: affine, [N, K // group] scales/offsets; q4_k, [N, K // 256 * 16] header
+        bytes; q6_k, [N, K // 16] int8 sub-scales and `lead` [N, K // 256] d — in the kernels' layout."""
         n = codes.shape[0]
-        per_word = 32 // bits
         k = codes.shape[1] * (2 if bits == 4 else 1)
-        if k % group or group % per_word:
-            raise ValueError(f"in_features {k} must be a multiple of the group {group}, itself of {per_word}")
-        words = codes.contiguous().view(torch.int32)
+        per_word = 32 // (4 if bits == 6 else bits)
+        if kind not in KINDS or (kind != "affine" and _K_GROUP[kind] != (bits, group)):
+            raise ValueError(f"kind {kind!r} with {bits} bits in groups of {group} is not a layout "
+                             f"({', '.join(KINDS)}; q4_k: 4 bits, 32; q6_k: 6 bits, 16)")
+        if bits == 6 and kind == "affine":
+            raise ValueError("six-bit codes come only as q6_k")
+        if k % group or group % per_word or (kind != "affine" and k % SUPER_BLOCK):
+            raise ValueError(f"in_features {k} must be a multiple of the group {group}, itself of {per_word}"
+                             + (f", and of {SUPER_BLOCK} ({kind})" if kind != "affine" else ""))
         pad = -n % INTERLEAVE
 
         def interleave(t: torch.Tensor) -> torch.Tensor:
-            t = torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
-            return t.view(-1, INTERLEAVE, t.shape[1]).transpose(1, 2).contiguous()
+            t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+            return t.view(-1, INTERLEAVE, *t.shape[1:]).movedim(1, 2).contiguous()
 
-        return QuantWeight(interleave(words), interleave(scale.half()),
-                           None if zero is None else interleave(zero.half()), bits, group, k, n)
+        high = None
+        if bits == 6:
+            codes = codes.to(torch.uint8)
+            high = interleave(pack_high_bits(codes >> 4))
+            codes = pack_nibbles(codes & 0xF)
+        words = interleave(codes.contiguous().view(torch.int32))
+        if kind == "q4_k":
+            scale = scale.to(torch.uint8).reshape(n, k // SUPER_BLOCK, 16)
+        elif kind == "affine":
+            scale = scale.half()
+        return QuantWeight(words, interleave(scale), None if zero is None else interleave(zero.half()), bits, group,
+                           k, n, kind, high, None if lead is None else interleave(lead.half()))
 
     def row_slice(self, start: int, stop: int) -> QuantWeight:
         """Output rows start..stop as a weight of their own (views, no copy); `start` a multiple of the
@@ -65,16 +118,17 @@ class QuantWeight(NamedTuple):
         if start % INTERLEAVE or (stop % INTERLEAVE and stop != self.out_features) or not 0 <= start < stop:
             raise ValueError(f"rows {start}..{stop} of {self.out_features} do not fall on quads of {INTERLEAVE}")
         quads = slice(start // INTERLEAVE, -(-stop // INTERLEAVE))
-        return QuantWeight(self.words[quads], self.scale[quads], None if self.zero is None else self.zero[quads],
-                           self.bits, self.group, self.in_features, stop - start)
+        return self._with(tuple(None if t is None else t[quads] for t in self._tensors()), stop - start)
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Row-major [N, K // codes_per_word] words and [N, K // group] scales/offsets (the inverse of
-        `from_rows`)."""
-        def deinterleave(t: torch.Tensor) -> torch.Tensor:
-            return t.transpose(1, 2).reshape(-1, t.shape[1])[:self.out_features]
-        return (deinterleave(self.words), deinterleave(self.scale),
-                None if self.zero is None else deinterleave(self.zero))
+    def rows(self) -> tuple[torch.Tensor, ...]:
+        """Row-major words [N, K // codes_per_word] and the rest as `from_rows` takes them, each per row: scale,
+        zero, high [N, K // 16] and lead (the inverse of `from_rows`, but for six-bit codes, whose words and
+        high bits come apart)."""
+        def deinterleave(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.movedim(2, 1).reshape(-1, *t.shape[1:2], *t.shape[3:])[:self.out_features].flatten(1)
+        return tuple(deinterleave(t) for t in self._tensors())
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -88,15 +142,62 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
+# Bit of a 16-weight word holding element 16a + 8t + 2b + c's top two bits (module docstring).
+_HIGH_SHIFTS = torch.tensor([8 * b + 4 * t + 2 * c for t in range(2) for b in range(4) for c in range(2)])
+
+
+def pack_high_bits(top: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..3 (six-bit codes' top two bits) as [N, K // 16] int32 words, in the layout's order."""
+    n, k = top.shape
+    shifted = top.to(torch.int64).view(n, k // 16, 16) << _HIGH_SHIFTS.to(top.device)
+    word = shifted.sum(-1)
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+
+
+def unpack_high_bits(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_high_bits`: [N, K] uint8 values 0..3."""
+    n = words.shape[0]
+    return ((words.to(torch.int64)[..., None] >> _HIGH_SHIFTS.to(words.device)) & 3).to(torch.uint8).view(n, -1)
+
+
+def k_scales(headers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4_k headers [..., 16] uint8 -> d, dmin [...] float32 and sc, m [..., 8] (0..63) as float32."""
+    d, dmin = headers[..., 0:4].contiguous().view(torch.float16).float().unbind(-1)
+    a, b, c = (headers[..., i:i + 4].to(torch.int32) for i in (4, 8, 12))
+    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=-1)
+    m = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
+    return d, dmin, sc.float(), m.float()
+
+
+def group_scales(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row-major [N, K // group] float32 scales and offsets (None: none) of any kind."""
+    _, scale, zero, _, lead = w.rows()
+    if w.kind == "affine":
+        return scale.float(), None if zero is None else zero.float()
+    if w.kind == "q4_k":
+        d, dmin, sc, m = k_scales(scale.view(w.out_features, -1, 16))
+        return (d[..., None] * sc).flatten(1), (-dmin[..., None] * m).flatten(1)
+    s = lead.float().repeat_interleave(SUPER_BLOCK // w.group, dim=1) * scale.float()
+    return s, -32.0 * s
+
+
+def codes_of(w: QuantWeight) -> torch.Tensor:
+    """Row-major [N, K] integer codes (offset binary for 4 and 6 bits, int8 for 8)."""
+    words, _, _, high, _ = w.rows()
+    raw = words.contiguous().view(torch.uint8 if w.bits != 8 else torch.int8)
+    if w.bits == 8:
+        return raw
+    codes = unpack_nibbles(raw)
+    return codes if w.bits == 4 else codes | (unpack_high_bits(high) << 4)
+
+
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[N, K] weights (the reference for the kernels, and the prefill path: dequantize once, then a dense
     matmul)."""
-    words, scale, zero = w.rows()
-    raw = words.contiguous().view(torch.uint8 if w.bits == 4 else torch.int8)
-    codes = unpack_nibbles(raw) if w.bits == 4 else raw
-    out = codes.float() * scale.float().repeat_interleave(w.group, dim=1)
+    scale, zero = group_scales(w)
+    out = codes_of(w).float() * scale.repeat_interleave(w.group, dim=1)
     if zero is not None:
-        out += zero.float().repeat_interleave(w.group, dim=1)
+        out += zero.repeat_interleave(w.group, dim=1)
     return out.to(dtype)
 
 
@@ -127,3 +228,42 @@ def quantize(weight: torch.Tensor, bits: int, group: int, symmetric: bool | None
     codes = codes.view(n, k)
     q = pack_nibbles(codes) if bits == 4 else codes.to(torch.int8)
     return QuantWeight.from_rows(q, scale.half(), zero, bits, group)
+
+
+def quantize_k(weight: torch.Tensor, kind: str) -> QuantWeight:
+    """Round-to-nearest quantization of a float [N, K] weight (K a multiple of 256) into a K-quant kind, min-max
+    per group with the group scales rounded to the kind's 6 or 8 bits (a valid encoding; llama.cpp searches
+    for better ones). For tests, benchmarks and Q4_K_M-style quantization on load."""
+    n, k = weight.shape
+    if kind not in _K_GROUP or k % SUPER_BLOCK:
+        raise ValueError(f"quantize_k takes q4_k or q6_k and K a multiple of {SUPER_BLOCK}; got {kind!r}, {k}")
+    tiny = 2.0 ** -24
+
+    def lead_of(values: torch.Tensor, top: int) -> torch.Tensor:
+        """Per super-block, the float16 multiplier of `values`' integer sub-scales (0..top in magnitude)."""
+        return (values.abs().amax(-1) / top).clamp_min(tiny).half().float()
+
+    if kind == "q4_k":
+        w = weight.float().view(n, k // SUPER_BLOCK, 8, 32)
+        lo = w.amin(-1).clamp_max(0.0)             # the offset is subtracted: a min of at most 0
+        span = (w.amax(-1) - lo) / 15
+        d, dmin = lead_of(span, 63), lead_of(-lo, 63)
+        sc = torch.round(span / d[..., None]).clamp(0, 63)
+        m = torch.round(-lo / dmin[..., None]).clamp(0, 63)
+        scale, zero = d[..., None] * sc, -dmin[..., None] * m
+        codes = torch.round((w - zero[..., None]) / scale.clamp_min(tiny)[..., None]).clamp(0, 15)
+        sc, m = sc.to(torch.int32), m.to(torch.int32)
+        packed = torch.cat([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+                            (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+                            (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], dim=-1).to(torch.uint8)
+        dd = torch.stack([d, dmin], dim=-1).half().view(torch.uint8)     # [n, blocks, 4]
+        headers = torch.cat([dd, packed], dim=-1).view(n, -1)
+        return QuantWeight.from_rows(pack_nibbles(codes.view(n, k)), headers, None, 4, 32, "q4_k")
+    w = weight.float().view(n, k // SUPER_BLOCK, 16, 16)
+    sub = w.abs().amax(-1) / 31
+    d = lead_of(sub, 127)
+    sc = torch.round(sub / d[..., None]).clamp(-128, 127)
+    scale = (d[..., None] * sc).clamp_min(tiny)
+    codes = (torch.round(w / scale[..., None]) + 32).clamp(0, 63)
+    return QuantWeight.from_rows(codes.view(n, k).to(torch.uint8), sc.to(torch.int8).view(n, -1), None, 6, 16,
+                                 "q6_k", lead=d.half())

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from gllm.ops.quant_layout import INTERLEAVE, QuantWeight
+from gllm.ops.triton_quant_gemv import _code_at, _group_scales, kernel_operands
 
 
 @triton.jit
@@ -53,13 +54,11 @@ def embed_tokens(weight: torch.Tensor, input_ids: torch.Tensor, gather_rows: tor
 
 
 @triton.jit
-def _embed_quantized_kernel(w_ptr, s_ptr, z_ptr, ids_ptr, rows_ptr, source_ptr, out_ptr, K, stride_o,
-                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+def _embed_quantized_kernel(w_ptr, s_ptr, z_ptr, h_ptr, ids_ptr, rows_ptr, source_ptr, out_ptr, K, stride_o,
+                            GROUP: tl.constexpr, BITS: tl.constexpr, SCALES: tl.constexpr, HAS_ZERO: tl.constexpr,
                             HAS_SOURCE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
                             USE_PDL: tl.constexpr):
     # As _embed_kernel, then the token's row dequantized as `_dequantize_kernel` does a whole weight.
-    PER_WORD: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     row = tl.program_id(0)
     ks = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     if USE_PDL:
@@ -72,14 +71,11 @@ def _embed_quantized_kernel(w_ptr, s_ptr, z_ptr, ids_ptr, rows_ptr, source_ptr, 
             token = tl.load(source_ptr + gather).to(tl.int64)
     ok = ks < K
     quad, lane = token // R, token % R
-    words = tl.load(w_ptr + (quad * (K // PER_WORD) + ks // PER_WORD) * R + lane, mask=ok, other=0)
-    code = (words >> ((ks % PER_WORD) * BITS)) & MASK
-    if BITS == 8:
-        code = (code ^ 0x80) - 0x80                        # int8: two's complement
-    at = (quad * (K // GROUP) + ks // GROUP) * R + lane
-    value = code.to(tl.float32) * tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    code = _code_at(w_ptr, h_ptr, quad, lane, ks, ok, K, BITS, R)
+    scale, zero = _group_scales(s_ptr, z_ptr, quad, ks // GROUP, lane, ok, K // GROUP, SCALES, HAS_ZERO, R)
+    value = code.to(tl.float32) * scale
     if HAS_ZERO:
-        value += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        value += zero
     tl.store(out_ptr + row * stride_o + ks, value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -98,8 +94,7 @@ def embed_quantized_tokens(weight: QuantWeight, input_ids: torch.Tensor, dtype: 
         block = min(1024, triton.next_power_of_2(hidden))
         pdl = {"launch_pdl": True} if dependent_launch else {}
         _embed_quantized_kernel[(n, triton.cdiv(hidden, block))](
-            weight.words, weight.scale, weight.zero if weight.zero is not None else weight.scale, input_ids, rows,
-            source, out, hidden, out.stride(0), GROUP=weight.group, BITS=weight.bits,
-            HAS_ZERO=weight.zero is not None, HAS_SOURCE=token_source is not None, BLOCK=block, R=INTERLEAVE,
-            USE_PDL=dependent_launch, num_warps=4, **pdl)
+            weight.words, ids_ptr=input_ids, rows_ptr=rows, source_ptr=source, out_ptr=out, K=hidden,
+            stride_o=out.stride(0), **kernel_operands(weight), HAS_SOURCE=token_source is not None, BLOCK=block,
+            R=INTERLEAVE, USE_PDL=dependent_launch, num_warps=4, **pdl)
     return out

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from gllm.ops.quant_layout import INTERLEAVE, QuantWeight
 
+SCALES = {"affine": 0, "q4_k": 1, "q6_k": 2}   # a weight's kind as the kernels' constant
 MAX_ROWS = 8        # more rows: dequantize once (`dequantize_dense`) and use a dense matmul
 ROW_INPUTS_BLOCK = 512   # elements of a row a `row_inputs` program prepares (a 14,336 row: 28 programs)
 
@@ -53,19 +54,84 @@ def _word_tile(w_ptr, quads, q_ok, js, js_ok, row_words, R: tl.constexpr):
 
 
 @triton.jit
-def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-                           GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+def _group_scales(s_ptr, z_ptr, quad, g, lane, ok, groups, SCALES: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  R: tl.constexpr):
+    """Float32 (scale, offset) of group `g` of row `lane` of quad `quad` (index tensors that broadcast), by the
+    weight's kind (SCALES: 0 affine, 1 q4_k, 2 q6_k; see `gllm.ops.quant_layout`); the offset is the scale
+    again where the weight has none. q4_k: s_ptr the header bytes, z_ptr the same as float16; q6_k: s_ptr the
+    int8 sub-scales, z_ptr the float16 d per 256."""
+    if SCALES == 1:
+        head = (quad * (groups // 8) + g // 8) * R + lane          # the (row, super-block)'s 16-byte header
+        d = tl.load(z_ptr + head * 8, mask=ok, other=0.0).to(tl.float32)
+        dmin = tl.load(z_ptr + head * 8 + 1, mask=ok, other=0.0).to(tl.float32)
+        j = g % 8
+        at = head * 16 + 4 + j % 4
+        a = tl.load(s_ptr + at, mask=ok, other=0).to(tl.int32)
+        b = tl.load(s_ptr + at + 4, mask=ok, other=0).to(tl.int32)
+        c = tl.load(s_ptr + at + 8, mask=ok, other=0).to(tl.int32)
+        sc = tl.where(j < 4, a & 63, (c & 15) | ((a >> 6) << 4))
+        mn = tl.where(j < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
+        scale = d * sc.to(tl.float32)
+        zero = -dmin * mn.to(tl.float32)
+    elif SCALES == 2:
+        d = tl.load(z_ptr + (quad * (groups // 16) + g // 16) * R + lane, mask=ok, other=0.0).to(tl.float32)
+        scale = d * tl.load(s_ptr + (quad * groups + g) * R + lane, mask=ok, other=0).to(tl.float32)
+        zero = -32.0 * scale
+    else:
+        at = (quad * groups + g) * R + lane
+        scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        zero = scale
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _top_bits(high, i: tl.constexpr, t):
+    """Six-bit codes: the top two bits of code i of the low words of parity `t` (which of a pair), from their
+    pair's word of top bits (layout: `gllm.ops.quant_layout`)."""
+    return (high >> (8 * (i // 2) + 2 * (i % 2) + 4 * t)) & 3
+
+
+@triton.jit
+def _code_at(w_ptr, h_ptr, quad, lane, ks, ok, K, BITS: tl.constexpr, R: tl.constexpr):
+    """The integer code of element `ks` of row `lane` of quad `quad` (offset binary for 4 and 6 bits, signed
+    for 8): for lanes that each produce one weight (dequantization, embedding lookups)."""
+    PER_WORD: tl.constexpr = 8 if BITS == 6 else 32 // BITS
+    WIDTH: tl.constexpr = 4 if BITS == 6 else BITS
+    MASK: tl.constexpr = (1 << WIDTH) - 1
+    words = tl.load(w_ptr + (quad * (K // PER_WORD) + ks // PER_WORD) * R + lane, mask=ok, other=0)
+    code = (words >> ((ks % PER_WORD) * WIDTH)) & MASK
+    if BITS == 8:
+        code = (code ^ 0x80) - 0x80                        # int8: two's complement
+    if BITS == 6:
+        high = tl.load(h_ptr + (quad * (K // 16) + ks // 16) * R + lane, mask=ok, other=0)
+        i = ks % 8
+        code |= ((high >> (8 * (i // 2) + 2 * (i % 2) + 4 * ((ks // 8) % 2))) & 3) << 4
+    return code
+
+
+@triton.jit
+def _code6_as_float(words, high, i: tl.constexpr, t):
+    """Six-bit code i of each low word (of parity t) as 1 + u / 64, as `_code_as_float` does four and eight."""
+    code = ((words >> (4 * i)) & 0xF) | (_top_bits(high, i, t) << 4)
+    return ((code << 17) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, N, K,
+                           GROUP: tl.constexpr, BITS: tl.constexpr, SCALES: tl.constexpr, HAS_ZERO: tl.constexpr,
                            HAS_RESIDUAL: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
     # One row of x; tiles [row quads, groups, words of a group, 4 rows]. x comes permuted and in float32
     # (xp[i, j] = x[PER_WORD * j + i]), so its values for code i of a tile's words are one contiguous load.
     # Per group: sum(u x) = 2^BITS (sum(f x) - sum(x)) for f = 1 + u / 2^BITS; the scale (and offset times
     # sum(x)) is applied once per group, and the sum along K is reduced once, at the end.
-    PER_WORD: tl.constexpr = 32 // BITS
+    PER_WORD: tl.constexpr = 8 if BITS == 6 else 32 // BITS
     GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     SPAN: tl.constexpr = 1 << BITS
-    BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0     # int8: code = u - 128
+    BIAS: tl.constexpr = 128.0 if BITS == 8 else 0.0     # int8: code = u - 128
     quads = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     q_ok = quads < (N + R - 1) // R
     row_words = K // PER_WORD
@@ -77,20 +143,27 @@ def _quant_gemv_row_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
         g_ok = gs < groups
         js = gs[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]             # [GROUPS, GROUP_WORDS]
         words = _word_tile(w_ptr, quads, q_ok, js, g_ok, row_words, R)
+        high = words
+        if BITS == 6:   # groups of 16: one word of top bits a group, for its pair of low words
+            high = _word_tile(h_ptr, quads, q_ok, gs[:, None], g_ok, K // 16, R)
         part = tl.zeros([BLOCK_R, GROUPS, GROUP_WORDS, R], dtype=tl.float32)
         x_sum = tl.zeros([GROUPS, GROUP_WORDS], dtype=tl.float32)
         for i in tl.static_range(PER_WORD):
             xi = tl.load(xp_ptr + i * row_words + js, mask=g_ok[:, None], other=0.0)
-            part += _code_as_float(words, i, BITS) * xi[None, :, :, None]
+            if BITS == 6:
+                f = _code6_as_float(words, high, i, tl.arange(0, GROUP_WORDS)[None, None, :, None])
+            else:
+                f = _code_as_float(words, i, BITS)
+            part += f * xi[None, :, :, None]
             x_sum += xi
         fx = tl.sum(part, axis=2)                                                        # [BLOCK_R, GROUPS, R]
         xs = tl.sum(x_sum, axis=1)[None, :, None]
-        at = (quads[:, None, None] * groups + gs[None, :, None]) * R + lanes[None, None, :]
         ok = q_ok[:, None, None] & g_ok[None, :, None]
-        scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        scale, zero = _group_scales(s_ptr, z_ptr, quads[:, None, None], gs[None, :, None], lanes[None, None, :],
+                                    ok, groups, SCALES, HAS_ZERO, R)
         acc += scale * (SPAN * (fx - xs) - BIAS * xs)
         if HAS_ZERO:
-            acc += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32) * xs
+            acc += zero * xs
     ns = quads[:, None] * R + lanes[None, :]
     y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
     if HAS_RESIDUAL:   # out is the residual stream, updated in place: the product rounded, then the sum
@@ -119,38 +192,43 @@ def _dot4(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, b0, blocks, row_words, groups,
-                   QBW: tl.constexpr, NB: tl.constexpr, BPG: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr):
+def _weight_blocks(w_ptr, s_ptr, z_ptr, h_ptr, quads, q_ok, b0, blocks, row_words, groups, K,
+                   QBW: tl.constexpr, NB: tl.constexpr, BPG: tl.constexpr, BITS: tl.constexpr,
+                   SCALES: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr):
     """The weight's share of blocks b0 .. b0 + NB of x for row quads `quads`: code words [quads, NB, QBW, R],
-    scales and offsets [quads, NB, R] in float32 (offsets: the scales again without HAS_ZERO)."""
+    six-bit codes' top bits [quads, NB, 1, R] (blocks of 16: one word a block; the code words again for other
+    widths), scales and offsets [quads, NB, R] in float32 (offsets: the scales again without any)."""
     bs = b0 + tl.arange(0, NB)
     b_ok = bs < blocks
     words = _word_tile(w_ptr, quads, q_ok, bs[:, None] * QBW + tl.arange(0, QBW)[None, :], b_ok, row_words, R)
-    at = (quads[:, None, None] * groups + (bs // BPG)[None, :, None]) * R + tl.arange(0, R)[None, None, :]
+    high = words
+    if BITS == 6:
+        high = _word_tile(h_ptr, quads, q_ok, bs[:, None], b_ok, K // 16, R)
     ok = q_ok[:, None, None] & b_ok[None, :, None]
-    scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    zero = scale
-    if HAS_ZERO:
-        zero = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    return words, scale, zero
+    scale, zero = _group_scales(s_ptr, z_ptr, quads[:, None, None], (bs // BPG)[None, :, None],
+                                tl.arange(0, R)[None, None, :], ok, groups, SCALES, HAS_ZERO, R)
+    return words, high, scale, zero
 
 
 @triton.jit
-def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-                              GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, N, K,
+                              GROUP: tl.constexpr, BITS: tl.constexpr, SCALES: tl.constexpr,
+                              HAS_ZERO: tl.constexpr,
                               HAS_RESIDUAL: tl.constexpr, QB: tl.constexpr, EMULATE: tl.constexpr,
                               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr,
                               USE_PDL: tl.constexpr):
     # One row of x as int8 per block of QB (`row_inputs`: xq holds its bytes packed as the weight words hold
     # codes, xs each block's scale, xsum each block's sum of rounded x), tiles [row quads, x blocks, words of
     # a block, 4 rows]. Per block: sum(w q xs) = scale (xs sum(u q)) + zero xsum, sum(u q) exact in int32;
-    # int8 codes are two's complement (w = c scale), int4 offset binary (w = u scale + zero). The weight is
-    # loaded one tile ahead, the first tile before the dependent-launch wait (see `triton_gemv.linear`): HBM
-    # streams this kernel's weight while the kernel before it ends.
-    PER_WORD: tl.constexpr = 32 // BITS
+    # int8 codes are two's complement (w = c scale), four- and six-bit ones offset binary (w = u scale + zero;
+    # a six-bit code's top bits are put beside its low nibble, byte for byte, before the dot product). The
+    # weight is loaded one tile ahead, the first tile before the dependent-launch wait (see
+    # `triton_gemv.linear`): HBM streams this kernel's weight while the kernel before it ends.
+    PER_WORD: tl.constexpr = 8 if BITS == 6 else 32 // BITS
     QBW: tl.constexpr = QB // PER_WORD           # words per block of x
     NB: tl.constexpr = BLOCK_K // QB
     BPG: tl.constexpr = GROUP // QB
+    tl.static_assert(BITS != 6 or QB == 16, "six-bit codes take x in blocks of 16 (their groups)")
     if USE_PDL:   # the next kernel may launch now: before its own wait it reads nothing this one writes
         tl.extra.cuda.gdc_launch_dependents()
     quads = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -158,29 +236,35 @@ def _quant_gemv_row_q8_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out
     row_words = K // PER_WORD
     blocks = K // QB
     groups = K // GROUP
-    words_next, scale_next, zero_next = _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, 0, blocks, row_words,
-                                                       groups, QBW, NB, BPG, HAS_ZERO, R)
+    words_next, high_next, scale_next, zero_next = _weight_blocks(
+        w_ptr, s_ptr, z_ptr, h_ptr, quads, q_ok, 0, blocks, row_words, groups, K, QBW, NB, BPG, BITS, SCALES,
+        HAS_ZERO, R)
     if USE_PDL:   # x and the residual come from the kernels before
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_R, NB, R], dtype=tl.float32)
     for b0 in range(0, blocks, NB):
-        words, scale, zero = words_next, scale_next, zero_next
-        words_next, scale_next, zero_next = _weight_blocks(w_ptr, s_ptr, z_ptr, quads, q_ok, b0 + NB, blocks,
-                                                           row_words, groups, QBW, NB, BPG, HAS_ZERO, R)
+        words, high, scale, zero = words_next, high_next, scale_next, zero_next
+        words_next, high_next, scale_next, zero_next = _weight_blocks(
+            w_ptr, s_ptr, z_ptr, h_ptr, quads, q_ok, b0 + NB, blocks, row_words, groups, K, QBW, NB, BPG, BITS,
+            SCALES, HAS_ZERO, R)
         bs = b0 + tl.arange(0, NB)
         b_ok = bs < blocks
         js = bs[:, None] * QBW + tl.arange(0, QBW)[None, :]                                  # [NB, QBW]
         sums = tl.zeros([BLOCK_R, NB, QBW, R], dtype=tl.int32)
-        if BITS == 4:   # the low nibbles are codes 0, 2, 4, 6 of the word, the high ones 1, 3, 5, 7
-            x_even = tl.load(xq_ptr + js, mask=b_ok[:, None], other=0)
-            x_odd = tl.load(xq_ptr + row_words + js, mask=b_ok[:, None], other=0)
-            sums = _dot4(words & 0x0F0F0F0F, tl.broadcast_to(x_even[None, :, :, None], sums.shape), sums,
-                         False, EMULATE)
-            sums = _dot4((words >> 4) & 0x0F0F0F0F, tl.broadcast_to(x_odd[None, :, :, None], sums.shape), sums,
-                         False, EMULATE)
-        else:
+        if BITS == 8:
             xw = tl.load(xq_ptr + js, mask=b_ok[:, None], other=0)
             sums = _dot4(words, tl.broadcast_to(xw[None, :, :, None], sums.shape), sums, True, EMULATE)
+        else:   # the low nibbles are codes 0, 2, 4, 6 of the word, the high ones 1, 3, 5, 7
+            x_even = tl.load(xq_ptr + js, mask=b_ok[:, None], other=0)
+            x_odd = tl.load(xq_ptr + row_words + js, mask=b_ok[:, None], other=0)
+            even = words & 0x0F0F0F0F
+            odd = (words >> 4) & 0x0F0F0F0F
+            if BITS == 6:   # the pair's top bits, shifted to this word's: bits 4-5 of each byte
+                top = high >> (4 * tl.arange(0, QBW))[None, None, :, None]
+                even = even | ((top << 4) & 0x30303030)
+                odd = odd | ((top << 2) & 0x30303030)
+            sums = _dot4(even, tl.broadcast_to(x_even[None, :, :, None], sums.shape), sums, False, EMULATE)
+            sums = _dot4(odd, tl.broadcast_to(x_odd[None, :, :, None], sums.shape), sums, False, EMULATE)
         block_sum = tl.sum(sums, axis=2).to(tl.float32)                                     # [BLOCK_R, NB, R]
         acc += scale * (block_sum * tl.load(xs_ptr + bs, mask=b_ok, other=0.0)[None, :, None])
         if HAS_ZERO:
@@ -257,19 +341,19 @@ def _row_inputs_kernel(x_ptr, norm_ptr, xp_ptr, xs_ptr, xsum_ptr, K, eps, PER_WO
 
 
 @triton.jit
-def _quant_gemv_rows_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_om,
-                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ROWS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
+def _quant_gemv_rows_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, M, N, K, stride_om,
+                            GROUP: tl.constexpr, BITS: tl.constexpr, SCALES: tl.constexpr, HAS_ZERO: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
     # Several rows of x (padded to ROWS >= 16 for the tensor cores): each tile of codes is dequantized once, in
     # registers, to x's dtype and multiplied into every row with tl.dot. x comes permuted, xp[m, i, j] =
     # x[m, PER_WORD * j + i], so code i of a tile's words meets a [ROWS, words] slice of x: one dot per code
     # position. Weights are w = (f - 1) * 2^BITS * scale + zero for f = 1 + u / 2^BITS (u - 128 for int8),
     # i.e. f * a + b with a = 2^BITS * scale and b = zero - a (- 128 scale), per group.
-    PER_WORD: tl.constexpr = 32 // BITS
+    PER_WORD: tl.constexpr = 8 if BITS == 6 else 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
     SPAN: tl.constexpr = 1 << BITS
-    BIAS: tl.constexpr = 0.0 if BITS == 4 else 128.0
+    BIAS: tl.constexpr = 128.0 if BITS == 8 else 0.0
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
     rows = tl.arange(0, ROWS)
@@ -283,14 +367,22 @@ def _quant_gemv_rows_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, strid
         w_ok = j_ok[:, None] & n_ok[None, :]
         words = tl.load(w_ptr + ((ns[None, :] // R) * row_words + js[:, None]) * R + ns[None, :] % R,
                         mask=w_ok, other=0)                                          # [WORDS, BLOCK_N]
-        at = ((ns[None, :] // R) * groups + js[:, None] // GROUP_WORDS) * R + ns[None, :] % R
-        scale = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
+        high = words
+        if BITS == 6:
+            high = tl.load(h_ptr + ((ns[None, :] // R) * (K // 16) + js[:, None] // 2) * R + ns[None, :] % R,
+                           mask=w_ok, other=0)
+        scale, zero = _group_scales(s_ptr, z_ptr, ns[None, :] // R, js[:, None] // GROUP_WORDS, ns[None, :] % R,
+                                    w_ok, groups, SCALES, HAS_ZERO, R)
         a = SPAN * scale
         b = -a - BIAS * scale
         if HAS_ZERO:
-            b += tl.load(z_ptr + at, mask=w_ok, other=0.0).to(tl.float32)
+            b += zero
         for i in tl.static_range(PER_WORD):
-            w = (_code_as_float(words, i, BITS) * a + b).to(xp_ptr.dtype.element_ty)
+            if BITS == 6:
+                f = _code6_as_float(words, high, i, js[:, None] % 2)
+            else:
+                f = _code_as_float(words, i, BITS)
+            w = (f * a + b).to(xp_ptr.dtype.element_ty)
             xi = tl.load(xp_ptr + (rows[:, None] * PER_WORD + i) * row_words + js[None, :],
                          mask=m_ok[:, None] & j_ok[None, :], other=0.0)             # [ROWS, WORDS]
             acc += tl.dot(xi, w, input_precision="ieee")
@@ -320,46 +412,53 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, config: QuantGemvConfig | None =
     m, k = x.shape
     if k != w.in_features or m > MAX_ROWS:
         raise ValueError(f"quant_gemv takes [<= {MAX_ROWS}, {w.in_features}] inputs, got {list(x.shape)}")
-    n, per_word = w.out_features, 32 // w.bits
+    n, per_word = w.out_features, 32 // w.packing
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} view with contiguous rows")
-    zero = w.zero if w.zero is not None else w.scale
     if m == 1:
-        inputs = row_inputs(x.contiguous(), w.bits, block=row_block(x.dtype, w.group))
+        inputs = row_inputs(x.contiguous(), w.packing, block=row_block(x.dtype, w.group))
         return quant_gemv_row(inputs, w, out=out, config=config)
     config = config or ROWS_CONFIG
     xp = x.reshape(m, k // per_word, per_word).transpose(1, 2).contiguous()   # xp[m, i, j] = x[m, per_word * j + i]
     block_k = min(config.block_k, max(per_word * 16, triton.next_power_of_2(k)))
     _quant_gemv_rows_kernel[(triton.cdiv(n, config.block),)](
-        xp, w.words, w.scale, zero, out, m, n, k, out.stride(0), GROUP=w.group, BITS=w.bits,
-        HAS_ZERO=w.zero is not None, ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=config.block,
+        xp, w.words, out_ptr=out, M=m, N=n, K=k, stride_om=out.stride(0), **kernel_operands(w),
+        ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=config.block,
         BLOCK_K=block_k, R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
 @triton.jit
-def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-                       GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+def _dequantize_kernel(w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, N, K,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, SCALES: tl.constexpr, HAS_ZERO: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
     # One output element per lane, in the output's row-major order (contiguous stores): each reads the word
     # holding its code (eight neighbours read the same word, from cache) and its group's scale.
-    PER_WORD: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = (ns[:, None] < N) & (ks[None, :] < K)
     quad, lane = ns[:, None] // R, ns[:, None] % R
-    words = tl.load(w_ptr + (quad * (K // PER_WORD) + ks[None, :] // PER_WORD) * R + lane, mask=ok, other=0)
-    code = (words >> ((ks[None, :] % PER_WORD) * BITS)) & MASK
-    if BITS == 8:
-        code = (code ^ 0x80) - 0x80                        # int8: two's complement
-    at = (quad * (K // GROUP) + ks[None, :] // GROUP) * R + lane
-    value = code.to(tl.float32) * tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    code = _code_at(w_ptr, h_ptr, quad, lane, ks[None, :], ok, K, BITS, R)
+    scale, zero = _group_scales(s_ptr, z_ptr, quad, ks[None, :] // GROUP, lane, ok, K // GROUP, SCALES, HAS_ZERO, R)
+    value = code.to(tl.float32) * scale
     if HAS_ZERO:
-        value += tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        value += zero
     tl.store(out_ptr + ns[:, None] * K + ks[None, :], value.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def kernel_operands(w: QuantWeight) -> dict:
+    """What every kernel here takes of a weight besides its code words: the scale and offset pointers
+    (`_group_scales`), the six-bit codes' top bits (the words again for other widths), and the constants."""
+    if w.kind == "q4_k":
+        zero = w.scale.view(torch.float16)
+    elif w.kind == "q6_k":
+        zero = w.lead
+    else:
+        zero = w.zero if w.zero is not None else w.scale
+    return {"s_ptr": w.scale, "z_ptr": zero, "h_ptr": w.high if w.high is not None else w.words,
+            "GROUP": w.group, "BITS": w.bits, "SCALES": SCALES[w.kind], "HAS_ZERO": w.has_offset}
 
 
 def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -372,8 +471,7 @@ def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | Non
         raise ValueError(f"out must be a contiguous [{n}, {k}] tensor")
     block_n, block_k = 16, 256
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequantize_kernel[grid](w.words, w.scale, w.zero if w.zero is not None else w.scale, out, n, k,
-                             GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None, BLOCK_N=block_n,
+    _dequantize_kernel[grid](w.words, out_ptr=out, N=n, K=k, **kernel_operands(w), BLOCK_N=block_n,
                              BLOCK_K=block_k, R=INTERLEAVE, num_warps=4)
     return out
 
@@ -435,22 +533,21 @@ def quant_gemv_row(inputs: RowInputs, w: QuantWeight, *, residual: torch.Tensor 
     `residual` ([1, N], contiguous) the product is added into it, in place, and it is returned.
     `dependent_launch` (int8 rows): as `triton_gemv.linear`'s, the first weight tile streamed before the wait."""
     n, k = w.out_features, w.in_features
-    if (inputs.bits != w.bits or inputs.values.shape[1] * (32 // w.bits) != k
-            or (inputs.block and w.group % inputs.block)):
-        raise ValueError(f"inputs must be row_inputs(x, bits={w.bits}) of a row of {k}, in blocks dividing "
-                         f"{w.group}")
+    if (inputs.bits != w.packing or inputs.values.shape[1] * (32 // w.packing) != k
+            or (inputs.block and w.group % inputs.block) or (w.bits == 6 and inputs.block not in (0, 16))):
+        raise ValueError(f"inputs must be row_inputs(x, bits={w.packing}) of a row of {k}, in blocks dividing "
+                         f"{w.group}" + (" (six bits: 16)" if w.bits == 6 else ""))
     target = residual if residual is not None else out
     if target is None:
         target = torch.empty((1, n), dtype=dtype, device=inputs.values.device)
     elif target.shape != (1, n) or target.stride(1) != 1:
         raise ValueError(f"residual / out must be a [1, {n}] row")
-    zero = w.zero if w.zero is not None else w.scale
     if inputs.block:
         config = config or (ROW_Q8_WIDE if triton.cdiv(n, INTERLEAVE) >= 4096 else ROW_Q8_NARROW)
         block_k = min(config.block_k, max(inputs.block, triton.next_power_of_2(k)))
         grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
-        _quant_gemv_row_q8_kernel[grid](inputs.values, inputs.scales, inputs.sums, w.words, w.scale, zero, target,
-                                        n, k, GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
+        _quant_gemv_row_q8_kernel[grid](inputs.values, inputs.scales, inputs.sums, w.words, out_ptr=target,
+                                        N=n, K=k, **kernel_operands(w),
                                         HAS_RESIDUAL=residual is not None, QB=inputs.block,
                                         EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_R=config.block,
                                         BLOCK_K=block_k, R=INTERLEAVE, USE_PDL=dependent_launch,
@@ -460,8 +557,7 @@ def quant_gemv_row(inputs: RowInputs, w: QuantWeight, *, residual: torch.Tensor 
     config = config or ROW_CONFIG
     block_k = min(config.block_k, max(w.group, triton.next_power_of_2(k)))
     grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
-    _quant_gemv_row_kernel[grid](inputs.values, w.words, w.scale, zero, target, n, k,
-                                 GROUP=w.group, BITS=w.bits, HAS_ZERO=w.zero is not None,
+    _quant_gemv_row_kernel[grid](inputs.values, w.words, out_ptr=target, N=n, K=k, **kernel_operands(w),
                                  HAS_RESIDUAL=residual is not None, BLOCK_R=config.block, BLOCK_K=block_k,
                                  R=INTERLEAVE, num_warps=config.num_warps, num_stages=config.num_stages)
     return target
