@@ -65,13 +65,24 @@ def test_shapes_and_settings_int4_cannot_take_are_clear_errors():
     assert "N % 16" in check_int4_shape(56, 256, 32)
     with pytest.raises(ValueError, match="group size"):
         quantize_int4(torch.randn(64, 256), 48, torch.float32)
-    with pytest.raises(ValueError, match="quantization must be one of float, int8, int4"):
+    with pytest.raises(ValueError, match="quantization must be one of float, int8, int4, q4_k_m"):
         QuantConfig("int3")
     with pytest.raises(ValueError, match="quant_group_size"):
         QuantConfig("int4", 48)
     from gllm.engine import GeneratorParams
     with pytest.raises(ValueError, match="quantization"):
         GeneratorParams(quantization="fp8")
+
+
+def test_q4_k_m_on_load_is_a_clear_error_on_the_cpu(llama32_dir):
+    """llama.cpp's Q4_K_M mix on load is the GPU kernels' (the CPU's take int8 and int4): refused before
+    anything is loaded, naming the choice."""
+    from gllm.engine import GeneratorParams, LLMEngine
+    with pytest.raises(ValueError, match="q4_k_m.*CUDA GPUs.*int8 or int4"):
+        LLMEngine(llama32_dir, GeneratorParams(quantization="q4_k_m"), device="cpu")
+    model = load(llama32_dir)
+    with pytest.raises(ValueError, match="q4_k_m weights run on CUDA GPUs, not on cpu"):
+        quantize_layers(model, QuantConfig("q4_k_m"))
 
 
 def load(folder):

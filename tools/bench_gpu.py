@@ -166,7 +166,7 @@ def main() -> None:
                         help="decode kernels without programmatic dependent launch (to measure what it gives)")
     parser.add_argument("--throughput-runs", type=int, default=1,
                         help="repeat the throughput run (same requests each time) and report the median")
-    parser.add_argument("--quantization", choices=("int8", "int4"), default=None,
+    parser.add_argument("--quantization", choices=("int8", "int4", "q4_k_m"), default=None,
                         help="quantize the random weights on load (the floor then counts the quantized bytes)")
     parser.add_argument("--kv-tokens", type=int, default=None,
                         help="fixed KV pool in tokens instead of 85%% of the card's memory")

@@ -30,7 +30,8 @@ import gllm.model  # noqa: E402,F401  (gllm.ops cannot be the first gllm package
 from gllm.ops import quant_layout as L  # noqa: E402
 from gllm.ops import triton_quant_gemv as Q  # noqa: E402
 
-FORMATS = {"int4 g32": (4, 32, False), "int8 g32": (8, 32, True)}
+FORMATS = {"int4 g32": lambda w: L.quantize(w, 4, 32, False), "int8 g32": lambda w: L.quantize(w, 8, 32, True),
+           "q4_k": lambda w: L.quantize_k(w, "q4_k"), "q6_k": lambda w: L.quantize_k(w, "q6_k")}
 SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # one row: (row quads, block_k, warps, stages)
          [(1, 2048, 2, 3), (1, 4096, 4, 2), (1, 2048, 4, 3), (2, 2048, 4, 3), (1, 1024, 2, 3), (2, 1024, 2, 3),
           (4, 1024, 4, 2), (1, 4096, 8, 2), (1, 512, 1, 4), (2, 512, 2, 4)]]
@@ -41,8 +42,8 @@ ROWS_SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # several rows
 
 def copies(w: L.QuantWeight) -> list[L.QuantWeight]:
     count = max(1, min(CALLS, -(-L2_FLUSH_BYTES // w.nbytes)))
-    return [w] + [w._replace(words=w.words.clone(), scale=w.scale.clone(),
-                             zero=None if w.zero is None else w.zero.clone()) for _ in range(count - 1)]
+    return [w] + [w._with(tuple(None if t is None else t.clone() for t in w._tensors()), w.out_features)
+                  for _ in range(count - 1)]
 
 
 def dense_time(dense: torch.Tensor, x: torch.Tensor) -> float:
@@ -60,15 +61,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,4")
     parser.add_argument("--models", default="1b,8b")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-format", default="int4 g32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
+    formats = {name: FORMATS[name] for name in args.formats.split(",")}
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     results: dict = {"copy_bandwidth": bandwidth, "shapes": [], "sweep": []}
     print(f"{'shape':<14}{'N x K':>14}{'M':>3} | {'bf16 µs':>8}{'%copy':>6} | " + " | ".join(
-        f"{name + ' µs':>12}{'%copy':>6}{'x bf16':>7}{'err':>8}" for name in FORMATS))
+        f"{name + ' µs':>12}{'%copy':>6}{'x bf16':>7}{'err':>8}" for name in formats))
     for model, m in itertools.product(args.models.split(","), rows):
         for proj, n, k, _ in shapes(model):
             dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -77,8 +81,8 @@ def main() -> None:
             line = f"{model + ' ' + proj:<14}{f'{n}x{k}':>14}{m:>3} | {t_bf16 * 1e6:>8.1f}" \
                    f"{100 * n * k * 2 / t_bf16 / bandwidth:>6.0f}"
             row = dict(model=model, proj=proj, n=n, k=k, m=m, bf16_s=t_bf16)
-            for name, (bits, group, symmetric) in FORMATS.items():
-                w = L.quantize(dense, bits, group, symmetric)
+            for name, quantize in formats.items():
+                w = quantize(dense)
                 want = (x.float() @ L.dequantize(w).T)
                 err = ((Q.quant_gemv(x, w).float() - want).abs().max() / want.abs().max()).item()
                 t = quant_time(w, x)
@@ -89,11 +93,11 @@ def main() -> None:
     if args.sweep:
         for m in rows:
             configs = SWEEP if m == 1 else ROWS_SWEEP
-            print(f"\nsweep, {m} row(s), int4 g32: µs per config ({'row quads' if m == 1 else 'output rows'}, "
+            print(f"\nsweep, {m} row(s), {args.sweep_format}: µs per config ({'row quads' if m == 1 else 'output rows'}, "
                   "block_k, warps, stages)")
             for model in args.models.split(","):
                 for proj, n, k, _ in shapes(model):
-                    w = L.quantize(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 32)
+                    w = FORMATS[args.sweep_format](torch.randn(n, k, device="cuda") / k ** 0.5)
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     timings = []
                     for config in configs:

@@ -41,10 +41,11 @@ for part in "${parts[@]}"; do
       python3 tools/bench_frame.py --model /tmp/gllm-llama-1b --device cuda --game-device cuda --work 0.9 --seconds 20 \
         --warmup-s 4 --runs no-llm,llm-plain,llm-windowed,llm-windowed --out "$OUT/bench_frame.json" \
         --plot "$OUT/bench_frame.png" 2>&1 | tee "$OUT/bench_frame.log" ;;
-    quant8b)   # issue 22: 8B int4 on load, batch-1 decode against its floor, and where a token's time goes
+    quant8b)   # issue 22: 8B quantized on load (QUANT: q4_k_m, the default, or int4), batch-1 decode against
+               # its floor, and where a token's time goes
       python3 tools/bench_gpu.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --shapes 8b --skip-peer --skip-throughput \
-        --kv-tokens 65536 --quantization int4 2>&1 | tee "$OUT/bench_quant8b.log"
-      python3 tools/profile_decode.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --shape 8b --quantization int4 \
+        --kv-tokens 65536 --quantization "${QUANT:-q4_k_m}" 2>&1 | tee "$OUT/bench_quant8b.log"
+      python3 tools/profile_decode.py --tokenizer "$GLLM_TEST_HOME/tokenizer-llama3" --shape 8b --quantization "${QUANT:-q4_k_m}" \
         --steps 16 2>&1 | tee -a "$OUT/bench_quant8b.log" ;;
     *) echo "unknown part: $part (tests, engine, bench, structured, frame, quant8b)"; exit 2 ;;
   esac

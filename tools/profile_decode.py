@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", help="also keep the chrome trace here")
     parser.add_argument("--no-dependent-launch", action="store_true")
     parser.add_argument("--times-only", action="store_true", help="stop after the engine and replay times")
-    parser.add_argument("--quantization", choices=("int8", "int4"), default=None, help="weights quantized on load")
+    parser.add_argument("--quantization", choices=("int8", "int4", "q4_k_m"), default=None, help="weights quantized on load")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(args.tokenizer)
     engine = make_engine(model_config(args.shape), tokenizer, max_batch_size=8, max_seq_len=1024,

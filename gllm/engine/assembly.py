@@ -19,7 +19,9 @@ from gllm.formats.gguf_quants import INT4_TYPES, PLANE_TYPES
 from gllm.kv import BlockManager, KVCache, kv_bytes_per_token, num_blocks_for
 from gllm.model import LlamaForCausalLM, ModelConfig, parse_dtype
 from gllm.model.quantized import (
+    GPU_ONLY_SCHEMES,
     QUANTIZED_LINEARS,
+    SCHEMES,
     QuantConfig,
     head_formats,
     projection_formats,
@@ -75,9 +77,12 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
     if gen.dtype != "auto":
         dtype_reason = "set by GeneratorParams.dtype"
     dtype = parse_dtype(auto if gen.dtype == "auto" else gen.dtype)
-    quantize = gen.quantization in ("int8", "int4")
+    quantize = gen.quantization in SCHEMES
     if quantize and dev.type not in ("cpu", "cuda"):
         raise ValueError(f"quantization={gen.quantization!r} runs on the CPU and on CUDA GPUs, not on {dev.type}")
+    if gen.quantization in GPU_ONLY_SCHEMES and dev.type != "cuda":
+        raise ValueError(f"quantization={gen.quantization!r} runs on CUDA GPUs (its kernels are the GPU's), not on "
+                         f"{dev.type}; the CPU takes int8 or int4")
     # A GGUF's quantized blocks kept as they are: all of them by default, the 4-bit ones for int4 (the rest is
     # requantized from floats), none for "float" or int8. On a GPU without Triton they are dequantized.
     no_triton = dev.type == "cuda" and importlib.util.find_spec("triton") is None
@@ -85,7 +90,8 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
         raise ValueError(f"quantization={gen.quantization!r} on a GPU needs Triton (its kernels); install triton "
                          f"or leave quantization unset")
     kernels_here = dev.type == "cpu" or (dev.type == "cuda" and not no_triton)
-    keep = {None: PLANE_TYPES, "int4": INT4_TYPES}.get(gen.quantization, ()) if kernels_here else ()
+    keep = {None: PLANE_TYPES, "int4": INT4_TYPES, "q4_k_m": ("Q4_K", "Q6_K")}.get(gen.quantization, ()) \
+        if kernels_here else ()
     loaded = model if isinstance(model, LoadedModel) else load(
         model, dtype=dtype, device=dev, max_positions=gen.max_seq_len, quiet=quiet, keep_gguf_types=keep)
     cfg: ModelConfig = loaded.config
@@ -96,7 +102,7 @@ def assemble(model: str | Path | LoadedModel | None, gen: GeneratorParams, devic
         quantize_embeddings(loaded.model, config)   # on a GPU
     weight_format = describe_weights(loaded.model, dtype)
     if fallbacks:
-        weight_format += f" ({len(fallbacks)} projections int8: their shapes do not pack as int4)"
+        weight_format += f" ({len(fallbacks)} projections int8: their shapes do not pack as {gen.quantization})"
     if gen.max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len {gen.max_seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
@@ -131,7 +137,7 @@ def describe_weights(model: LlamaForCausalLM, dtype: torch.dtype) -> str:
     if not formats:
         return f"{name} ({ends})" if ends else name
     products = next(m.compute_dtype for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)) or dtype
-    files = sum(n for label, n in formats.items() if label not in ("int8", "int4"))
+    files = sum(n for label, n in formats.items() if label != label.lower())   # GGUF types: Q4_K, Q6_K, ...
     labels = " + ".join(f"{n} {label}" for label, n in formats.items()) if len(formats) > 1 or files \
         else next(iter(formats))
     return (f"{labels} projections{' (GGUF blocks kept as they are)' if files else ''} "

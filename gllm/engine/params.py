@@ -59,7 +59,8 @@ class GeneratorParams:
     # The decoder layers' projections. None: as the source stores them (a GGUF's quantized blocks kept as they
     # are, on the CPU and on a GPU with Triton; floats in `dtype` otherwise). "float": dequantized to `dtype`.
     # Weight-only quantization on load: "int8" (per output channel on the CPU, groups of 128 on a GPU) or
-    # "int4" (asymmetric, in groups of quant_group_size along K; a GGUF's 4-bit blocks are kept as they are).
+    # "int4" (asymmetric, in groups of quant_group_size along K; a GGUF's 4-bit blocks are kept as they are);
+    # on a GPU also "q4_k_m" (llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the head and some layers' v and down).
     quantization: str | None = None
     quant_group_size: int = 32
     # NPC memory (issue #23): results of deterministic requests kept for repeats (0 entries = off).

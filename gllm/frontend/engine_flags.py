@@ -29,10 +29,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     for flag, kind, text in _SIZING:
         eng.add_argument(flag, type=positive(kind, flag), default=None, help=text)
     eng.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
-    eng.add_argument("--quantization", choices=("float", "int8", "int4"), default=None,
-                     help="the decoder layers' weights (CPU): default as the model stores them (a GGUF's "
+    eng.add_argument("--quantization", choices=("float", "int8", "int4", "q4_k_m"), default=None,
+                     help="the decoder layers' weights: default as the model stores them (a GGUF's "
                           "quantized blocks kept as they are); float: dequantized; int8 per channel, int4 in "
-                          "groups (weight-only, on load)")
+                          "groups (weight-only, on load); q4_k_m (GPU): llama.cpp's Q4_K_M mix, on load")
     eng.add_argument("--quant-group-size", type=int, default=None, choices=(32, 64, 128, 256),
                      help="int4: weights per scale and zero along K (default 32)")
     eng.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")

@@ -37,16 +37,17 @@ from gllm.ops.quant import (
     quantize_int4,
     quantize_int8,
 )
-from gllm.ops.quant_layout import INTERLEAVE, QuantWeight, pack_nibbles
+from gllm.ops.quant_layout import INTERLEAVE, SUPER_BLOCK, QuantWeight, pack_nibbles, quantize_k
 from gllm.ops.quant_layout import quantize as quantize_grouped
 
-SCHEMES = ("int8", "int4")     # quantization on load ("float" and None are the engine's: no quantization)
+SCHEMES = ("int8", "int4", "q4_k_m")   # quantization on load ("float" and None are the engine's: none)
+GPU_ONLY_SCHEMES = ("q4_k_m",)
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    scheme: str                   # "int8" or "int4"
+    scheme: str                   # "int8", "int4" or "q4_k_m" (GPU only: llama.cpp's Q4_K_M mix, see `k_mix`)
     group_size: int = 32          # int4: weights per (scale, zero) along K
     # The activations' dtype inside the quantized products (and the scales'). torch's CPU weight-only kernels
     # are vectorized for bfloat16 only: with float16 or float32 activations they run 5-25x slower than a float
@@ -213,29 +214,32 @@ class QuantizedEmbedding(nn.Module):
 
 def quantize_embeddings(model: nn.Module, config: QuantConfig) -> list[str]:
     """On a GPU, the token embedding and the output head into the kernels' layout, in place: the head in int8
-    (groups of up to 128), an untied embedding in the scheme, a tied pair as one int8 weight. Ones already
-    quantized (a GGUF's kept blocks) are left as they are. Returns what was done, e.g. ["head int8",
-    "embeddings int4"] (nothing on the CPU)."""
+    (groups of up to 128; q6_k for q4_k_m, as llama.cpp's Q4_K_M keeps it), an untied embedding in the scheme
+    (q4_k for q4_k_m), a tied pair as one weight in the head's. Ones already quantized (a GGUF's kept blocks)
+    are left as they are. Returns what was done, e.g. ["head int8", "embeddings int4"] (nothing on the CPU)."""
     embed, head = model.embed_tokens, model.lm_head
     floats = [m.weight for m in (embed, head) if isinstance(m, (nn.Embedding, nn.Linear))]
     if not floats or floats[0].device.type != "cuda":
         return []
+    k_mix_scheme = config.scheme == "q4_k_m"
+    head_scheme = "q6_k" if k_mix_scheme else "int8"
+    embed_scheme = "q4_k" if k_mix_scheme else config.scheme
     dtype, done = floats[0].dtype, []
     if head is None:                    # tied: one weight, looked up and multiplied
         if isinstance(embed, nn.Embedding):
-            weight, scheme = gpu_quantized(embed.weight.detach(), "int8", config.group_size)
+            weight, scheme = gpu_quantized(embed.weight.detach(), head_scheme, config.group_size)
             if weight is not None:
                 model.embed_tokens = QuantizedEmbedding(weight, scheme, dtype)
                 model.lm_head = GpuQuantizedLinear([weight], scheme)
                 done += [f"head {scheme}", f"embeddings {scheme} (tied to the head)"]
         return done
     if isinstance(head, nn.Linear):
-        weight, scheme = gpu_quantized(head.weight.detach(), "int8", config.group_size)
+        weight, scheme = gpu_quantized(head.weight.detach(), head_scheme, config.group_size)
         if weight is not None:
             model.lm_head = GpuQuantizedLinear([weight], scheme)
             done.append(f"head {scheme}")
     if isinstance(embed, nn.Embedding):
-        weight, scheme = gpu_quantized(embed.weight.detach(), config.scheme, config.group_size)
+        weight, scheme = gpu_quantized(embed.weight.detach(), embed_scheme, config.group_size)
         if weight is not None:
             model.embed_tokens = QuantizedEmbedding(weight, scheme, dtype)
             done.append(f"embeddings {scheme}")
@@ -248,10 +252,17 @@ def gpu_int8_group(k: int) -> int | None:
     return next((g for g in (128, 64, 32, 16) if k % g == 0), None)
 
 
+K_QUANT_BLOCK_ROWS = 8192   # rows quantized at a time into a K-quant kind (an 8B head: 128k rows)
+
+
 def gpu_quantized(weight: torch.Tensor, scheme: str, group_size: int) -> tuple[QuantWeight | None, str]:
-    """`weight` [N, K] (on the GPU) in the kernels' layout: (weight, scheme given) — int4 falls back to int8
-    where K is no multiple of the group, and (None, why) where neither fits."""
-    k = weight.shape[1]
+    """`weight` [N, K] (on the GPU) in the kernels' layout: (weight, scheme given) — "int4", "int8", or a
+    K-quant kind ("q4_k", "q6_k"; quantized a block of rows at a time); int4 and the K-quants fall back to
+    int8 where K is no multiple of their group (256 for the K-quants), and (None, why) where nothing fits."""
+    n, k = weight.shape
+    if scheme in ("q4_k", "q6_k") and k % SUPER_BLOCK == 0:
+        blocks = (quantize_k(weight[a:a + K_QUANT_BLOCK_ROWS], scheme) for a in range(0, n, K_QUANT_BLOCK_ROWS))
+        return stack_row_blocks(blocks, n), scheme
     if scheme == "int4" and k % group_size == 0:
         return quantize_grouped(weight, 4, group_size), "int4"
     group = gpu_int8_group(k)
@@ -286,11 +297,36 @@ def affine_weight_in_blocks(blocks: Iterable[AffineCodes], rows: int, device: to
     """One large GGUF tensor (an embedding table or head of 50-130 k rows) in the kernels' layout on `device`,
     its blocks of rows (multiples of the layout's quads, but the last) decoded and moved one at a time into a
     weight allocated once: decoded whole, an 8B Q6_K head made ~2 GB of host temporaries."""
+    return stack_row_blocks((affine_weight([block], device)[0] for block in blocks), rows)
+
+
+def more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's Q4_K_M gives these layers' attn_v and ffn_down six bits: the first and last eighth of the
+    layers and every third one between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def k_mix(weight: torch.Tensor, path: str, layer: int, layers: int, v_rows: int = 0) -> tuple[list[QuantWeight], str]:
+    """A projection's float weight [N, K] (K a multiple of 256) quantized as llama.cpp's Q4_K_M mix would
+    store it: q4_k, but for a "more bits" layer's (`more_bits`) down projection and the v rows of its fused
+    q/k/v (the last `v_rows`), which take q6_k. Returns the parts and their label ("q4_k", "q4_k/q6_k", ...)."""
+    six = more_bits(layer, layers)
+    if six and path == "mlp.down_proj":
+        parts = [quantize_k(weight, "q6_k")]
+    elif six and v_rows:
+        parts = [quantize_k(weight[:-v_rows], "q4_k"), quantize_k(weight[-v_rows:], "q6_k")]
+    else:
+        parts = [quantize_k(weight, "q4_k")]
+    return parts, "/".join(dict.fromkeys(p.kind for p in parts))
+
+
+def stack_row_blocks(pieces: Iterable[QuantWeight], rows: int) -> QuantWeight:
+    """Weights of consecutive blocks of rows (multiples of the layout's quads, but the last) as one weight of
+    `rows` rows, allocated once and filled a block at a time (a large table's temporaries stay a block's)."""
     quads = -(-rows // INTERLEAVE)
     out: QuantWeight | None = None
     at = 0                                           # quads of rows filled so far
-    for block in blocks:
-        piece = affine_weight([block], device)[0]
+    for piece in pieces:
         if out is None:
             out = piece._with(tuple(None if t is None else t.new_empty(quads, *t.shape[1:])
                                     for t in piece._tensors()), rows)
@@ -333,16 +369,22 @@ def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
                 continue
             w = linear.weight
             before = w.nbytes + (0 if linear.bias is None else linear.bias.nbytes)
-            if w.device.type == "cuda":
-                qw, scheme = gpu_quantized(w.detach(), config.scheme, config.group_size)
+            if w.device.type == "cuda" and config.scheme == "q4_k_m" and w.shape[1] % SUPER_BLOCK == 0:
+                v_rows = model.cfg.kv_size if path == "self_attn.qkv_proj" else 0
+                parts, scheme = k_mix(w.detach(), path, i, len(model.layers), v_rows)
+                q = GpuQuantizedLinear(parts, scheme, linear.bias)
+            elif w.device.type == "cuda":
+                asked = "int8" if config.scheme == "q4_k_m" else config.scheme
+                qw, scheme = gpu_quantized(w.detach(), asked, config.group_size)
                 if qw is None:
                     report.fallbacks.append(f"layers.{i}.{path}: kept float, {scheme}")
                     continue
                 if scheme != config.scheme:
+                    group = SUPER_BLOCK if asked != config.scheme else config.group_size
                     report.fallbacks.append(f"layers.{i}.{path}: K ({w.shape[1]}) is not a multiple of the "
-                                            f"group size ({config.group_size})")
+                                            f"group size ({group})")
                 q = GpuQuantizedLinear([qw], scheme, linear.bias)
-            elif w.device.type == "cpu":
+            elif w.device.type == "cpu" and config.scheme not in GPU_ONLY_SCHEMES:
                 scheme = config.scheme
                 if scheme == "int4":
                     problem = check_int4_shape(*w.shape, config.group_size)
@@ -353,7 +395,9 @@ def quantize_layers(model: nn.Module, config: QuantConfig) -> QuantReport:
                 qw = quantize_int4(w, config.group_size, dtype) if scheme == "int4" else quantize_int8(w, dtype)
                 q = QuantizedLinear(qw, linear.bias, scheme, dtype)
             else:
-                raise ValueError(f"int8/int4 weights run on the CPU and on CUDA GPUs, not on {w.device.type}")
+                raise ValueError(f"{config.scheme} weights run on "
+                                 f"{'CUDA GPUs' if config.scheme in GPU_ONLY_SCHEMES else 'the CPU and on CUDA GPUs'}"
+                                 f", not on {w.device.type}")
             report.float_bytes += before
             setattr(owner, attr, q)
             report.quantized_bytes += q.nbytes
