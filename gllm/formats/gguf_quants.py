@@ -202,16 +202,16 @@ class AffineCodes:
     """One tensor's rows as integer codes with a scale and an optional offset per `group` weights,
     w = code * scale + zero: the form the GPU kernels read (`gllm.ops.quant_layout.QuantWeight`, whose kinds
     this follows). 4-bit types keep their 4-bit codes; Q5_x and Q8_0 take 8-bit codes with float scales (kind
-    affine); Q4_K and Q6_K keep their own scales (kinds q4_k: the blocks' 16-byte headers, and q6_k: int8
-    sub-scales and a float16 d per 256, its codes 0..63 offset by 32)."""
+    affine); Q4_K and Q6_K keep their own scales (kinds q4_k: the blocks' 12 bytes of packed scales and their
+    d and dmin, and q6_k: int8 sub-scales and a float16 d per 256, its codes 0..63 offset by 32)."""
     codes: np.ndarray                   # [rows, k]: uint8 0..15 (bits 4), uint8 0..63 (bits 6) or int8 (bits 8)
-    scale: np.ndarray                   # affine: float32 [rows, k / group]; q4_k: uint8 [rows, k / 256 * 16];
+    scale: np.ndarray                   # affine: float32 [rows, k / group]; q4_k: uint8 [rows, k / 256 * 12];
                                         # q6_k: int8 [rows, k / 16]
     zero: np.ndarray | None             # affine: like scale; None: w = code * scale (and the K-quants)
     bits: int
     group: int
     kind: str = "affine"
-    lead: np.ndarray | None = None      # q6_k: float16 [rows, k / 256]
+    lead: np.ndarray | None = None      # float16; q4_k: [rows, k / 256 * 2] (d, dmin); q6_k: [rows, k / 256]
 
     def rows(self, index: np.ndarray) -> AffineCodes:
         return AffineCodes(self.codes[index], self.scale[index], None if self.zero is None else self.zero[index],
@@ -221,9 +221,9 @@ class AffineCodes:
         """The float32 weights [rows, k] (the `gguf` package's dequantized ones, exactly)."""
         rows = self.codes.shape[0]
         if self.kind == "q4_k":
-            head = self.scale.reshape(rows, -1, 16)
-            sc, mn = _k_scales(head[..., 4:16])
-            scale, zero = _f16(head, 0)[..., None] * sc, -_f16(head, 2)[..., None] * mn
+            sc, mn = _k_scales(self.scale.reshape(rows, -1, 12))
+            lead = self.lead.astype(np.float32).reshape(rows, -1, 2)
+            scale, zero = lead[..., :1] * sc, -lead[..., 1:] * mn
         elif self.kind == "q6_k":
             scale = self.lead.astype(np.float32).repeat(16, 1) * self.scale.astype(np.float32)
             zero = -32.0 * scale
@@ -275,7 +275,9 @@ def affine_codes(type_name: str, data: np.ndarray, k: int) -> AffineCodes:
     blocks = np.ascontiguousarray(data).reshape(rows, k // weights, size)
     if type_name == "Q4_K":
         codes = np.ascontiguousarray(_k_low(blocks[..., 16:144])).reshape(rows, k)
-        return AffineCodes(codes, np.ascontiguousarray(blocks[..., :16]).reshape(rows, -1), None, 4, 32, "q4_k")
+        packed = np.ascontiguousarray(blocks[..., 4:16]).reshape(rows, -1)
+        lead = np.ascontiguousarray(blocks[..., 0:4]).view(np.float16).reshape(rows, -1)
+        return AffineCodes(codes, packed, None, 4, 32, "q4_k", lead)
     if type_name == "Q6_K":
         low, high, _ = _q6_k_parts(blocks)
         codes = np.ascontiguousarray(low + 16 * high).reshape(rows, k)

@@ -8,8 +8,8 @@ offset are stored is the weight's `kind`:
 
     affine  float16 scale (and offset) per group. GGUF Q4_0 / Q8_0 (zero = -8 * scale / none), Q4_1, Q5_x
             as 8-bit codes (`gllm.formats.gguf_quants.affine_codes`), gllm's own int4/int8 quantization.
-    q4_k    GGUF Q4_K as the file stores it: 4-bit codes, groups of 32, and per 256 weights a 16-byte header
-            (float16 d and dmin, then eight 6-bit scales sc and mins m packed in 12 bytes):
+    q4_k    GGUF Q4_K as the file stores it: 4-bit codes, groups of 32, and per 256 weights float16 d and
+            dmin (`lead`) and eight 6-bit scales sc and mins m packed in 12 bytes as the file packs them:
             scale = d * sc, zero = -dmin * m. 4.5 bits a weight (the affine form of it took 5).
     q6_k    GGUF Q6_K: 6-bit codes u (w = (u - 32) * scale), groups of 16 with an int8 sub-scale sc each and a
             float16 d per 256: scale = d * sc, zero = -32 * scale. 6.5625 bits a weight (8-bit codes with
@@ -20,7 +20,8 @@ codes, element 8j + i in bits 4i..4i+3 of word j; or 4 int8 codes), and output r
 of rows 4a..4a+3 are one 16-byte vector, words[a, j, r]. A thread then loads four rows' codes for the same K
 positions at once and multiplies them by the same x values: x is read from cache once for four weights instead
 of once per weight, which was what bounded a row-major kernel (session 11, docs/benchmarks.md). Scales, offsets
-and headers are interleaved the same way; rows are padded to a multiple of four. Six-bit codes keep their low
+and the K-quants' packed scales and leads are interleaved the same way, the four rows' values side by side
+innermost (a row quad's scales load as one vector); rows are padded to a multiple of four. Six-bit codes keep their low
 four bits in the four-bit words and their top two bits in `high`, one word per 16 weights: for element
 16a + 8t + 2b + c (t: which of the pair of low words, b: its byte, c: low or high nibble) in bits
 8b + 4t + 2c of word a — so that `(high >> 4t) << 4` (and `<< 2`) puts a low word's even (odd) codes' top bits
@@ -34,15 +35,15 @@ from typing import NamedTuple
 import torch
 
 INTERLEAVE = 4      # output rows sharing one 16-byte vector of codes
-SUPER_BLOCK = 256   # weights a K-quant header (q4_k) or lead scale (q6_k) covers
+SUPER_BLOCK = 256   # weights a K-quant's lead scales and packed scales (q4_k) or lead scale (q6_k) cover
 KINDS = ("affine", "q4_k", "q6_k")
 _K_GROUP = {"q4_k": (4, 32), "q6_k": (6, 16)}   # kind -> (bits, group)
 
 
 class QuantWeight(NamedTuple):
     words: torch.Tensor            # [ceil(N / 4), K // codes_per_word, 4] int32 (six bits: the low four)
-    scale: torch.Tensor            # affine: [ceil(N / 4), K // group, 4] float16; q4_k: the headers,
-                                   # [ceil(N / 4), K // 256, 4, 16] uint8; q6_k: [ceil(N / 4), K // 16, 4] int8
+    scale: torch.Tensor            # affine: [ceil(N / 4), K // group, 4] float16; q4_k: the packed scales,
+                                   # [ceil(N / 4), K // 256, 12, 4] uint8; q6_k: [ceil(N / 4), K // 16, 4] int8
     zero: torch.Tensor | None      # affine: like scale, or None (w = code * scale); K-quants: None
     bits: int
     group: int
@@ -50,7 +51,8 @@ class QuantWeight(NamedTuple):
     out_features: int
     kind: str = "affine"
     high: torch.Tensor | None = None   # six bits: the top two bits, [ceil(N / 4), K // 16, 4] int32
-    lead: torch.Tensor | None = None   # q6_k: d, [ceil(N / 4), K // 256, 4] float16
+    lead: torch.Tensor | None = None   # q4_k: d and dmin, [ceil(N / 4), K // 256, 2, 4]; q6_k: d,
+                                       # [ceil(N / 4), K // 256, 4]; float16
 
     @property
     def nbytes(self) -> int:
@@ -79,8 +81,9 @@ class QuantWeight(NamedTuple):
     def from_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                   group: int, kind: str = "affine", lead: torch.Tensor | None = None) -> QuantWeight:
         """Row-major codes ([N, K // 2] uint8 packed by `pack_nibbles` for 4 bits, [N, K] int8 for 8, [N, K]
-        uint8 0..63 for 6) and per row: affine, [N, K // group] scales/offsets; q4_k, [N, K // 256 * 16] header
-        bytes; q6_k, [N, K // 16] int8 sub-scales and `lead` [N, K // 256] d — in the kernels' layout."""
+        uint8 0..63 for 6) and per row: affine, [N, K // group] scales/offsets; q4_k, [N, K // 256 * 12] packed
+        scales and `lead` [N, K // 256 * 2] (d, dmin); q6_k, [N, K // 16] int8 sub-scales and `lead`
+        [N, K // 256] d — in the kernels' layout."""
         n = codes.shape[0]
         k = codes.shape[1] * (2 if bits == 4 else 1)
         per_word = 32 // (4 if bits == 6 else bits)
@@ -96,7 +99,7 @@ class QuantWeight(NamedTuple):
 
         def interleave(t: torch.Tensor) -> torch.Tensor:
             t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
-            return t.view(-1, INTERLEAVE, *t.shape[1:]).movedim(1, 2).contiguous()
+            return t.view(-1, INTERLEAVE, *t.shape[1:]).movedim(1, -1).contiguous()
 
         high = None
         if bits == 6:
@@ -105,7 +108,8 @@ class QuantWeight(NamedTuple):
             codes = pack_nibbles(codes & 0xF)
         words = interleave(codes.contiguous().view(torch.int32))
         if kind == "q4_k":
-            scale = scale.to(torch.uint8).reshape(n, k // SUPER_BLOCK, 16)
+            scale = scale.to(torch.uint8).reshape(n, k // SUPER_BLOCK, 12)
+            lead = lead.reshape(n, k // SUPER_BLOCK, 2)
         elif kind == "affine":
             scale = scale.half()
         return QuantWeight(words, interleave(scale), None if zero is None else interleave(zero.half()), bits, group,
@@ -127,7 +131,7 @@ class QuantWeight(NamedTuple):
         def deinterleave(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            return t.movedim(2, 1).reshape(-1, *t.shape[1:2], *t.shape[3:])[:self.out_features].flatten(1)
+            return t.movedim(-1, 1).reshape(-1, *t.shape[1:-1])[:self.out_features].flatten(1)
         return tuple(deinterleave(t) for t in self._tensors())
 
 
@@ -160,13 +164,12 @@ def unpack_high_bits(words: torch.Tensor) -> torch.Tensor:
     return ((words.to(torch.int64)[..., None] >> _HIGH_SHIFTS.to(words.device)) & 3).to(torch.uint8).view(n, -1)
 
 
-def k_scales(headers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q4_k headers [..., 16] uint8 -> d, dmin [...] float32 and sc, m [..., 8] (0..63) as float32."""
-    d, dmin = headers[..., 0:4].contiguous().view(torch.float16).float().unbind(-1)
-    a, b, c = (headers[..., i:i + 4].to(torch.int32) for i in (4, 8, 12))
+def k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_k's packed scales [..., 12] uint8 -> sc, m [..., 8] (0..63) as float32."""
+    a, b, c = (packed[..., i:i + 4].to(torch.int32) for i in (0, 4, 8))
     sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=-1)
     m = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
-    return d, dmin, sc.float(), m.float()
+    return sc.float(), m.float()
 
 
 def group_scales(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,7 +178,8 @@ def group_scales(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
     if w.kind == "affine":
         return scale.float(), None if zero is None else zero.float()
     if w.kind == "q4_k":
-        d, dmin, sc, m = k_scales(scale.view(w.out_features, -1, 16))
+        sc, m = k_scales(scale.view(w.out_features, -1, 12))
+        d, dmin = lead.float().view(w.out_features, -1, 2).unbind(-1)
         return (d[..., None] * sc).flatten(1), (-dmin[..., None] * m).flatten(1)
     s = lead.float().repeat_interleave(SUPER_BLOCK // w.group, dim=1) * scale.float()
     return s, -32.0 * s
@@ -256,9 +260,8 @@ def quantize_k(weight: torch.Tensor, kind: str) -> QuantWeight:
         packed = torch.cat([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
                             (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
                             (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], dim=-1).to(torch.uint8)
-        dd = torch.stack([d, dmin], dim=-1).half().view(torch.uint8)     # [n, blocks, 4]
-        headers = torch.cat([dd, packed], dim=-1).view(n, -1)
-        return QuantWeight.from_rows(pack_nibbles(codes.view(n, k)), headers, None, 4, 32, "q4_k")
+        return QuantWeight.from_rows(pack_nibbles(codes.view(n, k)), packed.view(n, -1), None, 4, 32, "q4_k",
+                                     lead=torch.stack([d, dmin], dim=-1).view(n, -1))
     w = weight.float().view(n, k // SUPER_BLOCK, 16, 16)
     sub = w.abs().amax(-1) / 31
     d = lead_of(sub, 127)

@@ -58,17 +58,17 @@ def _group_scales(s_ptr, z_ptr, quad, g, lane, ok, groups, SCALES: tl.constexpr,
                   R: tl.constexpr):
     """Float32 (scale, offset) of group `g` of row `lane` of quad `quad` (index tensors that broadcast), by the
     weight's kind (SCALES: 0 affine, 1 q4_k, 2 q6_k; see `gllm.ops.quant_layout`); the offset is the scale
-    again where the weight has none. q4_k: s_ptr the header bytes, z_ptr the same as float16; q6_k: s_ptr the
-    int8 sub-scales, z_ptr the float16 d per 256."""
+    again where the weight has none. q4_k: s_ptr the packed scales, z_ptr d and dmin; q6_k: s_ptr the int8
+    sub-scales, z_ptr the float16 d per 256."""
     if SCALES == 1:
-        head = (quad * (groups // 8) + g // 8) * R + lane          # the (row, super-block)'s 16-byte header
-        d = tl.load(z_ptr + head * 8, mask=ok, other=0.0).to(tl.float32)
-        dmin = tl.load(z_ptr + head * 8 + 1, mask=ok, other=0.0).to(tl.float32)
+        block = quad * (groups // 8) + g // 8                      # the (row quad, super-block)
+        d = tl.load(z_ptr + block * 2 * R + lane, mask=ok, other=0.0).to(tl.float32)
+        dmin = tl.load(z_ptr + (block * 2 + 1) * R + lane, mask=ok, other=0.0).to(tl.float32)
         j = g % 8
-        at = head * 16 + 4 + j % 4
+        at = (block * 12 + j % 4) * R + lane                       # bytes j % 4, 4 + j % 4 and 8 + j % 4
         a = tl.load(s_ptr + at, mask=ok, other=0).to(tl.int32)
-        b = tl.load(s_ptr + at + 4, mask=ok, other=0).to(tl.int32)
-        c = tl.load(s_ptr + at + 8, mask=ok, other=0).to(tl.int32)
+        b = tl.load(s_ptr + at + 4 * R, mask=ok, other=0).to(tl.int32)
+        c = tl.load(s_ptr + at + 8 * R, mask=ok, other=0).to(tl.int32)
         sc = tl.where(j < 4, a & 63, (c & 15) | ((a >> 6) << 4))
         mn = tl.where(j < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
         scale = d * sc.to(tl.float32)
@@ -371,12 +371,25 @@ def _quant_gemv_rows_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, M, N, K
         if BITS == 6:
             high = tl.load(h_ptr + ((ns[None, :] // R) * (K // 16) + js[:, None] // 2) * R + ns[None, :] % R,
                            mask=w_ok, other=0)
-        scale, zero = _group_scales(s_ptr, z_ptr, ns[None, :] // R, js[:, None] // GROUP_WORDS, ns[None, :] % R,
-                                    w_ok, groups, SCALES, HAS_ZERO, R)
-        a = SPAN * scale
-        b = -a - BIAS * scale
-        if HAS_ZERO:
-            b += zero
+        if WORDS % GROUP_WORDS == 0:   # scales per group of the tile, then repeated over each group's words
+            TILE_GROUPS: tl.constexpr = WORDS // GROUP_WORDS
+            gs = j0 // GROUP_WORDS + tl.arange(0, TILE_GROUPS)
+            g_ok = (gs < groups)[:, None] & n_ok[None, :]
+            scale, zero = _group_scales(s_ptr, z_ptr, ns[None, :] // R, gs[:, None], ns[None, :] % R, g_ok, groups,
+                                        SCALES, HAS_ZERO, R)
+            a = SPAN * scale
+            b = -a - BIAS * scale
+            if HAS_ZERO:
+                b += zero
+            a = tl.reshape(tl.broadcast_to(a[:, None, :], [TILE_GROUPS, GROUP_WORDS, BLOCK_N]), [WORDS, BLOCK_N])
+            b = tl.reshape(tl.broadcast_to(b[:, None, :], [TILE_GROUPS, GROUP_WORDS, BLOCK_N]), [WORDS, BLOCK_N])
+        else:
+            scale, zero = _group_scales(s_ptr, z_ptr, ns[None, :] // R, js[:, None] // GROUP_WORDS, ns[None, :] % R,
+                                        w_ok, groups, SCALES, HAS_ZERO, R)
+            a = SPAN * scale
+            b = -a - BIAS * scale
+            if HAS_ZERO:
+                b += zero
         for i in tl.static_range(PER_WORD):
             if BITS == 6:
                 f = _code6_as_float(words, high, i, js[:, None] % 2)
@@ -451,9 +464,7 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, N, K,
 def kernel_operands(w: QuantWeight) -> dict:
     """What every kernel here takes of a weight besides its code words: the scale and offset pointers
     (`_group_scales`), the six-bit codes' top bits (the words again for other widths), and the constants."""
-    if w.kind == "q4_k":
-        zero = w.scale.view(torch.float16)
-    elif w.kind == "q6_k":
+    if w.kind != "affine":
         zero = w.lead
     else:
         zero = w.zero if w.zero is not None else w.scale
