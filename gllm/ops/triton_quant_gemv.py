@@ -415,6 +415,11 @@ ROW_CONFIG = QuantGemvConfig(block=1, block_k=2048, num_warps=2, num_stages=3)
 # best as many one-warp programs, narrow ones with four warps a program over long stretches of K.
 ROW_Q8_WIDE = QuantGemvConfig(block=1, block_k=512, num_warps=1, num_stages=4)
 ROW_Q8_NARROW = QuantGemvConfig(block=1, block_k=4096, num_warps=4, num_stages=2)
+# The K-quants (H200 sweep of the 8B shapes, `bench_quant_gemv.py --sweep --sweep-format q4_k|q6_k`): q4_k, whose
+# scales take more work a group, runs best as two-warp programs over 2,048 of K; q6_k, narrow ones with four.
+ROW_Q8_CONFIGS = {("affine", True): ROW_Q8_WIDE, ("affine", False): ROW_Q8_NARROW,
+                  ("q4_k", True): QuantGemvConfig(2, 1024, 2, 3), ("q4_k", False): QuantGemvConfig(1, 2048, 2, 3),
+                  ("q6_k", True): ROW_Q8_WIDE, ("q6_k", False): QuantGemvConfig(1, 2048, 4, 3)}
 ROWS_CONFIG = QuantGemvConfig(block=64, block_k=256, num_warps=4, num_stages=3)
 
 
@@ -454,10 +459,15 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, N, K,
     ok = (ns[:, None] < N) & (ks[None, :] < K)
     quad, lane = ns[:, None] // R, ns[:, None] % R
     code = _code_at(w_ptr, h_ptr, quad, lane, ks[None, :], ok, K, BITS, R)
-    scale, zero = _group_scales(s_ptr, z_ptr, quad, ks[None, :] // GROUP, lane, ok, K // GROUP, SCALES, HAS_ZERO, R)
-    value = code.to(tl.float32) * scale
+    # scales once per group of the tile, then repeated over its elements (a K-quant's take a dozen operations)
+    TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP
+    gs = tl.program_id(1) * TILE_GROUPS + tl.arange(0, TILE_GROUPS)
+    g_ok = (ns[:, None] < N) & (gs[None, :] < K // GROUP)
+    scale, zero = _group_scales(s_ptr, z_ptr, quad, gs[None, :], lane, g_ok, K // GROUP, SCALES, HAS_ZERO, R)
+    value = code.to(tl.float32) * tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, TILE_GROUPS, GROUP]),
+                                             [BLOCK_N, BLOCK_K])
     if HAS_ZERO:
-        value += zero
+        value += tl.reshape(tl.broadcast_to(zero[:, :, None], [BLOCK_N, TILE_GROUPS, GROUP]), [BLOCK_N, BLOCK_K])
     tl.store(out_ptr + ns[:, None] * K + ks[None, :], value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -480,7 +490,7 @@ def dequantize_dense(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | Non
         out = torch.empty((n, k), dtype=dtype, device=w.words.device)
     elif out.shape != (n, k) or out.stride(1) != 1 or out.stride(0) != k:
         raise ValueError(f"out must be a contiguous [{n}, {k}] tensor")
-    block_n, block_k = 16, 256
+    block_n, block_k = 16, max(256, w.group)     # whole groups a tile
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](w.words, out_ptr=out, N=n, K=k, **kernel_operands(w), BLOCK_N=block_n,
                              BLOCK_K=block_k, R=INTERLEAVE, num_warps=4)
@@ -554,7 +564,7 @@ def quant_gemv_row(inputs: RowInputs, w: QuantWeight, *, residual: torch.Tensor 
     elif target.shape != (1, n) or target.stride(1) != 1:
         raise ValueError(f"residual / out must be a [1, {n}] row")
     if inputs.block:
-        config = config or (ROW_Q8_WIDE if triton.cdiv(n, INTERLEAVE) >= 4096 else ROW_Q8_NARROW)
+        config = config or ROW_Q8_CONFIGS[w.kind, triton.cdiv(n, INTERLEAVE) >= 4096]
         block_k = min(config.block_k, max(inputs.block, triton.next_power_of_2(k)))
         grid = (triton.cdiv(triton.cdiv(n, INTERLEAVE), config.block),)
         _quant_gemv_row_q8_kernel[grid](inputs.values, inputs.scales, inputs.sums, w.words, out_ptr=target,
