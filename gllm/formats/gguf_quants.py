@@ -202,12 +202,13 @@ class AffineCodes:
     """One tensor's rows as integer codes with a scale and an optional offset per `group` weights,
     w = code * scale + zero: the form the GPU kernels read (`gllm.ops.quant_layout.QuantWeight`, whose kinds
     this follows). 4-bit types keep their 4-bit codes; Q5_x and Q8_0 take 8-bit codes with float scales (kind
-    affine); Q4_K and Q6_K keep their own scales (kinds q4_k: the blocks' 12 bytes of packed scales and their
-    d and dmin, and q6_k: int8 sub-scales and a float16 d per 256, its codes 0..63 offset by 32)."""
+    affine); Q4_K and Q6_K keep their own scales (kinds q4_k: 6-bit sub-scales sc and mins m under a float16
+    d and dmin per 256, w = d sc q - dmin m, and q6_k: int8 sub-scales under a float16 d per 256, its codes
+    0..63 offset by 32)."""
     codes: np.ndarray                   # [rows, k]: uint8 0..15 (bits 4), uint8 0..63 (bits 6) or int8 (bits 8)
-    scale: np.ndarray                   # affine: float32 [rows, k / group]; q4_k: uint8 [rows, k / 256 * 12];
+    scale: np.ndarray                   # affine: float32 [rows, k / group]; q4_k: sc, uint8 [rows, k / 32];
                                         # q6_k: int8 [rows, k / 16]
-    zero: np.ndarray | None             # affine: like scale; None: w = code * scale (and the K-quants)
+    zero: np.ndarray | None             # affine: like scale, None: w = code * scale; q4_k: m, like sc; q6_k: None
     bits: int
     group: int
     kind: str = "affine"
@@ -221,9 +222,9 @@ class AffineCodes:
         """The float32 weights [rows, k] (the `gguf` package's dequantized ones, exactly)."""
         rows = self.codes.shape[0]
         if self.kind == "q4_k":
-            sc, mn = _k_scales(self.scale.reshape(rows, -1, 12))
             lead = self.lead.astype(np.float32).reshape(rows, -1, 2)
-            scale, zero = lead[..., :1] * sc, -lead[..., 1:] * mn
+            scale = lead[..., :1] * self.scale.reshape(rows, -1, 8)
+            zero = -lead[..., 1:] * self.zero.reshape(rows, -1, 8)
         elif self.kind == "q6_k":
             scale = self.lead.astype(np.float32).repeat(16, 1) * self.scale.astype(np.float32)
             zero = -32.0 * scale
@@ -275,9 +276,9 @@ def affine_codes(type_name: str, data: np.ndarray, k: int) -> AffineCodes:
     blocks = np.ascontiguousarray(data).reshape(rows, k // weights, size)
     if type_name == "Q4_K":
         codes = np.ascontiguousarray(_k_low(blocks[..., 16:144])).reshape(rows, k)
-        packed = np.ascontiguousarray(blocks[..., 4:16]).reshape(rows, -1)
+        sc, mn = _k_scales(blocks[..., 4:16])
         lead = np.ascontiguousarray(blocks[..., 0:4]).view(np.float16).reshape(rows, -1)
-        return AffineCodes(codes, packed, None, 4, 32, "q4_k", lead)
+        return AffineCodes(codes, sc.reshape(rows, -1), mn.reshape(rows, -1), 4, 32, "q4_k", lead)
     if type_name == "Q6_K":
         low, high, _ = _q6_k_parts(blocks)
         codes = np.ascontiguousarray(low + 16 * high).reshape(rows, k)

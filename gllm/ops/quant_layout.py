@@ -8,9 +8,11 @@ offset are stored is the weight's `kind`:
 
     affine  float16 scale (and offset) per group. GGUF Q4_0 / Q8_0 (zero = -8 * scale / none), Q4_1, Q5_x
             as 8-bit codes (`gllm.formats.gguf_quants.affine_codes`), gllm's own int4/int8 quantization.
-    q4_k    GGUF Q4_K as the file stores it: 4-bit codes, groups of 32, and per 256 weights float16 d and
-            dmin (`lead`) and eight 6-bit scales sc and mins m packed in 12 bytes as the file packs them:
-            scale = d * sc, zero = -dmin * m. 4.5 bits a weight (the affine form of it took 5).
+    q4_k    GGUF Q4_K: 4-bit codes, groups of 32, and per 256 weights float16 d and dmin (`lead`) and eight
+            6-bit scales sc and mins m in 12 bytes: scale = d * sc, zero = -dmin * m. 4.5 bits a weight, as
+            the file (the affine form of it took 5). The 12 bytes are packed for the kernels, not as the file
+            packs them: byte j (j < 8) holds sc_j and m_j's low two bits (sc | m << 6), byte 8 + j // 2 the
+            rest of m_j in nibble j % 2 — a group's pair takes two loads and six operations to unpack.
     q6_k    GGUF Q6_K: 6-bit codes u (w = (u - 32) * scale), groups of 16 with an int8 sub-scale sc each and a
             float16 d per 256: scale = d * sc, zero = -32 * scale. 6.5625 bits a weight (8-bit codes with
             float16 scales took 9).
@@ -81,9 +83,9 @@ class QuantWeight(NamedTuple):
     def from_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                   group: int, kind: str = "affine", lead: torch.Tensor | None = None) -> QuantWeight:
         """Row-major codes ([N, K // 2] uint8 packed by `pack_nibbles` for 4 bits, [N, K] int8 for 8, [N, K]
-        uint8 0..63 for 6) and per row: affine, [N, K // group] scales/offsets; q4_k, [N, K // 256 * 12] packed
-        scales and `lead` [N, K // 256 * 2] (d, dmin); q6_k, [N, K // 16] int8 sub-scales and `lead`
-        [N, K // 256] d — in the kernels' layout."""
+        uint8 0..63 for 6) and per row: affine, [N, K // group] scales/offsets; q4_k, [N, K // 32] sc and m
+        (`scale`, `zero`, 0..63) and `lead` [N, K // 256 * 2] (d, dmin); q6_k, [N, K // 16] int8 sub-scales
+        and `lead` [N, K // 256] d — in the kernels' layout."""
         n = codes.shape[0]
         k = codes.shape[1] * (2 if bits == 4 else 1)
         per_word = 32 // (4 if bits == 6 else bits)
@@ -108,7 +110,7 @@ class QuantWeight(NamedTuple):
             codes = pack_nibbles(codes & 0xF)
         words = interleave(codes.contiguous().view(torch.int32))
         if kind == "q4_k":
-            scale = scale.to(torch.uint8).reshape(n, k // SUPER_BLOCK, 12)
+            scale, zero = pack_k_scales(scale.reshape(n, -1, 8), zero.reshape(n, -1, 8)), None
             lead = lead.reshape(n, k // SUPER_BLOCK, 2)
         elif kind == "affine":
             scale = scale.half()
@@ -164,12 +166,18 @@ def unpack_high_bits(words: torch.Tensor) -> torch.Tensor:
     return ((words.to(torch.int64)[..., None] >> _HIGH_SHIFTS.to(words.device)) & 3).to(torch.uint8).view(n, -1)
 
 
+def pack_k_scales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """q4_k: a super-block's eight sc and m [..., 8] (0..63) as the kernels' 12 bytes [..., 12] uint8."""
+    sc, m = sc.to(torch.int32), m.to(torch.int32)
+    high = m >> 2
+    return torch.cat([sc | ((m & 3) << 6), high[..., 0::2] | (high[..., 1::2] << 4)], dim=-1).to(torch.uint8)
+
+
 def k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q4_k's packed scales [..., 12] uint8 -> sc, m [..., 8] (0..63) as float32."""
-    a, b, c = (packed[..., i:i + 4].to(torch.int32) for i in (0, 4, 8))
-    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=-1)
-    m = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
-    return sc.float(), m.float()
+    """The inverse of `pack_k_scales`: sc, m [..., 8] (0..63) as float32."""
+    p = packed.to(torch.int32)
+    high = torch.stack([p[..., 8:] & 15, p[..., 8:] >> 4], dim=-1).flatten(-2)
+    return (p[..., :8] & 63).float(), ((p[..., :8] >> 6) | (high << 2)).float()
 
 
 def group_scales(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -257,10 +265,7 @@ def quantize_k(weight: torch.Tensor, kind: str) -> QuantWeight:
         scale, zero = d[..., None] * sc, -dmin[..., None] * m
         codes = torch.round((w - zero[..., None]) / scale.clamp_min(tiny)[..., None]).clamp(0, 15)
         sc, m = sc.to(torch.int32), m.to(torch.int32)
-        packed = torch.cat([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
-                            (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
-                            (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], dim=-1).to(torch.uint8)
-        return QuantWeight.from_rows(pack_nibbles(codes.view(n, k)), packed.view(n, -1), None, 4, 32, "q4_k",
+        return QuantWeight.from_rows(pack_nibbles(codes.view(n, k)), sc.view(n, -1), m.view(n, -1), 4, 32, "q4_k",
                                      lead=torch.stack([d, dmin], dim=-1).view(n, -1))
     w = weight.float().view(n, k // SUPER_BLOCK, 16, 16)
     sub = w.abs().amax(-1) / 31

@@ -65,12 +65,10 @@ def _group_scales(s_ptr, z_ptr, quad, g, lane, ok, groups, SCALES: tl.constexpr,
         d = tl.load(z_ptr + block * 2 * R + lane, mask=ok, other=0.0).to(tl.float32)
         dmin = tl.load(z_ptr + (block * 2 + 1) * R + lane, mask=ok, other=0.0).to(tl.float32)
         j = g % 8
-        at = (block * 12 + j % 4) * R + lane                       # bytes j % 4, 4 + j % 4 and 8 + j % 4
-        a = tl.load(s_ptr + at, mask=ok, other=0).to(tl.int32)
-        b = tl.load(s_ptr + at + 4 * R, mask=ok, other=0).to(tl.int32)
-        c = tl.load(s_ptr + at + 8 * R, mask=ok, other=0).to(tl.int32)
-        sc = tl.where(j < 4, a & 63, (c & 15) | ((a >> 6) << 4))
-        mn = tl.where(j < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
+        a = tl.load(s_ptr + (block * 12 + j) * R + lane, mask=ok, other=0).to(tl.int32)        # sc | m << 6
+        c = tl.load(s_ptr + (block * 12 + 8 + j // 2) * R + lane, mask=ok, other=0).to(tl.int32)   # m >> 2
+        sc = a & 63
+        mn = (a >> 6) | (((c >> ((j % 2) * 4)) & 15) << 2)
         scale = d * sc.to(tl.float32)
         zero = -dmin * mn.to(tl.float32)
     elif SCALES == 2:
