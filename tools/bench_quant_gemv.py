@@ -34,7 +34,8 @@ FORMATS = {"int4 g32": lambda w: L.quantize(w, 4, 32, False), "int8 g32": lambda
            "q4_k": lambda w: L.quantize_k(w, "q4_k"), "q6_k": lambda w: L.quantize_k(w, "q6_k")}
 SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # one row: (row quads, block_k, warps, stages)
          [(1, 2048, 2, 3), (1, 4096, 4, 2), (1, 2048, 4, 3), (2, 2048, 4, 3), (1, 1024, 2, 3), (2, 1024, 2, 3),
-          (4, 1024, 4, 2), (1, 4096, 8, 2), (1, 512, 1, 4), (2, 512, 2, 4)]]
+          (4, 1024, 4, 2), (1, 4096, 8, 2), (1, 512, 1, 4), (2, 512, 2, 4), (1, 1024, 1, 4), (2, 1024, 1, 4),
+          (4, 512, 2, 4), (2, 2048, 2, 3), (4, 1024, 2, 3), (1, 2048, 1, 3)]]
 ROWS_SWEEP = [Q.QuantGemvConfig(b, bk, w, s) for b, bk, w, s in   # several rows: (output rows, block_k, ...)
               [(64, 256, 4, 3), (32, 256, 4, 3), (64, 512, 4, 3), (128, 256, 8, 3), (32, 512, 4, 3),
                (16, 512, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3)]]
