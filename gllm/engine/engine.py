@@ -141,6 +141,8 @@ class LLMEngine:
         self.layer_pauses = 0                    # CPU window steps: pauses between layers for the next window
         self.layer_pause_s = 0.0                 # and their wall time
         self._layer_mark = 0.0                   # when the layer now computing started (perf_counter)
+        self._head_mark: float | None = None     # when the current window step's head started
+        self._head_s: float | None = None        # a window step's head and sampling, lately (moving average)
         self._step_paused = 0.0                  # the current step's layer pauses so far
         # NPC memory (issue #23): snapshots and pins (engine thread), the prompt-result cache (engine thread).
         self.sessions = SessionStore(self.block_manager, self.kv_cache, gen.max_seq_len)
@@ -593,6 +595,10 @@ class LLMEngine:
             rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids,
                               mask_row=mask_row.get(st.request_id)) for st in samplers]
             launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, mask_tensor) if rows else None
+            if self._head_mark is not None:   # a window step's head and sampling, for the pause before the next one's
+                head_s = time.perf_counter() - self._head_mark
+                self._head_s = head_s if self._head_s is None else 0.7 * self._head_s + 0.3 * head_s
+                self._head_mark = None
         except Exception as exc:  # a failed step fails its requests, never the engine
             self._fail_step(launched, exc)
         return launched
@@ -605,15 +611,21 @@ class LLMEngine:
         self._layer_mark = time.perf_counter()
         return True
 
-    def _between_layers(self) -> None:
-        """Before the next layer of a window step: if the game's window closes before a layer as long as the
-        last one would end, wait for its next idle report (at most until a silent game stops counting), so the
-        step goes on in the next window instead of beside the game's frame."""
+    # A layer is judged by the one before it, with this much to spare: layers of one step vary (the game's
+    # threads share the cores).
+    LAYER_MARGIN = 1.25
+
+    def _between_layers(self, head_next: bool) -> None:
+        """Before the next layer of a window step (or its head, with sampling after it: `head_next`): if the
+        game's window closes before a layer as long as the last one (the head and sampling as long as lately)
+        would end, wait for its next idle report (at most until a silent game stops counting), so the step goes
+        on in the next window instead of beside the game's frame."""
         layer_s = time.perf_counter() - self._layer_mark
+        next_s = self._head_s if head_next and self._head_s is not None else layer_s
         seen = self.windows.reports
         now = time.monotonic()
         closes = self.windows.closes_at(now)
-        if closes is not None and closes - now < layer_s:
+        if closes is not None and closes - now < next_s * self.LAYER_MARGIN:
             waited = time.perf_counter()
             self.windows.wait_for_report(seen, self.windows.config.stale_s)
             paused = time.perf_counter() - waited
@@ -621,6 +633,8 @@ class LLMEngine:
             self.layer_pause_s += paused
             self._step_paused += paused
         self._layer_mark = time.perf_counter()
+        if head_next:
+            self._head_mark = self._layer_mark
 
     def _masks_of(self, launched: _LaunchedStep, constrained: list[RequestState]) -> torch.Tensor | None:
         """The grammar masks of a step's constrained rows (None without any); if computing them fails, the

@@ -26,9 +26,10 @@ class ForwardBatch:
     # Set for decode graphs: (gather_rows [T], source [>= T]): a row with gather_rows >= 0 takes its input
     # token from source (the previous step's sampled ids on the device) instead of input_ids.
     token_source: tuple[torch.Tensor, torch.Tensor] | None = None
-    # Called after each decoder layer, before the next or the head (eager CPU steps only, where the layers run
-    # as this thread computes them): the engine may pause there for a game's next idle window.
-    between_layers: Callable[[], None] | None = None
+    # Called after each decoder layer, before the next or the head (its argument: the head comes next; eager CPU
+    # steps only, where the layers run as this thread computes them): the engine may pause there for a game's
+    # next idle window.
+    between_layers: Callable[[bool], None] | None = None
 
     def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """The rows of `hidden` that logits are wanted for. The indices increase, so as many of them as there

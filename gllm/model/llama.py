@@ -203,10 +203,11 @@ class LlamaForCausalLM(nn.Module):
                                 out_dtype=torch.float32, dependent_launch=kernels.dependent_launch)
             return head(self.norm(rows)).float()
         x, residual = self._embed(batch), None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        last = len(self.layers) - 1
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             x, residual = layer(x, residual, batch, self.rope, k_cache, v_cache, kernels)
             if batch.between_layers is not None:   # after the last layer too: a CPU's wide head costs a few
-                batch.between_layers()
+                batch.between_layers(i == last)
         x, _ = self.norm(batch.logits_rows(x), batch.logits_rows(residual), fused=kernels.fused)
         if head is not None and (weight is None or not kernels.float_head_rows or x.shape[0] < kernels.float_head_rows):
             return head(x).float()

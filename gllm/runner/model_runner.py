@@ -86,7 +86,7 @@ class ModelRunner:
         return (decoder is not None and decoder.padded_size(len(out.scheduled)) is not None
                 and all(s.num_tokens == 1 and s.samples for s in out.scheduled))
 
-    def run(self, out: SchedulerOutput, between_layers: Callable[[], None] | None = None) -> StepOutput:
+    def run(self, out: SchedulerOutput, between_layers: Callable[[bool], None] | None = None) -> StepOutput:
         """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order.
         `between_layers`: called between the decoder layers of an eager step (see `ForwardBatch`)."""
         if self.fast_path.one_thread_tokens:
