@@ -413,10 +413,11 @@ ROW_CONFIG = QuantGemvConfig(block=1, block_k=2048, num_warps=2, num_stages=3)
 # best as many one-warp programs, narrow ones with four warps a program over long stretches of K.
 ROW_Q8_WIDE = QuantGemvConfig(block=1, block_k=512, num_warps=1, num_stages=4)
 ROW_Q8_NARROW = QuantGemvConfig(block=1, block_k=4096, num_warps=4, num_stages=2)
-# The K-quants (H200 sweep of the 8B shapes, `bench_quant_gemv.py --sweep --sweep-format q4_k|q6_k`): q4_k, whose
-# scales take more work a group, runs best as two-warp programs over 2,048 of K; q6_k, narrow ones with four.
+# The K-quants (H200 sweep of the 8B shapes, `bench_quant_gemv.py --sweep --sweep-format q4_k|q6_k`): q4_k runs
+# best as one-warp programs over 1,024 of K when wide, two-warp ones over 2,048 when narrow; q6_k as the affine
+# kinds when wide, with four warps over 2,048 when narrow.
 ROW_Q8_CONFIGS = {("affine", True): ROW_Q8_WIDE, ("affine", False): ROW_Q8_NARROW,
-                  ("q4_k", True): QuantGemvConfig(2, 1024, 2, 3), ("q4_k", False): QuantGemvConfig(1, 2048, 2, 3),
+                  ("q4_k", True): QuantGemvConfig(1, 1024, 1, 4), ("q4_k", False): QuantGemvConfig(1, 2048, 2, 3),
                   ("q6_k", True): ROW_Q8_WIDE, ("q6_k", False): QuantGemvConfig(1, 2048, 4, 3)}
 ROWS_CONFIG = QuantGemvConfig(block=64, block_k=256, num_warps=4, num_stages=3)
 
