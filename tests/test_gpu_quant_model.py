@@ -143,14 +143,16 @@ def test_quantization_on_load_computes_exactly_its_quantized_weights(llama32_dir
 
 
 def test_q4_k_m_on_load_mixes_as_llama_cpp_and_computes_exactly_its_quantized_weights(tmp_path):
-    """q4_k_m on load: Q4_K, with Q6_K for the head and for v and down in llama.cpp's "more bits" layers (both
-    of two); the logits of the same model holding the dequantized weights as floats, in both decode paths."""
+    """q4_k_m on load: Q4_K, with Q6_K for the head and for v and down in llama.cpp's "more bits" layers (the
+    second of two); the logits of the same model holding the dequantized weights as floats, in both decode
+    paths."""
     path = write_gguf(tmp_path / "f16.gguf", {p: "F16" for p in GGUF_FORMATS["Q4_K"][0]}, "F16", "F16")
     model = load_gguf(path, dtype=torch.float32, device=CUDA, max_positions=1024)[0]
     config = QuantConfig("q4_k_m")
     assert quantize_layers(model, config).fallbacks == []
     assert quantize_embeddings(model, config) == ["head q6_k", "embeddings q4_k"]
-    assert [q.scheme for q in projections(model)] == ["q4_k/q6_k", "q4_k", "q4_k", "q6_k"] * LAYERS
+    assert LAYERS == 2
+    assert [q.scheme for q in projections(model)] == ["q4_k"] * 4 + ["q4_k/q6_k", "q4_k", "q4_k", "q6_k"]
     reference = load_gguf(path, dtype=torch.float32, device=CUDA, max_positions=1024)[0]
     for q, linear in zip(projections(model), projections(reference)):
         linear.weight.data = torch.cat([dequantize(part) for part in q.parts])
