@@ -164,7 +164,9 @@ def test_the_engine_starts_steps_only_inside_the_windows_a_game_reports(tiny_eng
     outside = [t for t in starts if not any(a <= t <= b for a, b in windows)]
     assert not outside, f"{len(outside)} of {len(starts)} steps started outside the game's windows"
     stats = eng.stats()
-    assert stats["window_steps"] == len(starts) and stats["window_waits"] > 0 and stats["window_reports"] >= 3
+    # it yielded to the game: waited between steps, or paused a step between layers for the next window
+    assert stats["window_steps"] == len(starts) and stats["window_waits"] + stats["layer_pauses"] > 0
+    assert stats["window_reports"] >= 3
     time.sleep(0.15)                               # reports stale: free again
     before = eng.stats()["window_steps"]
     again = eng.generate([GenerationRequest(prompt="Free", max_new_tokens=5, ignore_eos=True)], timeout=60)[0]
