@@ -85,7 +85,7 @@ def _group_scales(s_ptr, z_ptr, quad, g, lane, ok, groups, SCALES: tl.constexpr,
 
 
 @triton.jit
-def _top_bits(high, i: tl.constexpr, t):
+def _top_bits(high, i, t):
     """Six-bit codes: the top two bits of code i of the low words of parity `t` (which of a pair), from their
     pair's word of top bits (layout: `gllm.ops.quant_layout`)."""
     return (high >> (8 * (i // 2) + 2 * (i % 2) + 4 * t)) & 3
@@ -104,8 +104,7 @@ def _code_at(w_ptr, h_ptr, quad, lane, ks, ok, K, BITS: tl.constexpr, R: tl.cons
         code = (code ^ 0x80) - 0x80                        # int8: two's complement
     if BITS == 6:
         high = tl.load(h_ptr + (quad * (K // 16) + ks // 16) * R + lane, mask=ok, other=0)
-        i = ks % 8
-        code |= ((high >> (8 * (i // 2) + 2 * (i % 2) + 4 * ((ks // 8) % 2))) & 3) << 4
+        code |= _top_bits(high, ks % 8, (ks // 8) % 2) << 4
     return code
 
 
@@ -369,25 +368,19 @@ def _quant_gemv_rows_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, h_ptr, out_ptr, M, N, K
         if BITS == 6:
             high = tl.load(h_ptr + ((ns[None, :] // R) * (K // 16) + js[:, None] // 2) * R + ns[None, :] % R,
                            mask=w_ok, other=0)
-        if WORDS % GROUP_WORDS == 0:   # scales per group of the tile, then repeated over each group's words
-            TILE_GROUPS: tl.constexpr = WORDS // GROUP_WORDS
-            gs = j0 // GROUP_WORDS + tl.arange(0, TILE_GROUPS)
-            g_ok = (gs < groups)[:, None] & n_ok[None, :]
-            scale, zero = _group_scales(s_ptr, z_ptr, ns[None, :] // R, gs[:, None], ns[None, :] % R, g_ok, groups,
-                                        SCALES, HAS_ZERO, R)
-            a = SPAN * scale
-            b = -a - BIAS * scale
-            if HAS_ZERO:
-                b += zero
-            a = tl.reshape(tl.broadcast_to(a[:, None, :], [TILE_GROUPS, GROUP_WORDS, BLOCK_N]), [WORDS, BLOCK_N])
-            b = tl.reshape(tl.broadcast_to(b[:, None, :], [TILE_GROUPS, GROUP_WORDS, BLOCK_N]), [WORDS, BLOCK_N])
-        else:
-            scale, zero = _group_scales(s_ptr, z_ptr, ns[None, :] // R, js[:, None] // GROUP_WORDS, ns[None, :] % R,
-                                        w_ok, groups, SCALES, HAS_ZERO, R)
-            a = SPAN * scale
-            b = -a - BIAS * scale
-            if HAS_ZERO:
-                b += zero
+        # scales once per group of the tile (a power of two no smaller than a group), then over its words
+        tl.static_assert(WORDS % GROUP_WORDS == 0, "a tile of K holds whole groups")
+        TILE_GROUPS: tl.constexpr = WORDS // GROUP_WORDS
+        gs = j0 // GROUP_WORDS + tl.arange(0, TILE_GROUPS)
+        g_ok = (gs < groups)[:, None] & n_ok[None, :]
+        scale, zero = _group_scales(s_ptr, z_ptr, ns[None, :] // R, gs[:, None], ns[None, :] % R, g_ok, groups,
+                                    SCALES, HAS_ZERO, R)
+        a = SPAN * scale
+        b = -a - BIAS * scale
+        if HAS_ZERO:
+            b += zero
+        a = tl.reshape(tl.broadcast_to(a[:, None, :], [TILE_GROUPS, GROUP_WORDS, BLOCK_N]), [WORDS, BLOCK_N])
+        b = tl.reshape(tl.broadcast_to(b[:, None, :], [TILE_GROUPS, GROUP_WORDS, BLOCK_N]), [WORDS, BLOCK_N])
         for i in tl.static_range(PER_WORD):
             if BITS == 6:
                 f = _code6_as_float(words, high, i, js[:, None] % 2)
