@@ -39,7 +39,7 @@ def int8_product(x: torch.Tensor, w: L.QuantWeight, block: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (4, 32, True), (4, 16, False), (8, 32, True)])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_quant_gemv_matches_the_dequantized_product(shape, dtype, rows, bits, group, symmetric):
@@ -208,7 +208,7 @@ def _k_weight(kind: str, n: int, k: int, seed: int) -> L.QuantWeight:
 
 
 @pytest.mark.parametrize("kind", K_KINDS)
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(100, 512), (36, 768)])
 def test_k_quant_gemv_matches_the_dequantized_product(shape, dtype, rows, kind):

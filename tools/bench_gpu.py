@@ -105,6 +105,20 @@ def bench_decode(engine: LLMEngine, rng: random.Random, new_tokens: int = 256, r
     return statistics.median(per_token)
 
 
+def bench_batch_decode(engine: LLMEngine, rng: random.Random, batch: int = 16, new_tokens: int = 128,
+                       repeats: int = 3) -> float:
+    """Median ms per decode step with `batch` requests decoding together (a game's dozen or so NPCs; their
+    prompts prefill in one step, so they decode side by side from their first tokens to their last)."""
+    per_step = []
+    for i in range(repeats + 1):
+        reqs = [GenerationRequest(prompt_token_ids=random_ids(rng, 128), max_new_tokens=new_tokens, temperature=0,
+                                  ignore_eos=True) for _ in range(batch)]
+        results = engine.generate(reqs)
+        if i:   # the first run warms up
+            per_step += [(r.timings.total_ms - r.timings.ttft_ms) / (new_tokens - 1) for r in results]
+    return statistics.median(per_step)
+
+
 def bench_throughput(engine: LLMEngine, rng: random.Random, num_requests: int = 256) -> dict:
     reqs = [GenerationRequest(prompt_token_ids=random_ids(rng, rng.randint(100, 1024)),
                               max_new_tokens=rng.randint(100, 1024), temperature=0, ignore_eos=True)
@@ -200,6 +214,9 @@ def main() -> None:
         row.update(decode_ms_per_token=ms, decode_tokens_per_s=1000 / ms, floor_fraction=floor_ms / ms)
         print(f"[{shape}] batch-1 decode {ms:.3f} ms/token = {1000 / ms:.0f} tok/s; floor {floor_ms:.3f} ms "
               f"({1000 / floor_ms:.0f} tok/s): {100 * floor_ms / ms:.0f}% of the floor", flush=True)
+        ms16 = bench_batch_decode(engine, rng)
+        row.update(batch16_step_ms=ms16, batch16_tokens_per_s=16000 / ms16)
+        print(f"[{shape}] batch-16 decode {ms16:.3f} ms/step = {16000 / ms16:.0f} tok/s", flush=True)
         row["ttft"] = bench_ttft(engine, rng)
         print(f"[{shape}] TTFT 1024 tokens: cold {row['ttft']['cold_ms']:.2f} ms, "
               f"900 cached {row['ttft']['cached_prefix_ms']:.2f} ms (of which queued "

@@ -1,10 +1,12 @@
-"""Decode-sized matmuls over 4- and 8-bit weights on the GPU: gllm/ops/triton_quant_gemv.py against a bfloat16
+"""Decode-sized matmuls over 4- to 8-bit weights on the GPU: gllm/ops/triton_quant_gemv.py against a bfloat16
 F.linear (cuBLAS) of the same shape, measured the same way as tools/bench_gemv.py (CALLS calls in one CUDA graph,
 weights rotated over enough copies that L2 never holds them).
 
 Printed per shape (Llama-3.2-1B and Llama-3.1-8B projections) and row count: µs per call, the bytes read (codes,
-scales, offsets) per second and as a share of a device-to-device copy, and the speed-up over bfloat16.
-`--sweep` also times a few launch configs per shape at one row and prints the best.
+scales, offsets) per second and as a share of a device-to-device copy, and the speed-up over bfloat16; with
+`--dequant-dense` also the way more rows than `MAX_ROWS` go (dequantize the weight, then a bfloat16 matmul),
+which is how the table times those row counts.
+`--sweep` also times a few launch configs per shape and row count and prints the best.
 
     python3 tools/bench_quant_gemv.py [--rows 1,4] [--models 1b,8b] [--sweep] [--out results.json]
 """
@@ -58,6 +60,12 @@ def quant_time(w: L.QuantWeight, x: torch.Tensor, config: Q.QuantGemvConfig | No
     return graph_time(lambda i: Q.quant_gemv(x, ws[i % len(ws)], config))
 
 
+def dequant_dense_time(w: L.QuantWeight, x: torch.Tensor) -> float:
+    """The other way to a wide product: dequantize the whole weight, then a bfloat16 matmul."""
+    ws = copies(w)
+    return graph_time(lambda i: F.linear(x, Q.dequantize_dense(ws[i % len(ws)], x.dtype)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,4")
@@ -65,6 +73,8 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-format", default="int4 g32")
+    parser.add_argument("--dequant-dense", action="store_true", help="also time dequantizing the weight and a "
+                        "bfloat16 matmul (what more than MAX_ROWS rows take)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -85,10 +95,16 @@ def main() -> None:
             for name, quantize in formats.items():
                 w = quantize(dense)
                 want = (x.float() @ L.dequantize(w).T)
-                err = ((Q.quant_gemv(x, w).float() - want).abs().max() / want.abs().max()).item()
-                t = quant_time(w, x)
+                fused = m <= Q.MAX_ROWS    # more rows: the product as a model takes it, dequantize + matmul
+                got = Q.quant_gemv(x, w) if fused else F.linear(x, Q.dequantize_dense(w, x.dtype))
+                err = ((got.float() - want).abs().max() / want.abs().max()).item()
+                t = quant_time(w, x) if fused else dequant_dense_time(w, x)
                 line += f" | {t * 1e6:>12.1f}{100 * w.nbytes / t / bandwidth:>6.0f}{t_bf16 / t:>7.2f}{err:>8.1e}"
-                row[name] = dict(seconds=t, bytes=w.nbytes, max_rel_err=err)
+                row[name] = dict(seconds=t, bytes=w.nbytes, max_rel_err=err, fused=fused)
+                if args.dequant_dense and fused:
+                    t_dd = dequant_dense_time(w, x)
+                    line += f" (dequant+bf16 {t_dd * 1e6:.1f} = {t_bf16 / t_dd:.2f}x)"
+                    row[name]["dequant_dense_seconds"] = t_dd
             print(line, flush=True)
             results["shapes"].append(row)
     if args.sweep:

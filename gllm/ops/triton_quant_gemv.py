@@ -25,7 +25,9 @@ import triton.language as tl
 from gllm.ops.quant_layout import INTERLEAVE, QuantWeight
 
 SCALES = {"affine": 0, "q4_k": 1, "q6_k": 2}   # a weight's kind as the kernels' constant
-MAX_ROWS = 8        # more rows: dequantize once (`dequantize_dense`) and use a dense matmul
+# More rows: dequantize once (`dequantize_dense`) and use a dense matmul. At 16 rows the several-rows kernel
+# still beats that 1.3-2.5x on the 8B projections; at 64 it loses 1.3-2x (H200, docs/benchmarks.md, s22).
+MAX_ROWS = 16
 ROW_INPUTS_BLOCK = 512   # elements of a row a `row_inputs` program prepares (a 14,336 row: 28 programs)
 
 
