@@ -12,7 +12,9 @@ import torch
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
+        host = torch.tensor(values, dtype=dtype)
         return host if device.type == "cpu" else host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    # Made in pinned memory, not pinned after: `Tensor.pin_memory` first asks the driver whether the tensor is
+    # pinned already, ~50 us of host time a call on an H200 host (docs/benchmarks.md, issue 21).
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
