@@ -5,7 +5,10 @@
 #       [-- bench_gpu args...]
 # (frame and quant8b are not in the default list: #18's GPU variant, and #22's 8B int4 decode with its profile.)
 # Needs the Llama 3 tokenizer folder in $GLLM_TEST_HOME/tokenizer-llama3 (the fixtures' models are rebuilt
-# there with transformers; no npm needed when the tokenizer is present).
+# there with transformers; no npm needed when the tokenizer is present), and on the path what the GPU image
+# lacks: llguidance, gguf, and for the tests and engine parts jsonschema with attrs, referencing, rpds-py and
+# jsonschema-specifications (the stream-gate tests import the structured-output ones); pyzmq and msgpack for
+# frame. A machine without network takes them as wheels (pip download --platform manylinux...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
