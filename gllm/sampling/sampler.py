@@ -245,10 +245,12 @@ class Sampler:
             and any(r.mask_row is not None or not r.params.is_greedy for r in rows)
 
     def _masks_to_device(self, masks: torch.Tensor) -> torch.Tensor:
-        """The whole host buffer at once, in stream order, where the sampling runs."""
+        """The whole host buffer at once, in stream order, where the sampling runs. `Grammars` puts a GPU's
+        masks in pinned memory; a pageable buffer is copied too, after the work queued before it. (Not asked
+        with `Tensor.is_pinned`: ~54 us of host time a call on an H200 host, docs/benchmarks.md issue 21.)"""
         if self.device.type != "cuda":
             return masks.to(self.device)
-        return (masks if masks.is_pinned() else masks.pin_memory()).to(self.device, non_blocking=True)
+        return masks.to(self.device, non_blocking=True)
 
     def _apply_masks(self, logits: torch.Tensor, rows: list[SampleRow], masked: list[int],
                      masks: torch.Tensor) -> torch.Tensor:
