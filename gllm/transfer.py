@@ -8,11 +8,10 @@ pinned-memory cache does not reuse the staging buffer until the copy has run.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
-def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         host = torch.tensor(values, dtype=dtype)
         return host if device.type == "cpu" else host.to(device)

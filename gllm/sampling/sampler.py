@@ -274,7 +274,9 @@ class Sampler:
                              dtype=np.float32).view(np.int32)
         packed[1] = np.array([row_key(r.seed, r.step) for r in rows], dtype=np.uint32).view(np.int32)
         packed[2] = [-1 if r.mask_row is None else r.mask_row for r in rows]
-        columns = to_device(packed, torch.int32, self.device)
+        staged = torch.empty(packed.shape, dtype=torch.int32, pin_memory=True)   # (see `to_device`)
+        staged.numpy()[:] = packed
+        columns = staged.to(self.device, non_blocking=True)
         return self._fused_race(logits, columns[0].view(torch.float32), columns[1], self.noise.token_hash, masks,
                                 columns[2] if masks is not None else None)
 
