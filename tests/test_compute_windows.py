@@ -123,6 +123,27 @@ def test_on_a_gpu_a_windows_forced_step_decodes_every_due_row_and_still_alternat
     assert run_step(s).scheduled == []           # not the window's first step: nothing fits
 
 
+def test_on_a_gpu_a_full_batch_decodes_whole_in_every_window_while_requests_wait_for_a_place():
+    """With the batch full, the windows whose forced progress would go to the waiting admit nobody: they decode
+    the whole batch too (not the one row a strict budget lets through); the first window after a row ends
+    admits the next request."""
+    s = Scheduler(SchedulerConfig(4, 512, forced_step_decodes_all=True), BlockManager(1024, 16, True),
+                  with_prefill_steps())
+    decoders = [seq(i, 5) for i in range(1, 5)]
+    for q in decoders:
+        s.add(q)
+    run_step(s)
+    s.step_budget_s, s.strict_budget, s.guarantee_progress = 0.0010, True, True
+    waiting = [seq(i, 40) for i in (8, 9)]
+    for q in waiting:
+        s.add(q)
+    for _ in range(6):
+        assert sorted(x.seq.seq_id for x in run_step(s).scheduled) == [1, 2, 3, 4]
+    s.finish(decoders[0])
+    shapes = [sorted(x.seq.seq_id for x in run_step(s).scheduled) for _ in range(2)]
+    assert shapes == [[8], [2, 3, 4, 8]]          # the place goes to a waiting request, which then decodes too
+
+
 @pytest.fixture
 def tiny_engine(llama32_dir):
     from gllm.engine import GeneratorParams, LLMEngine

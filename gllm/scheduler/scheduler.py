@@ -142,8 +142,12 @@ class Scheduler:
         admit_first = self.strict_budget and self.guarantee_progress and bool(self.waiting) and self._forced_running
         self._forcing_decodes = (self.strict_budget and self.guarantee_progress and not admit_first
                                  and self.config.forced_step_decodes_all)
+        admission_tried = admit_first
         if admit_first:
             self._admit(out)
+            if not out.scheduled:   # nobody could be admitted (the batch is full): the forced progress goes to
+                admit_first = False  # the running after all, on a GPU the whole batch, not a single row
+                self._forcing_decodes = self.config.forced_step_decodes_all
         while queue:
             if self._budget_left(out, queue[0]) <= 0:
                 if not self.strict_budget:
@@ -159,7 +163,7 @@ class Scheduler:
                     break
             else:
                 self._schedule(seq, n, out)
-        if not admit_first:
+        if not admission_tried:
             self._admit(out)
         if self.strict_budget and self.guarantee_progress and out.scheduled:
             self._forced_running = not admit_first
