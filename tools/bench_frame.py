@@ -410,7 +410,8 @@ def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
                   f"p99 {v.get('step_p99_us', 0) / 1000:.1f} ms, budget {v.get('step_budget_us', 0) / 1000:.1f} ms, "
                   f"duty {v.get('governor_duty_pct')} %, computing {v.get('compute_ms', 0) / 1000:.1f} s, "
                   f"paused {v.get('governor_paused_ms', 0) / 1000:.1f} s; window steps {v.get('window_steps', 0)}, "
-                  f"waits {v.get('window_waits', 0)}, spills {v.get('window_spills', 0)}", flush=True)
+                  f"waits {v.get('window_waits', 0)}, spills {v.get('window_spills', 0)}, "
+                  f"passed {v.get('window_passes', 0)}", flush=True)
     base = next((r for r in results if r.label == "no-llm"), None)
     if base is not None:
         for r in results:
