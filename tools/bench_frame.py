@@ -19,7 +19,9 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
   between layers for the next window);
 - `llm-windowed-no-pauses`: as `llm-windowed`, with the CPU's layer pauses off (`--no-layer-pauses`);
 - `llm-idle-governed`: as `llm-governed`, with the idle scheduling class.
-`--serve-args` adds `gllm serve` flags to every server run. `--repeats N` runs the list N times, interleaved
+`--serve-args` adds `gllm serve` flags to every server run; `--baseline DIR` runs each server run a second
+time with another checkout's server (an A/B in one invocation: one calibration of the game's work, runs
+interleaved). `--repeats N` runs the list N times, interleaved
 (so that the machine's drift falls on every lever alike), and prints each run's medians and ranges: on a
 shared 2-core VM one run's p99 and share of frames over moved by more than the levers did.
 
@@ -55,6 +57,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 FRAME_S = 1 / 60
+BASELINE_SUFFIX = "@base"
 PERSONAS = ["a tired town guard", "a cheerful blacksmith", "a nervous priest", "an old fisherman", "a bard",
             "a greedy merchant", "the Duke's steward", "a wandering knight", "a witch of the marsh", "a stable boy",
             "an innkeeper", "a retired soldier", "a scholar of dragons", "a river pilot", "a beggar who was a king",
@@ -260,14 +263,17 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
 
 
 class Server:
-    def __init__(self, model: str | None, device: str | None, extra: list[str]) -> None:
+    def __init__(self, model: str | None, device: str | None, extra: list[str], root: str | None = None) -> None:
+        """`root`: a checkout whose `gllm serve` runs instead of this one's (`--baseline`)."""
         cmd = [sys.executable, "-m", "gllm.cli", "serve", "--zmq", "tcp://127.0.0.1:*", "--result-cache-entries", "0",
                *extra]   # compute is what is measured: no reply from the result cache
         if model:
             cmd += ["--model", model]
         if device:
             cmd += ["--device", device]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        env = None if root is None else {**os.environ, "PYTHONPATH": os.path.abspath(root)}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                     cwd=root)
         self.endpoint = ""
         end = time.time() + 300
         while time.time() < end:
@@ -325,6 +331,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the list this many times, interleaved; medians (and ranges) per run are printed")
     parser.add_argument("--serve-args", default="", help="extra `gllm serve` flags for the llm runs")
+    parser.add_argument("--baseline", default=None,
+                        help="another checkout (e.g. `git worktree add /tmp/base HEAD~1`): every llm run is also "
+                             "run with its `gllm serve`, right after, as RUN@base (same game calibration, interleaved)")
     parser.add_argument("--out", default="bench_frame.json")
     parser.add_argument("--plot", default="bench_frame.png")
     parser.add_argument("--replot", default=None, help="draw --plot from this JSON (a run made elsewhere) and stop")
@@ -346,6 +355,8 @@ def main() -> None:
     for label in labels:
         if label not in runs:
             parser.error(f"unknown run {label!r}; runs: {', '.join(runs)}")
+    if args.baseline:   # each server run again with the baseline's server, right after it
+        labels = [x for label in labels for x in ([label] if runs[label] is None else [label, label + BASELINE_SUFFIX])]
     repeats: dict[str, list[dict]] = {label: [] for label in labels}
     for _ in range(args.repeats):
         results = run_list(labels, runs, work, args)
@@ -388,9 +399,10 @@ def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
     results = []
     for label in labels:
         server = report = None
-        if runs[label] is not None:
-            serve_args, report = runs[label]
-            server = Server(args.model, args.device, serve_args + args.serve_args.split())
+        if runs[label.removesuffix(BASELINE_SUFFIX)] is not None:
+            serve_args, report = runs[label.removesuffix(BASELINE_SUFFIX)]
+            root = args.baseline if label.endswith(BASELINE_SUFFIX) else None
+            server = Server(args.model, args.device, serve_args + args.serve_args.split(), root)
         try:
             r = game_loop(label, work, args.seconds, args.warmup_s, server and server.endpoint, args.npcs,
                           args.long_tokens, args.long_every_s, bool(report), report == "windows")
