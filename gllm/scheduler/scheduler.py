@@ -255,6 +255,8 @@ class Scheduler:
         while self.waiting:
             self.waiting.sort(key=Sequence.rank)
             seq = self.waiting[0]
+            if len(self.running) >= self.config.max_batch_size and not self._has_victim_for(seq):
+                break   # full, and nobody to make room: no need to match its prefix or size its piece
             cached = len(self.blocks.match_prefix(seq.token_ids)) * self.blocks.block_size
             budget = self._budget_left(out, seq, start=cached)
             if budget <= 0:
@@ -283,6 +285,10 @@ class Scheduler:
         others = queue + [s.seq for s in out.scheduled]
         victim = max(others, key=Sequence.rank, default=seq)
         return victim if victim.rank() > seq.rank() else seq
+
+    def _has_victim_for(self, seq: Sequence) -> bool:
+        """Whether a running sequence could be preempted for waiting `seq` (strictly lower priority, unpinned)."""
+        return any(s.priority < seq.priority and s.seq_id not in self._pinned for s in self.running)
 
     def _preempt_lower(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Make room for waiting `seq` by preempting a running sequence of strictly lower priority."""
