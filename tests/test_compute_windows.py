@@ -290,31 +290,6 @@ def test_waiting_for_the_next_report_ends_at_a_report_or_the_timeout():
     assert w.wait_for_report(seen, 0.0)             # a report since `seen` already came: no wait
 
 
-def test_a_cpu_window_steps_sampling_waits_for_the_next_window_when_it_would_outlast_this_one(tiny_engine):
-    """Sampling is a piece of its own after a pausing step's head: when what is left of the window is shorter
-    than recent samplings took, it waits for the game's next idle report; when it fits, it goes on at once."""
-    eng = tiny_engine
-    eng._head_s, eng._sample_s = 0.001, 0.005          # as learned from earlier window steps
-    eng.windows.open("test-game", 0.002, time.monotonic())   # 2 ms left: a 5 ms sampling would outlast it
-
-    def next_window() -> None:
-        time.sleep(0.03)
-        eng.windows.open("test-game", 0.010, time.monotonic())
-
-    reporter = threading.Thread(target=next_window)
-    reporter.start()
-    eng._head_mark = time.perf_counter()               # the head just started (as `_between_layers` marks it)
-    began = time.perf_counter()
-    sampling_from = eng._before_sampling()
-    reporter.join()
-    assert sampling_from - began >= 0.025 and eng.layer_pauses == 1   # it waited for the next report
-    eng._sample_s = 0.001                              # 10 ms window, 1 ms sampling: no pause
-    eng.windows.open("test-game", 0.010, time.monotonic())
-    eng._head_mark = time.perf_counter()
-    eng._before_sampling()
-    assert eng.layer_pauses == 1 and eng._head_mark is None
-
-
 def test_a_cpu_step_pauses_between_layers_for_the_next_window_and_computes_the_same_tokens(smollm2_gguf):
     """The default model's step (30 layers, ~20 ms on one thread) inside 2 ms windows every 6 ms: it pauses
     between layers until the game's next window instead of running through the game's frame, and its tokens

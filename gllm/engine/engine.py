@@ -57,10 +57,6 @@ MAX_GOVERNOR_PAUSE_S = 0.5
 IDLE_RECHECK_S = 0.002
 
 
-def _moving_average(average: float | None, value: float) -> float:
-    return value if average is None else 0.7 * average + 0.3 * value
-
-
 @dataclass(eq=False)
 class _LaunchedStep:
     """A step queued on the device whose sampled tokens are not yet on the host."""
@@ -147,8 +143,7 @@ class LLMEngine:
         self.layer_pause_s = 0.0                 # and their wall time
         self._layer_mark = 0.0                   # when the layer now computing started (perf_counter)
         self._head_mark: float | None = None     # when the current window step's head started
-        self._head_s: float | None = None        # a window step's head, lately (moving average)
-        self._sample_s: float | None = None      # and its sampling
+        self._head_s: float | None = None        # a window step's head and sampling, lately (moving average)
         self._step_paused = 0.0                  # the current step's layer pauses so far
         # NPC memory (issue #23): snapshots and pins (engine thread), the prompt-result cache (engine thread).
         self.sessions = SessionStore(self.block_manager, self.kv_cache, gen.max_seq_len)
@@ -600,20 +595,20 @@ class LLMEngine:
                                  window_end=self._window_end if self.scheduler.strict_budget else None)
         constrained = [st for st in samplers if st.constraint is not None]
         try:
-            pausing = self._pause_between_layers(launched)
-            step = self.runner.run(out, self._between_layers if pausing else None)
-            sampling_from = self._before_sampling() if pausing else None
+            step = self.runner.run(out, self._between_layers if self._pause_between_layers(launched) else None)
+            if self._step_paused:   # it ran on in later windows: spills count against the last one
+                launched.paused_s = self._step_paused
+                launched.window_end = self.windows.closes_at(time.monotonic())
             self.scheduler.on_step_done(out)
             mask_tensor = self._masks_of(launched, constrained)   # while the device computes the logits
             mask_row = {st.request_id: i for i, st in enumerate(constrained)} if mask_tensor is not None else {}
             rows = [SampleRow(st.params, st.seed, len(st.output_ids), st.prompt_ids, st.output_ids,
                               mask_row=mask_row.get(st.request_id)) for st in samplers]
             launched.sample = self.sampler.launch(step.logits, rows, step.greedy_tokens, mask_tensor) if rows else None
-            if sampling_from is not None:
-                self._sample_s = _moving_average(self._sample_s, time.perf_counter() - sampling_from)
-            if self._step_paused:   # it ran on in later windows: spills count against the last one
-                launched.paused_s = self._step_paused
-                launched.window_end = self.windows.closes_at(time.monotonic())
+            if self._head_mark is not None:   # a window step's head and sampling, for the pause before the next one's
+                head_s = time.perf_counter() - self._head_mark
+                self._head_s = head_s if self._head_s is None else 0.7 * self._head_s + 0.3 * head_s
+                self._head_mark = None
         except Exception as exc:  # a failed step fails its requests, never the engine
             self._fail_step(launched, exc)
         return launched
@@ -624,7 +619,6 @@ class LLMEngine:
         if launched.window_end is None or not self._pauses_between_layers():
             return False
         self._layer_mark = time.perf_counter()
-        self._head_mark = None
         return True
 
     def _pauses_between_layers(self) -> bool:
@@ -635,30 +629,12 @@ class LLMEngine:
     LAYER_MARGIN = 1.25
 
     def _between_layers(self, head_next: bool) -> None:
-        """Before the next layer of a window step (or its head: `head_next`): pause there if the game's window
-        closes before a layer as long as the last one (the head as long as lately) would end."""
+        """Before the next layer of a window step (or its head, with sampling after it: `head_next`): if the
+        game's window closes before a layer as long as the last one (the head and sampling as long as lately)
+        would end, wait for its next idle report (at most until a silent game stops counting), so the step goes
+        on in the next window instead of beside the game's frame."""
         layer_s = time.perf_counter() - self._layer_mark
-        self._pause_for(self._head_s if head_next and self._head_s is not None else layer_s)
-        self._layer_mark = time.perf_counter()
-        if head_next:
-            self._head_mark = self._layer_mark
-
-    def _before_sampling(self) -> float | None:
-        """After a pausing window step's head: sampling is a piece of its own (on a CPU, sampling a wide
-        vocabulary takes about a head's time, and the two together outlast a game's idle window), with its own
-        pause first; returns when sampling starts (None where the head was not reached through the callback)."""
-        if self._head_mark is None:
-            return None
-        self._head_s = _moving_average(self._head_s, time.perf_counter() - self._head_mark)
-        self._head_mark = None
-        if self._sample_s is not None:
-            self._pause_for(self._sample_s)
-        return time.perf_counter()
-
-    def _pause_for(self, next_s: float) -> None:
-        """If the game's window closes before a piece of work taking `next_s` would end, wait for its next idle
-        report (at most until a silent game stops counting), so the step goes on in the next window instead of
-        beside the game's frame."""
+        next_s = self._head_s if head_next and self._head_s is not None else layer_s
         seen = self.windows.reports
         now = time.monotonic()
         closes = self.windows.closes_at(now)
@@ -669,6 +645,9 @@ class LLMEngine:
             self.layer_pauses += 1
             self.layer_pause_s += paused
             self._step_paused += paused
+        self._layer_mark = time.perf_counter()
+        if head_next:
+            self._head_mark = self._layer_mark
 
     def _masks_of(self, launched: _LaunchedStep, constrained: list[RequestState]) -> torch.Tensor | None:
         """The grammar masks of a step's constrained rows (None without any); if computing them fails, the

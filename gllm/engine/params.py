@@ -42,9 +42,8 @@ class GeneratorParams:
     # Or the OS's idle scheduling class (Linux SCHED_IDLE, Windows idle priority): the engine computes only on
     # cores no other thread wants, whatever compute_nice says.
     compute_idle: bool = False
-    # On the CPU, a step inside a game's idle windows (`LLMEngine.report_idle`) pauses between decoder layers,
-    # before its head and before its sampling when the window would close before that piece ends, and goes
-    # on in the next window.
+    # On the CPU, a step inside a game's idle windows (`LLMEngine.report_idle`) pauses between decoder layers
+    # when the window would close before the next layer ends, and goes on in the next window.
     layer_pauses: bool = True
     max_waiting_requests: int = 4096   # queued requests beyond which new ones are refused
     cuda_graphs: bool = True           # on CUDA with Triton: decode steps replayed from CUDA graphs
