@@ -18,6 +18,7 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
   time left until its next frame: the engine computes only in those windows (on the CPU a step pauses
   between layers for the next window);
 - `llm-windowed-no-pauses`: as `llm-windowed`, with the CPU's layer pauses off (`--no-layer-pauses`);
+- `llm-windows-only`: `idle` windows without frame reports (so the frame governor never acts);
 - `llm-idle-governed`: as `llm-governed`, with the idle scheduling class.
 `--serve-args` adds `gllm serve` flags to every server run; `--baseline DIR` runs each server run a second
 time with another checkout's server (an A/B in one invocation: one calibration of the game's work, runs
@@ -349,7 +350,8 @@ def main() -> None:
           flush=True)
     runs = {"no-llm": None, "llm-plain": (["--compute-nice", "0"], False), "llm-nice": ([], False),
             "llm-governed": ([], True), "llm-windowed": ([], "windows"),
-            "llm-windowed-no-pauses": (["--no-layer-pauses"], "windows"), "llm-idle": (["--compute-idle"], False),
+            "llm-windowed-no-pauses": (["--no-layer-pauses"], "windows"),
+            "llm-windows-only": ([], "windows-only"), "llm-idle": (["--compute-idle"], False),
             "llm-idle-governed": (["--compute-idle"], True)}
     labels = args.runs.split(",")
     for label in labels:
@@ -405,7 +407,8 @@ def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
             server = Server(args.model, args.device, serve_args + args.serve_args.split(), root)
         try:
             r = game_loop(label, work, args.seconds, args.warmup_s, server and server.endpoint, args.npcs,
-                          args.long_tokens, args.long_every_s, bool(report), report == "windows")
+                          args.long_tokens, args.long_every_s, report in (True, "windows"),
+                          report in ("windows", "windows-only"))
         finally:
             if server is not None:
                 server.stop()
