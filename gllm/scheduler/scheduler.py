@@ -255,7 +255,7 @@ class Scheduler:
         while self.waiting:
             self.waiting.sort(key=Sequence.rank)
             seq = self.waiting[0]
-            if len(self.running) >= self.config.max_batch_size and not self._has_victim_for(seq):
+            if len(self.running) >= self.config.max_batch_size and self._victim_for(seq) is None:
                 break   # full, and nobody to make room: no need to match its prefix or size its piece
             cached = len(self.blocks.match_prefix(seq.token_ids)) * self.blocks.block_size
             budget = self._budget_left(out, seq, start=cached)
@@ -286,15 +286,17 @@ class Scheduler:
         victim = max(others, key=Sequence.rank, default=seq)
         return victim if victim.rank() > seq.rank() else seq
 
-    def _has_victim_for(self, seq: Sequence) -> bool:
-        """Whether a running sequence could be preempted for waiting `seq` (strictly lower priority, unpinned)."""
-        return any(s.priority < seq.priority and s.seq_id not in self._pinned for s in self.running)
+    def _victim_for(self, seq: Sequence) -> Sequence | None:
+        """The running sequence to preempt for waiting `seq`: the least important unpinned one, if its priority
+        is strictly lower; else None."""
+        candidates = [s for s in self.running if s.seq_id not in self._pinned]
+        victim = max(candidates, key=Sequence.rank, default=None)
+        return victim if victim is not None and victim.priority < seq.priority else None
 
     def _preempt_lower(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Make room for waiting `seq` by preempting a running sequence of strictly lower priority."""
-        candidates = [s for s in self.running if s.seq_id not in self._pinned]
-        victim = max(candidates, key=Sequence.rank, default=None)
-        if victim is None or victim.priority >= seq.priority:
+        victim = self._victim_for(seq)
+        if victim is None:
             return False
         self._preempt(victim, [], out)
         return True
