@@ -38,25 +38,6 @@ def test_several_sources_compute_only_where_their_windows_overlap():
     assert w.budget_s(0.001) == pytest.approx(0.007)
 
 
-def test_a_window_far_shorter_than_the_least_step_is_let_pass_but_never_more_than_max_passed_in_a_row():
-    w = ComputeWindows(WindowConfig(least_step_share=0.5, max_passed=3))
-    assert w.worth_a_step(0.0, 0.0015)                 # no game reports: every step is worth it
-    w.open("game", 0.0016, now=1.0)
-    assert w.worth_a_step(1.0, 0.0015)                 # 1.6 ms: a step fits (mostly)
-    assert w.worth_a_step(1.0, None)                   # no prediction yet: as before
-    verdicts = []
-    for i in range(5):                                 # late frames: 0.5 ms windows
-        w.open("game", 0.0005, now=2.0 + i)
-        verdicts.append(w.worth_a_step(2.0 + i, 0.0015))
-    assert verdicts == [False, False, False, True, False] and w.passed == 4
-    w.open("game", 0.0009, now=9.0)                    # 0.9 ms >= half of 1.5 ms: taken, the count starts again
-    assert w.worth_a_step(9.0, 0.0015)
-    w.open("game", 0.0005, now=10.0)
-    assert not w.worth_a_step(10.0, 0.0015) and w.passed == 5
-    with pytest.raises(ValueError):
-        WindowConfig(max_passed=-1)
-
-
 def with_prefill_steps(extra_s: float = 0.001):
     """Steps of fitted()'s costs, where any step with prompt tokens costs `extra_s` more (eager launches)."""
     from gllm.scheduler.step_cost import StepCostModel, StepShape
@@ -214,37 +195,6 @@ def test_the_engine_starts_steps_only_inside_the_windows_a_game_reports(tiny_eng
     with pytest.raises(ValueError, match="report_idle"):
         eng.report_idle(-1.0)
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-
-
-def test_steps_that_cannot_pause_let_windows_far_too_short_pass_and_still_finish_every_request(llama32_dir):
-    """Without layer pauses (as on a GPU) a game reporting windows far shorter than any step has most of them
-    let pass, never more than `max_passed` in a row: every request still finishes, with every KV block back."""
-    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
-    params = GeneratorParams(max_seq_len=2048, kv_cache_tokens=4096, max_batch_size=4, cpu_threads=1,
-                             dtype="float32", layer_pauses=False)
-    with LLMEngine(llama32_dir, params, device="cpu") as eng:
-        stop = threading.Event()
-
-        def game() -> None:
-            while not stop.is_set():
-                eng.report_idle(0.01, source="test-game")   # 10 us: no step fits, none could pause
-                time.sleep(0.004)
-
-        player = threading.Thread(target=game)
-        player.start()
-        try:
-            handles = [eng.submit(GenerationRequest(prompt=p, max_new_tokens=40, ignore_eos=True))
-                       for p in ("The gate", "A dragon sleeps")]
-            results = [h.result(timeout=120) for h in handles]
-        finally:
-            stop.set()
-            player.join()
-        stats = eng.stats()
-        assert all(r.finish_reason == "length" and len(r.tokens) == 40 for r in results)
-        # the cost model is fitted after its first steps; from then on most windows pass, in runs of at most 3
-        assert stats["window_passes"] > 0 and stats["window_steps"] > 0
-        assert eng.windows._passed_in_a_row <= eng.windows.config.max_passed
-        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
 def test_a_bridge_client_sending_idle_windows_paces_a_real_server(llama32_dir):

@@ -8,10 +8,6 @@ steps then never overlap the game's work instead of time-slicing the device with
 cut to fit (one decode row) waits for the next window. Sources that stop reporting for `stale_s` no longer
 count; with none left the engine computes freely again.
 
-A window much shorter than the least step is let pass by a step that cannot pause between layers (a GPU's):
-such a step would run mostly beside the game's next frame, and a late frame leaves the next window shorter
-still. At most `max_passed` windows in a row are let pass, so NPCs never starve.
-
 Several sources: the engine computes only where all their windows overlap (the tightest one governs).
 Pure logic with explicit time; `open` from any thread, the rest from the engine thread (`wait_for_report`
 blocks it until the next report).
@@ -29,12 +25,9 @@ class WindowConfig:
     margin_s: float = 2e-4    # held back for the report's trip and the step's launch
     stale_s: float = 0.1      # a source that sent no window for this long no longer counts (6 frames at 60 fps)
     max_window_s: float = 1.0  # longer windows are cut to this (a window is a frame's idle phase)
-    least_step_share: float = 0.5  # a window shorter than this share of the least step's time is let pass ...
-    max_passed: int = 3            # ... but never more than this many windows in a row
 
     def __post_init__(self) -> None:
-        if not (0 < self.share <= 1 and self.margin_s >= 0 and self.stale_s > 0 and self.max_window_s > 0
-                and self.least_step_share >= 0 and self.max_passed >= 0):
+        if not (0 < self.share <= 1 and self.margin_s >= 0 and self.stale_s > 0 and self.max_window_s > 0):
             raise ValueError(f"invalid WindowConfig: {self}")
 
 
@@ -46,8 +39,6 @@ class ComputeWindows:
         self._lock = threading.Lock()
         self._reported = threading.Condition(self._lock)
         self.reports = 0
-        self.passed = 0          # windows let pass, in all
-        self._passed_in_a_row = 0
 
     def open(self, source: str, seconds: float, now: float) -> None:
         """`source` will not need the device for the next `seconds`."""
@@ -90,16 +81,3 @@ class ComputeWindows:
         if closes is None:
             return None
         return max(0.0, (closes - now) * self.config.share - self.config.margin_s)
-
-    def worth_a_step(self, now: float, least_step_s: float | None) -> bool:
-        """Whether the window open now holds enough of a step that cannot pause (predicted to take at least
-        `least_step_s`; None: not known yet, then any window still open) to force one into it; a window let pass
-        is counted, and after `max_passed` of them in a row the next one is worth a step whatever its length."""
-        closes = self.closes_at(now)
-        if (closes is None or closes - now >= self.config.least_step_share * (least_step_s or 0.0)
-                or self._passed_in_a_row >= self.config.max_passed):
-            self._passed_in_a_row = 0
-            return True
-        self._passed_in_a_row += 1
-        self.passed += 1
-        return False

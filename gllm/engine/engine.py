@@ -47,7 +47,6 @@ from gllm.ops.stream_gate import StreamGate
 from gllm.sampling import PendingSample, SampleRow, StopChecker, StopResult, TokenLogprobs
 from gllm.sampling.grammar import Grammars, MaskJob
 from gllm.scheduler import SchedulerOutput, Sequence
-from gllm.scheduler.step_cost import StepShape
 from gllm.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("gllm.engine")
@@ -281,7 +280,6 @@ class LLMEngine:
             "window_steps": self.window_steps,
             "window_waits": self.window_waits,
             "window_spills": self.window_spills,
-            "window_passes": self.windows.passed,
             "late_mask_gates": self.late_mask_gates,   # structured output (issue 21): see StreamGate
             # NPC memory (issue #23)
             "result_cache_hits": self.result_cache.stats.hits,
@@ -492,21 +490,13 @@ class LLMEngine:
         self.scheduler.strict_budget = budget is not None
         if budget is None:
             return True
-        first = self.windows.reports != self._window_seen   # a new window: its first step is forced
-        self._window_seen = self.windows.reports
-        if self._pauses_between_layers():
-            first = first and budget > 0
-        elif first:   # a step that cannot pause lets a window far too short for it pass (never many in a row)
-            first = self.windows.worth_a_step(now, self._least_step_s())
-        if budget <= 0 and self._inflight is None and not first:
+        if budget <= 0 and self._inflight is None:
             return False
+        first = self.windows.reports != self._window_seen
+        self._window_seen = self.windows.reports
         self.scheduler.guarantee_progress = first
         self.scheduler.step_budget_s = min([budget, *self._step_budgets()])
         return True
-
-    def _least_step_s(self) -> float | None:
-        """The predicted time of a step of one decode row (None until the cost model is fitted)."""
-        return self.cost_model.predict(StepShape(decode_rows=1)) if self.cost_model.ready else None
 
     def _step_budgets(self) -> list[float]:
         """The step budgets in force besides a game's idle window: the governor's and the configured one."""
@@ -616,13 +606,10 @@ class LLMEngine:
     def _pause_between_layers(self, launched: _LaunchedStep) -> bool:
         """A step inside a game's idle window on the CPU, where the layers run as the engine thread computes
         them, may pause between them (`GeneratorParams.layer_pauses`)."""
-        if launched.window_end is None or not self._pauses_between_layers():
+        if launched.window_end is None or self.device.type != "cpu" or not self.gen_params.layer_pauses:
             return False
         self._layer_mark = time.perf_counter()
         return True
-
-    def _pauses_between_layers(self) -> bool:
-        return self.device.type == "cpu" and self.gen_params.layer_pauses
 
     # A layer is judged by the one before it, with this much to spare: layers of one step vary (the game's
     # threads share the cores).
