@@ -47,6 +47,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -272,15 +273,22 @@ class Server:
             cmd += ["--model", model]
         if device:
             cmd += ["--device", device]
-        env = None if root is None else {**os.environ, "PYTHONPATH": os.path.abspath(root)}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        env = None   # the baseline's gllm first; what else is on the path (its dependencies) kept
+        if root is not None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [os.path.abspath(root), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
                                      cwd=root)
         self.endpoint = ""
         end = time.time() + 300
         while time.time() < end:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError("gllm serve exited before listening")
+                self.proc.wait()
+                self._stderr.seek(0)
+                tail = "".join(self._stderr.readlines()[-15:])
+                raise RuntimeError(f"gllm serve exited before listening (status {self.proc.returncode}):\n{tail}")
             if line.startswith("gllm bridge listening on "):
                 self.endpoint = line.split()[-1]
                 break
@@ -289,6 +297,7 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        self._stderr.close()
 
 
 def plot(results: list[RunResult], path: str, work_share: float) -> None:
@@ -425,8 +434,7 @@ def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
                   f"p99 {v.get('step_p99_us', 0) / 1000:.1f} ms, budget {v.get('step_budget_us', 0) / 1000:.1f} ms, "
                   f"duty {v.get('governor_duty_pct')} %, computing {v.get('compute_ms', 0) / 1000:.1f} s, "
                   f"paused {v.get('governor_paused_ms', 0) / 1000:.1f} s; window steps {v.get('window_steps', 0)}, "
-                  f"waits {v.get('window_waits', 0)}, spills {v.get('window_spills', 0)}, "
-                  f"passed {v.get('window_passes', 0)}", flush=True)
+                  f"waits {v.get('window_waits', 0)}, spills {v.get('window_spills', 0)}", flush=True)
     base = next((r for r in results if r.label == "no-llm"), None)
     if base is not None:
         for r in results:
