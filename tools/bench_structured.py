@@ -99,6 +99,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
     engine.grammars._fill = timed_fill
     gate_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []   # around each gated mask copy
     jobs: list[dict[str, float]] = []   # each mask job's moments on the mask thread (perf_counter s)
+    after_gate: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []   # gate's copy done -> sampled
     gate, start_masks = engine._mask_gate, engine.grammars.start_masks
     if gate is not None:
         copy_when_open = gate.copy_when_open
@@ -111,8 +112,21 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             gate_events.append((before, after))
             return out
 
+        sampler_launch_gated = engine.sampler.launch
+
+        def launch_recording_sampled(*args, **kwargs):   # the device's work after a gate, to the tokens' copy
+            n = len(gate_events)
+            pending = sampler_launch_gated(*args, **kwargs)
+            if len(gate_events) > n:
+                sampled = torch.cuda.Event(enable_timing=True)
+                sampled.record()
+                after_gate.append((gate_events[-1][1], sampled))
+            return pending
+
         def timed_start(constraints, tokens, then):
             job: dict[str, float] = {}
+
+            job["queued"] = time.perf_counter()
 
             def timed_tokens():
                 job["start"] = time.perf_counter()
@@ -127,6 +141,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             return start_masks(constraints, timed_tokens, opened)
         gate.copy_when_open = timed_copy
         engine.grammars.start_masks = timed_start
+        engine.sampler.launch = launch_recording_sampled
     phase_s: dict[str, float] = {}
     calls: list | None = [] if trace else None   # (method, enter, exit) on the engine thread, with --trace
     if phases:   # the engine thread's host work per step, by part (wrappers on this engine's methods only)
@@ -150,8 +165,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             del gate.copy_when_open, engine.grammars.start_masks
         for name in PHASES if phases else ():
             delattr(engine, name)
-        if phases:
-            engine.sampler.launch = sampler_launch
+        engine.sampler.__dict__.pop("launch", None)   # the class's method again, unwrapped
     # Steps overlap (the next is queued before this one's tokens are in), so a step's own span can exceed the
     # time it adds: the interval between consecutive full-batch steps is what the batch pays per token.
     intervals = [b - a for a, b in zip(ends, ends[1:]) if a is not None and b is not None]
@@ -160,6 +174,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
     # The device's own time between one gate's end and the next gate's start (the forward, the sampling's
     # first kernels), and the mask thread's chain, by part (jobs and fills pair up: one fill per job).
     between_ms = sorted(a[1].elapsed_time(b[0]) for a, b in zip(gate_events, gate_events[1:]))
+    after_gate_ms = sorted(a.elapsed_time(b) for a, b in after_gate)
     chain: dict[str, list[float]] = {"tokens_to_fill": [], "fill": [], "fill_to_open": [], "open_to_next_tokens": []}
     if len(fills) == len(jobs):
         for job, (f0, f1) in zip(jobs, fills):
@@ -169,6 +184,9 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
                 chain["fill_to_open"].append(1000 * (job["open"] - f1))
         chain["open_to_next_tokens"] = [1000 * (b["tokens"] - a["open"]) for a, b in zip(jobs, jobs[1:])
                                         if "tokens" in b]
+        # of which: the next job queued after this gate opened (the engine thread late), and its wait for tokens
+        chain["open_to_next_queued"] = [1000 * max(0.0, b["queued"] - a["open"]) for a, b in zip(jobs, jobs[1:])]
+        chain["waits_for_tokens"] = [1000 * (j["tokens"] - j["start"]) for j in jobs if "tokens" in j]
     job_ms = [1000 * (j["open"] - j["tokens"]) for j in jobs if "tokens" in j]
     parsed = sum(1 for r in results if r.finish_reason == "stop" and _parses(r.text)) if constrained else None
     return {"batch": batch, "constrained": constrained, "full_batch_steps": len(steps),
@@ -182,7 +200,7 @@ def run(engine: LLMEngine, batch: int, tokens: int, constrained: bool, seed: int
             "phase_ms_per_step": {k: 1000 * v / max(1, len(reported)) for k, v in phase_s.items()},
             "mask_ms_per_step": 1000 * sum(mask_s) / max(1, len(reported)),
             "gated_steps": len(gate_ms), "gate_wait_ms": _spread(gate_ms), "mask_job_ms": _spread(sorted(job_ms)),
-            "device_between_gates_ms": _spread(between_ms), "chain_ms": {k: _spread(sorted(v)) for k, v in chain.items()},
+            "device_between_gates_ms": _spread(between_ms), "device_gate_to_sampled_ms": _spread(after_gate_ms), "chain_ms": {k: _spread(sorted(v)) for k, v in chain.items()},
             "timeline_s": [t - t0 for t in reported],
             "trace": {"engine": calls, "jobs": jobs, "fills": fills,
                       "gate_ms": [a.elapsed_time(b) for a, b in gate_events]} if trace else None}
@@ -337,7 +355,10 @@ def main() -> None:
                 print(f"  batch {r['batch']:>2} gated steps {c['gated_steps']}: device waits at the gate median "
                       f"{w['median']:.3f} mean {w['mean']:.3f} p90 {w['p90']:.3f} max {w['max']:.2f} ms; tokens in"
                       f" -> gate open median {j['median']:.3f} mean {j['mean']:.3f} p90 {j['p90']:.3f} max {j['max']:.2f}")
-                d = c["device_between_gates_ms"]
+                d, a = c["device_between_gates_ms"], c["device_gate_to_sampled_ms"]
+                if a:
+                    print(f"    device from the gate's copy to the tokens' copy median {a['median']:.3f} mean {a['mean']:.3f}"
+                          f" p90 {a['p90']:.3f} ms")
                 print(f"    device between gates median {d['median']:.3f} mean {d['mean']:.3f}; mask thread, median (mean) ms: "
                       + "  ".join(f"{k} {v['median']:.3f} ({v['mean']:.3f})" for k, v in c["chain_ms"].items() if v))
     if probe:
