@@ -305,8 +305,7 @@ class Sampler:
         if not filtered and not logits.is_cuda:
             # Plain temperature on the CPU: logit/T wins only if logit >= max - MARGIN*T, so the race runs
             # over those contenders alone, on the unscaled logits (no full-vocabulary copy).
-            contenders = logits >= logits.max(dim=-1, keepdim=True).values - RACE_MARGIN * temperature
-            return self._race(logits, temperature, keys, contenders)
+            return self._race(logits, temperature, keys, logits.amax(dim=-1, keepdim=True) - RACE_MARGIN * temperature)
         logits = logits / temperature
         if any(r.params.top_k > 0 or r.params.top_p < 1 for r in rows):
             sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
@@ -325,14 +324,14 @@ class Sampler:
             logits = logits.masked_fill(probs < floor, float("-inf"))
         if logits.is_cuda:   # the whole vocabulary: no data-dependent shapes, so no host sync before the sample
             return self._argmax(logits - self.noise.exponential(keys).log())
-        contenders = logits >= logits.max(dim=-1, keepdim=True).values - RACE_MARGIN
-        return self._race(logits, torch.ones_like(temperature), keys, contenders)
+        return self._race(logits, torch.ones_like(temperature), keys, logits.amax(dim=-1, keepdim=True) - RACE_MARGIN)
 
     def _race(self, logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
-              contenders: torch.Tensor) -> torch.Tensor:
-        """argmax over each row's contenders of logit/T - log(E); the same winner as the whole-vocabulary race
-        (ties, vanishingly rare, go to the smallest token id)."""
-        row_idx, token_idx = contenders.nonzero(as_tuple=True)
+              floors: torch.Tensor) -> torch.Tensor:
+        """argmax over each row's contenders (logits >= the row's floor, [B, 1]) of logit/T - log(E); the same
+        winner as the whole-vocabulary race (ties, vanishingly rare, go to the smallest token id). On the CPU
+        only (the host's logits)."""
+        row_idx, token_idx = _at_least(logits, floors)
         scores = logits[row_idx, token_idx] / temperature[row_idx, 0] \
             - self.noise.exponential_at(keys, row_idx, token_idx).log()
         batch = logits.shape[0]
@@ -343,6 +342,16 @@ class Sampler:
 
     def _column(self, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return to_device(values, dtype, self.device)[:, None]
+
+
+def _at_least(values: torch.Tensor, floors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the float32 CPU `values` >= their row's floor, row by row in increasing order, as
+    `(values >= floors).nonzero(as_tuple=True)` gives them: numpy's compare and flatnonzero per row take a
+    fifth of torch's broadcast compare and nonzero (8 rows of a 49k vocabulary: ~0.25 ms against 1.0-1.6)."""
+    v, f = values.contiguous().numpy(), floors.reshape(-1).numpy()
+    columns = [np.flatnonzero(v[i] >= f[i]) for i in range(v.shape[0])]
+    rows = np.repeat(np.arange(v.shape[0]), [len(c) for c in columns])
+    return torch.from_numpy(rows), torch.from_numpy(np.concatenate(columns) if columns else np.zeros(0, np.int64))
 
 
 def _filters(row: SampleRow) -> bool:
