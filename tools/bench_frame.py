@@ -264,6 +264,9 @@ def game_loop(label: str, work: GameWork, seconds: float, warmup_s: float, endpo
     return result
 
 
+TARGET_OVER_SHARE = 0.01   # issue 18's target with the governor on: at most 1 % of frames over 1.1 x target
+
+
 class Server:
     def __init__(self, model: str | None, device: str | None, extra: list[str], root: str | None = None) -> None:
         """`root`: a checkout whose `gllm serve` runs instead of this one's (`--baseline`)."""
@@ -440,6 +443,10 @@ def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
         for r in results:
             print(f"{r.label:>8}: p99 frame = {percentile(r.frame_ms, 99) / percentile(base.frame_ms, 99):.2f}x "
                   "the no-LLM p99")
+        alone_over = base.summary()["frames_over_1.1x_target"]
+        if alone_over > TARGET_OVER_SHARE:   # the machine, not the engine: this pass cannot test that target
+            print(f"  note: the game alone ran {alone_over:.1%} of its frames over 1.1x target (the target for the "
+                  f"runs beside the engine is {TARGET_OVER_SHARE:.0%}): this pass cannot test it")
     return results
 
 
