@@ -144,8 +144,11 @@ def test_stop_checker():
     assert StopChecker(set(), (), 5).safe_length("abc") == 3
 
 
-@pytest.mark.parametrize("filters", [{}, {"top_k": 20}, {"min_p": 0.001}])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 20}, {"min_p": 0.001}, {"top_p": 0.8}, {"top_p": 0.999},
+                                     {"top_k": 20, "top_p": 0.7, "min_p": 0.01}, {"top_k": 30, "top_p": 0.95}])
 def test_race_over_contenders_equals_race_over_whole_vocabulary(sampler, filters):
+    """The CPU's race over the contenders that the filters keep (sorting those alone) draws what a race over
+    the whole vocabulary, filtered with a full sort, draws."""
     from gllm.sampling.noise import row_key
     logits = torch.stack([logits_row(i) * 8 for i in range(6)])    # wide spread: many non-contenders
     temps = [1.0, 0.7, 1.5, 0.3, 2.0, 1.0]
@@ -157,6 +160,11 @@ def test_race_over_contenders_equals_race_over_whole_vocabulary(sampler, filters
         if filters.get("top_k"):
             kth = scaled.topk(filters["top_k"], dim=-1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if filters.get("top_p"):
+            ordered, ids = scaled.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            beyond = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, ids, probs.cumsum(-1) - probs > filters["top_p"])
+            scaled = scaled.masked_fill(beyond, float("-inf"))
         if filters.get("min_p"):
             probs = scaled.softmax(-1)
             scaled = scaled.masked_fill(probs < filters["min_p"] * probs.max(-1, keepdim=True).values, float("-inf"))
