@@ -379,12 +379,11 @@ def _kept_contenders(scaled: torch.Tensor, rows: list[SampleRow]) -> tuple[torch
         v = values[i]
         best = v.max()
         ids = np.flatnonzero(v >= best - np.float32(RACE_MARGIN))
-        order = np.argsort(-v[ids], kind="stable")
-        ids = ids[order]
-        head = v[ids].astype(np.float64) - float(best)
-        keep = len(ids)
         top_k = min(row.params.top_k, vocab) or vocab
-        keep = min(keep, top_k)
+        if top_k < len(ids) or row.params.top_p < 1:   # a head in order: sort the contenders (min-p needs none)
+            ids = ids[np.argsort(-v[ids], kind="stable")]
+        head = v[ids].astype(np.float64) - float(best)
+        keep = min(len(ids), top_k)
         if row.params.top_p < 1:
             if top_k == vocab:
                 total = np.exp(v.astype(np.float64) - float(best)).sum()
@@ -396,10 +395,10 @@ def _kept_contenders(scaled: torch.Tensor, rows: list[SampleRow]) -> tuple[torch
             probs = np.exp(head[:keep]) / total
             over = np.flatnonzero(np.cumsum(probs) - probs > row.params.top_p)
             keep = int(over[0]) if len(over) else keep
-        if row.params.min_p > 0:
-            below = np.flatnonzero(np.exp(head[:keep]) < row.params.min_p)
-            keep = int(below[0]) if len(below) else keep
-        columns.append(ids[:keep])
+        ids = ids[:keep]
+        if row.params.min_p > 0:   # (in order or not: a threshold on each token)
+            ids = ids[~(np.exp(head[:keep]) < row.params.min_p)]
+        columns.append(ids)
     row_idx = np.repeat(np.arange(len(rows)), [len(c) for c in columns])
     return torch.from_numpy(row_idx), torch.from_numpy(np.concatenate(columns).astype(np.int64))
 
