@@ -163,7 +163,8 @@ def test_race_over_contenders_equals_race_over_whole_vocabulary(sampler, filters
         if filters.get("top_p"):
             ordered, ids = scaled.sort(dim=-1, descending=True)
             probs = ordered.softmax(-1)
-            beyond = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, ids, probs.cumsum(-1) - probs > filters["top_p"])
+            past_mass = probs.cumsum(-1) - probs > filters["top_p"]
+            beyond = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, ids, past_mass)
             scaled = scaled.masked_fill(beyond, float("-inf"))
         if filters.get("min_p"):
             probs = scaled.softmax(-1)
