@@ -197,34 +197,6 @@ def test_the_engine_starts_steps_only_inside_the_windows_a_game_reports(tiny_eng
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
-def test_a_governor_pause_forces_no_step_into_the_window_it_ran_into(tiny_engine, monkeypatch):
-    """The governor's pause after a step ends anywhere in the game's frame: the window open then gets only
-    steps that fit what is left of it (no forced first step, which would spill into the game's next frame),
-    and the next report's window gets its forced step again."""
-    eng = tiny_engine
-    governor = eng.governor
-
-    def yielding_half(now: float) -> float:
-        governor.duty = 0.5
-        return 0.5
-
-    monkeypatch.setattr(governor, "update", yielding_half)
-    try:
-        eng.report_idle(1000.0, source="pause-test")
-        assert eng._window_allows_step() and eng.scheduler.guarantee_progress   # a new window: forced progress
-        eng.report_idle(1000.0, source="pause-test")                           # the next frame's window
-        paused = eng.paused_s
-        eng._yield_to_the_game(0.002)                                           # a 2 ms step, then a 2 ms pause
-        assert eng.paused_s - paused == pytest.approx(0.002)
-        assert eng._window_allows_step() and not eng.scheduler.guarantee_progress
-        eng.report_idle(1000.0, source="pause-test")
-        assert eng._window_allows_step() and eng.scheduler.guarantee_progress
-    finally:
-        monkeypatch.undo()
-        governor.duty = 1.0
-        eng.windows.forget("pause-test")
-
-
 def test_a_bridge_client_sending_idle_windows_paces_a_real_server(llama32_dir):
     """Over real sockets: `idle` messages reach the engine of a real `gllm serve` (steps then run in the
     windows), a reply still completes, and a bad `idle` gets bad_request without harming the session."""

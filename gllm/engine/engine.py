@@ -514,10 +514,6 @@ class LLMEngine:
             pause = min(pause, MAX_GOVERNOR_PAUSE_S)
             time.sleep(pause)
             self.paused_s += pause
-            # The pause ends anywhere in a game's frame: a window it ran into is partly gone, so its first step
-            # is not forced into it (it would spill into the next frame's work and be judged by the governor
-            # again); steps that fit may still run there, and the next report opens a whole window.
-            self._window_seen = self.windows.reports
 
     def _drain_inbox(self, wait: float | None) -> bool:
         """Apply queued adds and cancels, waiting up to `wait` seconds for the first (None: as long as it takes;
