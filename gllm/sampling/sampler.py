@@ -300,7 +300,7 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         temperature = self._column([r.params.temperature for r in rows])
         keys = to_device([row_key(r.seed, r.step) for r in rows], torch.int64, self.device)
-        if not logits.is_cuda:
+        if logits.device.type == "cpu":
             return self._sample_random_on_host(logits, rows, temperature, keys)
         vocab = logits.shape[1]
         logits = logits / temperature
