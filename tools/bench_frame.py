@@ -413,8 +413,9 @@ def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
     results = []
     for label in labels:
         server = report = None
-        if runs[label.removesuffix(BASELINE_SUFFIX)] is not None:
-            serve_args, report = runs[label.removesuffix(BASELINE_SUFFIX)]
+        run = runs[label.removesuffix(BASELINE_SUFFIX)]
+        if run is not None:
+            serve_args, report = run
             root = args.baseline if label.endswith(BASELINE_SUFFIX) else None
             server = Server(args.model, args.device, serve_args + args.serve_args.split(), root)
         try:

@@ -327,7 +327,7 @@ class Sampler:
         """The race on the CPU, over each row's contenders alone: logit/T wins only if logit/T >= its row's
         best - MARGIN. Plain temperature races on the unscaled logits (no full-vocabulary copy); with top-k,
         top-p or min-p, what they keep is a head of the row's order, so only the contenders are sorted
-        (`_kept_contenders`), not the whole vocabulary (8 rows of 49k: ~21 ms a sample with a full sort)."""
+        (`_kept_contenders`), not the whole vocabulary."""
         if not any(_filters(r) for r in rows):
             return self._race(logits, temperature, keys, logits.amax(dim=-1, keepdim=True) - RACE_MARGIN * temperature)
         scaled = logits / temperature
@@ -357,12 +357,17 @@ class Sampler:
 
 def _at_least(values: torch.Tensor, floors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, columns) of the float32 CPU `values` >= their row's floor, row by row in increasing order, as
-    `(values >= floors).nonzero(as_tuple=True)` gives them: numpy's compare and flatnonzero per row take a
-    fifth of torch's broadcast compare and nonzero (8 rows of a 49k vocabulary: ~0.25 ms against 1.0-1.6)."""
+    `(values >= floors).nonzero(as_tuple=True)` gives them, by numpy's compare and flatnonzero row by row
+    (a fifth of torch's broadcast compare and nonzero: docs/benchmarks.md, CPU sampling)."""
     v, f = values.contiguous().numpy(), floors.reshape(-1).numpy()
-    columns = [np.flatnonzero(v[i] >= f[i]) for i in range(v.shape[0])]
-    rows = np.repeat(np.arange(v.shape[0]), [len(c) for c in columns])
-    return torch.from_numpy(rows), torch.from_numpy(np.concatenate(columns) if columns else np.zeros(0, np.int64))
+    return _index_pairs([np.flatnonzero(v[i] >= f[i]) for i in range(v.shape[0])])
+
+
+def _index_pairs(columns: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's column ids (row i: `columns[i]`) as the (rows, columns) index tensors of `nonzero`."""
+    rows = np.repeat(np.arange(len(columns)), [len(c) for c in columns])
+    flat = np.concatenate(columns).astype(np.int64) if columns else np.zeros(0, np.int64)
+    return torch.from_numpy(rows), torch.from_numpy(flat)
 
 
 def _kept_contenders(scaled: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,8 +404,7 @@ def _kept_contenders(scaled: torch.Tensor, rows: list[SampleRow]) -> tuple[torch
         if row.params.min_p > 0:   # (in order or not: a threshold on each token)
             ids = ids[~(np.exp(head[:keep]) < row.params.min_p)]
         columns.append(ids)
-    row_idx = np.repeat(np.arange(len(rows)), [len(c) for c in columns])
-    return torch.from_numpy(row_idx), torch.from_numpy(np.concatenate(columns).astype(np.int64))
+    return _index_pairs(columns)
 
 
 def _filters(row: SampleRow) -> bool:
