@@ -197,6 +197,25 @@ def test_the_engine_starts_steps_only_inside_the_windows_a_game_reports(tiny_eng
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
+def test_a_governor_pause_forces_no_step_into_the_window_it_ran_into(tiny_engine, monkeypatch):
+    """A window's first step is forced (its least progress) because a new window has just begun. A governor
+    pause ends anywhere in the game's frame: the window it ran into is no new one, and its steps must fit."""
+    eng = tiny_engine
+    eng.report_idle(50.0, source="test-game")
+    assert eng._window_allows_step() and eng.scheduler.guarantee_progress        # a new window
+    assert eng._window_allows_step() and not eng.scheduler.guarantee_progress    # the same one
+    monkeypatch.setattr(eng.governor, "update", lambda now: 0.5)                 # frames over: governing
+    monkeypatch.setattr(eng.governor, "pause_after", lambda step_s: 0.05)
+    reporter = threading.Timer(0.01, lambda: eng.report_idle(50.0, source="test-game"))
+    reporter.start()                                                             # the game's next window
+    eng._yield_to_the_game(0.001)                                                # opens during the pause
+    reporter.join()
+    assert eng.paused_s >= 0.05
+    assert eng._window_allows_step() and not eng.scheduler.guarantee_progress
+    eng.report_idle(50.0, source="test-game")                                    # the one after: new
+    assert eng._window_allows_step() and eng.scheduler.guarantee_progress
+
+
 def test_a_bridge_client_sending_idle_windows_paces_a_real_server(llama32_dir):
     """Over real sockets: `idle` messages reach the engine of a real `gllm serve` (steps then run in the
     windows), a reply still completes, and a bad `idle` gets bad_request without harming the session."""

@@ -219,6 +219,22 @@ def test_the_cost_model_recovers_step_costs_despite_outliers():
     assert model.largest_within(0.005, 1000, lambda n: StepShape(n, 0, 0)) in (149, 150)   # (5 - 2) ms / 20 us
 
 
+def test_steps_that_shared_the_device_with_the_game_teach_only_an_unfitted_cost_model():
+    from gllm.scheduler.step_cost import StepCostModel, StepShape
+    model = fitted()
+    before = model.as_dict()
+    for i in range(64):   # window steps that ran on into the game's render: four times their own time
+        sh = StepShape(0, 1 + i % 8, 4000 * (i % 3))
+        model.observe(sh, 4 * (0.002 + 300e-6 * sh.decode_rows + 2e-9 * sh.kv_tokens), shared=True)
+    assert model.as_dict() == before and model.observed == 60
+    model.observe(StepShape(0, 4, 0), 0.0032)   # one that fitted its window is learned
+    assert model.observed == 61
+    cold = StepCostModel(min_steps=8, refit_every=8)
+    for i in range(8):   # unfitted, it learns from them all the same: else it might never be fitted
+        cold.observe(StepShape(0, 1 + i, 0), 0.002 + 300e-6 * (1 + i), shared=True)
+    assert cold.ready and cold.as_dict()["per_decode_row"] == pytest.approx(300e-6, rel=0.05)
+
+
 def test_a_step_budget_splits_a_long_prompt_and_decodes_still_get_a_token_every_step():
     budget_s = 0.006
     model = fitted()

@@ -14,6 +14,7 @@ on weight values), bf16, with the real Llama 3 tokenizer (whose vocabulary these
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -233,6 +234,7 @@ def main() -> None:
         row["peak_vram_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         engine.close()
         del engine
+        gc.collect()   # the engine sits in reference cycles (its thread's target, callbacks): free its pool now
         torch.cuda.empty_cache()
         if not args.skip_peer:
             row["transformers_b1_tokens_per_s"] = bench_transformers(cfg, 1)

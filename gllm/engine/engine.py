@@ -514,6 +514,7 @@ class LLMEngine:
             pause = min(pause, MAX_GOVERNOR_PAUSE_S)
             time.sleep(pause)
             self.paused_s += pause
+            self._window_seen = self.windows.reports   # the window the pause ran into is not new: no forced step
 
     def _drain_inbox(self, wait: float | None) -> bool:
         """Apply queued adds and cancels, waiting up to `wait` seconds for the first (None: as long as it takes;
@@ -780,10 +781,9 @@ class LLMEngine:
         if launched.gate_ticket is not None and self._mask_gate.was_late(launched.gate_ticket):
             self.late_mask_gates += 1   # sampled under all-ones masks: each token is still checked by its grammar
             log.warning("step %d: its grammar masks came later than the stream gate's timeout", step)
-        # A step that outlasted its idle window shared the device with the game's next frame. Its time is still
-        # taught to the cost model: learning only from steps that fit left the model unfitted when none did,
-        # and unfitted it let whole batches through, every one of them spilling (docs/benchmarks.md, session 9).
-        self.window_spills += launched.window_end is not None and time.monotonic() > launched.window_end
+        # A step that outlasted its idle window shared the device with the game's next frame.
+        spilled = launched.window_end is not None and time.monotonic() > launched.window_end
+        self.window_spills += spilled
         if sampled is not None:
             for state, token, lp, error in zip(launched.samplers, sampled.token_ids, sampled.logprobs, sampled.errors):
                 if self._states.get(state.request_id) is not state:
@@ -808,7 +808,7 @@ class LLMEngine:
                         started=launched.started)
         self.step_seconds.append(info.seconds)
         if out.shape is not None and sampled is not None:   # a shape is computed only when a budget is in force
-            self.cost_model.observe(out.shape, info.seconds)   # (its refits cost the engine thread ~1 ms)
+            self.cost_model.observe(out.shape, info.seconds, shared=spilled)   # (refits cost the engine thread ~1 ms)
         self._deferred = (info, deferred)
 
     def _flush_deferred(self) -> None:

@@ -44,7 +44,14 @@ class StepCostModel:
     def ready(self) -> bool:
         return self.coef is not None
 
-    def observe(self, shape: StepShape, seconds: float) -> None:
+    def observe(self, shape: StepShape, seconds: float, shared: bool = False) -> None:
+        """Learn a step's time. `shared`: the step ran on into the game's next frame, so its time is partly the
+        game's work on the same device; it teaches only a model not yet fitted (learning only from steps that
+        fit left the model unfitted where none did, and unfitted it let whole batches through, every one of
+        them spilling: docs/benchmarks.md, session 9), never a fitted one, whose fit it would drag towards
+        the render's time (docs/benchmarks.md, session 27)."""
+        if shared and self.ready:
+            return
         self._rows.append(shape.vector())
         self._seconds.append(seconds)
         self.observed += 1
