@@ -294,6 +294,27 @@ def test_close_cancels_pending_and_refuses_new(llama32_dir):
         eng.submit(greedy("x"))
 
 
+def test_a_closed_engine_is_freed_with_its_kv_pool_as_soon_as_it_is_dropped(llama32_dir):
+    """A game that swaps models closes one engine and loads the next: the first one's device memory must come
+    back then, not at Python's next cycle collection (bench_gpu's 8B engine once found the 3B's pool held)."""
+    import gc
+    import weakref
+    eng = engine(llama32_dir)
+    eng.generate([greedy(PROMPTS[0], n=4), greedy(PROMPTS[1], n=6, json_schema={"type": "array"}),
+                  GenerationRequest(prompt=PROMPTS[2], max_new_tokens=4, temperature=0.8, top_p=0.9, seed=1)])
+    eng.report_frame(20.0, 16.7)
+    eng.report_idle(5.0)
+    eng.close()
+    gc.collect()
+    gc.disable()
+    try:
+        gone, pool = weakref.ref(eng), weakref.ref(eng.kv_cache)
+        del eng
+        assert gone() is None and pool() is None
+    finally:
+        gc.enable()
+
+
 def test_failing_logits_processor_fails_only_its_request(eng32):
     def broken(token_ids, logits):
         raise RuntimeError("boom")

@@ -234,7 +234,7 @@ def main() -> None:
         row["peak_vram_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         engine.close()
         del engine
-        gc.collect()   # the engine sits in reference cycles (its thread's target, callbacks): free its pool now
+        gc.collect()   # an engine caught in a reference cycle would keep its KV pool until a later collection
         torch.cuda.empty_cache()
         if not args.skip_peer:
             row["transformers_b1_tokens_per_s"] = bench_transformers(cfg, 1)

@@ -104,7 +104,9 @@ class LLMEngine:
         # except for a step queued ahead on CUDA (below): a worker the engine thread waits for has to get the GIL
         # back from it, which cost 1.6 ms a step at batch 16 (docs/benchmarks.md, issue 21).
         mask_threads = gen.grammar_threads or (1 if self.device.type == "cpu" else default_cpu_threads())
-        self.grammars = Grammars(lambda: self.tokenizer.hf_tokenizer.to_str(), self.sampler.vocab_size,
+        # (a bound method of the tokenizer, not a closure over self: an engine in no reference cycle is freed,
+        # with its KV pool's device memory, as soon as a game drops it, without waiting for Python's cycle GC)
+        self.grammars = Grammars(self.tokenizer.hf_tokenizer.to_str, self.sampler.vocab_size,
                                  sorted(self.eos_token_ids), threads=mask_threads, pinned=self.device.type == "cuda")
         # On the CPU, where a step takes milliseconds, the cost model always learns (its refits cost ~1 ms every
         # 16 steps), so the governor's step budget holds from its first decision; on a GPU only under a budget.
