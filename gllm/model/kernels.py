@@ -33,11 +33,42 @@ class ModelKernels:
     def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, weight, bias)`, with the same float32 rule as `linear`."""
         if self._upcasts(x):
-            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+            return upcast_linear(x, weight, bias).to(x.dtype)
         return F.linear(x, weight, bias)
 
     def _upcasts(self, x: torch.Tensor) -> bool:
         return bool(self.upcast_rows) and x.dtype == torch.float16 and x.shape[0] >= self.upcast_rows
+
+
+# A float32 block of the weight an upcast product converts at a time: at most this many bytes (and rows).
+# Converting a large weight whole allocated a float32 copy every call, whose fresh pages cost more than the
+# conversion: the default model's float16 head for 16 rows, 2 threads, 54 ms whole against 18 ms in blocks
+# of 4,096 rows (2.9x; a 1B head 3.0x, its MLP's 16384 x 2048 2.8x; docs/benchmarks.md, session 27). Weights
+# of one block or less are converted whole (the allocator keeps that memory: no gain in blocks).
+UPCAST_BLOCK_BYTES = 16 << 20
+UPCAST_BLOCK_ROWS = 4096
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x.float(), weight.float(), bias.float())` for a 2-D `x`, bit for bit (the same float32 product
+    on each block of the weight's rows), converting the weight a block at a time into one reused buffer."""
+    n, k = weight.shape
+    rows = max(1, min(UPCAST_BLOCK_ROWS, UPCAST_BLOCK_BYTES // (4 * k), n))
+    x32 = x.float()
+    if rows == n:   # a small weight: its float32 copy comes from memory the allocator keeps, one product
+        return F.linear(x32, weight.float(), None if bias is None else bias.float())
+    out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    block = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    bias32 = None if bias is None else bias.float()
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        w = block[: stop - start]
+        w.copy_(weight[start:stop])
+        if bias32 is None:
+            torch.matmul(x32, w.t(), out=out[:, start:stop])
+        else:
+            torch.addmm(bias32[start:stop], x32, w.t(), out=out[:, start:stop])
+    return out
 
 
 PLAIN_KERNELS = ModelKernels()     # plain PyTorch: runs everywhere
