@@ -22,7 +22,7 @@ Runs (each `--seconds` long, after a warm-up; `--runs` picks them), one lever at
 - `llm-idle-governed`: as `llm-governed`, with the idle scheduling class.
 `--serve-args` adds `gllm serve` flags to every server run; `--baseline DIR` runs each server run a second
 time with another checkout's server (an A/B in one invocation: one calibration of the game's work, runs
-interleaved). `--repeats N` runs the list N times, interleaved
+interleaved; every other repeat runs the baseline's first). `--repeats N` runs the list N times, interleaved
 (so that the machine's drift falls on every lever alike), and prints each run's medians and ranges: on a
 shared 2-core VM one run's p99 and share of frames over moved by more than the levers did.
 
@@ -372,8 +372,10 @@ def main() -> None:
     if args.baseline:   # each server run again with the baseline's server, right after it
         labels = [x for label in labels for x in ([label] if runs[label] is None else [label, label + BASELINE_SUFFIX])]
     repeats: dict[str, list[dict]] = {label: [] for label in labels}
-    for _ in range(args.repeats):
-        results = run_list(labels, runs, work, args)
+    for repeat in range(args.repeats):
+        # Odd repeats run each A/B pair baseline first: on a noisy machine the second of two runs in a row
+        # fared better whatever its code (docs/benchmarks.md, sessions 26-27), so neither side always goes first.
+        results = run_list(swap_pairs(labels) if repeat % 2 else labels, runs, work, args)
         base = next((r for r in results if r.label == "no-llm"), None)
         for r in results:
             summary = r.summary()
@@ -406,6 +408,15 @@ def main() -> None:
         print(f"wrote {args.out}; no matplotlib here: draw it elsewhere with --replot {args.out}")
         return
     print(f"wrote {args.out} and {args.plot}")
+
+
+def swap_pairs(labels: list[str]) -> list[str]:
+    """`labels` with each RUN, RUN@base pair in the other order."""
+    out = list(labels)
+    for i, label in enumerate(out[:-1]):
+        if out[i + 1] == label + BASELINE_SUFFIX:
+            out[i], out[i + 1] = out[i + 1], label
+    return out
 
 
 def run_list(labels: list[str], runs: dict, work, args) -> list[RunResult]:
