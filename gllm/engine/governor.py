@@ -136,7 +136,7 @@ class FrameGovernor:
         # A decision may come late (it is made after an engine step, and a step can be long): an over verdict
         # then stands for every window that passed.
         windows_passed = max(1, min(8, int(elapsed / cfg.window_s)))
-        self._learn_the_games_share(windows)
+        self._learn_the_games_share(windows, now)
         allowed = cfg.over_share + self.game_over_share
         verdicts = [_judge(w, self._history(source, w), allowed, cfg)
                     for source, w in windows if len(w) >= cfg.min_frames]
@@ -159,7 +159,7 @@ class FrameGovernor:
             self.duty = min(1.0, self.duty + cfg.increase)
         return self.duty
 
-    def _learn_the_games_share(self, windows: list[tuple[str, list[FrameReport]]]) -> None:
+    def _learn_the_games_share(self, windows: list[tuple[str, list[FrameReport]]], now: float) -> None:
         """Lower the learned share where the recent frames show the game calmer. At the floor, count each
         source's frames and frames over; after `blame_s` there (and enough frames), the worst source's share
         over is the game's own (see the module's docstring), and counting starts again."""
