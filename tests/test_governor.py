@@ -165,59 +165,6 @@ def test_hitches_more_often_than_the_allowed_share_still_bring_the_duty_down():
     assert gov.duty == pytest.approx(gov.config.floor)
 
 
-def test_frames_the_game_runs_over_on_its_own_do_not_hold_the_npcs_at_the_floor():
-    """A game that runs 2 % of its frames over whatever the engine does (its own load, a noisy machine): the
-    duty falls to the floor, where the frames stay as they were; that share is learned as the game's own, and
-    the duty comes back. The frames are no worse for it."""
-    gov = FrameGovernor()
-    reports = simulate_counted(gov, 60, lambda duty: 0.02)
-    assert min(r[1] for r in reports) == pytest.approx(gov.config.floor)      # it did yield first
-    assert gov.game_over_share == pytest.approx(0.02, abs=0.004)
-    late = reports[len(reports) * 3 // 4:]
-    assert min(r[1] for r in late) >= 0.9, [round(r[1], 2) for r in late]     # NPCs at full speed again
-    assert sum(r[3] for r in late) / sum(r[2] for r in late) <= 0.025
-
-
-def test_frames_the_engine_causes_are_still_governed_after_it_learns_the_games_share():
-    """Hitches in proportion to the engine's duty (5 % of frames at full duty): at the floor the share over is
-    the floor's own 0.5 %; learned as the game's, it lets the duty up only to where the frames over stay near
-    1 % (the learned share plus the 0.5 % margin), far below full duty."""
-    gov = FrameGovernor()
-    reports = simulate_counted(gov, 90, lambda duty: 0.05 * duty)
-    assert gov.game_over_share <= 0.008
-    settled = reports[len(reports) // 2:]
-    assert max(r[1] for r in settled) <= 0.4, [round(r[1], 2) for r in settled]
-    assert sum(r[3] for r in settled) / sum(r[2] for r in settled) <= 0.012
-
-
-def test_the_games_learned_share_falls_once_its_frames_show_it_calmer():
-    gov = FrameGovernor()
-    simulate_counted(gov, 20, lambda duty: 0.03)
-    assert gov.game_over_share > 0.02
-    simulate_counted(gov, 8, lambda duty: 0.0, start=20)
-    assert 0.0 < gov.game_over_share < 0.03                        # falling as the calm frames come in
-    simulate_counted(gov, 10, lambda duty: 0.0, start=28)          # 16 s of them: the game's share is gone
-    assert gov.game_over_share == 0.0 and gov.duty == 1.0
-    reports = simulate_counted(gov, 10, lambda duty: 0.05 * duty, start=38)   # and the engine is governed again
-    assert reports[-1][1] < 0.5
-
-
-def test_random_overs_of_the_games_own_leave_the_npcs_most_of_the_time():
-    """2 % of frames over at random whatever the duty (a noisy machine): the duty spent most of its time at the
-    floor before the game's share was learned (a mean of 0.21-0.23 over these seeds); now over half of full."""
-    for seed in range(3):
-        rng = random.Random(seed)
-        gov = FrameGovernor()
-        reports = simulate_counted(gov, 180, lambda duty, rng=rng: 1.0 if rng.random() < 0.02 else 0.0)
-        late = reports[len(reports) // 3:]
-        assert sum(r[1] for r in late) / len(late) >= 0.5, seed
-        assert 0.01 <= gov.game_over_share <= 0.03
-        rng = random.Random(seed)                  # random hitches the engine's steps cause: nothing learned
-        gov = FrameGovernor()
-        simulate_counted(gov, 180, lambda duty, rng=rng: 1.0 if rng.random() < 0.05 * duty else 0.0)
-        assert gov.game_over_share == 0.0, seed
-
-
 def test_pause_after_a_step_gives_the_duty_cycle():
     gov = FrameGovernor()
     assert gov.pause_after(0.02) == 0.0

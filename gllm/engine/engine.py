@@ -273,7 +273,6 @@ class LLMEngine:
             "governor_duty_pct": round(self.governor.duty * 100),
             "governor_pressure_pct": round((self.governor.pressure or 0.0) * 100),
             "governor_frames_over_permille": round((self.governor.over_share or 0.0) * 1000),
-            "governor_game_over_permille": round(self.governor.game_over_share * 1000),
             "governor_paused_ms": int(self.paused_s * 1000),
             "compute_ms": int(self.compute_s * 1000),
             "layer_pauses": self.layer_pauses,

@@ -24,21 +24,13 @@ by its reports in that window and sets the engine's duty cycle, the fraction of 
   time; at least `min_step_budget_ms`), `step_budget_s`: the scheduler cuts prefill chunks to fit, so a
   step beside a frame fits in what the frame leaves over;
 - duty never below `floor`, so NPCs never starve; a source silent for `stale_s` stops counting, and with no
-  source left the duty is back to 1 at once (no game is asking the engine to yield);
-- frames the game runs over on its own are not the engine's to remove: after `blame_s` at the floor (enough
-  counted frames), the share of frames still over there is taken as the game's own (`game_over_share`, the
-  worst source's), and from then on only a share beyond it plus `over_share` is over. A game that runs 2 %
-  of its frames over whatever the engine does gets the NPCs back instead of holding them at a tenth; one
-  whose overs fall at the floor teaches a share near 0 and is governed as before. The learned share only
-  falls on evidence that the game calmed down: when its frames of the last `game_share_window_s`, at any
-  duty, put the game's share (their share over, plus two standard errors) below it.
+  source left the duty is back to 1 at once (no game is asking the engine to yield).
 
 Pure logic with explicit time: `report` may be called from any thread, `update` from the engine thread.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -58,9 +50,6 @@ class GovernorConfig:
     over_share: float = 0.005  # counted frames over 1.1 x target beyond this share (since the last decrease): over
     over_horizon_s: float = 4.0   # how far back that share looks at most
     cooldown_s: float = 1.0    # no increase until this long after a decrease
-    blame_s: float = 4.0       # at the floor this long, the share of frames still over is the game's own,
-    blame_min_frames: int = 120   # judged over at least this many counted frames;
-    game_share_window_s: float = 16.0   # frames this far back (at any duty) can show the game calmer than that
     step_budget_share: float = 0.5   # while a game reports, an engine step takes at most this share of a frame,
     headroom_share: float = 0.8      # and at most this share of the frame's headroom (target - the game's time),
     min_step_budget_ms: float = 0.5  # but never less than this
@@ -69,7 +58,6 @@ class GovernorConfig:
         if not (0 < self.floor <= 1 and 0 < self.decrease < 1 and 0 < self.increase <= 1
                 and 0 < self.headroom <= 1 and self.window_s > 0 and self.stale_s > 0 and self.min_frames >= 1
                 and 0 <= self.over_share < 1 and self.over_horizon_s >= self.window_s and self.cooldown_s >= 0
-                and self.blame_s > 0 and self.blame_min_frames >= 1 and self.game_share_window_s >= self.window_s
                 and 0 < self.step_budget_share <= 10
                 and 0 < self.headroom_share <= 1 and self.min_step_budget_ms > 0):
             raise ValueError(f"invalid GovernorConfig: {self}")
@@ -88,10 +76,6 @@ class FrameGovernor:
         self._decreased_at = -float("inf")
         self.target_ms = DEFAULT_TARGET_MS               # the tightest frame target reported lately
         self.headroom_ms: float | None = None           # the least (target - the game's own frame time) lately
-        self.game_over_share = 0.0                      # frames the game runs over even with the engine at its floor
-        self._at_floor: dict[str, list[int]] = {}        # source -> [frames, over] counted since this floor spell
-        self._recent: dict[str, deque[tuple[int, int]]] = {}   # source -> (frames, over) of its recent windows
-        self._floor_windows = 0                         # windows counted into `_at_floor`
         self._lock = threading.Lock()
 
     def report(self, source: str, ms: float, target_ms: float | None, now: float, max_ms: float | None = None,
@@ -136,10 +120,7 @@ class FrameGovernor:
         # A decision may come late (it is made after an engine step, and a step can be long): an over verdict
         # then stands for every window that passed.
         windows_passed = max(1, min(8, int(elapsed / cfg.window_s)))
-        self._learn_the_games_share(windows, now)
-        allowed = cfg.over_share + self.game_over_share
-        verdicts = [_judge(w, self._history(source, w), allowed, cfg)
-                    for source, w in windows if len(w) >= cfg.min_frames]
+        verdicts = [_judge(w, self._history(source, w), cfg) for source, w in windows if len(w) >= cfg.min_frames]
         pressures = [v.pressure for v in verdicts]
         shares = [v.over_share for v in verdicts if v.over_share is not None]
         if verdicts or not windows:   # a window in which live sources sent nothing keeps the last figures
@@ -154,41 +135,9 @@ class FrameGovernor:
             pass                      # sources that reported too few frames this window: hold
         elif not self._last_seen:
             self.duty = 1.0           # no game reports any more (they stopped, or it left): nobody to yield to
-            self.game_over_share = 0.0
         elif all(v.calm for v in verdicts) and now - self._decreased_at >= cfg.cooldown_s:
             self.duty = min(1.0, self.duty + cfg.increase)
         return self.duty
-
-    def _learn_the_games_share(self, windows: list[tuple[str, list[FrameReport]]], now: float) -> None:
-        """Lower the learned share where the recent frames show the game calmer. At the floor, count each
-        source's frames and frames over; after `blame_s` there (and enough frames), the worst source's share
-        over is the game's own (see the module's docstring), and counting starts again."""
-        cfg = self.config
-        keep = max(1, round(cfg.game_share_window_s / cfg.window_s))
-        for source, reports in windows:
-            counted = [r for r in reports if r.frames is not None]
-            recent = self._recent.setdefault(source, deque(maxlen=keep))
-            recent.append((sum(r.frames for r in counted), sum(r.over or 0 for r in counted)))
-        bounds = [_upper_share(recent) for recent in self._recent.values()
-                  if sum(f for f, _ in recent) >= 4 * cfg.blame_min_frames]
-        if bounds and max(bounds) < self.game_over_share:   # the game runs calmer than that now
-            self.game_over_share = max(bounds)
-        if self.duty > cfg.floor:   # only a spell at the floor itself counts (see the module's docstring)
-            self._at_floor.clear()
-            self._floor_windows = 0
-            return
-        self._floor_windows += 1
-        for source, reports in windows:
-            tally = self._at_floor.setdefault(source, [0, 0])
-            for r in reports:
-                if r.frames is not None:
-                    tally[0] += r.frames
-                    tally[1] += r.over or 0
-        judged = [over / frames for frames, over in self._at_floor.values() if frames >= cfg.blame_min_frames]
-        if self._floor_windows * cfg.window_s >= cfg.blame_s and judged:
-            self.game_over_share = max(judged)
-            self._at_floor.clear()
-            self._floor_windows = 0
 
     def _history(self, source: str, reports: list[FrameReport]) -> deque[tuple[int, int]]:
         """`source`'s counted (frames, over) since the last decrease, this window's included."""
@@ -203,8 +152,6 @@ class FrameGovernor:
         self._frames.pop(source, None)
         self._counted.pop(source, None)
         self._last_seen.pop(source, None)
-        self._at_floor.pop(source, None)
-        self._recent.pop(source, None)
 
     def step_budget_s(self) -> float | None:
         """While a game reports its frames (or the duty is below 1), how long one engine step should take at
@@ -240,10 +187,9 @@ class _Verdict:
     over_share: float | None        # counted frames over / counted frames since the last decrease; None without
 
 
-def _judge(reports: list[FrameReport], history: deque[tuple[int, int]], allowed_share: float,
-           cfg: GovernorConfig) -> _Verdict:
+def _judge(reports: list[FrameReport], history: deque[tuple[int, int]], cfg: GovernorConfig) -> _Verdict:
     """One source's window of reports (and its counted windows since the last decrease, this one included):
-    over its target (counted frames: beyond `allowed_share` of them over), calm, or neither."""
+    over its target, calm, or neither."""
     counted = [r for r in reports if r.frames is not None]
     if counted:
         over = sum(r.over or 0 for r in counted)
@@ -251,17 +197,10 @@ def _judge(reports: list[FrameReport], history: deque[tuple[int, int]], allowed_
         pressure = max(longest) if longest else _p90([r.ms / r.target_ms for r in counted])
         frames_since = sum(f for f, _ in history)
         share = sum(o for _, o in history) / frames_since if frames_since else 0.0
-        return _Verdict(over=over > 0 and share > allowed_share, calm=over == 0, pressure=pressure,
+        return _Verdict(over=over > 0 and share > cfg.over_share, calm=over == 0, pressure=pressure,
                         over_share=share)
     pressure = _p90([r.ms / r.target_ms for r in reports])
     return _Verdict(over=pressure > 1.0, calm=pressure < cfg.headroom, pressure=pressure, over_share=None)
-
-
-def _upper_share(windows: deque[tuple[int, int]]) -> float:
-    """The share of frames over in `windows` plus two standard errors (0 when none was over)."""
-    frames = sum(f for f, _ in windows)
-    share = sum(o for _, o in windows) / frames
-    return share + 2 * math.sqrt(share * (1 - share) / frames)
 
 
 def _p90(values: list[float]) -> float:

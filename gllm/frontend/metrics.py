@@ -50,9 +50,6 @@ _SCALED_STATS = (
      "at the governor's last decision (0: no reports)", "governor_pressure_pct", 0, 100),
     (GaugeMetricFamily, "governor_frames_over_ratio", "The worst reporting game's share of frames over 1.1 x "
      "target since the governor last yielded (up to 4 s back)", "governor_frames_over_permille", 0, 1000),
-    (GaugeMetricFamily, "governor_game_frames_over_ratio", "The share of frames a game ran over 1.1 x target with "
-     "the engine at its floor: the game's own, which the governor allows beside its own margin",
-     "governor_game_over_permille", 0, 1000),
     (GaugeMetricFamily, "engine_step_p50_seconds", "Median of the last 512 engine steps' times", "step_p50_us", 0,
      1e6),
     (GaugeMetricFamily, "engine_step_p99_seconds", "99th percentile of the last 512 engine steps' times",
@@ -270,7 +267,6 @@ def frame_panel(stats: dict) -> dict:
     panel = {"duty": f"{duty} %", "paused": f"{stats.get('governor_paused_ms', 0) / 1000:.1f} s",
              "worst frame / target": f"{stats.get('governor_pressure_pct', 0) / 100:.2f}",
              "frames over 1.1x target": f"{stats.get('governor_frames_over_permille', 0) / 10:.1f} %",
-             "the game's own (at the floor)": f"{stats.get('governor_game_over_permille', 0) / 10:.1f} %",
              "step p50 / p99": f"{stats.get('step_p50_us', 0) / 1000:.1f} / "
                                f"{stats.get('step_p99_us', 0) / 1000:.1f} ms"}
     if stats.get("step_budget_us"):
