@@ -54,12 +54,11 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     on each block of the weight's rows), converting the weight a block at a time into one reused buffer."""
     n, k = weight.shape
     rows = max(1, min(UPCAST_BLOCK_ROWS, UPCAST_BLOCK_BYTES // (4 * k), n))
-    x32 = x.float()
+    x32, bias32 = x.float(), None if bias is None else bias.float()
     if rows == n:   # a small weight: its float32 copy comes from memory the allocator keeps, one product
-        return F.linear(x32, weight.float(), None if bias is None else bias.float())
+        return F.linear(x32, weight.float(), bias32)
     out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     block = torch.empty(rows, k, dtype=torch.float32, device=x.device)
-    bias32 = None if bias is None else bias.float()
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         w = block[: stop - start]
