@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import threading
 import time
 
 import pytest
@@ -416,64 +415,6 @@ def test_overlapped_steps_queue_ahead_and_change_nothing(llama32_dir, overlap_mo
                 [(x.token_id, [t for t, _ in x.top]) for x in b.logprobs]
             flat = lambda r: [v for x in r.logprobs for v in [x.logprob] + [p for _, p in x.top]]  # noqa: E731
             assert flat(a) == pytest.approx(flat(b), rel=2e-5, abs=2e-5)
-
-
-def test_window_steps_staged_before_their_window_change_nothing(llama32_dir, overlap_mode):
-    """On a GPU, inside a game's idle windows each decode step is staged before its window (chosen, inputs sent)
-    and only replayed in a window (by the game's report itself where the engine waits for it): the same tokens
-    as free running, every step starts inside a window, and work that touches KV blocks meanwhile (an
-    embedding) drops the staged step without changing a token."""
-    if DEVICE != "cuda" or not overlap_mode:
-        pytest.skip("staging needs CUDA graphs and overlapped steps")
-    reqs = lambda: [  # noqa: E731
-        greedy(PROMPTS[0], n=24),
-        GenerationRequest(prompt=PROMPTS[1], max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.9, seed=7,
-                          ignore_eos=True, logprobs=3),
-        greedy(PROMPTS[5], n=40, stop=["e", "\n"]),
-        greedy(PROMPTS[6], n=3),
-    ]
-    with engine(llama32_dir) as eng:
-        free = eng.generate(reqs())
-        assert eng.staged_steps == 0
-    with engine(llama32_dir) as eng:
-        windows: list[tuple[float, float]] = []
-        starts: list[float] = []
-        eng.add_step_listener(lambda info: starts.append(info.started))
-        done = threading.Event()
-
-        def game() -> None:
-            while not done.is_set():
-                opened = time.perf_counter()
-                eng.report_idle(4.0, source="test-game")
-                windows.append((opened, opened + 0.004))
-                time.sleep(0.008)
-
-        def other_work() -> None:   # KV work between steps, as a game's embedding calls would be
-            while not done.is_set() and eng.staged_dropped == 0:
-                eng.embed("The tavern is quiet tonight.")
-                time.sleep(0.002)
-
-        threads = [threading.Thread(target=game), threading.Thread(target=other_work)]
-        threads[0].start()
-        time.sleep(0.05)
-        threads[1].start()
-        try:
-            windowed = eng.generate(reqs(), timeout=120)
-        finally:
-            done.set()
-            for t in threads:
-                t.join()
-        stats = eng.stats()
-        # staged steps launched by the engine thread, by the game's report itself, and dropped for the embedding
-        assert stats["staged_steps"] > stats["staged_by_report"] > 0 and stats["staged_dropped"] > 0, stats
-        outside = [t for t in starts if not any(a <= t <= b for a, b in windows)]
-        assert not outside, f"{len(outside)} of {len(starts)} steps started outside the game's windows"
-        assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
-    for a, b in zip(free, windowed):
-        assert (a.tokens, a.text, a.finish_reason) == (b.tokens, b.text, b.finish_reason)
-        if a.logprobs:
-            assert [(x.token_id, [t for t, _ in x.top]) for x in a.logprobs] == \
-                [(x.token_id, [t for t, _ in x.top]) for x in b.logprobs]
 
 
 def test_step_budget_in_the_engine_fits_predicted_steps_and_keeps_decodes_going(llama32_dir):

@@ -75,15 +75,6 @@ class _LaunchedStep:
     gate_ticket: int | None = None     # that gate
     masks_waited: bool = False
     paused_s: float = 0.0      # between its layers, waiting for the game's next idle window (CPU)
-    # Staged: chosen and its inputs on the device, held back for the game's next idle window (`_launch_ahead`):
-    # `replay` queues its graph (the engine thread's, or the reporting thread's: `replayed` then), `launch` its
-    # sampling after it (`LLMEngine._launch_staged`). None once launched, or for a step launched as chosen.
-    launch: Callable[[Any], None] | None = None
-    replay: Callable[[], Any] | None = None
-    replayed: Any = None
-    replayed_at: float = 0.0
-    replay_error: Exception | None = None
-    stream: Any = None
 
 
 _NOT_FINISHED = StopResult(False)
@@ -145,14 +136,6 @@ class LLMEngine:
         self.window_steps = 0                    # steps launched inside a game's idle window
         self.window_waits = 0                    # times the engine waited for one (work to do, no room)
         self.window_spills = 0                   # window steps whose tokens came after their window closed
-        self.staged_steps = 0                    # window steps staged before their window (see `_launch_ahead`)
-        self.staged_dropped = 0                  # staged steps dropped for work that touches KV blocks
-        self.staged_by_report = 0                # staged steps whose graph the game's report replayed itself
-        # The staged step the engine thread waits to launch, which a report may replay on its own thread
-        # (`_fire_armed`); the lock is held while it does, so that disarming waits for a replay under way.
-        self._armed: _LaunchedStep | None = None
-        self._armed_lock = threading.Lock()
-        self._arm_at_wait = False
         self._window_end: float | None = None
         self.thread_priority = "unchanged"       # set by the engine thread as it starts
         self.compute_s = 0.0                     # wall time in steps (engine thread)
@@ -273,7 +256,6 @@ class LLMEngine:
         if not (isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms <= 1e9):
             raise ValueError(f"report_idle needs 0 <= ms <= 1e9, got {ms!r}")
         self.windows.open(source, ms / 1000.0, time.monotonic())
-        self._fire_armed()
         self._inbox.put(("wake", None))      # the engine thread may be waiting for this window
 
     def stats(self) -> dict[str, Any]:
@@ -300,9 +282,6 @@ class LLMEngine:
             "window_steps": self.window_steps,
             "window_waits": self.window_waits,
             "window_spills": self.window_spills,
-            "staged_steps": self.staged_steps,
-            "staged_dropped": self.staged_dropped,
-            "staged_by_report": self.staged_by_report,
             "late_mask_gates": self.late_mask_gates,   # structured output (issue 21): see StreamGate
             # NPC memory (issue #23)
             "result_cache_hits": self.result_cache.stats.hits,
@@ -453,9 +432,7 @@ class LLMEngine:
                 if self.scheduler.has_work or self._inflight is not None:
                     if not self._window_allows_step():
                         self.window_waits += 1
-                        self._flush_deferred()   # the last step's text need not wait for the next window
                         wait = IDLE_RECHECK_S    # outside the game's idle phase: its next report wakes us
-                        self._arm_at_wait = True  # (and launches a staged step's graph itself: `_fire_armed`)
                         continue
                     started = time.perf_counter()
                     self._step_paused = 0.0
@@ -469,10 +446,9 @@ class LLMEngine:
                     self._flush_deferred()
             except Exception as exc:   # outside any one request's step: the thread must live on
                 self._recover(exc)
-        self._disarm()
-        if self._inflight is not None and self._inflight.launch is None:
+        if self._inflight is not None:
             self._collect(self._inflight)
-        self._inflight = None
+            self._inflight = None
         self._flush_deferred()
         for state in list(self._states.values()):
             self._finish(state, "cancelled")
@@ -493,7 +469,6 @@ class LLMEngine:
         blocks back; the engine thread goes on serving new requests."""
         log.exception("engine loop failed; ending the %d requests in flight", len(self._states))
         self.grammars.settle()   # every gate opens: nothing on the device waits for a dead step
-        self._disarm()
         self._inflight = self._deferred = None
         message = f"engine failure: {type(exc).__name__}: {exc}"
         for state in list(self._states.values()):
@@ -517,18 +492,12 @@ class LLMEngine:
         self.scheduler.strict_budget = budget is not None
         if budget is None:
             return True
-        staged = self._inflight is not None and self._inflight.launch is not None and self._inflight.replayed is None
-        if budget <= 0 and (self._inflight is None or staged):
+        if budget <= 0 and self._inflight is None:
             return False
         first = self.windows.reports != self._window_seen
         self._window_seen = self.windows.reports
         self.scheduler.guarantee_progress = first
-        self.scheduler.step_budget_s = limit = min([budget, *self._step_budgets()])
-        # A staged step is launched as a window's first step would be (whatever its predicted time), or where
-        # it is predicted to fit what is left of the window.
-        shape = self._inflight.out.shape if staged else None
-        if staged and not first and shape is not None and self.cost_model.ready:
-            return self.cost_model.predict(shape) <= limit
+        self.scheduler.step_budget_s = min([budget, *self._step_budgets()])
         return True
 
     def _step_budgets(self) -> list[float]:
@@ -554,14 +523,7 @@ class LLMEngine:
         0: not at all); False once close was asked."""
         while True:
             try:
-                if wait is None or wait > 0:
-                    self._arm()
-                    try:
-                        op, arg = self._inbox.get(timeout=wait)
-                    finally:
-                        self._disarm()
-                else:
-                    op, arg = self._inbox.get_nowait()
+                op, arg = self._inbox.get(timeout=wait) if wait is None or wait > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return True
             wait = 0.0
@@ -578,15 +540,7 @@ class LLMEngine:
                 self._finish(self._states[arg], "cancelled")
             elif op == "call":   # work that touches KV blocks: here, between steps, never during one
                 fn, args, future = arg
-                staged = self._inflight
-                if staged is not None and staged.launch is not None and staged.replayed is None:
-                    # A staged step would write its K/V after this work, into blocks it may hand to others:
-                    # dropped (its rows decode in the next step chosen; a paced one's token may come an interval late).
-                    self._inflight = None
-                    self.staged_dropped += 1
-                elif staged is not None and staged.launch is not None:
-                    self._launch_staged(staged)    # a report replayed it: its sampling goes before this work
-                elif self._inflight is not None:   # it may wait for the device: first every gate open (masks done)
+                if self._inflight is not None:   # it may wait for the device: first every gate open (masks done)
                     self.grammars.settle()
                 if future.set_running_or_notify_cancel():
                     try:
@@ -603,9 +557,7 @@ class LLMEngine:
         nothing to compute."""
         started = time.perf_counter()
         launched, self._inflight = self._inflight, None
-        if launched is not None and launched.launch is not None:
-            self._launch_staged(launched)
-        elif launched is None:
+        if launched is None:
             out = self.scheduler.schedule_step(time.monotonic())
             if not out.scheduled:
                 self._flush_deferred()
@@ -616,8 +568,7 @@ class LLMEngine:
         self._flush_deferred()
         self._collect(launched, ahead)
         if ahead is not None:
-            if ahead.launch is None:   # (a staged step is accounted as it is launched: it may yet be dropped)
-                self.scheduler.commit_ahead(ahead.out)
+            self.scheduler.commit_ahead(ahead.out)
             if ahead.unsampled is not None:
                 self._sample_ahead(ahead)
             self._inflight = ahead
@@ -654,63 +605,6 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its requests, never the engine
             self._fail_step(launched, exc)
         return launched
-
-    def _launch_staged(self, staged: _LaunchedStep) -> None:
-        """Launch a step staged before this window: its input tokens are in the sequences now (the step
-        before it was collected), and the device only has its graph to replay."""
-        self.scheduler.commit_ahead(staged.out)
-        launch, staged.launch = staged.launch, None
-        step, staged.replayed = staged.replayed, None
-        staged.window_end = self._window_end if self.scheduler.strict_budget else None
-        self.staged_steps += 1
-        try:
-            if staged.replay_error is not None:
-                raise staged.replay_error
-            if step is None:
-                staged.started = time.perf_counter()
-                step = staged.replay()
-            else:
-                staged.started = staged.replayed_at
-                self.staged_by_report += 1
-            staged.replay = None
-            launch(step)
-        except Exception as exc:  # a failed step fails its requests, never the engine
-            self._fail_step(staged, exc)
-
-    def _arm(self) -> None:
-        """Before the engine thread waits for a game's report with a staged step that only a new window lets
-        launch: let the report replay its graph on the reporting thread (`_fire_armed`)."""
-        staged = self._inflight
-        if self._arm_at_wait and staged is not None and staged.replay is not None and staged.replayed is None:
-            with self._armed_lock:
-                self._armed = staged
-
-    def _disarm(self) -> None:
-        """The engine thread is awake: no other thread replays the staged step now (a replay under way ends
-        first)."""
-        self._arm_at_wait = False
-        with self._armed_lock:
-            self._armed = None
-
-    def _fire_armed(self) -> None:
-        """On a game's reporting thread, once its window is open: replay the staged step the engine thread is
-        waiting to launch, if every game's window leaves room. The device starts the step ~0.2-0.3 ms sooner
-        than the engine thread could (its wake-up, the interpreter's lock); the engine thread queues the
-        sampling after it when it wakes, while the device computes."""
-        if self._armed is None:
-            return
-        with self._armed_lock:
-            staged = self._armed
-            if staged is None or not (self.windows.budget_s(time.monotonic()) or 0.0) > 0:
-                return
-            self._armed = None
-            try:
-                with torch.cuda.stream(staged.stream):
-                    staged.replayed = staged.replay()
-            except Exception as exc:   # the engine thread fails the step: this thread is the game's
-                staged.replay_error = exc
-                staged.replayed = True
-            staged.replayed_at = time.perf_counter()
 
     def _pause_between_layers(self, launched: _LaunchedStep) -> bool:
         """A step inside a game's idle window on the CPU, where the layers run as the engine thread computes
@@ -763,18 +657,13 @@ class LLMEngine:
         constrained rows, only its forward is queued now; it is sampled in `_sample_ahead`."""
         if not launched.decode or launched.sample is None or launched.sample.device_tokens is None:
             return None
+        if self.scheduler.strict_budget:   # inside a game's idle window: each step is launched only if it fits
+            return None
         states = [st for st in launched.samplers if self._states.get(st.request_id) is st]
         if any(st.params.has_penalties or st.params.logits_processor is not None for st in states):
             return None   # their sampling reads the token history on the host
         rows = [i for i, st in enumerate(launched.samplers)
                 if len(st.output_ids) + 1 < st.stop.max_new_tokens and self._states.get(st.request_id) is st]
-        # Inside a game's idle window the next step waits for the next window; chosen and its inputs sent now,
-        # only its graph's replay is left for the window's report (a fresh step would first be scheduled and
-        # its inputs packed then, ~0.3-0.6 ms of a ~1.6 ms window on an H200's host).
-        staging = self.scheduler.strict_budget
-        if staging and (not self.runner.graph_fits(len(rows))
-                        or any(launched.samplers[i].constraint is not None for i in rows)):
-            return None
         out = self.scheduler.schedule_ahead([st.seq for st in states], [launched.samplers[i].seq for i in rows],
                                             time.monotonic())
         if out is None:
@@ -784,19 +673,11 @@ class LLMEngine:
         keep = [launched.samplers[i] for i in rows]
         ahead = _LaunchedStep(out, keep, keep, None, time.perf_counter(), step=self.num_steps,
                               decode=True)
-        # Each row's token count is one more than now: the token being sampled is not appended yet.
-        sample_rows = [SampleRow(st.params, st.seed, len(st.output_ids) + 1, st.prompt_ids, st.output_ids)
-                       for st in keep]
         try:
-            if staging:
-                ahead.replay = self.runner.stage_ahead(out, launched.sample.device_tokens, rows)
-                ahead.stream = torch.cuda.current_stream(self.device)
-
-                def launch(step: Any) -> None:
-                    ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)
-                ahead.launch = launch
-                return ahead
             step = self.runner.run_ahead(out, launched.sample.device_tokens, rows)
+            # Each row's token count is one more than now: the token being sampled is not appended yet.
+            sample_rows = [SampleRow(st.params, st.seed, len(st.output_ids) + 1, st.prompt_ids, st.output_ids)
+                           for st in keep]
             constrained = [k for k, st in enumerate(keep) if st.constraint is not None]
             if not constrained:
                 ahead.sample = self.sampler.launch(step.logits, sample_rows, step.greedy_tokens)

@@ -101,18 +101,12 @@ class CudaGraphDecoder:
     def run_ahead(self, previous_tokens: torch.Tensor, rows: list[int], positions: list[int],
                   block_tables: list[list[int]]) -> StepOutput:
         """Like `run`, with the input token of sequence i being `previous_tokens[rows[i]]` (on the device)."""
-        return self.stage_ahead(previous_tokens, rows, positions, block_tables)()
-
-    def stage_ahead(self, previous_tokens: torch.Tensor, rows: list[int], positions: list[int],
-                    block_tables: list[list[int]]) -> Callable[[], StepOutput]:
-        """`run_ahead` up to the replay: the inputs are queued on the device now, and the returned call replays
-        the graph (nothing else may be queued on the device in between)."""
         n = len(rows)
         b = self._padded(n)
         if not self.owns_tokens(previous_tokens):   # sampled outside a graph: bring them where graphs read
             self.tokens[:previous_tokens.shape[0]].copy_(previous_tokens)
         self._copy_inputs(self.staging.stage(b, positions, block_tables, gather_rows=rows))
-        return lambda: self._replay(n, b)
+        return self._replay(n, b)
 
     def owns_tokens(self, tokens: torch.Tensor) -> bool:
         """Whether `tokens` is this decoder's token buffer from its start (what a graph's argmax returned)."""

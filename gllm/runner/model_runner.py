@@ -86,10 +86,6 @@ class ModelRunner:
         return (decoder is not None and decoder.padded_size(len(out.scheduled)) is not None
                 and all(s.num_tokens == 1 and s.samples for s in out.scheduled))
 
-    def graph_fits(self, rows: int) -> bool:
-        """Whether a decode step of `rows` sequences replays a CUDA graph."""
-        return self.graph_decoder is not None and rows > 0 and self.graph_decoder.padded_size(rows) is not None
-
     def run(self, out: SchedulerOutput, between_layers: Callable[[bool], None] | None = None) -> StepOutput:
         """Compute the scheduled tokens; float32 logits for each sequence that samples, in schedule order.
         `between_layers`: called between the decoder layers of an eager step (see `ForwardBatch`)."""
@@ -144,13 +140,3 @@ class ModelRunner:
         batch = self.build_batch(out, positions)
         batch.input_ids = previous_tokens[to_device(rows, torch.int64, self.device)]
         return StepOutput(self.model(batch, self.kv_cache.layers))
-
-    def stage_ahead(self, out: SchedulerOutput, previous_tokens: torch.Tensor,
-                    rows: list[int]) -> Callable[[], StepOutput]:
-        """`run_ahead` with its launch held back: its inputs are on their way to the device now, and the call
-        returned replays its graph (nothing else may run on the device in between). Graph steps only
-        (`uses_graph`): an eager step's launch is its host work."""
-        assert self.uses_graph(out), "only a graph step can be staged"
-        seqs = [s.seq for s in out.scheduled]
-        return self.graph_decoder.stage_ahead(previous_tokens, rows, [q.num_computed_tokens for q in seqs],
-                                              [q.block_table.block_ids for q in seqs])
