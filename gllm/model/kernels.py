@@ -15,8 +15,8 @@ class ModelKernels:
     streamed_rows: int = 0         # steps of at most this many tokens take the weight-streaming GEMV kernels
     dependent_launch: bool = False  # the streamed kernels start reading weights while the one before finishes
     # float16 on the CPU: products of at least this many rows run in float32 (0: never). torch's CPU float16
-    # matmul costs the same per row at any row count (it is not blocked): 512 rows take 4.7x the float32
-    # time, while a few decode rows are fastest in float16 (half the bytes to read).
+    # matmul costs the same per row at any row count (about a conversion of the weight per row), while one or
+    # two decode rows are fastest in float16 (half the bytes to read; the crossover: `CPU_UPCAST_ROWS`).
     upcast_rows: int = 0
     # A head kept quantized whose float values are at hand too (tied to a float embedding table, on the CPU):
     # products of at least this many rows use the float table (0: never). The int4 kernel's cost grows with the

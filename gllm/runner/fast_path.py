@@ -16,9 +16,11 @@ import torch
 from gllm.model import LlamaForCausalLM
 from gllm.model.kernels import PLAIN_KERNELS, ModelKernels
 
-# float16 on the CPU: products of at least this many rows run in float32 (measured on a 2-core AVX2 machine,
-# 576 x 3072: float16 is faster up to ~8 rows, float32 from ~32: 1.6x at 32 rows, 4.7x at 512).
-CPU_UPCAST_ROWS = 16
+# float16 on the CPU: products of at least this many rows run in float32. torch's float16 matmul costs about
+# a weight's conversion per row, float32 one conversion for all the rows; on the 2-core AVX2 VM with torch 2.13,
+# float32 wins from 3-4 rows (1536 x 576 to 49152 x 576) and by 1.1-2.2x at 6 (session 9, older torch: from
+# ~16). The default model's 8-row decode step 104 -> 99 ms (its head; docs/benchmarks.md, session 28).
+CPU_UPCAST_ROWS = 6
 # CPU steps of up to this many tokens run on one of the engine's threads: a small step is ~450 small operators,
 # and waking the other threads (who wait without spinning) for each costs more than they add. Default model,
 # 2-core AVX-512 machine, one thread against two: batch-1 decode 26.5 against 30.6 ms a step, batch 2 29.2
