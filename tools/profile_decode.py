@@ -1,9 +1,11 @@
-"""Where a batch-1 decode step's GPU time goes (a development tool, not a benchmark).
+"""Where a decode step's GPU time goes (a development tool, not a benchmark).
 
-    python tools/profile_decode.py --tokenizer DIR [--shape 1b] [--quantization int4] [--steps 32] [--out trace.json]
+    python tools/profile_decode.py --tokenizer DIR [--shape 1b] [--quantization int4] [--steps 32] [--rows 1]
+        [--out trace.json]
 
-Prints the engine's ms/token beside one graph replay alone, then runs a greedy batch-1
-generation (the `bench_gpu.py` decode case) under the torch profiler and reads the kernels back
+Prints the engine's ms a step beside one graph replay alone, then runs a greedy generation of `--rows`
+requests decoding together (1: the `bench_gpu.py` decode case; 8-16: a game's NPCs, whose graph took
+1.7x the one-row graph on an H200 in session 28) under the torch profiler and reads the kernels back
 from its trace (CUDA-graph replays included): per kernel name the count per step and mean
 duration, the step's span and busy time, and one step's timeline with what each kernel or copy
 adds to the step's end.
@@ -78,25 +80,29 @@ def main() -> None:
     parser.add_argument("--out", help="also keep the chrome trace here")
     parser.add_argument("--no-dependent-launch", action="store_true")
     parser.add_argument("--times-only", action="store_true", help="stop after the engine and replay times")
+    parser.add_argument("--rows", type=int, default=1, help="requests decoding together (one token each a step)")
     parser.add_argument("--quantization", choices=("int8", "int4", "q4_k_m"), default=None, help="weights quantized on load")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(args.tokenizer)
-    engine = make_engine(model_config(args.shape), tokenizer, max_batch_size=8, max_seq_len=1024,
-                         kv_cache_tokens=8192, dependent_launch=False if args.no_dependent_launch else None,
+    engine = make_engine(model_config(args.shape), tokenizer, max_batch_size=max(8, args.rows), max_seq_len=1024,
+                         kv_cache_tokens=max(8192, 512 * args.rows), dependent_launch=False if args.no_dependent_launch else None,
                          quantization=args.quantization)
     rng = random.Random(0)
 
     def generate(tokens: int) -> None:
         engine.generate([GenerationRequest(prompt_token_ids=random_ids(rng, 128), max_new_tokens=tokens,
-                                           temperature=0, ignore_eos=True)])
+                                           temperature=0, ignore_eos=True) for _ in range(args.rows)])
 
     generate(64)   # warm-up
     start = time.perf_counter()
     generate(257)
     engine_ms = (time.perf_counter() - start) * 1000
     decoder = engine.runner.graph_decoder
-    print(f"engine: {engine_ms / 257:.3f} ms/token over 257 tokens (prefill included); "
-          f"graph replay alone {time_replays(decoder.graphs[1]):.3f} ms")
+    # The graph of this many rows still holds the last step's inputs (the requests' blocks): replaying it
+    # writes their K/V again, which nothing reads any more.
+    size = decoder.padded_size(args.rows)
+    print(f"engine: {engine_ms / 257:.3f} ms a step over 257 steps of {args.rows} rows (prefill included); "
+          f"graph replay alone ({size} rows) {time_replays(decoder.graphs[size]):.3f} ms")
     if args.times_only:
         engine.close()
         return
@@ -117,12 +123,12 @@ def main() -> None:
         print(f"  median {key}: {statistics.median(s[key] for s in stats):.1f}")
     window = kernels[-1][0] + kernels[-1][1] - kernels[0][0]
     idle = sum(max(0.0, b[0] - (a[0] + a[1])) for a, b in zip(kernels, kernels[1:]))
-    print(f"whole window ({args.steps} tokens, prefill included): {window / args.steps:.1f} us per token, GPU idle "
-          f"{idle / args.steps:.1f} us per token")
+    print(f"whole window ({args.steps} steps, prefill included): {window / args.steps:.1f} us a step, GPU idle "
+          f"{idle / args.steps:.1f} us a step")
     per_name: dict[str, list[float]] = defaultdict(list)
     for _, d, name in kernels:
         per_name[name].append(d)
-    print("\nper token over the window: count, mean us, total us, kernel")
+    print("\na step over the window: count, mean us, total us, kernel")
     rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
     for name, durs in rows[:30]:
         print(f"  {len(durs) / args.steps:5.1f} {statistics.mean(durs):8.2f} {sum(durs) / args.steps:8.1f}  "
