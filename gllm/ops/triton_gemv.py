@@ -309,15 +309,6 @@ def _gemv_dot_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, M, N, K, up_offset, stride
     m_ok = rows < M
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    # The first K step's weights are requested before the dependent-launch wait (the weights never change in
-    # a step), as the row kernel does: HBM is busy while the kernel before finishes and the row norms run.
-    ks = tl.arange(0, BLOCK_K)
-    w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & (ks < K)[None, :]
-    wa = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-    wb = wa
-    if PAIRED:
-        wb = tl.load(w_rows + up_offset * stride_wn + ks[None, :], mask=w_mask, other=0.0,
-                     eviction_policy="evict_first")
     rope = _rope_inputs(rows, m_ok, offs_n, n_ok, cos_ptr, sin_ptr, pos_ptr, slot_ptr, stride_cs, dtype, ROPE, HALF)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -325,13 +316,10 @@ def _gemv_dot_kernel(x_ptr, w_ptr, norm_ptr, out_ptr, M, N, K, up_offset, stride
     inv = 0.0
     if HAS_NORM:
         inv = _row_scale(x_ptr, rows, m_ok, stride_xm, K, eps, BLOCK_K)
-    x = _x_tile(x_ptr, rows, m_ok, stride_xm, ks, K, norm_ptr, inv, EVEN_K, HAS_NORM)
-    acc_a = tl.dot(x, tl.trans(wa), tl.zeros([16, BLOCK_N], dtype=tl.float32), input_precision=DOT_PRECISION)
+    acc_a = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_b = acc_a
-    if PAIRED:
-        acc_b = tl.dot(x, tl.trans(wb), tl.zeros([16, BLOCK_N], dtype=tl.float32), input_precision=DOT_PRECISION)
 
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & (ks < K)[None, :]
         x = _x_tile(x_ptr, rows, m_ok, stride_xm, ks, K, norm_ptr, inv, EVEN_K, HAS_NORM)
