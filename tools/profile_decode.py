@@ -85,8 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(args.tokenizer)
     engine = make_engine(model_config(args.shape), tokenizer, max_batch_size=max(8, args.rows), max_seq_len=1024,
-                         kv_cache_tokens=max(8192, 512 * args.rows), dependent_launch=False if args.no_dependent_launch else None,
-                         quantization=args.quantization)
+                         kv_cache_tokens=max(8192, 512 * args.rows),
+                         dependent_launch=False if args.no_dependent_launch else None, quantization=args.quantization)
     rng = random.Random(0)
 
     def generate(tokens: int) -> None:
